@@ -1,0 +1,227 @@
+"""The `tunelab` command: parses arguments, calls library functions, prints. Heavy imports (torch,
+transformers) happen inside commands so that `--help` and data format errors answer at once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tunelab.errors import NotYetAvailable, TunelabError
+
+app = typer.Typer(
+    help="Fine-tune a language model on your own examples, then prove with numbers whether it was worth it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Check and prepare training data.", no_args_is_help=True)
+models_app = typer.Typer(help="Model aliases and the local model cache.", no_args_is_help=True)
+runs_app = typer.Typer(help="List and compare runs.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+app.add_typer(config_app, name="config")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=20")]
+RunDir = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/demo")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model alias, folder, .gguf or hub id")]
+
+
+def _not_yet(feature: str, issue: int) -> None:
+    raise NotYetAvailable(f"{feature} is not available yet (waits on issue #{issue})")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show(recipe: Path, overrides: Overrides = None) -> None:
+    """Print the resolved recipe with every default written out."""
+    from tunelab.config import load_recipe
+
+    typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Aliases, where each lives and whether it is cached."""
+    from tunelab.models import list_models
+
+    for row in list_models():
+        typer.echo(f"{row['name']:<24} {row['status']:<11} {row['path']}\n{'':<24} {row['description']}")
+
+
+@models_app.command("pull")
+def models_pull(name: str) -> None:
+    """Prepare a model alias in the cache (verifying it; rebuilding a corrupt entry)."""
+    from tunelab.models import ALIASES, ensure_alias
+
+    if name not in ALIASES:
+        raise TunelabError(f"'{name}' is not an alias; choose from {', '.join(ALIASES)}")
+    typer.echo(str(ensure_alias(name, full_check=True)))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("check")
+def data_check(
+    train: Path,
+    valid: Annotated[Path | None, typer.Option(help="validation file, checked for leakage too")] = None,
+    model: ModelOpt = None,
+    max_seq_len: Annotated[int, typer.Option(help="tokens; longer examples are reported")] = 512,
+    fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable lines")] = False,
+) -> None:
+    """Every problem in the data, with file:line, before any training."""
+    _not_yet("tunelab data check", 3)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    train: Path,
+    out: Annotated[Path, typer.Option(help="output folder")],
+    valid: Annotated[Path | None, typer.Option(help="validation file; else a seeded split")] = None,
+    model: ModelOpt = None,
+    max_seq_len: int = 512,
+) -> None:
+    """Normalise, dedupe, split, tokenize; write stats and the rejected examples."""
+    _not_yet("tunelab data prepare", 3)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+@app.command()
+def train(
+    recipe: Path,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
+) -> None:
+    """Fine-tune (LoRA by default) -> run directory."""
+    from tunelab.config import load_recipe
+
+    load_recipe(recipe, overrides or [])
+    _not_yet("tunelab train", 4)
+
+
+@app.command("eval")
+def eval_(
+    run: RunDir,
+    arms: Annotated[str | None, typer.Option(help="comma-separated: base,prompt,rag,tuned,tuned+rag")] = None,
+    test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
+) -> None:
+    """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
+    _not_yet("tunelab eval", 5)
+
+
+@app.command()
+def report(run: RunDir) -> None:
+    """Write report.html and report.md for a run."""
+    _not_yet("tunelab report", 6)
+
+
+@app.command()
+def run(recipe: Path, overrides: Overrides = None, resume: bool = False) -> None:
+    """check -> prepare -> train -> eval -> report, in one command."""
+    from tunelab.config import load_recipe
+
+    load_recipe(recipe, overrides or [])
+    _not_yet("tunelab run", 6)
+
+
+# ---------------------------------------------------------------------------------------------- use
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="a run directory or a model reference")] = "smollm2-135m-instruct",
+    prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_new_tokens: int = 256,
+) -> None:
+    """Chat with a model or a run's fine-tuned model."""
+    if prompt is None:
+        _not_yet("interactive chat", 9)
+    from tunelab.eval.generate import DecodingSettings, generate
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.runs import load_tuned_model
+
+    if (Path(model) / "recipe.yaml").is_file():
+        lm, tokenizer = load_tuned_model(model)
+    else:
+        lm, tokenizer = load_model(model), load_tokenizer(model)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    [answer] = generate(lm, tokenizer, [messages], DecodingSettings(max_new_tokens=max_new_tokens))
+    typer.echo(answer.text)
+
+
+@app.command("generate")
+def generate_(
+    model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
+    input: Annotated[Path, typer.Option(help="JSONL of chat examples")],
+    out: Annotated[Path, typer.Option(help="JSONL to write")],
+) -> None:
+    """Batch generation over a file of prompts."""
+    _not_yet("tunelab generate", 9)
+
+
+@app.command()
+def export(
+    run: RunDir,
+    out: Annotated[Path, typer.Option(help="output folder")],
+    merge: bool = False,
+    format: Annotated[str, typer.Option(help="safetensors | gguf")] = "safetensors",
+) -> None:
+    """Export merged weights or the adapter."""
+    _not_yet("tunelab export", 9)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> None:
+    """OpenAI-compatible API server."""
+    _not_yet("tunelab serve", 9)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@runs_app.command("list")
+def runs_list(out_dir: Annotated[Path, typer.Option(help="where runs live")] = Path("runs")) -> None:
+    """Runs under out_dir with their status and primary metric."""
+    _not_yet("tunelab runs list", 6)
+
+
+@runs_app.command("compare")
+def runs_compare(runs: Annotated[list[Path], typer.Argument(help="two or more run directories")]) -> None:
+    """The same eval set across runs, with the paired test between them."""
+    _not_yet("tunelab runs compare", 6)
+
+
+def main() -> None:
+    try:
+        app()
+    except TunelabError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

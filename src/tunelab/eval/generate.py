@@ -1,0 +1,118 @@
+"""Batched greedy (or sampled) generation with left padding and a KV cache, stopping at end-of-turn.
+
+Reads chat conversations (lists of {role, content}); returns per prompt the completion text, prompt
+and completion token counts and the latency of the batch it ran in. Every arm of the evaluation, the
+`generate` command and the server go through `generate`, so decoding settings are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tunelab.models import end_of_turn_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # wall time of the batch this prompt was generated in
+    batch_size: int
+    finish_reason: str  # "stop" (end-of-turn) | "length"
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of a conversation followed by the assistant header (the chat template, sandboxed)."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    settings: DecodingSettings = DecodingSettings(),
+    batch_size: int = 16,
+    progress: Any = None,
+) -> list[Generation]:
+    """Generate one assistant reply per conversation. Prompts are sorted by length into batches
+    (less padding), results come back in input order. `progress` is called with each batch's size."""
+    import torch
+
+    prompts = [render_prompt(tokenizer, conv) for conv in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    stop_ids = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch_indices in _batches(order, batch_size):
+            width = max(len(prompts[i]) for i in batch_indices)
+            input_ids = torch.full((len(batch_indices), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(batch_indices):
+                ids = prompts[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": settings.max_new_tokens,
+                "eos_token_id": stop_ids,
+                "pad_token_id": pad_id,
+                "use_cache": True,
+            }
+            if settings.temperature > 0:
+                torch.manual_seed(settings.seed)
+                kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+                )
+            latency = time.perf_counter() - started
+            for row, i in enumerate(batch_indices):
+                new_tokens = output[row, width:].tolist()
+                finish = "length"
+                for position, token in enumerate(new_tokens):
+                    if token in stop_ids:
+                        new_tokens = new_tokens[:position]
+                        finish = "stop"
+                        break
+                results[i] = Generation(
+                    text=tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+                    prompt_tokens=len(prompts[i]),
+                    completion_tokens=len(new_tokens) + (1 if finish == "stop" else 0),
+                    latency_s=latency,
+                    batch_size=len(batch_indices),
+                    finish_reason=finish,
+                )
+            if progress is not None:
+                progress(len(batch_indices))
+    finally:
+        model.train(was_training)
+    return [r for r in results if r is not None]

@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+
+def tunelab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_misspelled_recipe_key_is_one_line_exit_2_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: demo\ntrian:\n  epochs: 1\n")
+    result = tunelab("train", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}:2: unknown key 'trian' (did you mean 'train'?)"
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from tunelab.cli import app; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_config_show_writes_every_default(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\n")
+    result = tunelab("config", "show", str(recipe), "method=full")
+    assert result.returncode == 0, result.stderr
+    assert "lr: 1.0e-05" in result.stdout and "tokens_per_step: 8192" in result.stdout
