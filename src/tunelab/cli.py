@@ -120,7 +120,10 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
 ) -> None:
     """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
-    _not_yet("tunelab eval", 5)
+    from tunelab.eval.run import evaluate
+
+    evaluate(run, arms=arms, test_file=test, limit=limit)
+    typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
 
 
 @app.command()
