@@ -75,13 +75,41 @@ def models_pull(name: str) -> None:
 def data_check(
     train: Path,
     valid: Annotated[Path | None, typer.Option(help="validation file, checked for leakage too")] = None,
-    model: ModelOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="tokenizer, chat template and speed of this model [default: the recipe default, smollm2-135m-instruct]")] = None,
     max_seq_len: Annotated[int, typer.Option(help="tokens; longer examples are reported")] = 512,
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable lines")] = False,
+    tokens: Annotated[bool, typer.Option(help="tokenize with the model's chat template and estimate training time")] = True,
+    epochs: Annotated[float | None, typer.Option(help="for the training time estimate [default: train.epochs]")] = None,
+    gpu_price: Annotated[float | None, typer.Option(help="USD per hour for the cost estimate [default: eval.gpu_price_per_hour]")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="added to examples without a system message")] = None,
+    near_dup_max: Annotated[int, typer.Option(help="near-duplicate checks cover this many examples per file; -1: all")] = 100_000,
 ) -> None:
-    """Every problem in the data, with file:line, before any training."""
-    _not_yet("tunelab data check", 3)
+    """Every problem in the data, with file:line, before any training. Exit 1 when any error."""
+    import json
+
+    from tunelab.config import ModelConfig
+    from tunelab.data.check import check_data
+    from tunelab.data.formats import FORMATS
+
+    if fmt != "auto" and fmt not in FORMATS:
+        raise TunelabError(f"--format {fmt}: choose from auto, {', '.join(FORMATS)}")
+    estimate = {"epochs": epochs, "gpu_price_per_hour": gpu_price}
+
+    def show(issue) -> None:
+        line = json.dumps({"kind": "issue", **issue.to_dict()}, ensure_ascii=False) if as_json else issue.format()
+        typer.echo(line)
+
+    report = check_data(
+        train, valid, fmt=fmt, model=(model or ModelConfig().name) if tokens else None, max_seq_len=max_seq_len,
+        system_prompt=system_prompt, near_dup_max_examples=None if near_dup_max < 0 else near_dup_max, on_issue=show,
+        **{key: value for key, value in estimate.items() if value is not None},
+    )
+    if as_json:
+        typer.echo(report.json_lines()[-1])
+    else:
+        typer.echo("\n".join(report.summary_lines()))
+    raise typer.Exit(report.exit_code)
 
 
 @data_app.command("prepare")
@@ -89,11 +117,42 @@ def data_prepare(
     train: Path,
     out: Annotated[Path, typer.Option(help="output folder")],
     valid: Annotated[Path | None, typer.Option(help="validation file; else a seeded split")] = None,
-    model: ModelOpt = None,
+    test: Annotated[Path | None, typer.Option(help="test file; else a seeded split")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="tokenizer and chat template of this model [default: the recipe default]")] = None,
     max_seq_len: int = 512,
+    fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the train/valid/test split")] = 0,
+    dedupe: Annotated[bool, typer.Option(help="drop exact duplicates within a split")] = True,
+    system_prompt: Annotated[str | None, typer.Option(help="added to examples without a system message")] = None,
 ) -> None:
-    """Normalise, dedupe, split, tokenize; write stats and the rejected examples."""
-    _not_yet("tunelab data prepare", 3)
+    """Normalise, dedupe, split, tokenize; write stats and the rejected examples. Exit 1 on data errors."""
+    from pydantic import ValidationError
+
+    from tunelab.config import Recipe
+    from tunelab.errors import ConfigError
+
+    settings = {"train": str(train), "valid": str(valid) if valid else None, "test": str(test) if test else None,
+                "max_seq_len": max_seq_len, "format": fmt, "seed": seed, "dedupe": dedupe, "system_prompt": system_prompt}
+    try:
+        recipe = Recipe.model_validate({"model": {"name": model} if model else {}, "data": settings})
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"--{'-'.join(map(str, e['loc'][1:])).replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
+    from tunelab.data.prepare import prepare_data
+    from tunelab.models import load_tokenizer
+
+    prepared = prepare_data(recipe, load_tokenizer(recipe.model.name), out)
+    stats = prepared.stats
+    counts, tokens = stats["counts"], stats["tokens"]
+    if prepared.reused:
+        typer.echo(f"{out}: up to date (inputs, tokenizer, chat template and settings unchanged); nothing recomputed")
+    rejected = ", ".join(f"{reason} {n}" for reason, n in stats["rejected_by_reason"].items()) or "none"
+    typer.echo(
+        f"{out}: train {counts['train']}, valid {counts['valid']}, test {counts['test']} "
+        f"(accepted {counts['accepted']}, rejected {counts['rejected']}: {rejected}; see rejected.jsonl)\n"
+        f"tokens: per example min {tokens['min']}, median {tokens['median']:g}, p95 {tokens['p95']:g}, max {tokens['max']}; "
+        f"total {tokens['total']:,}, trainable {tokens['trainable_total']:,}\n"
+        f"issues: {stats['issues']['errors']} errors, {stats['issues']['warnings']} warnings (issues.jsonl)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- stages

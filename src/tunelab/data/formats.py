@@ -1,0 +1,377 @@
+"""Read training examples from files and turn each record into an OpenAI-shaped message list.
+
+Reads JSONL (streamed line by line: memory does not grow with file size), JSON (an array of records,
+read whole; use JSONL for large data), CSV and Parquet (streamed in row batches), or a folder of
+these (recursive, sorted, hidden files skipped). Writes nothing; never modifies the input.
+
+Record formats, detected per record (never from the first record alone) unless forced:
+  openai             {"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?, "tool_call_id"?}]}
+  sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}], "system"?}
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  prompt_completion  {"prompt", "completion"} (strings, or lists of messages as in TRL)
+
+Public API:
+  FORMATS, DATA_SUFFIXES
+  RawRecord(path, line, value, problem)      one record as read; `problem` is (code, message) when it
+                                             could not be parsed at all (invalid_json, invalid_utf8, ...)
+  data_files(path) -> (files, skipped)       the data files of a file or folder
+  iter_file(path) -> Iterator[RawRecord]     every record of one file, with its 1-based line (JSON:
+                                             the line where the element starts; CSV: the line where
+                                             the row starts; Parquet: the 1-based row number)
+  detect_format(value) -> str | None
+  to_draft(value, fmt) -> Draft               the record's messages, not yet validated (validate.py)
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_PARQUET_BATCH_ROWS = 4096
+_BOM = b"\xef\xbb\xbf"
+
+# ShareGPT speaker names seen in public datasets -> chat roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "bard": "assistant", "bing": "assistant",
+    "tool": "tool", "observation": "tool", "function_response": "tool",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    path: str
+    line: int
+    value: Any = None
+    problem: tuple[str, str] | None = None  # (code, message) when the record could not be parsed
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def data_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(data files, skipped files) of a folder, recursive and sorted; a file is its own list."""
+    if not path.is_dir():
+        return [path], []
+    files, skipped = [], []
+    for child in sorted(path.rglob("*")):
+        relative = child.relative_to(path)
+        if any(part.startswith(".") for part in relative.parts) or not child.is_file():
+            continue
+        (files if child.suffix.lower() in DATA_SUFFIXES else skipped).append(child)
+    return files, skipped
+
+
+def iter_file(path: Path) -> Iterator[RawRecord]:
+    """Every record of one data file (nothing for an empty file); a file that cannot be read yields one
+    record with problem `unreadable_file`."""
+    name = str(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            yield from _iter_parquet(path, name)
+        elif suffix == ".csv":
+            yield from _iter_csv(path, name)
+        elif suffix == ".json" and _first_byte(path) == b"[":
+            yield from _iter_json_array(path, name)
+        else:  # .jsonl, a .json holding one object per line, or a file named by the user
+            yield from _iter_jsonl(path, name)
+    except OSError as err:
+        yield RawRecord(name, 0, problem=("unreadable_file", f"cannot read ({err.strerror or err})"))
+
+
+def _first_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        head = f.read(4096)
+    head = head.removeprefix(_BOM).lstrip()
+    return head[:1]
+
+
+def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
+    loads = json.loads
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            if line_number == 1 and raw.startswith(_BOM):
+                raw = raw[3:]
+            if not raw.strip():
+                continue  # blank lines (often a trailing one) are not records
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield RawRecord(name, line_number, problem=("invalid_utf8", f"not UTF-8 (byte {err.start + 1})"))
+                continue
+            try:
+                value = loads(text)
+            except ValueError as err:  # JSONDecodeError; also int parsing limits
+                yield RawRecord(name, line_number, problem=("invalid_json", _json_error(err)))
+                continue
+            yield RawRecord(name, line_number, value)
+
+
+def _json_error(err: ValueError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} (column {err.colno})"
+    return str(err).split("\n")[0][:120]
+
+
+def _iter_json_array(path: Path, name: str) -> Iterator[RawRecord]:
+    data = path.read_bytes().removeprefix(_BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        yield RawRecord(name, line, problem=("invalid_utf8", f"not UTF-8 (byte {err.start + 1} of the file)"))
+        return
+    decoder = json.JSONDecoder()
+    line, counted_to = 1, 0
+
+    def line_at(index: int) -> int:
+        nonlocal line, counted_to
+        if index > counted_to:
+            line += text.count("\n", counted_to, index)
+            counted_to = index
+        return line
+
+    position = _skip_space(text, text.index("[") + 1)
+    if text.startswith("]", position):
+        position += 1
+    else:
+        while True:
+            position = _skip_space(text, position)
+            start_line = line_at(position)
+            try:
+                value, position = decoder.raw_decode(text, position)
+            except ValueError as err:
+                where = line_at(getattr(err, "pos", position))
+                yield RawRecord(name, where, problem=("invalid_json", _json_error(err)))
+                return
+            yield RawRecord(name, start_line, value)
+            position = _skip_space(text, position)
+            if text.startswith(",", position):
+                position += 1
+            elif text.startswith("]", position):
+                position += 1
+                break
+            else:
+                problem = "unterminated JSON array (missing ']')" if position >= len(text) else "expected ',' or ']'"
+                yield RawRecord(name, line_at(position), problem=("invalid_json", problem))
+                return
+    if text[position:].strip():
+        yield RawRecord(name, line_at(position), problem=("invalid_json", "extra data after the JSON array"))
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _iter_csv(path: Path, name: str) -> Iterator[RawRecord]:
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
+        try:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames
+        except UnicodeDecodeError as err:
+            yield RawRecord(name, 1, problem=("invalid_utf8", f"not UTF-8 (byte {err.start + 1})"))
+            return
+        except csv.Error as err:
+            yield RawRecord(name, 1, problem=("invalid_json", f"unreadable CSV header ({err})"))
+            return
+        if not header:
+            return
+        start_line = reader.line_num + 1
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as err:
+                yield RawRecord(name, start_line, problem=("invalid_utf8", f"not UTF-8 (byte {err.start + 1} of a read block)"))
+                return
+            except csv.Error as err:
+                yield RawRecord(name, start_line, problem=("invalid_json", f"unreadable CSV row ({err})"))
+                return
+            line, start_line = start_line, reader.line_num + 1
+            if None in row:  # more cells than header columns
+                yield RawRecord(name, line, problem=("not_an_object", f"row has more cells than the {len(header)} header columns"))
+                continue
+            if all(not (cell or "").strip() for cell in row.values()):
+                continue
+            yield RawRecord(name, line, _csv_row(row))
+
+
+def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
+    """CSV cells are text; a cell holding a message list (messages, conversations) is JSON."""
+    record: dict[str, Any] = {}
+    for key, cell in row.items():
+        if cell is None:
+            continue
+        if key in ("messages", "conversations", "prompt", "completion") and cell.lstrip().startswith("["):
+            try:
+                record[key] = json.loads(cell)
+                continue
+            except ValueError:
+                pass  # left as text: the validator reports it (messages_not_a_list)
+        record[key] = cell
+    return record
+
+
+def _iter_parquet(path: Path, name: str) -> Iterator[RawRecord]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowIOError) as err:
+        yield RawRecord(name, 0, problem=("unreadable_file", f"not a readable Parquet file ({str(err)[:120]})"))
+        return
+    row = 0
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+        for value in batch.to_pylist():
+            row += 1
+            yield RawRecord(name, row, {k: v for k, v in value.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(value: Any) -> str | None:
+    """The format of one record from its keys, or None when it matches none."""
+    if type(value) is not dict:
+        return None
+    if "messages" in value:
+        return "openai"
+    if "conversations" in value:
+        return "sharegpt"
+    if "instruction" in value or ("output" in value and "completion" not in value):
+        return "alpaca"
+    if "prompt" in value or "completion" in value:
+        return "prompt_completion"
+    return None
+
+
+def close_to_messages(value: dict[str, Any]) -> str | None:
+    """A key that looks like a misspelt 'messages' (e.g. 'mesages', 'message'), if any."""
+    for key in value:
+        if isinstance(key, str) and difflib.get_close_matches(key.lower(), ["messages", "conversations"], n=1, cutoff=0.75):
+            return key
+    return None
+
+
+MISSING = object()  # a required field that the record lacks (distinct from null)
+
+
+@dataclass(slots=True)
+class Draft:
+    """A record's messages before validation. `messages` may be anything (the validator says what is
+    wrong); `container` names the field it came from; `labels[i]` names message i's field when the
+    messages were built from other fields (alpaca, prompt/completion)."""
+
+    messages: Any
+    container: str
+    labels: list[str] | None = None
+
+    def label(self, index: int) -> str:
+        if self.labels is not None and index < len(self.labels):
+            return self.labels[index]
+        return f"{self.container}[{index}]"
+
+
+def to_draft(value: dict[str, Any], fmt: str) -> Draft:
+    """The record's messages in OpenAI shape, values copied as they are (possibly invalid)."""
+    if fmt == "openai":
+        return Draft(value.get("messages", MISSING), "messages")
+    if fmt == "sharegpt":
+        return _sharegpt(value)
+    if fmt == "alpaca":
+        return _alpaca(value)
+    return _prompt_completion(value)
+
+
+def _system(value: dict[str, Any]) -> list[dict[str, Any]]:
+    system = value.get("system")
+    return [] if system is None or system == "" else [{"role": "system", "content": system}]
+
+
+def _sharegpt(value: dict[str, Any]) -> Draft:
+    turns = value.get("conversations", MISSING)
+    if type(turns) is not list:
+        return Draft(turns, "conversations")
+    messages: list[Any] = []
+    labels: list[str] = []
+    if value.get("system") not in (None, ""):
+        messages.append({"role": "system", "content": value["system"]})
+        labels.append("system")
+    for index, turn in enumerate(turns):
+        labels.append(f"conversations[{index}]")
+        if type(turn) is not dict or "role" in turn:
+            messages.append(turn)  # some ShareGPT files already use role/content
+            continue
+        speaker = turn.get("from", MISSING)
+        role = SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
+        message = {"role": role, "content": turn.get("value", MISSING)}
+        if "weight" in turn:
+            message["weight"] = turn["weight"]
+        messages.append(message)
+    return Draft(messages, "conversations", labels)
+
+
+def _alpaca(value: dict[str, Any]) -> Draft:
+    messages = _system(value)
+    labels = ["system"] * len(messages)
+    instruction = value.get("instruction", MISSING)
+    extra = value.get("input")
+    if isinstance(instruction, str) and isinstance(extra, str):
+        user, user_label = (instruction + "\n\n" + extra if extra.strip() else instruction), "instruction"
+    elif extra is not None and not isinstance(extra, str):
+        user, user_label = extra, "input"
+    else:
+        user, user_label = instruction, "instruction"
+    messages.append({"role": "user", "content": user})
+    messages.append({"role": "assistant", "content": value.get("output", MISSING)})
+    return Draft(messages, "instruction", [*labels, user_label, "output"])
+
+
+def _prompt_completion(value: dict[str, Any]) -> Draft:
+    prompt = value.get("prompt", MISSING)
+    completion = value.get("completion", MISSING)
+    messages: list[Any] = _system(value)
+    labels = ["system"] * len(messages)
+    if type(prompt) is list:  # conversational prompt/completion (TRL)
+        messages.extend(prompt)
+        labels.extend(f"prompt[{i}]" for i in range(len(prompt)))
+    else:
+        messages.append({"role": "user", "content": prompt})
+        labels.append("prompt")
+    if type(completion) is list:
+        messages.extend(completion)
+        labels.extend(f"completion[{i}]" for i in range(len(completion)))
+    else:
+        messages.append({"role": "assistant", "content": completion})
+        labels.append("completion")
+    return Draft(messages, "prompt", labels)
+
+
+def describe_type(value: Any) -> str:
+    """'a string', 'null', 'a number', ... for messages about wrong types."""
+    if value is None:
+        return "null"
+    if value is MISSING:
+        return "missing"
+    return {
+        str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def dump_json_line(value: Any) -> str:
+    """One JSON line as tunelab writes them (UTF-8 text, no ASCII escaping)."""
+    return json.dumps(value, ensure_ascii=False) + "\n"

@@ -1,0 +1,392 @@
+"""`data prepare`: read, validate, split, dedupe, tokenize; write the data stage's output folder.
+
+Reads recipe.data (train, optional valid/test files, format, max_seq_len, splits, dedupe,
+system_prompt) and a tokenizer with a chat template. Writes into out_dir:
+  train.jsonl valid.jsonl test.jsonl   {"id", "source": "path:line", "messages": [...]} per example
+  train.tokens.jsonl valid.tokens.jsonl {"id", "input_ids", "labels"} (labels -100 except trained
+                                       assistant tokens and their end-of-turn token)
+  stats.json      counts, issues by code, quality counts, token statistics (keys: see DataStats)
+  issues.jsonl    every issue (errors, warnings, quality findings), one per line
+  rejected.jsonl  every accepted example that was dropped, with its reason and message
+  fingerprint.json  sha256 of the inputs, tokenizer, chat template and settings; written last
+Never writes next to or over the input files (an output path that is an input is refused).
+
+Rules: any error blocks (DataError with a summary; issues.jsonl is still written). Nothing accepted
+is dropped silently: accepted = train + valid + test + rejected, and every rejected example is in
+rejected.jsonl. Dropped are: exact duplicates within a split (when data.dedupe), training examples
+whose prompt equals, or whose text nearly equals, a held-out example (always: evaluation must never
+see training examples; a valid example that matches a test example is dropped from valid the same
+way), examples longer than max_seq_len, and examples with no trainable token. Ids are
+"<split>-<12 hex digits of the conversation hash>": stable across runs and additions.
+An unchanged fingerprint reuses the folder as it is, without re-tokenizing.
+
+Public API: prepare_data(recipe, tokenizer, out_dir) -> PreparedData; data_fingerprint(...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunelab.config import DataConfig, Recipe
+from tunelab.data.formats import data_files, dump_json_line
+from tunelab.data.quality import SPLITS, QualityIndex, conversation_keys, prompt_key
+from tunelab.data.split import assign_splits
+from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
+from tunelab.data.validate import Example, Issue, read_examples
+from tunelab.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DATA_VERSION = 1  # bump when the outputs change meaning: older fingerprints then never match
+OUTPUT_FILES = (
+    "train.jsonl", "valid.jsonl", "test.jsonl", "train.tokens.jsonl", "valid.tokens.jsonl",
+    "stats.json", "issues.jsonl", "rejected.jsonl",
+)
+_FILE_LEVEL = ("unreadable_file", "empty_file", "skipped_file")
+_PROGRESS_MIN_EXAMPLES = 2000
+
+
+@dataclass
+class PreparedData:
+    out_dir: Path
+    stats: dict[str, Any]
+    reused: bool = False  # the fingerprint matched: nothing was recomputed
+
+    def path(self, split: str, tokens: bool = False) -> Path:
+        return self.out_dir / (f"{split}.tokens.jsonl" if tokens else f"{split}.jsonl")
+
+    def conversations(self, split: str) -> list[dict[str, Any]]:
+        """{"id", "source", "messages"} of a split (train, valid or test)."""
+        return _read_jsonl(self.path(split))
+
+    def tokenized(self, split: str) -> list[dict[str, Any]]:
+        """{"id", "input_ids", "labels"} of train or valid."""
+        return _read_jsonl(self.path(split, tokens=True))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_input(path: Path) -> str:
+    """A file's sha256; for a folder, the sha256 of its data files' relative names and hashes."""
+    if not path.exists():
+        return "missing"
+    if path.is_file():
+        return _sha256_file(path)
+    files, _ = data_files(path)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path)}\0{_sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(sorted(map(str, tokenizer.all_special_tokens)))
+    return _sha256_text(vocabulary + "\0" + special)
+
+
+def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What the prepared folder depends on; equal fingerprints mean equal outputs."""
+    inputs = {role: {"path": str(getattr(data, role)), "sha256": _sha256_input(Path(getattr(data, role)))}
+              for role in ("train", "valid", "test") if getattr(data, role) is not None}
+    settings = data.model_dump(mode="json", exclude={"train", "valid", "test"})
+    fingerprint = {
+        "version": DATA_VERSION,
+        "inputs": inputs,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "chat_template_sha256": _sha256_text(tokenizer.chat_template or ""),
+        "settings": settings,
+    }
+    # paths may be spelt differently between runs; the contents are what matters
+    hashed = {**fingerprint, "inputs": {role: value["sha256"] for role, value in inputs.items()}}
+    fingerprint["sha256"] = _sha256_text(json.dumps(hashed, sort_keys=True))
+    return fingerprint
+
+
+def _reusable(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """stats.json of a previous preparation with the same fingerprint, or None."""
+    try:
+        previous = json.loads((out_dir / "fingerprint.json").read_text())
+        stats = json.loads((out_dir / "stats.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("sha256") != fingerprint["sha256"] or not all((out_dir / name).is_file() for name in OUTPUT_FILES):
+        return None
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class _AtomicWriter:
+    """Writes a file under a temporary name and renames it into place on close."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.file = self.tmp.open("w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+def _write_lines(path: Path, rows: list[Any]) -> None:
+    writer = _AtomicWriter(path)
+    for row in rows:
+        writer.write(dump_json_line(row))
+    writer.close()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    writer = _AtomicWriter(path)
+    writer.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+    writer.close()
+
+
+def _refuse_overwriting_inputs(data: DataConfig, out_dir: Path) -> None:
+    inputs = set()
+    for role in ("train", "valid", "test"):
+        value = getattr(data, role)
+        if value is not None:
+            files, _ = data_files(Path(value))
+            inputs.update(f.resolve() for f in files if f.exists())
+    for name in (*OUTPUT_FILES, "fingerprint.json"):
+        target = (out_dir / name).resolve()
+        if target in inputs:
+            raise ConfigError(f"{target}: is an input file; choose another --out folder (tunelab never modifies your data)")
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class _Member:
+    split: str
+    example: Example
+    id: str = ""
+    rejected: tuple[str, str] | None = None  # (reason code, message)
+    rows: list[dict[str, Any]] | None = None  # tokenized rows
+
+
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreparedData:
+    data = recipe.data
+    if data.train is None:
+        raise ConfigError("data.train is not set: give a training file (tunelab data prepare FILE --out DIR)")
+    out_dir = Path(out_dir)
+    _refuse_overwriting_inputs(data, out_dir)
+    fingerprint = data_fingerprint(data, tokenizer)
+    stats = _reusable(out_dir, fingerprint)
+    if stats is not None:
+        return PreparedData(out_dir, stats, reused=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fingerprint.json").unlink(missing_ok=True)  # a half-written folder must never look reusable
+
+    # read and validate every input
+    issues: list[Issue] = []
+    by_role: dict[str, list[Example]] = {"train": [], "valid": [], "test": []}
+    records_read = 0
+    formats: Counter[str] = Counter()
+    for role in ("train", "valid", "test"):
+        path = getattr(data, role)
+        if path is None:
+            continue
+        for example, record_issues in read_examples(path, data.format, data.system_prompt):
+            issues.extend(record_issues)
+            if example is not None:
+                by_role[role].append(example)
+                formats[example.format] += 1
+                records_read += 1
+            elif any(issue.code not in _FILE_LEVEL for issue in record_issues):
+                records_read += 1
+    template_problem = end_of_turn_probe(tokenizer)
+    if template_problem:
+        issues.append(Issue(_model_name(tokenizer), 0, "end_of_turn_not_trained", template_problem))
+    _raise_on_errors(issues, out_dir)
+
+    # split the training file when no valid/test file is given (by prompt: equal prompts stay together)
+    pool = by_role["train"]
+    splits = assign_splits(
+        [prompt_key(e.messages) for e in pool], data.seed, data.valid_fraction, data.valid_max,
+        data.test_fraction, data.test_max, make_valid=data.valid is None, make_test=data.test is None,
+    )
+    members = [_Member(s, e) for s, e in zip(splits, pool, strict=True)]
+    members += [_Member("valid", e) for e in by_role["valid"]] + [_Member("test", e) for e in by_role["test"]]
+    members.sort(key=lambda m: SPLITS.index(m.split))  # stable: file order within each split
+
+    # quality across splits; drop duplicates and anything a held-out example would leak from
+    index = QualityIndex()
+    for member in members:
+        index.add(member.split, member.example.path, member.example.line, member.example.messages)
+    quality = index.findings()
+    issues.extend(quality.issues)
+    if data.dedupe:
+        for duplicate, first in quality.exact_duplicates:
+            members[duplicate].rejected = ("exact_duplicate", f"the same conversation as {index.source(first)}")
+    leaked = {}
+    for earlier, held_out in quality.leaks:
+        leaked.setdefault(earlier, held_out)
+    for later, earlier in quality.near_duplicates:  # near-duplicates of a leaked example leak too
+        if earlier in leaked and later not in leaked and members[later].split == members[earlier].split:
+            leaked[later] = leaked[earlier]
+    for earlier, held_out in leaked.items():
+        if members[earlier].rejected is None:
+            held = members[held_out]
+            members[earlier].rejected = ("leakage", f"the same or nearly the same as {held.split} example {held.example.source}")
+
+    _assign_ids(members)
+    token_issues, prefix_fallbacks = _tokenize(members, tokenizer, data.max_seq_len)
+    issues.extend(token_issues)
+    if prefix_fallbacks:
+        first = prefix_fallbacks[0]
+        issues.append(Issue(_model_name(tokenizer), 0, "prefix_mismatch",
+                            f"the chat template renders earlier turns differently in {len(prefix_fallbacks)} examples "
+                            f"(first: {first}); each trained turn became its own example"))
+
+    stats = _stats(members, issues, quality.counts(), records_read, formats, quality.notes, data)
+    _write_outputs(out_dir, members, issues, stats)
+    _raise_on_errors(issues, out_dir)
+    _write_json(out_dir / "fingerprint.json", fingerprint)
+    return PreparedData(out_dir, stats)
+
+
+def _model_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return f"chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'}"
+
+
+def _raise_on_errors(issues: list[Issue], out_dir: Path) -> None:
+    errors = [issue for issue in issues if issue.severity == "error"]
+    if not errors:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
+    codes = Counter(issue.code for issue in errors)
+    by_code = ", ".join(f"{code} {n}" for code, n in codes.most_common())
+    raise DataError(
+        f"{len(errors)} error(s) in the data ({by_code}); first: {errors[0].format()}. "
+        f"All issues: {out_dir / 'issues.jsonl'} (or run `tunelab data check`)"
+    )
+
+
+def _assign_ids(members: list[_Member]) -> None:
+    taken: set[str] = set()
+    for member in members:
+        base = f"{member.split}-{conversation_keys(member.example.messages)[0]:016x}"[: len(member.split) + 13]
+        candidate, n = base, 1
+        while candidate in taken:  # identical conversations kept with data.dedupe off
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate)
+        member.id = candidate
+
+
+def _tokenize(members: list[_Member], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[Issue], list[str]]:
+    from tqdm import tqdm
+
+    issues: list[Issue] = []
+    prefix_fallbacks: list[str] = []
+    todo = [m for m in members if m.split in ("train", "valid") and m.rejected is None]
+    for member in tqdm(todo, desc="tokenizing", unit="ex", file=sys.stderr, disable=len(todo) < _PROGRESS_MIN_EXAMPLES):
+        example = member.example
+        try:
+            parts = tokenize_for_training(tokenizer, example.messages, max_seq_len)
+        except TemplateProblem as err:
+            issues.append(Issue(example.path, example.line, err.code, str(err)))
+            continue
+        longest = max((p.length for p in parts), default=0)
+        if any(p.truncated for p in parts):
+            message = f"{longest} tokens > max_seq_len {max_seq_len}"
+            member.rejected = ("too_long", message)
+            issues.append(Issue(example.path, example.line, "too_long", message))
+            continue
+        if sum(p.trainable_tokens for p in parts) == 0:
+            member.rejected = ("zero_trainable_tokens", "no assistant token would be trained")
+            if not any(w.code == "zero_trainable_tokens" for w in example.warnings):
+                issues.append(Issue(example.path, example.line, "zero_trainable_tokens", "no assistant token would be trained"))
+            continue
+        if not parts[0].prefix_ok:
+            prefix_fallbacks.append(example.source)
+        suffix = len(parts) > 1
+        member.rows = [
+            {"id": f"{member.id}/turn-{k}" if suffix else member.id, "input_ids": p.input_ids, "labels": p.labels}
+            for k, p in enumerate(parts, 1)
+        ]
+    return issues, prefix_fallbacks
+
+
+def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int], records_read: int,
+           formats: Counter[str], notes: list[str], data: DataConfig) -> dict[str, Any]:
+    kept = Counter(m.split for m in members if m.rejected is None)
+    rejected = [m for m in members if m.rejected is not None]
+    rows = [row for m in members if m.rows for row in m.rows]
+    lengths = [len(row["input_ids"]) for row in rows]
+    trainable = [sum(1 for label in row["labels"] if label != -100) for row in rows]
+    codes = Counter(issue.code for issue in issues)
+    return {
+        "counts": {
+            "read": records_read, "accepted": len(members), "rejected": len(rejected),
+            "train": kept["train"], "valid": kept["valid"], "test": kept["test"],
+            "token_rows": {s: sum(len(m.rows) for m in members if m.split == s and m.rows) for s in ("train", "valid")},
+            "by_format": dict(formats),
+        },
+        "issues": {
+            "errors": sum(1 for i in issues if i.severity == "error"),
+            "warnings": sum(1 for i in issues if i.severity == "warning"),
+            "by_code": dict(sorted(codes.items())),
+        },
+        "quality": {**quality, "too_long": codes["too_long"], "zero_trainable_tokens": codes["zero_trainable_tokens"]},
+        "tokens": token_stats(lengths, trainable),
+        "rejected_by_reason": dict(Counter(m.rejected[0] for m in rejected)),
+        "split": {
+            "seed": data.seed,
+            "valid": "file" if data.valid is not None else f"{data.valid_fraction:g} of train (max {data.valid_max})",
+            "test": "file" if data.test is not None else f"{data.test_fraction:g} of train (max {data.test_max})",
+        },
+        "notes": notes,
+    }
+
+
+def _write_outputs(out_dir: Path, members: list[_Member], issues: list[Issue], stats: dict[str, Any]) -> None:
+    for split in SPLITS:
+        kept = [m for m in members if m.split == split and m.rejected is None]
+        _write_lines(out_dir / f"{split}.jsonl",
+                     [{"id": m.id, "source": m.example.source, "messages": m.example.messages} for m in kept])
+        if split != "test":
+            _write_lines(out_dir / f"{split}.tokens.jsonl", [row for m in kept for row in m.rows or []])
+    _write_lines(out_dir / "rejected.jsonl", [
+        {"id": m.id, "source": m.example.source, "split": m.split, "reason": m.rejected[0], "message": m.rejected[1],
+         "messages": m.example.messages}
+        for m in members if m.rejected is not None
+    ])
+    _write_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
+    _write_json(out_dir / "stats.json", stats)
