@@ -1,0 +1,250 @@
+"""Pack tokenized examples into rows, plan the optimizer steps of a run, and collate rows into tensors.
+
+Reads tokenized examples (`{"input_ids": [...], "labels": [...]}`, labels -100 on untrained tokens,
+as written to `*.tokens.jsonl` by the data stage); writes nothing. Three pieces, used by the
+training loop, evaluation and the benchmarks alike:
+
+- rows: `pack_rows` puts whole examples into rows of at most `row_tokens` tokens (best-fit
+  decreasing: few rows, little padding); `single_rows` is the unpacked path (one example a row).
+- the plan: `plan_steps` shuffles the rows with a generator seeded by (seed, epoch), cuts each epoch
+  into optimizer steps of at most `tokens_per_step` real tokens and each step into micro-batches of
+  at most `micro_batch_tokens` (padded) tokens. A `Step` is pure data, so a run resumes at the exact
+  data position by its index.
+- `collate`: rows -> input_ids, labels, restarting position_ids and a 4-D block-diagonal causal
+  boolean attention mask. Restarting position_ids alone do NOT isolate packed examples under SDPA
+  (FACTS.md); the mask does, so each example sees only itself, as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+
+Row = tuple[int, ...]  # indices of the examples packed into one row, in order
+
+
+def example_length(example: dict[str, Any]) -> int:
+    return len(example["input_ids"])
+
+
+def trainable_count(example: dict[str, Any]) -> int:
+    """Tokens whose prediction is trained. The first token of an example has nothing before it to
+    predict it from, so it never counts (the same as running the example alone)."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[Row]:
+    """Best-fit decreasing: longest examples first, each into the row whose free space it fills most
+    tightly. Whole examples only; deterministic for the same lengths."""
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > row_tokens]
+    if too_long:
+        index, length = max(too_long, key=lambda item: item[1])
+        raise ConfigError(
+            f"example {index} has {length} tokens, more than a row holds ({row_tokens}); raise "
+            f"train.micro_batch_tokens to at least data.max_seq_len ({len(too_long)} example(s) too long)"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    # free space -> rows with exactly that much free space; `free_sizes` keeps the keys sorted
+    by_free: dict[int, list[int]] = {}
+    free_sizes: list[int] = []
+    for index in order:
+        length = lengths[index]
+        at = bisect.bisect_left(free_sizes, length)
+        if at < len(free_sizes):
+            free = free_sizes[at]
+            row_id = by_free[free].pop()
+            if not by_free[free]:
+                del by_free[free]
+                free_sizes.pop(at)
+        else:
+            free = row_tokens
+            row_id = len(rows)
+            rows.append([])
+        rows[row_id].append(index)
+        left = free - length
+        if left > 0:
+            if left not in by_free:
+                by_free[left] = []
+                bisect.insort(free_sizes, left)
+            by_free[left].append(row_id)
+    return [tuple(row) for row in rows]
+
+
+def single_rows(count: int) -> list[Row]:
+    """The unpacked path: one example per row (rows of a micro-batch are padded to the longest)."""
+    return [(i,) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step: which rows, split into micro-batches (forward/backward passes).
+
+    `position` is the index of its first row in the epoch's shuffled order: (epoch, position) is the
+    data position a checkpoint records. `tokens` counts real (non-pad) tokens; `trainable_tokens`
+    the tokens whose prediction is trained: the step's loss is summed over them all and divided by
+    this count, whatever the micro-batching (or, under torchrun, the sharding across ranks).
+    """
+
+    epoch: int
+    position: int
+    micro_batches: tuple[tuple[Row, ...], ...]
+    tokens: int
+    trainable_tokens: int
+    progress: float  # fraction of the epoch's rows read once this step is done
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of the rows in an epoch: a fixed function of (seed, epoch), so a resumed
+    run reads exactly the rows the uninterrupted one would have."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=generator).tolist()
+
+
+def group_micro_batches(rows: Sequence[Row], row_lengths: Sequence[int], micro_batch_tokens: int) -> list[tuple[Row, ...]]:
+    """Split a step's rows into micro-batches whose padded size (rows x longest row) fits
+    `micro_batch_tokens`. Rows are sorted longest first so that rows of similar length share a
+    micro-batch (less padding); a row longer than the budget goes alone."""
+    order = sorted(range(len(rows)), key=lambda i: (-row_lengths[i], rows[i]))
+    batches: list[tuple[Row, ...]] = []
+    current: list[Row] = []
+    longest = 0
+    for i in order:
+        # rows come longest first, so the batch's longest row is its first one
+        width = longest or row_lengths[i]
+        if current and (len(current) + 1) * width > micro_batch_tokens:
+            batches.append(tuple(current))
+            current, longest = [], 0
+        if not current:
+            longest = row_lengths[i]
+        current.append(rows[i])
+    if current:
+        batches.append(tuple(current))
+    return batches
+
+
+def plan_steps(
+    examples: Sequence[dict[str, Any]],
+    rows: Sequence[Row],
+    *,
+    tokens_per_step: int,
+    micro_batch_tokens: int,
+    epochs: float,
+    seed: int,
+    max_steps: int | None = None,
+) -> list[Step]:
+    """Every optimizer step of a run, in order. Each epoch shuffles the rows (seeded) and cuts them
+    into steps of at most `tokens_per_step` real tokens (at least one row a step). A fractional last
+    epoch runs that fraction of its steps (rounded up); `max_steps` caps the total."""
+    if not rows:
+        raise ConfigError("no training examples to train on (the train split is empty)")
+    lengths = [example_length(e) for e in examples]
+    trainable = [trainable_count(e) for e in examples]
+    row_lengths = [sum(lengths[i] for i in row) for row in rows]
+    row_trainable = [sum(trainable[i] for i in row) for row in rows]
+    steps: list[Step] = []
+    epoch = 0
+    while epoch < epochs and (max_steps is None or len(steps) < max_steps):
+        order = epoch_order(len(rows), seed, epoch)
+        epoch_steps: list[Step] = []
+        start = 0
+        while start < len(order):
+            end, tokens = start, 0
+            while end < len(order) and (end == start or tokens + row_lengths[order[end]] <= tokens_per_step):
+                tokens += row_lengths[order[end]]
+                end += 1
+            picked = [order[i] for i in range(start, end)]
+            micro = group_micro_batches([rows[r] for r in picked], [row_lengths[r] for r in picked], micro_batch_tokens)
+            epoch_steps.append(
+                Step(epoch, start, tuple(micro), tokens, sum(row_trainable[r] for r in picked), end / len(order))
+            )
+            start = end
+        fraction = min(1.0, epochs - epoch)
+        # a small tolerance so that e.g. 0.3 x 10 steps is 3, not 4 after float rounding
+        keep = max(1, math.ceil(fraction * len(epoch_steps) - 1e-9))
+        steps.extend(epoch_steps[:keep])
+        epoch += 1
+    return steps[:max_steps] if max_steps is not None else steps
+
+
+# ----------------------------------------------------------------------------------------------
+# tensors
+
+
+@dataclass
+class Batch:
+    """Model inputs for one micro-batch. `labels` are aligned with `input_ids` (the loss shifts them);
+    the first token of every example is -100 so no prediction crosses an example boundary.
+    `attention_mask` is None when every row holds one example and no padding (plain causal)."""
+
+    input_ids: torch.Tensor  # (rows, length) int64
+    labels: torch.Tensor  # (rows, length) int64
+    position_ids: torch.Tensor  # (rows, length) int64, restarting at 0 for each example
+    attention_mask: torch.Tensor | None  # (rows, 1, length, length) bool, True = may attend
+    tokens: int  # real (non-pad) tokens
+    trainable_tokens: int
+
+    def to(self, device: Any) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
+            self.tokens, self.trainable_tokens,
+        )
+
+
+def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int) -> Batch:
+    """Concatenate each row's examples, pad rows to the longest, and build segment-aware inputs.
+
+    Segment k of a row (its k-th example) attends causally to itself only; padding forms a segment
+    of its own at the end of the row (it attends to earlier padding, so no attention row is empty
+    and SDPA never produces NaN), with labels -100."""
+    import torch
+
+    lengths = [sum(example_length(examples[i]) for i in row) for row in rows]
+    width = max(lengths)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segments = torch.full((n_rows, width), -1, dtype=torch.long)
+    trainable = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for segment, index in enumerate(row):
+            example = examples[index]
+            n = example_length(example)
+            input_ids[r, at : at + n] = torch.tensor(example["input_ids"], dtype=torch.long)
+            example_labels = torch.tensor(example["labels"], dtype=torch.long)
+            example_labels[0] = IGNORE_INDEX
+            labels[r, at : at + n] = example_labels
+            position_ids[r, at : at + n] = torch.arange(n)
+            segments[r, at : at + n] = segment
+            trainable += int((example_labels != IGNORE_INDEX).sum())
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    single = all(len(row) == 1 for row in rows) and all(n == width for n in lengths)
+    mask = None
+    if not single:
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None, :, :]
+    return Batch(input_ids, labels, position_ids, mask, sum(lengths), trainable)

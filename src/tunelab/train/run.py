@@ -1,0 +1,314 @@
+"""`tunelab train`: recipe -> run directory (DESIGN.md, "The run directory").
+
+Reads the recipe and the user's data (through tunelab.data.prepare); writes under runs/<name>/:
+recipe.yaml (every default written out), manifest.json (versions, seed, git sha, data fingerprint,
+tokenizer and chat template sha256), data/ (the data stage), train/log.jsonl + train/tb/,
+checkpoints/step-N/, then the best weights as adapter/ (PEFT format, LoRA family) or model/ (a
+transformers folder with its tokenizer, full fine-tuning), and train/summary.json.
+
+`resume=True` continues from the newest complete, verified checkpoint and reproduces the loss curve
+of an uninterrupted run. The environment variable TUNELAB_INJECT_NAN_AT_STEP (tests only) makes
+the loss of that step NaN, to exercise the non-finite path end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunelab.config import Recipe, load_recipe
+from tunelab.errors import ConfigError
+from tunelab.runs import RunPaths
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from tunelab.train.checkpoint import TrainState
+    from tunelab.train.loop import DistContext
+    from tunelab.train.setup import TrainSetup
+
+NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    output_dir: Path  # adapter/ or model/
+    steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    stopped_early: bool
+    tokens: int
+    train_time_s: float
+    method: str
+    trainable_params: int
+    total_params: int
+    model: nn.Module | None = field(default=None, repr=False)  # in memory, holding the saved weights
+
+
+def _say(message: str) -> None:
+    print(f"tunelab: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory
+
+
+def _recipe_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _recipe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return found
+
+
+def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
+    """Create runs/<name>/ and write recipe.yaml; refuse to mix two trainings in one folder."""
+    started = paths.train_log.exists() or any(paths.checkpoints.glob("step-*"))
+    if resume and paths.recipe.is_file():
+        old = load_recipe(paths.recipe).model_dump(mode="json")
+        changed = _recipe_differences(old, recipe.model_dump(mode="json"))
+        if changed:
+            raise ConfigError(
+                f"{paths.recipe}: --resume needs the recipe the run started with; changed: {', '.join(changed)}. "
+                f"Undo the change, or start a new run with name=NEW"
+            )
+    elif started and not resume:
+        raise ConfigError(
+            f"{paths.root} already holds a training run; continue it with --resume, or start a new one with name=NEW"
+        )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
+
+
+def _git_sha() -> str | None:
+    source = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _sha256_text(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str | None]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return {"tokenizer_sha256": _sha256_text(text), "chat_template_sha256": _sha256_text(tokenizer.chat_template)}
+
+
+def write_manifest(paths: RunPaths, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, data_dir: Path | None) -> None:
+    """manifest.json: what produced this run. Keys other stages added are kept."""
+    import peft
+    import torch
+    import transformers
+
+    import tunelab
+
+    manifest: dict[str, Any] = json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else {}
+    fingerprint = None
+    if data_dir is not None and (data_dir / "fingerprint.json").is_file():
+        fingerprint = json.loads((data_dir / "fingerprint.json").read_text())
+    manifest.update({
+        "tunelab": tunelab.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "git_sha": _git_sha(),
+        "model": recipe.model.name, "method": recipe.method, "seed": recipe.train.seed, "data_seed": recipe.data.seed,
+        "data_fingerprint": fingerprint, **tokenizer_fingerprint(tokenizer),
+    })
+    paths.manifest.write_text(json.dumps(manifest, indent=1))
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if not isinstance(value, list) else ",".join(map(str, value))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def _replace_dir(build: Callable[[Path], None], final: Path) -> None:
+    """Write a folder next to its final place, then swap it in, so a crash never leaves half of one."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    build(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def save_output(setup: TrainSetup, tokenizer: PreTrainedTokenizerBase, paths: RunPaths) -> Path:
+    """adapter/ for the LoRA family (peft.PeftModel.from_pretrained loads it), model/ for full
+    fine-tuning (AutoModelForCausalLM.from_pretrained loads it; the tokenizer is saved with it)."""
+    from tunelab.train.setup import ADAPTER_METHODS
+
+    model = setup.model
+    if setup.method in ADAPTER_METHODS:
+        _replace_dir(lambda d: model.save_pretrained(str(d)), paths.adapter)
+        return paths.adapter
+
+    def build(folder: Path) -> None:
+        # generation should use the KV cache the training run turned off
+        model.config.use_cache = True
+        try:
+            model.save_pretrained(str(folder), safe_serialization=True)
+        finally:
+            model.config.use_cache = False
+        tokenizer.save_pretrained(str(folder))
+
+    _replace_dir(build, paths.model)
+    return paths.model
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def _row_tokens(recipe: Recipe, lengths: Sequence[int]) -> int:
+    cfg = recipe.train
+    micro = cfg.micro_batch_tokens or recipe.data.max_seq_len
+    longest = max(lengths, default=1)
+    return min(max(recipe.data.max_seq_len, longest), micro)
+
+
+def _eval_set(examples: Sequence[dict[str, Any]], recipe: Recipe, row_tokens: int) -> Any:
+    from tunelab.data.pack import example_length, group_micro_batches, pack_rows
+    from tunelab.train.loop import EvalSet
+
+    lengths = [example_length(e) for e in examples]
+    rows = pack_rows(lengths, max(row_tokens, max(lengths)))
+    row_lengths = [sum(lengths[i] for i in row) for row in rows]
+    micro = recipe.train.micro_batch_tokens or recipe.data.max_seq_len
+    return EvalSet(examples, group_micro_batches(rows, row_lengths, max(micro, max(row_lengths))))
+
+
+def train_on_examples(
+    recipe: Recipe,
+    paths: RunPaths,
+    tokenizer: PreTrainedTokenizerBase,
+    train_examples: Sequence[dict[str, Any]],
+    valid_examples: Sequence[dict[str, Any]],
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    ctx: DistContext | None = None,
+    resume_command: str | None = None,
+    nan_at_step: int | None = None,
+    on_step_end: Callable[[TrainState, TrainSetup], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on tokenized examples ({"input_ids", "labels"}) into an existing run directory.
+    `train` calls this after the data stage; tests and benchmarks call it directly."""
+    from tunelab.data.pack import example_length, pack_rows, plan_steps, single_rows
+    from tunelab.train.checkpoint import find_resumable, load_checkpoint, load_weights, remove_temporary
+    from tunelab.train.loop import SINGLE_PROCESS, train_loop
+    from tunelab.train.setup import setup_training
+
+    ctx = ctx or SINGLE_PROCESS
+    cfg = recipe.train
+    lengths = [example_length(e) for e in train_examples]
+    row_tokens = _row_tokens(recipe, lengths)
+    rows = pack_rows(lengths, row_tokens) if cfg.packing else single_rows(len(lengths))
+    plan = plan_steps(
+        train_examples, rows, tokens_per_step=cfg.tokens_per_step,
+        micro_batch_tokens=cfg.micro_batch_tokens or recipe.data.max_seq_len, epochs=cfg.epochs, seed=cfg.seed,
+        max_steps=cfg.max_steps,
+    )
+
+    checkpoint = None
+    if resume:
+        path, skipped = find_resumable(paths.checkpoints)
+        for line in skipped:
+            _say(line)
+        if path is None:
+            _say(f"no complete checkpoint in {paths.checkpoints}; starting from step 0")
+        else:
+            checkpoint = load_checkpoint(path)
+            _say(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
+    remove_temporary(paths.checkpoints)
+
+    setup = setup_training(recipe, len(plan), device)
+    valid = _eval_set(valid_examples[: cfg.eval_max_examples], recipe, row_tokens) if valid_examples else None
+    sample_size = min(cfg.eval_max_examples, len(train_examples))
+    sample_ids = sorted(random.Random(cfg.seed).sample(range(len(train_examples)), sample_size))
+    train_sample = _eval_set([train_examples[i] for i in sample_ids], recipe, row_tokens) if valid else None
+    if ctx.is_main:
+        _say(
+            f"{recipe.method}: {setup.trainable_params:,} of {setup.total_params:,} parameters trainable; "
+            f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {cfg.tokens_per_step} tokens"
+        )
+    result = train_loop(
+        setup, train_examples, plan, cfg, paths.root, pad_id=tokenizer.pad_token_id, valid=valid,
+        train_sample=train_sample, resume=checkpoint, ctx=ctx, params=_flat(recipe.model_dump(mode="json")),
+        resume_command=resume_command or f"tunelab train {paths.recipe} --resume", nan_at_step=nan_at_step,
+        on_step_end=on_step_end, progress=progress,
+    )
+    state = result.state
+
+    # the run's output is the best checkpoint (by validation loss), else the last weights
+    if result.best_checkpoint is not None and state.best_step != state.step:
+        setup.load_trainable_state(load_weights(result.best_checkpoint))
+    output_dir = paths.adapter if recipe.method != "full" else paths.model
+    if ctx.is_main:
+        output_dir = save_output(setup, tokenizer, paths)
+        summary = {
+            "steps": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
+            "stopped_early": state.stopped_early, "tokens": state.tokens, "trainable_tokens": state.trainable_tokens,
+            "train_time_s": round(state.train_time_s, 3), "method": recipe.method,
+            "trainable_params": setup.trainable_params, "total_params": setup.total_params,
+            "output": output_dir.name, "output_step": state.best_step if state.best_step is not None else state.step,
+        }
+        (paths.root / "train" / "summary.json").write_text(json.dumps(summary, indent=1))
+        _say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary['output_step']}")
+    ctx.barrier()
+    return TrainResult(
+        run_dir=paths.root, output_dir=output_dir, steps=state.step, best_step=state.best_step,
+        best_val_loss=state.best_val_loss, stopped_early=state.stopped_early, tokens=state.tokens,
+        train_time_s=state.train_time_s, method=recipe.method, trainable_params=setup.trainable_params,
+        total_params=setup.total_params, model=setup.model,
+    )
+
+
+def train(
+    recipe: Recipe, resume: bool = False, *, resume_command: str | None = None, device: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Data stage, then training, into runs/<name>/ (see the module docstring)."""
+    from tunelab.data.prepare import prepare_data
+    from tunelab.models import load_tokenizer
+
+    paths = RunPaths(recipe.run_dir)
+    start_run_dir(paths, recipe, resume)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    prepared = prepare_data(recipe, tokenizer, paths.data)
+    write_manifest(paths, recipe, tokenizer, prepared.out_dir)
+    nan_at = os.environ.get(NAN_ENV)
+    return train_on_examples(
+        recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
+        device=device, resume_command=resume_command, nan_at_step=int(nan_at) if nan_at else None, progress=progress,
+    )

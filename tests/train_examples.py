@@ -1,0 +1,41 @@
+"""Small chat data for the training tests: records for a data file and tokenized examples.
+
+The tokenized form is the data stage's contract ({"input_ids", "labels"}, labels -100 except the
+assistant reply and its end-of-turn token), built here with the chat template directly so the
+training tests do not depend on the data stage's code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def qa_pairs(count: int, start: int = 0, answer_offset: int = 0) -> list[tuple[str, str]]:
+    return [(f"What is {i} plus {i}?", f"The answer is {2 * i + answer_offset}.") for i in range(start, start + count)]
+
+
+def tokenize_pair(tokenizer: Any, question: str, answer: str) -> dict[str, list[int]]:
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    full = tokenizer.apply_chat_template(messages, tokenize=True)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert full[: len(prompt)] == prompt
+    # the template ends the turn with <|im_end|> then a newline: train through <|im_end|> only
+    end = full.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1
+    full = full[:end]
+    return {"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]}
+
+
+def tokenized(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[dict[str, list[int]]]:
+    return [tokenize_pair(tokenizer, q, a) for q, a in pairs]
+
+
+def write_chat_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) for q, a in pairs
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
