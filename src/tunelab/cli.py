@@ -187,8 +187,12 @@ def eval_(
 
 @app.command()
 def report(run: RunDir) -> None:
-    """Write report.html and report.md for a run."""
-    _not_yet("tunelab report", 6)
+    """Write report.html and report.md for a run (from its files; nothing is recomputed)."""
+    from tunelab.report.html import write_report
+
+    html = write_report(run)
+    typer.echo(html.with_name("report.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"wrote {html} and {html.with_name('report.md')}", err=True)
 
 
 @app.command()
@@ -263,13 +267,24 @@ def serve(
 @runs_app.command("list")
 def runs_list(out_dir: Annotated[Path, typer.Option(help="where runs live")] = Path("runs")) -> None:
     """Runs under out_dir with their status and primary metric."""
-    _not_yet("tunelab runs list", 6)
+    from tunelab.report.compare import format_run_list, list_runs
+
+    typer.echo(format_run_list(list_runs(out_dir)))
 
 
 @runs_app.command("compare")
-def runs_compare(runs: Annotated[list[Path], typer.Argument(help="two or more run directories")]) -> None:
+def runs_compare(
+    runs: Annotated[list[Path], typer.Argument(help="two or more run directories")],
+    arm: Annotated[str, typer.Option(help="the arm whose per-example scores are compared")] = "tuned",
+    out: Annotated[Path | None, typer.Option(help="also write the comparison as a self-contained HTML file")] = None,
+) -> None:
     """The same eval set across runs, with the paired test between them."""
-    _not_yet("tunelab runs compare", 6)
+    from tunelab.report.compare import compare_runs, render_comparison_markdown, write_comparison_html
+
+    comparison = compare_runs(runs, arm=arm)
+    typer.echo(render_comparison_markdown(comparison), nl=False)
+    if out is not None:
+        typer.echo(f"wrote {write_comparison_html(comparison, out)}", err=True)
 
 
 def main() -> None:

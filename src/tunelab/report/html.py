@@ -1,0 +1,689 @@
+"""The run report: renders a run directory's files into report.html and report.md; never recomputes.
+
+Reads (each optional; a missing or unreadable file makes its section say so):
+  recipe.yaml, manifest.json, data/stats.json, data/issues.jsonl, data/test.jsonl, train/log.jsonl,
+  train/summary.json, eval/metrics.json, eval/predictions.jsonl, and a test file's sibling
+  `<stem>.slices.jsonl` ({"line", "slice"} per test line, e.g. examples/triage/data/) when present.
+Writes report.html (self-contained: CSS and SVG charts inline, no URL of any kind, user text escaped
+by Jinja's autoescape) and report.md (the summary printed at the end of `tunelab run`).
+
+The only arithmetic here is presentational: ratios of two reported numbers, means of reported
+per-example scores grouped by slice, and picking which disagreements to show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.runs import RunPaths
+
+ARM_ORDER = ("base", "prompt", "rag", "tuned", "tuned+rag")
+PROMPT_ONLY_ARMS = ("base", "prompt", "rag")
+MAX_DISAGREEMENTS = 8
+MAX_ISSUES_SHOWN = 20
+SECTIONS = (
+    ("verdict", "Verdict"), ("data", "Data"), ("training", "Training"), ("arms", "Arms"),
+    ("overfitting", "Overfitting"), ("forgetting", "Forgetting"), ("examples", "Where the arms disagree"),
+    ("manifest", "Manifest"),
+)
+PLOTS = ("plot-loss", "plot-accuracy", "plot-quality", "plot-tradeoff")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RunFile:
+    """One file of the run: its parsed value, or why there is none."""
+
+    path: Path
+    value: Any = None
+    problem: str | None = None  # None when read; else "missing" or what is wrong
+    bad_lines: list[int] = field(default_factory=list)  # JSONL lines that did not parse (reported, not hidden)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def note(self, root: Path) -> str:
+        rel = self.path.relative_to(root) if self.path.is_relative_to(root) else self.path
+        if self.problem == "missing":
+            return f"{rel} is missing"
+        return f"{rel} could not be read: {self.problem}"
+
+
+def read_json(path: Path) -> RunFile:
+    if not path.is_file():
+        return RunFile(path, problem="missing")
+    try:
+        return RunFile(path, json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return RunFile(path, problem=f"not valid JSON ({err})")
+
+
+def read_jsonl(path: Path) -> RunFile:
+    if not path.is_file():
+        return RunFile(path, problem="missing")
+    rows, bad = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(number)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(number)
+    return RunFile(path, rows, bad_lines=bad)
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def fmt(value: Any) -> str:
+    """A number or value as a person reads it: thousands separators, 4 significant digits, '—' for none."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple | dict) and not value:
+        return "none"
+    if isinstance(value, list | tuple):
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value) and len(value) <= 8:
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return ", ".join(fmt(v) for v in value) if all(not isinstance(v, dict | list) for v in value) else json.dumps(value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def pct(value: Any) -> str:
+    return "—" if not isinstance(value, int | float) else f"{100 * value:.1f}"
+
+
+def pct_ci(primary: Any, ci: Any) -> str:
+    if not isinstance(primary, int | float):
+        return "—"
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+        return f"{100 * primary:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    return f"{100 * primary:.1f}"
+
+
+def describe_mapping(value: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """A nested result dict (cost, forgetting, overfitting, manifest) for display, whatever keys the
+    producing stage chose: a lead sentence ("text", or "skipped" with its reason), a flag ("flagged"),
+    top-level key/value rows, one group of rows per nested dict, a table for each {row: {column: value}}
+    dict and for each list of records (the long ones are shown folded)."""
+    out: dict[str, Any] = {"text": None, "flagged": None, "rows": [], "groups": [], "tables": [], "lists": []}
+    if not isinstance(value, dict):
+        if value is not None:
+            out["rows"].append(("value", fmt(value)))
+        return out
+
+    def flatten(node: Mapping[str, Any], prefix: str, rows: list[tuple[str, str]]) -> None:
+        for key, item in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(item, dict) and _is_matrix(item):
+                columns: list[str] = []
+                for inner in item.values():
+                    columns += [c for c in inner if c not in columns]
+                table_rows = [[str(k), *(fmt(inner.get(c)) for c in columns)] for k, inner in item.items()]
+                out["tables"].append({"title": name, "columns": ["", *columns], "rows": table_rows})
+            elif isinstance(item, dict) and item:
+                flatten(item, f"{name}.", rows)
+            elif isinstance(item, list) and item and all(isinstance(r, dict) for r in item):
+                columns = []
+                for record in item:
+                    columns += [c for c in record if c not in columns]
+                out["lists"].append({"title": name, "columns": columns,
+                                     "rows": [[fmt(r.get(c)) for c in columns] for r in item]})
+            else:
+                rows.append((name, fmt(item)))
+
+    for key, item in value.items():
+        if key in exclude:
+            continue
+        if key in ("text", "skipped") and isinstance(item, str):
+            out["text"] = item if key == "text" else f"skipped: {item}"
+        elif key == "flagged" and isinstance(item, bool):
+            out["flagged"] = item
+        elif isinstance(item, dict) and item and not _is_matrix(item):
+            rows: list[tuple[str, str]] = []
+            flatten(item, "", rows)
+            if rows:
+                out["groups"].append({"title": str(key), "rows": rows})
+        else:
+            flatten({key: item}, "", out["rows"])
+    return out
+
+
+def _is_matrix(node: Mapping[str, Any]) -> bool:
+    """{row: {col: scalar}} with at least two rows: better read as a table than as dotted keys."""
+    inner = list(node.values())
+    return len(inner) >= 2 and all(
+        isinstance(v, dict) and v and all(not isinstance(x, dict) for x in v.values()) for v in inner
+    )
+
+
+def find_value(node: Any, fragment: str, depth: int = 3) -> tuple[str, Any] | None:
+    """The first scalar whose key contains `fragment`, searching nested dicts breadth first."""
+    level = [("", node)]
+    for _ in range(depth):
+        following = []
+        for prefix, item in level:
+            if not isinstance(item, dict):
+                continue
+            for key, value in item.items():
+                if fragment in key and not isinstance(value, dict | list):
+                    return f"{prefix}{key}", value
+                if isinstance(value, dict):
+                    following.append((f"{prefix}{key}.", value))
+        level = following
+    return None
+
+
+def _arm_costs(cost: Any) -> dict[str, Any]:
+    """USD per 1M queries per arm, from whichever per-arm shape eval wrote."""
+    if not isinstance(cost, dict):
+        return {}
+    found: dict[str, Any] = {}
+    for container in (cost.get("arms"), cost.get("per_arm"), cost):
+        if not isinstance(container, dict):
+            continue
+        for arm, row in container.items():
+            if arm in ARM_ORDER and isinstance(row, dict):
+                hit = find_value(row, "1m_queries", 1) or find_value(row, "per_million", 1) or find_value(row, "usd", 1)
+                if hit:
+                    found[arm] = hit[1]
+            elif arm in ARM_ORDER and isinstance(row, int | float):
+                found[arm] = row
+        if found:
+            return found
+    for key, value in cost.items():
+        if isinstance(value, dict) and ("1m" in key or "million" in key) and any(a in value for a in ARM_ORDER):
+            return {a: v for a, v in value.items() if a in ARM_ORDER}
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _ordered_arms(arms: Mapping[str, Any]) -> list[str]:
+    return [a for a in ARM_ORDER if a in arms] + sorted(a for a in arms if a not in ARM_ORDER)
+
+
+def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
+    if not metrics.ok:
+        return {"available": False, "note": f"No verdict: {metrics.note(root)} (run `tunelab eval`)."}
+    data = metrics.value if isinstance(metrics.value, dict) else {}
+    verdict = data.get("verdict") or {}
+    arms = data.get("arms") or {}
+    best, vs = verdict.get("best_arm"), verdict.get("vs")
+    recommended = verdict.get("recommended") or verdict.get("winner") or best
+    costs = _arm_costs(data.get("cost"))
+    compared = [a for a in (best, vs) if a in arms]
+    rows = []
+    for arm in compared:
+        row = arms[arm]
+        rows.append({
+            "arm": arm, "quality": pct_ci(row.get("primary"), row.get("ci95")),
+            "prompt_tokens": fmt(row.get("prompt_tokens_mean")), "latency": fmt(row.get("latency_ms_p50")),
+            "cost": fmt(costs.get(arm)), "recommended": arm == recommended,
+        })
+    facts = []
+    if best in arms and vs in arms:
+        b, v = arms[best], arms[vs]
+        bt, vt = b.get("prompt_tokens_mean"), v.get("prompt_tokens_mean")
+        if isinstance(bt, int | float) and isinstance(vt, int | float) and bt > 0 and vt > 0:
+            ratio = vt / bt
+            if abs(ratio - 1) < 0.05:
+                facts.append(f"{best} and {vs} send about as many prompt tokens per query ({bt:.0f} vs {vt:.0f})")
+            elif ratio > 1:
+                facts.append(f"{best} sends {ratio:.1f}x fewer prompt tokens per query than {vs} ({bt:.0f} vs {vt:.0f})")
+            else:
+                facts.append(f"{best} sends {1 / ratio:.1f}x more prompt tokens per query than {vs} ({bt:.0f} vs {vt:.0f})")
+        bl, vl = b.get("latency_ms_p50"), v.get("latency_ms_p50")
+        if isinstance(bl, int | float) and isinstance(vl, int | float):
+            facts.append(f"median latency {bl:,.0f} ms ({best}) vs {vl:,.0f} ms ({vs}) at batch size "
+                         f"{fmt(b.get('batch_size'))}")
+    cost = data.get("cost") if isinstance(data.get("cost"), dict) else {}
+    if isinstance(cost.get("text"), str):
+        facts.append(cost["text"])
+    else:
+        break_even = find_value(cost, "break_even")
+        if break_even and break_even[1] is not None:
+            facts.append(f"break-even ({break_even[0]}): {fmt(break_even[1])}")
+    training = cost.get("training")
+    if isinstance(training, dict) and isinstance(training.get("usd"), int | float):
+        facts.append(f"training cost {training['usd']:,.2f} USD" + (
+            f" ({training['train_time_s']:,.0f} s of training)" if isinstance(training.get("train_time_s"), int | float) else ""))
+    delta, ci = verdict.get("delta"), verdict.get("ci95")
+    return {
+        "available": True, "note": None,
+        "text": verdict.get("text") or "eval/metrics.json has no verdict text",
+        "best_arm": best, "vs": vs, "recommended": recommended, "significant": verdict.get("significant"),
+        "delta": f"{100 * delta:+.1f} points" if isinstance(delta, int | float) else "—",
+        "ci95": f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if isinstance(ci, list | tuple) and len(ci) == 2 else "—",
+        "p_value": fmt(verdict.get("p_value")), "rows": rows, "facts": facts,
+        "primary_metric": data.get("primary_metric"), "n_examples": data.get("n_examples"),
+    }
+
+
+def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
+    if not stats.ok:
+        return {"available": False, "note": f"{stats.note(root)}: data preparation has not run or failed."}
+    value = stats.value if isinstance(stats.value, dict) else {}
+    groups = []
+    for key, title in (("counts", "Examples"), ("issues", "Problems found"), ("quality", "Quality findings"),
+                       ("tokens", "Tokens per example (chat template applied)")):
+        section = value.get(key)
+        if isinstance(section, dict):
+            rows = [(k, fmt(v)) for k, v in section.items() if not isinstance(v, dict)]
+            for k, v in section.items():
+                if isinstance(v, dict):
+                    rows += [(f"{k}: {inner}", fmt(n)) for inner, n in v.items()]
+            groups.append({"title": title, "rows": rows or [("(none)", "0")]})
+    other = {k: v for k, v in value.items() if k not in ("counts", "issues", "quality", "tokens")}
+    issue_rows = []
+    if issues.ok:
+        for row in issues.value[:MAX_ISSUES_SHOWN]:
+            where = row.get("path") or row.get("file") or ""
+            if row.get("line") is not None:
+                where = f"{where}:{row['line']}"
+            issue_rows.append({"severity": row.get("severity") or row.get("level") or "", "code": row.get("code", ""),
+                               "where": where, "message": row.get("message", "")})
+    return {
+        "available": True, "note": None, "groups": groups, "other": describe_mapping(other) if other else None,
+        "issues": issue_rows, "issues_total": len(issues.value) if issues.ok else None,
+        "issues_note": None if issues.ok else issues.note(root),
+    }
+
+
+def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"available": log.ok or summary.ok, "notes": [], "plots": {}}
+    for f in (log, summary):
+        if not f.ok:
+            out["notes"].append(f.note(root))
+        elif f.bad_lines:
+            out["notes"].append(f"{f.note(root).split(' is ')[0]}: lines {f.bad_lines[:10]} did not parse")
+    summary_value = summary.value if summary.ok and isinstance(summary.value, dict) else {}
+    out["summary"] = [(k, fmt(v)) for k, v in summary_value.items()]
+    rows = log.value if log.ok else []
+    train_rows = [r for r in rows if r.get("kind") == "train" and isinstance(r.get("step"), int | float)]
+    eval_rows = [r for r in rows if r.get("kind") == "eval" and isinstance(r.get("step"), int | float)]
+    events = [r for r in rows if r.get("kind") == "event"]
+    best_step = summary_value.get("best_step")
+    if best_step is None:
+        best = [r["step"] for r in eval_rows if r.get("is_best")]
+        best_step = best[-1] if best else None
+    stop_steps = [r.get("step") for r in events if r.get("event") == "early_stop"]
+    stop_step = stop_steps[0] if stop_steps else None
+    overfit_steps = [r.get("step") for r in events if r.get("event") == "overfitting" and r.get("step") is not None]
+    out.update(
+        best_step=best_step, stop_step=stop_step, overfit_steps=overfit_steps,
+        stopped_early=summary_value.get("stopped_early", stop_step is not None),
+        events=[{"step": fmt(r.get("step")), "event": r.get("event", ""), "message": r.get("message", "")} for r in events],
+        evals=[{"step": fmt(r["step"]), "val_loss": fmt(r.get("val_loss")), "val_token_acc": pct(r.get("val_token_acc")),
+                "train_loss": fmt(r.get("train_loss")), "train_token_acc": pct(r.get("train_token_acc")),
+                "is_best": bool(r.get("is_best"))} for r in eval_rows],
+        last=train_rows[-1] if train_rows else None,
+    )
+    if train_rows or eval_rows:
+        from tunelab.report import plots
+
+        marks = {"best_step": best_step, "stop_step": stop_step, "overfit_steps": overfit_steps}
+        out["plots"]["plot-loss"] = plots.training_curve(
+            train_rows, eval_rows, "loss", {"val_loss": "validation", "train_loss": "train sample"}, "loss",
+            "plot-loss", **marks)
+        out["plots"]["plot-accuracy"] = plots.training_curve(
+            train_rows, eval_rows, "token_acc", {"val_token_acc": "validation", "train_token_acc": "train sample"},
+            "token accuracy", "plot-accuracy", **marks)
+    return out
+
+
+def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
+    if not metrics.ok:
+        return {"available": False, "note": f"{metrics.note(root)} (run `tunelab eval`)."}
+    data = metrics.value if isinstance(metrics.value, dict) else {}
+    arms = data.get("arms") or {}
+    order = _ordered_arms(arms)
+    costs = _arm_costs(data.get("cost"))
+    metric_names: list[str] = []
+    for arm in order:
+        metric_names += [m for m in (arms[arm].get("metrics") or {}) if m not in metric_names]
+    rows = []
+    for arm in order:
+        row = arms[arm]
+        rows.append({
+            "arm": arm, "quality": pct_ci(row.get("primary"), row.get("ci95")),
+            "prompt_tokens": fmt(row.get("prompt_tokens_mean")), "completion_tokens": fmt(row.get("completion_tokens_mean")),
+            "latency_p50": fmt(row.get("latency_ms_p50")), "latency_p95": fmt(row.get("latency_ms_p95")),
+            "batch_size": fmt(row.get("batch_size")), "cost": fmt(costs.get(arm)),
+            "metrics": [pct(row.get("metrics", {}).get(m)) if _is_fraction(row.get("metrics", {}).get(m))
+                        else fmt(row.get("metrics", {}).get(m)) for m in metric_names],
+        })
+    primary = data.get("primary_metric") or "primary"
+    plots_out = {}
+    if order:
+        from tunelab.report import plots
+
+        ordered = {a: arms[a] for a in order}
+        plots_out["plot-quality"] = plots.quality_bars(ordered, primary, "plot-quality")
+        plots_out["plot-tradeoff"] = plots.tradeoff_scatter(ordered, primary, "plot-tradeoff")
+    for row, arm in zip(rows, order, strict=True):
+        finish = arms[arm].get("finish_reasons")
+        row["tokens_per_s"] = fmt(arms[arm].get("tokens_per_s"))
+        row["hit_limit"] = fmt(finish.get("length", 0)) if isinstance(finish, dict) else "—"
+    prompts = data.get("prompts") if isinstance(data.get("prompts"), dict) else {}
+    examples = prompts.get("example") if isinstance(prompts.get("example"), dict) else {}
+    seen = {"instructions": prompts.get("instructions") if isinstance(prompts.get("instructions"), str) else None,
+            "about": [(k, fmt(v)) for k, v in prompts.items() if k not in ("instructions", "example")],
+            "examples": [{"arm": arm, "messages": [m for m in messages if isinstance(m, dict)]}
+                         for arm, messages in examples.items() if isinstance(messages, list)]}
+    decoding = data.get("decoding")
+    reason = data.get("primary_reason") or data.get("primary_metric_reason")
+    cost = describe_mapping(data.get("cost")) if data.get("cost") else None
+    return {"available": True, "note": None, "primary_metric": primary, "primary_reason": reason,
+            "n_examples": data.get("n_examples"), "rows": rows, "metric_names": metric_names,
+            "show_cost": bool(costs), "cost": cost, "plots": plots_out, "prompts": seen,
+            "decoding": ", ".join(f"{k} {fmt(v)}" for k, v in decoding.items()) if isinstance(decoding, dict) else None}
+
+
+def _overfitting(value: Any, metrics: RunFile, training: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """Lead sentences from the numbers eval reported (named in eval/run.py), then everything else."""
+    out: dict[str, Any] = {"available": value is not None or bool(training.get("overfit_steps")), "note": None,
+                           "findings": [], "flagged": None, "details": None}
+    if value is None:
+        out["note"] = metrics.note(root) if not metrics.ok else "eval/metrics.json has no overfitting results"
+    if not isinstance(value, dict):
+        out["details"] = describe_mapping(value) if value is not None else None
+        return out
+    task = value.get("task_metric")
+    if isinstance(task, dict) and isinstance(task.get("train_sample"), int | float) and isinstance(task.get("test"), int | float):
+        gap = task.get("train_minus_test")
+        out["findings"].append(
+            f"{task.get('arm', 'tuned')} scores {pct(task['train_sample'])}% {task.get('metric', '')} on "
+            f"{fmt(task.get('train_sample_n'))} training examples and {pct(task['test'])}% on the test set"
+            + (f" (train - test: {100 * gap:+.1f} points)" if isinstance(gap, int | float) else ""))
+    rising = value.get("val_rising_while_train_falls")
+    if isinstance(rising, bool):
+        out["flagged"] = rising
+        out["findings"].append(
+            f"validation loss rose off its minimum (step {fmt(value.get('best_step'))}, {fmt(value.get('best_val_loss'))}) "
+            f"to {fmt(value.get('final_val_loss'))} while train loss kept falling" if rising else
+            f"validation loss did not rise while train loss fell (best at step {fmt(value.get('best_step'))}, "
+            f"final {fmt(value.get('final_val_loss'))})")
+    copies = value.get("reference_is_train_answer")
+    if isinstance(copies, int | float):
+        out["findings"].append(f"{pct(copies)}% of test references are word for word a training answer "
+                               "(outputs that copy a training answer are counted per arm below)")
+    # the loss curve and its events are drawn and listed in the Training section
+    out["details"] = describe_mapping(value, exclude=("loss_curve", "overfitting_events"))
+    return out
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def _test_inputs(test: RunFile) -> dict[str, dict[str, Any]]:
+    """id -> {"input": last user message, "source": "file:line"} from the run's prepared test split."""
+    out = {}
+    if not test.ok:
+        return out
+    for row in test.value:
+        messages = row.get("messages") or []
+        users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        out[str(row.get("id"))] = {"input": users[-1] if users else "", "source": row.get("source")}
+    return out
+
+
+def _slices(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean per-example score by test slice and arm, when the test file has a `<stem>.slices.jsonl`."""
+    slice_files: dict[Path, dict[int, str] | None] = {}
+    slice_of: dict[str, str] = {}
+    for example_id, info in inputs.items():
+        source = info.get("source")
+        if not isinstance(source, str) or ":" not in source:
+            continue
+        file_part, _, line = source.rpartition(":")
+        if not line.isdigit():
+            continue
+        test_file = Path(file_part)
+        slices_path = test_file.with_name(f"{test_file.stem}.slices.jsonl")
+        if slices_path not in slice_files:
+            loaded = read_jsonl(slices_path)
+            slice_files[slices_path] = (
+                {int(r["line"]): str(r["slice"]) for r in loaded.value if "line" in r and "slice" in r}
+                if loaded.ok else None
+            )
+        table = slice_files[slices_path]
+        if table and int(line) in table:
+            slice_of[example_id] = table[int(line)]
+    if not slice_of:
+        return {"available": False}
+    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in predictions:
+        name = slice_of.get(str(row.get("id")))
+        if name is not None and isinstance(row.get("score"), int | float):
+            scores[name][row.get("arm", "?")].append(float(row["score"]))
+    arms = _ordered_arms({a: None for per_arm in scores.values() for a in per_arm})
+    rows = []
+    for name in sorted(scores):
+        counts = {len(v) for v in scores[name].values()}
+        rows.append({"slice": name, "n": max(counts) if counts else 0,
+                     "values": [pct(sum(v) / len(v)) if (v := scores[name].get(a)) else "—" for a in arms]})
+    return {"available": True, "arms": arms, "rows": rows,
+            "files": sorted(str(p) for p, t in slice_files.items() if t)}
+
+
+def _disagreements(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    by_id: dict[str, dict[str, Mapping[str, Any]]] = defaultdict(dict)
+    for row in predictions:
+        by_id[str(row.get("id"))][str(row.get("arm"))] = row
+    candidates = []
+    for example_id, per_arm in by_id.items():
+        scores = {a: float(r["score"]) for a, r in per_arm.items() if isinstance(r.get("score"), int | float)}
+        if len(scores) < 2 or max(scores.values()) == min(scores.values()):
+            continue
+        tuned = scores.get("tuned", scores.get("tuned+rag"))
+        others = [scores[a] for a in PROMPT_ONLY_ARMS if a in scores]
+        tuned_gap = abs(tuned - max(others)) if tuned is not None and others else 0.0
+        candidates.append((-tuned_gap, -(max(scores.values()) - min(scores.values())), example_id))
+    candidates.sort()
+    examples = []
+    for _, _, example_id in candidates[:MAX_DISAGREEMENTS]:
+        per_arm = by_id[example_id]
+        arms = _ordered_arms(per_arm)
+        reference = next((r.get("reference") for r in per_arm.values() if r.get("reference") is not None), "")
+        examples.append({
+            "id": example_id, "input": inputs.get(example_id, {}).get("input"), "reference": reference,
+            "source": inputs.get(example_id, {}).get("source"),
+            "arms": [{"arm": a, "output": per_arm[a].get("output", ""), "score": per_arm[a].get("score"),
+                      "score_text": fmt(per_arm[a].get("score"))} for a in arms],
+        })
+    return {"n_disagree": len(candidates), "n_total": len(by_id), "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+def build_report_context(run_dir: str | Path) -> dict[str, Any]:
+    """Everything the templates show, read from the run's files (see the module docstring)."""
+    paths = RunPaths(Path(run_dir))
+    root = paths.root
+    recipe_text = paths.recipe.read_text(encoding="utf-8", errors="replace") if paths.recipe.is_file() else None
+    recipe: dict[str, Any] = {}
+    if recipe_text:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(recipe_text)
+            recipe = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            recipe = {}
+    manifest = read_json(paths.manifest)
+    stats = read_json(paths.data / "stats.json")
+    issues = read_jsonl(paths.data / "issues.jsonl")
+    test = read_jsonl(paths.data / "test.jsonl")
+    log = read_jsonl(paths.train_log)
+    summary = read_json(paths.root / "train" / "summary.json")
+    metrics = read_json(paths.metrics)
+    predictions = read_jsonl(paths.predictions)
+
+    inputs = _test_inputs(test)
+    preds = predictions.value if predictions.ok else []
+    metrics_value = metrics.value if metrics.ok and isinstance(metrics.value, dict) else {}
+    model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else None
+    training = _training(log, summary, root)
+    arms = _arms(metrics, root)
+    overfitting_value = metrics_value.get("overfitting")
+    forgetting_value = metrics_value.get("forgetting")
+    return {
+        "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,
+        "method": recipe.get("method"), "sections": SECTIONS,
+        "verdict": _verdict(metrics, root),
+        "data": _data(stats, issues, root),
+        "training": training,
+        "arms": arms,
+        "overfitting": {**_overfitting(overfitting_value, metrics, training, root),
+                        "events": [e for e in training.get("events", []) if e["event"] == "overfitting"],
+                        "slices": _slices(preds, inputs)},
+        "forgetting": {
+            "available": forgetting_value is not None,
+            "note": None if forgetting_value is not None else (
+                metrics.note(root) if not metrics.ok else "eval/metrics.json has no forgetting results "
+                "(eval.forgetting: false, or the tuned arm was not evaluated)"),
+            "details": describe_mapping(forgetting_value) if forgetting_value is not None else None,
+        },
+        "examples": {"available": predictions.ok, "note": None if predictions.ok else predictions.note(root),
+                     "bad_lines": predictions.bad_lines, **_disagreements(preds, inputs)},
+        "manifest": {"available": manifest.ok, "note": None if manifest.ok else manifest.note(root),
+                     "details": describe_mapping(manifest.value) if manifest.ok else None,
+                     "recipe_text": recipe_text, "command": f"tunelab run {paths.recipe}"},
+    }
+
+
+def render_html(context: Mapping[str, Any]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("tunelab", "report"), autoescape=True,
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )
+    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {})}
+    safe_plots = {name: jinja2.utils.markupsafe.Markup(svg) for name, svg in plots.items()}
+    return env.get_template("report.html.jinja").render(**context, plots=safe_plots)
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(context: Mapping[str, Any]) -> str:
+    lines = [f"# tunelab report: {context['name']}", ""]
+    if context["model"]:
+        lines += [f"model {context['model']}, method {context['method']}, run {context['run_dir']}", ""]
+    verdict = context["verdict"]
+    lines += ["## Verdict", ""]
+    if verdict["available"]:
+        lines += [f"**{verdict['text']}**", ""]
+        if verdict.get("recommended"):
+            lines += [f"Use: **{verdict['recommended']}**", ""]
+        lines += [f"- {fact}" for fact in verdict["facts"]] + ([""] if verdict["facts"] else [])
+    else:
+        lines += [verdict["note"], ""]
+    arms = context["arms"]
+    lines += ["## Arms", ""]
+    if arms["available"]:
+        lines += [f"{arms['primary_metric']} (%, 95% interval) on {fmt(arms['n_examples'])} test examples", "",
+                  "| arm | quality | prompt tokens | completion tokens | latency p50 ms | latency p95 ms |"
+                  + (" cost / 1M queries |" if arms["show_cost"] else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if arms["show_cost"] else "")]
+        for row in arms["rows"]:
+            lines.append(f"| {row['arm']} | {row['quality']} | {row['prompt_tokens']} | {row['completion_tokens']} | "
+                         f"{row['latency_p50']} | {row['latency_p95']} |" + (f" {row['cost']} |" if arms["show_cost"] else ""))
+        lines.append("")
+    else:
+        lines += [arms["note"], ""]
+    data = context["data"]
+    lines += ["## Data", ""]
+    if data["available"]:
+        for group in data["groups"]:
+            lines.append(f"- {group['title']}: " + ", ".join(f"{k} {v}" for k, v in group["rows"]))
+        lines.append("")
+    else:
+        lines += [data["note"], ""]
+    training = context["training"]
+    lines += ["## Training", ""]
+    if training["available"]:
+        if training["summary"]:
+            lines.append("- " + ", ".join(f"{k} {v}" for k, v in training["summary"]))
+        lines.append(f"- best checkpoint: step {fmt(training['best_step'])}; stopped early: {fmt(training['stopped_early'])}")
+        for event in training["events"]:
+            if event["event"] in ("overfitting", "early_stop", "nonfinite_skipped"):
+                lines.append(f"- step {event['step']}: {event['event']}: {_md_escape(event['message'])}")
+        lines.append("")
+    for note in training["notes"]:
+        lines += [note, ""]
+    for key, title in (("overfitting", "Overfitting"), ("forgetting", "Forgetting")):
+        section = context[key]
+        lines += [f"## {title}", ""]
+        details = section.get("details")
+        findings = section.get("findings") or []
+        lines += [f"- {finding}" for finding in findings] + ([""] if findings else [])
+        if details and details["text"]:
+            lines += [details["text"] + (" (flagged)" if details["flagged"] else ""), ""]
+        elif details and not findings:
+            rows = details["rows"] + [(f"{g['title']}.{k}", v) for g in details["groups"] for k, v in g["rows"]]
+            lines += [", ".join(f"{k} {v}" for k, v in rows[:8]), ""]
+        if key == "overfitting" and section["slices"]["available"]:
+            s = section["slices"]
+            lines += ["Quality by test slice (%):", "",
+                      "| slice | n | " + " | ".join(s["arms"]) + " |", "|---|---|" + "---|" * len(s["arms"])]
+            lines += [f"| {r['slice']} | {r['n']} | " + " | ".join(r["values"]) + " |" for r in s["rows"]]
+            lines.append("")
+        if section.get("note") and not details:
+            lines += [section["note"], ""]
+    lines += ["## Files", "", f"- HTML report: {Path(context['run_dir']) / 'report.html'}",
+              f"- reproduce: `{context['manifest']['command']}`", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write report.html and report.md into the run directory; returns the path of report.html."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.root.is_dir():
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"{run_dir}: no such run directory")
+    context = build_report_context(paths.root)
+    _write_atomically(paths.report_html, render_html(context))
+    _write_atomically(paths.report_md, render_markdown(context))
+    return paths.report_html
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
