@@ -149,6 +149,5 @@ def tradeoff_scatter(arms: Mapping[str, Mapping[str, Any]], metric_name: str, na
     ax.set_xlabel("prompt tokens per query (log scale)")
     ax.set_ylabel(f"{metric_name} (%)")
     ax.set_ylim(-5, 110)
-    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
-              title="marker area = median latency", title_fontsize=8)
+    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
     return _svg(fig, name)
