@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from tunelab.errors import NotYetAvailable, TunelabError
+from tunelab.serve import ServeSettings  # light: its defaults feed `serve --help`
 
 app = typer.Typer(
     help="Fine-tune a language model on your own examples, then prove with numbers whether it was worth it.",
@@ -213,52 +214,87 @@ def chat(
     prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_new_tokens: int = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
 ) -> None:
-    """Chat with a model or a run's fine-tuned model."""
-    if prompt is None:
-        _not_yet("interactive chat", 9)
+    """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
+    history is kept; /reset clears it, /exit or Ctrl-D quits. --prompt answers one message."""
+    from tunelab.chat import chat_loop, load_for_use
     from tunelab.eval.generate import DecodingSettings, generate
-    from tunelab.models import load_model, load_tokenizer
-    from tunelab.runs import load_tuned_model
 
-    if (Path(model) / "recipe.yaml").is_file():
-        lm, tokenizer = load_tuned_model(model)
-    else:
-        lm, tokenizer = load_model(model), load_tokenizer(model)
+    loaded = load_for_use(model)
+    settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    if prompt is None:
+        chat_loop(loaded, settings, system=system)
+        return
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    [answer] = generate(lm, tokenizer, [messages], DecodingSettings(max_new_tokens=max_new_tokens))
+    [answer] = generate(loaded.model, loaded.tokenizer, [messages], settings)
     typer.echo(answer.text)
 
 
 @app.command("generate")
 def generate_(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
-    input: Annotated[Path, typer.Option(help="JSONL of chat examples")],
-    out: Annotated[Path, typer.Option(help="JSONL to write")],
+    input: Annotated[Path, typer.Option(help="JSONL: {\"messages\": [...]} (OpenAI chat) or {\"prompt\": ...} lines")],
+    out: Annotated[Path, typer.Option(help="JSONL to write, one line per input line")],
+    max_new_tokens: int = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
 ) -> None:
-    """Batch generation over a file of prompts."""
-    _not_yet("tunelab generate", 9)
+    """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
+    from tqdm import tqdm
+
+    from tunelab.chat import check_out_path, generate_file, load_for_use, read_generation_inputs
+    from tunelab.eval.generate import DecodingSettings
+
+    check_out_path(input, out)  # bad paths and bad lines fail here, before the model loads
+    total = len(read_generation_inputs(input))
+    loaded = load_for_use(model)
+    settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    with tqdm(total=total, unit="prompt", file=sys.stderr, desc="generate") as bar:
+        count = generate_file(loaded, input, out, settings, batch_size, progress=bar.update)
+    typer.echo(f"{count} replies -> {out}")
 
 
 @app.command()
 def export(
     run: RunDir,
-    out: Annotated[Path, typer.Option(help="output folder")],
-    merge: bool = False,
-    format: Annotated[str, typer.Option(help="safetensors | gguf")] = "safetensors",
+    out: Annotated[Path, typer.Option(help="output folder (outside the run)")],
+    merge: Annotated[bool, typer.Option(help="merge the adapter into the base weights")] = False,
+    format: Annotated[str, typer.Option(help="safetensors | gguf (gguf is always merged)")] = "safetensors",
+    gguf_type: Annotated[str, typer.Option(help="float type of GGUF matrices: f16 | f32")] = "f16",
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
 ) -> None:
-    """Export merged weights or the adapter."""
-    _not_yet("tunelab export", 9)
+    """Export the adapter (PEFT format), merged safetensors weights, or a GGUF file; verified before
+    it lands in --out."""
+    from tunelab.export import export_run
+
+    result = export_run(run, out, merge=merge, fmt=format, force=force, gguf_type=gguf_type)
+    checks = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.checks.items())
+    typer.echo(f"{result.kind} export -> {result.out_dir} ({', '.join(result.files)}); checks: {checks}")
 
 
 @app.command()
 def serve(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: Annotated[str, typer.Option(help="address to listen on; keep loopback unless you set --api-key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="0 picks a free port (printed)")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="TUNELAB_API_KEY", show_envvar=True,
+                                                help="require 'Authorization: Bearer KEY'")] = None,
+    rag: Annotated[str | None, typer.Option(help="retrieve from a document folder, or 'train' for the run's train split")] = None,
+    rag_k: Annotated[int | None, typer.Option(min=1, help="passages retrieved per request; default the recipe's eval.rag_k")] = None,
+    model_id: Annotated[str | None, typer.Option(help="the model name clients send; default the run's name")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1)] = ServeSettings.max_batch_size,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0)] = ServeSettings.batch_window_ms,
+    max_tokens_limit: Annotated[int, typer.Option(min=1)] = ServeSettings.max_tokens_limit,
+    log_level: Annotated[str, typer.Option(help="info | warning | debug (debug adds the access log)")] = "info",
 ) -> None:
-    """OpenAI-compatible API server."""
-    _not_yet("tunelab serve", 9)
+    """OpenAI-compatible API server (/v1/chat/completions, streaming and not; /v1/models; /health)."""
+    from tunelab.serve import serve as run_server
+
+    settings = ServeSettings(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                             max_tokens_limit=max_tokens_limit, rag_k=rag_k)
+    run_server(model, host=host, port=port, api_key=api_key, rag=rag, settings=settings, model_id=model_id,
+               log_level=log_level, announce=lambda message: typer.echo(f"tunelab: {message}", err=True))
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -116,3 +116,96 @@ def generate(
     finally:
         model.train(was_training)
     return [r for r in results if r is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming (chat and the server): one conversation, text pieces as they are decoded
+
+
+@dataclass
+class StreamStats:
+    """Filled in by `stream_generate` as it runs; complete once its iterator is exhausted."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # like Generation: includes the end-of-turn token when it stopped there
+    finish_reason: str = "length"
+
+
+def _next_token(logits: Any, settings: DecodingSettings, generator: Any) -> int:
+    import torch
+
+    if settings.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, sorted_ids = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= settings.top_p
+        sorted_probs[outside] = 0.0
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(sorted_ids[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _forward_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
+    """The KV-cache argument's name (transformers renamed `past_key_values` to `cache` in 5.2x) and
+    `logits_to_keep=1` where supported (the prompt's other logits are never needed)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
+    return cache_name, ({"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
+
+
+def stream_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, Any]],
+    settings: DecodingSettings = DecodingSettings(),
+    stats: StreamStats | None = None,
+) -> Iterator[str]:
+    """Yield the assistant reply to `messages` piece by piece, stopping at end-of-turn.
+
+    A manual KV-cache loop rather than a streamer thread, so that a consumer stops the computation
+    by simply closing the iterator (a chat interrupted, a client gone). The pieces join to exactly
+    `generate`'s text for the same greedy settings: leading and trailing whitespace is held back the
+    same way `generate` strips it, and so is an incomplete UTF-8 character."""
+    import torch
+
+    prompt = render_prompt(tokenizer, messages)
+    stop_ids = set(end_of_turn_ids(tokenizer))
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(settings.seed) if settings.temperature > 0 else None
+    stats = stats if stats is not None else StreamStats()
+    stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(prompt), 0, "length"
+    new_tokens: list[int] = []
+    emitted = ""
+    was_training = model.training
+    model.eval()
+    cache_name, extra = _forward_kwargs(model)
+    try:
+        input_ids = torch.tensor([prompt], device=device)
+        cache = None
+        for _ in range(settings.max_new_tokens):
+            # inference mode per step, not around the yield: it must not leak into the consumer's code
+            with torch.inference_mode():
+                output = model(input_ids=input_ids, use_cache=True, **{cache_name: cache}, **extra)
+                cache = getattr(output, "cache", None) or output.past_key_values
+                token = _next_token(output.logits[0, -1].float().cpu(), settings, generator)
+            stats.completion_tokens += 1
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            new_tokens.append(token)
+            text = tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
+            ready = text.rstrip("\ufffd").rstrip()
+            if len(ready) > len(emitted) and ready.startswith(emitted):
+                yield ready[len(emitted) :]
+                emitted = ready
+            input_ids = torch.tensor([[token]], device=device)
+        final = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        if len(final) > len(emitted) and final.startswith(emitted):
+            yield final[len(emitted) :]
+    finally:
+        model.train(was_training)
