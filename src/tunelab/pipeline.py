@@ -1,0 +1,129 @@
+"""`tunelab run`: check -> prepare -> train -> eval -> report, each stage writing into the run directory.
+
+Reads a Recipe; writes everything the stages write, plus `stages.json` (which stages finished, and
+how long each took). A stage that finds a blocking problem stops the run with its message. With
+`resume`, finished stages are skipped and training continues from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import Recipe
+from tunelab.errors import ConfigError, DataError
+from tunelab.runs import RunPaths
+
+STAGES = ("check", "prepare", "train", "eval", "report")
+
+
+def _say(message: str) -> None:
+    print(f"tunelab: {message}", file=sys.stderr, flush=True)
+
+
+class StageLog:
+    """stages.json: {stage: {"done": bool, "seconds": float}}, rewritten atomically after each stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, stage: str) -> bool:
+        return bool(self.state.get(stage, {}).get("done"))
+
+    def record(self, stage: str, seconds: float) -> None:
+        self.state[stage] = {"done": True, "seconds": round(seconds, 1)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.path)
+
+    def reset(self, stages: tuple[str, ...]) -> None:
+        for stage in stages:
+            self.state.pop(stage, None)
+
+
+def _check(recipe: Recipe, paths: RunPaths) -> None:
+    """Structure and quality of the input files (tokens are counted by prepare); errors stop the run."""
+    from tunelab.data.check import check_data
+
+    data = recipe.data
+    if not data.train:
+        raise ConfigError("data.train is not set: the recipe names no training file")
+    report = check_data(
+        data.train, data.valid, fmt=data.format, max_seq_len=data.max_seq_len, system_prompt=data.system_prompt,
+        measure_speed=False,
+    )
+    for line in report.summary_lines():
+        _say(line)
+    if report.errors:
+        shown = [issue.format() for issue in report.issues if issue.severity == "error"][:20]
+        more = report.errors - len(shown)
+        raise DataError(
+            "\n".join([*shown, *([f"... and {more} more"] if more > 0 else [])])
+            + f"\n{report.errors} error(s) in the data: fix them (`tunelab data check {data.train}` lists all)"
+        )
+
+
+def _prepare(recipe: Recipe, paths: RunPaths) -> None:
+    from tunelab.data.prepare import prepare_data
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    prepared = prepare_data(recipe, tokenizer, paths.data)
+    counts = json.loads((prepared.out_dir / "stats.json").read_text()).get("counts", {})
+    _say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
+    """All stages for one recipe; returns the run directory."""
+    from tunelab.train.run import start_run_dir
+
+    paths = RunPaths(recipe.run_dir)
+    stages = StageLog(paths.root / "stages.json")
+    if not resume:
+        if paths.root.exists() and any(paths.root.iterdir()):
+            raise ConfigError(
+                f"{paths.root} already exists; continue it with --resume, or start a new run with name=NEW"
+            )
+        stages.reset(STAGES)
+    start_run_dir(paths, recipe, resume)
+
+    def train_stage(recipe: Recipe, paths: RunPaths) -> None:
+        from tunelab.train.run import train
+
+        # with resume, a run stopped during training continues from its newest complete checkpoint
+        train(recipe, resume=resume, resume_command=resume_command)
+
+    def eval_stage(recipe: Recipe, paths: RunPaths) -> None:
+        from tunelab.eval.run import evaluate
+
+        evaluate(paths.root)
+
+    def report_stage(recipe: Recipe, paths: RunPaths) -> None:
+        from tunelab.report.html import write_report
+
+        html = write_report(paths.root)
+        print(paths.report_md.read_text(encoding="utf-8"), flush=True)
+        _say(f"report: {html}")
+
+    actions: dict[str, Callable[[Recipe, RunPaths], None]] = {
+        "check": _check, "prepare": _prepare, "train": train_stage, "eval": eval_stage, "report": report_stage,
+    }
+    for number, stage in enumerate(STAGES, start=1):
+        if stages.done(stage):
+            _say(f"[{number}/{len(STAGES)}] {stage}: finished earlier, skipped")
+            continue
+        _say(f"[{number}/{len(STAGES)}] {stage}")
+        started = time.perf_counter()
+        actions[stage](recipe, paths)
+        stages.record(stage, time.perf_counter() - started)
+    total = sum(entry["seconds"] for entry in stages.state.values())
+    timing = ", ".join(f"{stage} {stages.state[stage]['seconds']:.0f} s" for stage in STAGES if stage in stages.state)
+    _say(f"done in {total / 60:.1f} min ({timing}); run directory {paths.root}")
+    return paths.root

@@ -1,0 +1,56 @@
+"""`tunelab run` end to end on the tiny model: every stage's files, stage skipping on --resume, and
+a blocking data problem stopping the run with its message."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "triage" / "recipe.yaml"
+FAST = ["model.name=tiny-test", "train.max_steps=2", "train.eval_every_steps=1", "train.eval_max_examples=4",
+        "eval.limit=3", "eval.forgetting=false", "eval.arms=[base,rag,tuned]"]
+
+
+def tunelab(*args):
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True)
+
+
+def test_run_writes_every_stage_and_resume_skips_finished_stages(tmp_path):
+    result = tunelab("run", str(EXAMPLE), *FAST, f"out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "triage"
+    for name in ("recipe.yaml", "manifest.json", "data/stats.json", "data/test.jsonl", "train/log.jsonl",
+                 "train/summary.json", "adapter/adapter_config.json", "eval/metrics.json",
+                 "eval/predictions.jsonl", "report.html", "report.md"):
+        assert (run / name).is_file(), name
+    stages = json.loads((run / "stages.json").read_text())
+    assert list(stages) == ["check", "prepare", "train", "eval", "report"]
+    assert set(json.loads((run / "eval" / "metrics.json").read_text())["arms"]) == {"base", "rag", "tuned"}
+    assert "# " in result.stdout  # the markdown report is printed at the end
+
+    # a second plain run refuses to mix into the finished one
+    again = tunelab("run", str(EXAMPLE), *FAST, f"out_dir={tmp_path}")
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    # an interrupted run (eval and report not finished) resumes from eval; training is not redone
+    stages.pop("eval")
+    stages.pop("report")
+    (run / "stages.json").write_text(json.dumps(stages))
+    (run / "eval" / "metrics.json").unlink()
+    log_before = (run / "train" / "log.jsonl").read_text()
+    resumed = tunelab("run", str(EXAMPLE), *FAST, f"out_dir={tmp_path}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train: finished earlier, skipped" in resumed.stderr
+    assert (run / "eval" / "metrics.json").is_file()
+    assert (run / "train" / "log.jsonl").read_text() == log_before
+
+
+def test_data_errors_stop_the_run_before_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    result = tunelab("run", str(EXAMPLE), *FAST, f"out_dir={tmp_path}", f"data.train={bad}", "data.valid=null")
+    assert result.returncode == 1
+    assert f"{bad}:2: invalid_json" in result.stderr
+    assert f"{bad}:1: no_assistant_message" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "triage" / "train").exists()
