@@ -165,11 +165,22 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
 ) -> None:
-    """Fine-tune (LoRA by default) -> run directory."""
-    from tunelab.config import load_recipe
+    """Fine-tune (LoRA by default) -> run directory. SIGTERM/Ctrl-C checkpoint and exit 75."""
+    import shlex
 
-    load_recipe(recipe, overrides or [])
-    _not_yet("tunelab train", 4)
+    from tunelab.config import load_recipe
+    from tunelab.train.loop import TrainingInterrupted
+    from tunelab.train.run import train as run_training
+
+    loaded = load_recipe(recipe, overrides or [])
+    again = shlex.join(["tunelab", "train", str(recipe), *(overrides or []), "--resume"])
+    try:
+        result = run_training(loaded, resume=resume, resume_command=again)
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(err.exit_code) from None
+    best = f", best step {result.best_step} (val loss {result.best_val_loss:.4f})" if result.best_step else ""
+    typer.echo(f"{result.output_dir}  ({result.steps} steps{best}; {result.tokens:,} tokens in {result.train_time_s:.0f} s)")
 
 
 @app.command("eval")
@@ -197,12 +208,26 @@ def report(run: RunDir) -> None:
 
 
 @app.command()
-def run(recipe: Path, overrides: Overrides = None, resume: bool = False) -> None:
-    """check -> prepare -> train -> eval -> report, in one command."""
-    from tunelab.config import load_recipe
+def run(
+    recipe: Path,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+) -> None:
+    """check -> prepare -> train -> eval -> report, in one command. --resume continues an
+    interrupted run from its last finished stage (and training from its newest checkpoint)."""
+    import shlex
 
-    load_recipe(recipe, overrides or [])
-    _not_yet("tunelab run", 6)
+    from tunelab.config import load_recipe
+    from tunelab.pipeline import run_pipeline
+    from tunelab.train.loop import TrainingInterrupted
+
+    loaded = load_recipe(recipe, overrides or [])
+    again = shlex.join(["tunelab", "run", str(recipe), *(overrides or []), "--resume"])
+    try:
+        run_pipeline(loaded, resume=resume, resume_command=again)
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(err.exit_code) from None
 
 
 # ---------------------------------------------------------------------------------------------- use
