@@ -166,3 +166,16 @@ def test_input_files_are_byte_identical_and_never_overwritten(tmp_path, tokenize
     with pytest.raises(ConfigError):
         prepare_data(_recipe(train=str(train)), tokenizer, tmp_path)  # would write tmp_path/train.jsonl
     assert train.read_text() == "".join(json.dumps(r) + "\n" for r in _many(3))
+
+
+def test_a_cluster_of_near_duplicates_leaks_as_a_whole(tmp_path, tokenizer):
+    answer = ("To reset the router, unplug it from the wall socket, wait for at least thirty seconds so that it "
+              "discharges completely, plug it back in, and wait for the status light to turn solid green before "
+              "you connect any of your devices to the wireless network again.")
+    variants = [answer, answer.replace("thirty", "30"), answer.replace("solid green", "green"), answer.replace("wall socket", "socket")]
+    train = _write(tmp_path / "train.jsonl", _many(20) + [_chat(f"Router question {i}?", v) for i, v in enumerate(variants)])
+    test = _write(tmp_path / "test.jsonl", [_chat("How should I reset the router?", variants[3].replace("again", "afterwards"))])
+    prepared = prepare_data(_recipe(train=str(train), test=str(test), valid_fraction=0.0), tokenizer, tmp_path / "out")
+    rejected = {r["source"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
+    assert rejected == {f"{train}:{line}": "leakage" for line in (21, 22, 23, 24)}
+    assert not any("router" in c["messages"][-1]["content"] for c in prepared.conversations("train"))

@@ -247,3 +247,9 @@ def test_forced_formats_accept_their_own_records(tmp_path, fmt):
     path.write_text(json.dumps(record) + "\n")
     [(example, issues)] = _examples(path, fmt)
     assert not issues and [m["content"] for m in example.messages] == ["q", "a"]
+
+
+def test_readme_lists_every_code_with_its_severity():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for code, (severity, _) in CODES.items():
+        assert f"| `{code}` | {severity} |" in readme, code

@@ -162,15 +162,21 @@ def check_data(
     for split, path in inputs:
         if path.exists():
             report.bytes_read += sum(f.stat().st_size for f in data_files(path)[0])
-        for example, issues in read_examples(path, fmt, system_prompt):
+        formats: Counter[str] = Counter()
+        index_add = index.add
+        for example, issues in read_examples(path, fmt, system_prompt):  # the hot loop: one pass per line
+            if example is not None:
+                formats[example.format] += 1
+                index_add(split, example.path, example.line, example.messages)
+                if not issues:
+                    continue
             for issue in issues:
                 add(issue)
-            if example is not None:
-                report.examples += 1
-                report.formats[example.format] += 1
-                index.add(split, example.path, example.line, example.messages)
-            if example is not None or any(issue.code not in _FILE_LEVEL for issue in issues):
+            if example is None and any(issue.code not in _FILE_LEVEL for issue in issues):
                 report.records += 1
+        report.formats.update(formats)
+        report.examples += formats.total()
+        report.records += formats.total()
     quality = index.findings()
     for issue in quality.issues:
         add(issue)

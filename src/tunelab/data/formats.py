@@ -47,7 +47,7 @@ SHAREGPT_ROLES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is ~3x slower to create, per line
 class RawRecord:
     path: str
     line: int
@@ -96,13 +96,19 @@ def _first_byte(path: Path) -> bytes:
     return head[:1]
 
 
+try:  # orjson parses ~3x faster than json (the largest cost of checking a big JSONL file)
+    from orjson import loads as _loads
+except ImportError:  # json gives the same records, more slowly
+    _loads = json.loads
+
+
 def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
-    loads = json.loads
+    loads = _loads
     with path.open("rb") as f:
         for line_number, raw in enumerate(f, 1):
             if line_number == 1 and raw.startswith(_BOM):
                 raw = raw[3:]
-            if not raw.strip():
+            if raw.isspace():
                 continue  # blank lines (often a trailing one) are not records
             try:
                 text = raw.decode("utf-8")
@@ -112,7 +118,8 @@ def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
             try:
                 value = loads(text)
             except ValueError as err:  # JSONDecodeError; also int parsing limits
-                yield RawRecord(name, line_number, problem=("invalid_json", _json_error(err)))
+                code = "invalid_utf8" if "surrogate" in str(err) else "invalid_json"  # orjson refuses lone surrogates
+                yield RawRecord(name, line_number, problem=(code, _json_error(err)))
                 continue
             yield RawRecord(name, line_number, value)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, Recipe
 from tunelab.data.formats import data_files, dump_json_line
-from tunelab.data.quality import SPLITS, QualityIndex, conversation_keys, prompt_key
+from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
@@ -253,12 +253,22 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     if data.dedupe:
         for duplicate, first in quality.exact_duplicates:
             members[duplicate].rejected = ("exact_duplicate", f"the same conversation as {index.source(first)}")
-    leaked = {}
+    leaked: dict[int, int] = {}
     for earlier, held_out in quality.leaks:
         leaked.setdefault(earlier, held_out)
-    for later, earlier in quality.near_duplicates:  # near-duplicates of a leaked example leak too
-        if earlier in leaked and later not in leaked and members[later].split == members[earlier].split:
-            leaked[later] = leaked[earlier]
+    # near-duplicates of a leaked example leak too, transitively within its split (the near-duplicate
+    # check pairs each example with a few neighbours, not with every member of a large cluster)
+    neighbours: dict[int, list[int]] = {}
+    for later, earlier in quality.near_duplicates:
+        neighbours.setdefault(later, []).append(earlier)
+        neighbours.setdefault(earlier, []).append(later)
+    frontier = list(leaked)
+    while frontier:
+        current = frontier.pop()
+        for other in neighbours.get(current, ()):
+            if other not in leaked and members[other].split == members[current].split:
+                leaked[other] = leaked[current]
+                frontier.append(other)
     for earlier, held_out in leaked.items():
         if members[earlier].rejected is None:
             held = members[held_out]
@@ -301,7 +311,7 @@ def _raise_on_errors(issues: list[Issue], out_dir: Path) -> None:
 def _assign_ids(members: list[_Member]) -> None:
     taken: set[str] = set()
     for member in members:
-        base = f"{member.split}-{conversation_keys(member.example.messages)[0]:016x}"[: len(member.split) + 13]
+        base = f"{member.split}-{conversation_id(member.example.messages)}"
         candidate, n = base, 1
         while candidate in taken:  # identical conversations kept with data.dedupe off
             n += 1

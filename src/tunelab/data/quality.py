@@ -7,7 +7,7 @@ fingerprints per example (three 64-bit hashes, a length, and a MinHash signature
 that `prepare` acts on.
 
 What counts as what:
-  exact_duplicate       same split, same messages (roles + stripped contents)
+  exact_duplicate       same split, same messages (roles and contents, character for character)
   conflicting_answers   same split, same prompt (every message before the last assistant turn,
                         case- and whitespace-insensitive), different final answer
   near_duplicate        same split, estimated Jaccard similarity >= 0.8 of the character 5-grams of
@@ -18,8 +18,8 @@ What counts as what:
   leakage_near          a valid/test example that is a near-duplicate of an example of an earlier split
   length_outlier        modified z-score of log(characters) > 3.5 and at least 8x from the median
 MinHash signatures are computed in numpy batches by one-permutation hashing (signatures_of), ~5x
-faster than datasketch's per-example MinHash.update_batch with 64 permutations; datasketch's
-MinHashLSH indexes them. The near-duplicate checks cover the first `near_dup_max_examples` (default 100,000)
+faster than datasketch's per-example MinHash.update_batch with 64 permutations, and banded for LSH
+in numpy too (_NearDuplicates says why not datasketch's MinHashLSH: memory). The near-duplicate checks cover the first `near_dup_max_examples` (default 100,000)
 examples of each split; beyond that they are skipped and `findings().notes` says so.
 """
 
@@ -36,6 +36,7 @@ import numpy as np
 from tunelab.data.validate import Issue
 
 SPLITS = ("train", "valid", "test")
+_SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 NEAR_DUP_THRESHOLD = 0.8
 NEAR_DUP_MAX_EXAMPLES = 100_000
 _BIN_BITS = 6
@@ -43,6 +44,12 @@ _BINS = 1 << _BIN_BITS  # signature length
 _VALUE_BITS = 52  # bits of a bin's value; the bits above count densification steps
 _VALUE_MASK = (1 << _VALUE_BITS) - 1
 _SHINGLE_CHARS = 5
+# 10 bands of 6 values: P(candidate) = 1 - (1 - J^6)^10 = 0.95 at J=0.8, 0.99 at 0.85, 0.999 at 0.9,
+# and 6e-4 at J=0.2, so that unrelated pairs (J ~0.1 in ordinary text) rarely become candidates
+_BANDS = 10
+_BAND_ROWS = 6
+_BUCKET_NEIGHBOURS = 8
+_VERIFY_CHUNK_PAIRS = 65536
 _SIGNATURE_BATCH = 512
 _MAX_RELATED = 5
 _OUTLIER_Z = 3.5
@@ -51,28 +58,54 @@ _OUTLIER_MIN_EXAMPLES = 20
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 
 
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 def _text(message: dict[str, Any]) -> str:
+    if len(message) == 2:  # role and content only
+        return message["content"]
     calls = message.get("tool_calls")
     return message["content"] if not calls else message["content"] + "\x1d" + repr(calls)
 
 
-def conversation_keys(messages: list[dict[str, Any]]) -> tuple[int, int, int]:
-    """(whole conversation, prompt, final answer) hashes. The prompt is every message before the last
-    assistant turn, compared case- and whitespace-insensitively."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    full = "\x1e".join(m["role"] + "\x1f" + _text(m).strip() for m in messages)
-    prompt = "\x1e".join(m["role"] + "\x1f" + " ".join(_text(m).lower().split()) for m in messages[:last])
-    return _digest(full), _digest(prompt), _digest(_text(messages[last]).strip())
+def _last_assistant(messages: list[dict[str, Any]]) -> int:
+    if messages[-1]["role"] == "assistant":
+        return len(messages) - 1
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def _squeezed(text: str) -> str:
+    """Lower-cased, whitespace runs collapsed (split/join only when there is something to collapse:
+    this runs on every prompt of millions of lines)."""
+    text = text.lower()
+    if "  " in text or "\n" in text or "\t" in text or "\r" in text or text[:1].isspace() or text[-1:].isspace():
+        return " ".join(text.split())
+    return text
+
+
+def conversation_keys(messages: list[dict[str, Any]]) -> tuple[int, int, int, int]:
+    """(whole conversation, prompt, final answer, characters): hashes equal within one process only
+    (Python's hash: fast, and 64 bits keep collisions negligible for millions of examples). The
+    whole conversation compares roles and exact contents; the prompt is every message before the
+    last assistant turn, compared case- and whitespace-insensitively."""
+    texts = [m["content"] if len(m) == 2 else _text(m) for m in messages]
+    roles = tuple([m["role"] for m in messages])
+    last = len(roles) - 1 if roles[-1] == "assistant" else _last_assistant(messages)
+    full = hash((roles, tuple(texts)))  # caches each text's hash: the answer's below is free
+    # one string for the whole prompt; the spaced separator makes whitespace at message edges collapse too
+    prompt = hash((roles[:last], _squeezed(" \x00 ".join(texts[:last]))))
+    return full, prompt, hash(texts[last]), sum(map(len, texts))
 
 
 def prompt_key(messages: list[dict[str, Any]]) -> bytes:
-    """Stable bytes naming an example's prompt (split.py assigns splits by it, so that examples with
-    the same prompt always land in the same split)."""
-    return conversation_keys(messages)[1].to_bytes(8, "little")
+    """Stable bytes (the same in every process) naming an example's prompt, compared as in
+    conversation_keys. split.py assigns splits by it, so equal prompts always share a split."""
+    last = _last_assistant(messages)
+    text = "\x1e".join(messages[i]["role"] for i in range(last)) + "\x1f" + _squeezed(" \x00 ".join(_text(m) for m in messages[:last]))
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def conversation_id(messages: list[dict[str, Any]]) -> str:
+    """12 hex digits naming a conversation, the same in every process (prepare's ids)."""
+    text = "\x1e".join(m["role"] + "\x1f" + _text(m).strip() for m in messages)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
 
 
 @dataclass
@@ -104,12 +137,13 @@ class QualityIndex:
         self.near_dup_max_examples = near_dup_max_examples  # per split; None: no cap; 0: off
         self._paths: list[str] = []
         self._path_ids: dict[str, int] = {}
+        self._last_path, self._last_path_id = None, 0
         self._split = array("B")
         self._path = array("I")
         self._line = array("I")
-        self._full = array("Q")
-        self._prompt = array("Q")
-        self._answer = array("Q")
+        self._full = array("q")
+        self._prompt = array("q")
+        self._answer = array("q")
         self._length = array("Q")
         self._near = _NearDuplicates(near_dup_threshold) if near_dup_max_examples != 0 else None
         self._near_counts = [0, 0, 0]
@@ -120,20 +154,21 @@ class QualityIndex:
 
     def add(self, split: str, path: str, line: int, messages: list[dict[str, Any]]) -> int:
         """Index of the example (findings name examples by these indices)."""
-        split_id = SPLITS.index(split)
-        path_id = self._path_ids.get(path)
-        if path_id is None:
-            path_id = self._path_ids[path] = len(self._paths)
-            self._paths.append(path)
+        split_id = _SPLIT_IDS[split]
+        if path != self._last_path:
+            if path not in self._path_ids:
+                self._path_ids[path] = len(self._paths)
+                self._paths.append(path)
+            self._last_path, self._last_path_id = path, self._path_ids[path]
         index = len(self._line)
-        full, prompt, answer = conversation_keys(messages)
+        full, prompt, answer, length = conversation_keys(messages)
         self._split.append(split_id)
-        self._path.append(path_id)
+        self._path.append(self._last_path_id)
         self._line.append(line)
         self._full.append(full)
         self._prompt.append(prompt)
         self._answer.append(answer)
-        self._length.append(sum(len(m["content"]) for m in messages))
+        self._length.append(length)
         if self._near is not None:
             cap = self.near_dup_max_examples
             if cap is None or self._near_counts[split_id] < cap:
@@ -157,20 +192,18 @@ class QualityIndex:
         if not len(self):
             return result
         split = np.frombuffer(self._split, dtype=np.uint8).astype(np.uint64)
-        full = np.frombuffer(self._full, dtype=np.uint64)
-        prompt = np.frombuffer(self._prompt, dtype=np.uint64)
-        answer = np.frombuffer(self._answer, dtype=np.uint64)
+        full = np.frombuffer(self._full, dtype=np.int64).view(np.uint64)
+        prompt = np.frombuffer(self._prompt, dtype=np.int64).view(np.uint64)
+        answer = np.frombuffer(self._answer, dtype=np.int64).view(np.uint64)
         duplicate_of: dict[int, int] = {}
         for group in _groups(full, split):
             for later in group[1:]:
                 duplicate_of[later] = group[0]
                 result.exact_duplicates.append((later, group[0]))
                 result.issues.append(self._issue(later, "exact_duplicate", "the same conversation as {}", [group[0]]))
-        same_prompt: set[tuple[int, int]] = set()
         for group in _groups(prompt, split):
             first = group[0]
             for later in group[1:]:
-                same_prompt.add((later, first))
                 if answer[later] != answer[first] and later not in duplicate_of:
                     result.conflicts.append((later, first))
                     result.issues.append(self._issue(later, "conflicting_answers", "the same prompt as {} with a different answer", [first]))
@@ -179,26 +212,27 @@ class QualityIndex:
             splits = split[group]
             if splits.min() == splits.max():
                 continue
-            for held_out in group:
-                earlier = [i for i in group if split[i] < split[held_out]]
-                if earlier:
-                    leaked_prompt.add(held_out)
-                    result.leaks.extend((i, held_out) for i in earlier)
-                    what = "the same example" if any(full[i] == full[held_out] for i in earlier) else "the same prompt"
-                    result.issues.append(self._issue(held_out, "leakage_exact", f"{what} as {SPLITS[int(split[earlier[0]])]} {{}}", earlier))
+            for split_id in sorted(set(splits.tolist()))[1:]:
+                earlier = [i for i in group if split[i] < split_id]
+                held_out = [i for i in group if split[i] == split_id]
+                result.leaks.extend((i, held_out[0]) for i in earlier)  # every earlier one goes, in prepare
+                for index in held_out:
+                    leaked_prompt.add(index)
+                    what = "the same example" if any(full[i] == full[index] for i in earlier[:_MAX_RELATED]) else "the same prompt"
+                    result.issues.append(self._issue(index, "leakage_exact", f"{what} as {SPLITS[int(split[earlier[0]])]} {{}}", earlier))
         if self._near is not None:
-            self._near_findings(result, split, duplicate_of, same_prompt, leaked_prompt)
+            self._near_findings(result, split, full, prompt, leaked_prompt)
         self._length_findings(result)
         result.issues.sort(key=lambda issue: (issue.path, issue.line, issue.code))
         return result
 
-    def _near_findings(self, result: QualityResult, split: np.ndarray, duplicate_of: dict[int, int],
-                       same_prompt: set[tuple[int, int]], leaked_prompt: set[int]) -> None:
+    def _near_findings(self, result: QualityResult, split: np.ndarray, full: np.ndarray, prompt: np.ndarray,
+                       leaked_prompt: set[int]) -> None:
         pairs = self._near.pairs()
         matches: dict[int, list[tuple[int, float]]] = {}
         for later, earlier, similarity in pairs:
-            if duplicate_of.get(later) == earlier or (later, earlier) in same_prompt:
-                continue  # already reported as an exact duplicate or a conflict
+            if full[later] == full[earlier] or prompt[later] == prompt[earlier]:
+                continue  # an exact duplicate, a conflict or an exact leak: reported as such
             matches.setdefault(later, []).append((earlier, similarity))
         for later in sorted(matches):
             found = sorted(matches[later])
@@ -265,65 +299,85 @@ def _groups(keys: np.ndarray, split: np.ndarray | None) -> list[list[int]]:
     return groups
 
 
-class _Signature:
-    """What datasketch's MinHashLSH reads of a MinHash: the hash values and their count."""
-
-    __slots__ = ("hashvalues",)
-
-    def __init__(self, hashvalues: np.ndarray):
-        self.hashvalues = hashvalues
-
-    def __len__(self) -> int:
-        return len(self.hashvalues)
-
-
 class _NearDuplicates:
-    """Signatures by one-permutation hashing of character 5-grams (numpy, in batches), indexed by
-    datasketch's MinHashLSH; pairs are found in insertion order."""
+    """Near-duplicate pairs by MinHash + LSH banding, all in numpy. Signatures (one-permutation
+    hashing of character 5-grams, 64 values) are computed in batches as examples arrive and kept
+    (512 bytes an example); pairs() bands them (10 bands of 6 values), takes examples that share a
+    band as candidates and keeps those whose signatures agree on >= threshold of the 64 values.
+    datasketch's MinHashLSH was measured at ~5 KB of Python objects per example (560 MiB peak for
+    100,000 examples) and ~40 us per insert+query; this is ~0.6 KB and vectorized."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
-        self._pending: list[tuple[int, bytes]] = []
-        self._signatures: dict[int, np.ndarray] = {}
-        self._pairs: list[tuple[int, int, float]] = []
-        self._lsh = None
+        self._pending: list[bytes] = []
+        self._pending_index: list[int] = []
+        self._blocks: list[np.ndarray] = []
+        self._indices = array("q")
 
     def add(self, index: int, messages: list[dict[str, Any]]) -> None:
         text = " ".join(_text(m) for m in messages if m["role"] != "system")
         normalised = " ".join(text.lower().translate(_PUNCTUATION).split())
-        if normalised:
-            self._pending.append((index, normalised.encode("utf-8", "surrogatepass")))
+        if not normalised:
+            return
+        self._pending.append(normalised.encode("utf-8", "surrogatepass"))
+        self._pending_index.append(index)
         if len(self._pending) >= _SIGNATURE_BATCH:
             self._flush()
 
-    def pairs(self) -> list[tuple[int, int, float]]:
-        self._flush()
-        return self._pairs
-
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        from datasketch import MinHashLSH
+        if self._pending:
+            self._blocks.append(signatures_of(self._pending))
+            self._indices.extend(self._pending_index)
+            self._pending, self._pending_index = [], []
 
-        if self._lsh is None:
-            # candidates from a lower LSH threshold, then verified at the real one: near-certain
-            # recall at the threshold (0.95 at J=0.8, 0.99 at 0.85 with 64 bins)
-            self._lsh = MinHashLSH(threshold=max(0.3, self.threshold - 0.2), num_perm=_BINS)
-        batch, self._pending = self._pending, []
-        signatures = signatures_of([text for _, text in batch])
-        for (index, _), signature in zip(batch, signatures, strict=True):
-            minhash = _Signature(signature)
-            matched = False
-            for other in self._lsh.query(minhash):
-                similarity = float(np.mean(self._signatures[other] == signature))
-                if similarity >= self.threshold:
-                    self._pairs.append((index, other, similarity))
-                    matched = True
-            if not matched:
-                # a near-duplicate is represented by the example it matched: clusters of thousands of
-                # near-identical examples then cost one comparison each, not one per pair
-                self._lsh.insert(index, minhash, check_duplication=False)
-                self._signatures[index] = signature
+    def pairs(self) -> list[tuple[int, int, float]]:
+        """(later, earlier, similarity) in example indices, later > earlier."""
+        self._flush()
+        if not self._blocks:
+            return []
+        signatures = np.concatenate(self._blocks)
+        self._blocks = [signatures]
+        rows = len(signatures)
+        codes = []  # candidate pairs as later * rows + earlier: 8 bytes a pair
+        for band in range(_BANDS):
+            values = signatures[:, band * _BAND_ROWS : (band + 1) * _BAND_ROWS]
+            with np.errstate(over="ignore"):
+                keys = values[:, 0].copy()
+                for column in range(1, _BAND_ROWS):  # collisions only add candidates, which are verified
+                    keys = keys * np.uint64(0x9E3779B97F4A7C15) + values[:, column]
+            codes.extend(later * rows + earlier for later, earlier in _bucket_pairs(keys))
+        if not codes:
+            return []
+        candidates = np.unique(np.concatenate(codes))
+        del codes
+        indices = np.frombuffer(self._indices, dtype=np.int64)
+        found: list[tuple[int, int, float]] = []
+        for start in range(0, len(candidates), _VERIFY_CHUNK_PAIRS):  # bounded memory for the row gathers
+            chunk = candidates[start : start + _VERIFY_CHUNK_PAIRS]
+            later, earlier = chunk // rows, chunk % rows
+            agreement = np.mean(signatures[later] == signatures[earlier], axis=1)
+            keep = agreement >= self.threshold
+            found.extend(zip(indices[later[keep]].tolist(), indices[earlier[keep]].tolist(), agreement[keep].tolist(), strict=True))
+        return found
+
+
+def _bucket_pairs(keys: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(later rows, earlier rows) that share a key: each row with the first row of its bucket and
+    with up to _BUCKET_NEIGHBOURS rows just before it (a bucket of thousands of near-identical
+    examples then costs thousands of comparisons, not millions)."""
+    order = np.argsort(keys, kind="stable")  # equal keys keep ascending row order
+    ordered = keys[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    sizes = np.diff(np.concatenate((starts, [len(keys)])))
+    out = []
+    for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+        members = order[start : start + size].astype(np.int64)
+        for back in range(1, min(size, _BUCKET_NEIGHBOURS + 1)):
+            out.append((members[back:], members[:-back]))
+        if size > _BUCKET_NEIGHBOURS + 1:
+            rest = members[_BUCKET_NEIGHBOURS + 1 :]
+            out.append((rest, np.full(len(rest), members[0])))
+    return out
 
 
 def signatures_of(texts: list[bytes]) -> np.ndarray:

@@ -170,6 +170,10 @@ def validate_record(raw: RawRecord, fmt: str = "auto") -> tuple[Example | None, 
     value = raw.value
     if type(value) is not dict:
         return None, [Issue(raw.path, raw.line, "not_an_object", f"the record is {describe_type(value)}, expected an object")]
+    if fmt in ("auto", "openai"):  # the common case first, in one pass (the rules below agree with it)
+        messages = value.get("messages")
+        if type(messages) is list and _plain_and_valid(messages):
+            return Example(raw.path, raw.line, "openai", messages, []), []
     detected = detect_format(value) if fmt == "auto" else fmt
     problems: list[tuple[str, str]] = []
     if detected is None:
@@ -207,6 +211,8 @@ def check_messages(
     if type(messages) is not list:
         problems.append(("messages_not_a_list", f"'{draft.container}' is {describe_type(messages)}, expected a list of messages"))
         return None
+    if _plain_and_valid(messages):
+        return messages
     normalised: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         if type(message) is not dict:
@@ -248,6 +254,41 @@ def check_messages(
         return None
     _check_conversation(normalised, draft, problems, warnings)
     return None if problems else normalised
+
+
+def _plain_and_valid(messages: list[Any]) -> bool:
+    """The common case, checked in one tight pass: optional system, then user/assistant turns
+    alternating, ending with a non-empty assistant; each message exactly {role, content} with text.
+    Anything else (or any doubt) takes the full rules, which say what is wrong."""
+    if len(messages) < 2:
+        return False
+    expected = "user"
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return False
+        content = message.get("content")
+        if type(content) is not str or not (content.isascii() or _encodable(content)):
+            return False
+        role = message.get("role")
+        if role != expected:
+            if role == "system" and message is messages[0]:
+                continue
+            return False
+        if expected == "user":
+            expected = "assistant"
+        elif not content or content.isspace():
+            return False
+        else:
+            expected = "user"
+    return expected == "user"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text_parts(content: Any, label: str, problems: list[tuple[str, str]]) -> str | None:
