@@ -175,3 +175,23 @@ def test_a_generation_prompt_that_merges_with_the_answer_breaks_the_prefix_prope
     )
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert not tokenize_conversation(template_tokenizer, messages).prefix_ok
+
+
+def test_check_and_prepare_report_and_handle_a_prefix_breaking_template(template_tokenizer, tmp_path):
+    import json
+
+    from tunelab.config import Recipe
+    from tunelab.data.prepare import prepare_data
+
+    template_tokenizer.chat_template = DROPS_REASONING
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"messages": REASONING}) + "\n" + json.dumps({"messages": REASONING[:2]}) + "\n")
+    report = check_data(path, tokenizer=template_tokenizer)
+    [issue] = report.issues
+    assert (issue.code, issue.line, issue.severity) == ("prefix_mismatch", 0, "warning")
+    assert f"{path}:1" in issue.message and "1 examples" in issue.message
+    prepared = prepare_data(Recipe(data={"train": str(path), "valid_fraction": 0, "test_fraction": 0}), template_tokenizer, tmp_path / "out")
+    rows = prepared.tokenized("train")
+    [multi] = [c["id"] for c in prepared.conversations("train") if len(c["messages"]) == 4]
+    assert sorted(r["id"] for r in rows if r["id"].startswith(multi)) == [f"{multi}/turn-1", f"{multi}/turn-2"]
+    assert prepared.stats["issues"]["by_code"] == {"prefix_mismatch": 1}

@@ -183,7 +183,7 @@ def check_data(
     report.quality = quality.counts()
     report.notes.extend(quality.notes)
 
-    if tokenizer is None and model is None:
+    if (tokenizer is None and model is None) or not report.examples:
         return report
     report.model = model or getattr(tokenizer, "name_or_path", None) or "tokenizer"
     if tokenizer is None:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import sys
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,10 @@ class _AtomicWriter:
         self.file.close()
         os.replace(self.tmp, self.path)
 
+    def abandon(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def _write_lines(path: Path, rows: list[Any]) -> None:
     writer = _AtomicWriter(path)
@@ -196,7 +201,7 @@ class _Member:
     example: Example
     id: str = ""
     rejected: tuple[str, str] | None = None  # (reason code, message)
-    rows: list[dict[str, Any]] | None = None  # tokenized rows
+    token_rows: int = 0  # rows written to <split>.tokens.jsonl (more than 1 for a per-turn fallback)
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreparedData:
@@ -275,7 +280,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
             members[earlier].rejected = ("leakage", f"the same or nearly the same as {held.split} example {held.example.source}")
 
     _assign_ids(members)
-    token_issues, prefix_fallbacks = _tokenize(members, tokenizer, data.max_seq_len)
+    token_issues, prefix_fallbacks, lengths, trainable = _tokenize(members, tokenizer, data.max_seq_len, out_dir)
     issues.extend(token_issues)
     if prefix_fallbacks:
         first = prefix_fallbacks[0]
@@ -283,7 +288,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
                             f"the chat template renders earlier turns differently in {len(prefix_fallbacks)} examples "
                             f"(first: {first}); each trained turn became its own example"))
 
-    stats = _stats(members, issues, quality.counts(), records_read, formats, quality.notes, data)
+    stats = _stats(members, issues, quality.counts(), records_read, formats, quality.notes, data, token_stats(lengths, trainable))
     _write_outputs(out_dir, members, issues, stats)
     _raise_on_errors(issues, out_dir)
     _write_json(out_dir / "fingerprint.json", fingerprint)
@@ -320,12 +325,32 @@ def _assign_ids(members: list[_Member]) -> None:
         member.id = candidate
 
 
-def _tokenize(members: list[_Member], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[Issue], list[str]]:
-    from tqdm import tqdm
-
+def _tokenize(
+    members: list[_Member], tokenizer: PreTrainedTokenizerBase, max_seq_len: int, out_dir: Path
+) -> tuple[list[Issue], list[str], array, array]:
+    """Tokenizes train and valid, writing *.tokens.jsonl as it goes (token ids never pile up in
+    memory); returns the issues, the examples that needed the per-turn fallback, and each written
+    row's length and trainable tokens."""
     issues: list[Issue] = []
     prefix_fallbacks: list[str] = []
-    todo = [m for m in members if m.split in ("train", "valid") and m.rejected is None]
+    lengths, trainable = array("q"), array("q")
+    writers = {split: _AtomicWriter(out_dir / f"{split}.tokens.jsonl") for split in ("train", "valid")}
+    todo = [m for m in members if m.split in writers and m.rejected is None]
+    try:
+        _tokenize_into(todo, writers, tokenizer, max_seq_len, issues, prefix_fallbacks, lengths, trainable)
+    except BaseException:  # interrupted or failed: leave no temporary files behind, then re-raise
+        for writer in writers.values():
+            writer.abandon()
+        raise
+    for writer in writers.values():
+        writer.close()
+    return issues, prefix_fallbacks, lengths, trainable
+
+
+def _tokenize_into(todo: list[_Member], writers: dict[str, _AtomicWriter], tokenizer: PreTrainedTokenizerBase,
+                   max_seq_len: int, issues: list[Issue], prefix_fallbacks: list[str], lengths: array, trainable: array) -> None:
+    from tqdm import tqdm
+
     for member in tqdm(todo, desc="tokenizing", unit="ex", file=sys.stderr, disable=len(todo) < _PROGRESS_MIN_EXAMPLES):
         example = member.example
         try:
@@ -346,27 +371,24 @@ def _tokenize(members: list[_Member], tokenizer: PreTrainedTokenizerBase, max_se
             continue
         if not parts[0].prefix_ok:
             prefix_fallbacks.append(example.source)
-        suffix = len(parts) > 1
-        member.rows = [
-            {"id": f"{member.id}/turn-{k}" if suffix else member.id, "input_ids": p.input_ids, "labels": p.labels}
-            for k, p in enumerate(parts, 1)
-        ]
-    return issues, prefix_fallbacks
+        for k, part in enumerate(parts, 1):
+            row_id = f"{member.id}/turn-{k}" if len(parts) > 1 else member.id
+            writers[member.split].write(dump_json_line({"id": row_id, "input_ids": part.input_ids, "labels": part.labels}))
+            lengths.append(len(part.input_ids))
+            trainable.append(part.trainable_tokens)
+        member.token_rows = len(parts)
 
 
 def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int], records_read: int,
-           formats: Counter[str], notes: list[str], data: DataConfig) -> dict[str, Any]:
+           formats: Counter[str], notes: list[str], data: DataConfig, tokens: dict[str, float]) -> dict[str, Any]:
     kept = Counter(m.split for m in members if m.rejected is None)
     rejected = [m for m in members if m.rejected is not None]
-    rows = [row for m in members if m.rows for row in m.rows]
-    lengths = [len(row["input_ids"]) for row in rows]
-    trainable = [sum(1 for label in row["labels"] if label != -100) for row in rows]
     codes = Counter(issue.code for issue in issues)
     return {
         "counts": {
             "read": records_read, "accepted": len(members), "rejected": len(rejected),
             "train": kept["train"], "valid": kept["valid"], "test": kept["test"],
-            "token_rows": {s: sum(len(m.rows) for m in members if m.split == s and m.rows) for s in ("train", "valid")},
+            "token_rows": {s: sum(m.token_rows for m in members if m.split == s) for s in ("train", "valid")},
             "by_format": dict(formats),
         },
         "issues": {
@@ -375,7 +397,7 @@ def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int],
             "by_code": dict(sorted(codes.items())),
         },
         "quality": {**quality, "too_long": codes["too_long"], "zero_trainable_tokens": codes["zero_trainable_tokens"]},
-        "tokens": token_stats(lengths, trainable),
+        "tokens": tokens,
         "rejected_by_reason": dict(Counter(m.rejected[0] for m in rejected)),
         "split": {
             "seed": data.seed,
@@ -391,8 +413,6 @@ def _write_outputs(out_dir: Path, members: list[_Member], issues: list[Issue], s
         kept = [m for m in members if m.split == split and m.rejected is None]
         _write_lines(out_dir / f"{split}.jsonl",
                      [{"id": m.id, "source": m.example.source, "messages": m.example.messages} for m in kept])
-        if split != "test":
-            _write_lines(out_dir / f"{split}.tokens.jsonl", [row for m in kept for row in m.rows or []])
     _write_lines(out_dir / "rejected.jsonl", [
         {"id": m.id, "source": m.example.source, "split": m.split, "reason": m.rejected[0], "message": m.rejected[1],
          "messages": m.example.messages}
