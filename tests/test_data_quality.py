@@ -64,8 +64,10 @@ def test_near_duplicate_recall_on_many_planted_pairs_and_no_false_positive():
 
 def test_signature_agreement_estimates_jaccard():
     a = b"the quick brown fox jumps over the lazy dog near the river bank today"
-    signatures = signatures_of([a, a, b"completely unrelated words about cooking pasta at home"])
-    assert (signatures[0] == signatures[1]).mean() == 1.0
+    signatures, usable = signatures_of([a, a.upper().replace(b" ", b"  ,"), b"completely unrelated words about cooking pasta",
+                                        b"", b"?! ", b"abcd"])
+    assert usable.tolist() == [True, True, True, False, False, False]  # too short after normalising: not compared
+    assert (signatures[0] == signatures[1]).mean() == 1.0  # case, punctuation and spacing do not count
     assert (signatures[0] == signatures[2]).mean() < 0.2
 
 

@@ -55,7 +55,6 @@ _MAX_RELATED = 5
 _OUTLIER_Z = 3.5
 _OUTLIER_MIN_RATIO = 8.0
 _OUTLIER_MIN_EXAMPLES = 20
-_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 
 
 def _text(message: dict[str, Any]) -> str:
@@ -315,19 +314,17 @@ class _NearDuplicates:
         self._indices = array("q")
 
     def add(self, index: int, messages: list[dict[str, Any]]) -> None:
-        text = " ".join(_text(m) for m in messages if m["role"] != "system")
-        normalised = " ".join(text.lower().translate(_PUNCTUATION).split())
-        if not normalised:
-            return
-        self._pending.append(normalised.encode("utf-8", "surrogatepass"))
+        text = " ".join([_text(m) for m in messages if m["role"] != "system"])
+        self._pending.append(text.encode("utf-8", "surrogatepass"))
         self._pending_index.append(index)
         if len(self._pending) >= _SIGNATURE_BATCH:
             self._flush()
 
     def _flush(self) -> None:
         if self._pending:
-            self._blocks.append(signatures_of(self._pending))
-            self._indices.extend(self._pending_index)
+            signatures, usable = signatures_of(self._pending)
+            self._blocks.append(signatures[usable])
+            self._indices.extend(i for i, ok in zip(self._pending_index, usable.tolist(), strict=True) if ok)
             self._pending, self._pending_index = [], []
 
     def pairs(self) -> list[tuple[int, int, float]]:
@@ -380,41 +377,62 @@ def _bucket_pairs(keys: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def signatures_of(texts: list[bytes]) -> np.ndarray:
-    """(len(texts), 64) uint64 MinHash signatures of the character 5-gram sets, by one-permutation
-    hashing (one hash per shingle, binned by its top 6 bits, minimum per bin) with rotation
-    densification for empty bins (Shrivastava & Li, 2014): P(equal bin) = Jaccard similarity."""
-    padded = [t if len(t) >= _SHINGLE_CHARS else t.ljust(_SHINGLE_CHARS) for t in texts]
-    lengths = np.fromiter((len(t) for t in padded), dtype=np.int64, count=len(padded))
-    chars = np.frombuffer(b"".join(padded), dtype=np.uint8).astype(np.uint64)
-    width = len(chars) - _SHINGLE_CHARS + 1
-    with np.errstate(over="ignore"):
-        hashed = chars[:width].copy()
-        for k in range(1, _SHINGLE_CHARS):
-            hashed = hashed * np.uint64(0x100000001B3) + chars[k : width + k]
-        for multiplier in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):  # murmur3's finaliser mixes all bits
-            hashed ^= hashed >> np.uint64(33)
-            hashed *= np.uint64(multiplier)
-        hashed ^= hashed >> np.uint64(33)
-    ends = np.cumsum(lengths)
-    keep = np.ones(width, dtype=bool)
-    for offset in range(1, _SHINGLE_CHARS):  # windows that would run into the next text
-        positions = ends - offset
-        keep[positions[positions < width]] = False
-    hashed = hashed[keep]
-    owner = np.repeat(np.arange(len(padded)), lengths - _SHINGLE_CHARS + 1)
-    bins = (hashed >> np.uint64(64 - _BIN_BITS)).astype(np.int64)
-    values = hashed & np.uint64(_VALUE_MASK)
+def _fold_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint8)
+    table[ord("A") : ord("Z") + 1] += 32
+    for char in string.punctuation + string.whitespace:
+        table[ord(char)] = ord(" ")
+    return table
+
+
+_FOLD = _fold_table()  # byte -> ASCII lower case; punctuation and whitespace -> space
+
+
+def signatures_of(texts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures, usable): (len(texts), 64) uint64 MinHash signatures of the character 5-gram sets
+    of each UTF-8 text, normalised first (ASCII lower case, punctuation and whitespace runs to one
+    space), by one-permutation hashing (one hash per shingle, binned by its top 6 bits, minimum per
+    bin) with rotation densification for empty bins (Shrivastava & Li, 2014): P(equal bin) = Jaccard
+    similarity. `usable` is False for texts shorter than one shingle after normalising. All numpy:
+    the Python cost per text is one join."""
+    raw_lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    folded = _FOLD[np.frombuffer(b"".join(texts), dtype=np.uint8)]
+    starts = np.concatenate(([0], np.cumsum(raw_lengths)[:-1]))
+    space = folded == ord(" ")
+    drop = space.copy()
+    drop[1:] &= space[:-1]  # a space after a space
+    nonempty = starts[raw_lengths > 0]
+    drop[nonempty] = space[nonempty]  # a text's leading space
+    kept = ~drop
+    chars = folded[kept].astype(np.uint64)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    if len(nonempty):
+        lengths[raw_lengths > 0] = np.add.reduceat(kept, nonempty)
+    usable = lengths >= _SHINGLE_CHARS
     empty = np.iinfo(np.uint64).max
-    signatures = np.full(len(padded) * _BINS, empty, dtype=np.uint64)
-    np.minimum.at(signatures, owner * _BINS + bins, values)
-    signatures = signatures.reshape(len(padded), _BINS)
+    signatures = np.full(len(texts) * _BINS, empty, dtype=np.uint64)
+    width = len(chars) - _SHINGLE_CHARS + 1
+    if width > 0 and usable.any():
+        with np.errstate(over="ignore"):
+            hashed = chars[:width].copy()
+            for k in range(1, _SHINGLE_CHARS):
+                hashed = hashed * np.uint64(0x100000001B3) + chars[k : width + k]
+            for multiplier in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):  # murmur3's finaliser mixes all bits
+                hashed ^= hashed >> np.uint64(33)
+                hashed *= np.uint64(multiplier)
+            hashed ^= hashed >> np.uint64(33)
+        owner = np.repeat(np.arange(len(texts)), lengths)  # the text each kept character belongs to
+        whole = owner[:width] == owner[_SHINGLE_CHARS - 1 :]  # windows inside one text
+        hashed, owner = hashed[whole], owner[:width][whole]
+        bins = (hashed >> np.uint64(64 - _BIN_BITS)).astype(np.int64)
+        np.minimum.at(signatures, owner * _BINS + bins, hashed & np.uint64(_VALUE_MASK))
+    signatures = signatures.reshape(len(texts), _BINS)
     dense = signatures.copy()
     for step in range(1, _BINS):
-        missing = dense == empty
+        missing = dense[usable] == empty
         if not missing.any():
             break
         borrowed = np.roll(signatures, -step, axis=1)
-        take = missing & (borrowed != empty)
+        take = (dense == empty) & (borrowed != empty)
         dense[take] = borrowed[take] + np.uint64(step << _VALUE_BITS)
-    return dense
+    return dense, usable
