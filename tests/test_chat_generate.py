@@ -169,3 +169,29 @@ def test_generate_command_refuses_to_overwrite_its_input_and_runs(run_dir, tmp_p
     failed = tunelab("generate", str(run_dir), "--input", str(bad), "--out", str(tmp_path / "o.jsonl"))
     assert failed.returncode == 1 and f"{bad}:1: not valid JSON" in failed.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_batched_streams_match_batched_generate_and_a_cancelled_row_stops_alone(loaded):
+    from tunelab.eval.generate import DecodingSettings, StreamStats, generate, stream_generate_batch
+
+    conversations = [[{"role": "user", "content": c}] for c in ("hi", "What is the capital of France, please?",
+                                                               "Convert 3 May 2021 to an ISO date")]
+    settings = DecodingSettings(max_new_tokens=MAX_NEW_TOKENS)
+    want = generate(loaded.model, loaded.tokenizer, conversations, settings, batch_size=3)
+    stats = [StreamStats() for _ in conversations]
+    texts, ended = ["", "", ""], []
+    for row, piece in stream_generate_batch(loaded.model, loaded.tokenizer, conversations, settings, stats):
+        if piece is None:
+            ended.append(row)
+        else:
+            assert row not in ended
+            texts[row] += piece
+    assert sorted(ended) == [0, 1, 2]
+    assert texts == [w.text for w in want]
+    assert [(s.prompt_tokens, s.completion_tokens, s.finish_reason) for s in stats] == [
+        (w.prompt_tokens, w.completion_tokens, w.finish_reason) for w in want]
+
+    events = list(stream_generate_batch(loaded.model, loaded.tokenizer, conversations, settings,
+                                        cancelled=lambda row: row == 1))
+    assert [e for e in events if e[0] == 1] == [(1, None)] and events.index((1, None)) <= 2  # ends at step 1
+    assert "".join(p for r, p in events if r == 2 and p) == texts[2]

@@ -181,6 +181,25 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, lo
         assert answer == expected(loaded, [{"role": "user", "content": prompt}], 8).text
 
 
+def test_concurrent_streams_are_batched_and_each_streams_its_own_answer(client, loaded, server):
+    engine = server[1].state.engine
+    prompts = [f"Tell me about the number {i}." for i in range(4)]
+
+    def ask(prompt):
+        stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=8, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert engine.largest_stream_batch > 1
+    for prompt, (text, completion_tokens) in zip(prompts, answers, strict=True):
+        want = expected(loaded, [{"role": "user", "content": prompt}], 8)
+        assert (text, completion_tokens) == (want.text, want.completion_tokens)
+
+
 MALFORMED = [
     # (name, raw body or JSON, expected status, expected param, expected code)
     ("not json", b"{not json", 400, None, None),

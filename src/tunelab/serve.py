@@ -11,9 +11,10 @@ prompt text.
 
 Batching: requests are handed to one background worker thread, which owns the model. After the
 first request arrives it waits `batch_window_ms` for more (up to `max_batch_size`) and runs the
-non-streaming ones through one batched `generate` call per decoding setting. Streaming requests run
-one at a time in the same worker, between batches, token by token; a stream stops computing as soon
-as its client disconnects or a stop string appears.
+non-streaming ones through one batched `generate` call per decoding setting, then the streaming
+ones through one batched token-by-token loop per decoding setting (`stream_generate_batch`). A
+stream's row stops computing as soon as its client disconnects or a stop string appears. Requests
+that arrive while a batch runs wait for the next one (no continuous batching).
 
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}}: 400 for malformed
 JSON, wrong types, unsupported options, over-long prompts and too many tokens asked; 401 for a
@@ -230,6 +231,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="tunelab-generate", daemon=True)
         self.batches_run = 0
         self.largest_batch = 0
+        self.largest_stream_batch = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -285,8 +287,7 @@ class Engine:
                     break
                 batch.append(more)
             self._run_batch([j for j in batch if j.future is not None])
-            for stream_job in (j for j in batch if j.emit is not None):
-                self._run_stream(stream_job)
+            self._run_streams([j for j in batch if j.emit is not None])
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         from tunelab.eval.generate import generate
@@ -309,23 +310,28 @@ class Engine:
             for job, result in zip(group, results, strict=True):
                 job.future.set_result(result)
 
-    def _run_stream(self, job: _Job) -> None:
-        from tunelab.eval.generate import stream_generate
+    def _run_streams(self, jobs: list[_Job]) -> None:
+        from tunelab.eval.generate import stream_generate_batch
 
-        if job.cancel.is_set():
-            return
-        stream = stream_generate(self.loaded.model, self.loaded.tokenizer, job.messages, job.settings, job.stats)
-        try:
-            for piece in stream:
-                if job.cancel.is_set():
-                    break
-                job.emit(("piece", piece))
-            job.emit(("end", job.stats))
-        except Exception as err:  # sent to the client as an error event; the worker keeps serving
-            log.error("streaming generation failed: %s", type(err).__name__)
-            job.emit(("error", type(err).__name__))
-        finally:
-            stream.close()
+        groups: dict[DecodingSettings, list[_Job]] = {}
+        for job in jobs:
+            if not job.cancel.is_set():
+                groups.setdefault(job.settings, []).append(job)
+        for decoding, group in groups.items():
+            stream = stream_generate_batch(self.loaded.model, self.loaded.tokenizer, [j.messages for j in group],
+                                           decoding, [j.stats for j in group],
+                                           cancelled=lambda row, group=group: group[row].cancel.is_set())
+            try:
+                for row, piece in stream:
+                    group[row].emit(("piece", piece) if piece is not None else ("end", group[row].stats))
+            except Exception as err:  # sent to each client as an error event; the worker keeps serving
+                log.error("streaming generation failed for a batch of %d: %s", len(group), type(err).__name__)
+                for job in group:
+                    job.emit(("error", type(err).__name__))
+            finally:
+                stream.close()
+            self.batches_run += 1
+            self.largest_stream_batch = max(self.largest_stream_batch, len(group))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,45 +167,103 @@ def stream_generate(
 ) -> Iterator[str]:
     """Yield the assistant reply to `messages` piece by piece, stopping at end-of-turn.
 
-    A manual KV-cache loop rather than a streamer thread, so that a consumer stops the computation
-    by simply closing the iterator (a chat interrupted, a client gone). The pieces join to exactly
-    `generate`'s text for the same greedy settings: leading and trailing whitespace is held back the
-    same way `generate` strips it, and so is an incomplete UTF-8 character."""
+    The pieces join to exactly `generate`'s text for the same greedy settings: leading and trailing
+    whitespace is held back the same way `generate` strips it, and so is an incomplete UTF-8
+    character. Closing the iterator stops the computation (a chat interrupted, a client gone)."""
+    stats_list = [stats if stats is not None else StreamStats()]
+    for _, piece in stream_generate_batch(model, tokenizer, [messages], settings, stats_list):
+        if piece is not None:
+            yield piece
+
+
+def stream_generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    settings: DecodingSettings = DecodingSettings(),
+    stats: list[StreamStats] | None = None,
+    cancelled: Any = None,
+) -> Iterator[tuple[int, str | None]]:
+    """Stream several replies at once: one left-padded batch through a manual KV-cache loop.
+
+    Yields (row, text piece) as pieces are decoded and (row, None) once a row is finished (its
+    `stats[row]` is then final). `cancelled(row) -> bool`, checked every step, finishes a row early
+    (its client went away). A manual loop rather than a streamer thread, so that closing the iterator
+    stops the computation at once."""
     import torch
 
-    prompt = render_prompt(tokenizer, messages)
+    prompts = [render_prompt(tokenizer, conv) for conv in conversations]
+    rows = len(prompts)
+    stats = stats if stats is not None else [StreamStats() for _ in prompts]
+    for row_stats, prompt in zip(stats, prompts, strict=True):
+        row_stats.prompt_tokens, row_stats.completion_tokens, row_stats.finish_reason = len(prompt), 0, "length"
     stop_ids = set(end_of_turn_ids(tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(settings.seed) if settings.temperature > 0 else None
-    stats = stats if stats is not None else StreamStats()
-    stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(prompt), 0, "length"
-    new_tokens: list[int] = []
-    emitted = ""
+    # one generator per row: a row's sampled reply does not depend on what it was batched with
+    generators = [torch.Generator().manual_seed(settings.seed) for _ in prompts] if settings.temperature > 0 else None
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache_name, extra = _forward_kwargs(model)
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    emitted = [""] * rows
+    active = [True] * rows
+
+    def remainder(row: int) -> str:
+        final = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+        return final[len(emitted[row]) :] if len(final) > len(emitted[row]) and final.startswith(emitted[row]) else ""
+
     was_training = model.training
     model.eval()
-    cache_name, extra = _forward_kwargs(model)
     try:
-        input_ids = torch.tensor([prompt], device=device)
         cache = None
         for _ in range(settings.max_new_tokens):
-            # inference mode per step, not around the yield: it must not leak into the consumer's code
+            # inference mode per step, not around the yields: it must not leak into the consumer's code
             with torch.inference_mode():
-                output = model(input_ids=input_ids, use_cache=True, **{cache_name: cache}, **extra)
+                output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                               position_ids=position_ids.to(device), use_cache=True, **{cache_name: cache}, **extra)
                 cache = getattr(output, "cache", None) or output.past_key_values
-                token = _next_token(output.logits[0, -1].float().cpu(), settings, generator)
-            stats.completion_tokens += 1
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            new_tokens.append(token)
-            text = tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
-            ready = text.rstrip("\ufffd").rstrip()
-            if len(ready) > len(emitted) and ready.startswith(emitted):
-                yield ready[len(emitted) :]
-                emitted = ready
-            input_ids = torch.tensor([[token]], device=device)
-        final = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        if len(final) > len(emitted) and final.startswith(emitted):
-            yield final[len(emitted) :]
+                logits = output.logits[:, -1].float().cpu()
+            next_ids = [pad_id] * rows
+            for row in range(rows):
+                if not active[row]:
+                    continue
+                if cancelled is not None and cancelled(row):
+                    active[row] = False
+                    yield row, None
+                    continue
+                token = _next_token(logits[row], settings, generators[row] if generators else None)
+                stats[row].completion_tokens += 1
+                if token in stop_ids:
+                    active[row] = False
+                    stats[row].finish_reason = "stop"
+                    if piece := remainder(row):
+                        yield row, piece
+                    yield row, None
+                    continue
+                next_ids[row] = token
+                new_tokens[row].append(token)
+                text = tokenizer.decode(new_tokens[row], skip_special_tokens=True).lstrip()
+                ready = text.rstrip("\ufffd").rstrip()
+                if len(ready) > len(emitted[row]) and ready.startswith(emitted[row]):
+                    yield row, ready[len(emitted[row]) :]
+                    emitted[row] = ready
+            if not any(active):
+                return
+            # finished rows keep being fed (a pad token): their outputs are ignored, the batch stays whole
+            input_ids = torch.tensor(next_ids).unsqueeze(1)
+            attention_mask = torch.cat([attention_mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+        for row in range(rows):
+            if active[row]:
+                active[row] = False
+                if piece := remainder(row):
+                    yield row, piece
+                yield row, None
     finally:
         model.train(was_training)
