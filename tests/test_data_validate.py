@@ -253,3 +253,10 @@ def test_readme_lists_every_code_with_its_severity():
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     for code, (severity, _) in CODES.items():
         assert f"| `{code}` | {severity} |" in readme, code
+
+
+def test_a_corrupt_parquet_file_is_unreadable_not_a_crash(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"PAR1 this is not really parquet")
+    [issue] = check_data(path).issues
+    assert issue.code == "unreadable_file" and "Parquet" in issue.message
