@@ -260,3 +260,16 @@ def test_a_corrupt_parquet_file_is_unreadable_not_a_crash(tmp_path):
     path.write_bytes(b"PAR1 this is not really parquet")
     [issue] = check_data(path).issues
     assert issue.code == "unreadable_file" and "Parquet" in issue.message
+
+
+def test_training_estimate_counts_only_examples_prepare_would_train(tokenizer):
+    from tunelab.data.tokenize import tokenize_conversation
+
+    report = check_data(DEFECTS, model="tiny-test", max_seq_len=64, epochs=2, gpu_price_per_hour=3.0)
+    trained_lines = {1, 7, 15, 20, 24, 26}  # valid, fit in 64 tokens, have a trained token (21: weight 0, 22: too long)
+    expected = sum(len(tokenize_conversation(tokenizer, e.messages).input_ids)
+                   for e, _ in read_examples(DEFECTS) if e is not None and e.line in trained_lines)
+    estimate = report.estimate
+    assert estimate.train_tokens == int(expected * 0.8)  # 10% valid + 10% test split off by prepare
+    assert abs(estimate.seconds - 2 * estimate.train_tokens / estimate.tokens_per_s) < 1e-9
+    assert abs(estimate.cost_usd - estimate.seconds / 3600 * 3.0) < 1e-12

@@ -239,8 +239,9 @@ def _token_phase(report: CheckReport, inputs: list[tuple[str, Path]], tokenizer:
                 trained = 0  # prepare drops it
                 too_long += 1
                 add(Issue(example.path, example.line, "too_long", f"{max(p.length for p in parts)} tokens > max_seq_len {max_seq_len}"))
-            elif trained == 0 and not any(w.code == "zero_trainable_tokens" for w in example.warnings):
-                add(Issue(example.path, example.line, "zero_trainable_tokens", "no assistant token would be trained"))
+            elif trained == 0:  # prepare drops it; the structural pass may have said so already
+                if not any(w.code == "zero_trainable_tokens" for w in example.warnings):
+                    add(Issue(example.path, example.line, "zero_trainable_tokens", "no assistant token would be trained"))
             elif split == "train":
                 train_tokens += length
             trainable.append(trained)
