@@ -195,3 +195,25 @@ def test_batched_streams_match_batched_generate_and_a_cancelled_row_stops_alone(
                                         cancelled=lambda row: row == 1))
     assert [e for e in events if e[0] == 1] == [(1, None)] and events.index((1, None)) <= 2  # ends at step 1
     assert "".join(p for r, p in events if r == 2 and p) == texts[2]
+
+
+def test_sampling_draws_from_the_tempered_top_p_distribution():
+    from collections import Counter
+
+    import torch
+
+    from tunelab.eval.generate import DecodingSettings, _next_token
+
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    draws = 20000
+
+    def frequencies(**settings):
+        counts = Counter(_next_token(logits, DecodingSettings(**settings), torch.Generator().manual_seed(i))
+                         for i in range(draws))
+        return [counts[token] / draws for token in range(3)]
+
+    assert frequencies(temperature=1.0) == pytest.approx([0.6, 0.3, 0.1], abs=0.015)
+    assert frequencies(temperature=1.0, top_p=0.8) == pytest.approx([2 / 3, 1 / 3, 0.0], abs=0.015)
+    # temperature 0.5 squares the probabilities: 0.36 : 0.09 : 0.01
+    assert frequencies(temperature=0.5) == pytest.approx([0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46], abs=0.015)
+    assert frequencies(temperature=0.0) == [1.0, 0.0, 0.0]
