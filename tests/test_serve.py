@@ -349,3 +349,24 @@ def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_log
     log = "".join(lines) + err
     assert "chat.completion" in log  # it does log requests ...
     assert KEY not in log and secret_prompt not in log  # ... but never the key or the prompt
+
+
+def test_a_failed_generation_is_a_500_and_the_next_request_is_served(server, monkeypatch):
+    import tunelab.eval.generate as generation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device failure")
+
+    url = server[0] + "/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    monkeypatch.setattr(generation, "generate", broken)
+    monkeypatch.setattr(generation, "stream_generate_batch", broken)
+    failed = httpx.post(url, json=body, headers=headers, timeout=60)
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers, timeout=60) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert "error" in json.loads(events[-1][6:]) and "data: [DONE]" not in events
+    monkeypatch.undo()
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+    assert httpx.post(url, json=body, headers=headers, timeout=60).status_code == 200

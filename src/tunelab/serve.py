@@ -259,8 +259,12 @@ class Engine:
         job = _Job(messages, decoding, stats=StreamStats())
 
         def emit(event: tuple[str, Any]) -> None:
-            if not job.cancel.is_set():
+            if job.cancel.is_set():
+                return
+            try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: the server is shutting down, nobody listens
+                job.cancel.set()
 
         job.emit = emit
         self._jobs.put(job)
@@ -286,8 +290,21 @@ class Engine:
                     self._jobs.put(None)  # finish this batch, then stop
                     break
                 batch.append(more)
-            self._run_batch([j for j in batch if j.future is not None])
-            self._run_streams([j for j in batch if j.emit is not None])
+            try:
+                self._run_batch([j for j in batch if j.future is not None])
+                self._run_streams([j for j in batch if j.emit is not None])
+            except Exception as err:  # the worker must outlive any one batch, or every later request hangs
+                log.error("worker: batch of %d failed: %s", len(batch), type(err).__name__)
+                for failed in batch:
+                    if failed.emit is not None:
+                        failed.emit(("error", type(err).__name__))
+                    failed.cancel.set()
+                    if failed.future is not None and not failed.future.done():
+                        failed.future.set_exception(err)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         from tunelab.eval.generate import generate
@@ -318,10 +335,11 @@ class Engine:
             if not job.cancel.is_set():
                 groups.setdefault(job.settings, []).append(job)
         for decoding, group in groups.items():
-            stream = stream_generate_batch(self.loaded.model, self.loaded.tokenizer, [j.messages for j in group],
-                                           decoding, [j.stats for j in group],
-                                           cancelled=lambda row, group=group: group[row].cancel.is_set())
+            stream = None
             try:
+                stream = stream_generate_batch(self.loaded.model, self.loaded.tokenizer,
+                                               [j.messages for j in group], decoding, [j.stats for j in group],
+                                               cancelled=lambda row, group=group: group[row].cancel.is_set())
                 for row, piece in stream:
                     group[row].emit(("piece", piece) if piece is not None else ("end", group[row].stats))
             except Exception as err:  # sent to each client as an error event; the worker keeps serving
@@ -329,7 +347,8 @@ class Engine:
                 for job in group:
                     job.emit(("error", type(err).__name__))
             finally:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             self.batches_run += 1
             self.largest_stream_batch = max(self.largest_stream_batch, len(group))
 
@@ -433,7 +452,9 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
         return {"id": model_id, "object": "model", "created": created, "owned_by": "tunelab"}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Any:
+        if not engine.alive:
+            return JSONResponse({"status": "error", "model": model_id}, status_code=503)
         return {"status": "ok", "model": model_id}
 
     @app.get("/v1/models")
