@@ -22,6 +22,16 @@ BASE = ["model.name=tiny-test", "train.epochs=1000", "train.tokens_per_step=512"
         "lora.dropout=0", "train.eval_every_steps=1000", "train.checkpoint_every_steps=1000"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: OpenMP threads that spin-wait slow training down 10x or more when other
+    processes compete for the cores; one thread runs at full speed regardless."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def train_run(tmp_path, tokenizer, tiny_model_dir):
     def run(overrides, train_pairs=None, valid_pairs=None, **kwargs):

@@ -39,3 +39,18 @@ def write_chat_jsonl(path: Path, pairs: list[tuple[str, str]]) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+_WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "garden", "pencil", "ocean", "violin", "candle", "mirror", "forest", "button", "rocket", "silver", "planet", "basket", "window", "dragon", "pepper", "meadow", "harbor", "lantern", "puzzle", "marble", "copper", "falcon", "willow", "thunder", "pillow", "canyon", "orchid", "glacier", "compass", "ribbon", "saddle", "timber", "velvet", "walnut", "zephyr", "anchor", "beacon", "cobalt", "ember", "fossil", "granite", "hollow", "island", "jasper", "kettle", "lagoon", "magnet", "nectar", "oyster", "parrot", "quartz"]
+
+
+def reverse_pairs(count: int, seed: int) -> list[tuple[str, str]]:
+    """Distinct tasks (reverse five random words): no two are near-duplicates for the data stage."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        words = rng.sample(_WORDS, 5)
+        pairs.append((f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))))
+    return pairs

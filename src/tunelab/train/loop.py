@@ -124,7 +124,7 @@ class _RunLog:
     """train/log.jsonl (truncated on resume to the checkpoint's offset, so every step appears once),
     TensorBoard scalars and, when configured, MLflow metrics. Silent on ranks other than 0."""
 
-    def __init__(self, train_dir: Path, offset: int, resumed_at: int | None, enabled: bool, params: dict[str, Any]):
+    def __init__(self, train_dir: Path, offset: int, step: int, enabled: bool, params: dict[str, Any]):
         self.enabled = enabled
         self.file = None
         self.tb = None
@@ -139,8 +139,8 @@ class _RunLog:
         self.file.seek(offset)
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events the interrupted run wrote after the checkpoint
-        self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=None if resumed_at is None else resumed_at + 1)
+        # purge_step drops events an interrupted run wrote after the step we continue from
+        self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=step + 1)
         if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow"):
             import mlflow
 
@@ -278,7 +278,7 @@ def train_loop(
                 f"checkpoint {resume.path}: its data position (epoch {state.epoch}, row {state.position}) is not where "
                 f"step {state.step + 1} of this run starts; the data or recipe changed since it was written"
             )
-    log = _RunLog(run_root / "train", state.log_offset, state.step if resume else None, ctx.is_main, params or {})
+    log = _RunLog(run_root / "train", state.log_offset, state.step, ctx.is_main, params or {})
     if resume is not None:
         log.write({"kind": "event", "step": state.step, "event": "resume", "message": f"resumed from {resume.path}"})
     best_path = checkpoint_dir(checkpoints, state.best_step) if state.best_step is not None else None
@@ -331,15 +331,16 @@ def train_loop(
                     group["lr"] = lr
 
                 # ---- forward/backward: accumulate the step's micro-batches; every trainable token weighs 1/N
-                scale = ctx.gradient_average_factor / step.trainable_tokens
+                scale = ctx.gradient_average_factor / max(1, step.trainable_tokens)
                 my_micro_batches = ctx.shard(step.micro_batches)
                 sums = torch.zeros(3, dtype=torch.float64, device=device)
                 for index, micro in enumerate(my_micro_batches):
                     if stop.received:
                         break
                     batch = collate(examples, micro, pad_id).to(device)
-                    with ctx.gradient_sync(setup.loss_module, index == len(my_micro_batches) - 1), autocast:
-                        out = setup.loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+                    with ctx.gradient_sync(setup.loss_module, index == len(my_micro_batches) - 1):
+                        with autocast:
+                            out = setup.loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
                         loss_sum = out.loss_sum
                         if nan_at_step == state.step + 1 and index == 0:
                             loss_sum = loss_sum * float("nan")
@@ -354,7 +355,7 @@ def train_loop(
                 loss_sum_total, count_total, correct_total = sums.tolist()
                 if int(count_total) != step.trainable_tokens:
                     raise RuntimeError(f"step {state.step + 1}: loss saw {int(count_total)} trainable tokens, plan says {step.trainable_tokens}")
-                loss = loss_sum_total / step.trainable_tokens
+                loss = loss_sum_total / max(1, step.trainable_tokens)
 
                 # ---- clip and step, or skip a step whose loss or gradient is not finite (every rank agrees)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, cfg.grad_clip)
@@ -388,7 +389,7 @@ def train_loop(
                         )
                 else:
                     state.nonfinite_streak = 0
-                    token_acc = correct_total / step.trainable_tokens
+                    token_acc = correct_total / max(1, step.trainable_tokens)
                     tokens_per_s = step.tokens / step_time_s
                     record = {
                         "kind": "train", "step": state.step, "epoch": round(step.epoch + step.progress, 4),

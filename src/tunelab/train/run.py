@@ -106,14 +106,11 @@ def _git_sha() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def _sha256_text(text: str | None) -> str | None:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    from tunelab.data.prepare import tokenizer_sha256
 
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str | None]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return {"tokenizer_sha256": _sha256_text(text), "chat_template_sha256": _sha256_text(tokenizer.chat_template)}
+    template = (tokenizer.chat_template or "").encode("utf-8", "surrogatepass")
+    return {"tokenizer_sha256": tokenizer_sha256(tokenizer), "chat_template_sha256": hashlib.sha256(template).hexdigest()}
 
 
 def write_manifest(paths: RunPaths, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, data_dir: Path | None) -> None:

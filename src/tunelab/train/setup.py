@@ -169,7 +169,7 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not norms or biases); fused kernels on CUDA."""
+    """AdamW; weight decay only on matrices (not norms or biases); the fused kernel (CUDA and CPU)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -177,8 +177,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=float(cfg.lr), betas=(0.9, 0.999), eps=1e-8, **kwargs)
+    return torch.optim.AdamW(groups, lr=float(cfg.lr), betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def setup_training(recipe: Recipe, total_steps: int, device: str | torch.device | None = None) -> TrainSetup:
