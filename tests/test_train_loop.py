@@ -150,6 +150,16 @@ def test_gradient_checkpointing_gives_the_same_losses(train_run):
     assert a == pytest.approx(b, rel=1e-6)
 
 
+def test_unpacked_padded_batches_give_the_packed_losses(train_run):
+    # 8 short examples fit one step either way, so both runs see the same examples in each step
+    _, packed = train_run(["name=packed", "train.max_steps=3", "train.lr=1e-2"])
+    _, padded = train_run(["name=padded", "train.max_steps=3", "train.lr=1e-2", "train.packing=false"])
+    a = [r["loss"] for r in _log(packed, "train")]
+    b = [r["loss"] for r in _log(padded, "train")]
+    assert a == pytest.approx(b, rel=1e-5)
+    assert [r["tokens"] for r in _log(packed, "train")] == [r["tokens"] for r in _log(padded, "train")]
+
+
 def test_dora_trains_magnitudes_and_qlora_on_cpu_says_what_to_use(tiny_model_dir):
     dora = setup_training(load_recipe(None, ["model.name=tiny-test", "method=dora"]), total_steps=10, device="cpu")
     names = [n for n, p in dora.model.named_parameters() if p.requires_grad]
