@@ -143,6 +143,10 @@ def test_per_example_system_prompt_is_kept_in_prompt_arm():
     builder = PromptBuilder(build_pool(train, [odd]), "INSTRUCTIONS", 1, 1, 0)
     system = builder.build("prompt", odd)[0]["content"]
     assert "INSTRUCTIONS" in system and "The user's name is Ada." in system
+    # the task's shared system prompt is what the instructions replace: not repeated
+    builder = PromptBuilder(build_pool(train, [odd]), "INSTRUCTIONS", 1, 1, 0, task_system=SYSTEM)
+    assert builder.build("prompt", train[0])[0]["content"] == "INSTRUCTIONS"
+    assert "Ada" in builder.build("prompt", odd)[0]["content"]
 
 
 def test_documents_go_into_the_system_message_and_leaking_chunks_are_refused(tmp_path):

@@ -134,11 +134,16 @@ def build_document_pool(chunks: Sequence[Any], test: Sequence[EvalExample]) -> P
     return pool
 
 
+def task_system_prompt(examples: Sequence[EvalExample]) -> str | None:
+    """The system prompt most examples share (the task's), if any."""
+    systems = Counter(ex.system for ex in examples if ex.system)
+    return systems.most_common(1)[0][0] if systems else None
+
+
 def derive_instructions(train: Sequence[EvalExample], kind: OutputKind | None = None) -> str:
     """The prompt arm's instructions: the train examples' most common system prompt (or a generic
     line) plus the answer format the train answers share, stated explicitly."""
-    systems = Counter(ex.system for ex in train if ex.system)
-    base = systems.most_common(1)[0][0] if systems else FALLBACK_INSTRUCTIONS
+    base = task_system_prompt(train) or FALLBACK_INSTRUCTIONS
     kind = kind or detect_output_kind([ex.reference for ex in train])
     if kind.kind == "json":
         keys = ", ".join(kind.keys)
@@ -156,9 +161,11 @@ class PromptBuilder:
     """Messages for (arm, example). One instance serves every arm of an evaluation."""
 
     def __init__(
-        self, pool: Pool, instructions: str, shots: int, rag_k: int, seed: int, documents: Pool | None = None
+        self, pool: Pool, instructions: str, shots: int, rag_k: int, seed: int, documents: Pool | None = None,
+        task_system: str | None = None,
     ) -> None:
         self.pool = pool
+        self.task_system = task_system  # the shared system prompt the instructions replace
         self.documents = documents  # when given, the rag arms retrieve from these chunks instead of train
         self.instructions = instructions
         self.rag_k = rag_k
@@ -195,8 +202,9 @@ class PromptBuilder:
         shots = self.shots_for(arm, example)
         if arm in ("prompt", "rag"):
             system = self.instructions
-            # A per-example system prompt may carry facts the query needs: keep it too.
-            if example.system and example.system.strip() not in system:
+            # A per-example system prompt may carry facts the query needs: keep it too (the task's
+            # shared one is what the instructions replace).
+            if example.system and example.system != self.task_system and example.system.strip() not in system:
                 system = f"{system}\n\n{example.system}"
         elif arm == "tuned+rag":
             system = example.system or ""

@@ -36,6 +36,7 @@ from tunelab.eval.arms import (
     build_document_pool,
     build_pool,
     derive_instructions,
+    task_system_prompt,
     to_eval_example,
 )
 from tunelab.eval.generate import DecodingSettings, Generation, generate
@@ -291,7 +292,8 @@ def evaluate(
 
         documents = build_document_pool(read_document_chunks(cfg.rag_docs), all_test)
     instructions = cfg.instructions or derive_instructions(train, kind)
-    builder = PromptBuilder(pool, instructions, cfg.shots, cfg.rag_k, cfg.seed, documents)
+    builder = PromptBuilder(pool, instructions, cfg.shots, cfg.rag_k, cfg.seed, documents,
+                            task_system=task_system_prompt(train))
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
     models = _Models(paths, recipe)
