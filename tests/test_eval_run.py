@@ -210,6 +210,9 @@ def test_cli_eval_with_arms_and_limit(evaluated, tmp_path):
     assert metrics["forgetting"] == {"skipped": "eval.forgetting is off"}
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--arms", "base,bogus"])
     assert result.exit_code != 0 and "bogus" in str(result.exception)
+    shutil.rmtree(run_dir / "adapter")
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--arms", "base,tuned", "--limit", "1"])
+    assert "neither adapter/ nor model/" in str(result.exception)
 
 
 # ---------------------------------------------------------------------------------------------- slow

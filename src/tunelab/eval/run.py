@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tunelab.config import ARMS, Recipe
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
     RAG_ARMS,
     EvalExample,
@@ -150,8 +150,6 @@ class _Models:
             else:
                 yield self._peft
             return
-        if which == "tuned" and kind is None:
-            load_tuned_model(self.paths.root)  # raises the run's "no adapter/ nor model/" error
         if self._loaded is None or self._loaded[0] != which:
             self._loaded = None  # release the other model before loading this one
             if which == "base":
@@ -297,6 +295,10 @@ def evaluate(
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
     models = _Models(paths, recipe)
+    if models.tuned_kind is None and any(a in chosen for a in TUNED_ARMS):
+        # fail before the base arms spend minutes generating
+        raise ModelError(f"{paths.root}: has neither adapter/ nor model/ for the tuned arms; has its training "
+                         "finished? (evaluate prompt-only arms with --arms base,prompt,rag)")
     run_forgetting = cfg.forgetting and any(a in chosen for a in TUNED_ARMS) and models.tuned_kind is not None
     rng = random.Random(cfg.seed)
     train_sample = rng.sample(train, min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
