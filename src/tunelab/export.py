@@ -15,7 +15,6 @@ gives the logits of the merged model rounded to its float type and its tokenizer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +55,6 @@ class ExportResult:
 
 def _log(message: str) -> None:
     print(f"tunelab: {message}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
@@ -120,7 +112,7 @@ def _export_adapter(adapter_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp: 
             checked += _check_finite(((k, f.get_tensor(k)) for k in f.keys()), str(path))  # noqa: SIM118
     for path in [config, *weights]:
         shutil.copy2(path, tmp / path.name)
-        if _sha256(tmp / path.name) != _sha256(path):
+        if sha256_file(tmp / path.name) != sha256_file(path):
             raise ExportError(f"{path}: copy does not match the original")
     tokenizer.save_pretrained(tmp)
     return {"tensors_checked_finite": checked}
@@ -399,7 +391,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
                     _log("tokenizer.ggml.pre unknown for this base model; llama.cpp will use its default split")
                 write_gguf(merged, tokenizer, gguf_path, recipe.name, gguf_type, pre)
                 result.checks = _verify_gguf(gguf_path, merged, tokenizer, gguf_type, probe, reference)
-        result.files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        result.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"kind": kind, "format": fmt, "run": str(run_dir), "run_name": recipe.name,
                     "base_model": recipe.model.name, "method": recipe.method, "files": result.files,
                     "checks": result.checks}

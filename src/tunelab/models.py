@@ -9,7 +9,6 @@ shrunk to 2 layers with random seeded weights and the real tokenizer, for dry ru
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ModelError
+from tunelab.files import fsync_file, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -66,27 +66,17 @@ def _log(message: str) -> None:
 # cache integrity
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(folder: Path, source: str) -> None:
     files = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != _MANIFEST:
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
             stat = path.stat()
-            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
     manifest = {"format": _CACHE_FORMAT, "source": source, "files": files}
     tmp = folder / (_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     tmp.rename(folder / _MANIFEST)
 
 
@@ -111,7 +101,7 @@ def verify_cache(folder: Path, full: bool = False) -> str | None:
         if stat.st_size != expected["size"]:
             return f"{name} has {stat.st_size} bytes, expected {expected['size']}"
         unchanged = stat.st_mtime_ns == expected.get("mtime_ns")
-        if (full or not unchanged) and _sha256(path) != expected["sha256"]:
+        if (full or not unchanged) and sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its sha256"
     return None
 

@@ -42,6 +42,7 @@ from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
 from tunelab.errors import ConfigError, DataError
+from tunelab.files import sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,24 +82,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- fingerprint
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sha256_input(path: Path) -> str:
     """A file's sha256; for a folder, the sha256 of its data files' relative names and hashes."""
     if not path.exists():
         return "missing"
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     files, _ = data_files(path)
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.relative_to(path)}\0{_sha256_file(file)}\n".encode())
+        digest.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 

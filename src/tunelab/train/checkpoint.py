@@ -18,7 +18,6 @@ Only our own files are read, and no pickle: safetensors and JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
+from tunelab.files import fsync_dir, fsync_file, sha256_file
 
 PREFIX = "step-"
 COMPLETE = "COMPLETE"
@@ -135,27 +135,6 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 # files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1))
 
@@ -186,20 +165,20 @@ def save_checkpoint(
     _write_json(tmp / "state.json", asdict(state))
     files = {}
     for path in sorted(tmp.iterdir()):
-        _fsync_file(path)
-        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        fsync_file(path)
+        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     _write_json(tmp / MANIFEST, {"format": _FORMAT, "step": step, "files": files})
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
     final = checkpoint_dir(root, step)
     if final.exists():
         # only a damaged or unfinished step-N can be here: resume starts from the newest good one
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     (final / COMPLETE).write_text(json.dumps({"step": step}))
-    _fsync_file(final / COMPLETE)
-    _fsync_dir(final)
+    fsync_file(final / COMPLETE)
+    fsync_dir(final)
     return final
 
 
@@ -225,7 +204,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != expected["size"]:
             return f"{name} has {file.stat().st_size} bytes, expected {expected['size']}"
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             return f"{name} does not match its sha256"
     return None
 
