@@ -3,6 +3,7 @@ transformers) happen inside commands so that `--help` and data format errors ans
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -166,12 +167,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
 ) -> None:
     """Fine-tune (LoRA by default) -> run directory. SIGTERM/Ctrl-C checkpoint and exit 75."""
-    import os
     import shlex
-
-    # before torch loads OpenMP: spin-waiting threads made training 15x slower on shared cores
-    # (FACTS: 2 cores, 5 users); sleeping threads cost little when the cores are free
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from tunelab.config import load_recipe
     from tunelab.train.loop import TrainingInterrupted
@@ -354,6 +350,9 @@ def runs_compare(
 
 
 def main() -> None:
+    # before torch loads OpenMP: spin-waiting threads made training 15x slower on shared cores;
+    # sleeping threads cost little when the cores are free
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except TunelabError as err:
