@@ -165,21 +165,35 @@ def train(
     recipe: Path,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
+    nproc: Annotated[
+        int | None, typer.Option(min=1, help="processes on this machine (one per GPU): re-launches under torchrun")
+    ] = None,
 ) -> None:
     """Fine-tune (LoRA by default) -> run directory. SIGTERM/Ctrl-C checkpoint and exit 75."""
     import shlex
+    import subprocess
 
     from tunelab.config import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])  # a bad recipe fails here, before any process starts
+    if nproc is not None and "RANK" not in os.environ:
+        # --standalone: a rendezvous on a free local port, so several jobs can share the machine
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", "tunelab", "train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]
+        raise typer.Exit(subprocess.run(command, check=False).returncode)
+
     from tunelab.train.loop import TrainingInterrupted
     from tunelab.train.run import train as run_training
 
-    loaded = load_recipe(recipe, overrides or [])
-    again = shlex.join(["tunelab", "train", str(recipe), *(overrides or []), "--resume"])
+    again = shlex.join(["tunelab", "train", str(recipe), *(overrides or []), "--resume",
+                        *([f"--nproc={nproc}"] if nproc else [])])
     try:
         result = run_training(loaded, resume=resume, resume_command=again)
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(err.exit_code) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the result is printed once
+        return
     best = f", best step {result.best_step} (val loss {result.best_val_loss:.4f})" if result.best_step else ""
     typer.echo(f"{result.output_dir}  ({result.steps} steps{best}; {result.tokens:,} tokens in {result.train_time_s:.0f} s)")
 

@@ -80,6 +80,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     compile: bool = False
     packing: bool = True
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
+        "auto", description="under torchrun (--nproc N): ddp = every rank holds the model, gradients summed; "
+        "auto = none for one process, else ddp; fsdp is not available yet",
+    )
     seed: int = 0
 
 

@@ -89,6 +89,9 @@ class DistContext:
         """DDP: no all-reduce of gradients until the last micro-batch of a step."""
         return contextlib.nullcontext()
 
+    def sync_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """After a step's last micro-batch: sum the gradients over ranks (distributed.py)."""
+
     @property
     def gradient_average_factor(self) -> int:
         """DDP averages gradients over ranks; losses are pre-multiplied by this to get the sum."""
@@ -358,6 +361,7 @@ def train_loop(
                 loss = loss_sum_total / max(1, step.trainable_tokens)
 
                 # ---- clip and step, or skip a step whose loss or gradient is not finite (every rank agrees)
+                ctx.sync_gradients(params_list)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params_list, cfg.grad_clip)
                 bad = torch.tensor(0.0 if (math.isfinite(loss) and bool(torch.isfinite(grad_norm))) else 1.0, device=device)
                 skipped = bool(ctx.all_reduce_max(bad).item())

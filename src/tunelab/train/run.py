@@ -8,7 +8,8 @@ transformers folder with its tokenizer, full fine-tuning), and train/summary.jso
 
 `resume=True` continues from the newest complete, verified checkpoint and reproduces the loss curve
 of an uninterrupted run. The environment variable TUNELAB_INJECT_NAN_AT_STEP (tests only) makes
-the loss of that step NaN, to exercise the non-finite path end to end.
+the loss of that step NaN, to exercise the non-finite path end to end; "STEP@RANK" poisons it on
+that rank only (torchrun). Under torchrun (tunelab.train.distributed) rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from tunelab.train.setup import TrainSetup
 
 NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
+DUMP_ENV = "TUNELAB_TEST_DUMP_PARAMS"  # tests only: every rank saves its final trainable tensors to DIR/rank-R.safetensors
 
 
 @dataclass
@@ -240,13 +242,14 @@ def train_on_examples(
     checkpoint = None
     if resume:
         path, skipped = find_resumable(paths.checkpoints)
+        say = _say if ctx.is_main else lambda _message: None
         for line in skipped:
-            _say(line)
+            say(line)
         if path is None:
-            _say(f"no complete checkpoint in {paths.checkpoints}; starting from step 0")
+            say(f"no complete checkpoint in {paths.checkpoints}; starting from step 0")
         else:
             checkpoint = load_checkpoint(path)
-            _say(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
+            say(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
     remove_temporary(paths.checkpoints)
 
     setup = setup_training(recipe, len(plan), device)
@@ -291,21 +294,60 @@ def train_on_examples(
     )
 
 
+def _nan_injection(value: str | None, rank: int) -> int | None:
+    """NAN_ENV: "STEP" (every rank) or "STEP@RANK" (that rank only) -> the step to poison here."""
+    if not value:
+        return None
+    step, _, only_rank = value.partition("@")
+    return int(step) if not only_rank or int(only_rank) == rank else None
+
+
 def train(
     recipe: Recipe, resume: bool = False, *, resume_command: str | None = None, device: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Data stage, then training, into runs/<name>/ (see the module docstring)."""
-    from tunelab.data.prepare import prepare_data
+    """Data stage, then training, into runs/<name>/ (see the module docstring). Under torchrun rank 0
+    prepares the run directory and the data while the other ranks wait, then every rank trains."""
+    from tunelab.data.prepare import PreparedData, prepare_data
     from tunelab.models import load_tokenizer
-
-    paths = RunPaths(recipe.run_dir)
-    start_run_dir(paths, recipe, resume)
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    prepared = prepare_data(recipe, tokenizer, paths.data)
-    write_manifest(paths, recipe, tokenizer, prepared.out_dir)
-    nan_at = os.environ.get(NAN_ENV)
-    return train_on_examples(
-        recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
-        device=device, resume_command=resume_command, nan_at_step=int(nan_at) if nan_at else None, progress=progress,
+    from tunelab.train.distributed import (
+        ProcessGroupContext,
+        init_distributed,
+        main_first,
+        resolve_strategy,
+        shutdown,
     )
+
+    ctx = init_distributed()
+    try:
+        resolve_strategy(recipe.train.distributed, recipe.method, ctx.world_size)
+        if isinstance(ctx, ProcessGroupContext):
+            device = device or ctx.device()
+        paths = RunPaths(recipe.run_dir)
+
+        def prepare() -> tuple[PreTrainedTokenizerBase, PreparedData]:
+            start_run_dir(paths, recipe, resume)
+            tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+            prepared = prepare_data(recipe, tokenizer, paths.data)
+            write_manifest(paths, recipe, tokenizer, prepared.out_dir)
+            return tokenizer, prepared
+
+        done = main_first(ctx, prepare, "preparing the run directory and data")
+        if done is None:  # another rank: read what rank 0 wrote
+            tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+            prepared = PreparedData(paths.data, {})
+        else:
+            tokenizer, prepared = done
+        result = train_on_examples(
+            recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
+            device=device, ctx=ctx, resume_command=resume_command,
+            nan_at_step=_nan_injection(os.environ.get(NAN_ENV), ctx.rank), progress=progress,
+        )
+        if os.environ.get(DUMP_ENV) and result.model is not None:
+            from safetensors.torch import save_file
+
+            tensors = {n: p.detach().cpu().contiguous() for n, p in result.model.named_parameters() if p.requires_grad}
+            save_file(tensors, str(Path(os.environ[DUMP_ENV]) / f"rank-{ctx.rank}.safetensors"))
+        return result
+    finally:
+        shutdown(ctx)

@@ -1,0 +1,182 @@
+"""`tunelab train --nproc 2` on CPU (torchrun, gloo, tiny model): the same weights as one process,
+a NaN on one rank skipped on both, a killed rank stopping the job with an error, not a hang.
+
+Each run starts processes that import torch and transformers, on a shared 2-core machine: few, short
+runs (6 steps), one thread per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_examples import reverse_pairs, write_chat_jsonl
+from tunelab.config import Recipe
+from tunelab.errors import ConfigError
+from tunelab.train.distributed import resolve_strategy
+from tunelab.train.run import DUMP_ENV, NAN_ENV, _nan_injection
+
+STEPS = 6
+# 11 examples (~48 tokens) pack into 6 rows of <= 128 tokens, read as steps of 3, 2 and 1 rows (one
+# micro-batch each): rank 0 takes 2 of 3, and in every third step rank 1 has no micro-batch at all
+RECIPE = f"""\
+name: dist
+model: {{name: tiny-test}}
+data: {{train: train.jsonl, valid: valid.jsonl, test: test.jsonl, max_seq_len: 128}}
+method: lora
+lora: {{dropout: 0.0}}      # dropout masks depend on which rank runs a row: off, to compare weights
+train:
+  epochs: 100
+  max_steps: {STEPS}
+  tokens_per_step: 256
+  micro_batch_tokens: 128
+  lr: 5.0e-3
+  warmup_ratio: 0.0
+  eval_every_steps: 3
+  checkpoint_every_steps: 3
+  early_stop_patience: null
+out_dir: runs
+"""
+# float32 sums in a different order (per-rank partial sums, then the all-reduce)
+WEIGHT_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("dist")
+    write_chat_jsonl(folder / "train.jsonl", reverse_pairs(11, seed=1))
+    write_chat_jsonl(folder / "valid.jsonl", reverse_pairs(4, seed=2))
+    write_chat_jsonl(folder / "test.jsonl", reverse_pairs(4, seed=3))
+    (folder / "recipe.yaml").write_text(RECIPE)
+    return folder
+
+
+def _start(
+    workdir: Path, name: str, nproc: int | None, extra_env: dict[str, str] | None = None, overrides: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tunelab", "train", "recipe.yaml", f"name={name}", *overrides]
+    command += [f"--nproc={nproc}"] if nproc else []
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str]:
+    try:
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return process.returncode, stderr
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run) if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir):
+    code, stderr = _finish(_start(workdir, "one", None))
+    assert code == 0, stderr[-3000:]
+    return workdir / "runs" / "one"
+
+
+def test_two_ranks_reach_the_weights_of_one_process(workdir, one_process):
+    code, stderr = _finish(_start(workdir, "two", 2))
+    assert code == 0, stderr[-3000:]
+    run = workdir / "runs" / "two"
+    # logs come from rank 0 only: every step once
+    steps = [r["step"] for r in _records(run) if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+    assert stderr.count("trained 6 steps") == 1, stderr[-3000:]
+    ours, theirs = _losses(run), _losses(one_process)
+    assert max(abs(ours[s] - theirs[s]) for s in theirs) <= 1e-5, (ours, theirs)
+    evals = [r for r in _records(run) if r["kind"] == "eval"]
+    ref_evals = [r for r in _records(one_process) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(abs(a["val_loss"] - b["val_loss"]) <= 1e-5 for a, b in zip(evals, ref_evals, strict=True))
+    a = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one_process / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = False
+    for name in b:
+        assert torch.allclose(a[name], b[name], atol=WEIGHT_ATOL, rtol=0), (name, (a[name] - b[name]).abs().max())
+        moved |= bool(b[name].abs().max() > 0)
+    assert moved
+
+
+def test_nan_on_one_rank_is_skipped_on_both(workdir):
+    out = workdir / "nan-params"
+    out.mkdir(exist_ok=True)
+    code, stderr = _finish(_start(workdir, "nan", 2, {NAN_ENV: "2@1", DUMP_ENV: str(out)}))
+    assert code == 0, stderr[-3000:]
+    events = [r for r in _records(workdir / "runs" / "nan") if r["kind"] == "event" and r["event"] == "nonfinite_skipped"]
+    assert [e["step"] for e in events] == [2]
+    steps = [r["step"] for r in _records(workdir / "runs" / "nan") if r["kind"] == "train"]
+    assert steps == [1, 3, 4, 5, 6]
+    rank0, rank1 = load_file(str(out / "rank-0.safetensors")), load_file(str(out / "rank-1.safetensors"))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (read from /proc)."""
+    found: dict[int, int] = {}
+    pending = [launcher_pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        pending += [int(c) for c in children]
+        ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+        if ranks and pid != launcher_pid:
+            found[int(ranks[0])] = pid
+    return found
+
+
+def test_killed_rank_stops_the_job_with_an_error(workdir):
+    # long enough that it is still training when the rank is killed
+    process = _start(workdir, "killed", 2, overrides=("train.max_steps=2000", "train.epochs=1000"))
+    log = workdir / "runs" / "killed" / "train" / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and '"kind": "train"' in log.read_text()):
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no training step within 240 s"
+        time.sleep(0.05)
+    workers = _worker_pids(process.pid)
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    code, stderr = _finish(process, timeout_s=90)
+    took_s = time.monotonic() - killed_at
+    assert code != 0
+    assert took_s < 60, f"the job took {took_s:.0f} s to stop"
+    assert "Signal 9" in stderr or "SIGKILL" in stderr, stderr[-3000:]
+
+
+def test_strategy_defaults_and_refusals():
+    assert resolve_strategy("auto", "lora", 1) == "none"
+    assert resolve_strategy("auto", "lora", 2) == "ddp"
+    assert resolve_strategy("auto", "full", 4) == "ddp"
+    with pytest.raises(ConfigError, match="train.distributed: none"):
+        resolve_strategy("none", "lora", 2)
+    with pytest.raises(ConfigError, match="fsdp"):
+        resolve_strategy("fsdp", "full", 2)
+    assert Recipe().train.distributed == "auto"
+    assert _nan_injection("3", 1) == 3 and _nan_injection("3@1", 1) == 3 and _nan_injection("3@1", 0) is None
+    assert _nan_injection(None, 0) is None
