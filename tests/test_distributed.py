@@ -73,7 +73,7 @@ def _finish(process: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str
     try:
         _, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill_all(process)
         raise
     return process.returncode, stderr
 
@@ -149,15 +149,28 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
     return found
 
 
-def test_killed_rank_stops_the_job_with_an_error(workdir):
-    # long enough that it is still training when the rank is killed
-    process = _start(workdir, "killed", 2, overrides=("train.max_steps=2000", "train.epochs=1000"))
-    log = workdir / "runs" / "killed" / "train" / "log.jsonl"
-    deadline = time.monotonic() + 240
-    while not (log.is_file() and '"kind": "train"' in log.read_text()):
+def _wait_for(process: subprocess.Popen, ready, what: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
         assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no training step within 240 s"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.05)
+
+
+def _kill_all(process: subprocess.Popen) -> None:
+    # torchrun starts each worker in a session of its own: kill them by pid, then torchrun
+    for pid in _worker_pids(process.pid).values():
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def test_killed_rank_stops_the_job_with_an_error_then_resume_continues(workdir):
+    # long enough that it is still training when the rank is killed
+    overrides = ("train.max_steps=2000", "train.epochs=1000")
+    process = _start(workdir, "killed", 2, overrides=overrides)
+    run = workdir / "runs" / "killed"
+    _wait_for(process, lambda: (run / "checkpoints" / "step-3" / "COMPLETE").is_file(), "checkpoint of step 3")
     workers = _worker_pids(process.pid)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGKILL)
@@ -166,7 +179,24 @@ def test_killed_rank_stops_the_job_with_an_error(workdir):
     took_s = time.monotonic() - killed_at
     assert code != 0
     assert took_s < 60, f"the job took {took_s:.0f} s to stop"
-    assert "Signal 9" in stderr or "SIGKILL" in stderr, stderr[-3000:]
+    # torchrun names the rank that died; our last line says how to go on
+    assert "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    assert "resume with: tunelab train recipe.yaml name=killed train.max_steps=2000" in stderr.lower(), stderr[-3000:]
+
+    resumed = _start(workdir, "killed", 2, overrides=("--resume", *overrides))
+    try:
+        def continued() -> bool:
+            records = _records(run)
+            resumes = [i for i, r in enumerate(records) if r["kind"] == "event" and r["event"] == "resume"]
+            return bool(resumes) and any(r["kind"] == "train" for r in records[resumes[-1] :])
+
+        _wait_for(resumed, continued, "step after resuming")
+    finally:
+        _kill_all(resumed)
+    records = _records(run)
+    start = [r for r in records if r["kind"] == "event" and r["event"] == "resume"][-1]
+    after = [r["step"] for r in records[records.index(start) :] if r["kind"] == "train"]
+    assert start["step"] >= 3 and after[0] == start["step"] + 1
 
 
 def test_strategy_defaults_and_refusals():

@@ -180,7 +180,12 @@ def train(
         # --standalone: a rendezvous on a free local port, so several jobs can share the machine
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                    "-m", "tunelab", "train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]
-        raise typer.Exit(subprocess.run(command, check=False).returncode)
+        code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            again = shlex.join(["tunelab", "train", str(recipe), *(overrides or []), "--resume", f"--nproc={nproc}"])
+            typer.echo(f"error: training under torchrun stopped (exit code {code}); torchrun's report above names the "
+                       f"rank that failed first (Root Cause). Resume with: {again}", err=True)
+        raise typer.Exit(code)
 
     from tunelab.train.loop import TrainingInterrupted
     from tunelab.train.run import train as run_training
