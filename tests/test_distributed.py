@@ -199,6 +199,22 @@ def test_killed_rank_stops_the_job_with_an_error_then_resume_continues(workdir):
     assert start["step"] >= 3 and after[0] == start["step"] + 1
 
 
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(workdir):
+    process = _start(workdir, "termed", 2, overrides=("train.max_steps=2000", "train.epochs=1000"))
+    run = workdir / "runs" / "termed"
+    _wait_for(process, lambda: (run / "checkpoints" / "step-3" / "COMPLETE").is_file(), "checkpoint of step 3")
+    os.kill(_worker_pids(process.pid)[1], signal.SIGTERM)
+    code, stderr = _finish(process, timeout_s=90)
+    assert code != 0
+    # rank 1 got the signal, rank 0 heard of it through the all-reduce: both stopped after the same step
+    assert "stopped by SIGTERM after step" in stderr and "stopped by a signal to another rank after step" in stderr
+    steps = {line.split(" after step ")[1].split(";")[0] for line in stderr.splitlines() if " after step " in line}
+    assert len(steps) == 1, stderr[-3000:]
+    last = max(r["step"] for r in _records(run) if r["kind"] == "train")
+    assert steps == {str(last)}
+    assert (run / "checkpoints" / f"step-{last}" / "COMPLETE").is_file()
+
+
 def test_strategy_defaults_and_refusals():
     assert resolve_strategy("auto", "lora", 1) == "none"
     assert resolve_strategy("auto", "lora", 2) == "ddp"

@@ -318,6 +318,7 @@ def train_loop(
         saved_at, last_path = state.step, checkpoint_dir(checkpoints, state.step)
         return last_path
 
+    stopped_by: str | None = None
     session_tokens, session_started = 0, time.perf_counter()
     val_loss: float | None = state.last_val_loss
     model.train()
@@ -349,7 +350,13 @@ def train_loop(
                             loss_sum = loss_sum * float("nan")
                         (loss_sum * scale).backward()
                     sums += torch.stack([loss_sum.detach().double(), out.count.double(), out.correct.double()])
-                if stop.received:
+                stopped_by = stop.received
+                if ctx.world_size > 1:
+                    # every rank stops at the same step, even one whose signal came later or never
+                    flag = torch.tensor(1.0 if stopped_by else 0.0, device=device)
+                    if ctx.all_reduce_max(flag).item() and not stopped_by:
+                        stopped_by = "a signal to another rank"
+                if stopped_by:
                     # a half-accumulated step is dropped: parameters are still those of the last step
                     optimizer.zero_grad(set_to_none=True)
                     restore_rng(rng_at_step_start)
@@ -454,11 +461,14 @@ def train_loop(
                 if on_step_end is not None:
                     on_step_end(state, setup)
 
-            if stop.received:
-                path = last_path if saved_at == state.step else checkpoint(f"stopped by {stop.received}")
-                say(f"stopped by {stop.received} after step {state.step}; checkpoint {path}")
+            # one process: a signal during the last step's evaluation or checkpoint also counts; several:
+            # only the agreed decision (a signal after it reached one rank only)
+            reason = stop.received if ctx.world_size == 1 else stopped_by
+            if reason:
+                path = last_path if saved_at == state.step else checkpoint(f"stopped by {reason}")
+                say(f"stopped by {reason} after step {state.step}; checkpoint {path}")
                 raise TrainingInterrupted(
-                    f"stopped by {stop.received} after step {state.step}; checkpoint saved in {path}\n"
+                    f"stopped by {reason} after step {state.step}; checkpoint saved in {path}\n"
                     f"resume with: {resume_command}"
                 )
     finally:
