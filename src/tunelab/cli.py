@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -372,6 +373,8 @@ def main() -> None:
     # before torch loads OpenMP: spin-waiting threads made training 15x slower on shared cores;
     # sleeping threads cost little when the cores are free
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # transformers' own generate() calls a property it deprecated; users can do nothing about it
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         app()
     except TunelabError as err:
