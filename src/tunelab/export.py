@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.console import say
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.files import sha256_file
 
@@ -51,10 +51,6 @@ class ExportResult:
     kind: str  # adapter | merged | gguf
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     checks: dict[str, Any] = field(default_factory=dict)
-
-
-def _log(message: str) -> None:
-    print(f"tunelab: {message}", file=sys.stderr, flush=True)
 
 
 def _check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
@@ -362,7 +358,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
     _check_out_dir(out_dir, run_dir, force)
     kind = "gguf" if fmt == "gguf" else ("adapter" if paths.adapter.is_dir() and not merge else "merged")
     if kind == "merged" and not merge:
-        _log(f"{run_dir} is a full fine-tune (model/): exporting the whole model")
+        say(f"{run_dir} is a full fine-tune (model/): exporting the whole model")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
@@ -388,7 +384,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
                 gguf_path = tmp / f"model-{gguf_type}.gguf"
                 pre = _gguf_pre_tokenizer(recipe.model.name)
                 if pre is None:
-                    _log("tokenizer.ggml.pre unknown for this base model; llama.cpp will use its default split")
+                    say("tokenizer.ggml.pre unknown for this base model; llama.cpp will use its default split")
                 write_gguf(merged, tokenizer, gguf_path, recipe.name, gguf_type, pre)
                 result.checks = _verify_gguf(gguf_path, merged, tokenizer, gguf_type, probe, reference)
         result.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}

@@ -13,12 +13,12 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.console import say
 from tunelab.errors import ModelError
 from tunelab.files import fsync_file, sha256_file
 
@@ -56,10 +56,6 @@ def tunelab_home() -> Path:
 
 def cache_dir(alias: str) -> Path:
     return tunelab_home() / "models" / alias
-
-
-def _log(message: str) -> None:
-    print(f"tunelab: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +139,7 @@ def _build_default(folder: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_source()
-    _log(f"preparing {DEFAULT_MODEL} from {gguf.name} (once; later loads use the cache)")
+    say(f"preparing {DEFAULT_MODEL} from {gguf.name} (once; later loads use the cache)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain model of its config.
@@ -195,7 +191,7 @@ def ensure_alias(alias: str, full_check: bool = False) -> Path:
     if problem is None:
         return folder
     if folder.exists():
-        _log(f"cache entry {folder} is unusable ({problem}); rebuilding it")
+        say(f"cache entry {folder} is unusable ({problem}); rebuilding it")
     return _build_atomically(alias, _BUILDERS[alias])
 
 
@@ -295,7 +291,7 @@ def load_model(
     model.eval()
     model.config.use_cache = False
     if time.perf_counter() - started > 5:
-        _log(f"loaded {name} in {time.perf_counter() - started:.1f} s")
+        say(f"loaded {name} in {time.perf_counter() - started:.1f} s")
     return model
 
 

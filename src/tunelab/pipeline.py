@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import Recipe
+from tunelab.console import say
 from tunelab.errors import ConfigError, DataError
 from tunelab.runs import RunPaths
 
 STAGES = ("check", "prepare", "train", "eval", "report")
-
-
-def _say(message: str) -> None:
-    print(f"tunelab: {message}", file=sys.stderr, flush=True)
 
 
 class StageLog:
@@ -60,7 +56,7 @@ def _check(recipe: Recipe, paths: RunPaths) -> None:
         measure_speed=False,
     )
     for line in report.summary_lines():
-        _say(line)
+        say(line)
     if report.errors:
         shown = [issue.format() for issue in report.issues if issue.severity == "error"][:20]
         more = report.errors - len(shown)
@@ -77,7 +73,7 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     prepared = prepare_data(recipe, tokenizer, paths.data)
     counts = json.loads((prepared.out_dir / "stats.json").read_text()).get("counts", {})
-    _say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
@@ -110,20 +106,20 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
 
         html = write_report(paths.root)
         print(paths.report_md.read_text(encoding="utf-8"), flush=True)
-        _say(f"report: {html}")
+        say(f"report: {html}")
 
     actions: dict[str, Callable[[Recipe, RunPaths], None]] = {
         "check": _check, "prepare": _prepare, "train": train_stage, "eval": eval_stage, "report": report_stage,
     }
     for number, stage in enumerate(STAGES, start=1):
         if stages.done(stage):
-            _say(f"[{number}/{len(STAGES)}] {stage}: finished earlier, skipped")
+            say(f"[{number}/{len(STAGES)}] {stage}: finished earlier, skipped")
             continue
-        _say(f"[{number}/{len(STAGES)}] {stage}")
+        say(f"[{number}/{len(STAGES)}] {stage}")
         started = time.perf_counter()
         actions[stage](recipe, paths)
         stages.record(stage, time.perf_counter() - started)
     total = sum(entry["seconds"] for entry in stages.state.values())
     timing = ", ".join(f"{stage} {stages.state[stage]['seconds']:.0f} s" for stage in STAGES if stage in stages.state)
-    _say(f"done in {total / 60:.1f} min ({timing}); run directory {paths.root}")
+    say(f"done in {total / 60:.1f} min ({timing}); run directory {paths.root}")
     return paths.root

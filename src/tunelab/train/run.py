@@ -21,13 +21,13 @@ import platform
 import random
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Recipe, load_recipe
+from tunelab.console import say
 from tunelab.errors import ConfigError
 from tunelab.runs import RunPaths
 
@@ -57,10 +57,6 @@ class TrainResult:
     trainable_params: int
     total_params: int
     model: nn.Module | None = field(default=None, repr=False)  # in memory, holding the saved weights
-
-
-def _say(message: str) -> None:
-    print(f"tunelab: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,14 +238,14 @@ def train_on_examples(
     checkpoint = None
     if resume:
         path, skipped = find_resumable(paths.checkpoints)
-        say = _say if ctx.is_main else lambda _message: None
+        tell = say if ctx.is_main else lambda _message: None
         for line in skipped:
-            say(line)
+            tell(line)
         if path is None:
-            say(f"no complete checkpoint in {paths.checkpoints}; starting from step 0")
+            tell(f"no complete checkpoint in {paths.checkpoints}; starting from step 0")
         else:
             checkpoint = load_checkpoint(path)
-            say(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
+            tell(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
     remove_temporary(paths.checkpoints)
 
     setup = setup_training(recipe, len(plan), device)
@@ -258,7 +254,7 @@ def train_on_examples(
     sample_ids = sorted(random.Random(cfg.seed).sample(range(len(train_examples)), sample_size))
     train_sample = _eval_set([train_examples[i] for i in sample_ids], recipe, row_tokens) if valid else None
     if ctx.is_main:
-        _say(
+        say(
             f"{recipe.method}: {setup.trainable_params:,} of {setup.total_params:,} parameters trainable; "
             f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {cfg.tokens_per_step} tokens"
         )
@@ -284,7 +280,7 @@ def train_on_examples(
             "output": output_dir.name, "output_step": state.best_step if state.best_step is not None else state.step,
         }
         (paths.root / "train" / "summary.json").write_text(json.dumps(summary, indent=1))
-        _say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary['output_step']}")
+        say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary['output_step']}")
     ctx.barrier()
     return TrainResult(
         run_dir=paths.root, output_dir=output_dir, steps=state.step, best_step=state.best_step,
