@@ -92,6 +92,13 @@ def test_micro_batches_group_similar_lengths():
     assert batches == [((1,), (3,)), ((2,), (0,))]
 
 
+def test_unpadded_micro_batches_count_real_tokens():
+    rows = [(0,), (1,), (2,), (3,)]
+    # padded: 3 rows x 50 > 115; end to end (the varlen layout) 50 + 48 + 12 fits, 10 more does not
+    assert group_micro_batches(rows, [10, 50, 12, 48], micro_batch_tokens=115, padded=False) == [((1,), (3,), (2,)), ((0,),)]
+    assert group_micro_batches(rows, [10, 50, 12, 48], micro_batch_tokens=115) == [((1,), (3,)), ((2,), (0,))]
+
+
 def test_collate_restarts_positions_isolates_segments_and_masks_first_labels():
     examples = _examples([5, 3, 4], trainable_from=0.0)
     batch = collate(examples, [(0, 1), (2,)], pad_id=2)

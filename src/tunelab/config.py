@@ -64,7 +64,10 @@ class TrainConfig(_Section):
     epochs: float = Field(2, gt=0)
     lr: float | None = Field(None, gt=0, description="default by method: 2e-4 for LoRA/DoRA/QLoRA, 1e-5 for full")
     tokens_per_step: int = Field(8192, ge=1, description="global batch in trainable-or-not real tokens per optimizer step")
-    micro_batch_tokens: int | None = Field(None, ge=16, description="tokens per forward pass; default max_seq_len")
+    micro_batch_tokens: int | None = Field(
+        None, ge=16, description="tokens per forward pass; default: max_seq_len on CPU, on a GPU the most that fit "
+        "85% of its memory (probed before training)",
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -80,6 +83,11 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     compile: bool = False
     packing: bool = True
+    attention: Literal["auto", "varlen", "mask"] = Field(
+        "auto", description="how packed examples are kept apart: varlen = examples end to end through a "
+        "variable-length attention kernel (flash on GPU); mask = padded rows with a block-diagonal mask; "
+        "auto = varlen on a GPU in bf16, mask elsewhere",
+    )
     distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
         "auto", description="under torchrun (--nproc N): ddp = every rank holds the model, gradients summed; "
         "auto = none for one process, else ddp; fsdp is not available yet",

@@ -13,6 +13,9 @@ training loop, evaluation and the benchmarks alike:
 - `collate`: rows -> input_ids, labels, restarting position_ids and a 4-D block-diagonal causal
   boolean attention mask. Restarting position_ids alone do NOT isolate packed examples under SDPA
   (FACTS.md); the mask does, so each example sees only itself, as if it ran alone.
+- `collate_varlen`: the same examples as ONE row without padding between examples, plus the
+  cumulative sequence lengths a variable-length attention kernel needs (train/attention.py). No
+  (length x length) mask is built, and attention costs each example its own length squared.
 """
 
 from __future__ import annotations
@@ -121,23 +124,28 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=generator).tolist()
 
 
-def group_micro_batches(rows: Sequence[Row], row_lengths: Sequence[int], micro_batch_tokens: int) -> list[tuple[Row, ...]]:
+def group_micro_batches(
+    rows: Sequence[Row], row_lengths: Sequence[int], micro_batch_tokens: int, padded: bool = True
+) -> list[tuple[Row, ...]]:
     """Split a step's rows into micro-batches whose padded size (rows x longest row) fits
-    `micro_batch_tokens`. Rows are sorted longest first so that rows of similar length share a
+    `micro_batch_tokens`, or, with `padded=False` (the varlen layout: rows end to end), whose
+    total length does. Rows are sorted longest first so that rows of similar length share a
     micro-batch (less padding); a row longer than the budget goes alone."""
     order = sorted(range(len(rows)), key=lambda i: (-row_lengths[i], rows[i]))
     batches: list[tuple[Row, ...]] = []
     current: list[Row] = []
-    longest = 0
+    longest = used = 0
     for i in order:
         # rows come longest first, so the batch's longest row is its first one
         width = longest or row_lengths[i]
-        if current and (len(current) + 1) * width > micro_batch_tokens:
+        size = (len(current) + 1) * width if padded else used + row_lengths[i]
+        if current and size > micro_batch_tokens:
             batches.append(tuple(current))
-            current, longest = [], 0
+            current, longest, used = [], 0, 0
         if not current:
             longest = row_lengths[i]
         current.append(rows[i])
+        used += row_lengths[i]
     if current:
         batches.append(tuple(current))
     return batches
@@ -152,10 +160,12 @@ def plan_steps(
     epochs: float,
     seed: int,
     max_steps: int | None = None,
+    padded: bool = True,
 ) -> list[Step]:
     """Every optimizer step of a run, in order. Each epoch shuffles the rows (seeded) and cuts them
     into steps of at most `tokens_per_step` real tokens (at least one row a step). A fractional last
-    epoch runs that fraction of its steps (rounded up); `max_steps` caps the total."""
+    epoch runs that fraction of its steps (rounded up); `max_steps` caps the total. `padded`: see
+    group_micro_batches."""
     if not rows:
         raise ConfigError("no training examples to train on (the train split is empty)")
     lengths = [example_length(e) for e in examples]
@@ -174,7 +184,9 @@ def plan_steps(
                 tokens += row_lengths[order[end]]
                 end += 1
             picked = [order[i] for i in range(start, end)]
-            micro = group_micro_batches([rows[r] for r in picked], [row_lengths[r] for r in picked], micro_batch_tokens)
+            micro = group_micro_batches(
+                [rows[r] for r in picked], [row_lengths[r] for r in picked], micro_batch_tokens, padded
+            )
             epoch_steps.append(
                 Step(epoch, start, tuple(micro), tokens, sum(row_trainable[r] for r in picked), end / len(order))
             )
@@ -203,13 +215,24 @@ class Batch:
     attention_mask: torch.Tensor | None  # (rows, 1, length, length) bool, True = may attend
     tokens: int  # real (non-pad) tokens
     trainable_tokens: int
+    # variable-length layout (collate_varlen): one row; sequence k spans cu_seqlens[k]:cu_seqlens[k+1]
+    cu_seqlens: torch.Tensor | None = None  # (sequences + 1,) int32
+    max_seqlen: int = 0  # an upper bound on the longest sequence (a fixed bound avoids recompiles)
 
     def to(self, device: Any) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
             move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
-            self.tokens, self.trainable_tokens,
+            self.tokens, self.trainable_tokens, move(self.cu_seqlens), self.max_seqlen,
         )
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for CausalLMLoss (train/loss.py)."""
+        inputs = {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,
+                  "attention_mask": self.attention_mask}
+        if self.cu_seqlens is not None:
+            inputs.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
+        return inputs
 
 
 def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int) -> Batch:
@@ -248,3 +271,42 @@ def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None, :, :]
     return Batch(input_ids, labels, position_ids, mask, sum(lengths), trainable)
+
+
+def collate_varlen(
+    examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int, *, pad_to_multiple: int = 1, max_seqlen: int = 0
+) -> Batch:
+    """Every example of `rows`, in order, end to end in one row of shape (1, tokens), with restarting
+    position_ids and cu_seqlens marking where each example starts. Nothing is padded between
+    examples; with `pad_to_multiple` > 1 the row ends with padding (a sequence of its own, labels
+    -100) up to a multiple of it, so that compiled kernels see few distinct shapes. `max_seqlen`
+    (0: the longest example) is passed to the kernel as the longest sequence; a fixed bound is
+    allowed (it only sizes the kernel's grid) and keeps compiled graphs from specialising on it."""
+    import torch
+
+    order = [index for row in rows for index in row]
+    lengths = [example_length(examples[i]) for i in order]
+    tokens = sum(lengths)
+    width = -(-tokens // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((1, width), dtype=torch.long)
+    boundaries = [0]
+    trainable = 0
+    at = 0
+    for index, n in zip(order, lengths, strict=True):
+        example = examples[index]
+        input_ids[0, at : at + n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        example_labels = torch.tensor(example["labels"], dtype=torch.long)
+        example_labels[0] = IGNORE_INDEX
+        labels[0, at : at + n] = example_labels
+        position_ids[0, at : at + n] = torch.arange(n)
+        trainable += int((example_labels != IGNORE_INDEX).sum())
+        at += n
+        boundaries.append(at)
+    if width > tokens:
+        position_ids[0, tokens:] = torch.arange(width - tokens)
+        boundaries.append(width)
+    longest = max(lengths + [width - tokens])
+    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
+    return Batch(input_ids, labels, position_ids, None, tokens, trainable, cu_seqlens, max(longest, max_seqlen))

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from tunelab.data.pack import Row, Step, collate
+from tunelab.data.pack import Batch, Row, Step, collate, collate_varlen, example_length
 from tunelab.errors import TunelabError
 from tunelab.train.checkpoint import (
     Checkpoint,
@@ -221,6 +221,29 @@ def _finite_or_none(value: float) -> float | None:
 # evaluation
 
 
+# Varlen rows are padded to a multiple of this on CUDA: fewer distinct shapes for compiled graphs
+# and the allocator, at most 63 padding tokens per micro-batch.
+VARLEN_PAD_MULTIPLE = 64
+
+
+def _collate_fn(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int) -> Callable[[Sequence[Row]], Batch]:
+    """The micro-batch builder for the setup's attention layout."""
+    if setup.attention != "varlen":
+        return lambda rows: collate(examples, rows, pad_id).to(setup.device)
+    # a fixed bound on sequence length: the kernel's grid, so compiled graphs do not specialise on it
+    longest = max((example_length(e) for e in examples), default=1)
+    multiple = VARLEN_PAD_MULTIPLE if setup.device.type == "cuda" else 1
+    return lambda rows: collate_varlen(examples, rows, pad_id, pad_to_multiple=multiple, max_seqlen=longest).to(setup.device)
+
+
+def _attention_layout(setup: TrainSetup) -> contextlib.AbstractContextManager:
+    if setup.attention != "varlen":
+        return contextlib.nullcontext()
+    from tunelab.train.attention import use_varlen_attention
+
+    return use_varlen_attention(setup.model)
+
+
 def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext = SINGLE_PROCESS) -> tuple[float, float]:
     """(mean loss, token accuracy) over every trainable token of the set, dropout off."""
     model = setup.model
@@ -228,10 +251,10 @@ def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32, enabled=setup.autocast_dtype is not None)
-    with torch.no_grad(), autocast:
+    make_batch = _collate_fn(setup, eval_set.examples, pad_id)
+    with torch.no_grad(), autocast, _attention_layout(setup):
         for micro in ctx.shard(eval_set.micro_batches):
-            batch = collate(eval_set.examples, micro, pad_id).to(setup.device)
-            out = setup.loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+            out = setup.loss_module(**make_batch(micro).model_inputs())
             sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
     ctx.all_reduce_sum(sums)
     model.train(was_training)
@@ -262,11 +285,13 @@ def train_loop(
     nan_at_step: int | None = None,
     on_step_end: Callable[[TrainState, TrainSetup], None] | None = None,
     progress: bool = True,
+    write_checkpoints: bool = True,
 ) -> LoopResult:
     """Run the optimizer steps of `plan` from step 0 (or from `resume`), evaluating on `valid` and
     `train_sample` every cfg.eval_every_steps and at the end. `cfg` is a TrainConfig.
     `nan_at_step` (tests only) turns the loss of that step (1-based) into NaN; `on_step_end` is
-    called after every step (tests record parameters with it)."""
+    called after every step (tests record parameters with it); `write_checkpoints=False`
+    (benchmarks) skips every checkpoint."""
     model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
     device = setup.device
     checkpoints = run_root / "checkpoints"
@@ -321,9 +346,10 @@ def train_loop(
     stopped_by: str | None = None
     session_tokens, session_started = 0, time.perf_counter()
     val_loss: float | None = state.last_val_loss
+    make_batch = _collate_fn(setup, examples, pad_id)
     model.train()
     try:
-        with _StopSignals() as stop:
+        with _StopSignals() as stop, _attention_layout(setup):
             while not finished:
                 step = plan[state.step]
                 step_started = time.perf_counter()
@@ -341,10 +367,10 @@ def train_loop(
                 for index, micro in enumerate(my_micro_batches):
                     if stop.received:
                         break
-                    batch = collate(examples, micro, pad_id).to(device)
+                    batch = make_batch(micro)
                     with ctx.gradient_sync(setup.loss_module, index == len(my_micro_batches) - 1):
                         with autocast:
-                            out = setup.loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+                            out = setup.loss_module(**batch.model_inputs())
                         loss_sum = out.loss_sum
                         if nan_at_step == state.step + 1 and index == 0:
                             loss_sum = loss_sum * float("nan")
@@ -454,7 +480,7 @@ def train_loop(
                             say(message)
 
                 # ---- checkpoint: periodically, at a new best, and at the end
-                if new_best or finished or state.step % cfg.checkpoint_every_steps == 0:
+                if write_checkpoints and (new_best or finished or state.step % cfg.checkpoint_every_steps == 0):
                     path = checkpoint("best" if new_best else "end" if finished else "periodic")
                     if new_best:
                         best_path = path

@@ -160,8 +160,17 @@ class CausalLMLoss(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int = 0,
     ) -> LossSums:
+        """`cu_seqlens` (collate_varlen's layout): the row holds several examples end to end, and
+        the model's attention must be tunelab's varlen attention (train/attention.py)."""
         decoder, head = causal_lm_parts(self.model)
+        varlen = {}
+        if cu_seqlens is not None:
+            from tunelab.train.attention import CU_SEQLENS, MAX_SEQLEN
+
+            varlen = {CU_SEQLENS: cu_seqlens, MAX_SEQLEN: max_seqlen}
         if attention_mask is not None and attention_mask.dtype == torch.bool and self.eager_attention:
             # eager attention adds the mask to the scores: it wants 0 / -inf, not True / False
             blocked = torch.finfo(head.weight.dtype).min
@@ -169,7 +178,7 @@ class CausalLMLoss(nn.Module):
                 ~attention_mask, blocked
             )
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
         ).last_hidden_state
         targets = labels[:, 1:]
         trainable = targets != IGNORE_INDEX
@@ -184,7 +193,7 @@ class CausalLMLoss(nn.Module):
         return LossSums(loss_sum, trainable.sum(), correct)
 
     def forward_batch(self, batch: Batch) -> LossSums:
-        return self(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+        return self(**batch.model_inputs())
 
 
 def reference_loss_sums(model: Any, batch: Batch) -> LossSums:

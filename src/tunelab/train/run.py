@@ -249,6 +249,16 @@ def train_on_examples(
     remove_temporary(paths.checkpoints)
 
     setup = setup_training(recipe, len(plan), device)
+    if cfg.micro_batch_tokens is None and setup.device.type == "cuda" and ctx.world_size == 1:
+        from tunelab.train.memory import auto_micro_batch_tokens
+
+        # the plan's steps stay the same (they are cut by tokens_per_step); only their micro-batches change
+        micro, tried = auto_micro_batch_tokens(setup, cfg.tokens_per_step, row_tokens, len(tokenizer))
+        plan = plan_steps(
+            train_examples, rows, tokens_per_step=cfg.tokens_per_step, micro_batch_tokens=micro, epochs=cfg.epochs,
+            seed=cfg.seed, max_steps=cfg.max_steps, padded=setup.attention != "varlen",
+        )
+        say(f"micro-batch: {micro} tokens a forward pass (probed: {', '.join(str(t['micro_batch_tokens']) for t in tried)})")
     valid = _eval_set(valid_examples[: cfg.eval_max_examples], recipe, row_tokens) if valid_examples else None
     sample_size = min(cfg.eval_max_examples, len(train_examples))
     sample_ids = sorted(random.Random(cfg.seed).sample(range(len(train_examples)), sample_size))

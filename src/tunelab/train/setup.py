@@ -66,6 +66,7 @@ class TrainSetup:
     method: str
     trainable_params: int
     total_params: int
+    attention: str = "mask"  # how packed examples are kept apart: "varlen" (train/attention.py) or "mask"
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -123,14 +124,17 @@ def _load_4bit(recipe: Recipe, device: torch.device) -> nn.Module:
     return model
 
 
-def build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, torch.dtype | None]:
-    """The model to train, in training mode, and the autocast dtype to run it under (or None)."""
+def build_model(recipe: Recipe, device: torch.device, base: nn.Module | None = None) -> tuple[nn.Module, torch.dtype | None]:
+    """The model to train, in training mode, and the autocast dtype to run it under (or None).
+    `base` (benchmarks): an already built transformers model to use instead of loading recipe.model."""
     from tunelab.models import load_model
 
     method = recipe.method
     on_gpu = device.type == "cuda"
     autocast = torch.bfloat16 if on_gpu and recipe.model.dtype in ("auto", "bfloat16") else None
-    if method == "qlora":
+    if base is not None:
+        pass
+    elif method == "qlora":
         base = _load_4bit(recipe, device)
     else:
         # full fine-tuning keeps float32 master weights on GPU (bf16 AdamW updates lose small steps);
@@ -180,17 +184,41 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=float(cfg.lr), betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
-def setup_training(recipe: Recipe, total_steps: int, device: str | torch.device | None = None) -> TrainSetup:
-    """Model, loss, optimizer and schedule for a run of `total_steps` optimizer steps."""
+def resolve_attention(choice: str, device: torch.device, autocast: torch.dtype | None, packing: bool) -> str:
+    """train.attention -> "varlen" | "mask". auto: varlen where its fast kernel runs (CUDA, bf16), the
+    masked padded rows elsewhere (on CPU varlen runs a per-example reference, correct but no faster)."""
+    if choice != "auto":
+        return choice
+    from tunelab.train.attention import kernel_name
+
+    fast = kernel_name(device, autocast or torch.float32) == "flash-varlen"
+    return "varlen" if packing and fast else "mask"
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (regional compilation): identical layers share one
+    compiled graph, so compiling costs one layer's time, and parameter names (checkpoints, adapters)
+    stay those of the model. Dynamic shapes: micro-batches differ in length."""
+    from tunelab.train.loss import causal_lm_parts
+
+    decoder, _ = causal_lm_parts(model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        decoder.compile(dynamic=True)
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
+def setup_training(
+    recipe: Recipe, total_steps: int, device: str | torch.device | None = None, base: nn.Module | None = None
+) -> TrainSetup:
+    """Model, loss, optimizer and schedule for a run of `total_steps` optimizer steps. `base`: see build_model."""
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    model, autocast = build_model(recipe, device)
+    model, autocast = build_model(recipe, device, base)
     loss_module = CausalLMLoss(model)
     if recipe.train.compile:
-        from tunelab.train.loss import causal_lm_parts
-
-        decoder, _ = causal_lm_parts(model)
-        # in place: parameter names (and so checkpoints and adapters) stay those of the model
-        decoder.compile(dynamic=True)
+        compile_layers(model)
     seen: set[int] = set()
     total = trainable = 0
     for param in model.parameters():
@@ -203,4 +231,5 @@ def setup_training(recipe: Recipe, total_steps: int, device: str | torch.device 
         model=model, loss_module=loss_module, optimizer=build_optimizer(model, recipe.train, device),
         schedule=LrSchedule.from_config(recipe.train, total_steps), device=device, autocast_dtype=autocast,
         method=recipe.method, trainable_params=trainable, total_params=total,
+        attention=resolve_attention(recipe.train.attention, device, autocast, recipe.train.packing),
     )
