@@ -18,7 +18,7 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log"
 timeout "${SUITE_TIMEOUT_S:-480}" python3 bench/train_speed.py --device cuda --compile --budget-s "${SUITE_BUDGET_S:-330}" \
   --out "$OUT/train_speed_gpu.json" 2>&1 | tee "$OUT/train_speed_gpu.log"
 python3 - "$OUT/train_speed_gpu.json" <<'PY'

@@ -452,8 +452,10 @@ def gpu_suite(args: argparse.Namespace) -> list[dict]:
         line = {k: record.get(k) for k in ("tokens_per_s_ratio", "peak_mem_ratio", "loss_max_abs_diff")}
         print(f"{shape} {method} x{per_step}: {line} tunelab MFU {mfu}", file=sys.stderr, flush=True)
     if args.compile:
-        wanted = set(args.compile_only.split(","))
-        for record in records:
+        wanted = args.compile_only.split(",")
+        order = sorted(records, key=lambda r: wanted.index(f"{r['config']['shape']}:{r['config']['method']}")
+                       if f"{r['config']['shape']}:{r['config']['method']}" in wanted else len(wanted))
+        for record in order:
             cfg = record["config"]
             if f"{cfg['shape']}:{cfg['method']}" not in wanted or "tokens_per_s_ratio" not in record:
                 continue
@@ -490,8 +492,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps a side (CPU 6 or 3 with --quick; GPU 12)")
     parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
     parser.add_argument("--compile", action="store_true", help="GPU: also time tunelab with train.compile=true")
-    parser.add_argument("--compile-only", default="smollm2-135m:lora,llama3.2-1b:full",
-                        help="GPU: the shape:method configurations to time compiled")
+    parser.add_argument("--compile-only", default="llama3.2-1b:lora,smollm2-360m:lora,llama3.2-1b:full,smollm2-135m:lora",
+                        help="GPU: the shape:method configurations to time compiled, in this order")
     parser.add_argument("--only", default="", help="GPU: comma-separated shape:method to run (default all)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="GPU: start no configuration after this many seconds")
     parser.add_argument("--out", default=None, help="the JSON results file (default bench/results/train_speed_{cpu,gpu}.json)")

@@ -83,6 +83,11 @@ def varlen_attention_forward(
         raise ValueError("varlen attention does not apply attention dropout; this model's attention_dropout must be 0")
     groups = query.shape[1] // key.shape[1]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # float32 weights under bf16 autocast (full fine-tuning) give float32 q and k after RoPE, whose
+        # cos/sin follow the hidden states' dtype: cast as autocast does for SDPA, so the flash kernel runs
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     kernel = _KERNEL
     default_scale = scaling is None or abs(scaling - q.shape[-1] ** -0.5) < 1e-9
     if kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and (

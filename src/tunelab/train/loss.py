@@ -23,8 +23,12 @@ from tunelab.errors import ModelError
 if TYPE_CHECKING:
     from tunelab.data.pack import Batch
 
-# About 8M logits (32 MiB in float32) per chunk: large matmuls, small peak memory.
+# Logits per chunk: about 8M (32 MiB in float32) on CPU, where memory is tight and kernels are
+# slow anyway; 64M (256 MiB) on a GPU, where each chunk costs kernel launches and, when the LM head
+# is trained, one float32 pass over its whole gradient: few, large chunks (measured: 65-row chunks
+# of a 128k vocabulary made full fine-tuning several times slower).
 LOGITS_PER_CHUNK = 1 << 23
+LOGITS_PER_CHUNK_GPU = 1 << 26
 
 
 class LossSums(NamedTuple):
@@ -104,7 +108,8 @@ def linear_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, correct count) of hidden (N, H) projected by weight (V, H) against
     targets (N,). Gradients flow to hidden, weight and bias as needed."""
-    chunk_rows = chunk_rows or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    per_chunk = LOGITS_PER_CHUNK_GPU if hidden.is_cuda else LOGITS_PER_CHUNK
+    chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     compute_dtype = compute_dtype or weight.dtype
     if hidden.shape[0] == 0:
         zero = (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()
