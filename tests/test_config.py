@@ -78,3 +78,17 @@ def test_data_paths_are_relative_to_the_recipe(tmp_path):
     (tmp_path / "d" / "train.jsonl").write_text("")
     recipe = load_recipe(write(tmp_path, "data: {train: d/train.jsonl}\n"))
     assert Path(recipe.data.train) == tmp_path / "d" / "train.jsonl"
+
+
+def test_compile_is_auto_by_default_and_accepts_booleans():
+    import torch
+
+    from tunelab.train.setup import COMPILE_MIN_TOKENS, should_compile
+
+    assert load_recipe(None, []).train.compile == "auto"
+    assert load_recipe(None, ["train.compile=true"]).train.compile is True
+    assert load_recipe(None, ["train.compile=false"]).train.compile is False
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert should_compile("auto", cuda, COMPILE_MIN_TOKENS) and not should_compile("auto", cuda, COMPILE_MIN_TOKENS - 1)
+    assert not should_compile("auto", cpu, 10**12)
+    assert should_compile(True, cpu, 1) and not should_compile(False, cuda, 10**12)

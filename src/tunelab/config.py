@@ -81,7 +81,10 @@ class TrainConfig(_Section):
     early_stop_patience: int | None = Field(3, ge=1, description="evaluations without improvement; null: never stop early")
     max_nonfinite_steps: int = Field(5, ge=1, description="abort after this many consecutive non-finite steps")
     gradient_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer; auto = on a GPU when the run is long enough "
+        "(>= 4M tokens) to pay back the one to two minutes of compiling",
+    )
     packing: bool = True
     attention: Literal["auto", "varlen", "mask"] = Field(
         "auto", description="how packed examples are kept apart: varlen = examples end to end through a "
