@@ -280,6 +280,8 @@ def test_fsdp_killed_rank_stops_the_job_then_resume_reaches_the_uninterrupted_we
     assert code != 0
     assert took_s < 60, f"the job took {took_s:.0f} s to stop"
     assert "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    # the survivor's one line (its forward's all-gather failed), not a traceback
+    assert "error: rank 0: forward/backward (FSDP all-gather, reduce-scatter) failed: another rank stopped" in stderr
     assert "--resume" in stderr.splitlines()[-1], stderr[-3000:]
     assert max(_losses(run)) == 3
     # a sharded checkpoint whose COMPLETE marker is missing (a crash while writing it) is not resumed from

@@ -102,12 +102,20 @@ def resolve_strategy(distributed: str, method: str, world_size: int) -> str:
 
 
 @contextlib.contextmanager
-def _collective(rank: int, what: str) -> Iterator[None]:
+def _collective(rank: int, what: str, compute: bool = False) -> Iterator[None]:
+    """Turn a failed collective into RankFailed. `compute`: the block also computes (FSDP's forward
+    and backward), so only errors of the communication library count; others (out of memory, a bug)
+    pass unchanged."""
     from torch.distributed.checkpoint.api import CheckpointException  # DCP's, a BaseException
 
     try:
         yield
     except (RuntimeError, torch.distributed.DistError, CheckpointException) as err:
+        from_comms = isinstance(err, torch.distributed.DistError) or any(
+            name in str(err).lower() for name in ("gloo", "nccl")
+        )
+        if compute and (isinstance(err, torch.OutOfMemoryError) or not from_comms):
+            raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RankFailed(
             f"rank {rank}: {what} failed: another rank stopped or cannot be reached ({first_line[:200]}); "
@@ -178,6 +186,10 @@ class FullyShardedContext(ProcessGroupContext):
             return mine, 0
         passes = math.ceil(len(items) / self.world_size)
         return mine + [items[0]] * (passes - len(mine)), len(mine)
+
+    def gradient_sync(self, module: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Around each forward/backward: its all-gathers and reduce-scatters fail as RankFailed."""
+        return _collective(self.rank, "forward/backward (FSDP all-gather, reduce-scatter)", compute=True)
 
     def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
         """Nothing: FSDP reduce-scattered (summed) each gradient during backward."""
