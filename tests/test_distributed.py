@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from train_examples import reverse_pairs, write_chat_jsonl
 from tunelab.config import Recipe
 from tunelab.errors import ConfigError
-from tunelab.train.distributed import resolve_strategy
+from tunelab.train.distributed import FullyShardedContext, resolve_strategy
 from tunelab.train.run import DUMP_ENV, KILL_ENV, NAN_ENV, _nan_injection
 
 STEPS = 6
@@ -337,3 +337,13 @@ def test_strategy_defaults_and_refusals():
     assert Recipe().train.distributed == "auto"
     assert _nan_injection("3", 1) == 3 and _nan_injection("3@1", 1) == 3 and _nan_injection("3@1", 0) is None
     assert _nan_injection(None, 0) is None
+
+
+def test_fsdp_ranks_run_the_same_number_of_passes():
+    # FSDP's forward/backward are collectives: a rank short of micro-batches repeats one, marked not real
+    rank0, rank1 = (FullyShardedContext(rank=r, world_size=2) for r in (0, 1))
+    assert rank0.lockstep_shard(["a", "b", "c"]) == (["a", "c"], 2)
+    assert rank1.lockstep_shard(["a", "b", "c"]) == (["b", "a"], 1)
+    assert rank1.lockstep_shard(["a"]) == (["a"], 0)
+    assert rank0.lockstep_shard(["a", "b"]) == (["a"], 1) and rank1.lockstep_shard(["a", "b"]) == (["b"], 1)
+    assert FullyShardedContext(rank=2, world_size=3).lockstep_shard(["a"]) == (["a"], 0)
