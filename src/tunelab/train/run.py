@@ -9,7 +9,8 @@ transformers folder with its tokenizer, full fine-tuning), and train/summary.jso
 `resume=True` continues from the newest complete, verified checkpoint and reproduces the loss curve
 of an uninterrupted run. The environment variable TUNELAB_INJECT_NAN_AT_STEP (tests only) makes
 the loss of that step NaN, to exercise the non-finite path end to end; "STEP@RANK" poisons it on
-that rank only (torchrun). Under torchrun (tunelab.train.distributed) rank 0 writes every file.
+that rank only (torchrun). Under torchrun (tunelab.train.distributed) rank 0 writes every file
+(under train.distributed: fsdp every rank also writes its checkpoint shards).
 """
 
 from __future__ import annotations
