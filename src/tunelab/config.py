@@ -93,7 +93,8 @@ class TrainConfig(_Section):
     )
     distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
         "auto", description="under torchrun (--nproc N): ddp = every rank holds the model, gradients summed; "
-        "auto = none for one process, else ddp; fsdp is not available yet",
+        "fsdp = method full only: weights, gradients and AdamW state sharded over ranks (FSDP2), for a model "
+        "that does not fit one GPU with them; auto = none for one process, else ddp (less communication)",
     )
     seed: int = 0
 

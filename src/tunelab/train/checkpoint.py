@@ -14,6 +14,15 @@ are pruned (newest `keep_last` plus the best) only after the new one is complete
 checkpoint always survives a crash. Resuming takes the newest checkpoint that has COMPLETE and whose
 every file matches the manifest; a damaged one is reported and skipped, never loaded.
 Only our own files are read, and no pickle: safetensors and JSON.
+
+Sharded checkpoints (train.distributed: fsdp under torchrun, see save_sharded_checkpoint) keep the
+same folder, manifest and COMPLETE rule, with other files:
+  dcp/                     model and optimizer state in torch.distributed.checkpoint's format: one
+                           __R_0.distcp per rank (that rank's shards) and .metadata (rank 0)
+  rng-R.json               each rank's generator states
+  state.json, manifest.json (lists every file above, written by rank 0), COMPLETE
+The DCP files hold pickled metadata (torch's format): they are read only after every file matched
+the manifest's sha256, and only from our own run folder.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 _TMP_PREFIX = ".tmp-"
 _FORMAT = 1
+SHARDED = "sharded"  # manifest "kind" of an FSDP checkpoint; a missing kind is a single-file one
+DCP_DIR = "dcp"
 
 
 @dataclass
@@ -69,6 +80,8 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     rng: dict[str, Any]
     state: TrainState
+    sharded: bool = False  # weights and optimizer state are in DCP_DIR, not loaded here
+    world_size: int = 1  # processes that wrote a sharded checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,13 +176,26 @@ def save_checkpoint(
     _write_json(tmp / "optimizer.json", opt_meta)
     _write_json(tmp / "rng.json", rng)
     _write_json(tmp / "state.json", asdict(state))
+    files = _describe(tmp, sorted(path.name for path in tmp.iterdir()))
+    return _commit(root, step, tmp, {"format": _FORMAT, "step": step, "files": files})
+
+
+def _describe(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """fsync each file and record its size and sha256, for the manifest."""
     files = {}
-    for path in sorted(tmp.iterdir()):
+    for name in names:
+        path = folder / name
         fsync_file(path)
-        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    _write_json(tmp / MANIFEST, {"format": _FORMAT, "step": step, "files": files})
+        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+def _commit(root: Path, step: int, tmp: Path, manifest: dict[str, Any]) -> Path:
+    """The end of the protocol: manifest, rename to step-N, COMPLETE last (each made durable)."""
+    _write_json(tmp / MANIFEST, manifest)
     fsync_file(tmp / MANIFEST)
-    fsync_dir(tmp)
+    for folder in {tmp, *((tmp / name).parent for name in manifest["files"])}:
+        fsync_dir(folder)
     final = checkpoint_dir(root, step)
     if final.exists():
         # only a damaged or unfinished step-N can be here: resume starts from the newest good one
@@ -180,6 +206,42 @@ def save_checkpoint(
     fsync_file(final / COMPLETE)
     fsync_dir(final)
     return final
+
+
+def sharded_tmp_dir(root: Path, step: int) -> Path:
+    """Where every rank writes its part of sharded checkpoint step-N: one name all ranks agree on."""
+    return root / f"{_TMP_PREFIX}{PREFIX}{step}-{SHARDED}"
+
+
+def start_sharded(root: Path, step: int) -> Path:
+    """Rank 0, before the others write: an empty temporary folder (a crashed attempt's is removed)."""
+    tmp = sharded_tmp_dir(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / DCP_DIR).mkdir(parents=True)
+    return tmp
+
+
+def finish_rank_files(tmp: Path, rank: int, rng: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every rank, after DCP wrote its shards: write this rank's rng-R.json and describe the files
+    this rank wrote (fsynced here, by their writer), for rank 0's manifest."""
+    _write_json(tmp / f"rng-{rank}.json", rng)
+    names = [f"rng-{rank}.json"]
+    names += sorted(f"{DCP_DIR}/{path.name}" for path in (tmp / DCP_DIR).glob(f"__{rank}_*.distcp"))
+    if rank == 0:
+        names.append(f"{DCP_DIR}/.metadata")
+    return _describe(tmp, names)
+
+
+def commit_sharded(
+    root: Path, step: int, files: dict[str, dict[str, Any]], world_size: int, state: TrainState
+) -> Path:
+    """Rank 0, once every rank described its files: state.json, the manifest, then COMPLETE."""
+    tmp = sharded_tmp_dir(root, step)
+    _write_json(tmp / "state.json", asdict(state))
+    files = {**files, **_describe(tmp, ["state.json"])}
+    manifest = {"format": _FORMAT, "kind": SHARDED, "world_size": world_size, "step": step, "files": files}
+    return _commit(root, step, tmp, manifest)
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -195,7 +257,10 @@ def verify_checkpoint(path: Path) -> str | None:
         return "unreadable manifest.json"
     if manifest.get("format") != _FORMAT:
         return "written by another tunelab version"
-    for name in ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json", "state.json"):
+    required = ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json", "state.json")
+    if manifest.get("kind") == SHARDED:
+        required = (f"{DCP_DIR}/.metadata", "rng-0.json", "state.json")
+    for name in required:
         if name not in files:
             return f"manifest does not list {name}"
     for name, expected in files.items():
@@ -236,6 +301,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     problem = verify_checkpoint(path)
     if problem is not None:
         raise TunelabError(f"checkpoint {path} is unusable: {problem}")
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("kind") == SHARDED:
+        rng = json.loads((path / "rng-0.json").read_text())
+        state = TrainState(**json.loads((path / "state.json").read_text()))
+        return Checkpoint(path, state.step, {}, {}, rng, state, sharded=True, world_size=manifest["world_size"])
     device = str(map_location)
     weights = load_file(str(path / "weights.safetensors"), device=device)
     opt_tensors = load_file(str(path / "optimizer.safetensors"), device=device)

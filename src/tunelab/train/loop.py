@@ -42,6 +42,7 @@ from tunelab.train.checkpoint import (
     TrainState,
     capture_rng,
     checkpoint_dir,
+    load_weights,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -99,6 +100,48 @@ class DistContext:
 
     def barrier(self) -> None:
         pass
+
+    # Under FSDP (distributed.FullyShardedContext) forward and backward passes are collectives and the
+    # parameters are shards: the methods below are where that differs.
+    lockstep = False  # passes are collectives: a signal stops a step only at its end, agreed by all
+
+    def lockstep_shard(self, items: Sequence[Any]) -> tuple[Sequence[Any], int]:
+        """This rank's passes over its share of `items` and how many of them are real; FSDP pads
+        the share with zero-weight repeats so every rank runs as many passes."""
+        mine = self.shard(items)
+        return mine, len(mine)
+
+    def prepare(self, setup: TrainSetup, recipe: Any) -> None:
+        """After setup_training: FSDP shards the model here and rebuilds the optimizer over the shards."""
+
+    def clip_grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip to a global norm; returns the norm before clipping (a plain tensor on every rank)."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def save_checkpoint(self, root: Path, setup: TrainSetup, state: TrainState) -> None:
+        """Checkpoint step-N (train/checkpoint.py): rank 0 writes the whole trainable state."""
+        if self.is_main:
+            save_checkpoint(root, state.step, setup.trainable_state(), setup.optimizer.state_dict(), capture_rng(), state)
+
+    def restore(self, setup: TrainSetup, checkpoint: Checkpoint) -> None:
+        """Load a checkpoint's weights, optimizer state and generator states into `setup`."""
+        if checkpoint.sharded:
+            raise TunelabError(
+                f"checkpoint {checkpoint.path} is sharded: written by {checkpoint.world_size} processes with "
+                f"train.distributed: fsdp; resume it the same way (--nproc {checkpoint.world_size})"
+            )
+        setup.load_trainable_state(checkpoint.weights)
+        setup.optimizer.load_state_dict(checkpoint.optimizer_state)
+        restore_rng(checkpoint.rng)
+
+    def load_weights(self, setup: TrainSetup, path: Path) -> None:
+        """Only the weights of a checkpoint (the best one, for the run's output)."""
+        setup.load_trainable_state(load_weights(path))
+
+    def full_state_dict(self, setup: TrainSetup) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights for the output, or None: the model holds them itself. FSDP:
+        gathered to CPU (a collective: every rank calls it)."""
+        return None
 
 
 SINGLE_PROCESS = DistContext()
@@ -253,9 +296,11 @@ def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32, enabled=setup.autocast_dtype is not None)
     make_batch = _collate_fn(setup, eval_set.examples, pad_id)
     with torch.no_grad(), autocast, _attention_layout(setup):
-        for micro in ctx.shard(eval_set.micro_batches):
+        passes, real = ctx.lockstep_shard(eval_set.micro_batches)
+        for index, micro in enumerate(passes):
             out = setup.loss_module(**make_batch(micro).model_inputs())
-            sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
+            if index < real:
+                sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
     ctx.all_reduce_sum(sums)
     model.train(was_training)
     loss_sum, count, correct = sums.tolist()
@@ -297,9 +342,7 @@ def train_loop(
     checkpoints = run_root / "checkpoints"
     state = TrainState()
     if resume is not None:
-        setup.load_trainable_state(resume.weights)
-        optimizer.load_state_dict(resume.optimizer_state)
-        restore_rng(resume.rng)
+        ctx.restore(setup, resume)
         state = resume.state
         if state.step < len(plan) and (plan[state.step].epoch, plan[state.step].position) != (state.epoch, state.position):
             raise TunelabError(
@@ -334,9 +377,8 @@ def train_loop(
         if ctx.is_main:
             log.write({"kind": "event", "step": state.step, "event": "checkpoint", "message": reason})
             state.log_offset = log.sync()
-            save_checkpoint(
-                checkpoints, state.step, setup.trainable_state(), optimizer.state_dict(), capture_rng(), state
-            )
+        ctx.save_checkpoint(checkpoints, setup, state)
+        if ctx.is_main:
             keep = {state.best_step} if state.best_step is not None else set()
             prune_checkpoints(checkpoints, cfg.keep_checkpoints, keep)
         ctx.barrier()
@@ -362,10 +404,10 @@ def train_loop(
 
                 # ---- forward/backward: accumulate the step's micro-batches; every trainable token weighs 1/N
                 scale = ctx.gradient_average_factor / max(1, step.trainable_tokens)
-                my_micro_batches = ctx.shard(step.micro_batches)
+                my_micro_batches, real = ctx.lockstep_shard(step.micro_batches)
                 sums = torch.zeros(3, dtype=torch.float64, device=device)
                 for index, micro in enumerate(my_micro_batches):
-                    if stop.received:
+                    if stop.received and not ctx.lockstep:
                         break
                     batch = make_batch(micro)
                     with ctx.gradient_sync(setup.loss_module, index == len(my_micro_batches) - 1):
@@ -374,8 +416,9 @@ def train_loop(
                         loss_sum = out.loss_sum
                         if nan_at_step == state.step + 1 and index == 0:
                             loss_sum = loss_sum * float("nan")
-                        (loss_sum * scale).backward()
-                    sums += torch.stack([loss_sum.detach().double(), out.count.double(), out.correct.double()])
+                        (loss_sum * (scale if index < real else 0.0)).backward()
+                    if index < real:
+                        sums += torch.stack([loss_sum.detach().double(), out.count.double(), out.correct.double()])
                 stopped_by = stop.received
                 if ctx.world_size > 1:
                     # every rank stops at the same step, even one whose signal came later or never
@@ -395,7 +438,7 @@ def train_loop(
 
                 # ---- clip and step, or skip a step whose loss or gradient is not finite (every rank agrees)
                 ctx.sync_gradients(params_list)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_list, cfg.grad_clip)
+                grad_norm = ctx.clip_grad_norm(params_list, cfg.grad_clip)
                 bad = torch.tensor(0.0 if (math.isfinite(loss) and bool(torch.isfinite(grad_norm))) else 1.0, device=device)
                 skipped = bool(ctx.all_reduce_max(bad).item())
                 if not skipped:

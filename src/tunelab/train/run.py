@@ -9,7 +9,8 @@ transformers folder with its tokenizer, full fine-tuning), and train/summary.jso
 `resume=True` continues from the newest complete, verified checkpoint and reproduces the loss curve
 of an uninterrupted run. The environment variable TUNELAB_INJECT_NAN_AT_STEP (tests only) makes
 the loss of that step NaN, to exercise the non-finite path end to end; "STEP@RANK" poisons it on
-that rank only (torchrun). Under torchrun (tunelab.train.distributed) rank 0 writes every file.
+that rank only (torchrun). Under torchrun (tunelab.train.distributed) rank 0 writes every file
+(under train.distributed: fsdp every rank also writes its checkpoint shards).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from tunelab.train.setup import TrainSetup
 
 NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
+KILL_ENV = "TUNELAB_TEST_KILL_AT_STEP"  # tests only: "STEP@RANK" SIGKILLs that rank right after that step (and its checkpoint)
 DUMP_ENV = "TUNELAB_TEST_DUMP_PARAMS"  # tests only: every rank saves its final trainable tensors to DIR/rank-R.safetensors
 
 
@@ -157,9 +159,12 @@ def _replace_dir(build: Callable[[Path], None], final: Path) -> None:
     tmp.rename(final)
 
 
-def save_output(setup: TrainSetup, tokenizer: PreTrainedTokenizerBase, paths: RunPaths) -> Path:
+def save_output(
+    setup: TrainSetup, tokenizer: PreTrainedTokenizerBase, paths: RunPaths, state_dict: dict[str, Any] | None = None
+) -> Path:
     """adapter/ for the LoRA family (peft.PeftModel.from_pretrained loads it), model/ for full
-    fine-tuning (AutoModelForCausalLM.from_pretrained loads it; the tokenizer is saved with it)."""
+    fine-tuning (AutoModelForCausalLM.from_pretrained loads it; the tokenizer is saved with it).
+    `state_dict`: the full weights to write instead of the model's own (FSDP: gathered from the shards)."""
     from tunelab.train.setup import ADAPTER_METHODS
 
     model = setup.model
@@ -171,7 +176,7 @@ def save_output(setup: TrainSetup, tokenizer: PreTrainedTokenizerBase, paths: Ru
         # generation should use the KV cache the training run turned off
         model.config.use_cache = True
         try:
-            model.save_pretrained(str(folder), safe_serialization=True)
+            model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
         finally:
             model.config.use_cache = False
         tokenizer.save_pretrained(str(folder))
@@ -220,7 +225,7 @@ def train_on_examples(
     """Train on tokenized examples ({"input_ids", "labels"}) into an existing run directory.
     `train` calls this after the data stage; tests and benchmarks call it directly."""
     from tunelab.data.pack import example_length, pack_rows, plan_steps, single_rows
-    from tunelab.train.checkpoint import find_resumable, load_checkpoint, load_weights, remove_temporary
+    from tunelab.train.checkpoint import find_resumable, load_checkpoint, remove_temporary
     from tunelab.train.loop import SINGLE_PROCESS, train_loop
     from tunelab.train.setup import setup_training
 
@@ -246,9 +251,12 @@ def train_on_examples(
         else:
             checkpoint = load_checkpoint(path)
             tell(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
-    remove_temporary(paths.checkpoints)
+    if ctx.is_main:  # one remover: two ranks deleting the same folder would race
+        remove_temporary(paths.checkpoints)
 
-    setup = setup_training(recipe, len(plan), device)
+    # FSDP loads the model on the CPU and shards it onto the GPUs (ctx.prepare)
+    setup = setup_training(recipe, len(plan), "cpu" if ctx.lockstep else device)
+    ctx.prepare(setup, recipe)
     if cfg.micro_batch_tokens is None and setup.device.type == "cuda" and ctx.world_size == 1:
         from tunelab.train.memory import auto_micro_batch_tokens
 
@@ -278,10 +286,11 @@ def train_on_examples(
 
     # the run's output is the best checkpoint (by validation loss), else the last weights
     if result.best_checkpoint is not None and state.best_step != state.step:
-        setup.load_trainable_state(load_weights(result.best_checkpoint))
+        ctx.load_weights(setup, result.best_checkpoint)
     output_dir = paths.adapter if recipe.method != "full" else paths.model
+    full_weights = ctx.full_state_dict(setup)
     if ctx.is_main:
-        output_dir = save_output(setup, tokenizer, paths)
+        output_dir = save_output(setup, tokenizer, paths, full_weights)
         summary = {
             "steps": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
             "stopped_early": state.stopped_early, "tokens": state.tokens, "trainable_tokens": state.trainable_tokens,
@@ -308,6 +317,21 @@ def _nan_injection(value: str | None, rank: int) -> int | None:
     return int(step) if not only_rank or int(only_rank) == rank else None
 
 
+def _kill_injection(value: str | None, rank: int) -> Callable[[TrainState, TrainSetup], None] | None:
+    """KILL_ENV "STEP@RANK": that rank dies (SIGKILL, as by the OOM killer) right after that step."""
+    step = _nan_injection(value, rank)
+    if step is None:
+        return None
+
+    def kill(state: TrainState, _setup: TrainSetup) -> None:
+        if state.step == step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
 def train(
     recipe: Recipe, resume: bool = False, *, resume_command: str | None = None, device: str | None = None,
     progress: bool = True,
@@ -322,11 +346,12 @@ def train(
         main_first,
         resolve_strategy,
         shutdown,
+        with_strategy,
     )
 
     ctx = init_distributed()
     try:
-        resolve_strategy(recipe.train.distributed, recipe.method, ctx.world_size)
+        ctx = with_strategy(ctx, resolve_strategy(recipe.train.distributed, recipe.method, ctx.world_size))
         if isinstance(ctx, ProcessGroupContext):
             device = device or ctx.device()
         paths = RunPaths(recipe.run_dir)
@@ -348,11 +373,15 @@ def train(
             recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
             device=device, ctx=ctx, resume_command=resume_command,
             nan_at_step=_nan_injection(os.environ.get(NAN_ENV), ctx.rank), progress=progress,
+            on_step_end=_kill_injection(os.environ.get(KILL_ENV), ctx.rank),
         )
         if os.environ.get(DUMP_ENV) and result.model is not None:
             from safetensors.torch import save_file
+            from torch.distributed.tensor import DTensor
 
-            tensors = {n: p.detach().cpu().contiguous() for n, p in result.model.named_parameters() if p.requires_grad}
+            # FSDP: each rank gathers the full tensors from the shards (a collective: every rank dumps)
+            tensors = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+                       for n, p in result.model.named_parameters() if p.requires_grad}
             save_file(tensors, str(Path(os.environ[DUMP_ENV]) / f"rank-{ctx.rank}.safetensors"))
         return result
     finally:
