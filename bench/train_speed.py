@@ -244,7 +244,10 @@ def run_tunelab(cfg: dict, compile_layers: bool = False) -> dict:
     return result
 
 
-def run_hf(cfg: dict) -> dict:
+def _run_trainer(cfg: dict, kind: str) -> dict:
+    """A Trainer-based side: "hf" (transformers Trainer + PEFT, DataCollatorForSeq2Seq padding to the
+    longest) or "trl" (TRL's SFTTrainer on the pre-tokenized examples, its own collator; its defaults
+    that would change the work are set to match: no gradient checkpointing, no truncation)."""
     import torch
     from peft import get_peft_model
     from transformers import (
@@ -268,8 +271,6 @@ def run_hf(cfg: dict) -> dict:
         model = get_peft_model(model, lora_config())
     examples = make_examples(cfg["steps"] * cfg["examples_per_step"], model.config.vocab_size, cfg["min_len"],
                              cfg["max_len"], cfg["answer_fraction"])
-    dataset = [{"input_ids": e["input_ids"], "labels": e["labels"], "attention_mask": [1] * len(e["input_ids"])}
-               for e in examples]
     losses: list[float] = []
     step_end_s: list[float] = []
 
@@ -283,24 +284,34 @@ def run_hf(cfg: dict) -> dict:
                 losses.append(logs["loss"])
 
     # a tokenizer only for padding: every side pads with id 0
-    tokenizer = cfg.get("tokenizer")
-    if tokenizer is None:
-        from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models
 
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
-                                            pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                        pad_token="<pad>")
     per_device = cfg["baseline_batch"]
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
+        common = dict(
             output_dir=out, per_device_train_batch_size=per_device,
             gradient_accumulation_steps=cfg["examples_per_step"] // per_device, learning_rate=LR[method],
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=cfg["steps"],
             logging_steps=1, save_strategy="no", report_to=[], train_sampling_strategy="sequential",
             dataloader_num_workers=0, use_cpu=device == "cpu", bf16=device == "cuda", optim="adamw_torch_fused",
-            seed=SEED, disable_tqdm=True, remove_unused_columns=False,
+            seed=SEED, disable_tqdm=True,
         )
-        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Record()])
+        if kind == "trl":
+            from datasets import Dataset
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(**common, gradient_checkpointing=False, max_length=None)
+            dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                 callbacks=[Record()])
+        else:
+            args = TrainingArguments(**common, remove_unused_columns=False)
+            dataset = [{"input_ids": e["input_ids"], "labels": e["labels"], "attention_mask": [1] * len(e["input_ids"])}
+                       for e in examples]
+            collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Record()])
         trainer.remove_callback(PrinterCallback)  # its per-step dicts on stdout would bury the results
         trainer.train()
     result = {"losses": losses, "step_end_s": step_end_s, "peak_mem_gib": peak_memory_gib(device),
@@ -308,18 +319,27 @@ def run_hf(cfg: dict) -> dict:
                               for g in step_groups(cfg["steps"], cfg["examples_per_step"])],
               "weights_checksum": checksum, "optim": args.optim, "attention": "sdpa, padded",
               "flops": flops_per_token(model, method, examples)}
+    if kind == "trl":
+        import trl
+
+        result["trl_version"] = trl.__version__
     del trainer, model
     reset_memory(device)
     return result
 
 
+def run_hf(cfg: dict) -> dict:
+    return _run_trainer(cfg, "hf")
+
+
 def run_trl(cfg: dict) -> dict:
-    """TRL's SFTTrainer on the same pre-tokenized examples (completion-only loss via labels)."""
+    """TRL's SFTTrainer, when trl (and datasets) are installed."""
     import importlib.util
 
-    if importlib.util.find_spec("trl") is None:
-        return {"skipped": "trl is not installed"}
-    return {"skipped": "trl is installed but its side is not implemented in this version of the benchmark"}
+    missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"skipped": f"not installed: {', '.join(missing)}"}
+    return _run_trainer(cfg, "trl")
 
 
 SIDES = {"tunelab": run_tunelab, "hf": run_hf, "trl": run_trl}
@@ -350,8 +370,15 @@ def compare(cfg: dict, sides: dict[str, dict]) -> dict:
         "loss_tolerance": LOSS_TOLERANCE[cfg["device"]],
         "losses_agree": diff <= LOSS_TOLERANCE[cfg["device"]],
         "same_initial_weights": ours["weights_checksum"] == base["weights_checksum"],
-        "config": {k: v for k, v in cfg.items() if k != "tokenizer"},
+        "config": cfg,
     }
+    trl = sides.get("trl", {})
+    if "skipped" not in trl and trl:
+        r = timed(trl, cfg["warmup"])
+        record["trl_tokens_per_s_ratio"] = round(t["tokens_per_s"] / r["tokens_per_s"], 3)
+        record["trl_peak_mem_ratio"] = round(ours["peak_mem_gib"] / trl["peak_mem_gib"], 3)
+        n = min(len(trl["losses"]), len(ours["losses"]))
+        record["trl_loss_max_abs_diff"] = max(abs(a - c) for a, c in zip(ours["losses"][:n], trl["losses"][:n], strict=True))
     for name, side in sides.items():
         if "skipped" in side:
             record[name] = side
@@ -396,7 +423,13 @@ def cpu_quick(args: argparse.Namespace) -> list[dict]:
     for name in ("tunelab", "hf"):
         sides[name] = run_side_in_subprocess(name, cfg)
         print(f"{name}: done", file=sys.stderr)
-    sides["trl"] = run_trl(cfg)
+    import importlib.util
+
+    if all(importlib.util.find_spec(name) for name in ("trl", "datasets")):
+        sides["trl"] = run_side_in_subprocess("trl", cfg)
+        print("trl: done", file=sys.stderr)
+    else:
+        sides["trl"] = run_trl(cfg)  # says what is missing
     record = compare(cfg, sides)
     record["machine"] = {"load_avg_1m_at_end": os.getloadavg()[0]}
     return [record]
@@ -439,7 +472,7 @@ def gpu_suite(args: argparse.Namespace) -> list[dict]:
         cfg = {"device": device, "shape": shape, "method": method, "steps": args.steps or 12, "warmup": args.warmup,
                "examples_per_step": per_step, "baseline_batch": baseline_batch, "min_len": 64, "max_len": 1024,
                "answer_fraction": 1.0, "cpu_micro_batch_tokens": 1024}
-        sides = {"hf": _guarded(run_hf, cfg), "tunelab": _guarded(run_tunelab, cfg), "trl": run_trl(cfg)}
+        sides = {"hf": _guarded(run_hf, cfg), "tunelab": _guarded(run_tunelab, cfg), "trl": _guarded(run_trl, cfg)}
         if "skipped" in sides["tunelab"]:
             # the fast path failed on this machine: measure the portable one rather than nothing
             failed = sides["tunelab"]["skipped"]

@@ -83,7 +83,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each decoder layer; auto = on a GPU when the run is long enough "
-        "(>= 4M tokens) to pay back the one to two minutes of compiling",
+        "(>= 4M tokens) to pay back up to a minute and a half of compiling",
     )
     packing: bool = True
     attention: Literal["auto", "varlen", "mask"] = Field(

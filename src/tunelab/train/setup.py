@@ -195,8 +195,8 @@ def resolve_attention(choice: str, device: torch.device, autocast: torch.dtype |
     return "varlen" if packing and fast else "mask"
 
 
-# Measured on an H200 (bench/results/train_speed_gpu.json): compiling costs 10-90 s and makes steps
-# 1.3-1.8x faster; at ~10k tokens/s eager, a run of this many tokens gains back about that much.
+# Measured on an H200 (bench/results/train_speed_gpu.json): compiling costs 7-84 s and makes steps
+# 1.26-1.84x faster; at ~10k tokens/s eager this many tokens take ~400 s, of which it saves 80-180 s.
 COMPILE_MIN_TOKENS = 4_000_000
 
 
