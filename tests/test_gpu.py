@@ -130,3 +130,46 @@ def test_training_loop_on_gpu_gives_the_same_losses_with_varlen_and_mask(tmp_pat
         losses[attention] = [r["loss"] for r in log if r["kind"] == "train"]
     assert len(losses["varlen"]) == 2
     assert losses["varlen"] == pytest.approx(losses["mask"], abs=2e-2)
+
+
+def test_fsdp_on_one_gpu_gives_the_losses_of_plain_training(tmp_path, monkeypatch):
+    """FSDP2 with NCCL and bf16 mixed precision (one rank: the sharding, hooks and collectives all
+    run) against the same steps without FSDP."""
+    import json
+    import socket
+
+    from tunelab.config import load_recipe
+    from tunelab.data.pack import Step, example_length, trainable_count
+    from tunelab.train.distributed import FullyShardedContext
+    from tunelab.train.loop import train_loop
+    from tunelab.train.setup import setup_training
+
+    examples = _examples([300, 45, 700, 129, 64, 511, 80, 222], seed=4)
+    groups = [((0, 1), (2,)), ((3, 4, 5), (6, 7))]
+    plan = [Step(0, i, (group,), sum(example_length(examples[j]) for row in group for j in row),
+                 sum(trainable_count(examples[j]) for row in group for j in row), (i + 1) / 2)
+            for i, group in enumerate(groups)]
+    recipe = load_recipe(None, ["method=full", "train.lr=1e-4", "train.warmup_ratio=0", "train.attention=mask"])
+
+    def losses(run, ctx=None) -> list[float]:
+        kwargs = {"ctx": ctx} if ctx is not None else {}
+        setup = setup_training(recipe, len(plan), "cpu" if ctx is not None else "cuda", base=_model().cpu() if ctx else _model())
+        if ctx is not None:
+            ctx.prepare(setup, recipe)
+            assert setup.device.type == "cuda" and setup.autocast_dtype == torch.bfloat16
+        train_loop(setup, examples, plan, recipe.train, run, pad_id=0, progress=False, write_checkpoints=False, **kwargs)
+        log = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in log if r["kind"] == "train"]
+
+    plain = losses(tmp_path / "plain")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", 0))
+    try:
+        sharded = losses(tmp_path / "fsdp", FullyShardedContext(rank=0, world_size=1, local_rank=0))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(sharded) == 2 and sharded == pytest.approx(plain, abs=2e-2)
