@@ -6,7 +6,7 @@
 #      135M, 360M and 1B shapes (random init, no downloads), LoRA and full fine-tuning.
 # Results go to $OUT (default bench/results): gpu_tests.log, train_speed_gpu.json, train_speed_gpu.log.
 # Needs torch, transformers, peft and tunelab's own dependencies; wheels in .whl/ are installed first
-# when present (a machine with no package index).
+# when present (a machine with no package index: scripts/fetch-device-wheels.sh downloads them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
