@@ -196,6 +196,16 @@ def _row_tokens(recipe: Recipe, lengths: Sequence[int]) -> int:
     return min(max(recipe.data.max_seq_len, longest), micro)
 
 
+def _attention_description(setup: TrainSetup) -> str:
+    if setup.attention != "varlen":
+        return "a block-diagonal attention mask"
+    import torch
+
+    from tunelab.train.attention import kernel_name
+
+    return f"variable-length attention ({kernel_name(setup.device, setup.autocast_dtype or torch.float32)})"
+
+
 def _eval_set(examples: Sequence[dict[str, Any]], recipe: Recipe, row_tokens: int) -> Any:
     from tunelab.data.pack import example_length, group_micro_batches, pack_rows
     from tunelab.train.loop import EvalSet
@@ -274,7 +284,8 @@ def train_on_examples(
     if ctx.is_main:
         say(
             f"{recipe.method}: {setup.trainable_params:,} of {setup.total_params:,} parameters trainable; "
-            f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {cfg.tokens_per_step} tokens"
+            f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {cfg.tokens_per_step} tokens; "
+            f"packed examples kept apart by {_attention_description(setup)}"
         )
     result = train_loop(
         setup, train_examples, plan, cfg, paths.root, pad_id=tokenizer.pad_token_id, valid=valid,
