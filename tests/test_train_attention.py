@@ -92,3 +92,21 @@ def test_model_attention_is_restored_after_training(tiny_model):
 def test_kernel_choice_is_reference_on_cpu():
     assert kernel_name(torch.device("cpu"), torch.bfloat16) == "sdpa-per-example"
     assert kernel_name(torch.device("cuda"), torch.float32) == "sdpa-per-example"
+
+
+def test_attention_dropout_is_applied_not_refused(tiny_model):
+    """A model with attention dropout trains through the reference path (the flash kernel has none)."""
+    examples = _examples([20, 25, 15], seed=5)
+    batch = collate_varlen(examples, [(0, 1, 2)], pad_id=2)
+    loss = CausalLMLoss(tiny_model)
+    for layer in tiny_model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    with use_varlen_attention(tiny_model), torch.no_grad():
+        tiny_model.train()
+        torch.manual_seed(0)
+        dropped = loss.forward_batch(batch).loss_sum.item()
+        tiny_model.eval()
+        plain = loss.forward_batch(batch).loss_sum.item()
+    reference = loss.forward_batch(collate(examples, [(0, 1, 2)], pad_id=2)).loss_sum.item()
+    assert plain == pytest.approx(reference, rel=1e-5)
+    assert dropped != pytest.approx(plain, rel=1e-4)

@@ -79,8 +79,6 @@ def varlen_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"varlen attention takes one packed row, got a batch of {query.shape[0]}")
-    if dropout:
-        raise ValueError("varlen attention does not apply attention dropout; this model's attention_dropout must be 0")
     groups = query.shape[1] // key.shape[1]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
     if q.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -90,7 +88,8 @@ def varlen_attention_forward(
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     kernel = _KERNEL
     default_scale = scaling is None or abs(scaling - q.shape[-1] ** -0.5) < 1e-9
-    if kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and (
+    # the flash kernel has no attention dropout: a model that asks for it takes the reference path
+    if kernel is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not dropout and (
         default_scale or "scale" in kernel[2]
     ):
         varlen_attn, causal, params = kernel
@@ -109,7 +108,9 @@ def varlen_attention_forward(
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        out = F.scaled_dot_product_attention(
+            qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1
+        )
         outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)[None], None
 
