@@ -88,11 +88,15 @@ def _probe_peak_bytes(setup: TrainSetup, tokens: int, row_tokens: int, vocab_siz
 
 
 def auto_micro_batch_tokens(
-    setup: TrainSetup, tokens_per_step: int, row_tokens: int, vocab_size: int, budget_fraction: float = DEFAULT_BUDGET_FRACTION
+    setup: TrainSetup, tokens_per_step: int, row_tokens: int, vocab_size: int | None = None,
+    budget_fraction: float = DEFAULT_BUDGET_FRACTION,
 ) -> tuple[int, list[dict]]:
-    """The largest micro-batch (in tokens) that fits `budget_fraction` of the GPU's memory."""
+    """The largest micro-batch (in tokens) that fits `budget_fraction` of the GPU's memory. The probe's
+    random token ids are drawn below `vocab_size` (default: the model's embedding rows)."""
     if setup.device.type != "cuda":
         raise ValueError("automatic micro-batch sizing measures CUDA memory; on CPU use max_seq_len")
+    if vocab_size is None:
+        vocab_size = setup.model.get_input_embeddings().weight.shape[0]
     total = torch.cuda.get_device_properties(setup.device).total_memory
     optimizer_state = 2 * 4 * sum(p.numel() for p in setup.trainable_parameters())
     budget = int(total * budget_fraction) - optimizer_state

@@ -271,7 +271,7 @@ def train_on_examples(
         from tunelab.train.memory import auto_micro_batch_tokens
 
         # the plan's steps stay the same (they are cut by tokens_per_step); only their micro-batches change
-        micro, tried = auto_micro_batch_tokens(setup, cfg.tokens_per_step, row_tokens, len(tokenizer))
+        micro, tried = auto_micro_batch_tokens(setup, cfg.tokens_per_step, row_tokens)
         plan = plan_steps(
             train_examples, rows, tokens_per_step=cfg.tokens_per_step, micro_batch_tokens=micro, epochs=cfg.epochs,
             seed=cfg.seed, max_steps=cfg.max_steps, padded=setup.attention != "varlen",
