@@ -235,6 +235,21 @@ class Batch:
         return inputs
 
 
+def _place(example: dict[str, Any], input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, at: int) -> tuple[int, int]:
+    """Write one example into a row's tensors from offset `at`: its tokens, its labels with the first
+    one -100 (nothing before it in its example predicts it) and positions from 0. Returns (its
+    length, its trained tokens)."""
+    import torch
+
+    n = example_length(example)
+    input_ids[at : at + n] = torch.tensor(example["input_ids"], dtype=torch.long)
+    example_labels = torch.tensor(example["labels"], dtype=torch.long)
+    example_labels[0] = IGNORE_INDEX
+    labels[at : at + n] = example_labels
+    position_ids[at : at + n] = torch.arange(n)
+    return n, int((example_labels != IGNORE_INDEX).sum())
+
+
 def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int) -> Batch:
     """Concatenate each row's examples, pad rows to the longest, and build segment-aware inputs.
 
@@ -254,15 +269,9 @@ def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int
     for r, row in enumerate(rows):
         at = 0
         for segment, index in enumerate(row):
-            example = examples[index]
-            n = example_length(example)
-            input_ids[r, at : at + n] = torch.tensor(example["input_ids"], dtype=torch.long)
-            example_labels = torch.tensor(example["labels"], dtype=torch.long)
-            example_labels[0] = IGNORE_INDEX
-            labels[r, at : at + n] = example_labels
-            position_ids[r, at : at + n] = torch.arange(n)
+            n, trained = _place(examples[index], input_ids[r], labels[r], position_ids[r], at)
             segments[r, at : at + n] = segment
-            trainable += int((example_labels != IGNORE_INDEX).sum())
+            trainable += trained
             at += n
         position_ids[r, at:] = torch.arange(width - at)
     single = all(len(row) == 1 for row in rows) and all(n == width for n in lengths)
@@ -294,14 +303,9 @@ def collate_varlen(
     boundaries = [0]
     trainable = 0
     at = 0
-    for index, n in zip(order, lengths, strict=True):
-        example = examples[index]
-        input_ids[0, at : at + n] = torch.tensor(example["input_ids"], dtype=torch.long)
-        example_labels = torch.tensor(example["labels"], dtype=torch.long)
-        example_labels[0] = IGNORE_INDEX
-        labels[0, at : at + n] = example_labels
-        position_ids[0, at : at + n] = torch.arange(n)
-        trainable += int((example_labels != IGNORE_INDEX).sum())
+    for index in order:
+        n, trained = _place(examples[index], input_ids[0], labels[0], position_ids[0], at)
+        trainable += trained
         at += n
         boundaries.append(at)
     if width > tokens:
