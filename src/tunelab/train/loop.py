@@ -269,8 +269,8 @@ def _finite_or_none(value: float) -> float | None:
 VARLEN_PAD_MULTIPLE = 64
 
 
-def _collate_fn(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int) -> Callable[[Sequence[Row]], Batch]:
-    """The micro-batch builder for the setup's attention layout."""
+def batch_builder(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int) -> Callable[[Sequence[Row]], Batch]:
+    """rows -> a micro-batch on the setup's device, in the layout its attention takes."""
     if setup.attention != "varlen":
         return lambda rows: collate(examples, rows, pad_id).to(setup.device)
     # a fixed bound on sequence length: the kernel's grid, so compiled graphs do not specialise on it
@@ -279,7 +279,7 @@ def _collate_fn(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: i
     return lambda rows: collate_varlen(examples, rows, pad_id, pad_to_multiple=multiple, max_seqlen=longest).to(setup.device)
 
 
-def _attention_layout(setup: TrainSetup) -> contextlib.AbstractContextManager:
+def attention_layout(setup: TrainSetup) -> contextlib.AbstractContextManager:
     if setup.attention != "varlen":
         return contextlib.nullcontext()
     from tunelab.train.attention import use_varlen_attention
@@ -294,8 +294,8 @@ def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32, enabled=setup.autocast_dtype is not None)
-    make_batch = _collate_fn(setup, eval_set.examples, pad_id)
-    with torch.no_grad(), autocast, _attention_layout(setup):
+    make_batch = batch_builder(setup, eval_set.examples, pad_id)
+    with torch.no_grad(), autocast, attention_layout(setup):
         passes, real = ctx.lockstep_shard(eval_set.micro_batches)
         for index, micro in enumerate(passes):
             out = setup.loss_module(**make_batch(micro).model_inputs())
@@ -388,10 +388,10 @@ def train_loop(
     stopped_by: str | None = None
     session_tokens, session_started = 0, time.perf_counter()
     val_loss: float | None = state.last_val_loss
-    make_batch = _collate_fn(setup, examples, pad_id)
+    make_batch = batch_builder(setup, examples, pad_id)
     model.train()
     try:
-        with _StopSignals() as stop, _attention_layout(setup):
+        with _StopSignals() as stop, attention_layout(setup):
             while not finished:
                 step = plan[state.step]
                 step_started = time.perf_counter()

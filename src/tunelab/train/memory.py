@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab.data.pack import collate, collate_varlen
+from tunelab.train.loop import attention_layout, batch_builder
 
 if TYPE_CHECKING:
     from tunelab.train.setup import TrainSetup
@@ -60,20 +60,14 @@ def _probe_peak_bytes(setup: TrainSetup, tokens: int, row_tokens: int, vocab_siz
     for n in lengths:
         ids = torch.randint(0, vocab_size, (n,), generator=generator).tolist()
         examples.append({"input_ids": ids, "labels": ids})
-    rows = [(i,) for i in range(len(examples))]
-    if setup.attention == "varlen":
-        batch = collate_varlen(examples, rows, pad_id=0, max_seqlen=row_tokens)
-    else:
-        batch = collate(examples, rows, pad_id=0)
-    batch = batch.to(device)
+    batch = batch_builder(setup, examples, pad_id=0)([(i,) for i in range(len(examples))])
     autocast = torch.autocast(device.type, dtype=setup.autocast_dtype or torch.float32, enabled=setup.autocast_dtype is not None)
-    from tunelab.train.loop import _attention_layout
 
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     try:
-        with autocast, _attention_layout(setup):
+        with autocast, attention_layout(setup):
             out = setup.loss_module(**batch.model_inputs())
         out.loss_sum.backward()
         torch.cuda.synchronize(device)
