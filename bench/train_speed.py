@@ -358,11 +358,15 @@ def timed(side: dict, warmup: int) -> dict:
             "mfu_pct": 100 * tokens_per_s * side["flops"]["per_token"] / PEAK_FLOPS}
 
 
+def loss_max_abs_diff(ours: dict, baseline: dict) -> float:
+    """The largest difference between the two sides' losses at the same step."""
+    return max(abs(a - b) for a, b in zip(ours["losses"], baseline["losses"], strict=False))
+
+
 def compare(cfg: dict, sides: dict[str, dict]) -> dict:
     base, ours = sides["hf"], sides["tunelab"]
     b, t = timed(base, cfg["warmup"]), timed(ours, cfg["warmup"])
-    n = min(len(base["losses"]), len(ours["losses"]))
-    diff = max(abs(a - c) for a, c in zip(ours["losses"][:n], base["losses"][:n], strict=True))
+    diff = loss_max_abs_diff(ours, base)
     record = {
         "tokens_per_s_ratio": round(t["tokens_per_s"] / b["tokens_per_s"], 3),
         "peak_mem_ratio": round(ours["peak_mem_gib"] / base["peak_mem_gib"], 3),
@@ -377,8 +381,7 @@ def compare(cfg: dict, sides: dict[str, dict]) -> dict:
         r = timed(trl, cfg["warmup"])
         record["trl_tokens_per_s_ratio"] = round(t["tokens_per_s"] / r["tokens_per_s"], 3)
         record["trl_peak_mem_ratio"] = round(ours["peak_mem_gib"] / trl["peak_mem_gib"], 3)
-        n = min(len(trl["losses"]), len(ours["losses"]))
-        record["trl_loss_max_abs_diff"] = max(abs(a - c) for a, c in zip(ours["losses"][:n], trl["losses"][:n], strict=True))
+        record["trl_loss_max_abs_diff"] = loss_max_abs_diff(ours, trl)
     for name, side in sides.items():
         if "skipped" in side:
             record[name] = side
@@ -499,9 +502,7 @@ def gpu_suite(args: argparse.Namespace) -> list[dict]:
             if "skipped" not in compiled:
                 compiled.update(timed(compiled, cfg["warmup"]))
                 compiled["tokens_per_s_ratio"] = round(compiled["tokens_per_s"] / record["hf"]["tokens_per_s"], 3)
-                n = min(len(compiled["losses"]), len(record["hf"]["losses"]))
-                compiled["loss_max_abs_diff"] = max(
-                    abs(a - b) for a, b in zip(compiled["losses"][:n], record["hf"]["losses"][:n], strict=True))
+                compiled["loss_max_abs_diff"] = loss_max_abs_diff(compiled, record["hf"])
                 compiled.pop("step_end_s")
                 print(f"{cfg['shape']} {cfg['method']} x{cfg['examples_per_step']} compiled: "
                       f"{compiled['tokens_per_s_ratio']}x, MFU {compiled['mfu_pct']:.1f}%, "
