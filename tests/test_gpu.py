@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.data.pack import IGNORE_INDEX, collate, collate_varlen
+from train_examples import random_examples
+from tunelab.data.pack import collate, collate_varlen
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,12 +28,7 @@ def _model(dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, 3000, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 4) + ids[n // 4 :]})
-    return out
+    return random_examples(lengths, seed, prompt_fraction=1 / 4, vocab=(5, 3000))
 
 
 def _loss_and_grads(model, batch, varlen: bool, autocast: bool = True):

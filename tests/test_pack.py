@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from train_examples import random_examples
 from tunelab.data.pack import (
     IGNORE_INDEX,
     collate,
@@ -23,13 +24,7 @@ from tunelab.errors import ConfigError
 
 
 def _examples(lengths: list[int], seed: int = 0, trainable_from: float = 0.5) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(10, 40000, (n,), generator=g).tolist()
-        cut = int(n * trainable_from)
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
-    return out
+    return random_examples(lengths, seed, prompt_fraction=trainable_from)
 
 
 @settings(max_examples=60, deadline=None)

@@ -8,18 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from train_examples import random_examples
 from tunelab.data.pack import IGNORE_INDEX, collate, collate_varlen
 from tunelab.train.attention import NAME, kernel_name, use_varlen_attention
 from tunelab.train.loss import CausalLMLoss
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(10, 40000, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]})
-    return out
+    return random_examples(lengths, seed, prompt_fraction=1 / 3)
 
 
 def test_collate_varlen_lays_examples_end_to_end_with_boundaries():

@@ -54,3 +54,17 @@ def reverse_pairs(count: int, seed: int) -> list[tuple[str, str]]:
         words = rng.sample(_WORDS, 5)
         pairs.append((f"Reverse the words: {' '.join(words)}", " ".join(reversed(words))))
     return pairs
+
+
+def random_examples(lengths: list[int], seed: int = 0, prompt_fraction: float = 0.5, vocab: tuple[int, int] = (10, 40000)) -> list[dict]:
+    """Random-token examples of the given lengths; the first `prompt_fraction` of each is untrained
+    (labels -100), like a prompt before its answer."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(vocab[0], vocab[1], (n,), generator=g).tolist()
+        cut = int(n * prompt_fraction)
+        out.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return out
