@@ -25,4 +25,5 @@ def test_config_show_writes_every_default(tmp_path):
     recipe.write_text("name: x\n")
     result = tunelab("config", "show", str(recipe), "method=full")
     assert result.returncode == 0, result.stderr
-    assert "lr: 1.0e-05" in result.stdout and "tokens_per_step: 8192" in result.stdout
+    assert "lr: 1.0e-05" in result.stdout and "tokens_per_step: auto" in result.stdout
+    assert "budget: auto" in result.stdout

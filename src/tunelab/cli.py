@@ -43,10 +43,10 @@ def _not_yet(feature: str, issue: int) -> None:
 
 @config_app.command("show")
 def config_show(recipe: Path, overrides: Overrides = None) -> None:
-    """Print the resolved recipe with every default written out."""
+    """Print the resolved recipe with every default written out (and what each `auto` means)."""
     from tunelab.config import load_recipe
 
-    typer.echo(load_recipe(recipe, overrides or []).to_yaml(), nl=False)
+    typer.echo(load_recipe(recipe, overrides or []).to_yaml(explain_auto=True), nl=False)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -83,7 +83,7 @@ def data_check(
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable lines")] = False,
     tokens: Annotated[bool, typer.Option(help="tokenize with the model's chat template and estimate training time")] = True,
-    epochs: Annotated[float | None, typer.Option(help="for the training time estimate (default: the recipe default train.epochs)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="for the training time estimate (default: the passes the training planner would choose for this data)")] = None,
     gpu_price: Annotated[float | None, typer.Option(help="USD per hour for the cost estimate (default: the recipe default eval.gpu_price_per_hour)")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="added to examples without a system message")] = None,
     near_dup_max: Annotated[int, typer.Option(help="near-duplicate checks cover this many examples per file; -1: all")] = 100_000,

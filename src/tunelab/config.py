@@ -13,14 +13,45 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.errors import ConfigError
 
 # Learning rates that keep general ability: far below pre-training's; LoRA tolerates 10-20x more.
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
+# train.budget: auto, by the device the run trains on (a CPU run must leave time for evaluation)
+DEFAULT_BUDGET = {"cpu": "10m", "cuda": "60m"}
 ARMS = ("base", "prompt", "rag", "tuned", "tuned+rag")
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str | float) -> float:
+    """'90s', '10m', '2h', '1h30m' or a number of seconds -> seconds (> 0)."""
+    value = str(text).strip().lower()
+    match = _DURATION.fullmatch(value)
+    if match and any(match.groups()):
+        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+        total = hours * 3600 + minutes * 60 + seconds
+    else:
+        try:
+            total = float(value)
+        except ValueError:
+            raise ValueError(f"'{text}' is not a duration; write e.g. 90s, 10m, 2h or 1h30m") from None
+    if not (total > 0 and total < 10 * 365 * 86400):
+        raise ValueError(f"'{text}': a duration must be positive and finite")
+    return total
 
 
 class _Section(BaseModel):
@@ -61,22 +92,40 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(2, gt=0)
+    # "auto" keys are planned from the data and the budget before step 1 (train/plan.py; the plan
+    # and why are printed and written to train/plan.json). A value you set wins over auto.
+    budget: str | None = Field(
+        "auto", description="wall-clock limit of the training stage: 90s, 10m, 2h, 1h30m; null: none; "
+        f"auto = {DEFAULT_BUDGET['cpu']} on CPU, {DEFAULT_BUDGET['cuda']} on a GPU (binds epochs only "
+        "where they are auto, or when set explicitly)",
+    )
+    epochs: PositiveFloat | Literal["auto"] = Field(
+        "auto", description="passes over the training examples; auto: 3, more for tiny sets (at least "
+        "100 examples seen), fewer for large ones (at most 25k examples seen), then capped by the budget",
+    )
     lr: float | None = Field(None, gt=0, description="default by method: 2e-4 for LoRA/DoRA/QLoRA, 1e-5 for full")
-    tokens_per_step: int = Field(8192, ge=1, description="global batch in trainable-or-not real tokens per optimizer step")
+    tokens_per_step: PositiveInt | Literal["auto"] = Field(
+        "auto", description="global batch in real tokens per optimizer step; auto: the mean example "
+        "length x examples a step, about one 40th of the examples (a power of two, 4 to 256)",
+    )
     micro_batch_tokens: int | None = Field(
         None, ge=16, description="tokens per forward pass; default: max_seq_len on CPU, on a GPU the most that fit "
         "85% of its memory (probed before training)",
     )
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    max_steps: int | None = Field(
+        None, ge=1, description="the run's length in optimizer steps; when set, epochs are ignored"
+    )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0)
-    eval_every_steps: int = Field(50, ge=1)
-    eval_max_examples: int = Field(200, ge=1, description="validation (and train-sample) examples per evaluation")
-    checkpoint_every_steps: int = Field(50, ge=1)
+    eval_every_steps: PositiveInt | Literal["auto"] = Field("auto", description="auto: about 10 evaluations a run")
+    eval_max_examples: PositiveInt | Literal["auto"] = Field(
+        "auto", description="validation (and train-sample) examples per evaluation; auto: 200, fewer "
+        "under a budget so that evaluations take about 15% of it (at least 32)",
+    )
+    checkpoint_every_steps: PositiveInt | Literal["auto"] = Field("auto", description="auto: at every evaluation")
     keep_checkpoints: int = Field(2, ge=1, description="newest K kept, plus the best")
     early_stop_patience: int | None = Field(3, ge=1, description="evaluations without improvement; null: never stop early")
     max_nonfinite_steps: int = Field(5, ge=1, description="abort after this many consecutive non-finite steps")
@@ -97,6 +146,21 @@ class TrainConfig(_Section):
         "that does not fit one GPU with them; auto = none for one process, else ddp (less communication)",
     )
     seed: int = 0
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_is_a_duration(cls, budget: Any) -> Any:
+        if isinstance(budget, int | float) and not isinstance(budget, bool):
+            budget = f"{budget:g}s"  # a bare number is seconds
+        if isinstance(budget, str) and budget != "auto":
+            parse_duration(budget)
+        return budget
+
+    def budget_s(self, device_type: str) -> float | None:
+        """The budget in seconds for a run on this kind of device (None: no budget)."""
+        if self.budget is None:
+            return None
+        return parse_duration(DEFAULT_BUDGET["cuda" if device_type == "cuda" else "cpu"] if self.budget == "auto" else self.budget)
 
 
 class EvalConfig(_Section):
@@ -145,8 +209,22 @@ class Recipe(_Section):
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, explain_auto: bool = False) -> str:
+        """The recipe as YAML; `explain_auto` adds what each `auto` value means as a comment."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if not explain_auto:
+            return text
+        lines, section = [], None
+        for line in text.splitlines():
+            if not line.startswith(" ") and line.endswith(":"):
+                section = type(self).model_fields.get(line[:-1])
+            key, _, value = line.strip().partition(": ")
+            model = section.annotation if section is not None else None
+            field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+            if line.startswith("  ") and value == "auto" and field is not None and field.description:
+                line = f"{line}  # {field.description}"
+            lines.append(line)
+        return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,10 +261,15 @@ def _valid_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+_UNION_MEMBER = re.compile(r"^(constrained-\w+|literal\[.*\]|int|float|str|bool|none|function-\w+\[.*\])$")
+
+
 def _describe(errors: list[dict[str, Any]], source: str, key_lines: dict[tuple[str, ...], int]) -> list[str]:
-    problems = []
+    problems: dict[tuple[str, ...], str] = {}
     for err in errors:
-        loc = tuple(str(p) for p in err["loc"])
+        # a value checked against each member of a union (e.g. a number or 'auto') fails once per
+        # member: one line for the key, its messages joined
+        loc = tuple(str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p)))
         dotted = ".".join(loc) if loc else "(recipe)"
         line = key_lines.get(loc) or key_lines.get(loc[:-1])
         where = f"{source}:{line}" if line else source
@@ -194,12 +277,14 @@ def _describe(errors: list[dict[str, Any]], source: str, key_lines: dict[tuple[s
             candidates = _valid_keys(Recipe, loc[:-1])
             close = difflib.get_close_matches(loc[-1], candidates, n=1, cutoff=0.5)
             hint = f" (did you mean '{'.'.join((*loc[:-1], close[0]))}'?)" if close else ""
-            problems.append(f"{where}: unknown key '{dotted}'{hint}")
+            problems[loc] = f"{where}: unknown key '{dotted}'{hint}"
+        elif loc in problems:
+            problems[loc] = problems[loc].replace(", got ", f" or {err['msg'][0].lower()}{err['msg'][1:]}, got ", 1)
         else:
             got = err.get("input")
             got_text = f", got {got!r}" if not isinstance(got, dict | list) and got is not None else ""
-            problems.append(f"{where}: {dotted}: {err['msg']}{got_text}")
-    return problems
+            problems[loc] = f"{where}: {dotted}: {err['msg']}{got_text}"
+    return list(problems.values())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

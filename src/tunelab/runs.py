@@ -38,6 +38,14 @@ class RunPaths:
         return self.root / "train" / "log.jsonl"
 
     @property
+    def plan(self) -> Path:
+        return self.root / "train" / "plan.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "train" / "summary.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import DataConfig, EvalConfig, TrainConfig
+from tunelab.config import DataConfig, EvalConfig
 from tunelab.data.formats import data_files
 from tunelab.data.quality import NEAR_DUP_MAX_EXAMPLES, QualityIndex
 from tunelab.data.validate import ERROR, WARNING, Issue, read_examples
@@ -139,7 +139,7 @@ def check_data(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_seq_len: int = DataConfig.model_fields["max_seq_len"].default,
     system_prompt: str | None = None,
-    epochs: float = TrainConfig.model_fields["epochs"].default,
+    epochs: float | None = None,
     gpu_price_per_hour: float = EvalConfig.model_fields["gpu_price_per_hour"].default,
     held_out_fraction: float | None = None,
     measure_speed: bool = True,
@@ -148,7 +148,8 @@ def check_data(
 ) -> CheckReport:
     """Structural checks, quality, then (with a model or tokenizer) tokens and a training estimate.
     `held_out_fraction`: the share of train that `prepare` will split off when no valid file is given
-    (default: data.valid_fraction + data.test_fraction), used for the estimate."""
+    (default: data.valid_fraction + data.test_fraction), used for the estimate. `epochs`: default, the
+    passes the training planner would choose for this many examples (train/plan.py)."""
     inputs = [("train", Path(train))] + ([("valid", Path(valid))] if valid is not None else [])
     report = CheckReport(files=[str(path) for _, path in inputs], max_seq_len=max_seq_len)
 
@@ -198,6 +199,10 @@ def check_data(
                 data_defaults["valid_fraction"].default + data_defaults["test_fraction"].default)
         tokens = int(train_tokens * (1 - held_out_fraction))
         tokens_per_s, device = measure_tokens_per_s(model, min(max_seq_len, _MEASURE_SEQ_LEN))
+        if epochs is None:
+            from tunelab.train.plan import auto_epochs
+
+            epochs = auto_epochs(round(report.examples * (1 - held_out_fraction)))
         seconds = epochs * tokens / tokens_per_s
         note = f"{held_out_fraction:.0%} of train held out for valid/test" if held_out_fraction else ""
         report.estimate = TrainingEstimate(model, device, tokens_per_s, tokens, epochs, seconds, gpu_price_per_hour,

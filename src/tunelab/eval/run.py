@@ -41,6 +41,7 @@ from tunelab.eval.arms import (
 )
 from tunelab.eval.generate import DecodingSettings, Generation, generate
 from tunelab.eval.metrics import TUNED_ARMS, bootstrap_ci, decide_verdict, detect_output_kind, score_outputs
+from tunelab.eval.undertrained import assess_training
 from tunelab.runs import RunPaths, open_run
 
 if TYPE_CHECKING:
@@ -460,6 +461,15 @@ def evaluate(
             "train_minus_test": float(np.mean(sample_primary)) - test_primary,
         }
     metrics["overfitting"] = overfitting
+
+    # --- a verdict on a model that is still learning is provisional, and says what to run
+    task = overfitting.get("task_metric") or {}
+    check = (assess_training(paths, task.get("train_sample"), task.get("test"), metrics["primary_metric"])
+             if "tuned" in chosen else {"provisional": False, "reason": None, "suggestion": None, "signals": {}})
+    verdict.update(provisional=check["provisional"], provisional_reason=check["reason"])
+    if check["provisional"]:
+        verdict["text"] = f"provisional, {check['reason']}. {verdict['text']}"
+    metrics["training_check"] = check
 
     # --- forgetting
     if run_forgetting:

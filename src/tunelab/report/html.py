@@ -286,6 +286,7 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
         "ci95": f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if isinstance(ci, list | tuple) and len(ci) == 2 else "—",
         "p_value": fmt(verdict.get("p_value")), "rows": rows, "facts": facts,
         "primary_metric": data.get("primary_metric"), "n_examples": data.get("n_examples"),
+        "provisional_reason": verdict.get("provisional_reason") if verdict.get("provisional") else None,
     }
 
 
@@ -607,6 +608,8 @@ def render_markdown(context: Mapping[str, Any]) -> str:
     verdict = context["verdict"]
     lines += ["## Verdict", ""]
     if verdict["available"]:
+        if verdict.get("provisional_reason"):
+            lines += [f"> **Provisional verdict**: {verdict['provisional_reason']}", ""]
         lines += [f"**{verdict['text']}**", ""]
         if verdict.get("recommended"):
             lines += [f"Use: **{verdict['recommended']}**", ""]

@@ -256,6 +256,13 @@ def _peak_mem_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _agreed(ctx: DistContext, flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (one process: the flag itself)."""
+    if ctx.world_size == 1:
+        return flag
+    return bool(ctx.all_reduce_max(torch.tensor(1.0 if flag else 0.0, device=device)).item())
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -331,12 +338,14 @@ def train_loop(
     on_step_end: Callable[[TrainState, TrainSetup], None] | None = None,
     progress: bool = True,
     write_checkpoints: bool = True,
+    deadline: float | None = None,
 ) -> LoopResult:
     """Run the optimizer steps of `plan` from step 0 (or from `resume`), evaluating on `valid` and
     `train_sample` every cfg.eval_every_steps and at the end. `cfg` is a TrainConfig.
     `nan_at_step` (tests only) turns the loss of that step (1-based) into NaN; `on_step_end` is
     called after every step (tests record parameters with it); `write_checkpoints=False`
-    (benchmarks) skips every checkpoint."""
+    (benchmarks) skips every checkpoint. `deadline` (a time.monotonic() value, from train.budget):
+    the last step is the one that ends after it, then the final evaluation and checkpoint."""
     model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
     device = setup.device
     checkpoints = run_root / "checkpoints"
@@ -488,6 +497,13 @@ def train_loop(
                         tok_s=f"{session_tokens / (time.perf_counter() - session_started):.0f}", refresh=False,
                     )
                 finished = state.step >= len(plan)
+                if deadline is not None and not finished and _agreed(ctx, time.monotonic() >= deadline, device):
+                    finished = True
+                    state.extra["budget_reached"] = state.step
+                    message = (f"budget reached at step {state.step} of {len(plan)}: the machine ran slower than "
+                               "measured before step 1; stopping here (the learning rate had not finished decaying)")
+                    log.write({"kind": "event", "step": state.step, "event": "budget_reached", "message": message})
+                    say(message)
 
                 # ---- evaluate: validation and a fixed train sample; best checkpoint, early stopping, overfitting
                 new_best = False

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +32,17 @@ from typing import TYPE_CHECKING, Any
 from tunelab.config import Recipe, load_recipe
 from tunelab.console import say
 from tunelab.errors import ConfigError
+from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from tunelab.data.pack import Step
     from tunelab.train.checkpoint import TrainState
     from tunelab.train.loop import DistContext
+    from tunelab.train.plan import DataPlan, TrainPlan
     from tunelab.train.setup import TrainSetup
 
 NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
@@ -217,6 +222,74 @@ def _eval_set(examples: Sequence[dict[str, Any]], recipe: Recipe, row_tokens: in
     return EvalSet(examples, group_micro_batches(rows, row_lengths, max(micro, max(row_lengths))))
 
 
+def _agreed_min(ctx: DistContext, value: int, device: Any) -> int:
+    """Under torchrun every rank measured its own speed: all take the smallest answer."""
+    if ctx.world_size == 1:
+        return value
+    import torch
+
+    return -int(ctx.all_reduce_max(torch.tensor(float(-value), device=device)).item())
+
+
+def _fit_plan(
+    recipe: Recipe, wanted: DataPlan, plan: Sequence[Step], setup: TrainSetup, train_examples: Sequence[dict[str, Any]],
+    valid_examples: Sequence[dict[str, Any]], pad_id: int, ctx: DistContext, budget_started: float,
+) -> TrainPlan:
+    """The plan of a new run: the data's wish (`wanted`, `plan`), cut to the steps that fit the
+    budget at the speed measured here, with the evaluation intervals and sizes that go with it."""
+    from tunelab.train.plan import (
+        TrainPlan,
+        auto_eval_examples,
+        budget_binds,
+        describe,
+        eval_interval,
+        measure_throughput,
+        steps_that_fit,
+    )
+
+    cfg = recipe.train
+    budget_s = cfg.budget_s(setup.device.type) if budget_binds(cfg) else None
+    mean_tokens = wanted.tokens / max(1, wanted.examples)
+    steps, estimated_s, throughput = len(plan), None, None
+    limited_by = "max_steps" if cfg.max_steps is not None else "data"
+    eval_examples = auto_eval_examples(cfg, None, None, mean_tokens)
+    if budget_s is not None:
+        throughput = measure_throughput(setup, train_examples, plan, pad_id)
+        available_s = budget_s - (time.monotonic() - budget_started)
+        eval_examples = _agreed_min(ctx, auto_eval_examples(cfg, available_s, throughput, mean_tokens), setup.device)
+        n_valid = min(eval_examples, len(valid_examples))
+        eval_tokens = sum(len(e["input_ids"]) for e in valid_examples[:n_valid]) + round(n_valid * mean_tokens)
+        fit, estimated_s = steps_that_fit(plan, available_s, throughput, eval_tokens, has_eval=n_valid > 0)
+        fit = _agreed_min(ctx, fit, setup.device)
+        if fit < len(plan):
+            steps, limited_by = fit, "budget"
+    eval_every, checkpoint_every = eval_interval(cfg, steps)
+    first_epoch = [s for s in plan if s.epoch == 0]
+    steps_per_epoch = max(1, round(len(first_epoch) / max(1e-9, first_epoch[-1].progress)))
+    last = plan[steps - 1]
+    planned = TrainPlan(
+        examples=wanted.examples, tokens=wanted.tokens, examples_per_step=round(wanted.examples_per_step, 1),
+        tokens_per_step=wanted.tokens_per_step, epochs=round(last.epoch + last.progress, 4),
+        epochs_target=wanted.epochs, max_steps=cfg.max_steps, steps=steps, steps_per_epoch=steps_per_epoch,
+        eval_every_steps=eval_every, checkpoint_every_steps=checkpoint_every, eval_max_examples=eval_examples,
+        budget=None if budget_s is None else cfg.budget, budget_s=budget_s, device=setup.device.type,
+        train_tokens_per_s=None if throughput is None else round(throughput.train_tokens_per_s, 1),
+        eval_tokens_per_s=None if throughput is None else round(throughput.eval_tokens_per_s, 1),
+        estimated_s=None if estimated_s is None else round(estimated_s, 1), limited_by=limited_by,
+        sources=wanted.sources, reason="",
+    )
+    planned.reason = describe(planned)
+    return planned
+
+
+def _last_evaluation_s(planned: TrainPlan, has_valid: bool) -> float:
+    """Time to keep free at the end of a budget: the final evaluation and saving the output."""
+    if not has_valid or not planned.eval_tokens_per_s:
+        return 5.0
+    tokens = 2 * planned.eval_max_examples * planned.tokens / max(1, planned.examples)
+    return tokens / planned.eval_tokens_per_s + 5.0
+
+
 def train_on_examples(
     recipe: Recipe,
     paths: RunPaths,
@@ -231,24 +304,40 @@ def train_on_examples(
     nan_at_step: int | None = None,
     on_step_end: Callable[[TrainState, TrainSetup], None] | None = None,
     progress: bool = True,
+    budget_started: float | None = None,
 ) -> TrainResult:
     """Train on tokenized examples ({"input_ids", "labels"}) into an existing run directory.
-    `train` calls this after the data stage; tests and benchmarks call it directly."""
+    `train` calls this after the data stage; tests and benchmarks call it directly.
+    `budget_started`: the time.monotonic() from which train.budget counts (default: now)."""
     from tunelab.data.pack import example_length, pack_rows, plan_steps, single_rows
     from tunelab.train.checkpoint import find_resumable, load_checkpoint, remove_temporary
     from tunelab.train.loop import SINGLE_PROCESS, train_loop
-    from tunelab.train.setup import setup_training
+    from tunelab.train.plan import TrainPlan, plan_from_data
+    from tunelab.train.setup import LrSchedule, setup_training
 
     ctx = ctx or SINGLE_PROCESS
+    budget_started = time.monotonic() if budget_started is None else budget_started
     cfg = recipe.train
     lengths = [example_length(e) for e in train_examples]
-    row_tokens = _row_tokens(recipe, lengths)
+    # a resumed run keeps the plan it started with (its checkpoints count those steps)
+    saved = TrainPlan.read(paths.plan) if resume else None
+    wanted = plan_from_data(lengths, cfg)
+    tokens_per_step = saved.tokens_per_step if saved else wanted.tokens_per_step
+    # a row never holds more than a step: steps keep the planned number of examples
+    row_tokens = min(_row_tokens(recipe, lengths), max(max(lengths, default=1), tokens_per_step))
     rows = pack_rows(lengths, row_tokens) if cfg.packing else single_rows(len(lengths))
-    plan = plan_steps(
-        train_examples, rows, tokens_per_step=cfg.tokens_per_step,
-        micro_batch_tokens=cfg.micro_batch_tokens or recipe.data.max_seq_len, epochs=cfg.epochs, seed=cfg.seed,
-        max_steps=cfg.max_steps,
-    )
+    if saved:
+        epochs, max_steps = saved.epochs_target or math.inf, saved.steps
+    else:
+        epochs, max_steps = wanted.epochs or math.inf, cfg.max_steps
+
+    def make_plan(micro_batch_tokens: int, padded: bool = True) -> list:
+        return plan_steps(
+            train_examples, rows, tokens_per_step=tokens_per_step, micro_batch_tokens=micro_batch_tokens,
+            epochs=epochs, seed=cfg.seed, max_steps=max_steps, padded=padded,
+        )
+
+    plan = make_plan(cfg.micro_batch_tokens or recipe.data.max_seq_len)
 
     checkpoint = None
     if resume:
@@ -265,33 +354,50 @@ def train_on_examples(
         remove_temporary(paths.checkpoints)
 
     # FSDP loads the model on the CPU and shards it onto the GPUs (ctx.prepare)
-    setup = setup_training(recipe, len(plan), "cpu" if ctx.lockstep else device)
+    resolved = recipe.model_copy(update={"train": cfg.model_copy(update={"tokens_per_step": tokens_per_step})})
+    setup = setup_training(resolved, len(plan), "cpu" if ctx.lockstep else device)
     ctx.prepare(setup, recipe)
     if cfg.micro_batch_tokens is None and setup.device.type == "cuda" and ctx.world_size == 1:
         from tunelab.train.memory import auto_micro_batch_tokens
 
         # the plan's steps stay the same (they are cut by tokens_per_step); only their micro-batches change
-        micro, tried = auto_micro_batch_tokens(setup, cfg.tokens_per_step, row_tokens)
-        plan = plan_steps(
-            train_examples, rows, tokens_per_step=cfg.tokens_per_step, micro_batch_tokens=micro, epochs=cfg.epochs,
-            seed=cfg.seed, max_steps=cfg.max_steps, padded=setup.attention != "varlen",
-        )
+        micro, tried = auto_micro_batch_tokens(setup, tokens_per_step, row_tokens)
+        plan = make_plan(micro, padded=setup.attention != "varlen")
         say(f"micro-batch: {micro} tokens a forward pass (probed: {', '.join(str(t['micro_batch_tokens']) for t in tried)})")
-    valid = _eval_set(valid_examples[: cfg.eval_max_examples], recipe, row_tokens) if valid_examples else None
-    sample_size = min(cfg.eval_max_examples, len(train_examples))
+
+    # the budget: measure this machine's speed on the run's first micro-batches, keep the steps that fit
+    planned = saved or _fit_plan(
+        recipe, wanted, plan, setup, train_examples, valid_examples, tokenizer.pad_token_id, ctx, budget_started
+    )
+    plan = plan[: planned.steps]
+    setup.schedule = LrSchedule.from_config(resolved.train, len(plan))  # the schedule ends where the run does
+    run_cfg = resolved.train.model_copy(update={
+        "eval_every_steps": planned.eval_every_steps, "checkpoint_every_steps": planned.checkpoint_every_steps,
+        "eval_max_examples": planned.eval_max_examples,
+    })
+    if ctx.is_main:
+        planned.write(paths.plan)
+        say(f"plan: {planned.reason}")
+    deadline = None
+    if planned.budget_s is not None and saved is None:
+        # a hard stop in case the machine slows down: the budget less the last evaluation's time
+        deadline = budget_started + planned.budget_s - _last_evaluation_s(planned, bool(valid_examples))
+
+    valid = _eval_set(valid_examples[: run_cfg.eval_max_examples], recipe, row_tokens) if valid_examples else None
+    sample_size = min(run_cfg.eval_max_examples, len(train_examples))
     sample_ids = sorted(random.Random(cfg.seed).sample(range(len(train_examples)), sample_size))
     train_sample = _eval_set([train_examples[i] for i in sample_ids], recipe, row_tokens) if valid else None
     if ctx.is_main:
         say(
             f"{recipe.method}: {setup.trainable_params:,} of {setup.total_params:,} parameters trainable; "
-            f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {cfg.tokens_per_step} tokens; "
+            f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {tokens_per_step} tokens; "
             f"packed examples kept apart by {_attention_description(setup)}"
         )
     result = train_loop(
-        setup, train_examples, plan, cfg, paths.root, pad_id=tokenizer.pad_token_id, valid=valid,
+        setup, train_examples, plan, run_cfg, paths.root, pad_id=tokenizer.pad_token_id, valid=valid,
         train_sample=train_sample, resume=checkpoint, ctx=ctx, params=_flat(recipe.model_dump(mode="json")),
         resume_command=resume_command or f"tunelab train {paths.recipe} --resume", nan_at_step=nan_at_step,
-        on_step_end=on_step_end, progress=progress,
+        on_step_end=on_step_end, progress=progress, deadline=deadline,
     )
     state = result.state
 
@@ -308,8 +414,10 @@ def train_on_examples(
             "train_time_s": round(state.train_time_s, 3), "method": recipe.method,
             "trainable_params": setup.trainable_params, "total_params": setup.total_params,
             "output": output_dir.name, "output_step": state.best_step if state.best_step is not None else state.step,
+            "planned_steps": len(plan), "budget_reached": bool(state.extra.get("budget_reached")),
+            "wall_time_s": round(time.monotonic() - budget_started, 3),
         }
-        (paths.root / "train" / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(paths.summary, json.dumps(summary, indent=1))
         say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary['output_step']}")
     ctx.barrier()
     return TrainResult(
@@ -360,6 +468,7 @@ def train(
         with_strategy,
     )
 
+    budget_started = time.monotonic()  # train.budget counts the whole stage, loading included
     ctx = init_distributed()
     try:
         ctx = with_strategy(ctx, resolve_strategy(recipe.train.distributed, recipe.method, ctx.world_size))
@@ -384,7 +493,7 @@ def train(
             recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
             device=device, ctx=ctx, resume_command=resume_command,
             nan_at_step=_nan_injection(os.environ.get(NAN_ENV), ctx.rank), progress=progress,
-            on_step_end=_kill_injection(os.environ.get(KILL_ENV), ctx.rank),
+            on_step_end=_kill_injection(os.environ.get(KILL_ENV), ctx.rank), budget_started=budget_started,
         )
         if os.environ.get(DUMP_ENV) and result.model is not None:
             from safetensors.torch import save_file

@@ -1,0 +1,283 @@
+"""The training plan: examples a step, passes over the data, and how many steps fit the budget.
+
+Reads the train split's example lengths, the recipe's train keys (a value the user set wins over
+`auto`) and, when a budget binds, the throughput measured on this machine before step 1 (forward and
+backward of the run's own first micro-batches). Writes train/plan.json (TrainPlan): the resolved
+values, where each came from, the estimate, and the sentence printed before training. A resumed run
+reads the plan back instead of measuring again, so its steps are the ones the checkpoint counted.
+
+The policy (docs/training.md):
+- examples a step: about one 40th of the examples, a power of two from 4 to 256 (in the spirit of
+  OpenAI's "about 0.2% of the examples"; small sets get small steps, so a few hundred examples make
+  over 100 optimizer steps);
+- passes: 3; more for tiny sets (at least 100 examples seen, at most 25 passes), fewer for large
+  ones (at most 25k examples seen) — the heuristic OpenAI published for its fine-tuning defaults;
+- then the budget: the steps that fit the wall-clock budget at the measured speed, with the
+  evaluations and a margin counted, and the learning-rate schedule is made for exactly those steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
+
+from tunelab.config import TrainConfig
+
+if TYPE_CHECKING:
+    from tunelab.data.pack import Step
+    from tunelab.train.setup import TrainSetup
+
+AUTO = "auto"
+TARGET_EVALUATIONS = 10  # validation every ~10% of the plan
+EVAL_SHARE = 0.15  # of the budget, for all evaluations together
+MIN_EVAL_EXAMPLES = 32
+MAX_EVAL_EXAMPLES = 200
+BUDGET_MARGIN = 0.92  # the plan aims below the budget: measured speed varies on a shared machine
+MIN_EXAMPLES_SEEN, MAX_EXAMPLES_SEEN, DEFAULT_EPOCHS, MAX_EPOCHS = 100, 25_000, 3, 25
+
+
+def auto_examples_per_step(n_examples: int) -> int:
+    """About n/40, as a power of two in [4, 256]."""
+    if n_examples <= 0:
+        return 4
+    return int(min(256, max(4, 2 ** round(math.log2(max(1.0, n_examples / 40))))))
+
+
+def auto_epochs(n_examples: int) -> float:
+    """3 passes; tiny sets until 100 examples were seen (<= 25 passes), large ones <= 25k examples."""
+    if n_examples <= 0:
+        return DEFAULT_EPOCHS
+    if n_examples * DEFAULT_EPOCHS < MIN_EXAMPLES_SEEN:
+        return float(min(MAX_EPOCHS, math.ceil(MIN_EXAMPLES_SEEN / n_examples)))
+    if n_examples * DEFAULT_EPOCHS > MAX_EXAMPLES_SEEN:
+        return max(0.01, round(MAX_EXAMPLES_SEEN / n_examples, 2))
+    return float(DEFAULT_EPOCHS)
+
+
+class TrainPlan(BaseModel):
+    """train/plan.json: the plan chosen before step 1, and why."""
+
+    examples: int
+    tokens: int  # real tokens in one pass over the training examples
+    examples_per_step: float  # planned (tokens_per_step / mean example length)
+    tokens_per_step: int
+    epochs: float  # passes the steps below make (a fraction when the budget cut them)
+    epochs_target: float | None  # passes wanted before the budget (None: max_steps decides)
+    max_steps: int | None  # the user's max_steps, if set
+    steps: int
+    steps_per_epoch: int
+    eval_every_steps: int
+    checkpoint_every_steps: int
+    eval_max_examples: int
+    budget: str | None
+    budget_s: float | None
+    device: str
+    train_tokens_per_s: float | None  # measured before step 1 (None: not measured)
+    eval_tokens_per_s: float | None
+    estimated_s: float | None
+    limited_by: Literal["data", "budget", "max_steps"]
+    sources: dict[str, Literal["auto", "recipe"]]
+    reason: str
+
+    def write(self, path: Path) -> None:
+        from tunelab.files import write_text_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, self.model_dump_json(indent=1) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> TrainPlan | None:
+        if not path.is_file():
+            return None
+        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the data alone decides (before any measurement)."""
+
+    examples: int
+    tokens: int
+    examples_per_step: float
+    tokens_per_step: int
+    epochs: float | None  # None: max_steps decides the length
+    sources: dict[str, str]
+
+
+def plan_from_data(lengths: Sequence[int], cfg: TrainConfig) -> DataPlan:
+    n = len(lengths)
+    tokens = int(sum(lengths))
+    mean = tokens / n if n else 1.0
+    sources = {key: AUTO if getattr(cfg, key) == AUTO else "recipe"
+               for key in ("tokens_per_step", "epochs", "eval_every_steps", "checkpoint_every_steps",
+                           "eval_max_examples", "budget")}
+    if cfg.tokens_per_step == AUTO:
+        per_step = auto_examples_per_step(n)
+        tokens_per_step = max(1, round(per_step * mean))
+    else:
+        tokens_per_step = int(cfg.tokens_per_step)
+    if cfg.max_steps is not None:
+        epochs, sources["epochs"] = None, "recipe"  # max_steps decides the length
+    else:
+        epochs = auto_epochs(n) if cfg.epochs == AUTO else float(cfg.epochs)
+    return DataPlan(n, tokens, tokens_per_step / mean, tokens_per_step, epochs, sources)
+
+
+def budget_binds(cfg: TrainConfig) -> bool:
+    """The budget shortens a run unless the user fixed its length (epochs or max_steps) and left
+    the budget at auto: a key the user set wins over auto."""
+    if cfg.budget is None:
+        return False
+    if cfg.budget != AUTO:
+        return True
+    return cfg.epochs == AUTO and cfg.max_steps is None
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+
+
+@dataclass(frozen=True)
+class Throughput:
+    train_tokens_per_s: float  # forward + backward, real tokens
+    eval_tokens_per_s: float  # forward only, no gradients
+
+
+def measure_throughput(
+    setup: TrainSetup, examples: Sequence[dict[str, Any]], plan: Sequence[Step], pad_id: int,
+    max_passes: int = 4, max_seconds: float = 20.0,
+) -> Throughput:
+    """Time forward+backward of the run's first micro-batches (the first pass is warm-up when there
+    are more), then a forward pass without gradients. Gradients and generator states are left as
+    they were: the training that follows is the same as without this measurement."""
+    import torch
+
+    from tunelab.data.pack import Row
+    from tunelab.train.checkpoint import capture_rng, restore_rng
+    from tunelab.train.loop import attention_layout, batch_builder
+
+    micro_batches: list[tuple[Row, ...]] = [m for step in plan[:4] for m in step.micro_batches][:max_passes]
+    make_batch = batch_builder(setup, examples, pad_id)
+    autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32,
+                              enabled=setup.autocast_dtype is not None)
+    rng = capture_rng()
+    timings: list[tuple[int, float]] = []
+
+    def sync() -> None:
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize(setup.device)
+
+    was_training = setup.model.training
+    setup.model.train()
+    started = time.perf_counter()
+    with attention_layout(setup):
+        for micro in micro_batches:
+            batch = make_batch(micro)
+            tokens = _real_tokens(examples, micro)
+            sync()
+            t0 = time.perf_counter()
+            with autocast:
+                out = setup.loss_module(**batch.model_inputs())
+            out.loss_sum.backward()
+            sync()
+            timings.append((tokens, time.perf_counter() - t0))
+            if time.perf_counter() - started > max_seconds:
+                break
+        setup.optimizer.zero_grad(set_to_none=True)
+        setup.model.eval()
+        batch = make_batch(micro_batches[0])
+        with torch.no_grad(), autocast:
+            sync()
+            t0 = time.perf_counter()
+            setup.loss_module(**batch.model_inputs())
+            sync()
+            forward_s = time.perf_counter() - t0
+    setup.model.train(was_training)
+    restore_rng(rng)
+    timed = timings[1:] if len(timings) > 1 else timings
+    train_tps = sum(t for t, _ in timed) / max(1e-9, sum(s for _, s in timed))
+    eval_tps = _real_tokens(examples, micro_batches[0]) / max(1e-9, forward_s)
+    return Throughput(train_tps, max(eval_tps, train_tps))
+
+
+def _real_tokens(examples: Sequence[dict[str, Any]], micro: Sequence[Sequence[int]]) -> int:
+    return sum(len(examples[i]["input_ids"]) for row in micro for i in row)
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting the budget
+
+
+def auto_eval_examples(cfg: TrainConfig, budget_s: float | None, throughput: Throughput | None,
+                       mean_tokens: float) -> int:
+    """Validation examples per evaluation (and as many train-sample examples): all evaluations
+    together about EVAL_SHARE of the budget."""
+    if cfg.eval_max_examples != AUTO:
+        return int(cfg.eval_max_examples)
+    if budget_s is None or throughput is None:
+        return MAX_EVAL_EXAMPLES
+    tokens_per_eval = EVAL_SHARE * budget_s * throughput.eval_tokens_per_s / (TARGET_EVALUATIONS + 1)
+    return int(min(MAX_EVAL_EXAMPLES, max(MIN_EVAL_EXAMPLES, tokens_per_eval / (2 * max(1.0, mean_tokens)))))
+
+
+def eval_interval(cfg: TrainConfig, steps: int) -> tuple[int, int]:
+    """(eval_every_steps, checkpoint_every_steps): auto = about TARGET_EVALUATIONS a run."""
+    every = max(1, math.ceil(steps / TARGET_EVALUATIONS))
+    eval_every = every if cfg.eval_every_steps == AUTO else int(cfg.eval_every_steps)
+    checkpoint_every = eval_every if cfg.checkpoint_every_steps == AUTO else int(cfg.checkpoint_every_steps)
+    return eval_every, checkpoint_every
+
+
+def steps_that_fit(
+    plan: Sequence[Step], available_s: float, throughput: Throughput, eval_tokens: int, has_eval: bool,
+) -> tuple[int, float]:
+    """The most steps of `plan` whose training plus evaluations take at most BUDGET_MARGIN of
+    `available_s` at the measured speed; (steps, estimated seconds)."""
+    eval_s = eval_tokens / throughput.eval_tokens_per_s if has_eval else 0.0
+
+    def cost(n: int) -> float:
+        evaluations = math.ceil(n / max(1, math.ceil(n / TARGET_EVALUATIONS))) if has_eval else 0
+        return cumulative[n] + evaluations * eval_s
+
+    cumulative = [0.0]
+    for step in plan:
+        cumulative.append(cumulative[-1] + step.tokens / throughput.train_tokens_per_s)
+    limit = BUDGET_MARGIN * available_s
+    steps = len(plan)
+    while steps > 1 and cost(steps) > limit:
+        steps -= 1
+    return steps, cost(steps)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(plan: TrainPlan) -> str:
+    """The sentence printed before training, e.g. '600 examples, 36k tokens: 16 examples a step,
+    3 epochs = 113 steps, about 9.1 min at 150 tokens/s (measured), budget 10m'."""
+    tokens = f"{plan.tokens / 1000:.0f}k" if plan.tokens >= 10_000 else f"{plan.tokens:,}"
+    epochs = f"{plan.epochs:.3g} epoch{'s' if plan.epochs != 1 else ''}"
+    parts = [f"{plan.examples:,} examples, {tokens} tokens: {plan.examples_per_step:.0f} examples a step "
+             f"({plan.tokens_per_step:,} tokens), {epochs} = {plan.steps} steps"]
+    if plan.estimated_s is not None and plan.train_tokens_per_s is not None:
+        parts.append(f"about {format_duration(plan.estimated_s)} at {plan.train_tokens_per_s:,.0f} tokens/s (measured)")
+    if plan.budget_s is not None:
+        parts.append(f"budget {plan.budget}")
+    why = ""
+    if plan.limited_by == "budget":
+        why = f"; the budget cut {plan.epochs_target:g} wanted epochs to {plan.epochs:.2g}"
+    elif plan.limited_by == "max_steps":
+        why = "; train.max_steps sets the length"
+    return ", ".join(parts) + why + f"; validation every {plan.eval_every_steps} steps on {plan.eval_max_examples} examples"
