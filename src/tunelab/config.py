@@ -106,7 +106,7 @@ class TrainConfig(_Section):
     lr: float | None = Field(None, gt=0, description="default by method: 2e-4 for LoRA/DoRA/QLoRA, 1e-5 for full")
     tokens_per_step: PositiveInt | Literal["auto"] = Field(
         "auto", description="global batch in real tokens per optimizer step; auto: the mean example "
-        "length x examples a step, about one 40th of the examples (a power of two, 4 to 256)",
+        "length x examples a step, about 2% of the examples (a power of two, 4 to 256)",
     )
     micro_batch_tokens: int | None = Field(
         None, ge=16, description="tokens per forward pass; default: max_seq_len on CPU, on a GPU the most that fit "

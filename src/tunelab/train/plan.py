@@ -7,7 +7,7 @@ values, where each came from, the estimate, and the sentence printed before trai
 reads the plan back instead of measuring again, so its steps are the ones the checkpoint counted.
 
 The policy (docs/training.md):
-- examples a step: about one 40th of the examples, a power of two from 4 to 256 (in the spirit of
+- examples a step: about 2% of the examples, a power of two from 4 to 256 (in the spirit of
   OpenAI's "about 0.2% of the examples"; small sets get small steps, so a few hundred examples make
   over 100 optimizer steps);
 - passes: 3; more for tiny sets (at least 100 examples seen, at most 25 passes), fewer for large
@@ -44,10 +44,10 @@ MIN_EXAMPLES_SEEN, MAX_EXAMPLES_SEEN, DEFAULT_EPOCHS, MAX_EPOCHS = 100, 25_000, 
 
 
 def auto_examples_per_step(n_examples: int) -> int:
-    """About n/40, as a power of two in [4, 256]."""
+    """About 2% of n (n/48), as a power of two in [4, 256]."""
     if n_examples <= 0:
         return 4
-    return int(min(256, max(4, 2 ** round(math.log2(max(1.0, n_examples / 40))))))
+    return int(min(256, max(4, 2 ** round(math.log2(max(1.0, n_examples / 48))))))
 
 
 def auto_epochs(n_examples: int) -> float:

@@ -26,8 +26,8 @@ ADAPTER_METHODS = ("lora", "dora", "qlora")
 
 @dataclass(frozen=True)
 class LrSchedule:
-    """Linear warmup to `peak_lr`, then cosine or linear decay to `min_lr_ratio * peak_lr` (or constant).
-    A pure function of the step, so resuming needs nothing but the step number."""
+    """Linear warmup to `peak_lr`, then cosine or linear decay to `min_lr_ratio * peak_lr` at the last
+    step (or constant). A pure function of the step, so resuming needs nothing but the step number."""
 
     peak_lr: float
     total_steps: int
@@ -47,7 +47,8 @@ class LrSchedule:
         if self.kind == "constant":
             return self.peak_lr
         min_lr = self.min_lr_ratio * self.peak_lr
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        # the decay ends ON the last step (index total_steps - 1): the run takes its floor learning rate
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - 1 - self.warmup_steps))
         if self.kind == "linear":
             return self.peak_lr - (self.peak_lr - min_lr) * progress
         return min_lr + (self.peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
