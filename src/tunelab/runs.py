@@ -1,4 +1,4 @@
-"""The run directory: the contract between stages (see DESIGN.md "The run directory").
+"""The run directory: the contract between stages (docs/run-directory.md).
 
 Names every path of `runs/<name>/` once, and loads what a finished training left there: the recipe
 and the tuned model (base + PEFT adapter, or a full model folder).

@@ -2,8 +2,8 @@
 
 Reads a run directory: recipe.yaml, data/train.jsonl (few-shot and retrieval pool, train answers),
 data/test.jsonl (or --test FILE: JSONL of {"messages": [...]}), adapter/ or model/ (tuned weights),
-train/log.jsonl and train/summary.json (overfitting, training cost). Writes eval/metrics.json (shape
-in DESIGN.md) and eval/predictions.jsonl (one row per example and arm), and prints a table.
+train/log.jsonl and train/summary.json (overfitting, training cost). Writes eval/metrics.json (keys in
+docs/run-directory.md) and eval/predictions.jsonl (one row per example and arm), and prints a table.
 
 The base model is loaded once: with a LoRA run the tuned model is base + adapter, and the base arms
 run under `disable_adapter()` on the same object. All arms share one PromptBuilder, one

@@ -1,4 +1,4 @@
-"""`tunelab train`: recipe -> run directory (DESIGN.md, "The run directory").
+"""`tunelab train`: recipe -> run directory (docs/run-directory.md).
 
 Reads the recipe and the user's data (through tunelab.data.prepare); writes under runs/<name>/:
 recipe.yaml (every default written out), manifest.json (versions, seed, git sha, data fingerprint,
