@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -27,10 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tunelab.config import ARMS, Recipe
+from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, Recipe
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
-    RAG_ARMS,
     EvalExample,
     PromptBuilder,
     build_document_pool,
@@ -40,7 +38,8 @@ from tunelab.eval.arms import (
     to_eval_example,
 )
 from tunelab.eval.generate import DecodingSettings, Generation, generate
-from tunelab.eval.metrics import TUNED_ARMS, bootstrap_ci, decide_verdict, detect_output_kind, score_outputs
+from tunelab.eval.metrics import bootstrap_ci, decide_verdict, detect_output_kind, score_outputs
+from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
 
 if TYPE_CHECKING:
@@ -243,13 +242,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     if metrics["forgetting"].get("text"):
         lines.append(f"forgetting: {metrics['forgetting']['text']}")
     return "\n".join(lines)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -490,8 +482,8 @@ def evaluate(
     metrics["seed"] = cfg.seed
     metrics["elapsed_s"] = time.perf_counter() - started
 
-    _write_atomically(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
-    _write_atomically(paths.metrics, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
+    write_text_atomic(paths.metrics, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     if echo:
         print(format_table(metrics))
     return metrics

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import ARMS
 from tunelab.errors import ConfigError
-from tunelab.report.html import ARM_ORDER, fmt, pct_ci, read_json, read_jsonl
+from tunelab.files import write_text_atomic
+from tunelab.report.html import fmt, pct_ci, read_json, read_jsonl
 from tunelab.runs import RunPaths
 
 MAX_IDS_SHOWN = 5
@@ -219,7 +221,7 @@ def compare_runs(run_dirs: list[str | Path], arm: str = "tuned", seed: int = 0) 
             return fmt(row.get(field_name))
         raise ValueError(what)
 
-    arm_names = [a for a in ARM_ORDER if any(a in (r.metrics.get("arms") or {}) for r in runs)]
+    arm_names = [a for a in ARMS if any(a in (r.metrics.get("arms") or {}) for r in runs)]
     wanted = [("model", "model"), ("method", "method"), ("data fingerprint", "data fingerprint")]
     wanted += [(f"{a}: {primary} (%, 95% CI)", f"arm:{a}|primary") for a in arm_names]
     wanted += [(f"{arm}: prompt tokens / query", f"arm:{arm}|prompt_tokens_mean"),
@@ -270,8 +272,5 @@ def render_comparison_html(comparison: Comparison) -> str:
 
 def write_comparison_html(comparison: Comparison, out: str | Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_comparison_html(comparison), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, render_comparison_html(comparison))
     return out

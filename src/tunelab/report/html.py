@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import ARMS, PROMPT_ONLY_ARMS
+from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 
-ARM_ORDER = ("base", "prompt", "rag", "tuned", "tuned+rag")
-PROMPT_ONLY_ARMS = ("base", "prompt", "rag")
 MAX_DISAGREEMENTS = 8
 MAX_ISSUES_SHOWN = 20
 SECTIONS = (
@@ -211,17 +211,17 @@ def _arm_costs(cost: Any) -> dict[str, Any]:
         if not isinstance(container, dict):
             continue
         for arm, row in container.items():
-            if arm in ARM_ORDER and isinstance(row, dict):
+            if arm in ARMS and isinstance(row, dict):
                 hit = find_value(row, "1m_queries", 1) or find_value(row, "per_million", 1) or find_value(row, "usd", 1)
                 if hit:
                     found[arm] = hit[1]
-            elif arm in ARM_ORDER and isinstance(row, int | float):
+            elif arm in ARMS and isinstance(row, int | float):
                 found[arm] = row
         if found:
             return found
     for key, value in cost.items():
-        if isinstance(value, dict) and ("1m" in key or "million" in key) and any(a in value for a in ARM_ORDER):
-            return {a: v for a, v in value.items() if a in ARM_ORDER}
+        if isinstance(value, dict) and ("1m" in key or "million" in key) and any(a in value for a in ARMS):
+            return {a: v for a, v in value.items() if a in ARMS}
     return found
 
 
@@ -229,7 +229,7 @@ def _arm_costs(cost: Any) -> dict[str, Any]:
 
 
 def _ordered_arms(arms: Mapping[str, Any]) -> list[str]:
-    return [a for a in ARM_ORDER if a in arms] + sorted(a for a in arms if a not in ARM_ORDER)
+    return [a for a in ARMS if a in arms] + sorted(a for a in arms if a not in ARMS)
 
 
 def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
@@ -678,12 +678,6 @@ def write_report(run_dir: str | Path) -> Path:
 
         raise ConfigError(f"{run_dir}: no such run directory")
     context = build_report_context(paths.root)
-    _write_atomically(paths.report_html, render_html(context))
-    _write_atomically(paths.report_md, render_markdown(context))
+    write_text_atomic(paths.report_html, render_html(context))
+    write_text_atomic(paths.report_md, render_markdown(context))
     return paths.report_html
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
