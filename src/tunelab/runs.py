@@ -38,6 +38,14 @@ class RunPaths:
         return self.root / "train" / "log.jsonl"
 
     @property
+    def train_summary(self) -> Path:
+        return self.root / "train" / "summary.json"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
