@@ -22,7 +22,7 @@ apart as the warm-up time), peak memory (CUDA: max allocated, every side in this
 reset; CPU: peak RSS, every side in its own subprocess), MFU, and the per-step losses of both sides,
 which must agree (CPU float32: 1e-3; GPU bf16: 0.05 on losses near ln(vocab), bf16 rounding of
 different but equivalent kernels). MFU = tokens/s x FLOPs per token / 989e12 (H100/H200 dense bf16
-datasheet, as in FACTS.md). FLOPs per token: full = 6 N + attention, LoRA = 4 N + 6 N_lora +
+datasheet). FLOPs per token: full = 6 N + attention, LoRA = 4 N + 6 N_lora +
 attention (the frozen weights get no weight gradient: forward 2N, backward to the activations 2N),
 N = parameters of every matmul (the LM head included, the embedding lookup not), attention =
 3 x 4 x layers x heads x head_dim x (mean causal context) — over each example's own length.
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PEAK_FLOPS = 989e12  # dense bf16, H100/H200 SXM datasheet (FACTS.md uses the same)
+PEAK_FLOPS = 989e12  # dense bf16, H100/H200 SXM datasheet
 LR = {"lora": 2e-4, "full": 1e-5}
 SEED = 0
 LOSS_TOLERANCE = {"cpu": 1e-3, "cuda": 0.05}

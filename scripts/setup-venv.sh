@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (once) with tunelab and the offline default model installed.
-# torch is chosen deliberately (see README "GPU installs"):
+# torch is chosen deliberately (see docs/use.md, "Installing torch deliberately"):
 #   - TORCH_SPEC set            -> exactly that (e.g. TORCH_SPEC="torch==2.14.1")
 #   - torch importable already  -> reuse the user's torch (venv sees system site-packages)
 #   - no CUDA GPU               -> torch==2.13.0 (a small CPU build where one is provided)

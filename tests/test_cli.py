@@ -27,3 +27,25 @@ def test_config_show_writes_every_default(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "lr: 1.0e-05" in result.stdout and "tokens_per_step: auto" in result.stdout
     assert "budget: auto" in result.stdout
+
+
+def test_every_command_argument_and_option_has_help_text():
+    import click
+    import typer
+
+    from tunelab.cli import app
+
+    def walk(command: click.Command, path: str):
+        yield path, command
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from walk(sub, f"{path} {name}")
+
+    missing = []
+    for path, command in walk(typer.main.get_command(app), "tunelab"):
+        if not (command.help or command.short_help):
+            missing.append(path)
+        for param in command.params:
+            if param.name != "help" and not getattr(param, "help", None):
+                missing.append(f"{path} {param.name}")
+    assert not missing, f"no help text: {missing}"

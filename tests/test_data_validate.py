@@ -249,12 +249,6 @@ def test_forced_formats_accept_their_own_records(tmp_path, fmt):
     assert not issues and [m["content"] for m in example.messages] == ["q", "a"]
 
 
-def test_readme_lists_every_code_with_its_severity():
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    for code, (severity, _) in CODES.items():
-        assert f"| `{code}` | {severity} |" in readme, code
-
-
 def test_a_corrupt_parquet_file_is_unreadable_not_a_crash(tmp_path):
     path = tmp_path / "bad.parquet"
     path.write_bytes(b"PAR1 this is not really parquet")

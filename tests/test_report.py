@@ -3,8 +3,9 @@ user text escaped, nothing referencing the network (checked statically and in he
 missing or damaged files named instead of crashing; runs list by status; runs compare on the same
 eval set with the paired test, and refusing different eval sets.
 
-The run directory is written here from Python (make_run) with the contract shapes of the developers'
-brief and numbers of the size the triage demo produces; some user text carries HTML.
+The run directory is written here from Python (make_run) through the typed models of tunelab.contract
+(the ones the stages' writers and the report's readers share), with numbers of the size the triage
+demo produces; some user text carries HTML.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.config import ARMS
+from tunelab.contract import Manifest, Metrics, TrainSummary
 from tunelab.errors import ConfigError
 from tunelab.report.compare import compare_runs, format_run_list, list_runs, render_comparison_markdown
 from tunelab.report.html import PLOTS, SECTIONS, build_report_context, describe_mapping, write_report
@@ -27,7 +30,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 # ---------------------------------------------------------------------------------------------- fixture
 
-ARMS = ("base", "prompt", "rag", "tuned", "tuned+rag")
 HOSTILE = '<script>alert("x")</script><img src="https://evil.example/x.png">'
 ARM_QUALITY = {"base": 0.18, "prompt": 0.46, "rag": 0.55, "tuned": 0.93, "tuned+rag": 0.91}
 ARM_PROMPT_TOKENS = {"base": 52.0, "prompt": 561.0, "rag": 268.0, "tuned": 52.0, "tuned+rag": 268.0}
@@ -81,13 +83,14 @@ def make_run(
               "train:\n  max_steps: 40\n  lr: 0.0005\neval:\n  limit: 100\nout_dir: runs\n")
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(recipe, encoding="utf-8")
-    _write_json(run / "manifest.json", {
-        "tunelab_version": "0.1.0", "created": "2026-11-28T16:00:00Z", "seed": 0, "git_sha": "c38f997",
-        "model": {"name": model, "sha256": "9f2c" * 16},
-        "data": {"fingerprint": "ab12" * 16, "train_sha256": "cd34" * 16},
-        "tokenizer_sha256": "ef56" * 16, "chat_template_sha256": "0a1b" * 16,
-        "versions": {"python": "3.11.2", "torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.0"},
-    })
+    Manifest(
+        tunelab="0.1.0", python="3.11.2", torch="2.13.0", transformers="5.24.0", peft="0.21.0", git_sha="c38f997",
+        model=model, method="lora", seed=0, data_seed=0,
+        data_fingerprint={"version": 1, "inputs": {"train": {"path": "data/train.jsonl", "sha256": "cd34" * 16}},
+                          "tokenizer_sha256": "ef56" * 16, "chat_template_sha256": "0a1b" * 16,
+                          "settings": {"max_seq_len": 256}, "sha256": "ab12" * 16},
+        tokenizer_sha256="ef56" * 16, chat_template_sha256="0a1b" * 16,
+    ).write(run / "manifest.json")
 
     # data stage
     data = run / "data"
@@ -125,10 +128,11 @@ def make_run(
     log.append({"kind": "event", "step": 40, "event": "overfitting",
                 "message": "validation loss rose (0.44 -> 0.47) while train loss fell"})
     _write_jsonl(run / "train" / "log.jsonl", log)
-    _write_json(run / "train" / "summary.json", {
-        "steps": 40, "best_step": 30, "best_val_loss": 0.44, "stopped_early": False, "tokens": 81920,
-        "train_time_s": 482.0, "method": "lora", "trainable_params": 4884480, "total_params": 139400000,
-    })
+    TrainSummary(
+        steps=40, best_step=30, best_val_loss=0.44, stopped_early=False, tokens=81920, trainable_tokens=24400,
+        train_time_s=482.0, method="lora", trainable_params=4884480, total_params=139400000, output="adapter",
+        output_step=30,
+    ).write(run / "train" / "summary.json")
 
     # evaluation: per-example scores first, then the means metrics.json reports
     predictions, per_arm = [], {a: [] for a in ARMS}
@@ -152,13 +156,18 @@ def make_run(
                      "prompt_tokens_mean": ARM_PROMPT_TOKENS[arm], "completion_tokens_mean": 24.3,
                      "latency_ms_p50": ARM_LATENCY_MS[arm], "latency_ms_p95": ARM_LATENCY_MS[arm] * 1.4,
                      "batch_size": 16, "tokens_per_s": 60.0, "finish_reasons": {"stop": 28, "length": 2},
+                     "usd_per_1m_queries": round(ARM_PROMPT_TOKENS[arm] * 0.15 + 24.3 * 0.6, 2),
+                     "model": "tuned" if arm.startswith("tuned") else "base", "shots_mean": 3.0 if arm != "base" else 0.0,
+                     "decoding": {"max_new_tokens": 40, "temperature": 0.0, "top_p": 1.0, "seed": 0},
                      "metrics": {"json_field_accuracy": mean, "json_valid": min(1.0, mean + 0.1),
                                                    "exact_match": mean * 0.9}}
     delta = arms["tuned"]["primary"] - arms["rag"]["primary"]
     usd = {a: round(ARM_PROMPT_TOKENS[a] * 0.15 + 24.3 * 0.6, 2) for a in ARMS}
-    _write_json(run / "eval" / "metrics.json", {
+    Metrics.model_validate({
         "primary_metric": "json_field_accuracy", "n_examples": len(test_rows),
-        "primary_reason": "references are JSON objects: per-field accuracy",
+        "primary_reason": "references are JSON objects: per-field accuracy", "output_kind": "json",
+        "test_file": str(test_file), "model": model, "tuned_weights": "adapter", "seed": 0, "elapsed_s": 301.5,
+        "pools": {"train_examples": 797, "pool_size": 797, "refused": [], "documents": None},
         "arms": arms,
         "verdict": {"best_arm": "tuned", "vs": "rag", "delta": delta, "ci95": [delta - 0.15, delta + 0.15],
                     "p_value": 0.0002, "winner": "tuned", "recommended": "tuned", "significant": True,
@@ -198,7 +207,7 @@ def make_run(
                        "probe_outputs": [{"id": f"fact-{i}", "kind": "fact", "prompt": "What is the capital of France?",
                                           "base_output": "Paris", "base_score": 1.0, "tuned_output": "Paris.",
                                           "tuned_score": 1.0} for i in range(14)]},
-    })
+    }).write(run / "eval" / "metrics.json")
     return run
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tunelab.errors import ConfigError, DataError
+from tunelab.files import write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -285,18 +286,11 @@ def generate_file(
     results = generate(
         loaded.model, loaded.tokenizer, [item.messages for item in inputs], settings, batch_size, progress=progress
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for item, result in zip(inputs, results, strict=True):
-                record = {
-                    "line": item.line, "id": item.id, "messages": item.messages, "output": result.text,
-                    "reference": item.reference, "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    records = (
+        {"line": item.line, "id": item.id, "messages": item.messages, "output": result.text,
+         "reference": item.reference, "prompt_tokens": result.prompt_tokens,
+         "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
+        for item, result in zip(inputs, results, strict=True)
+    )
+    write_text_atomic(out_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return len(inputs)

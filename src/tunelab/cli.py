@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from tunelab.errors import NotYetAvailable, TunelabError
+from tunelab.config import ARMS  # light (pydantic, yaml): the arm names feed `eval --help`
+from tunelab.errors import TunelabError
 from tunelab.serve import ServeSettings  # light: its defaults feed `serve --help`
 
 app = typer.Typer(
@@ -31,18 +32,15 @@ app.add_typer(config_app, name="config")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=20")]
 RunDir = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/demo")]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model alias, folder, .gguf or hub id")]
-
-
-def _not_yet(feature: str, issue: int) -> None:
-    raise NotYetAvailable(f"{feature} is not available yet (waits on issue #{issue})")
 
 
 # ---------------------------------------------------------------------------------------------- config
 
 
 @config_app.command("show")
-def config_show(recipe: Path, overrides: Overrides = None) -> None:
+def config_show(
+    recipe: Annotated[Path, typer.Argument(help="a recipe YAML file")], overrides: Overrides = None
+) -> None:
     """Print the resolved recipe with every default written out (and what each `auto` means)."""
     from tunelab.config import load_recipe
 
@@ -62,7 +60,7 @@ def models_list() -> None:
 
 
 @models_app.command("pull")
-def models_pull(name: str) -> None:
+def models_pull(name: Annotated[str, typer.Argument(help="a model alias (see `tunelab models list`)")]) -> None:
     """Prepare a model alias in the cache (verifying it; rebuilding a corrupt entry)."""
     from tunelab.models import ALIASES, ensure_alias
 
@@ -76,7 +74,7 @@ def models_pull(name: str) -> None:
 
 @data_app.command("check")
 def data_check(
-    train: Path,
+    train: Annotated[Path, typer.Argument(help="training examples: JSONL, JSON, CSV, Parquet or a folder of them")],
     valid: Annotated[Path | None, typer.Option(help="validation file, checked for leakage too")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="tokenizer, chat template and speed of this model (default: the recipe default, smollm2-135m-instruct)")] = None,
     max_seq_len: Annotated[int, typer.Option(help="tokens; longer examples are reported")] = 512,
@@ -117,12 +115,12 @@ def data_check(
 
 @data_app.command("prepare")
 def data_prepare(
-    train: Path,
+    train: Annotated[Path, typer.Argument(help="training examples: JSONL, JSON, CSV, Parquet or a folder of them")],
     out: Annotated[Path, typer.Option(help="output folder")],
     valid: Annotated[Path | None, typer.Option(help="validation file; else a seeded split")] = None,
     test: Annotated[Path | None, typer.Option(help="test file; else a seeded split")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="tokenizer and chat template of this model (default: the recipe default, smollm2-135m-instruct)")] = None,
-    max_seq_len: int = 512,
+    max_seq_len: Annotated[int, typer.Option(help="tokens; longer examples are dropped and listed in rejected.jsonl")] = 512,
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of the train/valid/test split")] = 0,
     dedupe: Annotated[bool, typer.Option(help="drop exact duplicates within a split")] = True,
@@ -163,7 +161,7 @@ def data_prepare(
 
 @app.command()
 def train(
-    recipe: Path,
+    recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
     nproc: Annotated[
@@ -207,7 +205,7 @@ def train(
 @app.command("eval")
 def eval_(
     run: RunDir,
-    arms: Annotated[str | None, typer.Option(help="comma-separated: base,prompt,rag,tuned,tuned+rag")] = None,
+    arms: Annotated[str | None, typer.Option(help=f"comma-separated: {','.join(ARMS)}")] = None,
     test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
 ) -> None:
@@ -230,7 +228,7 @@ def report(run: RunDir) -> None:
 
 @app.command()
 def run(
-    recipe: Path,
+    recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
 ) -> None:
@@ -259,7 +257,7 @@ def chat(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")] = "smollm2-135m-instruct",
     prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per answer at most")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
@@ -282,9 +280,9 @@ def generate_(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
     input: Annotated[Path, typer.Option(help="JSONL: {\"messages\": [...]} (OpenAI chat) or {\"prompt\": ...} lines")],
     out: Annotated[Path, typer.Option(help="JSONL to write, one line per input line")],
-    max_new_tokens: int = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per answer at most")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together")] = 16,
 ) -> None:
     """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
     from tqdm import tqdm
@@ -329,9 +327,9 @@ def serve(
     rag: Annotated[str | None, typer.Option(help="retrieve from a document folder, or 'train' for the run's train split")] = None,
     rag_k: Annotated[int | None, typer.Option(min=1, help="passages retrieved per request; default the recipe's eval.rag_k")] = None,
     model_id: Annotated[str | None, typer.Option(help="the model name clients send; default the run's name")] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1)] = ServeSettings.max_batch_size,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0)] = ServeSettings.batch_window_ms,
-    max_tokens_limit: Annotated[int, typer.Option(min=1)] = ServeSettings.max_tokens_limit,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="requests run together as one batch")] = ServeSettings.max_batch_size,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="how long a request waits for others to batch with")] = ServeSettings.batch_window_ms,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for (larger: 400)")] = ServeSettings.max_tokens_limit,
     log_level: Annotated[str, typer.Option(help="info | warning | debug (debug adds the access log)")] = "info",
 ) -> None:
     """OpenAI-compatible API server (/v1/chat/completions, streaming and not; /v1/models; /health)."""

@@ -30,7 +30,12 @@ from tunelab.errors import ConfigError
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
 # train.budget: auto, by the device the run trains on (a CPU run must leave time for evaluation)
 DEFAULT_BUDGET = {"cpu": "10m", "cuda": "60m"}
+# The evaluation's arms, in the order they run and are shown (base-model arms first). The one
+# definition: eval, report and the CLI import these.
 ARMS = ("base", "prompt", "rag", "tuned", "tuned+rag")
+TUNED_ARMS = ("tuned", "tuned+rag")  # answered by the fine-tuned weights
+PROMPT_ONLY_ARMS = tuple(a for a in ARMS if a not in TUNED_ARMS)  # the base model, prompted
+RAG_ARMS = ("rag", "tuned+rag")  # with retrieved examples or document chunks
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 

@@ -19,9 +19,3 @@ class DataError(TunelabError):
 
 class ModelError(TunelabError):
     """A model reference cannot be resolved or loaded."""
-
-
-class NotYetAvailable(TunelabError):
-    """A command of the design whose implementation waits on an issue."""
-
-    exit_code = 3

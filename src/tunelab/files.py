@@ -1,7 +1,8 @@
-"""Durable files: the sha256 of a file and fsync of files and folders.
+"""Durable files: the sha256 of a file, fsync of files and folders, and atomic text files.
 
-One place for what the model cache, checkpoints, prepared data and exports need to write files
-that survive a crash and to recognise a damaged one.
+One place for what the model cache, checkpoints, prepared data, exports and the run directory's
+JSON files need to write files that survive a crash and to recognise a damaged one. A file written
+through AtomicTextFile or write_text_atomic is either the old one or the whole new one, never half.
 """
 
 from __future__ import annotations
@@ -36,8 +37,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class AtomicTextFile:
+    """A UTF-8 text file written under a temporary name beside `path`, streamed with `write`, and
+    renamed into place by `commit` (after an fsync); `abandon` removes the temporary file instead."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.file = self.tmp.open("w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary sibling, then rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace `path` with `text` (creating its folder): readers see the old file or the new one."""
+    out = AtomicTextFile(path)
+    try:
+        out.write(text)
+    except BaseException:
+        out.abandon()
+        raise
+    out.commit()

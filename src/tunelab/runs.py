@@ -1,4 +1,4 @@
-"""The run directory: the contract between stages (see DESIGN.md "The run directory").
+"""The run directory: the contract between stages (docs/run-directory.md).
 
 Names every path of `runs/<name>/` once, and loads what a finished training left there: the recipe
 and the tuned model (base + PEFT adapter, or a full model folder).
@@ -42,8 +42,12 @@ class RunPaths:
         return self.root / "train" / "plan.json"
 
     @property
-    def summary(self) -> Path:
+    def train_summary(self) -> Path:
         return self.root / "train" / "summary.json"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -12,7 +12,8 @@ training loop, evaluation and the benchmarks alike:
   data position by its index.
 - `collate`: rows -> input_ids, labels, restarting position_ids and a 4-D block-diagonal causal
   boolean attention mask. Restarting position_ids alone do NOT isolate packed examples under SDPA
-  (FACTS.md); the mask does, so each example sees only itself, as if it ran alone.
+  (measured: the second example's logits change); the mask does, so each example sees only itself,
+  as if it ran alone.
 - `collate_varlen`: the same examples as ONE row without padding between examples, plus the
   cumulative sequence lengths a variable-length attention kernel needs (train/attention.py). No
   (length x length) mask is built, and attention costs each example its own length squared.

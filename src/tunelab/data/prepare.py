@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from array import array
 from collections import Counter
@@ -42,7 +41,7 @@ from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
 from tunelab.errors import ConfigError, DataError
-from tunelab.files import sha256_file
+from tunelab.files import AtomicTextFile, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -139,37 +138,15 @@ def _reusable(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | No
 # ---------------------------------------------------------------------------------------------- writing
 
 
-class _AtomicWriter:
-    """Writes a file under a temporary name and renames it into place on close."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.file = self.tmp.open("w", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        self.file.write(text)
-
-    def close(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def abandon(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 def _write_lines(path: Path, rows: list[Any]) -> None:
-    writer = _AtomicWriter(path)
+    out = AtomicTextFile(path)
     for row in rows:
-        writer.write(dump_json_line(row))
-    writer.close()
+        out.write(dump_json_line(row))
+    out.commit()
 
 
 def _write_json(path: Path, value: Any) -> None:
-    writer = _AtomicWriter(path)
-    writer.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
-    writer.close()
+    write_text_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
 
 
 def _refuse_overwriting_inputs(data: DataConfig, out_dir: Path) -> None:
@@ -327,7 +304,7 @@ def _tokenize(
     issues: list[Issue] = []
     prefix_fallbacks: list[str] = []
     lengths, trainable = array("q"), array("q")
-    writers = {split: _AtomicWriter(out_dir / f"{split}.tokens.jsonl") for split in ("train", "valid")}
+    writers = {split: AtomicTextFile(out_dir / f"{split}.tokens.jsonl") for split in ("train", "valid")}
     todo = [m for m in members if m.split in writers and m.rejected is None]
     try:
         _tokenize_into(todo, writers, tokenizer, max_seq_len, issues, prefix_fallbacks, lengths, trainable)
@@ -336,11 +313,11 @@ def _tokenize(
             writer.abandon()
         raise
     for writer in writers.values():
-        writer.close()
+        writer.commit()
     return issues, prefix_fallbacks, lengths, trainable
 
 
-def _tokenize_into(todo: list[_Member], writers: dict[str, _AtomicWriter], tokenizer: PreTrainedTokenizerBase,
+def _tokenize_into(todo: list[_Member], writers: dict[str, AtomicTextFile], tokenizer: PreTrainedTokenizerBase,
                    max_seq_len: int, issues: list[Issue], prefix_fallbacks: list[str], lengths: array, trainable: array) -> None:
     from tqdm import tqdm
 

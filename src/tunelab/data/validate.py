@@ -33,7 +33,7 @@ from tunelab.data.formats import (
 
 ERROR, WARNING = "error", "warning"
 
-# code -> (severity, what it means). README's list of codes is this table.
+# code -> (severity, what it means). docs/data-checks.md lists this table (tests/test_docs.py checks it).
 CODES: dict[str, tuple[str, str]] = {
     # files and records
     "unreadable_file": (ERROR, "the file or folder does not exist or cannot be read"),

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.config import RAG_ARMS
 from tunelab.errors import DataError
 from tunelab.eval.metrics import OutputKind, detect_output_kind
 
-RAG_ARMS = ("rag", "tuned+rag")
 FALLBACK_INSTRUCTIONS = "You are a precise assistant. Answer each message the way the example answers do."
 
 

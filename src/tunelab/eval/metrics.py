@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from tunelab.config import PROMPT_ONLY_ARMS, TUNED_ARMS
+
 BOOTSTRAP_RESAMPLES = 2000
 PERMUTATIONS = 10000
 LABEL_SET_MAX = 20  # more distinct answers than this is free text, not classification
 LABEL_MAX_WORDS = 4
 JSON_SHARE = 0.9  # references that must parse as JSON objects for the task to count as JSON output
-NON_TUNED_ARMS = ("base", "prompt", "rag")
-TUNED_ARMS = ("tuned", "tuned+rag")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -292,7 +292,7 @@ def decide_verdict(
     same examples. Significant when the 95% interval of the difference excludes zero."""
     means = {arm: float(np.mean(v)) if len(v) else 0.0 for arm, v in per_example.items()}
     tuned = [a for a in TUNED_ARMS if a in means]
-    prompt_only = [a for a in NON_TUNED_ARMS if a in means]
+    prompt_only = [a for a in PROMPT_ONLY_ARMS if a in means]
     if not tuned or not prompt_only:
         missing = "fine-tuned" if not tuned else "prompt-only"
         return {"best_arm": None, "vs": None, "delta": None, "ci95": None, "p_value": None,

@@ -2,8 +2,8 @@
 
 Reads a run directory: recipe.yaml, data/train.jsonl (few-shot and retrieval pool, train answers),
 data/test.jsonl (or --test FILE: JSONL of {"messages": [...]}), adapter/ or model/ (tuned weights),
-train/log.jsonl and train/summary.json (overfitting, training cost). Writes eval/metrics.json (shape
-in DESIGN.md) and eval/predictions.jsonl (one row per example and arm), and prints a table.
+train/log.jsonl and train/summary.json (overfitting, training cost). Writes eval/metrics.json (keys in
+docs/run-directory.md) and eval/predictions.jsonl (one row per example and arm), and prints a table.
 
 The base model is loaded once: with a LoRA run the tuned model is base + adapter, and the base arms
 run under `disable_adapter()` on the same object. All arms share one PromptBuilder, one
@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -27,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tunelab.config import ARMS, Recipe
+from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, Recipe
+from tunelab.contract import Metrics, TrainSummary
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
-    RAG_ARMS,
     EvalExample,
     PromptBuilder,
     build_document_pool,
@@ -40,8 +39,9 @@ from tunelab.eval.arms import (
     to_eval_example,
 )
 from tunelab.eval.generate import DecodingSettings, Generation, generate
-from tunelab.eval.metrics import TUNED_ARMS, bootstrap_ci, decide_verdict, detect_output_kind, score_outputs
+from tunelab.eval.metrics import bootstrap_ci, decide_verdict, detect_output_kind, score_outputs
 from tunelab.eval.undertrained import assess_training
+from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
 
 if TYPE_CHECKING:
@@ -187,9 +187,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_summary(paths: RunPaths) -> dict[str, Any] | None:
-    path = paths.train_log.parent / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _read_summary(paths: RunPaths) -> TrainSummary | None:
+    return TrainSummary.from_file(paths.train_summary) if paths.train_summary.is_file() else None
 
 
 def _loss_curve(paths: RunPaths) -> dict[str, Any]:
@@ -244,13 +243,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     if metrics["forgetting"].get("text"):
         lines.append(f"forgetting: {metrics['forgetting']['text']}")
     return "\n".join(lines)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -402,9 +394,9 @@ def evaluate(
     # --- cost: per query, per 1M queries, and when training pays for itself
     summary = _read_summary(paths)
     training = None
-    if summary and summary.get("train_time_s") is not None:
-        training = {"train_time_s": float(summary["train_time_s"]),
-                    "usd": float(summary["train_time_s"]) / 3600 * cfg.gpu_price_per_hour,
+    if summary is not None:
+        training = {"train_time_s": summary.train_time_s,
+                    "usd": summary.train_time_s / 3600 * cfg.gpu_price_per_hour,
                     "basis": "train/summary.json train_time_s x eval.gpu_price_per_hour (wall time of the "
                              "training run on whatever machine ran it)"}
     break_even: dict[str, Any] = {}
@@ -500,8 +492,8 @@ def evaluate(
     metrics["seed"] = cfg.seed
     metrics["elapsed_s"] = time.perf_counter() - started
 
-    _write_atomically(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
-    _write_atomically(paths.metrics, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
+    Metrics.model_validate(metrics).write(paths.metrics)
     if echo:
         print(format_table(metrics))
     return metrics

@@ -52,7 +52,7 @@ def assess_training(paths: RunPaths, train_sample_score: float | None, test_scor
                     metric: str) -> dict[str, Any]:
     """{"provisional": bool, "reason": str | None, "suggestion": str | None, "signals": {...}}."""
     plan = _read_json(paths.plan) or {}
-    summary = _read_json(paths.summary) or {}
+    summary = _read_json(paths.train_summary) or {}
     trend = validation_trend(paths.train_log)
     reasons: list[str] = []
     if trend is not None and trend["relative_change"] < -STILL_FALLING:

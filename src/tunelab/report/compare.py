@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import ARMS
+from tunelab.contract import Manifest, Metrics
 from tunelab.errors import ConfigError
-from tunelab.report.html import ARM_ORDER, fmt, pct_ci, read_json, read_jsonl
+from tunelab.files import write_text_atomic
+from tunelab.report.html import fmt, pct_ci, read_jsonl, read_model
 from tunelab.runs import RunPaths
 
 MAX_IDS_SHOWN = 5
@@ -49,7 +52,7 @@ def run_status(paths: RunPaths) -> str:
         return "reported"
     if paths.metrics.is_file():
         return "evaluated"
-    if paths.adapter.is_dir() or paths.model.is_dir() or (paths.root / "train" / "summary.json").is_file():
+    if paths.adapter.is_dir() or paths.model.is_dir() or paths.train_summary.is_file():
         return "trained"
     if paths.train_log.is_file():
         return "training (or stopped)"
@@ -69,11 +72,12 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
         model = recipe.get("model")
         row = RunRow(folder.name, folder, model.get("name") if isinstance(model, dict) else None,
                      recipe.get("method"), run_status(paths))
-        metrics = read_json(paths.metrics)
-        if metrics.ok and isinstance(metrics.value, dict):
-            row.primary_metric = metrics.value.get("primary_metric")
-            tuned = (metrics.value.get("arms") or {}).get("tuned") or {}
-            row.tuned_primary, row.tuned_ci95 = tuned.get("primary"), tuned.get("ci95")
+        metrics = read_model(paths.metrics, Metrics)
+        if metrics.ok:
+            row.primary_metric = metrics.value.primary_metric
+            tuned = metrics.value.arms.get("tuned")
+            if tuned is not None:
+                row.tuned_primary, row.tuned_ci95 = tuned.primary, list(tuned.ci95)
         rows.append(row)
     return rows
 
@@ -99,8 +103,8 @@ class LoadedRun:
     label: str
     paths: RunPaths
     recipe: dict[str, Any]
-    manifest: dict[str, Any]
-    metrics: dict[str, Any]
+    manifest: Manifest | None
+    metrics: Metrics
     scores: dict[str, float]  # example id -> score of the compared arm
     references: dict[str, str]
 
@@ -119,8 +123,8 @@ def _load(run_dir: Path, label: str, arm: str) -> LoadedRun:
     paths = RunPaths(run_dir)
     if not paths.recipe.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    metrics = read_json(paths.metrics)
-    if not metrics.ok or not isinstance(metrics.value, dict):
+    metrics = read_model(paths.metrics, Metrics)
+    if not metrics.ok:
         raise ConfigError(f"{metrics.note(paths.root)}; evaluate it first: tunelab eval {run_dir}")
     predictions = read_jsonl(paths.predictions)
     if not predictions.ok:
@@ -139,8 +143,8 @@ def _load(run_dir: Path, label: str, arm: str) -> LoadedRun:
     if not scores:
         arms = sorted({str(r.get("arm")) for r in predictions.value})
         raise ConfigError(f"{paths.predictions}: no predictions of arm '{arm}' (it has: {', '.join(arms) or 'none'})")
-    manifest = read_json(paths.manifest)
-    return LoadedRun(label, paths, _recipe_fields(paths), manifest.value if manifest.ok else {},
+    manifest = read_model(paths.manifest, Manifest)
+    return LoadedRun(label, paths, _recipe_fields(paths), manifest.value if manifest.ok else None,
                      metrics.value, scores, references)
 
 
@@ -170,21 +174,10 @@ def _check_same_eval_set(runs: list[LoadedRun], arm: str) -> None:
             raise ConfigError(
                 f"{first.paths.root} and {other.paths.root} have the same example ids but different references "
                 f"for {len(differing)} of them ({shown}): they were evaluated on different test sets")
-        for run in (first, other):
-            if run.metrics.get("primary_metric") != first.metrics.get("primary_metric"):
-                raise ConfigError(
-                    f"{first.paths.root} scores {first.metrics.get('primary_metric')} but {run.paths.root} scores "
-                    f"{run.metrics.get('primary_metric')}: their per-example scores are not comparable")
-
-
-def _manifest_value(manifest: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        node: Any = manifest
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return None
+        if other.metrics.primary_metric != first.metrics.primary_metric:
+            raise ConfigError(
+                f"{first.paths.root} scores {first.metrics.primary_metric} but {other.paths.root} scores "
+                f"{other.metrics.primary_metric}: their per-example scores are not comparable")
 
 
 def compare_runs(run_dirs: list[str | Path], arm: str = "tuned", seed: int = 0) -> Comparison:
@@ -197,29 +190,31 @@ def compare_runs(run_dirs: list[str | Path], arm: str = "tuned", seed: int = 0) 
     runs = [_load(d, label, arm) for d, label in zip(dirs, labels, strict=True)]
     _check_same_eval_set(runs, arm)
     ids = sorted(runs[0].scores)
-    primary = str(runs[0].metrics.get("primary_metric") or "score")
+    primary = runs[0].metrics.primary_metric
 
     def cell(run: LoadedRun, what: str) -> str:
         model = run.recipe.get("model")
-        arms = run.metrics.get("arms") or {}
+        arms = run.metrics.arms
         if what == "model":
             return str(model.get("name")) if isinstance(model, dict) else "—"
         if what == "method":
             return str(run.recipe.get("method") or "—")
         if what == "data fingerprint":
-            value = _manifest_value(run.manifest, "data.fingerprint", "data_fingerprint", "data.sha256", "data_sha256")
-            return str(value)[:12] if value else "—"
+            value = run.manifest.data_sha256 if run.manifest is not None else None
+            return value[:12] if value else "—"
         if what == "verdict":
-            return str((run.metrics.get("verdict") or {}).get("text") or "—")
+            return run.metrics.verdict.text
         if what.startswith("arm:"):
             name, _, field_name = what[4:].partition("|")
-            row = arms.get(name) or {}
+            row = arms.get(name)
+            if row is None:
+                return "—"
             if field_name == "primary":
-                return pct_ci(row.get("primary"), row.get("ci95"))
-            return fmt(row.get(field_name))
+                return pct_ci(row.primary, row.ci95)
+            return fmt(getattr(row, field_name))
         raise ValueError(what)
 
-    arm_names = [a for a in ARM_ORDER if any(a in (r.metrics.get("arms") or {}) for r in runs)]
+    arm_names = [a for a in ARMS if any(a in r.metrics.arms for r in runs)]
     wanted = [("model", "model"), ("method", "method"), ("data fingerprint", "data fingerprint")]
     wanted += [(f"{a}: {primary} (%, 95% CI)", f"arm:{a}|primary") for a in arm_names]
     wanted += [(f"{arm}: prompt tokens / query", f"arm:{arm}|prompt_tokens_mean"),
@@ -270,8 +265,5 @@ def render_comparison_html(comparison: Comparison) -> str:
 
 def write_comparison_html(comparison: Comparison, out: str | Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_comparison_html(comparison), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, render_comparison_html(comparison))
     return out

@@ -2,7 +2,9 @@
 
 Reads (each optional; a missing or unreadable file makes its section say so):
   recipe.yaml, manifest.json, data/stats.json, data/issues.jsonl, data/test.jsonl, train/log.jsonl,
-  train/summary.json, eval/metrics.json, eval/predictions.jsonl, and a test file's sibling
+  train/summary.json, eval/metrics.json, eval/predictions.jsonl (manifest, summary and metrics
+  through their typed models in tunelab.contract; a file that does not fit its model is reported as
+  unreadable, never guessed at), and a test file's sibling
   `<stem>.slices.jsonl` ({"line", "slice"} per test line, e.g. examples/triage/data/) when present.
 Writes report.html (self-contained: CSS and SVG charts inline, no URL of any kind, user text escaped
 by Jinja's autoescape) and report.md (the summary printed at the end of `tunelab run`).
@@ -21,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import ARMS, PROMPT_ONLY_ARMS
+from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
+from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 
-ARM_ORDER = ("base", "prompt", "rag", "tuned", "tuned+rag")
-PROMPT_ONLY_ARMS = ("base", "prompt", "rag")
 MAX_DISAGREEMENTS = 8
 MAX_ISSUES_SHOWN = 20
 SECTIONS = (
@@ -65,6 +68,16 @@ def read_json(path: Path) -> RunFile:
         return RunFile(path, json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return RunFile(path, problem=f"not valid JSON ({err})")
+
+
+def read_model(path: Path, model: type[Manifest] | type[Metrics] | type[TrainSummary]) -> RunFile:
+    """A run file parsed into its contract model (RunFile.value is the model)."""
+    if not path.is_file():
+        return RunFile(path, problem="missing")
+    try:
+        return RunFile(path, model.from_file(path))
+    except ContractError as err:
+        return RunFile(path, problem=str(err).removeprefix(f"{path}: "))
 
 
 def read_jsonl(path: Path) -> RunFile:
@@ -185,76 +198,29 @@ def _is_matrix(node: Mapping[str, Any]) -> bool:
     )
 
 
-def find_value(node: Any, fragment: str, depth: int = 3) -> tuple[str, Any] | None:
-    """The first scalar whose key contains `fragment`, searching nested dicts breadth first."""
-    level = [("", node)]
-    for _ in range(depth):
-        following = []
-        for prefix, item in level:
-            if not isinstance(item, dict):
-                continue
-            for key, value in item.items():
-                if fragment in key and not isinstance(value, dict | list):
-                    return f"{prefix}{key}", value
-                if isinstance(value, dict):
-                    following.append((f"{prefix}{key}.", value))
-        level = following
-    return None
-
-
-def _arm_costs(cost: Any) -> dict[str, Any]:
-    """USD per 1M queries per arm, from whichever per-arm shape eval wrote."""
-    if not isinstance(cost, dict):
-        return {}
-    found: dict[str, Any] = {}
-    for container in (cost.get("arms"), cost.get("per_arm"), cost):
-        if not isinstance(container, dict):
-            continue
-        for arm, row in container.items():
-            if arm in ARM_ORDER and isinstance(row, dict):
-                hit = find_value(row, "1m_queries", 1) or find_value(row, "per_million", 1) or find_value(row, "usd", 1)
-                if hit:
-                    found[arm] = hit[1]
-            elif arm in ARM_ORDER and isinstance(row, int | float):
-                found[arm] = row
-        if found:
-            return found
-    for key, value in cost.items():
-        if isinstance(value, dict) and ("1m" in key or "million" in key) and any(a in value for a in ARM_ORDER):
-            return {a: v for a, v in value.items() if a in ARM_ORDER}
-    return found
-
-
 # ---------------------------------------------------------------------------------------------- sections
 
 
 def _ordered_arms(arms: Mapping[str, Any]) -> list[str]:
-    return [a for a in ARM_ORDER if a in arms] + sorted(a for a in arms if a not in ARM_ORDER)
+    return [a for a in ARMS if a in arms] + sorted(a for a in arms if a not in ARMS)
 
 
 def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     if not metrics.ok:
         return {"available": False, "note": f"No verdict: {metrics.note(root)} (run `tunelab eval`)."}
-    data = metrics.value if isinstance(metrics.value, dict) else {}
-    verdict = data.get("verdict") or {}
-    arms = data.get("arms") or {}
-    best, vs = verdict.get("best_arm"), verdict.get("vs")
-    recommended = verdict.get("recommended") or verdict.get("winner") or best
-    costs = _arm_costs(data.get("cost"))
-    compared = [a for a in (best, vs) if a in arms]
-    rows = []
-    for arm in compared:
-        row = arms[arm]
-        rows.append({
-            "arm": arm, "quality": pct_ci(row.get("primary"), row.get("ci95")),
-            "prompt_tokens": fmt(row.get("prompt_tokens_mean")), "latency": fmt(row.get("latency_ms_p50")),
-            "cost": fmt(costs.get(arm)), "recommended": arm == recommended,
-        })
+    data: Metrics = metrics.value
+    verdict, arms = data.verdict, data.arms
+    best, vs, recommended = verdict.best_arm, verdict.vs, verdict.recommended
+    costs = data.usd_per_1m_queries()
+    rows = [{"arm": arm, "quality": pct_ci(arms[arm].primary, arms[arm].ci95),
+             "prompt_tokens": fmt(arms[arm].prompt_tokens_mean), "latency": fmt(arms[arm].latency_ms_p50),
+             "cost": fmt(costs.get(arm)), "recommended": arm == recommended}
+            for arm in (best, vs) if arm in arms]
     facts = []
     if best in arms and vs in arms:
         b, v = arms[best], arms[vs]
-        bt, vt = b.get("prompt_tokens_mean"), v.get("prompt_tokens_mean")
-        if isinstance(bt, int | float) and isinstance(vt, int | float) and bt > 0 and vt > 0:
+        bt, vt = b.prompt_tokens_mean, v.prompt_tokens_mean
+        if bt > 0 and vt > 0:
             ratio = vt / bt
             if abs(ratio - 1) < 0.05:
                 facts.append(f"{best} and {vs} send about as many prompt tokens per query ({bt:.0f} vs {vt:.0f})")
@@ -262,31 +228,22 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
                 facts.append(f"{best} sends {ratio:.1f}x fewer prompt tokens per query than {vs} ({bt:.0f} vs {vt:.0f})")
             else:
                 facts.append(f"{best} sends {1 / ratio:.1f}x more prompt tokens per query than {vs} ({bt:.0f} vs {vt:.0f})")
-        bl, vl = b.get("latency_ms_p50"), v.get("latency_ms_p50")
-        if isinstance(bl, int | float) and isinstance(vl, int | float):
-            facts.append(f"median latency {bl:,.0f} ms ({best}) vs {vl:,.0f} ms ({vs}) at batch size "
-                         f"{fmt(b.get('batch_size'))}")
-    cost = data.get("cost") if isinstance(data.get("cost"), dict) else {}
-    if isinstance(cost.get("text"), str):
-        facts.append(cost["text"])
-    else:
-        break_even = find_value(cost, "break_even")
-        if break_even and break_even[1] is not None:
-            facts.append(f"break-even ({break_even[0]}): {fmt(break_even[1])}")
-    training = cost.get("training")
-    if isinstance(training, dict) and isinstance(training.get("usd"), int | float):
-        facts.append(f"training cost {training['usd']:,.2f} USD" + (
-            f" ({training['train_time_s']:,.0f} s of training)" if isinstance(training.get("train_time_s"), int | float) else ""))
-    delta, ci = verdict.get("delta"), verdict.get("ci95")
+        facts.append(f"median latency {b.latency_ms_p50:,.0f} ms ({best}) vs {v.latency_ms_p50:,.0f} ms ({vs}) at batch "
+                     f"size {fmt(b.batch_size)}")
+    if data.cost.text:
+        facts.append(data.cost.text)
+    training = data.cost.training
+    if training is not None:
+        facts.append(f"training cost {training.usd:,.2f} USD ({training.train_time_s:,.0f} s of training)")
+    delta, ci = verdict.delta, verdict.ci95
     return {
-        "available": True, "note": None,
-        "text": verdict.get("text") or "eval/metrics.json has no verdict text",
-        "best_arm": best, "vs": vs, "recommended": recommended, "significant": verdict.get("significant"),
-        "delta": f"{100 * delta:+.1f} points" if isinstance(delta, int | float) else "—",
-        "ci95": f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if isinstance(ci, list | tuple) and len(ci) == 2 else "—",
-        "p_value": fmt(verdict.get("p_value")), "rows": rows, "facts": facts,
-        "primary_metric": data.get("primary_metric"), "n_examples": data.get("n_examples"),
-        "provisional_reason": verdict.get("provisional_reason") if verdict.get("provisional") else None,
+        "available": True, "note": None, "text": verdict.text,
+        "best_arm": best, "vs": vs, "recommended": recommended, "significant": verdict.significant,
+        "delta": f"{100 * delta:+.1f} points" if delta is not None else "—",
+        "ci95": f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci is not None else "—",
+        "p_value": fmt(verdict.p_value), "rows": rows, "facts": facts,
+        "primary_metric": data.primary_metric, "n_examples": data.n_examples,
+        "provisional_reason": verdict.provisional_reason if verdict.provisional else None,
     }
 
 
@@ -308,10 +265,11 @@ def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
     issue_rows = []
     if issues.ok:
         for row in issues.value[:MAX_ISSUES_SHOWN]:
-            where = row.get("path") or row.get("file") or ""
+            # the keys of data/validate.py Issue.to_dict
+            where = row.get("path") or ""
             if row.get("line") is not None:
                 where = f"{where}:{row['line']}"
-            issue_rows.append({"severity": row.get("severity") or row.get("level") or "", "code": row.get("code", ""),
+            issue_rows.append({"severity": row.get("severity", ""), "code": row.get("code", ""),
                                "where": where, "message": row.get("message", "")})
     return {
         "available": True, "note": None, "groups": groups, "other": describe_mapping(other) if other else None,
@@ -327,7 +285,7 @@ def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
             out["notes"].append(f.note(root))
         elif f.bad_lines:
             out["notes"].append(f"{f.note(root).split(' is ')[0]}: lines {f.bad_lines[:10]} did not parse")
-    summary_value = summary.value if summary.ok and isinstance(summary.value, dict) else {}
+    summary_value = summary.value.model_dump(mode="json") if summary.ok else {}
     out["summary"] = [(k, fmt(v)) for k, v in summary_value.items()]
     rows = log.value if log.ok else []
     train_rows = [r for r in rows if r.get("kind") == "train" and isinstance(r.get("step"), int | float)]
@@ -365,49 +323,41 @@ def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
 def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
     if not metrics.ok:
         return {"available": False, "note": f"{metrics.note(root)} (run `tunelab eval`)."}
-    data = metrics.value if isinstance(metrics.value, dict) else {}
-    arms = data.get("arms") or {}
+    data: Metrics = metrics.value
+    arms = data.arms
     order = _ordered_arms(arms)
-    costs = _arm_costs(data.get("cost"))
     metric_names: list[str] = []
     for arm in order:
-        metric_names += [m for m in (arms[arm].get("metrics") or {}) if m not in metric_names]
+        metric_names += [m for m in arms[arm].metrics if m not in metric_names]
     rows = []
     for arm in order:
         row = arms[arm]
+        values = [row.metrics.get(m) for m in metric_names]
         rows.append({
-            "arm": arm, "quality": pct_ci(row.get("primary"), row.get("ci95")),
-            "prompt_tokens": fmt(row.get("prompt_tokens_mean")), "completion_tokens": fmt(row.get("completion_tokens_mean")),
-            "latency_p50": fmt(row.get("latency_ms_p50")), "latency_p95": fmt(row.get("latency_ms_p95")),
-            "batch_size": fmt(row.get("batch_size")), "cost": fmt(costs.get(arm)),
-            "metrics": [pct(row.get("metrics", {}).get(m)) if _is_fraction(row.get("metrics", {}).get(m))
-                        else fmt(row.get("metrics", {}).get(m)) for m in metric_names],
+            "arm": arm, "quality": pct_ci(row.primary, row.ci95),
+            "prompt_tokens": fmt(row.prompt_tokens_mean), "completion_tokens": fmt(row.completion_tokens_mean),
+            "latency_p50": fmt(row.latency_ms_p50), "latency_p95": fmt(row.latency_ms_p95),
+            "batch_size": fmt(row.batch_size), "cost": fmt(row.usd_per_1m_queries),
+            "metrics": [pct(v) if _is_fraction(v) else fmt(v) for v in values],
+            "tokens_per_s": fmt(row.tokens_per_s), "hit_limit": fmt(row.finish_reasons.get("length", 0)),
         })
-    primary = data.get("primary_metric") or "primary"
     plots_out = {}
     if order:
         from tunelab.report import plots
 
-        ordered = {a: arms[a] for a in order}
-        plots_out["plot-quality"] = plots.quality_bars(ordered, primary, "plot-quality")
-        plots_out["plot-tradeoff"] = plots.tradeoff_scatter(ordered, primary, "plot-tradeoff")
-    for row, arm in zip(rows, order, strict=True):
-        finish = arms[arm].get("finish_reasons")
-        row["tokens_per_s"] = fmt(arms[arm].get("tokens_per_s"))
-        row["hit_limit"] = fmt(finish.get("length", 0)) if isinstance(finish, dict) else "—"
-    prompts = data.get("prompts") if isinstance(data.get("prompts"), dict) else {}
+        ordered = {a: arms[a].model_dump(mode="json") for a in order}
+        plots_out["plot-quality"] = plots.quality_bars(ordered, data.primary_metric, "plot-quality")
+        plots_out["plot-tradeoff"] = plots.tradeoff_scatter(ordered, data.primary_metric, "plot-tradeoff")
+    prompts = data.prompts
     examples = prompts.get("example") if isinstance(prompts.get("example"), dict) else {}
     seen = {"instructions": prompts.get("instructions") if isinstance(prompts.get("instructions"), str) else None,
             "about": [(k, fmt(v)) for k, v in prompts.items() if k not in ("instructions", "example")],
             "examples": [{"arm": arm, "messages": [m for m in messages if isinstance(m, dict)]}
                          for arm, messages in examples.items() if isinstance(messages, list)]}
-    decoding = data.get("decoding")
-    reason = data.get("primary_reason") or data.get("primary_metric_reason")
-    cost = describe_mapping(data.get("cost")) if data.get("cost") else None
-    return {"available": True, "note": None, "primary_metric": primary, "primary_reason": reason,
-            "n_examples": data.get("n_examples"), "rows": rows, "metric_names": metric_names,
-            "show_cost": bool(costs), "cost": cost, "plots": plots_out, "prompts": seen,
-            "decoding": ", ".join(f"{k} {fmt(v)}" for k, v in decoding.items()) if isinstance(decoding, dict) else None}
+    return {"available": True, "note": None, "primary_metric": data.primary_metric, "primary_reason": data.primary_reason,
+            "n_examples": data.n_examples, "rows": rows, "metric_names": metric_names,
+            "show_cost": bool(order), "cost": describe_mapping(data.cost.model_dump(mode="json")), "plots": plots_out,
+            "prompts": seen, "decoding": ", ".join(f"{k} {fmt(v)}" for k, v in data.decoding.items())}
 
 
 def _overfitting(value: Any, metrics: RunFile, training: Mapping[str, Any], root: Path) -> dict[str, Any]:
@@ -543,23 +493,22 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
             recipe = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
             recipe = {}
-    manifest = read_json(paths.manifest)
+    manifest = read_model(paths.manifest, Manifest)
     stats = read_json(paths.data / "stats.json")
     issues = read_jsonl(paths.data / "issues.jsonl")
     test = read_jsonl(paths.data / "test.jsonl")
     log = read_jsonl(paths.train_log)
-    summary = read_json(paths.root / "train" / "summary.json")
-    metrics = read_json(paths.metrics)
+    summary = read_model(paths.train_summary, TrainSummary)
+    metrics = read_model(paths.metrics, Metrics)
     predictions = read_jsonl(paths.predictions)
 
     inputs = _test_inputs(test)
     preds = predictions.value if predictions.ok else []
-    metrics_value = metrics.value if metrics.ok and isinstance(metrics.value, dict) else {}
     model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else None
     training = _training(log, summary, root)
     arms = _arms(metrics, root)
-    overfitting_value = metrics_value.get("overfitting")
-    forgetting_value = metrics_value.get("forgetting")
+    overfitting_value = metrics.value.overfitting if metrics.ok else None
+    forgetting_value = metrics.value.forgetting if metrics.ok else None
     return {
         "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,
         "method": recipe.get("method"), "sections": SECTIONS,
@@ -580,7 +529,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "examples": {"available": predictions.ok, "note": None if predictions.ok else predictions.note(root),
                      "bad_lines": predictions.bad_lines, **_disagreements(preds, inputs)},
         "manifest": {"available": manifest.ok, "note": None if manifest.ok else manifest.note(root),
-                     "details": describe_mapping(manifest.value) if manifest.ok else None,
+                     "details": describe_mapping(manifest.value.model_dump(mode="json")) if manifest.ok else None,
                      "recipe_text": recipe_text, "command": f"tunelab run {paths.recipe}"},
     }
 
@@ -681,12 +630,6 @@ def write_report(run_dir: str | Path) -> Path:
 
         raise ConfigError(f"{run_dir}: no such run directory")
     context = build_report_context(paths.root)
-    _write_atomically(paths.report_html, render_html(context))
-    _write_atomically(paths.report_md, render_markdown(context))
+    write_text_atomic(paths.report_html, render_html(context))
+    write_text_atomic(paths.report_md, render_markdown(context))
     return paths.report_html
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

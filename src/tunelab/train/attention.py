@@ -3,10 +3,11 @@
 Reads nothing; registers an attention function named "tunelab_varlen" with transformers'
 AttentionInterface and switches a model to it while it trains (`use_varlen_attention`).
 
-Why: packed examples must not see each other (FACTS.md: restarting position_ids alone leak under
-SDPA). The portable fix, a 4-D block-diagonal mask (data/pack.py `collate`), costs (row length)^2
-memory and computes attention over the whole row. A variable-length kernel takes the examples end
-to end with their start offsets (cu_seqlens) and computes only each example's own causal triangle.
+Why: packed examples must not see each other (measured: with restarting position_ids alone, SDPA
+gives the second example other logits than running it alone). The portable fix, a 4-D
+block-diagonal mask (data/pack.py `collate`), costs (row length)^2 memory and computes attention
+over the whole row. A variable-length kernel takes the examples end to end with their start offsets
+(cu_seqlens) and computes only each example's own causal triangle.
 
 Which kernel: on CUDA with bf16/fp16 activations, PyTorch's flash-attention varlen kernel
 (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10); otherwise (CPU, float32, older torch)

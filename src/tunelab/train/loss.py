@@ -5,7 +5,7 @@ sums, not means: the loss summed over trainable tokens, their count and how many
 right (token accuracy). The training loop divides the summed loss of a whole optimizer step by the
 step's trainable-token count, so every trainable token weighs the same whatever the micro-batching.
 
-Why: an LM head of 49152 x 576 makes logits for every token the largest tensor of a step (FACTS.md).
+Why: an LM head of 49152 x 576 makes logits for every token the largest tensor of a step.
 Here only positions whose label is not -100 are projected, `chunk_rows` at a time, and the gradient
 of each chunk is computed in the forward pass, so no (tokens x vocab) tensor is ever kept.
 """

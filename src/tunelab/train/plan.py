@@ -18,17 +18,14 @@ The policy (docs/training.md):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from tunelab.config import TrainConfig
+from tunelab.contract import TrainPlan
 
 if TYPE_CHECKING:
     from tunelab.data.pack import Step
@@ -59,44 +56,6 @@ def auto_epochs(n_examples: int) -> float:
     if n_examples * DEFAULT_EPOCHS > MAX_EXAMPLES_SEEN:
         return max(0.01, round(MAX_EXAMPLES_SEEN / n_examples, 2))
     return float(DEFAULT_EPOCHS)
-
-
-class TrainPlan(BaseModel):
-    """train/plan.json: the plan chosen before step 1, and why."""
-
-    examples: int
-    tokens: int  # real tokens in one pass over the training examples
-    examples_per_step: float  # planned (tokens_per_step / mean example length)
-    tokens_per_step: int
-    epochs: float  # passes the steps below make (a fraction when the budget cut them)
-    epochs_target: float | None  # passes wanted before the budget (None: max_steps decides)
-    max_steps: int | None  # the user's max_steps, if set
-    steps: int
-    steps_per_epoch: int
-    eval_every_steps: int
-    checkpoint_every_steps: int
-    eval_max_examples: int
-    budget: str | None
-    budget_s: float | None
-    device: str
-    train_tokens_per_s: float | None  # measured before step 1 (None: not measured)
-    eval_tokens_per_s: float | None
-    estimated_s: float | None
-    limited_by: Literal["data", "budget", "max_steps"]
-    sources: dict[str, Literal["auto", "recipe"]]
-    reason: str
-
-    def write(self, path: Path) -> None:
-        from tunelab.files import write_text_atomic
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, self.model_dump_json(indent=1) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> TrainPlan | None:
-        if not path.is_file():
-            return None
-        return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`tunelab train`: recipe -> run directory (DESIGN.md, "The run directory").
+"""`tunelab train`: recipe -> run directory (docs/run-directory.md).
 
 Reads the recipe and the user's data (through tunelab.data.prepare); writes under runs/<name>/:
 recipe.yaml (every default written out), manifest.json (versions, seed, git sha, data fingerprint,
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Recipe, load_recipe
 from tunelab.console import say
+from tunelab.contract import Manifest, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError
-from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from tunelab.data.pack import Step
     from tunelab.train.checkpoint import TrainState
     from tunelab.train.loop import DistContext
-    from tunelab.train.plan import DataPlan, TrainPlan
+    from tunelab.train.plan import DataPlan
     from tunelab.train.setup import TrainSetup
 
 NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
@@ -136,7 +136,7 @@ def write_manifest(paths: RunPaths, recipe: Recipe, tokenizer: PreTrainedTokeniz
         "model": recipe.model.name, "method": recipe.method, "seed": recipe.train.seed, "data_seed": recipe.data.seed,
         "data_fingerprint": fingerprint, **tokenizer_fingerprint(tokenizer),
     })
-    paths.manifest.write_text(json.dumps(manifest, indent=1))
+    Manifest.model_validate(manifest).write(paths.manifest)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -238,7 +238,6 @@ def _fit_plan(
     """The plan of a new run: the data's wish (`wanted`, `plan`), cut to the steps that fit the
     budget at the speed measured here, with the evaluation intervals and sizes that go with it."""
     from tunelab.train.plan import (
-        TrainPlan,
         auto_eval_examples,
         budget_binds,
         describe,
@@ -312,7 +311,7 @@ def train_on_examples(
     from tunelab.data.pack import example_length, pack_rows, plan_steps, single_rows
     from tunelab.train.checkpoint import find_resumable, load_checkpoint, remove_temporary
     from tunelab.train.loop import SINGLE_PROCESS, train_loop
-    from tunelab.train.plan import TrainPlan, plan_from_data
+    from tunelab.train.plan import plan_from_data
     from tunelab.train.setup import LrSchedule, setup_training
 
     ctx = ctx or SINGLE_PROCESS
@@ -320,7 +319,7 @@ def train_on_examples(
     cfg = recipe.train
     lengths = [example_length(e) for e in train_examples]
     # a resumed run keeps the plan it started with (its checkpoints count those steps)
-    saved = TrainPlan.read(paths.plan) if resume else None
+    saved = TrainPlan.from_file(paths.plan) if resume and paths.plan.is_file() else None
     wanted = plan_from_data(lengths, cfg)
     tokens_per_step = saved.tokens_per_step if saved else wanted.tokens_per_step
     # a row never holds more than a step: steps keep the planned number of examples
@@ -408,17 +407,17 @@ def train_on_examples(
     full_weights = ctx.full_state_dict(setup)
     if ctx.is_main:
         output_dir = save_output(setup, tokenizer, paths, full_weights)
-        summary = {
-            "steps": state.step, "best_step": state.best_step, "best_val_loss": state.best_val_loss,
-            "stopped_early": state.stopped_early, "tokens": state.tokens, "trainable_tokens": state.trainable_tokens,
-            "train_time_s": round(state.train_time_s, 3), "method": recipe.method,
-            "trainable_params": setup.trainable_params, "total_params": setup.total_params,
-            "output": output_dir.name, "output_step": state.best_step if state.best_step is not None else state.step,
-            "planned_steps": len(plan), "budget_reached": bool(state.extra.get("budget_reached")),
-            "wall_time_s": round(time.monotonic() - budget_started, 3),
-        }
-        write_text_atomic(paths.summary, json.dumps(summary, indent=1))
-        say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary['output_step']}")
+        summary = TrainSummary(
+            steps=state.step, best_step=state.best_step, best_val_loss=state.best_val_loss,
+            stopped_early=state.stopped_early, tokens=state.tokens, trainable_tokens=state.trainable_tokens,
+            train_time_s=round(state.train_time_s, 3), method=recipe.method, trainable_params=setup.trainable_params,
+            total_params=setup.total_params, output=output_dir.name,
+            output_step=state.best_step if state.best_step is not None else state.step, planned_steps=len(plan),
+            budget_reached=bool(state.extra.get("budget_reached")),
+            wall_time_s=round(time.monotonic() - budget_started, 3),
+        )
+        summary.write(paths.train_summary)
+        say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary.output_step}")
     ctx.barrier()
     return TrainResult(
         run_dir=paths.root, output_dir=output_dir, steps=state.step, best_step=state.best_step,

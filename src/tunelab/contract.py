@@ -1,0 +1,275 @@
+"""Typed models of the JSON files stages hand each other in the run directory.
+
+One model per file: manifest.json (Manifest), stages.json (Stages), train/summary.json
+(TrainSummary), train/plan.json (TrainPlan) and eval/metrics.json (Metrics, with ArmResult, Verdict and Cost). Writers build the
+model and call `write` (atomic, through tunelab.files); readers call `from_file`, which raises
+ContractError naming the file and the first field that does not fit, so no reader guesses a shape.
+Every key is documented in docs/run-directory.md; tests/test_contract.py writes a real run and reads
+every file back through these models.
+
+Key names are a contract with scripts and other tools: add fields, never rename them. Each model
+allows extra keys, so a stage may add results before the model names them; sections whose content
+varies with the task (overfitting, forgetting, prompts, pools) stay plain mappings here and are
+rendered generically by the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+
+from tunelab.errors import TunelabError
+from tunelab.files import write_text_atomic
+
+
+class ContractError(TunelabError):
+    """A run-directory file is missing, is not JSON, or does not have the shape its model describes."""
+
+
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+class _FileModel:
+    """from_file / write for the models below (a mixin, so RootModel and BaseModel share it)."""
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise ContractError(f"{path}: missing")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ContractError(f"{path}: not valid JSON ({err})") from None
+        try:
+            return cls.model_validate(data)  # type: ignore[attr-defined]
+        except ValidationError as err:
+            raise ContractError(f"{path}: {_first_problem(err)}") from None
+
+    def write(self, path: str | Path) -> None:
+        """Atomically, with the keys the writer set (a field left at its default, e.g. `parent` of a run
+        that has none, is not written)."""
+        data = self.model_dump(mode="json", exclude_unset=True)  # type: ignore[attr-defined]
+        text = json.dumps(data, indent=1, ensure_ascii=False)
+        write_text_atomic(Path(path), text + "\n")
+
+
+class _Record(_FileModel, BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------------------------------------- manifest.json
+
+
+class Parent(_Record):
+    """The run a run made by `update` or `rebase` continues from."""
+
+    path: str | None = None
+    data_fingerprint: Any = None
+
+
+class Manifest(_Record):
+    """manifest.json: what produced the run (writer: train/run.py write_manifest)."""
+
+    tunelab: str
+    python: str
+    torch: str
+    transformers: str
+    peft: str
+    git_sha: str | None
+    model: str
+    method: str
+    seed: int
+    data_seed: int
+    data_fingerprint: dict[str, Any] | None = Field(description="data/fingerprint.json's content")
+    tokenizer_sha256: str
+    chat_template_sha256: str
+    parent: Parent | None = None
+
+    @property
+    def data_sha256(self) -> str | None:
+        """The one hash that names the prepared data (inputs, tokenizer, template and settings)."""
+        value = (self.data_fingerprint or {}).get("sha256")
+        return value if isinstance(value, str) else None
+
+
+# ---------------------------------------------------------------------------------------------- stages.json
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    done: bool
+    seconds: float
+
+
+class Stages(_FileModel, RootModel[dict[str, StageRecord]]):
+    """stages.json: {stage: {"done", "seconds"}} (writer: pipeline.py, after each stage)."""
+
+    def done(self, stage: str) -> bool:
+        record = self.root.get(stage)
+        return record is not None and record.done
+
+
+# ---------------------------------------------------------------------------------------------- train/summary.json
+
+
+class TrainSummary(_Record):
+    """train/summary.json: how training ended (writer: train/run.py train_on_examples)."""
+
+    steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    stopped_early: bool
+    tokens: int
+    trainable_tokens: int
+    train_time_s: float
+    method: str
+    trainable_params: int
+    total_params: int
+    output: str = Field(description="'adapter' or 'model'")
+    output_step: int = Field(description="the step whose weights the output holds")
+    planned_steps: int | None = Field(None, description="steps of train/plan.json")
+    budget_reached: bool = Field(False, description="the budget's hard stop ended training before the plan did")
+    wall_time_s: float | None = Field(None, description="the training stage's wall time, loading included")
+
+
+# ---------------------------------------------------------------------------------------------- train/plan.json
+
+
+class TrainPlan(_Record):
+    """train/plan.json: the training plan chosen before step 1, and why (writer: train/run.py with
+    train/plan.py; a resumed run reads it back)."""
+
+    examples: int
+    tokens: int = Field(description="real tokens in one pass over the training examples")
+    examples_per_step: float = Field(description="planned: tokens_per_step / mean example length")
+    tokens_per_step: int
+    epochs: float = Field(description="passes the planned steps make (a fraction when the budget cut them)")
+    epochs_target: float | None = Field(description="passes wanted before the budget; None: max_steps decides")
+    max_steps: int | None
+    steps: int
+    steps_per_epoch: int
+    eval_every_steps: int
+    checkpoint_every_steps: int
+    eval_max_examples: int
+    budget: str | None
+    budget_s: float | None
+    device: str
+    train_tokens_per_s: float | None = Field(description="measured before step 1 (None: not measured)")
+    eval_tokens_per_s: float | None
+    estimated_s: float | None
+    limited_by: Literal["data", "budget", "max_steps"]
+    sources: dict[str, Literal["auto", "recipe"]]
+    reason: str = Field(description="the sentence printed before training")
+
+
+# ---------------------------------------------------------------------------------------------- eval/metrics.json
+
+
+class ArmResult(_Record):
+    """eval/metrics.json arms.<arm>."""
+
+    primary: float
+    ci95: tuple[float, float]
+    prompt_tokens_mean: float
+    completion_tokens_mean: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    batch_size: int
+    tokens_per_s: float
+    usd_per_1m_queries: float
+    model: str = Field(description="'base' or 'tuned'")
+    shots_mean: float
+    finish_reasons: dict[str, int]
+    decoding: dict[str, Any]
+    metrics: dict[str, Any] = Field(description="every metric's mean (one entry per grader with graders)")
+
+
+class Verdict(_Record):
+    """eval/metrics.json verdict: the best fine-tuned arm against the best prompt-only arm."""
+
+    best_arm: str | None
+    vs: str | None
+    delta: float | None = Field(description="a fraction, not points")
+    ci95: tuple[float, float] | None
+    p_value: float | None
+    winner: str | None
+    recommended: str | None
+    significant: bool
+    text: str
+    provisional: bool = False
+    provisional_reason: str | None = None
+
+
+class ArmCost(_Record):
+    usd_per_query: float
+    usd_per_1m_queries: float
+    prompt_tokens_mean: float
+    tokens_per_s: float
+
+
+class TrainingCost(_Record):
+    train_time_s: float
+    usd: float
+    basis: str
+
+
+class BreakEven(_Record):
+    usd_saved_per_query: float
+    queries: int | None = Field(description="None when the tuned arm is not cheaper per query")
+
+
+class Cost(_Record):
+    """eval/metrics.json cost."""
+
+    prices: dict[str, float]
+    per_arm: dict[str, ArmCost]
+    training: TrainingCost | None
+    break_even: dict[str, BreakEven] = Field(description="keys '<tuned arm> vs <other arm>'")
+    break_even_queries: int | None
+    text: str | None = None
+
+
+class Metrics(_Record):
+    """eval/metrics.json (writer: eval/run.py evaluate)."""
+
+    primary_metric: str
+    primary_reason: str
+    output_kind: str
+    n_examples: int
+    test_file: str
+    model: str
+    tuned_weights: str | None = Field(description="'adapter', 'model', or None without tuned weights")
+    decoding: dict[str, Any]
+    arms: dict[str, ArmResult]
+    verdict: Verdict
+    cost: Cost
+    overfitting: dict[str, Any]
+    forgetting: dict[str, Any] = Field(description="the comparison, or {'skipped': reason}")
+    prompts: dict[str, Any]
+    pools: dict[str, Any]
+    training_check: dict[str, Any] | None = Field(
+        None, description="eval/undertrained.py: the signals behind verdict.provisional"
+    )
+    seed: int
+    elapsed_s: float
+
+    def usd_per_1m_queries(self) -> dict[str, float]:
+        return {arm: result.usd_per_1m_queries for arm, result in self.arms.items()}
+
+
+RUN_FILES: dict[str, type[_FileModel]] = {
+    "manifest.json": Manifest,
+    "stages.json": Stages,
+    "train/summary.json": TrainSummary,
+    "train/plan.json": TrainPlan,
+    "eval/metrics.json": Metrics,
+}
