@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.config import Recipe
+from tunelab.contract import TrainSummary
 
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito"]
 ARM_KEYS = {"primary", "ci95", "prompt_tokens_mean", "completion_tokens_mean", "latency_ms_p50",
@@ -68,7 +69,9 @@ def build_fake_run(root: Path, tiny_model) -> Path:
         {"kind": "event", "step": 10, "event": "overfitting", "message": "val loss rising"},
     ]
     (root / "train" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    (root / "train" / "summary.json").write_text(json.dumps({"steps": 10, "train_time_s": 360.0}))
+    TrainSummary(steps=10, best_step=None, best_val_loss=None, stopped_early=False, tokens=10_000,
+                 trainable_tokens=4_000, train_time_s=360.0, method="lora", trainable_params=1,
+                 total_params=2, output="adapter", output_step=10).write(root / "train" / "summary.json")
     return root
 
 
