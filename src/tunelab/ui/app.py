@@ -21,7 +21,10 @@ import urllib.parse
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from tunelab.errors import TunelabError
 from tunelab.report.html import fmt, pct_ci
@@ -29,9 +32,6 @@ from tunelab.runs import RunPaths
 from tunelab.ui import launch, status
 from tunelab.ui.playground import Playground
 from tunelab.ui.predictions import OUTCOMES, PredictionFilter, browse_predictions
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
 
 COOKIE = "tunelab_ui_key"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -78,9 +78,6 @@ def _host_is_loopback(host_header: str) -> bool:
 
 
 def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-
     out = Path(out_dir)
     root = out.resolve()
     templates = _templates()
