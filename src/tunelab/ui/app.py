@@ -165,7 +165,7 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
 
     @app.get("/")
     def runs_list() -> HTMLResponse:
-        states = [status.read_run_state(out, name) for name in status.run_names(out)] if out.is_dir() else []
+        states = [status.read_run_state(out, name) for name in status.run_names(out)]
         states.sort(key=lambda s: s.updated or 0, reverse=True)
         return page("runs.html.jinja", title="Runs", runs=states, missing=not out.is_dir())
 
@@ -282,7 +282,7 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
         return start_form()
 
     def start_form(values: dict[str, str] | None = None, problem: str | None = None) -> HTMLResponse:
-        recipes = [str(p.relative_to(out)) for p in launch.recipe_files(out)] if out.is_dir() else []
+        recipes = [str(p.relative_to(out)) for p in launch.recipe_files(out)]
         return page("start.html.jinja", 400 if problem else 200, title="Start a run", recipes=recipes,
                     keys=START_KEYS, values=values or {}, problem=problem)
 
@@ -314,8 +314,6 @@ def serve_ui(out_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, api
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"--host {host}: the UI starts runs and reads every run's data; on a non-loopback address "
                           "it needs --api-key (or TUNELAB_UI_API_KEY)")
-    if not Path(out_dir).is_dir():
-        raise ConfigError(f"--out-dir {out_dir}: no such folder (runs live under the recipe's out_dir, default runs/)")
     app = create_app(out_dir, api_key=api_key)
     sock = bind_socket(host, port)
     shown_host = f"[{host}]" if ":" in host else host

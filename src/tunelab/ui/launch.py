@@ -38,6 +38,8 @@ def check_run_name(name: str) -> str:
 
 def recipe_files(out_dir: Path) -> list[Path]:
     """Recipes one can start from: YAML files at the top of the runs folder, then each run's recipe.yaml."""
+    if not out_dir.is_dir():
+        return []
     top = sorted(p for p in out_dir.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
     runs = sorted(p / "recipe.yaml" for p in out_dir.iterdir() if (p / "recipe.yaml").is_file()
                   and not p.name.startswith("."))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.report.html import read_json, read_jsonl
+from tunelab.report.html import read_json
 from tunelab.runs import RunPaths
 
 STATUSES = ("preparing", "training", "evaluating", "done", "failed", "stopped")
@@ -136,11 +136,22 @@ def console_lines(text: str) -> list[str]:
     return [line.rsplit("\r", 1)[-1].rstrip() for line in text.replace("\r\n", "\n").split("\n")]
 
 
-def _train_records(paths: RunPaths) -> tuple[dict[str, Any] | None, int]:
-    """The last `train` record of train/log.jsonl and the number of train records."""
-    log = read_jsonl(paths.train_log)
-    train = [r for r in log.value or [] if r.get("kind") == "train"]
-    return (train[-1] if train else None), len(train)
+def _last_train_record(paths: RunPaths, tail_bytes: int = CONSOLE_TAIL_BYTES) -> dict[str, Any] | None:
+    """The last `train` record of train/log.jsonl, read from the file's end (a long log is not parsed)."""
+    if not paths.train_log.is_file():
+        return None
+    with paths.train_log.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail_bytes))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written, or cut by the tail
+            continue
+        if isinstance(record, dict) and record.get("kind") == "train":
+            return record
+    return None
 
 
 def _recipe(paths: RunPaths) -> dict[str, Any]:
@@ -258,7 +269,7 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
     console = console_text(out_dir, name)
     lines = console_lines(console) if console is not None else []
     bars = tqdm_bars(console) if console is not None else []
-    last_train, steps_logged = _train_records(paths)
+    last_train = _last_train_record(paths)
     stages = read_json(paths.root / "stages.json")
     stage_done = stages.value if stages.ok and isinstance(stages.value, dict) else {}
     trained = bool((stage_done.get("train") or {}).get("done")) or (paths.root / "train" / "summary.json").is_file()
@@ -270,7 +281,7 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
     else:
         alive = metrics is None and updated is not None and now - updated < ACTIVE_WINDOW_S
     status, detail = derive_status(alive=alive, exit_code=process.exit_code if process else None, trained=trained,
-                                   steps_logged=steps_logged, evaluated=metrics is not None, console_tail=lines)
+                                   steps_logged=int(last_train is not None), evaluated=metrics is not None, console_tail=lines)
 
     model = _section(recipe, "model").get("name")
     stats = read_json(paths.data / "stats.json")
@@ -313,6 +324,8 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
 
 def run_names(out_dir: Path) -> list[str]:
     """Run folders (with a recipe.yaml) and runs the UI started whose folder is not written yet."""
+    if not out_dir.is_dir():
+        return []
     names = {p.name for p in out_dir.iterdir() if (p / "recipe.yaml").is_file() and not p.name.startswith(".")}
     sidecars = out_dir / ".ui"
     if sidecars.is_dir():
@@ -323,4 +336,4 @@ def run_names(out_dir: Path) -> list[str]:
 def as_dict(state: RunState) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return json.loads(json.dumps(asdict(state), default=str))
+    return asdict(state)
