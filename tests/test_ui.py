@@ -343,3 +343,10 @@ def test_a_run_started_from_the_ui_runs_on_its_own_to_the_end(tmp_path, tiny_mod
     console = (runs / ".ui" / "ui-run" / "console.log").read_text()
     assert "[3/5] train" in console and "tunelab: done in" in console  # the CLI's own output
     assert 'id="verdict"' in c.get("/runs/ui-run").text
+
+
+def test_a_missing_runs_folder_is_shown_not_an_error(tmp_path):
+    c = client(tmp_path / "not-yet")
+    assert "does not exist yet" in c.get("/").text
+    for url in ("/compare", "/playground", "/start"):
+        assert c.get(url).status_code == 200, url

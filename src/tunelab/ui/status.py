@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.report.compare import recipe_fields
 from tunelab.report.html import read_json
 from tunelab.runs import RunPaths
 
@@ -154,16 +155,6 @@ def _last_train_record(paths: RunPaths, tail_bytes: int = CONSOLE_TAIL_BYTES) ->
     return None
 
 
-def _recipe(paths: RunPaths) -> dict[str, Any]:
-    import yaml
-
-    try:
-        value = yaml.safe_load(paths.recipe.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _section(recipe: dict[str, Any], key: str) -> dict[str, Any]:
     value = recipe.get(key)
     return value if isinstance(value, dict) else {}
@@ -264,7 +255,7 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
     """Everything the runs list and a run page show about one run."""
     now = time.time() if now is None else now
     paths = RunPaths(out_dir / name)
-    recipe = _recipe(paths)
+    recipe = recipe_fields(paths)
     process = read_process(out_dir, name)
     console = console_text(out_dir, name)
     lines = console_lines(console) if console is not None else []
