@@ -300,8 +300,13 @@ def test_playground_streams_the_evaluations_answers_and_loads_the_models_once(tm
         return answers
 
     first = ask("What is the capital of France?")
-    ask("And of Italy?")
-    assert len(loads) == 1  # loaded on the first message, kept for the second
+    # a client that leaves mid-answer frees the models for the next one
+    with c.stream("GET", "/api/playground/stream", params={"run": "fake", "prompt": "Tell me a long story",
+                                                           "arms": "tuned", "max_new_tokens": 500}) as response:
+        next(line for line in response.iter_lines() if line == "event: piece")
+    again = ask("And of Italy?")
+    assert again["tuned"]["events"][-1] == "end" and again["base"]["events"][-1] == "end"
+    assert len(loads) == 1  # loaded on the first message, kept for the next ones
     model, tokenizer = load_tuned_model(runs / "fake")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     settings = DecodingSettings(max_new_tokens=12)

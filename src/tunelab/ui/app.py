@@ -14,11 +14,13 @@ are refused. All user text goes through Jinja's autoescape.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -262,18 +264,43 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
                     arms=ARMS)
 
     @app.get("/api/playground/stream")
-    def playground_stream(run: str, prompt: str, system: str = "", arms: str = "base,tuned",
+    async def playground_stream(run: str, prompt: str, system: str = "", arms: str = "base,tuned",
                                 max_new_tokens: int = 64) -> StreamingResponse:
         folder = run_path(run)
         chosen = [a for a in arms.split(",") if a]
         tokens = min(max(1, max_new_tokens), 1024)
 
-        def events() -> Iterator[str]:
+        async def events() -> AsyncIterator[str]:
+            # Generation runs in its own thread; this generator only relays its events. A client that goes
+            # away cancels this generator at its await, which tells the thread to stop (and free the models).
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+            cancel = threading.Event()
+
+            def work() -> None:
+                def put(event: dict[str, Any] | None) -> None:
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, event)
+                    except RuntimeError:  # the event loop is closed (the UI stopping): nobody listens
+                        cancel.set()
+
+                try:
+                    for event in playground.stream(folder, prompt, system or None, chosen, tokens, cancel.is_set):
+                        put(event)
+                except TunelabError as err:
+                    put({"event": "failure", "message": str(err)})
+                except Exception as err:  # shown to the user; the UI keeps serving
+                    put({"event": "failure", "message": f"generation failed: {type(err).__name__}: {err}"})
+                finally:
+                    put(None)
+
+            threading.Thread(target=work, name="tunelab-ui-playground", daemon=True).start()
             try:
-                for event in playground.stream(folder, prompt, system or None, chosen, tokens):
-                    yield f"event: {event.pop('event')}\ndata: {json.dumps(event)}\n\n"
-            except TunelabError as err:
-                yield f"event: failure\ndata: {json.dumps({'message': str(err)})}\n\n"
+                while (event := await queue.get()) is not None:
+                    name = event.pop("event")
+                    yield f"event: {name}\ndata: {json.dumps(event)}\n\n"
+            finally:
+                cancel.set()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,11 @@ class Playground:
         train = run_dir / "data" / "train.jsonl"
         return task_system_prompt(read_examples(train)) if train.is_file() else None
 
-    def stream(self, run_dir: Path, prompt: str, system: str | None, arms: list[str],
-               max_new_tokens: int) -> Iterator[dict[str, Any]]:
+    def stream(self, run_dir: Path, prompt: str, system: str | None, arms: list[str], max_new_tokens: int,
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
         """Events: status {message}, start {arm, prompt_tokens}, piece {arm, text}, end {arm, prompt_tokens,
-        completion_tokens, latency_ms, first_token_ms, finish_reason}, done {}."""
+        completion_tokens, latency_ms, first_token_ms, finish_reason}, done {}. `cancelled()` is checked
+        between turns: true stops the generation (its client went away)."""
         from tunelab.eval.arms import EvalExample
         from tunelab.eval.generate import DecodingSettings, StreamStats, render_prompt, stream_generate_batch
 
@@ -129,7 +130,7 @@ class Playground:
             first: dict[str, float] = {}
             active = list(arms)
             try:
-                while active:
+                while active and not cancelled():
                     for arm in list(active):
                         iterator, stats = streams[arm]
                         started = time.perf_counter()
