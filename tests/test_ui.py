@@ -221,13 +221,22 @@ def test_no_route_serves_a_file_outside_the_runs_folder(runs, tmp_path):
     (secret / "report.html").write_text("SECRET")
     (runs / "escape").symlink_to(secret, target_is_directory=True)
     (runs / "beta" / "report.html").symlink_to(secret / "report.html")
+    (runs / "alpha" / "eval" / "predictions.jsonl").unlink()
+    (runs / "alpha" / "eval" / "predictions.jsonl").symlink_to(secret / "predictions.jsonl")
+    (secret / "predictions.jsonl").write_text(json.dumps({"id": "1", "arm": "base", "output": "SECRET"}) + "\n")
+    write_recipe(runs / "gamma")
+    write_process(runs, "gamma", pid=2**22 + 11, exit_code=1)
+    (status.sidecar_dir(runs, "gamma") / "console.log").unlink()
+    (status.sidecar_dir(runs, "gamma") / "console.log").symlink_to(secret / "report.html")
     c = client(runs)
     for url in ("/runs/escape/report", "/runs/escape", "/runs/beta/report", "/runs/..%2Fsecret/report",
                 "/runs/%2e%2e/report", "/runs/..%2F..%2Fsecret/report", f"/runs/{secret}/report",
                 f"/runs/%2F{str(secret).lstrip('/').replace('/', '%2F')}/report", "/static/..%2Fapp.py",
-                "/static/app.py", "/api/runs/escape/state", "/runs/escape/predictions"):
+                "/static/app.py", "/api/runs/escape/state", "/runs/escape/predictions",
+                "/runs/alpha/predictions", "/runs/gamma", "/api/runs/gamma/state"):
         response = c.get(url)
         assert response.status_code == 404 and "SECRET" not in response.text, url
+    assert "SECRET" not in c.get("/").text
 
 
 def test_api_key_is_required_on_every_request(runs):

@@ -101,6 +101,14 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
             raise NotFound(name)
         if not (folder / "recipe.yaml").is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
             raise NotFound(name)
+        # the files pages show or render: a symlink out of the runs folder makes the whole run unavailable
+        paths, sidecar = RunPaths(folder), status.sidecar_dir(out, name)
+        shown = (paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
+                 paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
+                 paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
+                 paths.report_html, sidecar / "process.json", sidecar / "console.log")
+        if any(path.exists() and not path.resolve().is_relative_to(root) for path in shown):
+            raise NotFound(name)
         return folder
 
     def inside(path: Path) -> Path:

@@ -124,7 +124,7 @@ def read_process(out_dir: Path, name: str) -> ProcessInfo | None:
 def console_text(out_dir: Path, name: str, max_bytes: int = CONSOLE_TAIL_BYTES) -> str | None:
     """The end of a UI-started run's console log, as text (None when there is none)."""
     path = sidecar_dir(out_dir, name) / "console.log"
-    if not path.is_file():
+    if not path.is_file() or not path.resolve().is_relative_to(out_dir.resolve()):
         return None
     with path.open("rb") as f:
         size = f.seek(0, os.SEEK_END)
