@@ -364,3 +364,17 @@ def test_a_missing_runs_folder_is_shown_not_an_error(tmp_path):
     assert "does not exist yet" in c.get("/").text
     for url in ("/compare", "/playground", "/start"):
         assert c.get(url).status_code == 200, url
+
+
+def test_stop_sends_sigterm_to_the_run_the_ui_started(tmp_path):
+    runs = tmp_path / "runs"
+    write_recipe(runs / "going")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
+    try:
+        write_process(runs, "going", pid=sleeper.pid, exit_code=None)
+        c = client(runs)
+        assert 'action="/runs/going/stop"' in c.get("/runs/going").text
+        assert c.post("/runs/going/stop", follow_redirects=False).status_code == 303
+        assert sleeper.wait(timeout=10) == -15  # SIGTERM: what makes training checkpoint and exit 75
+    finally:
+        sleeper.kill()
