@@ -33,7 +33,7 @@ class RunRow:
     tuned_ci95: list[float] | None = None
 
 
-def recipe_fields(paths: RunPaths) -> dict[str, Any]:
+def _recipe_fields(paths: RunPaths) -> dict[str, Any]:
     import yaml
 
     try:
@@ -65,7 +65,7 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
     rows = []
     for folder in sorted(p for p in out.iterdir() if (p / "recipe.yaml").is_file()):
         paths = RunPaths(folder)
-        recipe = recipe_fields(paths)
+        recipe = _recipe_fields(paths)
         model = recipe.get("model")
         row = RunRow(folder.name, folder, model.get("name") if isinstance(model, dict) else None,
                      recipe.get("method"), run_status(paths))
@@ -140,7 +140,7 @@ def _load(run_dir: Path, label: str, arm: str) -> LoadedRun:
         arms = sorted({str(r.get("arm")) for r in predictions.value})
         raise ConfigError(f"{paths.predictions}: no predictions of arm '{arm}' (it has: {', '.join(arms) or 'none'})")
     manifest = read_json(paths.manifest)
-    return LoadedRun(label, paths, recipe_fields(paths), manifest.value if manifest.ok else {},
+    return LoadedRun(label, paths, _recipe_fields(paths), manifest.value if manifest.ok else {},
                      metrics.value, scores, references)
 
 

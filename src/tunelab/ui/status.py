@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.report.compare import recipe_fields
+from tunelab.config import Recipe, load_recipe
+from tunelab.errors import TunelabError
 from tunelab.report.html import read_json
 from tunelab.runs import RunPaths
 
@@ -155,9 +156,14 @@ def _last_train_record(paths: RunPaths, tail_bytes: int = CONSOLE_TAIL_BYTES) ->
     return None
 
 
-def _section(recipe: dict[str, Any], key: str) -> dict[str, Any]:
-    value = recipe.get(key)
-    return value if isinstance(value, dict) else {}
+def _recipe(paths: RunPaths) -> Recipe | None:
+    """The run's recipe.yaml through the recipe model; None when it is missing or no longer valid."""
+    if not paths.recipe.is_file():
+        return None
+    try:
+        return load_recipe(paths.recipe)
+    except TunelabError:
+        return None
 
 
 def _last_write(paths: RunPaths) -> float | None:
@@ -211,15 +217,14 @@ def eval_progress(bars: list[tuple[str, int, int]], arms: list[str], per_arm_tot
     return out
 
 
-def _total_steps(paths: RunPaths, recipe: dict[str, Any], bars: list[tuple[str, int, int]]) -> int | None:
+def _total_steps(paths: RunPaths, recipe: Recipe | None, bars: list[tuple[str, int, int]]) -> int | None:
     plan = read_json(paths.root / "train" / "plan.json")
     if plan.ok and isinstance(plan.value, dict) and isinstance(plan.value.get("total_steps"), int):
         return plan.value["total_steps"]
     train_bars = [total for desc, _n, total in bars if desc == "train"]
     if train_bars:
         return train_bars[-1]
-    max_steps = _section(recipe, "train").get("max_steps")
-    return max_steps if isinstance(max_steps, int) else None
+    return recipe.train.max_steps if recipe is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -255,7 +260,7 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
     """Everything the runs list and a run page show about one run."""
     now = time.time() if now is None else now
     paths = RunPaths(out_dir / name)
-    recipe = recipe_fields(paths)
+    recipe = _recipe(paths)
     process = read_process(out_dir, name)
     console = console_text(out_dir, name)
     lines = console_lines(console) if console is not None else []
@@ -274,13 +279,12 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
     status, detail = derive_status(alive=alive, exit_code=process.exit_code if process else None, trained=trained,
                                    steps_logged=int(last_train is not None), evaluated=metrics is not None, console_tail=lines)
 
-    model = _section(recipe, "model").get("name")
     stats = read_json(paths.data / "stats.json")
     counts = (stats.value or {}).get("counts") if stats.ok and isinstance(stats.value, dict) else None
     manifest = read_json(paths.manifest)
     state = RunState(
-        name=name, status=status, detail=detail, model=str(model) if model else None,
-        method=str(recipe["method"]) if recipe.get("method") else None,
+        name=name, status=status, detail=detail, model=recipe.model.name if recipe else None,
+        method=recipe.method if recipe else None,
         train_examples=counts.get("train") if isinstance(counts, dict) else None,
         parent=_parent_name(manifest.value) if manifest.ok else None,
         started_by_ui=process is not None, updated=updated,
@@ -297,13 +301,11 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
             state.detail = f"step {state.step}{of}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
             if state.total_steps and isinstance(elapsed, int | float) and state.step:
                 state.eta_s = max(0.0, (state.total_steps - state.step) * elapsed / state.step)
-    if status == "evaluating":
-        eval_cfg = _section(recipe, "eval")
-        arms = [str(a) for a in eval_cfg.get("arms") or []]
+    if status == "evaluating" and recipe is not None:
         test_count = counts.get("test") if isinstance(counts, dict) else None
-        limit = eval_cfg.get("limit")
-        per_arm = min(test_count, limit) if isinstance(test_count, int) and isinstance(limit, int) else test_count
-        state.eval_progress = eval_progress(bars, arms, per_arm)
+        limit = recipe.eval.limit
+        per_arm = min(test_count, limit) if isinstance(test_count, int) and limit else test_count
+        state.eval_progress = eval_progress(bars, list(recipe.eval.arms), per_arm)
     if metrics is not None:
         state.primary_metric = metrics.get("primary_metric")
         tuned = (metrics.get("arms") or {}).get("tuned") or {}
