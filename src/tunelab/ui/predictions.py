@@ -13,7 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.report.html import ARM_ORDER, example_slices, fmt, read_jsonl, test_inputs
+from tunelab.config import ARMS
+from tunelab.report.html import example_slices, fmt, read_jsonl, test_inputs
 from tunelab.runs import RunPaths
 
 PAGE_SIZE = 100
@@ -53,7 +54,7 @@ def browse_predictions(paths: RunPaths, wanted: PredictionFilter) -> PredictionP
         if isinstance(row.get("score"), int | float):
             scores[str(row.get("id"))].add(float(row["score"]))
     disagreeing = {example_id for example_id, values in scores.items() if len(values) > 1}
-    arms = [a for a in ARM_ORDER if any(r.get("arm") == a for r in predictions.value)]
+    arms = [a for a in ARMS if any(r.get("arm") == a for r in predictions.value)]
     rows = []
     for row in predictions.value:
         example_id = str(row.get("id"))
