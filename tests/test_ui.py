@@ -109,7 +109,7 @@ def test_live_run_started_elsewhere_is_training_with_progress_and_eta(tmp_path):
     assert state.eta_s == pytest.approx(60.0)  # 30 steps left at 2 s a step
     assert state.detail.startswith("step 10 of 40")
     # train/plan.json (the autopilot's) decides the total when present
-    (run / "train" / "plan.json").write_text(json.dumps({"total_steps": 20, "budget_s": 60}))
+    (run / "train" / "plan.json").write_text(json.dumps({"steps": 20, "budget_s": 60.0}))
     assert status.read_run_state(runs, "live").total_steps == 20
     # nothing written for longer than the activity window: no longer counted as running
     assert status.read_run_state(runs, "live", now=time.time() + status.ACTIVE_WINDOW_S + 1).status == "stopped"

@@ -219,8 +219,8 @@ def eval_progress(bars: list[tuple[str, int, int]], arms: list[str], per_arm_tot
 
 def _total_steps(paths: RunPaths, recipe: Recipe | None, bars: list[tuple[str, int, int]]) -> int | None:
     plan = read_json(paths.root / "train" / "plan.json")
-    if plan.ok and isinstance(plan.value, dict) and isinstance(plan.value.get("total_steps"), int):
-        return plan.value["total_steps"]
+    if plan.ok and isinstance(plan.value, dict) and isinstance(plan.value.get("steps"), int):
+        return plan.value["steps"]  # the planned optimizer steps (tunelab.contract.TrainPlan.steps)
     train_bars = [total for desc, _n, total in bars if desc == "train"]
     if train_bars:
         return train_bars[-1]
