@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
+from tunelab.config import ARMS
 from tunelab.errors import TunelabError
 from tunelab.report.html import fmt, pct_ci
 from tunelab.runs import RunPaths
@@ -258,7 +259,7 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
                 comparison = compare_runs([run_path(n) for n in chosen], arm=arm)
             except TunelabError as err:
                 problem = str(err)
-        return page("compare.html.jinja", title="Compare", names=names, chosen=chosen, arm=arm,
+        return page("compare.html.jinja", title="Compare", names=names, chosen=chosen, arm=arm, arms=ARMS,
                     comparison=comparison, problem=problem)
 
     @app.get("/playground")
@@ -266,8 +267,6 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
         names = [n for n in status.run_names(out) if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
         chosen = run if run in names else (names[0] if names else "")
         system = playground.system_prompt(run_path(chosen)) if chosen else None
-        from tunelab.config import ARMS
-
         return page("playground.html.jinja", title="Playground", names=names, chosen=chosen, system=system or "",
                     arms=ARMS)
 
