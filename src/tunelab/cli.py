@@ -367,6 +367,23 @@ def runs_compare(
         typer.echo(f"wrote {write_comparison_html(comparison, out)}", err=True)
 
 
+# ---------------------------------------------------------------------------------------------- ui
+
+
+@app.command()
+def ui(
+    out_dir: Annotated[Path, typer.Option(help="the runs folder to show (and to start runs in)")] = Path("runs"),
+    host: Annotated[str, typer.Option(help="address to listen on; any but loopback needs --api-key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="0 picks a free port (printed)")] = 7860,
+    api_key: Annotated[str | None, typer.Option(envvar="TUNELAB_UI_API_KEY", show_envvar=True,
+                                                help="required on every request (a login page sets it as a cookie)")] = None,
+) -> None:
+    """Local web app: runs and their live training, reports, predictions, compare, a playground, start runs."""
+    from tunelab.ui.app import serve_ui
+
+    serve_ui(out_dir, host=host, port=port, api_key=api_key, announce=lambda message: typer.echo(f"tunelab: {message}", err=True))
+
+
 def main() -> None:
     # before torch loads OpenMP: spin-waiting threads made training 15x slower on shared cores;
     # sleeping threads cost little when the cores are free

@@ -397,7 +397,7 @@ def _is_fraction(value: Any) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
-def _test_inputs(test: RunFile) -> dict[str, dict[str, Any]]:
+def test_inputs(test: RunFile) -> dict[str, dict[str, Any]]:
     """id -> {"input": last user message, "source": "file:line"} from the run's prepared test split."""
     out = {}
     if not test.ok:
@@ -409,8 +409,9 @@ def _test_inputs(test: RunFile) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _slices(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean per-example score by test slice and arm, when the test file has a `<stem>.slices.jsonl`."""
+def example_slices(inputs: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, str], list[Path]]:
+    """Test example id -> its slice, from the `<stem>.slices.jsonl` beside each example's test file;
+    and the slice files found."""
     slice_files: dict[Path, dict[int, str] | None] = {}
     slice_of: dict[str, str] = {}
     for example_id, info in inputs.items():
@@ -431,6 +432,12 @@ def _slices(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mappi
         table = slice_files[slices_path]
         if table and int(line) in table:
             slice_of[example_id] = table[int(line)]
+    return slice_of, sorted(p for p, t in slice_files.items() if t)
+
+
+def _slices(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean per-example score by test slice and arm, when the test file has a `<stem>.slices.jsonl`."""
+    slice_of, slice_files = example_slices(inputs)
     if not slice_of:
         return {"available": False}
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -445,7 +452,7 @@ def _slices(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mappi
         rows.append({"slice": name, "n": max(counts) if counts else 0,
                      "values": [pct(sum(v) / len(v)) if (v := scores[name].get(a)) else "—" for a in arms]})
     return {"available": True, "arms": arms, "rows": rows,
-            "files": sorted(str(p) for p, t in slice_files.items() if t)}
+            "files": [str(p) for p in slice_files]}
 
 
 def _disagreements(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -502,7 +509,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
     metrics = read_model(paths.metrics, Metrics)
     predictions = read_jsonl(paths.predictions)
 
-    inputs = _test_inputs(test)
+    inputs = test_inputs(test)
     preds = predictions.value if predictions.ok else []
     model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else None
     training = _training(log, summary, root)

@@ -1,0 +1,332 @@
+"""What a run is doing now: its status, progress, ETA and headline numbers, read from its files.
+
+Reads (each optional) a run folder's recipe.yaml, manifest.json (`parent`), stages.json, data/stats.json,
+train/log.jsonl, train/plan.json, train/summary.json, eval/metrics.json and report.html, and for a run
+started by the UI its sidecar folder `<runs>/.ui/<name>/` (process.json, console.log; see
+tunelab.ui.launch). Writes nothing.
+
+How the status is derived (the same rules are in docs/ui.md):
+  alive      the UI started the run and its process is still running (process.json); for a run started
+             elsewhere (no process.json), a write to its files within the last ACTIVE_WINDOW_S.
+  alive:     evaluating  once training finished (stages.json `train` done, or train/summary.json, or
+                         eval/metrics.json exists);
+             training    once train/log.jsonl has a step;
+             preparing   before that (data check, prepare, model loading).
+  not alive: done        the process exited 0, or (exit code unknown) eval/metrics.json exists;
+             stopped     exit code 75 (checkpointed on SIGTERM), 130 or a signal; or no exit code and no
+                         error in the console log (e.g. a CLI run that was interrupted);
+             failed      any other exit code, or an `error:` / traceback line at the end of the console log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import Recipe, load_recipe
+from tunelab.errors import TunelabError
+from tunelab.report.html import read_json
+from tunelab.runs import RunPaths
+
+STATUSES = ("preparing", "training", "evaluating", "done", "failed", "stopped")
+ACTIVE_WINDOW_S = 300.0  # a run started elsewhere counts as running while its files changed this recently
+STOPPED_EXIT_CODES = (75, 130)  # checkpointed on SIGTERM / interrupted (tunelab.cli)
+CONSOLE_TAIL_BYTES = 65536
+# tqdm's bar as written to a file: "desc:  40%|####      | 4/10 [..."
+_TQDM = re.compile(r"^\s*(?P<desc>[\w+:.-]{1,40}):\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
+
+
+@dataclass
+class ProcessInfo:
+    """A run started by the UI: its process.json, and whether that process is alive now."""
+
+    pid: int
+    command: list[str]
+    started: float
+    exit_code: int | None
+    alive: bool
+
+
+@dataclass
+class ArmProgress:
+    arm: str
+    done: int
+    total: int | None
+    state: str  # waiting | running | done
+
+
+@dataclass
+class RunState:
+    name: str
+    status: str
+    detail: str
+    model: str | None = None
+    method: str | None = None
+    train_examples: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    eta_s: float | None = None
+    primary_metric: str | None = None
+    tuned_primary: float | None = None
+    tuned_ci95: list[float] | None = None
+    best_arm: str | None = None
+    verdict: str | None = None
+    parent: str | None = None  # the parent run's folder name (manifest.json `parent`)
+    started_by_ui: bool = False
+    eval_progress: list[ArmProgress] = field(default_factory=list)
+    status_line: str | None = None  # the console's last line (runs started by the UI)
+    updated: float | None = None  # newest write to the run's status files (epoch seconds)
+    has_tuned_model: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def sidecar_dir(out_dir: Path, name: str) -> Path:
+    """Where the UI keeps a run's process.json and console.log (the run folder itself must start empty:
+    `tunelab run` refuses a non-empty one)."""
+    return out_dir / ".ui" / name
+
+
+def process_alive(pid: int) -> bool:
+    """A live, non-zombie process whose command line mentions tunelab (guards against a reused pid)."""
+    proc = Path("/proc") / str(pid)
+    if proc.is_dir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            return False
+        state = stat.rpartition(")")[2].split()[:1]
+        return state != ["Z"] and b"tunelab" in cmdline
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def read_process(out_dir: Path, name: str) -> ProcessInfo | None:
+    found = read_json(sidecar_dir(out_dir, name) / "process.json")
+    value = found.value if found.ok and isinstance(found.value, dict) else None
+    if value is None or not isinstance(value.get("pid"), int):
+        return None
+    exit_code = value.get("exit_code")
+    return ProcessInfo(value["pid"], list(value.get("command") or []), float(value.get("started") or 0),
+                       exit_code if isinstance(exit_code, int) else None,
+                       exit_code is None and process_alive(value["pid"]))
+
+
+def console_text(out_dir: Path, name: str, max_bytes: int = CONSOLE_TAIL_BYTES) -> str | None:
+    """The end of a UI-started run's console log, as text (None when there is none)."""
+    path = sidecar_dir(out_dir, name) / "console.log"
+    if not path.is_file() or not path.resolve().is_relative_to(out_dir.resolve()):
+        return None
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - max_bytes))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def console_lines(text: str) -> list[str]:
+    """Lines as a terminal shows them: a progress bar's carriage returns keep only its last state."""
+    return [line.rsplit("\r", 1)[-1].rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+
+
+def _last_train_record(paths: RunPaths, tail_bytes: int = CONSOLE_TAIL_BYTES) -> dict[str, Any] | None:
+    """The last `train` record of train/log.jsonl, read from the file's end (a long log is not parsed)."""
+    if not paths.train_log.is_file():
+        return None
+    with paths.train_log.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail_bytes))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written, or cut by the tail
+            continue
+        if isinstance(record, dict) and record.get("kind") == "train":
+            return record
+    return None
+
+
+def _recipe(paths: RunPaths) -> Recipe | None:
+    """The run's recipe.yaml through the recipe model; None when it is missing or no longer valid."""
+    if not paths.recipe.is_file():
+        return None
+    try:
+        return load_recipe(paths.recipe)
+    except TunelabError:
+        return None
+
+
+def _last_write(paths: RunPaths) -> float | None:
+    candidates = [paths.root, paths.root / "stages.json", paths.train_log, paths.root / "train" / "plan.json",
+                  paths.metrics, paths.predictions, paths.report_html, paths.data / "stats.json"]
+    times = [p.stat().st_mtime for p in candidates if p.exists()]
+    return max(times) if times else None
+
+
+def _parent_name(manifest: Any) -> str | None:
+    parent = manifest.get("parent") if isinstance(manifest, dict) else None
+    if isinstance(parent, dict):
+        parent = parent.get("path") or parent.get("run")
+    return Path(str(parent)).name if parent else None
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def tqdm_bars(text: str) -> list[tuple[str, int, int]]:
+    """Every (description, n, total) state of tqdm bars in console text, in order."""
+    out = []
+    for segment in re.split(r"[\r\n]", text):
+        match = _TQDM.match(segment)
+        if match:
+            out.append((match["desc"], int(match["n"]), int(match["total"])))
+    return out
+
+
+def eval_progress(bars: list[tuple[str, int, int]], arms: list[str], per_arm_total: int | None) -> list[ArmProgress]:
+    """Per arm of the evaluation, from its tqdm bar (one bar over all arms whose description names the
+    arm being generated): arms before the current one are done, the current one has n - n at its start."""
+    started: dict[str, int] = {}
+    order: list[str] = []
+    latest = 0
+    for desc, n, _total in bars:
+        if desc not in started:
+            started[desc] = n
+            order.append(desc)
+        latest = n
+    current = order[-1] if order else None
+    out = []
+    for arm in arms:
+        if arm not in started:
+            out.append(ArmProgress(arm, 0, per_arm_total, "waiting"))
+        elif arm != current:
+            later = [started[d] for d in order[order.index(arm) + 1:]]
+            out.append(ArmProgress(arm, (later[0] - started[arm]) if later else 0, per_arm_total, "done"))
+        else:
+            out.append(ArmProgress(arm, latest - started[arm], per_arm_total, "running"))
+    return out
+
+
+def _total_steps(paths: RunPaths, recipe: Recipe | None, bars: list[tuple[str, int, int]]) -> int | None:
+    plan = read_json(paths.root / "train" / "plan.json")
+    if plan.ok and isinstance(plan.value, dict) and isinstance(plan.value.get("steps"), int):
+        return plan.value["steps"]  # the planned optimizer steps (tunelab.contract.TrainPlan.steps)
+    train_bars = [total for desc, _n, total in bars if desc == "train"]
+    if train_bars:
+        return train_bars[-1]
+    return recipe.train.max_steps if recipe is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def derive_status(*, alive: bool, exit_code: int | None, trained: bool, steps_logged: int, evaluated: bool,
+                  console_tail: list[str]) -> tuple[str, str]:
+    """(status, why) by the rules in the module docstring."""
+    if alive:
+        if trained or evaluated:
+            return "evaluating", "training finished; evaluating the arms"
+        if steps_logged:
+            return "training", "training"
+        return "preparing", "checking and preparing the data, loading the model"
+    last = next((line.strip() for line in reversed(console_tail) if line.strip()), "")
+    if exit_code is not None:
+        if exit_code == 0:
+            return "done", "finished"
+        if exit_code in STOPPED_EXIT_CODES or exit_code < 0:
+            return "stopped", f"stopped (exit code {exit_code}); continue it with --resume"
+        return "failed", last or f"exit code {exit_code}"
+    if evaluated:
+        return "done", "finished"
+    errors = [line for line in console_tail[-20:] if line.startswith("error:") or line.startswith("Traceback")]
+    if errors:
+        return "failed", last
+    if trained:
+        return "stopped", "trained, not evaluated"
+    return "stopped", "no process is writing to it; continue it with `tunelab run RECIPE --resume`"
+
+
+def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunState:
+    """Everything the runs list and a run page show about one run."""
+    now = time.time() if now is None else now
+    paths = RunPaths(out_dir / name)
+    recipe = _recipe(paths)
+    process = read_process(out_dir, name)
+    console = console_text(out_dir, name)
+    lines = console_lines(console) if console is not None else []
+    bars = tqdm_bars(console) if console is not None else []
+    last_train = _last_train_record(paths)
+    stages = read_json(paths.root / "stages.json")
+    stage_done = stages.value if stages.ok and isinstance(stages.value, dict) else {}
+    trained = bool((stage_done.get("train") or {}).get("done")) or (paths.root / "train" / "summary.json").is_file()
+    metrics_file = read_json(paths.metrics)
+    metrics = metrics_file.value if metrics_file.ok and isinstance(metrics_file.value, dict) else None
+    updated = _last_write(paths)
+    if process is not None:
+        alive = process.alive
+    else:
+        alive = metrics is None and updated is not None and now - updated < ACTIVE_WINDOW_S
+    status, detail = derive_status(alive=alive, exit_code=process.exit_code if process else None, trained=trained,
+                                   steps_logged=int(last_train is not None), evaluated=metrics is not None, console_tail=lines)
+
+    stats = read_json(paths.data / "stats.json")
+    counts = (stats.value or {}).get("counts") if stats.ok and isinstance(stats.value, dict) else None
+    manifest = read_json(paths.manifest)
+    state = RunState(
+        name=name, status=status, detail=detail, model=recipe.model.name if recipe else None,
+        method=recipe.method if recipe else None,
+        train_examples=counts.get("train") if isinstance(counts, dict) else None,
+        parent=_parent_name(manifest.value) if manifest.ok else None,
+        started_by_ui=process is not None, updated=updated,
+        status_line=next((line for line in reversed(lines) if line.strip()), None),
+        has_tuned_model=paths.adapter.is_dir() or paths.model.is_dir(),
+    )
+    if last_train is not None:
+        state.step = last_train.get("step")
+        state.total_steps = _total_steps(paths, recipe, bars)
+        elapsed = last_train.get("elapsed_s")
+        if status == "training":
+            loss = last_train.get("loss")
+            of = f" of {state.total_steps}" if state.total_steps else ""
+            state.detail = f"step {state.step}{of}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+            if state.total_steps and isinstance(elapsed, int | float) and state.step:
+                state.eta_s = max(0.0, (state.total_steps - state.step) * elapsed / state.step)
+    if status == "evaluating" and recipe is not None:
+        test_count = counts.get("test") if isinstance(counts, dict) else None
+        limit = recipe.eval.limit
+        per_arm = min(test_count, limit) if isinstance(test_count, int) and limit else test_count
+        state.eval_progress = eval_progress(bars, list(recipe.eval.arms), per_arm)
+    if metrics is not None:
+        state.primary_metric = metrics.get("primary_metric")
+        tuned = (metrics.get("arms") or {}).get("tuned") or {}
+        state.tuned_primary, state.tuned_ci95 = tuned.get("primary"), tuned.get("ci95")
+        verdict = metrics.get("verdict") or {}
+        state.best_arm, state.verdict = verdict.get("best_arm"), verdict.get("text")
+    return state
+
+
+def run_names(out_dir: Path) -> list[str]:
+    """Run folders (with a recipe.yaml) and runs the UI started whose folder is not written yet."""
+    if not out_dir.is_dir():
+        return []
+    names = {p.name for p in out_dir.iterdir() if (p / "recipe.yaml").is_file() and not p.name.startswith(".")}
+    sidecars = out_dir / ".ui"
+    if sidecars.is_dir():
+        names |= {p.name for p in sidecars.iterdir() if (p / "process.json").is_file()}
+    return sorted(names)
+
+
+def as_dict(state: RunState) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(state)
