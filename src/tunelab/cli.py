@@ -308,7 +308,7 @@ def export(
     merge: Annotated[bool, typer.Option(help="merge the adapter into the base weights")] = False,
     format: Annotated[str, typer.Option(help="safetensors | gguf (gguf is always merged)")] = "safetensors",
     gguf_type: Annotated[str, typer.Option(help="float type of GGUF matrices: f16 | f32")] = "f16",
-    force: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
+    force: Annotated[bool, typer.Option(help="replace an earlier export in --out (never files tunelab did not write)")] = False,
 ) -> None:
     """Export the adapter (PEFT format), merged safetensors weights, or a GGUF file; verified before
     it lands in --out."""

@@ -1,13 +1,19 @@
-"""Durable files: the sha256 of a file and fsync of files and folders.
+"""Durable files: the sha256 of a file, fsync of files and folders, and output folders that
+replace an earlier one without ever deleting a user's files.
 
 One place for what the model cache, checkpoints, prepared data and exports need to write files
-that survive a crash and to recognise a damaged one.
+that survive a crash and to recognise a damaged one, and for the one decision of whether an
+output folder may be replaced (check_output_dir) and the swap that replaces it (replace_dir).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -34,3 +40,96 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# output folders that replace an earlier one
+
+
+def _protected(folder: Path, reads: list[Path]) -> str | None:
+    """Why `folder` (resolved) must never be replaced, or None."""
+    cwd = Path.cwd().resolve()
+    if folder == Path(folder.anchor):
+        return "it is the root of the file system"
+    if folder == Path.home().resolve():
+        return "it is your home folder"
+    if folder == cwd:
+        return "it is the current folder"
+    if folder in cwd.parents:
+        return "it holds the current folder"
+    for read in reads:
+        if folder == read or folder in read.parents or read in folder.parents:
+            return f"it is, holds or lies inside {read}, which this command reads"
+    return None
+
+
+def foreign_entries(folder: Path, manifest: str) -> list[str]:
+    """Entries of `folder` that tunelab did not write: everything except `manifest` (a JSON file
+    whose "files" names what tunelab wrote) and the plain files it names."""
+    written: set[str] = set()
+    try:
+        listed = json.loads((folder / manifest).read_text(encoding="utf-8")).get("files", {})
+        written = {manifest, *(name for name in listed if isinstance(name, str))}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return sorted(entry.name for entry in folder.iterdir()
+                  if entry.name not in written or entry.is_symlink() or not entry.is_file())
+
+
+def check_output_dir(out_dir: Path, *, reads: list[Path], manifest: str, force: bool, option: str = "--out") -> None:
+    """Refuse an output folder whose replacement could lose a user's files.
+
+    Never replaced, whatever `force` says: the root, the home folder, the current folder or one
+    holding it, a folder that is, holds or lies inside one of `reads`, a symbolic link, and a folder
+    with anything tunelab did not write (named in the error: the user deletes it, not tunelab).
+    A folder holding only an earlier output (the files its `manifest` lists) is replaced with `force`.
+    """
+    from tunelab.errors import ConfigError
+
+    if out_dir.is_symlink():
+        raise ConfigError(f"{option} {out_dir}: is a symbolic link; give the folder itself (tunelab replaces "
+                          "output folders whole and never follows a link to do so)")
+    resolved = out_dir.resolve()
+    reason = _protected(resolved, [Path(r).resolve() for r in reads])
+    if reason:
+        raise ConfigError(f"{option} {out_dir}: refused because {reason}; choose a new folder")
+    if not resolved.exists():
+        return
+    if not resolved.is_dir():
+        raise ConfigError(f"{option} {out_dir}: exists and is not a folder")
+    foreign = foreign_entries(resolved, manifest)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"{option} {out_dir}: holds files tunelab did not write ({shown}); nothing is deleted "
+                          "for you: choose a new folder, or remove them yourself")
+    if any(resolved.iterdir()) and not force:
+        raise ConfigError(f"{option} {out_dir}: holds an earlier tunelab output ({manifest}); "
+                          "pass --force to replace it")
+
+
+def replace_dir(build: Callable[[Path], None], final: Path) -> None:
+    """Build a folder in a fresh temporary sibling of `final`, then swap it in: the old one moves
+    aside first and is deleted only once the new one is in place, so a failure at any point leaves
+    either the old folder or the new one, never half of one. Callers check `final` first
+    (check_output_dir): this replaces whatever is there."""
+    final = final.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        build(tmp)
+        fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old / final.name, final)
+            raise
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
