@@ -47,21 +47,23 @@ def is_run_dir(reference: str | Path) -> bool:
     return (Path(reference) / "recipe.yaml").is_file()
 
 
-def load_for_use(reference: str, device: str | None = None, dtype: str | None = None, merge: bool = True) -> LoadedModel:
+def load_for_use(reference: str, device: str | None = None, dtype: str | None = None, merge: bool = True,
+                 trust_remote_code: bool = False) -> LoadedModel:
     """Load a run's fine-tuned model or a model reference. A LoRA adapter is merged into the base
     weights in memory (same function, no per-layer adapter matmuls: faster replies); the run
-    directory is only read."""
+    directory is only read. `trust_remote_code` comes from the command line only (runs.open_run)."""
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.runs import load_tuned_model, open_run
+    from tunelab.runs import load_run_model, open_run
 
     if is_run_dir(reference):
-        _, recipe = open_run(reference)
-        model, tokenizer = load_tuned_model(reference, device=device, dtype=dtype)
+        paths, recipe = open_run(reference, trust_remote_code)
+        model, tokenizer = load_run_model(paths, recipe, device=device, dtype=dtype)
         if merge and hasattr(model, "merge_and_unload") and getattr(model.get_base_model(), "hf_quantizer", None) is None:
             model = model.merge_and_unload()
         name, run_dir = recipe.name, Path(reference)
     else:
-        model, tokenizer = load_model(reference, dtype=dtype or "auto", device=device), load_tokenizer(reference)
+        model = load_model(reference, dtype=dtype or "auto", device=device, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(reference, trust_remote_code=trust_remote_code)
         name, run_dir, recipe = reference, None, None
     model.eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 2048

@@ -31,6 +31,9 @@ app.add_typer(config_app, name="config")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=20")]
 RunDir = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/demo")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="run Python code shipped with the model (its auto_map); a run folder's "
+    "recipe.yaml never turns this on")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model alias, folder, .gguf or hub id")]
 
 
@@ -210,11 +213,12 @@ def eval_(
     arms: Annotated[str | None, typer.Option(help="comma-separated: base,prompt,rag,tuned,tuned+rag")] = None,
     test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
     from tunelab.eval.run import evaluate
 
-    evaluate(run, arms=arms, test_file=test, limit=limit)
+    evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code)
     typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
 
 
@@ -261,13 +265,14 @@ def chat(
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_new_tokens: int = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
     history is kept; /reset clears it, /exit or Ctrl-D quits. --prompt answers one message."""
     from tunelab.chat import chat_loop, load_for_use
     from tunelab.eval.generate import DecodingSettings, generate
 
-    loaded = load_for_use(model)
+    loaded = load_for_use(model, trust_remote_code=trust_remote_code)
     settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     if prompt is None:
         chat_loop(loaded, settings, system=system)
@@ -285,6 +290,7 @@ def generate_(
     max_new_tokens: int = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
     from tqdm import tqdm
@@ -294,7 +300,7 @@ def generate_(
 
     check_out_path(input, out)  # bad paths and bad lines fail here, before the model loads
     total = len(read_generation_inputs(input))
-    loaded = load_for_use(model)
+    loaded = load_for_use(model, trust_remote_code=trust_remote_code)
     settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
     with tqdm(total=total, unit="prompt", file=sys.stderr, desc="generate") as bar:
         count = generate_file(loaded, input, out, settings, batch_size, progress=bar.update)
@@ -309,12 +315,14 @@ def export(
     format: Annotated[str, typer.Option(help="safetensors | gguf (gguf is always merged)")] = "safetensors",
     gguf_type: Annotated[str, typer.Option(help="float type of GGUF matrices: f16 | f32")] = "f16",
     force: Annotated[bool, typer.Option(help="replace an earlier export in --out (never files tunelab did not write)")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Export the adapter (PEFT format), merged safetensors weights, or a GGUF file; verified before
     it lands in --out."""
     from tunelab.export import export_run
 
-    result = export_run(run, out, merge=merge, fmt=format, force=force, gguf_type=gguf_type)
+    result = export_run(run, out, merge=merge, fmt=format, force=force, gguf_type=gguf_type,
+                        trust_remote_code=trust_remote_code)
     checks = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.checks.items())
     typer.echo(f"{result.kind} export -> {result.out_dir} ({', '.join(result.files)}); checks: {checks}")
 
@@ -333,6 +341,7 @@ def serve(
     batch_window_ms: Annotated[float, typer.Option(min=0.0)] = ServeSettings.batch_window_ms,
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = ServeSettings.max_tokens_limit,
     log_level: Annotated[str, typer.Option(help="info | warning | debug (debug adds the access log)")] = "info",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """OpenAI-compatible API server (/v1/chat/completions, streaming and not; /v1/models; /health)."""
     from tunelab.serve import serve as run_server
@@ -340,7 +349,8 @@ def serve(
     settings = ServeSettings(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                              max_tokens_limit=max_tokens_limit, rag_k=rag_k)
     run_server(model, host=host, port=port, api_key=api_key, rag=rag, settings=settings, model_id=model_id,
-               log_level=log_level, announce=lambda message: typer.echo(f"tunelab: {message}", err=True))
+               log_level=log_level, announce=lambda message: typer.echo(f"tunelab: {message}", err=True),
+               trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -333,10 +333,10 @@ def _verify_gguf(path: Path, merged: PreTrainedModel, tokenizer: PreTrainedToken
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fmt: str = "safetensors",
-               force: bool = False, gguf_type: str = "f16") -> ExportResult:
+               force: bool = False, gguf_type: str = "f16", trust_remote_code: bool = False) -> ExportResult:
     """Export a run (see the module docstring). GGUF holds a whole model, so it is always merged; a
     full fine-tune has no adapter, so it is exported whole too."""
-    from tunelab.runs import RunPaths, load_tuned_model, open_run
+    from tunelab.runs import RunPaths, load_run_model, open_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -344,7 +344,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
         raise ConfigError(f"--gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     paths: RunPaths
-    paths, recipe = open_run(run_dir)
+    paths, recipe = open_run(run_dir, trust_remote_code)
     if not paths.adapter.is_dir() and not paths.model.is_dir():
         raise ModelError(f"{run_dir}: has neither adapter/ nor model/; has its training finished?")
     check_output_dir(out_dir, reads=[run_dir], manifest=MANIFEST, force=force)
@@ -360,7 +360,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
             result.checks = _export_adapter(paths.adapter, tokenizer, tmp)
         else:
-            model, tokenizer = load_tuned_model(run_dir, device="cpu", dtype="float32")
+            model, tokenizer = load_run_model(paths, recipe, device="cpu", dtype="float32")
             probe = _probe_ids(tokenizer)
             reference = _logits(model, probe)
             merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

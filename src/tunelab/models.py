@@ -226,10 +226,22 @@ def resolve_reference(name: str) -> ModelRef:
     raise ModelError(f"model '{name}': not an alias ({choices}), an existing folder, a .gguf file or a hub id")
 
 
+_remote_code_announced: set[str] = set()
+
+
+def announce_remote_code(name: str) -> None:
+    """Say once per model that its shipped code will run: trust_remote_code is never on silently."""
+    if name not in _remote_code_announced:
+        _remote_code_announced.add(name)
+        say(f"trust_remote_code is on: Python code shipped with model '{name}' may run on this machine")
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     ref = resolve_reference(name)
+    if trust_remote_code:
+        announce_remote_code(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             ref.path, gguf_file=ref.gguf_file, revision=revision, trust_remote_code=trust_remote_code
@@ -273,6 +285,8 @@ def load_model(
     hf_logging.disable_progress_bar()
     device = device or default_device()
     ref = resolve_reference(name)
+    if trust_remote_code:
+        announce_remote_code(name)
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
     if ref.gguf_file:
