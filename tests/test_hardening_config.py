@@ -53,3 +53,43 @@ def test_an_alias_bomb_in_a_command_line_override_is_refused():
     levels = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 9)]
     with pytest.raises(ConfigError, match=f"^override 'lora.targets=.*at most {MAX_CONFIG_NODES:,} values"):
         load_recipe(None, [f"lora.targets=[{', '.join(levels)}]"])
+
+
+def float_fields():
+    """Every float field of every recipe section, found from the models themselves."""
+    import typing
+
+    from tunelab.config import Recipe
+
+    for section, info in Recipe.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and hasattr(model, "model_fields")):
+            continue
+        for name, field in model.model_fields.items():
+            if float in (typing.get_args(field.annotation) or (field.annotation,)):
+                yield f"{section}.{name}"
+
+
+@pytest.mark.parametrize("key", list(float_fields()))
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_float_in_a_recipe_may_be_infinite_or_nan(key, value):
+    with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
+        load_recipe(None, [f"{key}={value}"])
+
+
+def test_float_fields_are_found():
+    assert {"train.epochs", "train.lr", "lora.alpha", "eval.gpu_price_per_hour"} <= set(float_fields())
+
+
+@pytest.mark.parametrize("key", ["train.seed", "data.seed", "train.max_steps", "eval.shots"])
+def test_integers_beyond_64_bits_are_refused(key):
+    with pytest.raises(ConfigError, match=f"{key}: Value error, must lie between"):
+        load_recipe(None, [f"{key}={2**70}"])
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "..", ".", "a/b", "a\\b"])
+def test_a_run_name_must_keep_the_run_inside_out_dir(name, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: '{name}'\n")
+    with pytest.raises(ConfigError, match=f"^{recipe}:1: name: .*must be one folder name"):
+        load_recipe(recipe)

@@ -1,4 +1,4 @@
-"""A run folder never runs a model's code on its own say: its recipe.yaml asking for
+"""A run folder never runs a model's code on its own say (nor loads pickle): its recipe.yaml asking for
 model.trust_remote_code is named in a warning and ignored; only the command line turns it on, and
 then tunelab says so."""
 
@@ -59,3 +59,15 @@ def test_the_command_line_turns_it_on_and_it_is_announced(hostile_run, capsys):
     model, _ = load_tuned_model(run, device="cpu", dtype="float32", trust_remote_code=True)
     err = capsys.readouterr().err
     assert marker.exists() and "trust_remote_code is on" in err and "ignored" not in err
+
+
+def test_an_adapter_saved_as_pickle_is_one_line_error_and_never_loaded(tmp_path, tiny_model_dir):
+    from tunelab.errors import ModelError
+    from tunelab.runs import load_tuned_model
+
+    run = make_fake_run(tmp_path / "runs" / "x")
+    adapter = run / "adapter"
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(ModelError, match=r"adapter_model.safetensors: not found .*adapter_model.bin.*never pickle") as err:
+        load_tuned_model(run, device="cpu", dtype="float32")
+    assert "\n" not in str(err.value)

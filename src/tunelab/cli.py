@@ -3,6 +3,7 @@ transformers) happen inside commands so that `--help` and data format errors ans
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -35,6 +36,21 @@ TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="run Python code shipped with the model (its auto_map); a run folder's "
     "recipe.yaml never turns this on")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model alias, folder, .gguf or hub id")]
+
+
+def _finite(value: float | None) -> float | None:
+    """Option callback: inf and nan parse as floats but mean nothing as a setting."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter("must be a finite number")
+    return value
+
+
+def _temperature(value: float) -> float:
+    from tunelab.serve import MIN_TEMPERATURE
+
+    if not (value == 0 or MIN_TEMPERATURE <= value <= 2):
+        raise typer.BadParameter(f"0 (greedy) or from {MIN_TEMPERATURE:g} to 2")
+    return value
 
 
 def _not_yet(feature: str, issue: int) -> None:
@@ -86,8 +102,8 @@ def data_check(
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable lines")] = False,
     tokens: Annotated[bool, typer.Option(help="tokenize with the model's chat template and estimate training time")] = True,
-    epochs: Annotated[float | None, typer.Option(help="for the training time estimate (default: the recipe default train.epochs)")] = None,
-    gpu_price: Annotated[float | None, typer.Option(help="USD per hour for the cost estimate (default: the recipe default eval.gpu_price_per_hour)")] = None,
+    epochs: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="for the training time estimate (default: the recipe default train.epochs)")] = None,
+    gpu_price: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="USD per hour for the cost estimate (default: the recipe default eval.gpu_price_per_hour)")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="added to examples without a system message")] = None,
     near_dup_max: Annotated[int, typer.Option(help="near-duplicate checks cover this many examples per file; -1: all")] = 100_000,
 ) -> None:
@@ -264,7 +280,7 @@ def chat(
     prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_new_tokens: int = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
+    temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
@@ -288,7 +304,7 @@ def generate_(
     input: Annotated[Path, typer.Option(help="JSONL: {\"messages\": [...]} (OpenAI chat) or {\"prompt\": ...} lines")],
     out: Annotated[Path, typer.Option(help="JSONL to write, one line per input line")],
     max_new_tokens: int = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
+    temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     trust_remote_code: TrustOpt = False,
 ) -> None:
@@ -338,7 +354,7 @@ def serve(
     rag_k: Annotated[int | None, typer.Option(min=1, help="passages retrieved per request; default the recipe's eval.rag_k")] = None,
     model_id: Annotated[str | None, typer.Option(help="the model name clients send; default the run's name")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1)] = ServeSettings.max_batch_size,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0)] = ServeSettings.batch_window_ms,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, callback=_finite)] = ServeSettings.batch_window_ms,
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = ServeSettings.max_tokens_limit,
     log_level: Annotated[str, typer.Option(help="info | warning | debug (debug adds the access log)")] = "info",
     trust_remote_code: TrustOpt = False,

@@ -28,7 +28,16 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every number of a recipe is finite and fits 64 bits: `epochs: .inf` would train forever, a seed
+    # of 2**70 fails deep inside torch
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        if type(value) is int and not -(2**63) <= value < 2**63:
+            raise ValueError("must lie between -2**63 and 2**63 - 1")
+        return value
 
 
 class ModelConfig(_Section):
@@ -138,6 +147,14 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     out_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        # the run folder must stay inside out_dir: "../x", "/tmp/x" or "a/b" would put it elsewhere
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ValueError("must be one folder name (no '/', '\\', '.' or '..'): the run is written to out_dir/name")
+        return name
 
     @model_validator(mode="after")
     def _method_defaults(self) -> Recipe:

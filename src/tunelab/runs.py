@@ -108,6 +108,11 @@ def load_run_model(
         return model, load_tokenizer(str(paths.model), trust_remote_code=trust_remote_code)
     if not paths.adapter.is_dir():
         raise ModelError(f"{run_dir}: has neither adapter/ nor model/; has its training finished?")
+    weights = paths.adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        found = ", ".join(sorted(p.name for p in paths.adapter.iterdir())) or "nothing"
+        raise ModelError(f"{weights}: not found (the folder holds {found}); tunelab loads adapter weights from "
+                         "safetensors only, never pickle (.bin): re-save it with safe_serialization=True")
     from peft import PeftModel
 
     base = load_model(
