@@ -92,3 +92,32 @@ def test_cli_export_force_into_a_users_folder_deletes_nothing(user_tree, target)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: --out") and result.stderr.count("\n") == 1
     assert snapshot(home) == before
+
+
+def test_data_prepare_never_overwrites_a_users_file_of_the_same_name(tmp_path, tokenizer):
+    import json
+
+    from tunelab.config import Recipe
+    from tunelab.data.prepare import prepare_data
+    from tunelab.errors import DataError
+
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({**chat, "messages": [{"role": "user", "content": f"q{i}"}, chat["messages"][1]]})
+                           + "\n" for i in range(20)))
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "test.jsonl").write_text("my own held-out set")
+    recipe = Recipe.model_validate({"data": {"train": str(raw)}})
+    with pytest.raises(ConfigError, match=r"holds test.jsonl, which data prepare would overwrite"):
+        prepare_data(recipe, tokenizer, out)
+    assert (out / "test.jsonl").read_text() == "my own held-out set"
+
+    fresh = tmp_path / "fresh"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{oops\n")
+    with pytest.raises(DataError):
+        prepare_data(Recipe.model_validate({"data": {"train": str(broken)}}), tokenizer, fresh)
+    assert sorted(os.listdir(fresh)) == ["issues.jsonl"]
+    prepare_data(recipe, tokenizer, fresh)  # its own failed output is not a user's file
+    assert (fresh / "fingerprint.json").is_file()
