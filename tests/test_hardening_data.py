@@ -34,7 +34,7 @@ def test_an_oversized_jsonl_line_is_one_error_and_memory_stays_bounded(tmp_path)
     [(_, [issue])] = [r for r in results if r[0] is None]
     assert (issue.code, issue.line) == ("record_too_large", 2)
     assert f"{16 * MAX_RECORD_BYTES + len(json.dumps(chat(''))):,} bytes" in issue.message
-    assert peak < 8 * MAX_RECORD_BYTES  # the 16 MiB line is never held whole (reading takes ~4 MiB)
+    assert peak < 8 * MAX_RECORD_BYTES  # the 16x line is never held whole (reading holds ~4 pieces)
 
 
 def test_oversized_json_array_elements_and_csv_cells_are_errors_at_their_line(tmp_path):
@@ -85,3 +85,24 @@ def test_a_record_just_under_the_limit_is_read(tmp_path, size):
     path.write_text(json.dumps(chat("w" * size)) + "\n")
     [(example, issues)] = list(read_examples(path))
     assert example is not None and not [i for i in issues if i.code == "record_too_large"]
+
+
+def test_near_duplicate_detection_memory_does_not_grow_with_the_file_of_long_records(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    path = tmp_path / "long.jsonl"
+    base = " ".join(rng.choices(words, k=36_000))  # ~200 KB a record
+    with path.open("w") as f:
+        for i in range(60):
+            f.write(json.dumps(chat(f"{i} " + base[i * 7 :])) + "\n")  # near-duplicates of each other
+    size = path.stat().st_size
+    tracemalloc.start()
+    report = check_data(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report.quality["near_duplicates"] > 0
+    # signatures are computed in batches of ~2 MiB of text (~57 bytes of memory per byte while they
+    # run), not of 512 records: the whole 12 MB file in one batch peaks near 650 MB
+    assert size > 11 << 20 and peak < 200 << 20, (peak, size)

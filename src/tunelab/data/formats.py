@@ -33,16 +33,17 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _PARQUET_BATCH_ROWS = 4096
-# One record (a JSONL line, a JSON array element, a CSV row) is at most this many bytes: ~250k
-# tokens, longer than any context tunelab trains at. The checks hold a few copies of a record at
-# once (parsed, normalised, rendered, tokenized), so this bounds their memory per record.
-MAX_RECORD_BYTES = 1 << 20
+# One record (a JSONL line, a JSON array element, a CSV row) is at most this many bytes: ~64k
+# tokens of English, more than the longest context tunelab trains at. Tokenizing holds ~400 bytes
+# per record byte (a 1 MiB record peaked near 1 GB): this bounds it to ~100 MB.
+MAX_RECORD_BYTES = 256 << 10
 _CSV_MAX_CELL_BYTES = MAX_RECORD_BYTES + 1  # the csv module refuses a longer cell (reported by row)
 MAX_JSON_ARRAY_BYTES = 64 << 20  # a JSON array file is parsed whole (JSONL streams)
 _BOM = b"\xef\xbb\xbf"
@@ -169,11 +170,11 @@ def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
     loads = _loads
     with path.open("rb") as f:
         # a line longer than the limit is never held whole: it is skipped in bounded pieces
-        for line_number, raw in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b""), 1):
+        for line_number, raw in enumerate(iter(partial(f.readline, MAX_RECORD_BYTES + 1), b""), 1):
             if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
                 size = len(raw)
                 while raw and not raw.endswith(b"\n"):
-                    raw = f.readline(1 << 20)
+                    raw = f.readline(MAX_RECORD_BYTES)
                     size += len(raw)
                 yield RawRecord(name, line_number, problem=_too_large(size - raw.endswith(b"\n")))
                 continue

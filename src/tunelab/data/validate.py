@@ -42,7 +42,7 @@ CODES: dict[str, tuple[str, str]] = {
                               "second link to a folder already read"),
     "invalid_utf8": (ERROR, "the line is not UTF-8 text (or holds a lone surrogate escape)"),
     "invalid_json": (ERROR, "the line (or CSV row) does not parse"),
-    "record_too_large": (ERROR, "the record is over 1 MiB (formats.MAX_RECORD_BYTES); it is not read"),
+    "record_too_large": (ERROR, "the record is over 256 KiB (formats.MAX_RECORD_BYTES); it is not read"),
     "not_an_object": (ERROR, "the record is not a JSON object"),
     "unknown_format": (ERROR, "the record matches none of openai, sharegpt, alpaca, prompt_completion"),
     # messages
