@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from test_hardening_files import snapshot
 from tunelab.data.check import check_data
 from tunelab.data.formats import MAX_RECORD_BYTES
 from tunelab.errors import ConfigError
@@ -103,10 +104,6 @@ def make_data_file(rng: random.Random, folder: Path) -> Path:
     path = folder / f"case{suffix}"
     path.write_bytes(damage_bytes(rng, data) if rng.random() < 0.7 else data)
     return path
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_fuzzed_data_files_give_issues_never_a_crash(tmp_path):
