@@ -106,3 +106,31 @@ def test_near_duplicate_detection_memory_does_not_grow_with_the_file_of_long_rec
     # signatures are computed in batches of ~2 MiB of text (~57 bytes of memory per byte while they
     # run), not of 512 records: the whole 12 MB file in one batch peaks near 650 MB
     assert size > 11 << 20 and peak < 200 << 20, (peak, size)
+
+
+def test_an_oversized_parquet_row_is_an_error_at_its_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p" * (MAX_RECORD_BYTES + 1), "completion": "c2"},
+            {"prompt": "p3", "completion": "c3"}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    report = check_data(path)
+    assert [(i.code, i.line) for i in report.issues if i.code == "record_too_large"] == [("record_too_large", 2)]
+    assert report.examples == 2
+
+
+def test_generate_inputs_use_the_bounded_reader(tmp_path):
+    from tunelab.chat import read_generation_inputs
+    from tunelab.errors import DataError
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(json.dumps({"prompt": "ok"}).encode() + b"\n" + b'{"prompt": "\xff"}\n'
+                     + json.dumps({"prompt": "x" * (2 * MAX_RECORD_BYTES)}).encode() + b"\n" + b"[" * 5000 + b"\n")
+    with pytest.raises(DataError) as err:
+        read_generation_inputs(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 3 bad line(s); nothing generated"
+    assert lines[1].startswith(f"{path}:2: not UTF-8") and lines[2].startswith(f"{path}:3: the record is")
+    assert lines[3].startswith(f"{path}:4: not valid JSON")

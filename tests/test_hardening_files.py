@@ -121,3 +121,40 @@ def test_data_prepare_never_overwrites_a_users_file_of_the_same_name(tmp_path, t
     assert sorted(os.listdir(fresh)) == ["issues.jsonl"]
     prepare_data(recipe, tokenizer, fresh)  # its own failed output is not a user's file
     assert (fresh / "fingerprint.json").is_file()
+
+
+def test_an_output_folder_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes.txt is a file, not a folder"):
+        check_output_dir(tmp_path / "notes.txt" / "export", reads=[], manifest="export.json", force=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_generate_never_overwrites_a_file_it_did_not_write(tmp_path):
+    import json
+
+    from tunelab.chat import check_out_path
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text('{"my": "notes"}\n')
+    with pytest.raises(ConfigError, match="not an earlier `tunelab generate` output"):
+        check_out_path(source, mine)
+    earlier = tmp_path / "out.jsonl"
+    earlier.write_text(json.dumps({"line": 1, "id": None, "messages": [], "output": "x"}) + "\n")
+    check_out_path(source, earlier)  # an earlier output may be replaced
+    with pytest.raises(ConfigError, match="is a folder"):
+        check_out_path(source, tmp_path)
+    assert mine.read_text() == '{"my": "notes"}\n'
+
+
+def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path, tiny_model_dir):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    result = subprocess.run([sys.executable, "-m", "tunelab", "data", "prepare", str(tmp_path / "train.jsonl"),
+                             "--out", str(tmp_path / "notes.txt" / "prepared"), "--model", "tiny-test"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'notes.txt'}") and "Traceback" not in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -98,3 +98,11 @@ def test_tokenizing_runs_in_a_worker_thread_not_on_the_event_loop(client, tokeni
     assert ask(client).status_code == 200
     assert tokenizing_threads and all(name.startswith("tunelab-prepare") for name in tokenizing_threads)
     assert json.loads(client.get("/health").text)["status"] == "ok"
+
+
+def test_a_full_server_answers_429_before_reading_the_body(loaded):
+    from tunelab.serve import ServeSettings, create_app
+
+    with TestClient(create_app(loaded, ServeSettings(max_queued_requests=0))) as full:
+        response = full.post("/v1/chat/completions", content=b"not even json")
+    assert response.status_code == 429 and response.json()["error"]["code"] == "server_busy"

@@ -411,6 +411,10 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as err:  # the file system said no (permission, not a folder, disk full): the user's to fix
+        where = f"{err.filename}: " if err.filename else ""
+        typer.echo(f"error: {where}{err.strerror or err}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

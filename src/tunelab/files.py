@@ -94,6 +94,11 @@ def check_output_dir(out_dir: Path, *, reads: list[Path], manifest: str, force: 
     if reason:
         raise ConfigError(f"{option} {out_dir}: refused because {reason}; choose a new folder")
     if not resolved.exists():
+        ancestor = resolved.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError(f"{option} {out_dir}: {ancestor} is a file, not a folder")
         return
     if not resolved.is_dir():
         raise ConfigError(f"{option} {out_dir}: exists and is not a folder")

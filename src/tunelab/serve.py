@@ -547,17 +547,26 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
+    preparing = 0  # requests read or tokenized now: each holds up to max_body_bytes
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        nonlocal preparing
         started = time.perf_counter()
         authorize(request)
-        body = await read_body(request)
+        if preparing >= settings.max_queued_requests:
+            raise APIError(429, "The server is busy; retry shortly.", type_="server_error", code="server_busy")
+        preparing += 1
         try:
-            req = ChatCompletionRequest.model_validate_json(body)
-        except ValidationError as err:
-            raise _validation_error(err) from None
-        # tokenizing (and retrieval) is CPU work: off the event loop, so /health and streams keep answering
-        messages, decoding, prompt_tokens = await asyncio.get_running_loop().run_in_executor(preparer, prepare, req)
+            body = await read_body(request)
+            try:
+                req = ChatCompletionRequest.model_validate_json(body)
+            except ValidationError as err:
+                raise _validation_error(err) from None
+            # tokenizing (and retrieval) is CPU work: off the event loop, so /health and streams keep answering
+            messages, decoding, prompt_tokens = await asyncio.get_running_loop().run_in_executor(preparer, prepare, req)
+        finally:
+            preparing -= 1
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -16,7 +16,7 @@ Public API:
   RawRecord(path, line, value, problem)      one record as read; `problem` is (code, message) when it
                                              could not be parsed at all (invalid_json, invalid_utf8, ...)
   data_files(path) -> (files, skipped)       the data files of a file or folder
-  iter_file(path) -> Iterator[RawRecord]     every record of one file, with its 1-based line (JSON:
+  iter_file(path, jsonl=False)               every record of one file, with its 1-based line (JSON:
                                              the line where the element starts; CSV: the line where
                                              the row starts; Parquet: the 1-based row number)
   detect_format(value) -> str | None
@@ -126,11 +126,12 @@ def data_files(path: Path) -> tuple[list[Path], list[Skipped]]:
     return files, skipped
 
 
-def iter_file(path: Path) -> Iterator[RawRecord]:
-    """Every record of one data file (nothing for an empty file); a file that cannot be read yields one
-    record with problem `unreadable_file`."""
+def iter_file(path: Path, jsonl: bool = False) -> Iterator[RawRecord]:
+    """Every record of one data file (nothing for an empty file), read by its suffix, or as JSONL
+    whatever its name with `jsonl`; a file that cannot be read yields one record with problem
+    `unreadable_file`."""
     name = str(path)
-    suffix = path.suffix.lower()
+    suffix = ".jsonl" if jsonl else path.suffix.lower()
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # /dev/zero, a pipe: endless or unrepeatable input
             yield RawRecord(name, 0, problem=("unreadable_file", "not a regular file (a device, pipe or socket); "
@@ -337,12 +338,31 @@ def _iter_parquet(path: Path, name: str) -> Iterator[RawRecord]:
     row = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            measure = batch.nbytes > MAX_RECORD_BYTES  # else no row of the batch can be over the limit
             for value in batch.to_pylist():
                 row += 1
+                size = _text_bytes(value) if measure else 0
+                if size > MAX_RECORD_BYTES:
+                    yield RawRecord(name, row, problem=_too_large(size))
+                    continue
                 yield RawRecord(name, row, {k: v for k, v in value.items() if v is not None})
     except (pyarrow.ArrowInvalid, pyarrow.ArrowIOError, pyarrow.ArrowNotImplementedError) as err:
         where = f" after row {row}" if row else ""
         yield RawRecord(name, row, problem=("unreadable_file", f"not a readable Parquet file{where} ({str(err)[:120]})"))
+
+
+def _text_bytes(value: Any) -> int:
+    """Characters of text in a nested value (a Parquet row), counted without copying it."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str | bytes):
+            total += len(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- formats
