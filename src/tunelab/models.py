@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.console import say
 from tunelab.errors import ModelError
-from tunelab.files import fsync_file, sha256_file
+from tunelab.files import fsync_file, replace_dir, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -103,20 +102,10 @@ def verify_cache(folder: Path, full: bool = False) -> str | None:
 
 
 def _build_atomically(alias: str, build) -> Path:
-    """Build into a temporary sibling folder, write the manifest last, then swap it in."""
+    """Build into a temporary sibling folder, write the manifest last, then swap it in
+    (files.replace_dir: the cache folder is tunelab's own, so an old entry is simply replaced)."""
     final = cache_dir(alias)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{alias}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        source = build(tmp)
-        _write_manifest(tmp, source)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    replace_dir(lambda tmp: _write_manifest(tmp, build(tmp)), final)
     return final
 
 
