@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,6 +112,18 @@ def check_output_dir(out_dir: Path, *, reads: list[Path], manifest: str, force: 
                           "pass --force to replace it")
 
 
+def _fresh_sibling(final: Path, kind: str) -> Path:
+    """A new empty folder beside `final`, never one that existed (mkdir fails rather than reuse it),
+    with the permissions of the umask (tempfile.mkdtemp would make it private to the user)."""
+    while True:
+        folder = final.parent / f".{final.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def replace_dir(build: Callable[[Path], None], final: Path) -> None:
     """Build a folder in a fresh temporary sibling of `final`, then swap it in: the old one moves
     aside first and is deleted only once the new one is in place, so a failure at any point leaves
@@ -119,13 +131,13 @@ def replace_dir(build: Callable[[Path], None], final: Path) -> None:
     (check_output_dir): this replaces whatever is there."""
     final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    tmp = _fresh_sibling(final, "new")
     try:
         build(tmp)
         fsync_dir(tmp)
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = _fresh_sibling(final, "old")
             os.replace(final, old / final.name)
         try:
             os.replace(tmp, final)
