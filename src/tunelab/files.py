@@ -46,6 +46,9 @@ def fsync_dir(path: Path) -> None:
 # output folders that replace an earlier one
 
 
+_MAX_MANIFEST_BYTES = 1 << 20  # an export.json lists a handful of files
+
+
 def _protected(folder: Path, reads: list[Path]) -> str | None:
     """Why `folder` (resolved) must never be replaced, or None."""
     cwd = Path.cwd().resolve()
@@ -68,9 +71,11 @@ def foreign_entries(folder: Path, manifest: str) -> list[str]:
     whose "files" names what tunelab wrote) and the plain files it names."""
     written: set[str] = set()
     try:
+        if (folder / manifest).stat().st_size > _MAX_MANIFEST_BYTES:
+            raise ValueError("too large to be a manifest tunelab wrote")
         listed = json.loads((folder / manifest).read_text(encoding="utf-8")).get("files", {})
         written = {manifest, *(name for name in listed if isinstance(name, str))}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # not a manifest tunelab wrote
         pass
     return sorted(entry.name for entry in folder.iterdir()
                   if entry.name not in written or entry.is_symlink() or not entry.is_file())

@@ -504,7 +504,8 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
 
     def prepare(req: ChatCompletionRequest) -> tuple[Messages, DecodingSettings, int]:
         if req.model != model_id:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{model_id}'.",
+            shown = req.model if len(req.model) <= 200 else req.model[:200] + "..."  # never echo megabytes
+            raise APIError(404, f"The model '{shown}' does not exist; this server has '{model_id}'.",
                            param="model", code="model_not_found")
         problem = req.unsupported()
         if problem:
