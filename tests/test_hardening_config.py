@@ -93,3 +93,24 @@ def test_a_run_name_must_keep_the_run_inside_out_dir(name, tmp_path):
     recipe.write_text(f"name: '{name}'\n")
     with pytest.raises(ConfigError, match=f"^{recipe}:1: name: .*must be one folder name"):
         load_recipe(recipe)
+
+
+def test_max_new_tokens_must_leave_the_prompt_room_in_the_context():
+    from tunelab.chat import LoadedModel, decoding_for
+
+    loaded = LoadedModel(model=None, tokenizer=None, name="m", max_context_tokens=256)
+    assert decoding_for(loaded, 255, 0.0).max_new_tokens == 255
+    for bad in (0, -5, 256, 10**20):
+        with pytest.raises(ConfigError, match=f"--max-new-tokens {bad}: must be from 1 to 255"):
+            decoding_for(loaded, bad, 0.0)
+
+
+@pytest.mark.parametrize("args", [["chat", "tiny-test", "--prompt", "hi", "--max-new-tokens", "-5"],
+                                  ["chat", "tiny-test", "--prompt", "hi", "--temperature", "1e-45"],
+                                  ["chat", "tiny-test", "--prompt", "hi", "--temperature", "nan"]])
+def test_cli_decoding_options_are_checked_before_the_model_loads(args):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "Invalid value" in result.stderr

@@ -70,6 +70,16 @@ def load_for_use(reference: str, device: str | None = None, dtype: str | None = 
     return LoadedModel(model, tokenizer, name, int(limit), run_dir, recipe)
 
 
+def decoding_for(loaded: LoadedModel, max_new_tokens: int, temperature: float) -> DecodingSettings:
+    """The command line's decoding settings, checked against the loaded model's context."""
+    from tunelab.eval.generate import DecodingSettings
+
+    if not 1 <= max_new_tokens < loaded.max_context_tokens:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be from 1 to {loaded.max_context_tokens - 1} "
+                          f"(the context of {loaded.name} is {loaded.max_context_tokens} tokens)")
+    return DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+
+
 # ----------------------------------------------------------------------------------------------
 # interactive chat
 

@@ -279,17 +279,17 @@ def chat(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")] = "smollm2-135m-instruct",
     prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
     history is kept; /reset clears it, /exit or Ctrl-D quits. --prompt answers one message."""
-    from tunelab.chat import chat_loop, load_for_use
-    from tunelab.eval.generate import DecodingSettings, generate
+    from tunelab.chat import chat_loop, decoding_for, load_for_use
+    from tunelab.eval.generate import generate
 
     loaded = load_for_use(model, trust_remote_code=trust_remote_code)
-    settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings = decoding_for(loaded, max_new_tokens, temperature)
     if prompt is None:
         chat_loop(loaded, settings, system=system)
         return
@@ -303,7 +303,7 @@ def generate_(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
     input: Annotated[Path, typer.Option(help="JSONL: {\"messages\": [...]} (OpenAI chat) or {\"prompt\": ...} lines")],
     out: Annotated[Path, typer.Option(help="JSONL to write, one line per input line")],
-    max_new_tokens: int = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     trust_remote_code: TrustOpt = False,
@@ -311,13 +311,12 @@ def generate_(
     """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
     from tqdm import tqdm
 
-    from tunelab.chat import check_out_path, generate_file, load_for_use, read_generation_inputs
-    from tunelab.eval.generate import DecodingSettings
+    from tunelab.chat import check_out_path, decoding_for, generate_file, load_for_use, read_generation_inputs
 
     check_out_path(input, out)  # bad paths and bad lines fail here, before the model loads
     total = len(read_generation_inputs(input))
     loaded = load_for_use(model, trust_remote_code=trust_remote_code)
-    settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings = decoding_for(loaded, max_new_tokens, temperature)
     with tqdm(total=total, unit="prompt", file=sys.stderr, desc="generate") as bar:
         count = generate_file(loaded, input, out, settings, batch_size, progress=bar.update)
     typer.echo(f"{count} replies -> {out}")
