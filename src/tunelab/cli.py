@@ -279,7 +279,7 @@ def chat(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")] = "smollm2-135m-instruct",
     prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer at most")] = 256,
     temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
     trust_remote_code: TrustOpt = False,
 ) -> None:
@@ -303,9 +303,9 @@ def generate_(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
     input: Annotated[Path, typer.Option(help="JSONL: {\"messages\": [...]} (OpenAI chat) or {\"prompt\": ...} lines")],
     out: Annotated[Path, typer.Option(help="JSONL to write, one line per input line")],
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer at most")] = 256,
     temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together")] = 16,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
@@ -352,9 +352,9 @@ def serve(
     rag: Annotated[str | None, typer.Option(help="retrieve from a document folder, or 'train' for the run's train split")] = None,
     rag_k: Annotated[int | None, typer.Option(min=1, help="passages retrieved per request; default the recipe's eval.rag_k")] = None,
     model_id: Annotated[str | None, typer.Option(help="the model name clients send; default the run's name")] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1)] = ServeSettings.max_batch_size,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0, callback=_finite)] = ServeSettings.batch_window_ms,
-    max_tokens_limit: Annotated[int, typer.Option(min=1)] = ServeSettings.max_tokens_limit,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="requests run together as one batch")] = ServeSettings.max_batch_size,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, callback=_finite, help="how long a request waits for others to batch with")] = ServeSettings.batch_window_ms,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for (larger: 400)")] = ServeSettings.max_tokens_limit,
     log_level: Annotated[str, typer.Option(help="info | warning | debug (debug adds the access log)")] = "info",
     trust_remote_code: TrustOpt = False,
 ) -> None:
