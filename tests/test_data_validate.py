@@ -151,6 +151,7 @@ def test_json_array_csv_parquet_and_folder(tmp_path):
     results = _examples(folder)
     where = [(Path(i.path).name, i.line, i.code) for _, issues in results for i in issues]
     assert where == [
+        (".hidden.jsonl", 0, "skipped_file"),  # skipped, and said so
         ("notes.txt", 0, "skipped_file"),
         ("a.json", 4, "messages_not_a_list"),
         ("d.parquet", 2, "missing_content"),

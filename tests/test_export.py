@@ -176,20 +176,23 @@ def test_gguf_q_and_k_rows_are_in_llama_cpp_rotary_order(run_dir, tmp_path):
     np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"], _llama_permute(k, merged.config.num_key_value_heads))
 
 
-def test_export_refuses_a_non_empty_out_unless_forced_and_any_folder_in_the_run(run_dir, tmp_path):
+def test_export_replaces_only_an_earlier_export_with_force_and_never_a_folder_in_the_run(run_dir, tmp_path):
     from tunelab.errors import ConfigError
     from tunelab.export import export_run
 
     out = tmp_path / "busy"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    export_run(run_dir, out)
+    (out / "adapter_config.json").write_text("stale")
+    with pytest.raises(ConfigError, match="--force to replace it"):
         export_run(run_dir, out)
-    assert (out / "keep.txt").read_text() == "mine"
     export_run(run_dir, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
+    assert (out / "adapter_config.json").read_text() != "stale"
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"did not write \(keep.txt\)"):
+        export_run(run_dir, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine"
     for inside in (run_dir, run_dir / "export", run_dir.parent):
-        with pytest.raises(ConfigError, match="outside the run"):
+        with pytest.raises(ConfigError, match="which this command reads"):
             export_run(run_dir, inside, force=True)
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 

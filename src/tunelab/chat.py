@@ -48,25 +48,37 @@ def is_run_dir(reference: str | Path) -> bool:
     return (Path(reference) / "recipe.yaml").is_file()
 
 
-def load_for_use(reference: str, device: str | None = None, dtype: str | None = None, merge: bool = True) -> LoadedModel:
+def load_for_use(reference: str, device: str | None = None, dtype: str | None = None, merge: bool = True,
+                 trust_remote_code: bool = False) -> LoadedModel:
     """Load a run's fine-tuned model or a model reference. A LoRA adapter is merged into the base
     weights in memory (same function, no per-layer adapter matmuls: faster replies); the run
-    directory is only read."""
+    directory is only read. `trust_remote_code` comes from the command line only (runs.open_run)."""
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.runs import load_tuned_model, open_run
+    from tunelab.runs import load_run_model, open_run
 
     if is_run_dir(reference):
-        _, recipe = open_run(reference)
-        model, tokenizer = load_tuned_model(reference, device=device, dtype=dtype)
+        paths, recipe = open_run(reference, trust_remote_code)
+        model, tokenizer = load_run_model(paths, recipe, device=device, dtype=dtype)
         if merge and hasattr(model, "merge_and_unload") and getattr(model.get_base_model(), "hf_quantizer", None) is None:
             model = model.merge_and_unload()
         name, run_dir = recipe.name, Path(reference)
     else:
-        model, tokenizer = load_model(reference, dtype=dtype or "auto", device=device), load_tokenizer(reference)
+        model = load_model(reference, dtype=dtype or "auto", device=device, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(reference, trust_remote_code=trust_remote_code)
         name, run_dir, recipe = reference, None, None
     model.eval()
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     return LoadedModel(model, tokenizer, name, int(limit), run_dir, recipe)
+
+
+def decoding_for(loaded: LoadedModel, max_new_tokens: int, temperature: float) -> DecodingSettings:
+    """The command line's decoding settings, checked against the loaded model's context."""
+    from tunelab.eval.generate import DecodingSettings
+
+    if not 1 <= max_new_tokens < loaded.max_context_tokens:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be from 1 to {loaded.max_context_tokens - 1} "
+                          f"(the context of {loaded.name} is {loaded.max_context_tokens} tokens)")
+    return DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,51 +205,51 @@ def read_generation_inputs(path: Path) -> list[GenerationInput]:
     """Every line of `path` as a prompt; all bad lines are reported at once as file:line: problem."""
     if not path.is_file():
         raise ConfigError(f"{path}: input file not found")
+    from tunelab.data.formats import iter_file
+
     inputs: list[GenerationInput] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
+    # the data reader's JSONL: bounded record size, no device files, bad UTF-8 and deep nesting as problems
+    for raw in iter_file(path, jsonl=True):
+        number, record = raw.line, raw.value
+        where = f"{path}:{number}"
+        if raw.problem is not None:
+            code, message = raw.problem
+            problems.append(f"{where}: " + (f"not valid JSON ({message})" if code == "invalid_json" else message))
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+            continue
+        record_id = record.get("id")
+        record_id = None if record_id is None else str(record_id)
+        reference = None
+        if "messages" in record:
+            messages, problem = _parse_messages(record["messages"])
+            if messages is None:
+                problems.append(f"{where}: {problem}")
                 continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as err:
-                problems.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+            if messages[-1]["role"] == "assistant":
+                reference = messages.pop()["content"]
+            if not messages or messages[-1]["role"] != "user":
+                problems.append(f"{where}: messages: the last message (before any answer) must be from the user")
                 continue
-            if not isinstance(record, dict):
-                problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
+        elif "prompt" in record:
+            prompt, system = record["prompt"], record.get("system")
+            if not isinstance(prompt, str) or not prompt.strip():
+                problems.append(f"{where}: prompt: expected a non-empty string")
                 continue
-            record_id = record.get("id")
-            record_id = None if record_id is None else str(record_id)
-            reference = None
-            if "messages" in record:
-                messages, problem = _parse_messages(record["messages"])
-                if messages is None:
-                    problems.append(f"{where}: {problem}")
-                    continue
-                if messages[-1]["role"] == "assistant":
-                    reference = messages.pop()["content"]
-                if not messages or messages[-1]["role"] != "user":
-                    problems.append(f"{where}: messages: the last message (before any answer) must be from the user")
-                    continue
-            elif "prompt" in record:
-                prompt, system = record["prompt"], record.get("system")
-                if not isinstance(prompt, str) or not prompt.strip():
-                    problems.append(f"{where}: prompt: expected a non-empty string")
-                    continue
-                if system is not None and not isinstance(system, str):
-                    problems.append(f"{where}: system: expected a string")
-                    continue
-                messages = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": prompt}
-                ]
-                completion = record.get("completion")
-                reference = completion if isinstance(completion, str) else None
-            else:
-                problems.append(f"{where}: expected 'messages' (OpenAI chat format) or 'prompt'")
+            if system is not None and not isinstance(system, str):
+                problems.append(f"{where}: system: expected a string")
                 continue
-            inputs.append(GenerationInput(number, record_id, messages, reference))
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            completion = record.get("completion")
+            reference = completion if isinstance(completion, str) else None
+        else:
+            problems.append(f"{where}: expected 'messages' (OpenAI chat format) or 'prompt'")
+            continue
+        inputs.append(GenerationInput(number, record_id, messages, reference))
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         more = len(problems) - len(listed)
@@ -254,6 +266,21 @@ def check_out_path(input_path: Path, out_path: Path) -> None:
     )
     if same:
         raise ConfigError(f"--out {out_path} is the input file; tunelab never overwrites its input")
+    if out_path.is_symlink() or (out_path.exists() and not out_path.is_file()):
+        raise ConfigError(f"--out {out_path}: is a folder, a link or a device; give a file name")
+    if out_path.is_file() and out_path.stat().st_size and not _is_generation_output(out_path):
+        raise ConfigError(f"--out {out_path}: exists and is not an earlier `tunelab generate` output; tunelab never "
+                          "overwrites your files: choose another name, or remove it")
+
+
+def _is_generation_output(path: Path) -> bool:
+    """Whether the file's first line is one that generate_file writes (it may then be replaced)."""
+    try:
+        with path.open("rb") as f:
+            first = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(first, dict) and {"line", "messages", "output"} <= set(first)
 
 
 def generate_file(

@@ -3,6 +3,7 @@ transformers) happen inside commands so that `--help` and data format errors ans
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -32,6 +33,24 @@ app.add_typer(config_app, name="config")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.max_steps=20")]
 RunDir = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/demo")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="run Python code shipped with the model (its auto_map); a run folder's "
+    "recipe.yaml never turns this on")]
+
+
+def _finite(value: float | None) -> float | None:
+    """Option callback: inf and nan parse as floats but mean nothing as a setting."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter("must be a finite number")
+    return value
+
+
+def _temperature(value: float) -> float:
+    from tunelab.serve import MIN_TEMPERATURE
+
+    if not (value == 0 or MIN_TEMPERATURE <= value <= 2):
+        raise typer.BadParameter(f"0 (greedy) or from {MIN_TEMPERATURE:g} to 2")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -81,8 +100,8 @@ def data_check(
     fmt: Annotated[str, typer.Option("--format", help="auto | openai | alpaca | sharegpt | prompt_completion")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable lines")] = False,
     tokens: Annotated[bool, typer.Option(help="tokenize with the model's chat template and estimate training time")] = True,
-    epochs: Annotated[float | None, typer.Option(help="for the training time estimate (default: the passes the training planner would choose for this data)")] = None,
-    gpu_price: Annotated[float | None, typer.Option(help="USD per hour for the cost estimate (default: the recipe default eval.gpu_price_per_hour)")] = None,
+    epochs: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="for the training time estimate (default: the passes the training planner would choose for this data)")] = None,
+    gpu_price: Annotated[float | None, typer.Option(min=0.0, callback=_finite, help="USD per hour for the cost estimate (default: the recipe default eval.gpu_price_per_hour)")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="added to examples without a system message")] = None,
     near_dup_max: Annotated[int, typer.Option(help="near-duplicate checks cover this many examples per file; -1: all")] = 100_000,
 ) -> None:
@@ -208,11 +227,12 @@ def eval_(
     arms: Annotated[str | None, typer.Option(help=f"comma-separated: {','.join(ARMS)}")] = None,
     test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
     from tunelab.eval.run import evaluate
 
-    evaluate(run, arms=arms, test_file=test, limit=limit)
+    evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code)
     typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
 
 
@@ -257,16 +277,17 @@ def chat(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")] = "smollm2-135m-instruct",
     prompt: Annotated[str | None, typer.Option(help="answer this one message and exit")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per answer at most")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer at most")] = 256,
+    temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
     history is kept; /reset clears it, /exit or Ctrl-D quits. --prompt answers one message."""
-    from tunelab.chat import chat_loop, load_for_use
-    from tunelab.eval.generate import DecodingSettings, generate
+    from tunelab.chat import chat_loop, decoding_for, load_for_use
+    from tunelab.eval.generate import generate
 
-    loaded = load_for_use(model)
-    settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    loaded = load_for_use(model, trust_remote_code=trust_remote_code)
+    settings = decoding_for(loaded, max_new_tokens, temperature)
     if prompt is None:
         chat_loop(loaded, settings, system=system)
         return
@@ -280,20 +301,20 @@ def generate_(
     model: Annotated[str, typer.Argument(help="a run directory or a model reference")],
     input: Annotated[Path, typer.Option(help="JSONL: {\"messages\": [...]} (OpenAI chat) or {\"prompt\": ...} lines")],
     out: Annotated[Path, typer.Option(help="JSONL to write, one line per input line")],
-    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per answer at most")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (as evaluated)")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per answer at most")] = 256,
+    temperature: Annotated[float, typer.Option(callback=_temperature, help="0 = greedy (as evaluated)")] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="prompts generated together")] = 16,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
     from tqdm import tqdm
 
-    from tunelab.chat import check_out_path, generate_file, load_for_use, read_generation_inputs
-    from tunelab.eval.generate import DecodingSettings
+    from tunelab.chat import check_out_path, decoding_for, generate_file, load_for_use, read_generation_inputs
 
     check_out_path(input, out)  # bad paths and bad lines fail here, before the model loads
     total = len(read_generation_inputs(input))
-    loaded = load_for_use(model)
-    settings = DecodingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    loaded = load_for_use(model, trust_remote_code=trust_remote_code)
+    settings = decoding_for(loaded, max_new_tokens, temperature)
     with tqdm(total=total, unit="prompt", file=sys.stderr, desc="generate") as bar:
         count = generate_file(loaded, input, out, settings, batch_size, progress=bar.update)
     typer.echo(f"{count} replies -> {out}")
@@ -306,13 +327,15 @@ def export(
     merge: Annotated[bool, typer.Option(help="merge the adapter into the base weights")] = False,
     format: Annotated[str, typer.Option(help="safetensors | gguf (gguf is always merged)")] = "safetensors",
     gguf_type: Annotated[str, typer.Option(help="float type of GGUF matrices: f16 | f32")] = "f16",
-    force: Annotated[bool, typer.Option(help="replace a non-empty --out folder")] = False,
+    force: Annotated[bool, typer.Option(help="replace an earlier export in --out (never files tunelab did not write)")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Export the adapter (PEFT format), merged safetensors weights, or a GGUF file; verified before
     it lands in --out."""
     from tunelab.export import export_run
 
-    result = export_run(run, out, merge=merge, fmt=format, force=force, gguf_type=gguf_type)
+    result = export_run(run, out, merge=merge, fmt=format, force=force, gguf_type=gguf_type,
+                        trust_remote_code=trust_remote_code)
     checks = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.checks.items())
     typer.echo(f"{result.kind} export -> {result.out_dir} ({', '.join(result.files)}); checks: {checks}")
 
@@ -328,9 +351,10 @@ def serve(
     rag_k: Annotated[int | None, typer.Option(min=1, help="passages retrieved per request; default the recipe's eval.rag_k")] = None,
     model_id: Annotated[str | None, typer.Option(help="the model name clients send; default the run's name")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="requests run together as one batch")] = ServeSettings.max_batch_size,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="how long a request waits for others to batch with")] = ServeSettings.batch_window_ms,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, callback=_finite, help="how long a request waits for others to batch with")] = ServeSettings.batch_window_ms,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for (larger: 400)")] = ServeSettings.max_tokens_limit,
     log_level: Annotated[str, typer.Option(help="info | warning | debug (debug adds the access log)")] = "info",
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """OpenAI-compatible API server (/v1/chat/completions, streaming and not; /v1/models; /health)."""
     from tunelab.serve import serve as run_server
@@ -338,7 +362,8 @@ def serve(
     settings = ServeSettings(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                              max_tokens_limit=max_tokens_limit, rag_k=rag_k)
     run_server(model, host=host, port=port, api_key=api_key, rag=rag, settings=settings, model_id=model_id,
-               log_level=log_level, announce=lambda message: typer.echo(f"tunelab: {message}", err=True))
+               log_level=log_level, announce=lambda message: typer.echo(f"tunelab: {message}", err=True),
+               trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -400,6 +425,10 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as err:  # the file system said no (permission, not a folder, disk full): the user's to fix
+        where = f"{err.filename}: " if err.filename else ""
+        typer.echo(f"error: {where}{err.strerror or err}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ ARMS = ("base", "prompt", "rag", "tuned", "tuned+rag")
 TUNED_ARMS = ("tuned", "tuned+rag")  # answered by the fine-tuned weights
 PROMPT_ONLY_ARMS = tuple(a for a in ARMS if a not in TUNED_ARMS)  # the base model, prompted
 RAG_ARMS = ("rag", "tuned+rag")  # with retrieved examples or document chunks
+
+# Recipes are a few hundred bytes; these bounds keep a hostile or broken one to a few MB of memory.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # values (mappings, lists, scalars) with every YAML alias expanded
+MAX_CONFIG_CHARS = 4 << 20  # scalar characters with every YAML alias expanded
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -60,7 +65,16 @@ def parse_duration(text: str | float) -> float:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every number of a recipe is finite and fits 64 bits: `epochs: .inf` would train forever, a seed
+    # of 2**70 fails deep inside torch
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        if type(value) is int and not -(2**63) <= value < 2**63:
+            raise ValueError("must lie between -2**63 and 2**63 - 1")
+        return value
 
 
 class ModelConfig(_Section):
@@ -204,6 +218,14 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     out_dir: str = "runs"
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        # the run folder must stay inside out_dir: "../x", "/tmp/x" or "a/b" would put it elsewhere
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ValueError("must be one folder name (no '/', '\\', '.' or '..'): the run is written to out_dir/name")
+        return name
+
     @model_validator(mode="after")
     def _method_defaults(self) -> Recipe:
         if self.train.lr is None:
@@ -297,10 +319,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"override '{text}': expected key=value, e.g. train.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err.__class__.__name__})") from None
+    value = load_yaml_text(raw, f"override '{text}'") if raw.strip() else None
     # YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4); users type the former.
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)
@@ -322,19 +341,73 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _expanded_size(root: yaml.Node, source: str) -> tuple[int, int]:
+    """(nodes, scalar characters) of a YAML node graph with every alias expanded, counted without
+    expanding it: each node's size is computed once. Refuses an alias that contains itself."""
+    sizes: dict[int, tuple[int, int]] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = (1, len(node.value))
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            active.discard(key)
+            sized = [sizes[id(child)] for child in children]
+            sizes[key] = (1 + sum(n for n, _ in sized), sum(c for _, c in sized))
+            continue
+        if key in active:
+            raise ConfigError(f"{source}:{node.start_mark.line + 1}: a YAML alias refers to itself")
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """YAML (or JSON) text -> Python values, bounded: at most MAX_CONFIG_BYTES of text and, with
+    every alias expanded, MAX_CONFIG_NODES nodes and MAX_CONFIG_CHARS scalar characters, so that a
+    small file of nested aliases cannot make validation walk millions of paths. Every config file
+    tunelab reads goes through here."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters; a config file is at most {MAX_CONFIG_BYTES:,}")
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        nodes, chars = _expanded_size(root, source)
+        if nodes > MAX_CONFIG_NODES or chars > MAX_CONFIG_CHARS:
+            raise ConfigError(
+                f"{source}: expands to {nodes:,} values and {chars:,} characters through YAML aliases; a config "
+                f"is at most {MAX_CONFIG_NODES:,} values and {MAX_CONFIG_CHARS:,} characters (write it out plainly)"
+            )
+        return loader.construct_document(root)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    data = load_yaml_text(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -2,7 +2,9 @@
 
 Reads a run directory (recipe.yaml, adapter/ or model/) and never writes into it. Writes the export
 into a temporary sibling of `--out`, verifies it there, and only then moves it into place, so that a
-failed export leaves nothing half-written at `--out`:
+failed export leaves nothing half-written at `--out`. `--out` is checked first by
+files.check_output_dir: it is never the current folder, a parent of it, the home folder, the run or a
+folder with files tunelab did not write; `--force` replaces an earlier export only:
   adapter   adapter_config.json + adapter_model.safetensors (PEFT format) + tokenizer + chat template
   merged    model.safetensors + config.json (AutoModelForCausalLM.from_pretrained loads it) + tokenizer
   gguf      model-f16.gguf (llama architecture, tokenizer and chat template inside)
@@ -16,7 +18,6 @@ gives the logits of the merged model rounded to its float type and its tokenizer
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.console import say
 from tunelab.errors import ConfigError, ModelError, TunelabError
-from tunelab.files import sha256_file
+from tunelab.files import check_output_dir, replace_dir, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,7 @@ MERGED_MAX_ABS_DIFF = 1e-4  # fp32 merge changes only the order of additions
 # itself, reported in export.json.
 GGUF_MAX_ABS_DIFF_VS_ROUNDED = 1e-3
 PROBE_MESSAGES = [{"role": "user", "content": "Export check: what is 2 + 2? Answer in one short sentence, please."}]
+MANIFEST = "export.json"  # names every file the export wrote: what --force may replace
 PROBE_TEXT = "Tokenizer check: Hello, world! 12345 <|im_end|> café naïve 東京 \n\t  spaces"
 
 
@@ -51,16 +53,6 @@ class ExportResult:
     kind: str  # adapter | merged | gguf
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     checks: dict[str, Any] = field(default_factory=dict)
-
-
-def _check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
-    out, run = out_dir.resolve(), run_dir.resolve()
-    if out == run or run in out.parents or out in run.parents:
-        raise ConfigError(f"--out {out_dir}: must lie outside the run directory {run_dir} (exports never touch a run)")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out_dir}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(f"--out {out_dir}: folder is not empty; choose another or pass --force to replace it")
 
 
 def _check_finite(named_tensors: Any, what: str) -> int:
@@ -341,10 +333,10 @@ def _verify_gguf(path: Path, merged: PreTrainedModel, tokenizer: PreTrainedToken
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fmt: str = "safetensors",
-               force: bool = False, gguf_type: str = "f16") -> ExportResult:
+               force: bool = False, gguf_type: str = "f16", trust_remote_code: bool = False) -> ExportResult:
     """Export a run (see the module docstring). GGUF holds a whole model, so it is always merged; a
     full fine-tune has no adapter, so it is exported whole too."""
-    from tunelab.runs import RunPaths, load_tuned_model, open_run
+    from tunelab.runs import RunPaths, load_run_model, open_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -352,27 +344,23 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
         raise ConfigError(f"--gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     paths: RunPaths
-    paths, recipe = open_run(run_dir)
+    paths, recipe = open_run(run_dir, trust_remote_code)
     if not paths.adapter.is_dir() and not paths.model.is_dir():
         raise ModelError(f"{run_dir}: has neither adapter/ nor model/; has its training finished?")
-    _check_out_dir(out_dir, run_dir, force)
+    check_output_dir(out_dir, reads=[run_dir], manifest=MANIFEST, force=force)
     kind = "gguf" if fmt == "gguf" else ("adapter" if paths.adapter.is_dir() and not merge else "merged")
     if kind == "merged" and not merge:
         say(f"{run_dir} is a full fine-tune (model/): exporting the whole model")
+    result = ExportResult(out_dir=out_dir, kind=kind)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        result = ExportResult(out_dir=out_dir, kind=kind)
+    def build(tmp: Path) -> None:
         if kind == "adapter":
             from tunelab.models import load_tokenizer
 
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
             result.checks = _export_adapter(paths.adapter, tokenizer, tmp)
         else:
-            model, tokenizer = load_tuned_model(run_dir, device="cpu", dtype="float32")
+            model, tokenizer = load_run_model(paths, recipe, device="cpu", dtype="float32")
             probe = _probe_ids(tokenizer)
             reference = _logits(model, probe)
             merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -391,10 +379,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
         manifest = {"kind": kind, "format": fmt, "run": str(run_dir), "run_name": recipe.name,
                     "base_model": recipe.model.name, "method": recipe.method, "files": result.files,
                     "checks": result.checks}
-        (tmp / "export.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached when empty or with --force (checked above)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        say(f"replacing the earlier export in {out_dir} (--force)")
+    replace_dir(build, out_dir)
     return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.console import say
 from tunelab.errors import ModelError
-from tunelab.files import fsync_file, sha256_file
+from tunelab.files import fsync_file, replace_dir, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -103,20 +102,10 @@ def verify_cache(folder: Path, full: bool = False) -> str | None:
 
 
 def _build_atomically(alias: str, build) -> Path:
-    """Build into a temporary sibling folder, write the manifest last, then swap it in."""
+    """Build into a temporary sibling folder, write the manifest last, then swap it in
+    (files.replace_dir: the cache folder is tunelab's own, so an old entry is simply replaced)."""
     final = cache_dir(alias)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{alias}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        source = build(tmp)
-        _write_manifest(tmp, source)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    replace_dir(lambda tmp: _write_manifest(tmp, build(tmp)), final)
     return final
 
 
@@ -226,10 +215,22 @@ def resolve_reference(name: str) -> ModelRef:
     raise ModelError(f"model '{name}': not an alias ({choices}), an existing folder, a .gguf file or a hub id")
 
 
+_remote_code_announced: set[str] = set()
+
+
+def announce_remote_code(name: str) -> None:
+    """Say once per model that its shipped code will run: trust_remote_code is never on silently."""
+    if name not in _remote_code_announced:
+        _remote_code_announced.add(name)
+        say(f"trust_remote_code is on: Python code shipped with model '{name}' may run on this machine")
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     ref = resolve_reference(name)
+    if trust_remote_code:
+        announce_remote_code(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             ref.path, gguf_file=ref.gguf_file, revision=revision, trust_remote_code=trust_remote_code
@@ -273,6 +274,8 @@ def load_model(
     hf_logging.disable_progress_bar()
     device = device or default_device()
     ref = resolve_reference(name)
+    if trust_remote_code:
+        announce_remote_code(name)
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code}
     if ref.gguf_file:

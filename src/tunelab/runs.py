@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Recipe, load_recipe
+from tunelab.console import say
 from tunelab.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -82,25 +83,48 @@ class RunPaths:
         return self.root / "report.md"
 
 
-def open_run(run_dir: str | Path) -> tuple[RunPaths, Recipe]:
+def open_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunPaths, Recipe]:
+    """The run's paths and recipe. A run folder may come from anyone, so its recipe.yaml never turns
+    model.trust_remote_code on: only the caller does (the command line, or the user's own recipe
+    when `tunelab run` evaluates the run it just trained). A copy asking for it is named and ignored."""
     paths = RunPaths(Path(run_dir))
     if not paths.recipe.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no recipe.yaml); runs are made by `tunelab train`")
-    return paths, load_recipe(paths.recipe)
+    recipe = load_recipe(paths.recipe)
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        say(f"warning: {paths.recipe} sets model.trust_remote_code: true; ignored (a run folder never runs "
+            "a model's code on its own say; pass --trust-remote-code if you trust this model)")
+    recipe.model.trust_remote_code = trust_remote_code
+    return paths, recipe
 
 
 def load_tuned_model(
-    run_dir: str | Path, device: str | None = None, dtype: str | None = None
+    run_dir: str | Path, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The fine-tuned model of a run: base + adapter (kept unmerged) for LoRA, the saved folder for full."""
+    paths, recipe = open_run(run_dir, trust_remote_code)
+    return load_run_model(paths, recipe, device, dtype)
+
+
+def load_run_model(
+    paths: RunPaths, recipe: Recipe, device: str | None = None, dtype: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """load_tuned_model for a run already opened with open_run (whose recipe decides trust_remote_code)."""
     from tunelab.models import load_model, load_tokenizer
 
-    paths, recipe = open_run(run_dir)
+    trust_remote_code = recipe.model.trust_remote_code
+    run_dir = paths.root
     dtype = dtype or recipe.model.dtype
     if paths.model.is_dir():
-        return load_model(str(paths.model), dtype=dtype, device=device), load_tokenizer(str(paths.model))
+        model = load_model(str(paths.model), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return model, load_tokenizer(str(paths.model), trust_remote_code=trust_remote_code)
     if not paths.adapter.is_dir():
         raise ModelError(f"{run_dir}: has neither adapter/ nor model/; has its training finished?")
+    weights = paths.adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        found = ", ".join(sorted(p.name for p in paths.adapter.iterdir())) or "nothing"
+        raise ModelError(f"{weights}: not found (the folder holds {found}); tunelab loads adapter weights from "
+                         "safetensors only, never pickle (.bin): re-save it with safe_serialization=True")
     from peft import PeftModel
 
     base = load_model(

@@ -16,8 +16,12 @@ ones through one batched token-by-token loop per decoding setting (`stream_gener
 stream's row stops computing as soon as its client disconnects or a stop string appears. Requests
 that arrive while a batch runs wait for the next one (no continuous batching).
 
+Requests are checked before any CPU work (body size, max_tokens, a prompt too many characters for the
+context), then tokenized in a thread of their own, never on the event loop.
+
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}}: 400 for malformed
-JSON, wrong types, unsupported options, over-long prompts and too many tokens asked; 401 for a
+JSON, wrong types, non-finite or out-of-range numbers, unsupported options, over-long prompts and
+too many tokens asked; 401 for a
 missing or wrong API key; 404 for an unknown model or route; 413 for an oversized body; 429 when the
 queue is full; 500 when generation itself fails. The server keeps serving after each.
 
@@ -30,6 +34,7 @@ message, so the served prompts are the evaluated ones.
 # definition time, and those classes are imported inside create_app to keep this module light.
 import asyncio
 import concurrent.futures
+import copy
 import hmac
 import ipaddress
 import json
@@ -86,6 +91,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name, and logits / t overflow to inf
+MAX_STOP_CHARS = 256  # each stop string is scanned for at every streamed piece
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
@@ -107,7 +114,7 @@ def _validation_error(err: ValidationError) -> APIError:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class _TextPart(_Strict):
@@ -135,11 +142,12 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    # torch's generator takes a 64-bit seed (either sign); a larger one would fail in the worker
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: bool | None = None
@@ -163,8 +171,10 @@ class ChatCompletionRequest(_Strict):
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", "only response_format {'type': 'text'} is supported"
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            return "stop", "stop takes up to 4 non-empty strings"
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            return "stop", f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters"
+        if self.temperature is not None and 0 < self.temperature < MIN_TEMPERATURE:
+            return "temperature", f"temperature is 0 (greedy) or from {MIN_TEMPERATURE:g} to 2"
         return None
 
     @property
@@ -416,12 +426,20 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
     model_id = model_id or loaded.name
     created = int(time.time())
     engine = Engine(loaded, settings)
+    # Requests are tokenized in their own thread with their own copy of the tokenizer: a Rust
+    # tokenizer used by two threads at once fails ("Already borrowed") when one changes its padding.
+    preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-prepare")
+    prepare_tokenizer = copy.deepcopy(loaded.tokenizer)
+    # no token covers more characters than the longest in the vocabulary: a bound that never refuses
+    # a prompt that would fit
+    longest_token_chars = max(1, *(len(token) for token in loaded.tokenizer.get_vocab()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         engine.stop()
+        preparer.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tunelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -486,26 +504,36 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
 
     def prepare(req: ChatCompletionRequest) -> tuple[Messages, DecodingSettings, int]:
         if req.model != model_id:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{model_id}'.",
+            shown = req.model if len(req.model) <= 200 else req.model[:200] + "..."  # never echo megabytes
+            raise APIError(404, f"The model '{shown}' does not exist; this server has '{model_id}'.",
                            param="model", code="model_not_found")
         problem = req.unsupported()
         if problem:
             raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
-        messages = [m.as_dict() for m in req.messages]
-        if retriever is not None:
-            messages = retriever(messages)
-        try:
-            prompt_tokens = len(render_prompt(loaded.tokenizer, messages))
-        except TemplateError as err:
-            raise APIError(400, f"The chat template rejected these messages: {err}", param="messages") from None
         context = loaded.max_context_tokens
         asked = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if asked is not None and asked > settings.max_tokens_limit:
             raise APIError(400, f"{param} is too large: {asked}. This server allows at most "
                            f"{settings.max_tokens_limit} completion tokens.", param=param, code="invalid_value")
+        messages = [m.as_dict() for m in req.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > context * longest_token_chars:  # certain to exceed the context: refused untokenized
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your messages "
+                           f"are {chars} characters, more than {context} tokens can hold. Please reduce the length "
+                           "of the messages.", param="messages", code="context_length_exceeded")
+        if retriever is not None:
+            messages = retriever(messages)
+        try:
+            prompt_tokens = len(render_prompt(prepare_tokenizer, messages))
+        except TemplateError as err:
+            raise APIError(400, f"The chat template rejected these messages: {err}", param="messages") from None
+        if prompt_tokens >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your messages "
+                           f"resulted in {prompt_tokens} tokens, leaving none for the completion. Please reduce the "
+                           "length of the messages.", param="messages", code="context_length_exceeded")
         max_tokens = asked or min(settings.default_max_tokens, context - prompt_tokens)
-        if prompt_tokens + max(max_tokens, 1) > context:
+        if prompt_tokens + max_tokens > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
                            "the completion). Please reduce the length of the messages or completion.",
@@ -520,16 +548,26 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
+    preparing = 0  # requests read or tokenized now: each holds up to max_body_bytes
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        nonlocal preparing
         started = time.perf_counter()
         authorize(request)
-        body = await read_body(request)
+        if preparing >= settings.max_queued_requests:
+            raise APIError(429, "The server is busy; retry shortly.", type_="server_error", code="server_busy")
+        preparing += 1
         try:
-            req = ChatCompletionRequest.model_validate_json(body)
-        except ValidationError as err:
-            raise _validation_error(err) from None
-        messages, decoding, prompt_tokens = prepare(req)
+            body = await read_body(request)
+            try:
+                req = ChatCompletionRequest.model_validate_json(body)
+            except ValidationError as err:
+                raise _validation_error(err) from None
+            # tokenizing (and retrieval) is CPU work: off the event loop, so /health and streams keep answering
+            messages, decoding, prompt_tokens = await asyncio.get_running_loop().run_in_executor(preparer, prepare, req)
+        finally:
+            preparing -= 1
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -640,7 +678,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(reference: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           rag: str | None = None, settings: ServeSettings | None = None, model_id: str | None = None,
-          log_level: str = "info", announce: Callable[[str], None] | None = None) -> None:
+          log_level: str = "info", announce: Callable[[str], None] | None = None,
+          trust_remote_code: bool = False) -> None:
     """Load the model, build the app and serve until interrupted."""
     import uvicorn
 
@@ -654,7 +693,7 @@ def serve(reference: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
         log.setLevel(log_level.upper())
     if not is_loopback(host) and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", host)
-    loaded = load_for_use(reference)
+    loaded = load_for_use(reference, trust_remote_code=trust_remote_code)
     rag_k = settings.rag_k or (loaded.recipe.eval.rag_k if loaded.recipe is not None else 5)
     retriever = build_retriever(rag, loaded, rag_k) if rag else None
     app = create_app(loaded, settings, api_key=api_key, retriever=retriever, model_id=model_id)

@@ -16,7 +16,7 @@ Public API:
   RawRecord(path, line, value, problem)      one record as read; `problem` is (code, message) when it
                                              could not be parsed at all (invalid_json, invalid_utf8, ...)
   data_files(path) -> (files, skipped)       the data files of a file or folder
-  iter_file(path) -> Iterator[RawRecord]     every record of one file, with its 1-based line (JSON:
+  iter_file(path, jsonl=False)               every record of one file, with its 1-based line (JSON:
                                              the line where the element starts; CSV: the line where
                                              the row starts; Parquet: the 1-based row number)
   detect_format(value) -> str | None
@@ -27,16 +27,25 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _PARQUET_BATCH_ROWS = 4096
-_CSV_MAX_CELL_BYTES = 64 << 20
+# One record (a JSONL line, a JSON array element, a CSV row) is at most this many bytes: ~64k
+# tokens of English, more than the longest context tunelab trains at. Tokenizing holds ~400 bytes
+# per record byte (a 1 MiB record peaked near 1 GB): this bounds it to ~100 MB.
+MAX_RECORD_BYTES = 256 << 10
+_CSV_MAX_CELL_BYTES = MAX_RECORD_BYTES + 1  # the csv module refuses a longer cell (reported by row)
+MAX_JSON_ARRAY_BYTES = 64 << 20  # a JSON array file is parsed whole (JSONL streams)
 _BOM = b"\xef\xbb\xbf"
 
 # ShareGPT speaker names seen in public datasets -> chat roles.
@@ -60,25 +69,74 @@ class RawRecord:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def data_files(path: Path) -> tuple[list[Path], list[Path]]:
-    """(data files, skipped files) of a folder, recursive and sorted; a file is its own list."""
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An entry of a data folder that is not read, and why: nothing is left out without a word."""
+
+    path: Path
+    code: str  # skipped_file (a warning) | unreadable_file (an error: data the user meant is missing)
+    reason: str
+
+
+def data_files(path: Path) -> tuple[list[Path], list[Skipped]]:
+    """(data files, skipped entries) of a folder, recursive and sorted, following symbolic links to
+    files and folders (a folder reached twice, as by a link that loops, is read once); a file is its
+    own list. Hidden entries are skipped, and named; so are links to nothing and non-regular files."""
     if not path.is_dir():
         return [path], []
-    files, skipped = [], []
-    for child in sorted(path.rglob("*")):
-        relative = child.relative_to(path)
-        if any(part.startswith(".") for part in relative.parts) or not child.is_file():
+    files: list[Path] = []
+    skipped: list[Skipped] = []
+    seen_folders = {os.path.realpath(path)}
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as err:
+            skipped.append(Skipped(folder, "unreadable_file", f"folder cannot be listed ({err.strerror or err}); skipped"))
             continue
-        (files if child.suffix.lower() in DATA_SUFFIXES else skipped).append(child)
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                skipped.append(Skipped(entry, "skipped_file", "hidden; skipped"))
+                continue
+            try:
+                mode = entry.stat().st_mode  # follows links
+            except OSError as err:
+                why = "a symbolic link that loops" if err.errno == errno.ELOOP else (
+                    "a symbolic link to nothing" if entry.is_symlink() else f"cannot be read ({err.strerror})")
+                skipped.append(Skipped(entry, "unreadable_file", f"{why}; skipped"))
+                continue
+            if stat.S_ISDIR(mode):
+                real = os.path.realpath(entry)
+                if real in seen_folders:
+                    skipped.append(Skipped(entry, "skipped_file", f"links to a folder already read ({real}); skipped"))
+                    continue
+                seen_folders.add(real)
+                folders.append(entry)
+            elif not stat.S_ISREG(mode):
+                skipped.append(Skipped(entry, "unreadable_file", "not a regular file (a device, pipe or socket); skipped"))
+            elif entry.suffix.lower() in DATA_SUFFIXES:
+                files.append(entry)
+            else:
+                skipped.append(Skipped(entry, "skipped_file", "not a .jsonl/.json/.csv/.parquet file; skipped"))
+        pending.extend(reversed(folders))
+    files.sort()
+    skipped.sort(key=lambda s: s.path)
     return files, skipped
 
 
-def iter_file(path: Path) -> Iterator[RawRecord]:
-    """Every record of one data file (nothing for an empty file); a file that cannot be read yields one
-    record with problem `unreadable_file`."""
+def iter_file(path: Path, jsonl: bool = False) -> Iterator[RawRecord]:
+    """Every record of one data file (nothing for an empty file), read by its suffix, or as JSONL
+    whatever its name with `jsonl`; a file that cannot be read yields one record with problem
+    `unreadable_file`."""
     name = str(path)
-    suffix = path.suffix.lower()
+    suffix = ".jsonl" if jsonl else path.suffix.lower()
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # /dev/zero, a pipe: endless or unrepeatable input
+            yield RawRecord(name, 0, problem=("unreadable_file", "not a regular file (a device, pipe or socket); "
+                                              "give a file"))
+            return
         if suffix == ".parquet":
             yield from _iter_parquet(path, name)
         elif suffix == ".csv":
@@ -104,10 +162,23 @@ except ImportError:  # json gives the same records, more slowly
     _loads = json.loads
 
 
+def _too_large(size: int) -> tuple[str, str]:
+    return ("record_too_large", f"the record is {size:,} bytes; at most {MAX_RECORD_BYTES:,} are read "
+                                "(split it, or shorten it: it is far longer than any context)")
+
+
 def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
     loads = _loads
     with path.open("rb") as f:
-        for line_number, raw in enumerate(f, 1):
+        # a line longer than the limit is never held whole: it is skipped in bounded pieces
+        for line_number, raw in enumerate(iter(partial(f.readline, MAX_RECORD_BYTES + 1), b""), 1):
+            if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(MAX_RECORD_BYTES)
+                    size += len(raw)
+                yield RawRecord(name, line_number, problem=_too_large(size - raw.endswith(b"\n")))
+                continue
             if line_number == 1 and raw.startswith(_BOM):
                 raw = raw[3:]
             if raw.isspace():
@@ -119,6 +190,9 @@ def _iter_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
                 continue
             try:
                 value = loads(text)
+            except RecursionError:  # json (without orjson) on nesting deeper than Python's stack
+                yield RawRecord(name, line_number, problem=("invalid_json", "nested too deeply"))
+                continue
             except ValueError as err:  # JSONDecodeError; also int parsing limits
                 code = "invalid_utf8" if "surrogate" in str(err) else "invalid_json"  # orjson refuses lone surrogates
                 yield RawRecord(name, line_number, problem=(code, _json_error(err)))
@@ -133,6 +207,11 @@ def _json_error(err: ValueError) -> str:
 
 
 def _iter_json_array(path: Path, name: str) -> Iterator[RawRecord]:
+    size = path.stat().st_size
+    if size > MAX_JSON_ARRAY_BYTES:
+        yield RawRecord(name, 0, problem=("unreadable_file", f"a JSON array of {size:,} bytes; JSON arrays are read "
+                                          f"whole, so at most {MAX_JSON_ARRAY_BYTES:,}: write large data as JSONL"))
+        return
     data = path.read_bytes().removeprefix(_BOM)
     try:
         text = data.decode("utf-8")
@@ -157,13 +236,20 @@ def _iter_json_array(path: Path, name: str) -> Iterator[RawRecord]:
         while True:
             position = _skip_space(text, position)
             start_line = line_at(position)
+            start = position
             try:
                 value, position = decoder.raw_decode(text, position)
+            except RecursionError:
+                yield RawRecord(name, start_line, problem=("invalid_json", "nested too deeply"))
+                return
             except ValueError as err:
                 where = line_at(getattr(err, "pos", position))
                 yield RawRecord(name, where, problem=("invalid_json", _json_error(err)))
                 return
-            yield RawRecord(name, start_line, value)
+            if position - start > MAX_RECORD_BYTES:  # characters: at least as many bytes
+                yield RawRecord(name, start_line, problem=_too_large(len(text[start:position].encode())))
+            else:
+                yield RawRecord(name, start_line, value)
             position = _skip_space(text, position)
             if text.startswith(",", position):
                 position += 1
@@ -186,7 +272,7 @@ def _skip_space(text: str, position: int) -> int:
 
 def _iter_csv(path: Path, name: str) -> Iterator[RawRecord]:
     # the csv module refuses cells over 128 KiB by default; chat examples can be longer
-    csv.field_size_limit(max(csv.field_size_limit(), _CSV_MAX_CELL_BYTES))
+    csv.field_size_limit(_CSV_MAX_CELL_BYTES)
     with path.open("r", encoding="utf-8-sig", newline="") as f:
         try:
             reader = csv.DictReader(f)
@@ -209,9 +295,18 @@ def _iter_csv(path: Path, name: str) -> Iterator[RawRecord]:
                 yield RawRecord(name, start_line, problem=("invalid_utf8", f"not UTF-8 (byte {err.start + 1} of a read block)"))
                 return
             except csv.Error as err:
-                yield RawRecord(name, start_line, problem=("invalid_json", f"unreadable CSV row ({err})"))
+                if "field larger than field limit" in str(err):
+                    problem = ("record_too_large", f"a cell is over {MAX_RECORD_BYTES:,} bytes, the most a record may be; "
+                                                   "the rest of the file is not read")
+                else:
+                    problem = ("invalid_json", f"unreadable CSV row ({err})")
+                yield RawRecord(name, start_line, problem=problem)
                 return
             line, start_line = start_line, reader.line_num + 1
+            size = sum(len(cell) for cell in row.values() if isinstance(cell, str))
+            if size > MAX_RECORD_BYTES:
+                yield RawRecord(name, line, problem=_too_large(size))
+                continue
             if None in row:  # more cells than header columns
                 yield RawRecord(name, line, problem=("not_an_object", f"row has more cells than the {len(header)} header columns"))
                 continue
@@ -230,7 +325,7 @@ def _csv_row(row: dict[str, str | None]) -> dict[str, Any]:
             try:
                 record[key] = json.loads(cell)
                 continue
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass  # left as text: the validator reports it (messages_not_a_list)
         record[key] = cell
     return record
@@ -243,12 +338,31 @@ def _iter_parquet(path: Path, name: str) -> Iterator[RawRecord]:
     row = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            measure = batch.nbytes > MAX_RECORD_BYTES  # else no row of the batch can be over the limit
             for value in batch.to_pylist():
                 row += 1
+                size = _text_bytes(value) if measure else 0
+                if size > MAX_RECORD_BYTES:
+                    yield RawRecord(name, row, problem=_too_large(size))
+                    continue
                 yield RawRecord(name, row, {k: v for k, v in value.items() if v is not None})
     except (pyarrow.ArrowInvalid, pyarrow.ArrowIOError, pyarrow.ArrowNotImplementedError) as err:
         where = f" after row {row}" if row else ""
         yield RawRecord(name, row, problem=("unreadable_file", f"not a readable Parquet file{where} ({str(err)[:120]})"))
+
+
+def _text_bytes(value: Any) -> int:
+    """Characters of text in a nested value (a Parquet row), counted without copying it."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str | bytes):
+            total += len(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- formats

@@ -162,6 +162,30 @@ def _refuse_overwriting_inputs(data: DataConfig, out_dir: Path) -> None:
             raise ConfigError(f"{target}: is an input file; choose another --out folder (tunelab never modifies your data)")
 
 
+def _refuse_overwriting_foreign_files(out_dir: Path) -> None:
+    """A folder prepare did not write may hold files of the same names (a user's own train.jsonl):
+    they are never overwritten. Prepare's folders are known by fingerprint.json, or, after a failed
+    prepare, by issues.jsonl alone holding tunelab's issue lines."""
+    if (out_dir / "fingerprint.json").is_file():
+        return
+    clashes = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if clashes == ["issues.jsonl"]:
+        try:
+            with (out_dir / "issues.jsonl").open(encoding="utf-8") as f:
+                line = f.readline(1 << 16)
+            if not line.strip():  # empty: nothing to lose
+                return
+            first = json.loads(line)
+            if isinstance(first, dict) and {"path", "line", "code"} <= set(first):
+                return
+        except (OSError, ValueError):
+            pass
+    if clashes:
+        raise ConfigError(f"--out {out_dir}: holds {', '.join(clashes)}, which data prepare would overwrite and did not "
+                          "write (no fingerprint.json); choose a new folder, or move them (tunelab never overwrites "
+                          "your files)")
+
+
 # ---------------------------------------------------------------------------------------------- prepare
 
 
@@ -180,6 +204,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
         raise ConfigError("data.train is not set: give a training file (tunelab data prepare FILE --out DIR)")
     out_dir = Path(out_dir)
     _refuse_overwriting_inputs(data, out_dir)
+    _refuse_overwriting_foreign_files(out_dir)
     fingerprint = data_fingerprint(data, tokenizer)
     stats = _reusable(out_dir, fingerprint)
     if stats is not None:

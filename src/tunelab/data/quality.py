@@ -53,6 +53,9 @@ _BAND_ROWS = 6
 _BUCKET_NEIGHBOURS = 8
 _VERIFY_CHUNK_PAIRS = 65536
 _SIGNATURE_BATCH = 512
+# signatures_of holds ~57 bytes per text byte while it runs: a batch also ends at this many text
+# bytes, so long records cost ~120 MB at most, not 57 x (512 records)
+_SIGNATURE_BATCH_BYTES = 2 << 20
 _MAX_RELATED = 5
 _OUTLIER_Z = 3.5
 _OUTLIER_MIN_RATIO = 8.0
@@ -312,14 +315,17 @@ class _NearDuplicates:
         self.threshold = threshold
         self._pending: list[bytes] = []
         self._pending_index: list[int] = []
+        self._pending_bytes = 0
         self._blocks: list[np.ndarray] = []
         self._indices = array("q")
 
     def add(self, index: int, messages: list[dict[str, Any]]) -> None:
         text = " ".join([_text(m) for m in messages if m["role"] != "system"])
-        self._pending.append(text.encode("utf-8", "surrogatepass"))
+        encoded = text.encode("utf-8", "surrogatepass")
+        self._pending.append(encoded)
         self._pending_index.append(index)
-        if len(self._pending) >= _SIGNATURE_BATCH:
+        self._pending_bytes += len(encoded)
+        if len(self._pending) >= _SIGNATURE_BATCH or self._pending_bytes >= _SIGNATURE_BATCH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -327,7 +333,7 @@ class _NearDuplicates:
             signatures, usable = signatures_of(self._pending)
             self._blocks.append(signatures[usable])
             self._indices.extend(i for i, ok in zip(self._pending_index, usable.tolist(), strict=True) if ok)
-            self._pending, self._pending_index = [], []
+            self._pending, self._pending_index, self._pending_bytes = [], [], 0
 
     def pairs(self) -> list[tuple[int, int, float]]:
         """(later, earlier, similarity) in example indices, later > earlier."""

@@ -38,9 +38,11 @@ CODES: dict[str, tuple[str, str]] = {
     # files and records
     "unreadable_file": (ERROR, "the file or folder does not exist or cannot be read"),
     "empty_file": (ERROR, "the file has no records"),
-    "skipped_file": (WARNING, "a file in a data folder is not .jsonl/.json/.csv/.parquet and was skipped"),
+    "skipped_file": (WARNING, "an entry of a data folder was skipped: not .jsonl/.json/.csv/.parquet, hidden, or a "
+                              "second link to a folder already read"),
     "invalid_utf8": (ERROR, "the line is not UTF-8 text (or holds a lone surrogate escape)"),
     "invalid_json": (ERROR, "the line (or CSV row) does not parse"),
+    "record_too_large": (ERROR, "the record is over 256 KiB (formats.MAX_RECORD_BYTES); it is not read"),
     "not_an_object": (ERROR, "the record is not a JSON object"),
     "unknown_format": (ERROR, "the record matches none of openai, sharegpt, alpaca, prompt_completion"),
     # messages
@@ -143,8 +145,8 @@ def read_examples(
         yield None, [Issue(str(path), 0, "unreadable_file", "no such file or folder")]
         return
     files, skipped = data_files(path)
-    for file in skipped:
-        yield None, [Issue(str(file), 0, "skipped_file", "not a .jsonl/.json/.csv/.parquet file; skipped")]
+    for entry in skipped:
+        yield None, [Issue(str(entry.path), 0, entry.code, entry.reason)]
     if path.is_dir() and not files:
         yield None, [Issue(str(path), 0, "unreadable_file", "the folder has no .jsonl/.json/.csv/.parquet files")]
     for file in files:

@@ -139,12 +139,12 @@ class _Models:
 
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[PreTrainedModel]:
-        from tunelab.runs import load_tuned_model
+        from tunelab.runs import load_run_model
 
         kind = self.tuned_kind
         if kind == "adapter":
             if self._peft is None:
-                self._peft, self.tokenizer = load_tuned_model(self.paths.root)
+                self._peft, self.tokenizer = load_run_model(self.paths, self.recipe)
             if which == "base":
                 with self._peft.disable_adapter():
                     yield self._peft
@@ -156,7 +156,7 @@ class _Models:
             if which == "base":
                 self._loaded = ("base", self._load_base())
             else:
-                model, self.tokenizer = load_tuned_model(self.paths.root)
+                model, self.tokenizer = load_run_model(self.paths, self.recipe)
                 self._loaded = ("tuned", model)
         yield self._loaded[1]
 
@@ -255,10 +255,12 @@ def evaluate(
     limit: int | None = None,
     *,
     echo: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json."""
+    """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
+    `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run)."""
     started = time.perf_counter()
-    paths, recipe = open_run(run_dir)
+    paths, recipe = open_run(run_dir, trust_remote_code)
     cfg = recipe.eval
     chosen = _parse_arms(arms, recipe)
     limit = limit or cfg.limit
