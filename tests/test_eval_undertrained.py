@@ -31,6 +31,12 @@ def test_validation_loss_still_falling_makes_the_verdict_provisional(tmp_path):
     assert check["suggestion"] == "run again with train.budget=10m"  # twice what limited it
 
 
+def test_a_small_absolute_drop_near_zero_loss_is_not_still_learning(tmp_path):
+    paths = _run_dir(tmp_path, [(10, 1.0), (70, 0.04), (96, 0.022)], {"limited_by": "data", "epochs": 3})
+    assert validation_trend(paths.train_log)["relative_change"] < -0.4
+    assert not assess_training(paths, train_sample_score=1.0, test_score=0.93, metric="label_accuracy")["provisional"]
+
+
 def test_a_flat_curve_and_learned_training_examples_give_a_final_verdict(tmp_path):
     paths = _run_dir(tmp_path, [(10, 2.0), (20, 1.0), (40, 0.9), (50, 0.895)], {"limited_by": "data", "epochs": 3})
     check = assess_training(paths, train_sample_score=0.95, test_score=0.9, metric="exact_match")

@@ -66,7 +66,10 @@ def float_fields():
         if not (isinstance(model, type) and hasattr(model, "model_fields")):
             continue
         for name, field in model.model_fields.items():
-            if float in (typing.get_args(field.annotation) or (field.annotation,)):
+            members = typing.get_args(field.annotation) or (field.annotation,)
+            # PositiveFloat | "auto" is a union whose float member is Annotated[float, ...]
+            if any(m is float or (typing.get_origin(m) is typing.Annotated and typing.get_args(m)[0] is float)
+                   for m in members):
                 yield f"{section}.{name}"
 
 

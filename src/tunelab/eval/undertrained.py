@@ -6,8 +6,8 @@ tuned arm's score on a sample of its own training examples (computed by eval/run
 with the signals behind it. Writes nothing.
 
 Two signals, either one is enough (docs/evaluation.md):
-- validation loss still falling clearly: more than STILL_FALLING (relative) between the last
-  evaluation at or before 80% of the run and the final one;
+- validation loss still falling clearly: more than STILL_FALLING (relative) and STILL_FALLING_NATS
+  (absolute) between the last evaluation at or before 80% of the run and the final one;
 - a low score on the training examples themselves (below LOW_TRAIN_SCORE and not clearly above the
   held-out score): the model has not even learned what it was shown.
 """
@@ -20,7 +20,8 @@ from typing import Any
 
 from tunelab.runs import RunPaths
 
-STILL_FALLING = 0.03  # relative drop of validation loss over the last fifth of the run
+STILL_FALLING = 0.03  # relative drop of validation loss over the last fifth of the run ...
+STILL_FALLING_NATS = 0.03  # ... and absolute: 0.04 -> 0.02 nats a token is a model that has learned
 LOW_TRAIN_SCORE = 0.5
 TRAIN_TEST_GAP = 0.10  # a model that scores its train examples this much above held-out ones learned them
 
@@ -55,7 +56,8 @@ def assess_training(paths: RunPaths, train_sample_score: float | None, test_scor
     summary = _read_json(paths.train_summary) or {}
     trend = validation_trend(paths.train_log)
     reasons: list[str] = []
-    if trend is not None and trend["relative_change"] < -STILL_FALLING:
+    if (trend is not None and trend["relative_change"] < -STILL_FALLING
+            and trend["from_val_loss"] - trend["to_val_loss"] > STILL_FALLING_NATS):
         reasons.append(f"validation loss {trend['relative_change']:+.0%} over the last fifth of the run "
                        f"(step {trend['from_step']} -> {trend['to_step']})")
     if (train_sample_score is not None and train_sample_score < LOW_TRAIN_SCORE
