@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 _BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.Pow: operator.pow, ast.BitXor: operator.pow,  # OpenAI writes power as ^
+    ast.Pow: operator.pow,
 }
 _UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS: dict[str, Callable[..., float]] = {
@@ -29,8 +29,8 @@ class FormulaError(ValueError):
 
 
 def _parse(formula: str) -> ast.expr:
-    try:
-        tree = ast.parse(formula.strip(), mode="eval")
+    try:  # OpenAI writes power as ^: read as ** so it binds tighter than * and /
+        tree = ast.parse(formula.strip().replace("^", "**"), mode="eval")
     except SyntaxError as err:
         raise FormulaError(f"calculate_output {formula!r} is not a formula ({err.msg})") from None
     for node in ast.walk(tree):

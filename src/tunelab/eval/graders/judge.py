@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class JudgeCache:
         self.path = path
         self.replies: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._gates: dict[str, threading.Lock] = {}  # one call in flight per key: equal prompts pay once
         if path is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -50,11 +52,21 @@ class JudgeCache:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line torn by an interrupted run: that call is simply made again
 
-    def get(self, key: str) -> Any:
+    def fetch(self, key: str, call: Callable[[], Any]) -> Any:
+        """The cached reply, else call() once (threads asking for the same key wait for it) and keep it."""
         with self._lock:
-            return self.replies.get(key)
+            if key in self.replies:
+                return self.replies[key]
+            gate = self._gates.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self.replies:
+                    return self.replies[key]
+            reply = call()
+            self._put(key, reply)
+            return reply
 
-    def put(self, key: str, reply: Any) -> None:
+    def _put(self, key: str, reply: Any) -> None:
         with self._lock:
             self.replies[key] = reply
             if self.path is not None:
@@ -112,33 +124,30 @@ def post_json(endpoint: Any, route: str, body: dict[str, Any]) -> dict[str, Any]
 def chat_reply(endpoint: Any, model: str, messages: list[dict[str, str]], sampling: dict[str, Any],
                cache: JudgeCache) -> str:
     """The judge's reply text, from the cache when this exact call was made before."""
-    key = cache_key(endpoint.base_url, model, {"messages": messages, "sampling": sampling})
-    cached = cache.get(key)
-    if isinstance(cached, str):
-        return cached
-    answer = post_json(endpoint, "/chat/completions", {"model": model, "messages": messages, **sampling})
-    try:
-        reply = answer["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        raise JudgeFailed(f"{endpoint.base_url}: the answer has no choices[0].message.content") from None
-    if not isinstance(reply, str):
-        raise JudgeFailed(f"{endpoint.base_url}: the reply content is {type(reply).__name__}, expected text")
-    cache.put(key, reply)
-    return reply
+
+    def call() -> str:
+        answer = post_json(endpoint, "/chat/completions", {"model": model, "messages": messages, **sampling})
+        try:
+            reply = answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise JudgeFailed(f"{endpoint.base_url}: the answer has no choices[0].message.content") from None
+        if not isinstance(reply, str):
+            raise JudgeFailed(f"{endpoint.base_url}: the reply content is {type(reply).__name__}, expected text")
+        return reply
+
+    return cache.fetch(cache_key(endpoint.base_url, model, {"messages": messages, "sampling": sampling}), call)
 
 
 def embedding(endpoint: Any, model: str, text: str, cache: JudgeCache) -> list[float]:
-    key = cache_key(endpoint.base_url, model, {"embed": text})
-    cached = cache.get(key)
-    if isinstance(cached, list):
-        return cached
-    answer = post_json(endpoint, "/embeddings", {"model": model, "input": text})
-    try:
-        vector = [float(v) for v in answer["data"][0]["embedding"]]
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise JudgeFailed(f"{endpoint.base_url}: the answer has no data[0].embedding") from None
-    cache.put(key, vector)
-    return vector
+
+    def call() -> list[float]:
+        answer = post_json(endpoint, "/embeddings", {"model": model, "input": text})
+        try:
+            return [float(v) for v in answer["data"][0]["embedding"]]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise JudgeFailed(f"{endpoint.base_url}: the answer has no data[0].embedding") from None
+
+    return cache.fetch(cache_key(endpoint.base_url, model, {"embed": text}), call)
 
 
 def cosine(a: list[float], b: list[float]) -> float:

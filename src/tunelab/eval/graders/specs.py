@@ -268,7 +268,9 @@ def parse_graders(value: Any, source: str, text: str = "") -> list[Any]:
             loc = strip_union_tags(tuple(str(part) for part in error["loc"]))
             key = loc if isinstance(value, list) else loc[1:]  # a single object's keys sit at the top level
             where = f"{source}:{line}" if (line := line_of(key, lines)) else source
-            problems.append(f"{where}: graders[{loc[0]}].{'.'.join(loc[1:])}: {error['msg']}")
+            field = "".join(f".{part}" for part in loc[1:])
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: graders[{loc[0]}]{field}: {message}")
         raise ConfigError("\n".join(problems)) from None
     problems = check_names(graders)
     if problems:
