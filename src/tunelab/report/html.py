@@ -273,6 +273,9 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
         break_even = find_value(cost, "break_even")
         if break_even and break_even[1] is not None:
             facts.append(f"break-even ({break_even[0]}): {fmt(break_even[1])}")
+    graders = data.get("graders") if isinstance(data.get("graders"), dict) else {}
+    human = graders.get("human_agreement") if isinstance(graders.get("human_agreement"), dict) else {}
+    facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
     training = cost.get("training")
     if isinstance(training, dict) and isinstance(training.get("usd"), int | float):
         facts.append(f"training cost {training['usd']:,.2f} USD" + (
@@ -402,11 +405,36 @@ def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
                          for arm, messages in examples.items() if isinstance(messages, list)]}
     decoding = data.get("decoding")
     reason = data.get("primary_reason") or data.get("primary_metric_reason")
+    graders = _grader_rows(data, order)
     cost = describe_mapping(data.get("cost")) if data.get("cost") else None
     return {"available": True, "note": None, "primary_metric": primary, "primary_reason": reason,
             "n_examples": data.get("n_examples"), "rows": rows, "metric_names": metric_names,
-            "show_cost": bool(costs), "cost": cost, "plots": plots_out, "prompts": seen,
+            "show_cost": bool(costs), "cost": cost, "plots": plots_out, "prompts": seen, "graders": graders,
             "decoding": ", ".join(f"{k} {fmt(v)}" for k, v in decoding.items()) if isinstance(decoding, dict) else None}
+
+
+def _grader_rows(data: Mapping[str, Any], order: list[str]) -> list[dict[str, Any]]:
+    """One row per grader of eval/metrics.json: its type and, per arm, mean [95% CI] over the examples
+    it scored, with the failures counted."""
+    graders = data.get("graders") if isinstance(data.get("graders"), dict) else {}
+    configs = [c for c in graders.get("configs") or [] if isinstance(c, dict) and isinstance(c.get("name"), str)]
+    arms = data.get("arms") or {}
+    rows = []
+    for config in configs:
+        cells = []
+        for arm in order:
+            column = (arms[arm].get("graders") or {}).get(config["name"])
+            if not isinstance(column, dict) or not isinstance(column.get("mean"), int | float):
+                cells.append("all failed" if isinstance(column, dict) else "—")
+                continue
+            ci = column.get("ci95")
+            text = f"{column['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) and len(ci) == 2 else "")
+            if column.get("failed"):
+                text += f", {column['failed']} failed"
+            cells.append(text)
+        rows.append({"name": config["name"], "type": config.get("type", "—"), "cells": cells,
+                     "primary": config["name"] == data.get("primary_metric")})
+    return rows
 
 
 def _overfitting(value: Any, metrics: RunFile, training: Mapping[str, Any], root: Path) -> dict[str, Any]:
@@ -624,6 +652,13 @@ def render_markdown(context: Mapping[str, Any]) -> str:
             lines.append(f"| {row['arm']} | {row['quality']} | {row['prompt_tokens']} | {row['completion_tokens']} | "
                          f"{row['latency_p50']} | {row['latency_p95']} |" + (f" {row['cost']} |" if arms["show_cost"] else ""))
         lines.append("")
+        if arms["graders"]:
+            names = [row["arm"] for row in arms["rows"]]
+            lines += ["## Graders", "", "mean [95% interval] over the examples each grader scored", "",
+                      "| grader | type | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            lines += [f"| {_md_escape(g['name'])}{' (primary)' if g['primary'] else ''} | {g['type']} | "
+                      + " | ".join(g["cells"]) + " |" for g in arms["graders"]]
+            lines.append("")
     else:
         lines += [arms["note"], ""]
     data = context["data"]
