@@ -283,3 +283,18 @@ def test_grade_command_end_to_end(tmp_path):
     assert bad.returncode != 0 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [f'error: {samples}:2: sample.output_text: expected {{"sample": '
                                                '{"output_text": "..."}, "item": {...}}']
+
+
+def test_every_grader_example_in_the_docs_loads():
+    import re
+
+    import yaml
+
+    text = (REPO / "docs" / "graders.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if b.startswith("- type:")]
+    assert len(blocks) == 6  # one per grader type
+    types = {parse_graders(yaml.safe_load(block), "docs/graders.md")[0].type for block in blocks}
+    assert types == {"string_check", "text_similarity", "python", "score_model", "label_model", "multi"}
+    recipe_block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if b.startswith("eval:"))
+    section = yaml.safe_load(recipe_block)["eval"]
+    assert parse_graders(section["graders"], "docs")[0].name == section["primary"]

@@ -290,7 +290,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             for key in ("graders_file", "human_labels"):
                 value = section.get(key)
                 if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
-                    section[key] = str(path.parent / value)
+                    section[key] = str((path.parent / value).resolve())  # the run's recipe.yaml finds it anywhere
     data = apply_overrides(data, list(overrides))
     try:
         recipe = Recipe.model_validate(data)
