@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from test_eval_run import build_fake_run
+from test_graders_judge import FakeJudge
 from tunelab.config import DataConfig, Recipe
 from tunelab.data.prepare import prepare_data
 from tunelab.eval.metrics import cohen_kappa
@@ -44,7 +45,18 @@ def test_prepare_keeps_extra_keys_and_offers_reference(tmp_path, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def graded_run(tmp_path_factory, tiny_model_dir):
+def judge_server():
+    import threading
+
+    server = FakeJudge()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def graded_run(tmp_path_factory, tiny_model_dir, judge_server):
     from tunelab.eval.run import evaluate
     from tunelab.models import load_model
 
@@ -55,7 +67,10 @@ def graded_run(tmp_path_factory, tiny_model_dir):
     labels.write_text("".join(json.dumps({"id": f"test-{i:06d}", "score": rng.choice([0.0, 1.0])}) + "\n"
                               for i in range(100, 106)))
     recipe["eval"].update({"graders": GRADERS, "primary": "length", "arms": ["base", "prompt", "tuned"],
-                           "forgetting": False, "human_labels": str(labels)})
+                           "forgetting": False, "human_labels": str(labels),
+                           "pairwise": {"model": "judge", "base_url": judge_server.base_url,
+                                        "input": [{"role": "user", "content": "PAIR A<{{ sample_a.output_text }}> "
+                                                                              "B<{{ sample_b.output_text }}>"}]}})
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run_dir / "manifest.json").write_text(json.dumps({"seed": 0}))
     test_file = run_dir / "data" / "test.jsonl"
@@ -135,3 +150,17 @@ def test_report_shows_a_column_per_grader(graded_run):
         assert f"<th>{name}</th>" in html
         assert any(line.startswith(f"| {name}") for line in markdown.split("## Graders")[1].splitlines())
     assert "Cohen&#39;s kappa" in html or "Cohen's kappa" in html
+
+
+def test_pairwise_judge_compares_the_verdicts_two_arms(graded_run):
+    run_dir, metrics = graded_run
+    pairwise, verdict = metrics["pairwise"], metrics["verdict"]
+    assert (pairwise["a"], pairwise["b"]) == (verdict["best_arm"], verdict["vs"])
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    a = [len(r["output"]) for r in rows if r["arm"] == pairwise["a"]]
+    b = [len(r["output"]) for r in rows if r["arm"] == pairwise["b"]]
+    # the fake judge prefers the longer output, whichever position it is in
+    assert pairwise["wins"] == sum(x > y for x, y in zip(a, b, strict=True))
+    assert pairwise["losses"] == sum(x < y for x, y in zip(a, b, strict=True))
+    assert pairwise["ties"] == sum(x == y for x, y in zip(a, b, strict=True))
+    assert pairwise["position_disagreements"] == 0 and pairwise["failed"] == 0

@@ -13,7 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tunelab.eval.graders.grade import Grading
-from tunelab.eval.graders.specs import parse_graders
+from tunelab.eval.graders.judge import JudgeCache
+from tunelab.eval.graders.pairwise import compare_pairwise
+from tunelab.eval.graders.specs import PairwiseJudge, parse_graders
 
 
 class FakeJudge(ThreadingHTTPServer):
@@ -56,6 +58,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"data": [{"embedding": [text.count(c) for c in "abcdefghijklmnopqrstuvwxyz"]}]})
             return
         prompt = body["messages"][-1]["content"]
+        if "PAIR" in prompt:  # pairwise: the longer reply wins; a "biased" judge always says A
+            a, b = (re.search(rf"{x}<(.*?)>", prompt, re.DOTALL).group(1) for x in ("A", "B"))
+            choice = "A" if "biased" in prompt else "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": choice}}]})
+            return
         answer = re.search(r"ANSWER<(.*?)>", prompt, re.DOTALL).group(1)
         if "crash" in answer:
             self._send(500, {"error": {"message": "boom"}})
@@ -166,3 +173,26 @@ def test_cosine_through_an_embeddings_endpoint(judge_server):
     assert column["cos"].scores == [pytest.approx(1.0), pytest.approx(1.0), 0.0]
     assert {r["path"] for r in judge_server.requests} == {"/v1/embeddings"}
     assert sorted(r["input"] for r in judge_server.requests) == ["abc", "cab", "xyz"]  # each text embedded once
+
+
+def pairwise_judge(server: FakeJudge, bias: str = "") -> PairwiseJudge:
+    return PairwiseJudge.model_validate({
+        "model": "judge-1", "base_url": server.base_url,
+        "input": [{"role": "user", "content": "PAIR " + bias + " about {{ item.q }}: A<{{ sample_a.output_text }}> "
+                                              "B<{{ sample_b.output_text }}>"}]})
+
+
+def test_pairwise_judge_asks_both_orders_and_a_position_preference_is_a_tie(judge_server):
+    outputs_a, outputs_b = ["a long answer", "x", "same"], ["short", "a much longer answer", "same"]
+    items = [{"q": i} for i in range(3)]
+    fair = compare_pairwise(pairwise_judge(judge_server), "tuned", "rag", outputs_a, outputs_b, items, JudgeCache(None))
+    assert (fair["wins"], fair["losses"], fair["ties"], fair["position_disagreements"]) == (1, 1, 1, 0)
+    # two orders per example; equal outputs make one prompt, asked once
+    shown = [re.search(r"A<(.*?)>", r["messages"][-1]["content"]).group(1) for r in judge_server.requests]
+    assert sorted(shown) == sorted(["a long answer", "x", "short", "a much longer answer", "same"])
+    assert fair["win_rate"] == 0.5
+
+    biased = compare_pairwise(pairwise_judge(judge_server, "biased"), "tuned", "rag", outputs_a, outputs_b, items,
+                              JudgeCache(None))
+    assert (biased["wins"], biased["losses"], biased["ties"], biased["position_disagreements"]) == (0, 0, 3, 3)
+    assert biased["win_rate"] == 0.5

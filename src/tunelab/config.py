@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
-from tunelab.eval.graders.specs import Grader, check_names, line_of, strip_union_tags
+from tunelab.eval.graders.specs import Grader, PairwiseJudge, check_names, line_of, strip_union_tags
 
 # Learning rates that keep general ability: far below pre-training's; LoRA tolerates 10-20x more.
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
@@ -126,6 +126,8 @@ class EvalConfig(_Section):
                                                   "chosen from the references (JSON fields, label accuracy, token F1)")
     human_labels: str | None = Field(None, description='JSONL of {"id", "score", "arm"?: default tuned}: human '
                                                        "scores -> judge/human agreement and Cohen's kappa")
+    pairwise: PairwiseJudge | None = Field(None, description="a judge comparing the verdict's two arms output by "
+                                                             "output, in both orders (disagreement = tie)")
 
     @field_validator("arms")
     @classmethod

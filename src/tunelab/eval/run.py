@@ -304,12 +304,12 @@ def _check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
     from tunelab.eval.graders.judge import JudgeFailed, api_key
 
     for grader in graders:
-        for one in getattr(grader, "graders", {}).values() if grader.type == "multi" else (grader,):
-            if hasattr(one, "key_env") and (one.type != "text_similarity" or one.evaluation_metric == "cosine"):
+        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
+            if hasattr(one, "key_env") and getattr(one, "evaluation_metric", "cosine") == "cosine":
                 try:
                     api_key(one)
                 except JudgeFailed as err:
-                    raise ConfigError(f"{paths.recipe}: grader '{one.name}': {err}") from None
+                    raise ConfigError(f"{paths.recipe}: {getattr(one, 'name', 'eval.pairwise')}: {err}") from None
 
 
 def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query: dict[str, float],
@@ -401,7 +401,7 @@ def evaluate(
     schema = _read_schema(cfg.schema_file, paths)
     graders = recipe_graders(cfg)
     primary = _choose_primary(cfg.primary, graders, kind, schema is not None, paths)
-    _check_api_keys(graders, paths)
+    _check_api_keys([*graders, *([cfg.pairwise] if cfg.pairwise else [])], paths)
     pool = build_pool(train, all_test)
     documents = None
     if cfg.rag_docs and any(a in chosen for a in RAG_ARMS):
@@ -543,6 +543,15 @@ def evaluate(
     metrics["verdict"] = _verdict_on_scored(per_example, usd_per_query, prompt_tokens_mean, cfg.seed)
     if graders:
         metrics["graders"] = _grader_summary(graders, columns, test, cfg.human_labels, paths)
+    best, vs = metrics["verdict"]["best_arm"], metrics["verdict"]["vs"]
+    if cfg.pairwise is not None and best and vs:
+        from tunelab.eval.graders.judge import JudgeCache
+        from tunelab.eval.graders.pairwise import compare_pairwise
+
+        metrics["pairwise"] = compare_pairwise(
+            cfg.pairwise, best, vs, [g.text for g in generations[best]], [g.text for g in generations[vs]], items,
+            JudgeCache(paths.eval / "judge_cache.jsonl"), seed=cfg.seed,
+        )
 
     # --- cost: per query, per 1M queries, and when training pays for itself
     summary = _read_summary(paths)

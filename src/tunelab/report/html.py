@@ -276,6 +276,9 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     graders = data.get("graders") if isinstance(data.get("graders"), dict) else {}
     human = graders.get("human_agreement") if isinstance(graders.get("human_agreement"), dict) else {}
     facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
+    pairwise = data.get("pairwise") if isinstance(data.get("pairwise"), dict) else {}
+    if isinstance(pairwise.get("text"), str):
+        facts.append(pairwise["text"])
     training = cost.get("training")
     if isinstance(training, dict) and isinstance(training.get("usd"), int | float):
         facts.append(f"training cost {training['usd']:,.2f} USD" + (

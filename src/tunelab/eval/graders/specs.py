@@ -173,6 +173,17 @@ class LabelModelGrader(_Grader, _Endpoint):
         return self
 
 
+class PairwiseJudge(_Spec, _Endpoint):
+    """tunelab's own (OpenAI has no pairwise grader): a judge that sees two arms' outputs for one example
+    and says which is better. Asked in both orders; a disagreement between the orders is a tie."""
+
+    model: str
+    input: list[JudgeMessage] = Field(
+        min_length=1, description="templates: {{ item.* }}, {{ sample_a.output_text }}, {{ sample_b.output_text }}"
+    )
+    sampling_params: SamplingParams | None = None
+
+
 SubGrader = Annotated[
     StringCheckGrader | TextSimilarityGrader | PythonGrader | ScoreModelGrader | LabelModelGrader,
     Field(discriminator="type"),

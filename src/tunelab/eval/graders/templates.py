@@ -79,9 +79,11 @@ def check_template(template: str) -> None:
     _compiled(template)
 
 
-def render(template: str, sample: Mapping[str, Any], item: Mapping[str, Any]) -> str:
+def render(template: str, sample: Mapping[str, Any], item: Mapping[str, Any],
+           more: Mapping[str, Any] | None = None) -> str:
+    """`more`: further namespaces (a pairwise judge's sample_a and sample_b)."""
     try:
-        return str(_compiled(template).render(sample=sample, item=strict_item(item)))
+        return str(_compiled(template).render(sample=sample, item=strict_item(item), **(more or {})))
     except TemplateProblem:
         raise
     except TemplateError as err:
