@@ -298,3 +298,14 @@ def test_every_grader_example_in_the_docs_loads():
     recipe_block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if b.startswith("eval:"))
     section = yaml.safe_load(recipe_block)["eval"]
     assert parse_graders(section["graders"], "docs")[0].name == section["primary"]
+
+
+def test_human_labels_file_errors_name_the_line(tmp_path):
+    from tunelab.eval.graders.human import read_human_labels
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"id": "test-1", "score": 1}\n{"id": "test-2", "arm": "rag", "score": 0.5}\n')
+    assert read_human_labels(path) == {("test-1", "tuned"): 1.0, ("test-2", "rag"): 0.5}
+    path.write_text('{"id": "test-1", "score": 1}\n\n{"id": "test-2", "score": "high"}\n')
+    with pytest.raises(ConfigError, match=rf'^{path}:3: expected {{"id": ..., "score": number'):
+        read_human_labels(path)

@@ -8,7 +8,6 @@ turned into a score: `GraderColumn.scores[i]` is None and `errors[i]` says why.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,28 +152,25 @@ class Grading:
 def read_samples(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     """`tunelab grade` input: JSONL of {"sample": {"output_text": ...}, "item": {...}}; bad lines are
     one-line errors naming file:line."""
+    from tunelab.data.formats import iter_file
     from tunelab.errors import DataError
 
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     outputs: list[str] = []
     items: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err})") from None
-            sample = row.get("sample") if isinstance(row, dict) else None
-            text = sample.get("output_text") if isinstance(sample, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f'{path}:{number}: sample.output_text: expected {{"sample": {{"output_text": "..."}}, '
-                                '"item": {...}}')
-            item = row.get("item", {})
-            if not isinstance(item, dict):
-                raise DataError(f"{path}:{number}: item: expected an object, got {type(item).__name__}")
-            outputs.append(text)
-            items.append(item)
+    for record in iter_file(path):
+        where = f"{record.path}:{record.line}"
+        if record.problem is not None:
+            raise DataError(f"{where}: {record.problem[1]}")
+        row = record.value
+        sample = row.get("sample") if isinstance(row, dict) else None
+        text = sample.get("output_text") if isinstance(sample, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f'{where}: sample.output_text: expected {{"sample": {{"output_text": "..."}}, "item": {{...}}}}')
+        item = row.get("item", {})
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: item: expected an object, got {type(item).__name__}")
+        outputs.append(text)
+        items.append(item)
     return outputs, items

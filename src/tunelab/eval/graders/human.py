@@ -9,12 +9,12 @@ range, 0.5 for [0, 1]) for both raters.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.formats import iter_file
 from tunelab.errors import ConfigError
 from tunelab.eval.metrics import cohen_kappa
 
@@ -27,20 +27,16 @@ def read_human_labels(path: str | Path) -> dict[tuple[str, str], float]:
     if not path.is_file():
         raise ConfigError(f"{path}: eval.human_labels file not found")
     labels: dict[tuple[str, str], float] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
-            score = row.get("score") if isinstance(row, dict) else None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str | int) or isinstance(score, bool) \
-                    or not isinstance(score, int | float) or not math.isfinite(score):
-                raise ConfigError(f'{path}:{number}: expected {{"id": ..., "score": number, "arm": optional}}')
-            arm = row.get("arm", DEFAULT_ARM)
-            labels[(str(row["id"]), str(arm))] = float(score)
+    for record in iter_file(path):
+        where = f"{record.path}:{record.line}"
+        if record.problem is not None:
+            raise ConfigError(f"{where}: {record.problem[1]}")
+        row = record.value
+        score = row.get("score") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str | int) or isinstance(score, bool) \
+                or not isinstance(score, int | float) or not math.isfinite(score):
+            raise ConfigError(f'{where}: expected {{"id": ..., "score": number, "arm": optional}}')
+        labels[(str(row["id"]), str(row.get("arm", DEFAULT_ARM)))] = float(score)
     return labels
 
 
