@@ -309,3 +309,14 @@ def test_human_labels_file_errors_name_the_line(tmp_path):
     path.write_text('{"id": "test-1", "score": 1}\n\n{"id": "test-2", "score": "high"}\n')
     with pytest.raises(ConfigError, match=rf'^{path}:3: expected {{"id": ..., "score": number'):
         read_human_labels(path)
+
+
+def test_template_typos_are_refused_at_load():
+    grader = {**string_check("eq"), "reference": "{{ itme.reference }}"}
+    with pytest.raises(ConfigError, match=r"graders\[0\]\.reference: .*uses itme; templates read only sample and item"):
+        parse_graders(grader, "g")
+    with pytest.raises(ConfigError, match="does not parse"):
+        parse_graders({**string_check("eq"), "input": "{{ sample.output_text "}, "g")
+    judge = {"type": "score_model", "name": "j", "model": "m", "input": [{"role": "user", "content": "{{ sample_a.x }}"}]}
+    with pytest.raises(ConfigError, match="uses sample_a"):
+        parse_graders(judge, "g")

@@ -46,6 +46,17 @@ class InputText(_Spec):
     text: str
 
 
+def _templates_ok(template: str, namespaces: tuple[str, ...] = ("sample", "item")) -> str:
+    """The template, when it parses and reads only these namespaces (else a ValueError for pydantic)."""
+    from tunelab.eval.graders.templates import TemplateProblem, check_template
+
+    try:
+        check_template(template, namespaces)
+    except TemplateProblem as err:
+        raise ValueError(str(err)) from None
+    return template
+
+
 class JudgeMessage(_Spec):
     """One message of a model grader's `input`; its text may hold templates."""
 
@@ -81,6 +92,11 @@ class StringCheckGrader(_Grader):
         description="eq / ne: equal / not equal; like: input contains reference; ilike: the same, ignoring case"
     )
 
+    @field_validator("input", "reference")
+    @classmethod
+    def _templates(cls, value: str) -> str:
+        return _templates_ok(value)
+
 
 class _Endpoint(BaseModel):
     """Where a model (judge or embedding) is called: any OpenAI-compatible server."""
@@ -108,6 +124,11 @@ class TextSimilarityGrader(_Grader, _Endpoint):
     evaluation_metric: Literal[TEXT_SIMILARITY_METRICS]  # type: ignore[valid-type]
     pass_threshold: float | None = None
     embedding_model: str | None = Field(None, description="cosine only: the model of the /embeddings endpoint at base_url")
+
+    @field_validator("input", "reference")
+    @classmethod
+    def _templates(cls, value: str) -> str:
+        return _templates_ok(value)
 
     @model_validator(mode="after")
     def _cosine_needs_embeddings(self) -> TextSimilarityGrader:
@@ -149,6 +170,11 @@ class ScoreModelGrader(_Grader, _Endpoint):
     pass_threshold: float | None = None
     sampling_params: SamplingParams | None = None
 
+    @field_validator("input")
+    @classmethod
+    def _templates(cls, messages: list[JudgeMessage]) -> list[JudgeMessage]:
+        return [m for m in messages if _templates_ok(m.text)]
+
     @field_validator("range")
     @classmethod
     def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
@@ -164,6 +190,11 @@ class LabelModelGrader(_Grader, _Endpoint):
     labels: list[str] = Field(min_length=2)
     passing_labels: list[str] = Field(min_length=1)
     sampling_params: SamplingParams | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _templates(cls, messages: list[JudgeMessage]) -> list[JudgeMessage]:
+        return [m for m in messages if _templates_ok(m.text)]
 
     @model_validator(mode="after")
     def _passing_are_labels(self) -> LabelModelGrader:
@@ -182,6 +213,11 @@ class PairwiseJudge(_Spec, _Endpoint):
         min_length=1, description="templates: {{ item.* }}, {{ sample_a.output_text }}, {{ sample_b.output_text }}"
     )
     sampling_params: SamplingParams | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _templates(cls, messages: list[JudgeMessage]) -> list[JudgeMessage]:
+        return [m for m in messages if _templates_ok(m.text, ("sample", "item", "sample_a", "sample_b"))]
 
 
 SubGrader = Annotated[

@@ -74,9 +74,19 @@ def _compiled(template: str) -> Any:
         raise TemplateProblem(f"template {template!r} does not parse: {err}") from None
 
 
-def check_template(template: str) -> None:
-    """Raises TemplateProblem when the template does not parse (checked before any example)."""
-    _compiled(template)
+def check_template(template: str, namespaces: tuple[str, ...] = ("sample", "item")) -> None:
+    """Raises TemplateProblem when the template does not parse or names a namespace other than these
+    (checked when the recipe loads, so a typo such as {{ itme.x }} never reaches an example)."""
+    from jinja2 import meta
+
+    try:
+        names = meta.find_undeclared_variables(_ENVIRONMENT.parse(template))
+    except TemplateError as err:
+        raise TemplateProblem(f"template {template!r} does not parse: {err}") from None
+    unknown = sorted(names - set(namespaces))
+    if unknown:
+        raise TemplateProblem(f"template {template!r} uses {', '.join(unknown)}; templates read only "
+                              f"{' and '.join(namespaces)}, e.g. {{{{ {namespaces[-1]}.reference }}}}")
 
 
 def render(template: str, sample: Mapping[str, Any], item: Mapping[str, Any],
