@@ -3,7 +3,10 @@
 Reads a run directory: recipe.yaml, data/train.jsonl (few-shot and retrieval pool, train answers),
 data/test.jsonl (or --test FILE: JSONL of {"messages": [...]}), adapter/ or model/ (tuned weights),
 train/log.jsonl and train/summary.json (overfitting, training cost). Writes eval/metrics.json (shape
-in DESIGN.md) and eval/predictions.jsonl (one row per example and arm), and prints a table.
+in DESIGN.md) and eval/predictions.jsonl (one row per example and arm), and prints a table. With
+eval.graders (docs/graders.md): every grader scores every arm, eval.primary names the metric of the
+verdict, judge replies are cached in eval/judge_cache.jsonl, and the grader configs are added to
+manifest.json.
 
 The base model is loaded once: with a LoRA run the tuned model is base + adapter, and the base arms
 run under `disable_adapter()` on the same object. All arms share one PromptBuilder, one
