@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -164,3 +165,24 @@ def test_pairwise_judge_compares_the_verdicts_two_arms(graded_run):
     assert pairwise["losses"] == sum(x < y for x, y in zip(a, b, strict=True))
     assert pairwise["ties"] == sum(x == y for x, y in zip(a, b, strict=True))
     assert pairwise["position_disagreements"] == 0 and pairwise["failed"] == 0
+
+
+@pytest.mark.parametrize(("eval_keys", "message"), [
+    ({"primary": "label_accuracy"}, "eval.primary: 'label_accuracy' is not computed for these references (json output)"),
+    ({"graders": [{"type": "score_model", "name": "j", "model": "m", "base_url": "http://127.0.0.1:9/v1",
+                   "api_key_env": "TUNELAB_TEST_UNSET_KEY", "input": [{"role": "user", "content": "x"}]}]},
+     "grader 'j': environment variable TUNELAB_TEST_UNSET_KEY (api_key_env) is not set"),
+])
+def test_eval_refuses_before_generating(tmp_path, tiny_model_dir, monkeypatch, eval_keys, message):
+    from tunelab.errors import ConfigError
+    from tunelab.eval import run as run_module
+    from tunelab.models import load_model
+
+    monkeypatch.delenv("TUNELAB_TEST_UNSET_KEY", raising=False)
+    run_dir = build_fake_run(tmp_path / "runs" / "refused", load_model("tiny-test", device="cpu"))
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["eval"].update(eval_keys)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(run_module, "generate", lambda *a, **k: pytest.fail("generated before refusing"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_module.evaluate(run_dir, echo=False)

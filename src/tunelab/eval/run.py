@@ -312,7 +312,8 @@ def _check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
                 try:
                     api_key(one)
                 except JudgeFailed as err:
-                    raise ConfigError(f"{paths.recipe}: {getattr(one, 'name', 'eval.pairwise')}: {err}") from None
+                    who = f"grader '{one.name}'" if hasattr(one, "name") else "eval.pairwise"
+                    raise ConfigError(f"{paths.recipe}: {who}: {err}") from None
 
 
 def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query: dict[str, float],
