@@ -320,3 +320,14 @@ def test_template_typos_are_refused_at_load():
     judge = {"type": "score_model", "name": "j", "model": "m", "input": [{"role": "user", "content": "{{ sample_a.x }}"}]}
     with pytest.raises(ConfigError, match="uses sample_a"):
         parse_graders(judge, "g")
+
+
+def test_a_pasted_key_in_api_key_env_is_refused_without_echoing_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("eval:\n  graders:\n    - type: label_model\n      name: tone\n      model: m\n"
+                      "      api_key_env: sk-proj-abc123secret\n      labels: [a, b]\n      passing_labels: [a]\n"
+                      "      input: [{role: user, content: x}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    assert "the NAME of an environment variable" in str(err.value) and "abc123secret" not in str(err.value)
+    assert str(err.value).startswith(f"{recipe}:3: eval.graders.0:")

@@ -7,12 +7,14 @@ grader's formula is safe arithmetic over its graders' names; label_model's passi
 labels; names are unique. Fields beyond OpenAI's (base_url, api_key_env, timeouts, concurrency) say
 where and how a grader runs here; each default is written once, below.
 
-Light on purpose (pydantic and the standard library only): config.py imports it for eval.graders.
+Light on purpose (pydantic and the standard library; jinja2 only when a template is checked):
+config.py imports it for eval.graders.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -109,6 +111,16 @@ class _Endpoint(BaseModel):
     timeout_s: float = Field(60.0, gt=0, description="per HTTP call")
     max_retries: int = Field(3, ge=0, description="retries of a failed call (429, 5xx, connection), backoff doubling from 1 s")
     concurrency: int = Field(4, ge=1, description="calls in flight at once")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_not_a_key(cls, data: Any) -> Any:
+        # checked on the whole mapping, so that an error message never echoes a pasted key
+        value = data.get("api_key_env") if isinstance(data, dict) else None
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("api_key_env is the NAME of an environment variable holding the key (e.g. "
+                             "JUDGE_API_KEY), not the key itself")
+        return data
 
     @property
     def key_env(self) -> str | None:
