@@ -424,8 +424,10 @@ def evaluate(
                          "finished? (evaluate prompt-only arms with --arms base,prompt,rag)")
     run_forgetting = cfg.forgetting and any(a in chosen for a in TUNED_ARMS) and models.tuned_kind is not None
     rng = random.Random(cfg.seed)
-    train_sample = rng.sample(train, min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
-    train_sample_items = [train_items[train.index(ex)] for ex in train_sample]
+    # positions, not examples: the same draw as sampling the examples, and their items come along
+    picked = rng.sample(range(len(train)), min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
+    train_sample = [train[i] for i in picked]
+    train_sample_items = [train_items[i] for i in picked]
 
     from tqdm import tqdm
 
