@@ -1,5 +1,5 @@
 """The grader examples: the house voice task (committed data = seeded generator output, the grader
-gives every reference reply full marks and a sixth of a point per broken rule, the recipe makes the
+gives every reference reply full marks and takes an eighth of a point per broken rule, the recipe makes the
 verdict about it and leaves training to the defaults) and the demo's grader beside its metric."""
 
 from __future__ import annotations
@@ -57,21 +57,42 @@ def test_every_reference_reply_follows_the_house_voice():
         assert len(row["messages"][-1]["content"].split()) <= 60
 
 
-def test_the_grader_gives_a_sixth_of_a_point_per_rule():
-    row = read("test")[0]
-    good = row["messages"][-1]["content"]
-    first, body, sign_off = good.split("\n")
+def test_the_grader_gives_an_eighth_of_a_point_per_rule():
+    rows = read("test")
+    row = next(r for r in rows if r["frustrated"] and r["club"] and r["greeting"].startswith("Dear"))
+    calm = next(r for r in rows if not r["frustrated"] and not r["club"])
+    greeting, body, sign_off = row["messages"][-1]["content"].split("\n")
+    assert body.startswith("Thank you for your patience.") and "Club members get free express shipping." in body
+    first = row["greeting"].split()[1]
     broken = {
-        "greeting": f"Hello {row['customer_name']},\n{body}\n{sign_off}",
-        "sign-off": f"{first}\n{body}\nCheers",
-        "reference": f"{first}\n{body.replace(row['ref'], 'HV-00000')}\n{sign_off}",
-        "forbidden word": f"{first}\nSorry! {body}\n{sign_off}",
-        "length": f"{first}\n{body} {'and more ' * 30}\n{sign_off}",
-        "next step": f"{first}\nWe are on it, case {row['ref']}.\n{sign_off}",
+        "greeting": f"Hi {first},\n{body}\n{sign_off}",
+        "patience": f"{greeting}\n{body.removeprefix('Thank you for your patience. ')}\n{sign_off}",
+        "club": f"{greeting}\n{body.replace(' Club members get free express shipping.', '')}\n{sign_off}",
+        "reference": f"{greeting}\n{body.replace(row['ref'], 'HV-00000')}\n{sign_off}",
+        "next step": f"{greeting}\nThank you for your patience. We are on it, case {row['ref']}. Club members get "
+                     f"free express shipping.\n{sign_off}",
+        "forbidden word": f"{greeting}\n{body} Sorry again.\n{sign_off}",
+        "length": f"{greeting}\n{body} {'and more ' * 20}\n{sign_off}",
+        "sign-off": f"{greeting}\n{body}\nCheers",
+    }
+    calm_greeting, calm_body, _ = calm["messages"][-1]["content"].split("\n")
+    calm_broken = {  # the conditional rules also hold the other way round
+        "patience": f"{calm_greeting}\nThank you for your patience. {calm_body}\n{sign_off}",
+        "club": f"{calm_greeting}\n{calm_body} Club members get free express shipping.\n{sign_off}",
     }
     with Grading(read_graders_file(HOUSE / "graders.yaml")[:1]) as grading:
         scores = grading.grade(list(broken.values()), [item(row)] * len(broken))["house_voice"].scores
-    assert dict(zip(broken, scores, strict=True)) == {rule: pytest.approx(5 / 6) for rule in broken}
+        calm_scores = grading.grade(list(calm_broken.values()), [item(calm)] * 2)["house_voice"].scores
+    assert dict(zip(broken, scores, strict=True)) == {rule: 7 / 8 for rule in broken}
+    assert calm_scores == [7 / 8, 7 / 8]
+
+
+def test_conditional_rules_split_the_data_both_ways():
+    rows = read("train")
+    for key in ("frustrated", "club"):
+        share = sum(r[key] for r in rows) / len(rows)
+        assert 0.25 < share < 0.5, key
+    assert 0.4 < sum(r["greeting"].startswith("Dear") for r in rows) / len(rows) < 0.6
 
 
 def test_house_voice_recipe_judges_by_its_grader_and_sets_no_train_keys():
