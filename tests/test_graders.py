@@ -331,3 +331,17 @@ def test_a_pasted_key_in_api_key_env_is_refused_without_echoing_it(tmp_path):
         load_recipe(recipe)
     assert "the NAME of an environment variable" in str(err.value) and "abc123secret" not in str(err.value)
     assert str(err.value).startswith(f"{recipe}:3: eval.graders.0:")
+
+
+def test_a_run_recipe_with_graders_reloads_unchanged(tmp_path):
+    import re
+
+    import yaml
+
+    docs = (REPO / "docs" / "graders.md").read_text()
+    graders = [yaml.safe_load(b)[0] for b in re.findall(r"```yaml\n(.*?)```", docs, re.DOTALL) if b.startswith("- type:")]
+    recipe = load_recipe(None, [f"eval.graders={json.dumps(graders)}", "eval.primary=overall"])
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())  # what a run directory keeps
+    again = load_recipe(tmp_path / "recipe.yaml")
+    assert again.eval.graders == recipe.eval.graders and again.eval.primary == "overall"
+    assert len(again.eval.graders) == 6
