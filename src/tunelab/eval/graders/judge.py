@@ -15,6 +15,7 @@ or the one label it names). A reply outside the range, or naming no label, fails
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def post_json(endpoint: Any, route: str, body: dict[str, Any]) -> dict[str, Any]
             problem = f"HTTP {err.code} from {url}: {detail}"
             if err.code not in _RETRY_STATUS:
                 break
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             problem = f"{url}: {getattr(err, 'reason', err)}"
         except ValueError as err:
             problem = f"{url}: the answer is not JSON ({err})"
