@@ -366,6 +366,41 @@ def serve(
                trust_remote_code=trust_remote_code)
 
 
+# ---------------------------------------------------------------------------------------------- grade
+
+
+@app.command()
+def grade(
+    graders: Annotated[Path, typer.Argument(help="YAML or JSON: one grader or a list (OpenAI's grader shapes)")],
+    samples: Annotated[Path, typer.Argument(help='JSONL: {"sample": {"output_text": ...}, "item": {...}} per line')],
+) -> None:
+    """Try graders before a run: one {"scores": {name: score}} line per input line on stdout (null and
+    "errors" where a grader failed), a summary on stderr."""
+    import json
+
+    from tunelab.eval.graders.grade import Grading, read_samples
+    from tunelab.eval.graders.specs import read_graders_file
+    from tunelab.eval.metrics import summarize_scores
+
+    specs = read_graders_file(graders)
+    outputs, items = read_samples(samples)
+    with Grading(specs) as grading:
+        columns = grading.grade(outputs, items)
+    for i in range(len(outputs)):
+        line: dict[str, object] = {"scores": {name: column.scores[i] for name, column in columns.items()}}
+        errors = {name: column.errors[i] for name, column in columns.items() if column.errors[i] is not None}
+        if errors:
+            line["errors"] = errors
+        typer.echo(json.dumps(line, ensure_ascii=False))
+    for spec in specs:
+        summary = summarize_scores(columns[spec.name].scores, pass_threshold=getattr(spec, "pass_threshold", None))
+        mean = "—" if summary["mean"] is None else f"{summary['mean']:.3f}"
+        passed = f", pass rate {summary['pass_rate']:.0%}" if summary.get("pass_rate") is not None else ""
+        failed = f", {summary['failed']} failed" if summary["failed"] else ""
+        typer.echo(f"tunelab: {spec.name} ({spec.type}): mean {mean} over {summary['scored']} samples{passed}{failed}",
+                   err=True)
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from tunelab.errors import ConfigError
+from tunelab.eval.graders.specs import Grader, PairwiseJudge, check_names, line_of, strip_union_tags
 
 # Learning rates that keep general ability: far below pre-training's; LoRA tolerates 10-20x more.
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
@@ -198,6 +199,18 @@ class EvalConfig(_Section):
     price_per_m_output_tokens: float = Field(0.60, ge=0.0, description="USD per 1M completion tokens")
     gpu_price_per_hour: float = Field(2.5, ge=0.0, description="USD, for the training cost estimate")
     seed: int = 0
+    graders: list[Grader] = Field(
+        default_factory=list, description="graders in OpenAI's shapes (string_check, text_similarity, python, "
+        "score_model, label_model, multi): a column each in eval/metrics.json; see docs/graders.md",
+    )
+    graders_file: str | None = Field(None, description="JSON or YAML file of more graders (an OpenAI grader JSON, "
+                                                       "one object or a list, pastes in unchanged)")
+    primary: str | None = Field(None, description="the grader or built-in metric the verdict is about; default: "
+                                                  "chosen from the references (JSON fields, label accuracy, token F1)")
+    human_labels: str | None = Field(None, description='JSONL of {"id", "score", "arm"?: default tuned}: human '
+                                                       "scores -> judge/human agreement and Cohen's kappa")
+    pairwise: PairwiseJudge | None = Field(None, description="a judge comparing the verdict's two arms output by "
+                                                             "output, in both orders (disagreement = tie)")
 
     @field_validator("arms")
     @classmethod
@@ -268,6 +281,11 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
                 key_path = (*path, str(key_node.value))
                 lines[key_path] = key_node.start_mark.line + 1
                 walk(value_node, key_path)
+        elif isinstance(node, yaml.SequenceNode):  # list items by index: eval.graders.0.source
+            for index, item_node in enumerate(node.value):
+                key_path = (*path, str(index))
+                lines[key_path] = item_node.start_mark.line + 1
+                walk(item_node, key_path)
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -296,9 +314,9 @@ def _describe(errors: list[dict[str, Any]], source: str, key_lines: dict[tuple[s
     for err in errors:
         # a value checked against each member of a union (e.g. a number or 'auto') fails once per
         # member: one line for the key, its messages joined
-        loc = tuple(str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p)))
+        loc = strip_union_tags(tuple(str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p))))
         dotted = ".".join(loc) if loc else "(recipe)"
-        line = key_lines.get(loc) or key_lines.get(loc[:-1])
+        line = key_lines.get(loc) or key_lines.get(loc[:-1]) or line_of(loc, key_lines)
         where = f"{source}:{line}" if line else source
         if err["type"] == "extra_forbidden":
             candidates = _valid_keys(Recipe, loc[:-1])
@@ -432,9 +450,40 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                     resolved = path.parent / value
                     # keep paths the user wrote relative to the working directory working too
                     section[key] = value if Path(value).exists() and not resolved.exists() else str(resolved)
+        section = data.get("eval")
+        if isinstance(section, dict):
+            for key in ("graders_file", "human_labels"):
+                value = section.get(key)
+                if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
+                    section[key] = str((path.parent / value).resolve())  # the run's recipe.yaml finds it anywhere
     data = apply_overrides(data, list(overrides))
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         problems = _describe(err.errors(), source, _key_lines(text))
         raise ConfigError("\n".join(problems)) from None
+    _check_graders(recipe.eval, source, _key_lines(text))
+    return recipe
+
+
+def _check_graders(cfg: EvalConfig, source: str, key_lines: dict[tuple[str, ...], int]) -> None:
+    """Graders from the recipe and eval.graders_file together: unique names, and eval.primary names one
+    of them or a built-in metric."""
+    from tunelab.eval.graders.specs import recipe_graders
+    from tunelab.eval.metrics import BUILTIN_METRICS
+
+    def where(*key: str) -> str:
+        line = key_lines.get(("eval", *key))
+        return f"{source}:{line}" if line else source
+
+    graders = recipe_graders(cfg)
+    problems = [f"{where('graders')}: eval.graders: {p}" for p in check_names(graders, BUILTIN_METRICS)]
+    names = [g.name for g in graders]
+    if cfg.primary is not None and cfg.primary not in (*names, *BUILTIN_METRICS):
+        close = difflib.get_close_matches(cfg.primary, [*names, *BUILTIN_METRICS], n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        problems.append(f"{where('primary')}: eval.primary: '{cfg.primary}' is neither a grader "
+                        f"({', '.join(names) or 'none given'}) nor a built-in metric "
+                        f"({', '.join(BUILTIN_METRICS)}){hint}")
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -92,6 +92,7 @@ class Manifest(_Record):
     tokenizer_sha256: str
     chat_template_sha256: str
     parent: Parent | None = None
+    graders: list[dict[str, Any]] | None = Field(None, description="the grader configs the evaluation used")
 
     @property
     def data_sha256(self) -> str | None:
@@ -177,8 +178,8 @@ class TrainPlan(_Record):
 class ArmResult(_Record):
     """eval/metrics.json arms.<arm>."""
 
-    primary: float
-    ci95: tuple[float, float]
+    primary: float | None = Field(description="None when the primary grader failed on every example")
+    ci95: tuple[float, float] | None
     prompt_tokens_mean: float
     completion_tokens_mean: float
     latency_ms_p50: float
@@ -191,6 +192,9 @@ class ArmResult(_Record):
     finish_reasons: dict[str, int]
     decoding: dict[str, Any]
     metrics: dict[str, Any] = Field(description="every metric's mean (one entry per grader with graders)")
+    graders: dict[str, dict[str, Any]] | None = Field(
+        None, description="per grader: mean, ci95, scored and failed examples (eval.graders)"
+    )
 
 
 class Verdict(_Record):
@@ -207,6 +211,7 @@ class Verdict(_Record):
     text: str
     provisional: bool = False
     provisional_reason: str | None = None
+    excluded_failed: int | None = Field(None, description="examples left out: the primary grader failed on them")
 
 
 class ArmCost(_Record):
@@ -259,6 +264,11 @@ class Metrics(_Record):
     training_check: dict[str, Any] | None = Field(
         None, description="eval/undertrained.py: the signals behind verdict.provisional"
     )
+    auto_metric: str | None = Field(None, description="the metric chosen from the references, had eval.primary not named one")
+    graders: dict[str, Any] | None = Field(
+        None, description="grader configs, failures per grader and arm, judge cache, human agreement"
+    )
+    pairwise: dict[str, Any] | None = Field(None, description="eval.pairwise: the judge's comparison in both orders")
     seed: int
     elapsed_s: float
 

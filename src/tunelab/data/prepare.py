@@ -2,7 +2,8 @@
 
 Reads recipe.data (train, optional valid/test files, format, max_seq_len, splits, dedupe,
 system_prompt) and a tokenizer with a chat template. Writes into out_dir:
-  train.jsonl valid.jsonl test.jsonl   {"id", "source": "path:line", "messages": [...]} per example
+  train.jsonl valid.jsonl test.jsonl   {"id", "source": "path:line", "messages": [...]} per example, plus
+                                       the record's other keys as they were (graders read them as item.<key>)
   train.tokens.jsonl valid.tokens.jsonl {"id", "input_ids", "labels"} (labels -100 except trained
                                        assistant tokens and their end-of-turn token)
   stats.json      counts, issues by code, quality counts, token statistics (keys: see DataStats)
@@ -46,7 +47,7 @@ from tunelab.files import AtomicTextFile, sha256_file, write_text_atomic
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DATA_VERSION = 1  # bump when the outputs change meaning: older fingerprints then never match
+DATA_VERSION = 2  # bump when the outputs change meaning: older fingerprints then never match (2: extra keys kept)
 OUTPUT_FILES = (
     "train.jsonl", "valid.jsonl", "test.jsonl", "train.tokens.jsonl", "valid.tokens.jsonl",
     "stats.json", "issues.jsonl", "rejected.jsonl",
@@ -407,7 +408,8 @@ def _write_outputs(out_dir: Path, members: list[_Member], issues: list[Issue], s
     for split in SPLITS:
         kept = [m for m in members if m.split == split and m.rejected is None]
         _write_lines(out_dir / f"{split}.jsonl",
-                     [{"id": m.id, "source": m.example.source, "messages": m.example.messages} for m in kept])
+                     [{"id": m.id, "source": m.example.source, "messages": m.example.messages, **m.example.extra}
+                      for m in kept])
     _write_lines(out_dir / "rejected.jsonl", [
         {"id": m.id, "source": m.example.source, "split": m.split, "reason": m.rejected[0], "message": m.rejected[1],
          "messages": m.example.messages}

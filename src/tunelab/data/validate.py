@@ -116,6 +116,7 @@ class Example:
     format: str
     messages: list[dict[str, Any]]
     warnings: list[Issue] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # the record's other keys, for graders (item.<key>)
 
     @property
     def source(self) -> str:
@@ -175,7 +176,7 @@ def validate_record(raw: RawRecord, fmt: str = "auto") -> tuple[Example | None, 
     if fmt in ("auto", "openai"):  # the common case first, in one pass (the rules below agree with it)
         messages = value.get("messages")
         if type(messages) is list and _plain_and_valid(messages):
-            return Example(raw.path, raw.line, "openai", messages, []), []
+            return Example(raw.path, raw.line, "openai", messages, [], extra_keys(value, "openai")), []
     detected = detect_format(value) if fmt == "auto" else fmt
     problems: list[tuple[str, str]] = []
     if detected is None:
@@ -198,7 +199,19 @@ def validate_record(raw: RawRecord, fmt: str = "auto") -> tuple[Example | None, 
     if problems:
         return None, [Issue(raw.path, raw.line, code, message) for code, message in problems]
     issues = [Issue(raw.path, raw.line, code, message) for code, message in warnings]
-    return Example(raw.path, raw.line, detected, messages, issues), issues
+    return Example(raw.path, raw.line, detected, messages, issues, extra_keys(value, detected)), issues
+
+
+# the keys each format reads into messages, and the keys prepared rows write themselves
+_FORMAT_KEYS = {"openai": ("messages",), "sharegpt": ("conversations", "system"),
+                "alpaca": ("instruction", "input", "output", "system"), "prompt_completion": ("prompt", "completion", "system")}
+_PREPARED_KEYS = ("id", "source", "messages")
+
+
+def extra_keys(value: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A record's keys beside its conversation (metadata, a reference answer, fields a grader reads)."""
+    used = (*_FORMAT_KEYS.get(fmt, ()), *_PREPARED_KEYS)
+    return {key: item for key, item in value.items() if isinstance(key, str) and key not in used}
 
 
 def check_messages(

@@ -28,6 +28,9 @@ PERMUTATIONS = 10000
 LABEL_SET_MAX = 20  # more distinct answers than this is free text, not classification
 LABEL_MAX_WORDS = 4
 JSON_SHARE = 0.9  # references that must parse as JSON objects for the task to count as JSON output
+# every per-example metric score_outputs can compute (which ones it does depends on the references)
+BUILTIN_METRICS = ("exact_match", "normalized_match", "token_f1", "rouge_l", "json_valid", "json_exact",
+                   "json_field_accuracy", "label_accuracy", "schema_valid")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -250,6 +253,35 @@ def bootstrap_ci(
     means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
     tail = (1 - level) / 2 * 100
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def summarize_scores(scores: Sequence[float | None], seed: int = 0, pass_threshold: float | None = None) -> dict[str, Any]:
+    """A grader's column for one arm: mean and bootstrap interval over the examples it scored, and how
+    many failed (a failure is never averaged in as a 0)."""
+    scored = [s for s in scores if s is not None]
+    out: dict[str, Any] = {
+        "mean": float(np.mean(scored)) if scored else None,
+        "ci95": list(bootstrap_ci(scored, seed=seed)) if scored else None,
+        "scored": len(scored),
+        "failed": len(scores) - len(scored),
+    }
+    if pass_threshold is not None:
+        out["pass_rate"] = float(np.mean([s >= pass_threshold for s in scored])) if scored else None
+    return out
+
+
+def cohen_kappa(a: Sequence[Any], b: Sequence[Any]) -> float | None:
+    """Cohen's kappa of two raters' categorical labels on the same items (None when chance agreement is
+    total, e.g. both always give the same label)."""
+    n = len(a)
+    if n == 0 or n != len(b):
+        return None
+    observed = sum(1 for x, y in zip(a, b, strict=True) if x == y) / n
+    count_a, count_b = Counter(a), Counter(b)
+    expected = sum(count_a[label] * count_b[label] for label in set(count_a) | set(count_b)) / (n * n)
+    if expected >= 1.0:
+        return None
+    return (observed - expected) / (1 - expected)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 Reads a run directory: recipe.yaml, data/train.jsonl (few-shot and retrieval pool, train answers),
 data/test.jsonl (or --test FILE: JSONL of {"messages": [...]}), adapter/ or model/ (tuned weights),
 train/log.jsonl and train/summary.json (overfitting, training cost). Writes eval/metrics.json (keys in
-docs/run-directory.md) and eval/predictions.jsonl (one row per example and arm), and prints a table.
+docs/run-directory.md) and eval/predictions.jsonl (one row per example and arm), and prints a table. With
+eval.graders (docs/graders.md): every grader scores every arm, eval.primary names the metric of the
+verdict, judge replies are cached in eval/judge_cache.jsonl, and the grader configs are added to
+manifest.json.
 
 The base model is loaded once: with a LoRA run the tuned model is base + adapter, and the base arms
 run under `disable_adapter()` on the same object. All arms share one PromptBuilder, one
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, Recipe
-from tunelab.contract import Metrics, TrainSummary
+from tunelab.contract import Manifest, Metrics, TrainSummary
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
     EvalExample,
@@ -39,7 +42,16 @@ from tunelab.eval.arms import (
     to_eval_example,
 )
 from tunelab.eval.generate import DecodingSettings, Generation, generate
-from tunelab.eval.metrics import bootstrap_ci, decide_verdict, detect_output_kind, score_outputs
+from tunelab.eval.graders.specs import MODEL_GRADER_TYPES, grader_config, recipe_graders
+from tunelab.eval.graders.templates import make_item
+from tunelab.eval.metrics import (
+    OutputKind,
+    bootstrap_ci,
+    decide_verdict,
+    detect_output_kind,
+    score_outputs,
+    summarize_scores,
+)
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
@@ -74,7 +86,14 @@ def read_conversations(path: Path) -> list[dict[str, Any]]:
 
 
 def read_examples(path: Path) -> list[EvalExample]:
-    return [to_eval_example(row, f"{path.name}:{n}") for n, row in enumerate(read_conversations(path), start=1)]
+    return read_examples_and_items(path)[0]
+
+
+def read_examples_and_items(path: Path) -> tuple[list[EvalExample], list[dict[str, Any]]]:
+    """The examples and, for graders, each record as an item (its extra keys and `reference`)."""
+    rows = read_conversations(path)
+    examples = [to_eval_example(row, f"{path.name}:{n}") for n, row in enumerate(rows, start=1)]
+    return examples, [make_item(row, ex.id, ex.reference) for row, ex in zip(rows, examples, strict=True)]
 
 
 def _read_schema(schema_file: str | None, paths: RunPaths) -> dict[str, Any] | None:
@@ -230,6 +249,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     header = f"{'arm':<10} {primary:>20} {'95% CI':>15} {'prompt tok':>10} {'compl tok':>9} {'p50 ms':>8} {'p95 ms':>8}"
     lines = [header, "-" * len(header)]
     for arm, row in metrics["arms"].items():
+        if row["primary"] is None:  # the primary grader failed on every example of this arm
+            lines.append(f"{arm:<10} {'all failed':>20} {'':>15} {row['prompt_tokens_mean']:>10.1f}")
+            continue
         lo, hi = row["ci95"]
         lines.append(
             f"{arm:<10} {row['primary']:>20.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {row['prompt_tokens_mean']:>10.1f} "
@@ -237,12 +259,108 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
     batch = next(iter(metrics["arms"].values()))["batch_size"] if metrics["arms"] else 0
     lines.append(f"(n = {metrics['n_examples']} test examples; latency per query = its batch's wall time, batch size {batch})")
+    for name in [config["name"] for config in (metrics.get("graders") or {}).get("configs", [])]:
+        cells = []
+        for arm, row in metrics["arms"].items():
+            column = row["graders"][name]
+            failed = f" ({column['failed']} failed)" if column["failed"] else ""
+            cells.append(f"{arm} {'—' if column['mean'] is None else format(column['mean'], '.3f')}{failed}")
+        lines.append(f"grader {name}: " + ", ".join(cells))
     lines.append(f"verdict: {metrics['verdict']['text']}")
     if metrics["cost"].get("text"):
         lines.append(f"cost: {metrics['cost']['text']}")
     if metrics["forgetting"].get("text"):
         lines.append(f"forgetting: {metrics['forgetting']['text']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- graders
+
+
+@dataclasses.dataclass(frozen=True)
+class _Primary:
+    name: str
+    grader: bool  # a grader's column, else a built-in metric
+    reason: str | None  # None: the automatic choice, explained by OutputKind.reason
+
+
+def _choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, has_schema: bool,
+                    paths: RunPaths) -> _Primary:
+    """eval.primary (a grader or a built-in metric computed for these references), else the automatic
+    choice; checked before any generation."""
+    if name is None:
+        return _Primary(kind.primary, False, None)
+    if name in {g.name for g in graders}:
+        return _Primary(name, True, f"eval.primary: the verdict is about grader '{name}'")
+    computed = ["exact_match", "normalized_match", "token_f1", "rouge_l"]
+    computed += {"json": ["json_valid", "json_exact", "json_field_accuracy"], "label": ["label_accuracy"]}.get(kind.kind, [])
+    computed += ["schema_valid"] if has_schema else []
+    if name not in computed:
+        raise ConfigError(f"{paths.recipe}: eval.primary: '{name}' is not computed for these references "
+                          f"({kind.kind} output); choose a grader or one of {', '.join(computed)}")
+    return _Primary(name, False, f"eval.primary: the verdict is about built-in metric '{name}'")
+
+
+def _check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
+    """Every judge's API key variable is set, before minutes of generation."""
+    from tunelab.eval.graders.judge import JudgeFailed, api_key
+
+    for grader in graders:
+        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
+            if hasattr(one, "key_env") and getattr(one, "evaluation_metric", "cosine") == "cosine":
+                try:
+                    api_key(one)
+                except JudgeFailed as err:
+                    who = f"grader '{one.name}'" if hasattr(one, "name") else "eval.pairwise"
+                    raise ConfigError(f"{paths.recipe}: {who}: {err}") from None
+
+
+def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query: dict[str, float],
+                       prompt_tokens_mean: dict[str, float], seed: int) -> dict[str, Any]:
+    """The verdict on the examples every arm's primary scored: a grader failure drops that example
+    from the paired comparison (counted), never scores it 0."""
+    n = len(next(iter(per_example.values()), []))
+    kept = [i for i in range(n) if all(scores[i] is not None for scores in per_example.values())]
+    verdict = decide_verdict({arm: [scores[i] for i in kept] for arm, scores in per_example.items()},
+                             usd_per_query, prompt_tokens_mean, seed=seed)
+    if len(kept) < n:
+        verdict["excluded_failed"] = n - len(kept)
+        verdict["text"] += (f" ({n - len(kept)} of {n} examples left out: the primary grader failed on them "
+                            "in at least one arm; see eval/metrics.json graders.failures)")
+    return verdict
+
+
+def _grader_summary(graders: Sequence[Any], columns: dict[str, dict[str, Any]], test: Sequence[EvalExample],
+                    human_labels: str | None, paths: RunPaths) -> dict[str, Any]:
+    """metrics.json "graders": the configs, failures per grader and arm (count and first messages),
+    and judge/human agreement when eval.human_labels is given."""
+    ids = [ex.id for ex in test]
+    summary: dict[str, Any] = {
+        "configs": [grader_config(g) for g in graders],
+        "judge_cache": str(paths.eval / "judge_cache.jsonl") if any(isinstance(g, MODEL_GRADER_TYPES) for g in graders) else None,
+        "failures": {g.name: {arm: {"failed": by_name[g.name].failed, "first": by_name[g.name].first_errors(ids)}
+                              for arm, by_name in columns.items() if by_name[g.name].failed}
+                     for g in graders},
+        "human_agreement": None,
+    }
+    if human_labels:
+        from tunelab.eval.graders.human import agreement, read_human_labels
+
+        scores = {arm: {name: column.scores for name, column in by_name.items()} for arm, by_name in columns.items()}
+        summary["human_agreement"] = agreement(graders, scores, ids, read_human_labels(human_labels))
+    return summary
+
+
+def _record_graders_in_manifest(paths: RunPaths, graders: Sequence[Any]) -> None:
+    """manifest.json "graders": the configs this evaluation used (other keys kept)."""
+    manifest: dict[str, Any] = {}
+    if paths.manifest.is_file():
+        try:
+            manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
+        except ValueError:
+            raise DataError(f"{paths.manifest}: not valid JSON; it is not rewritten") from None
+    manifest["graders"] = [grader_config(g) for g in graders]
+    Manifest.model_validate(manifest).write(paths.manifest)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -267,17 +385,21 @@ def evaluate(
 
     # --- data: test set, train pool (leak-checked against the whole test file), output kind
     test_path = Path(test_file) if test_file else paths.data / "test.jsonl"
-    all_test = read_examples(test_path)
+    all_test, all_items = read_examples_and_items(test_path)
     if not all_test:
         raise DataError(f"{test_path}: no test examples")
     test = all_test[:limit] if limit else all_test
+    items = all_items[: len(test)]
     train_path = paths.data / "train.jsonl"
-    train = read_examples(train_path) if train_path.is_file() else []
+    train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
     if not train and any(a in chosen for a in ("prompt", *RAG_ARMS)):
         raise DataError(f"{train_path}: not found or empty; the prompt and rag arms draw their examples from it")
     references = [ex.reference for ex in test]
     kind = detect_output_kind(references, [ex.reference for ex in train])
     schema = _read_schema(cfg.schema_file, paths)
+    graders = recipe_graders(cfg)
+    primary = _choose_primary(cfg.primary, graders, kind, schema is not None, paths)
+    _check_api_keys([*graders, *([cfg.pairwise] if cfg.pairwise else [])], paths)
     pool = build_pool(train, all_test)
     documents = None
     if cfg.rag_docs and any(a in chosen for a in RAG_ARMS):
@@ -296,7 +418,10 @@ def evaluate(
                          "finished? (evaluate prompt-only arms with --arms base,prompt,rag)")
     run_forgetting = cfg.forgetting and any(a in chosen for a in TUNED_ARMS) and models.tuned_kind is not None
     rng = random.Random(cfg.seed)
-    train_sample = rng.sample(train, min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
+    # positions, not examples: the same draw as sampling the examples, and their items come along
+    picked = rng.sample(range(len(train)), min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
+    train_sample = [train[i] for i in picked]
+    train_sample_items = [train_items[i] for i in picked]
 
     from tqdm import tqdm
 
@@ -340,10 +465,21 @@ def evaluate(
         del model  # a full fine-tune's other model can then be released before the next phase loads
     bar.close()
 
+    # --- graders: every grader scores every arm's outputs (judge replies cached in the run)
+    from tunelab.eval.graders.grade import Grading
+
+    columns: dict[str, dict[str, Any]] = {}
+    with Grading(graders, paths.eval / "judge_cache.jsonl") as grading:
+        for arm in chosen if graders else ():
+            columns[arm] = grading.grade([g.text for g in generations[arm]], items)
+        sample_columns = (grading.grade(train_sample_outputs, train_sample_items)
+                          if train_sample_outputs and primary.grader else {})
+
     # --- quality per arm
     metrics: dict[str, Any] = {
-        "primary_metric": kind.primary,
-        "primary_reason": kind.reason,
+        "primary_metric": primary.name,
+        "primary_reason": primary.reason or kind.reason,
+        "auto_metric": kind.primary,
         "output_kind": kind.kind,
         "n_examples": len(test),
         "test_file": str(test_path),
@@ -360,8 +496,11 @@ def evaluate(
         gens = generations[arm]
         outputs = [g.text for g in gens]
         scores = score_outputs(outputs, references, kind, schema)
-        primary_scores = scores.per_example[kind.primary]
+        arm_columns = columns.get(arm, {})
+        primary_scores = (arm_columns[primary.name].scores if primary.grader
+                          else scores.per_example[primary.name])
         per_example[arm] = primary_scores
+        scored = [s for s in primary_scores if s is not None]
         latencies_ms = [g.latency_s * 1000 for g in gens]
         prompt_mean = float(np.mean([g.prompt_tokens for g in gens]))
         completion_mean = float(np.mean([g.completion_tokens for g in gens]))
@@ -369,8 +508,8 @@ def evaluate(
         prompt_tokens_mean[arm] = prompt_mean
         shot_counts = [len(builder.shots_for(arm, ex)) for ex in test]
         metrics["arms"][arm] = {
-            "primary": float(np.mean(primary_scores)),
-            "ci95": list(bootstrap_ci(primary_scores, seed=cfg.seed)),
+            "primary": float(np.mean(scored)) if scored else None,
+            "ci95": list(bootstrap_ci(scored, seed=cfg.seed)) if scored else None,
             "prompt_tokens_mean": prompt_mean,
             "completion_tokens_mean": completion_mean,
             "latency_ms_p50": _percentile(latencies_ms, 50),
@@ -382,16 +521,37 @@ def evaluate(
             "shots_mean": float(np.mean(shot_counts)),
             "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
             "decoding": decoding_used[arm],
-            "metrics": scores.means(),
+            "metrics": {**scores.means(), **{name: summarize_scores(c.scores)["mean"] for name, c in arm_columns.items()}},
         }
-        for ex, gen, score in zip(test, gens, primary_scores, strict=True):
+        if graders:
+            metrics["arms"][arm]["graders"] = {
+                g.name: summarize_scores(arm_columns[g.name].scores, seed=cfg.seed, pass_threshold=getattr(g, "pass_threshold", None))
+                for g in graders
+            }
+        for i, (ex, gen, score) in enumerate(zip(test, gens, primary_scores, strict=True)):
             prediction_rows.append({
                 "id": ex.id, "arm": arm, "prompt_tokens": gen.prompt_tokens,
                 "completion_tokens": gen.completion_tokens, "output": gen.text, "reference": ex.reference,
                 "score": score, "latency_ms": gen.latency_s * 1000, "finish_reason": gen.finish_reason,
                 "shot_ids": [s.id for s in builder.shots_for(arm, ex)],
             })
-    metrics["verdict"] = decide_verdict(per_example, usd_per_query, prompt_tokens_mean, seed=cfg.seed)
+            if graders:
+                prediction_rows[-1]["scores"] = {name: c.scores[i] for name, c in arm_columns.items()}
+                errors = {name: c.errors[i] for name, c in arm_columns.items() if c.errors[i] is not None}
+                if errors:
+                    prediction_rows[-1]["grader_errors"] = errors
+    metrics["verdict"] = _verdict_on_scored(per_example, usd_per_query, prompt_tokens_mean, cfg.seed)
+    if graders:
+        metrics["graders"] = _grader_summary(graders, columns, test, cfg.human_labels, paths)
+    best, vs = metrics["verdict"]["best_arm"], metrics["verdict"]["vs"]
+    if cfg.pairwise is not None and best and vs:
+        from tunelab.eval.graders.judge import JudgeCache
+        from tunelab.eval.graders.pairwise import compare_pairwise
+
+        metrics["pairwise"] = compare_pairwise(
+            cfg.pairwise, best, vs, [g.text for g in generations[best]], [g.text for g in generations[vs]], items,
+            JudgeCache(paths.eval / "judge_cache.jsonl"), seed=cfg.seed,
+        )
 
     # --- cost: per query, per 1M queries, and when training pays for itself
     summary = _read_summary(paths)
@@ -445,10 +605,12 @@ def evaluate(
                                for arm in chosen}
     if train_sample_outputs:
         sample_scores = score_outputs(train_sample_outputs, [ex.reference for ex in train_sample], kind, schema)
-        sample_primary = sample_scores.per_example[kind.primary]
+        sample_primary = [s for s in (sample_columns[primary.name].scores if primary.grader
+                                      else sample_scores.per_example[primary.name]) if s is not None]
         test_primary = metrics["arms"]["tuned"]["primary"]
+    if train_sample_outputs and sample_primary and test_primary is not None:
         overfitting["task_metric"] = {
-            "arm": "tuned", "metric": kind.primary, "train_sample_n": len(train_sample),
+            "arm": "tuned", "metric": primary.name, "train_sample_n": len(train_sample),
             "train_sample": float(np.mean(sample_primary)),
             "train_sample_ci95": list(bootstrap_ci(sample_primary, seed=cfg.seed)),
             "test": test_primary, "test_ci95": metrics["arms"]["tuned"]["ci95"],
@@ -495,6 +657,8 @@ def evaluate(
     metrics["elapsed_s"] = time.perf_counter() - started
 
     write_text_atomic(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
+    if graders:
+        _record_graders_in_manifest(paths, graders)
     Metrics.model_validate(metrics).write(paths.metrics)
     if echo:
         print(format_table(metrics))

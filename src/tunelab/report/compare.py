@@ -136,6 +136,8 @@ def _load(run_dir: Path, label: str, arm: str) -> LoadedRun:
         if row.get("arm") != arm:
             continue
         example_id = str(row.get("id"))
+        if row.get("score") is None and row.get("grader_errors"):
+            continue  # the primary grader failed on this example (counted in metrics.json): nothing to pair
         if not isinstance(row.get("score"), int | float):
             raise ConfigError(f"{paths.predictions}: example {example_id} of arm {arm} has no numeric score")
         scores[example_id] = float(row["score"])

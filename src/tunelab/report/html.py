@@ -236,6 +236,11 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     if training is not None:
         facts.append(f"training cost {training.usd:,.2f} USD ({training.train_time_s:,.0f} s of training)")
     delta, ci = verdict.delta, verdict.ci95
+    graders = data.graders or {}
+    human = graders.get("human_agreement") if isinstance(graders.get("human_agreement"), dict) else {}
+    facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
+    if isinstance((data.pairwise or {}).get("text"), str):
+        facts.append(data.pairwise["text"])
     return {
         "available": True, "note": None, "text": verdict.text,
         "best_arm": best, "vs": vs, "recommended": recommended, "significant": verdict.significant,
@@ -357,7 +362,32 @@ def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
     return {"available": True, "note": None, "primary_metric": data.primary_metric, "primary_reason": data.primary_reason,
             "n_examples": data.n_examples, "rows": rows, "metric_names": metric_names,
             "show_cost": bool(order), "cost": describe_mapping(data.cost.model_dump(mode="json")), "plots": plots_out,
-            "prompts": seen, "decoding": ", ".join(f"{k} {fmt(v)}" for k, v in data.decoding.items())}
+            "prompts": seen, "graders": _grader_rows(data.model_dump(mode="json"), order),
+            "decoding": ", ".join(f"{k} {fmt(v)}" for k, v in data.decoding.items())}
+
+
+def _grader_rows(data: Mapping[str, Any], order: list[str]) -> list[dict[str, Any]]:
+    """One row per grader of eval/metrics.json: its type and, per arm, mean [95% CI] over the examples
+    it scored, with the failures counted."""
+    graders = data.get("graders") if isinstance(data.get("graders"), dict) else {}
+    configs = [c for c in graders.get("configs") or [] if isinstance(c, dict) and isinstance(c.get("name"), str)]
+    arms = data.get("arms") or {}
+    rows = []
+    for config in configs:
+        cells = []
+        for arm in order:
+            column = (arms[arm].get("graders") or {}).get(config["name"])
+            if not isinstance(column, dict) or not isinstance(column.get("mean"), int | float):
+                cells.append("all failed" if isinstance(column, dict) else "—")
+                continue
+            ci = column.get("ci95")
+            text = f"{column['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) and len(ci) == 2 else "")
+            if column.get("failed"):
+                text += f", {column['failed']} failed"
+            cells.append(text)
+        rows.append({"name": config["name"], "type": config.get("type", "—"), "cells": cells,
+                     "primary": config["name"] == data.get("primary_metric")})
+    return rows
 
 
 def _overfitting(value: Any, metrics: RunFile, training: Mapping[str, Any], root: Path) -> dict[str, Any]:
@@ -583,6 +613,13 @@ def render_markdown(context: Mapping[str, Any]) -> str:
             lines.append(f"| {row['arm']} | {row['quality']} | {row['prompt_tokens']} | {row['completion_tokens']} | "
                          f"{row['latency_p50']} | {row['latency_p95']} |" + (f" {row['cost']} |" if arms["show_cost"] else ""))
         lines.append("")
+        if arms["graders"]:
+            names = [row["arm"] for row in arms["rows"]]
+            lines += ["## Graders", "", "mean [95% interval] over the examples each grader scored", "",
+                      "| grader | type | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            lines += [f"| {_md_escape(g['name'])}{' (primary)' if g['primary'] else ''} | {g['type']} | "
+                      + " | ".join(g["cells"]) + " |" for g in arms["graders"]]
+            lines.append("")
     else:
         lines += [arms["note"], ""]
     data = context["data"]
