@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, Recipe
-from tunelab.contract import Manifest, Metrics, TrainSummary
+from tunelab.contract import Metrics, TrainSummary
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
     EvalExample,
@@ -360,7 +360,8 @@ def _record_graders_in_manifest(paths: RunPaths, graders: Sequence[Any]) -> None
         except ValueError:
             raise DataError(f"{paths.manifest}: not valid JSON; it is not rewritten") from None
     manifest["graders"] = [grader_config(g) for g in graders]
-    Manifest.model_validate(manifest).write(paths.manifest)
+    # a run evaluated without its training (tests, copied folders) may have no full manifest: keys kept as found
+    write_text_atomic(paths.manifest, json.dumps(manifest, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
