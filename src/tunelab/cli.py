@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from tunelab.curve import DEFAULT_FRACTIONS  # light: its default feeds `curve --help`
 from tunelab.errors import NotYetAvailable, TunelabError
 from tunelab.serve import ServeSettings  # light: its defaults feed `serve --help`
 
@@ -249,6 +250,31 @@ def run(
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(err.exit_code) from None
+
+
+# ---------------------------------------------------------------------------------------------- curve
+
+
+@app.command()
+def curve(
+    recipe: Path,
+    overrides: Overrides = None,
+    fractions: Annotated[str, typer.Option(
+        help="nested shares of the training split, smallest first, each in (0, 1]")] = ",".join(
+        f"{f:g}" for f in DEFAULT_FRACTIONS),
+) -> None:
+    """Learning curve: train on nested fractions of the training data, evaluate each on the same
+    test set, and project the gain from doubling the data (or say it is flat)."""
+    from tunelab.config import load_recipe
+    from tunelab.curve import build_curve, curve_dir, format_table, parse_fractions
+
+    chosen = parse_fractions(fractions)  # a bad list fails before the recipe or any model loads
+    loaded = load_recipe(recipe, overrides or [])
+    result = build_curve(loaded, chosen)
+    typer.echo(format_table(result))
+    folder = curve_dir(loaded)
+    typer.echo(f"wrote {folder / 'curve.json'}, {folder / 'curve.png'}, {folder / 'curve.html'} and "
+               f"{folder / 'curve.md'}", err=True)
 
 
 # ---------------------------------------------------------------------------------------------- use
