@@ -3,6 +3,7 @@ doubling projection on synthetic scores, and one-line errors for bad --fractions
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -54,13 +55,19 @@ def read_ids(path):
 
 @pytest.fixture(scope="module")
 def curve_run(tmp_path_factory, tiny_model_dir):
+    """A curve of two fractions whose last evaluation was lost, then resumed with a third fraction added."""
     folder = tmp_path_factory.mktemp("curve")
     recipe = load_recipe(write_task(folder), FAST)
-    return recipe, build_curve(recipe, (0.25, 0.5, 1.0)), folder / "runs" / "task-curve"
+    root = folder / "runs" / "task-curve"
+    build_curve(recipe, (0.5, 1.0))
+    shutil.rmtree(root / "fraction-1" / "eval")
+    before = {name: (root / name / "train" / "log.jsonl").read_text() for name in ("fraction-0.5", "fraction-1")}
+    curve = build_curve(recipe, (0.25, 0.5, 1.0), resume=True)
+    return recipe, curve, root, before
 
 
 def test_fractions_are_nested_subsets_of_the_training_split(curve_run):
-    recipe, curve, root = curve_run
+    recipe, curve, root, _ = curve_run
     pool = read_ids(root / "reference" / "data" / "train.jsonl")
     quarter, half, whole = (read_ids(root / f"fraction-{f}" / "data" / "train.jsonl") for f in ("0.25", "0.5", "1"))
     assert [len(quarter), len(half), len(whole)] == [round(0.25 * len(pool)), round(0.5 * len(pool)), len(pool)]
@@ -74,7 +81,7 @@ def test_fractions_are_nested_subsets_of_the_training_split(curve_run):
 def test_every_point_is_tested_on_the_test_set_tunelab_run_would_use(curve_run, tokenizer, tmp_path):
     from tunelab.data.prepare import prepare_data
 
-    recipe, curve, root = curve_run
+    recipe, curve, root, _ = curve_run
     run_test = prepare_data(recipe, tokenizer, tmp_path / "data").path("test").read_bytes()
     assert (root / "reference" / "data" / "test.jsonl").read_bytes() == run_test
     expected = read_ids(root / "reference" / "data" / "test.jsonl")[:6]  # eval.limit=6
@@ -88,7 +95,7 @@ def test_every_point_is_tested_on_the_test_set_tunelab_run_would_use(curve_run, 
 
 
 def test_curve_json_has_the_documented_shape(curve_run):
-    recipe, curve, root = curve_run
+    recipe, curve, root, _ = curve_run
     data = json.loads((root / "curve.json").read_text())
     assert Curve.model_validate(data) == curve
     assert list(data) == ["version", "name", "model", "primary_metric", "train_pool", "seed", "test_file",
@@ -112,8 +119,24 @@ def test_curve_json_has_the_documented_shape(curve_run):
     assert f"{data['points'][0]['examples']:>8}" in table
 
 
+def test_resume_keeps_finished_points_and_adds_new_fractions(curve_run):
+    recipe, curve, root, before = curve_run
+    for name, log in before.items():  # neither trained again
+        assert (root / name / "train" / "log.jsonl").read_text() == log
+    assert (root / "fraction-1" / "eval" / "metrics.json").is_file()  # its lost evaluation was redone
+    assert [p.run_dir for p in curve.points] == ["fraction-0.25", "fraction-0.5", "fraction-1"]
+    task = root.parents[1] / "task.jsonl"
+    original = task.read_text()
+    try:
+        task.write_text(original + original.splitlines()[0].replace("item 0", "item x") + "\n")
+        with pytest.raises(ConfigError, match="the data or the data settings changed since this curve started"):
+            build_curve(recipe, (0.25, 1.0), resume=True)
+    finally:
+        task.write_text(original)
+
+
 def test_an_existing_curve_folder_is_never_overwritten(curve_run):
-    recipe, _, root = curve_run
+    recipe, _, root, _ = curve_run
     before = (root / "curve.json").read_text()
     with pytest.raises(ConfigError, match="already exists"):
         build_curve(recipe, (0.5, 1.0))

@@ -262,6 +262,7 @@ def curve(
     fractions: Annotated[str, typer.Option(
         help="nested shares of the training split, smallest first, each in (0, 1]")] = ",".join(
         f"{f:g}" for f in DEFAULT_FRACTIONS),
+    resume: Annotated[bool, typer.Option(help="continue an interrupted curve, or add fractions to a finished one")] = False,
 ) -> None:
     """Learning curve: train on nested fractions of the training data, evaluate each on the same
     test set, and project the gain from doubling the data (or say it is flat)."""
@@ -270,7 +271,7 @@ def curve(
 
     chosen = parse_fractions(fractions)  # a bad list fails before the recipe or any model loads
     loaded = load_recipe(recipe, overrides or [])
-    result = build_curve(loaded, chosen)
+    result = build_curve(loaded, chosen, resume=resume)
     typer.echo(format_table(result))
     folder = curve_dir(loaded)
     typer.echo(f"wrote {folder / 'curve.json'}, {folder / 'curve.png'}, {folder / 'curve.html'} and "

@@ -24,7 +24,6 @@ import json
 import math
 import random
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,7 +201,7 @@ def _point_data(prepared: PreparedData, keep_ids: set[str], out_dir: Path) -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "train.tokens.jsonl"):
         _write_subset(prepared.out_dir / name, out_dir / name, keep_ids)
-    for name in ("valid.jsonl", "valid.tokens.jsonl", "test.jsonl", "fingerprint.json"):
+    for name in ("valid.jsonl", "valid.tokens.jsonl", "test.jsonl"):
         shutil.copyfile(prepared.out_dir / name, out_dir / name)
 
 
@@ -218,22 +217,65 @@ def _tuned_scores(paths: RunPaths, arm: str) -> tuple[list[str], list[float]]:
     return ids, scores
 
 
-def _train_and_evaluate(
+def _run_point(
     recipe: Recipe, paths: RunPaths, tokenizer: PreTrainedTokenizerBase, prepared: PreparedData, keep_ids: set[str],
-) -> tuple[dict[str, Any], Any, float]:
-    """One point: its data subset, training, the tuned arm's evaluation -> (metrics, TrainResult, seconds)."""
+    resume: bool,
+) -> None:
+    """One point: its data subset, training, the tuned arm's evaluation. With `resume`, what its
+    folder already holds is kept: a finished evaluation, a finished training, complete checkpoints."""
     from tunelab.eval.run import evaluate
     from tunelab.train.run import start_run_dir, train_on_examples, write_manifest
 
-    started = time.perf_counter()
-    start_run_dir(paths, recipe, resume=False)
-    write_manifest(paths, recipe, tokenizer, prepared.out_dir)
-    _point_data(prepared, keep_ids, paths.data)
-    train_rows = [row for row in prepared.tokenized("train") if _base_id(row["id"]) in keep_ids]
-    result = train_on_examples(recipe, paths, tokenizer, train_rows, prepared.tokenized("valid"))
-    result.model = None  # evaluation loads the saved weights; two copies need not be held
-    metrics = evaluate(paths.root, arms=["tuned"], echo=False)
-    return metrics, result, time.perf_counter() - started
+    start_run_dir(paths, recipe, resume)  # with resume: refuses a recipe that changed since
+    if resume and paths.metrics.is_file():
+        say(f"{paths.root.name}: evaluated earlier, kept")
+        return
+    if resume and _summary_path(paths).is_file():
+        say(f"{paths.root.name}: trained earlier, evaluating")
+    else:
+        write_manifest(paths, recipe, tokenizer, prepared.out_dir)
+        _point_data(prepared, keep_ids, paths.data)
+        train_rows = [row for row in prepared.tokenized("train") if _base_id(row["id"]) in keep_ids]
+        train_on_examples(recipe, paths, tokenizer, train_rows, prepared.tokenized("valid"), resume=resume)
+    evaluate(paths.root, arms=["tuned"], echo=False)
+
+
+def _summary_path(paths: RunPaths) -> Path:
+    return paths.train_log.parent / "summary.json"
+
+
+def _read_point(paths: RunPaths, fraction: float, examples: int) -> tuple[CurvePoint, str, list[str], list[float]]:
+    """A finished point from its files -> (point, primary metric, test ids, per-example scores)."""
+    summary = json.loads(_summary_path(paths).read_text(encoding="utf-8"))
+    metrics = json.loads(paths.metrics.read_text(encoding="utf-8"))
+    tuned = metrics["arms"]["tuned"]
+    ids, scores = _tuned_scores(paths, "tuned")
+    point = CurvePoint(
+        fraction=fraction, examples=examples, run_dir=paths.root.name, primary=tuned["primary"],
+        ci95=tuple(tuned["ci95"]), train_sample=metrics.get("overfitting", {}).get("task_metric", {}).get("train_sample"),
+        train_steps=summary["steps"], train_time_s=round(summary["train_time_s"], 1),
+        seconds=round(summary["train_time_s"] + metrics["elapsed_s"], 1),
+    )
+    return point, metrics["primary_metric"], ids, scores
+
+
+def _reference(paths: RunPaths, arms: list[str], resume: bool) -> Reference:
+    """The best prompt-only arm, evaluated once (kept from an earlier evaluation of the same arms with `resume`)."""
+    from tunelab.eval.run import evaluate
+
+    earlier = json.loads(paths.metrics.read_text(encoding="utf-8")) if resume and paths.metrics.is_file() else None
+    if earlier is not None and set(earlier["arms"]) == set(arms):
+        say(f"reference: {', '.join(arms)} evaluated earlier, kept")
+        metrics = earlier
+    else:
+        say(f"reference: {', '.join(arms)}, no training")
+        metrics = evaluate(paths.root, arms=arms, echo=False)
+    scored = metrics["arms"]
+    best = max(arms, key=lambda arm: scored[arm]["primary"])
+    return Reference(
+        arm=best, primary=scored[best]["primary"], ci95=tuple(scored[best]["ci95"]),
+        prompt_tokens_mean=scored[best]["prompt_tokens_mean"], arms={arm: scored[arm]["primary"] for arm in arms},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the curve
@@ -249,27 +291,36 @@ def _folder_recipe(recipe: Recipe, root: Path, name: str) -> Recipe:
     return recipe.model_copy(update={"name": name, "out_dir": str(root), "eval": evaluation})
 
 
-def build_curve(recipe: Recipe, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> Curve:
+def build_curve(recipe: Recipe, fractions: Sequence[float] = DEFAULT_FRACTIONS, resume: bool = False) -> Curve:
     """Prepare once, evaluate the prompt-only reference, train and evaluate each fraction; write the
-    curve folder (see the module docstring) and return what curve.json holds."""
-    from tunelab.data.prepare import prepare_data
+    curve folder (see the module docstring) and return what curve.json holds.
+
+    `resume` continues an interrupted curve, or adds fractions to a finished one: finished points are
+    kept (a fraction's subset depends only on the data, data.seed and the fraction), training
+    continues from its newest complete checkpoint."""
+    from tunelab.data.prepare import data_fingerprint, prepare_data
     from tunelab.eval.metrics import NON_TUNED_ARMS
-    from tunelab.eval.run import evaluate
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
     from tunelab.train.run import start_run_dir, write_manifest
 
     root = curve_dir(recipe)
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(f"{root} already exists; move it away, or start a new curve with name=NEW")
+    if not resume and root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} already exists; continue it or add fractions with --resume, or start a new curve "
+                          "with name=NEW")
     if recipe.data.train is None:
         raise ConfigError("data.train is not set: the recipe names no training file")
 
     # --- data, prepared once: every point trains on a part of this train split and is tested on this test split
     reference_paths = RunPaths(root / "reference")
     reference_recipe = _folder_recipe(recipe, root, "reference")
-    start_run_dir(reference_paths, reference_recipe, resume=False)
+    start_run_dir(reference_paths, reference_recipe, resume)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    if resume and (reference_paths.data / "fingerprint.json").is_file():
+        earlier = json.loads((reference_paths.data / "fingerprint.json").read_text(encoding="utf-8"))["sha256"]
+        if earlier != data_fingerprint(reference_recipe.data, tokenizer)["sha256"]:
+            raise ConfigError(f"{root}: the data or the data settings changed since this curve started, so its points "
+                              "would not share a training pool; start a new curve with name=NEW")
     prepared = prepare_data(reference_recipe, tokenizer, reference_paths.data)
     write_manifest(reference_paths, reference_recipe, tokenizer, prepared.out_dir)
     pool = [row["id"] for row in prepared.conversations("train")]
@@ -280,51 +331,34 @@ def build_curve(recipe: Recipe, fractions: Sequence[float] = DEFAULT_FRACTIONS) 
         f"test set {prepared.path('test')}")
 
     # --- the line to beat: prompt-only arms with the whole training pool, evaluated once
-    reference = None
     prompt_arms = [arm for arm in recipe.eval.arms if arm in NON_TUNED_ARMS]
-    if prompt_arms:
-        say(f"reference: {', '.join(prompt_arms)} with all {len(pool)} training examples")
-        metrics = evaluate(reference_paths.root, arms=prompt_arms, echo=False)
-        arms = metrics["arms"]
-        best = max(prompt_arms, key=lambda arm: arms[arm]["primary"])
-        reference = Reference(
-            arm=best, primary=arms[best]["primary"], ci95=tuple(arms[best]["ci95"]),
-            prompt_tokens_mean=arms[best]["prompt_tokens_mean"], arms={arm: arms[arm]["primary"] for arm in prompt_arms},
-        )
+    reference = _reference(reference_paths, prompt_arms, resume) if prompt_arms else None
 
-    # --- one trained and evaluated run per fraction
+    # --- one trained and evaluated run per fraction, all on the same test examples and metric
     points: list[CurvePoint] = []
     rows: list[list[float]] = []
-    test_ids: list[str] | None = None
-    primary_metric = None
+    first: tuple[str, list[str]] | None = None  # the first point's primary metric and test ids
     for number, (fraction, subset) in enumerate(zip(fractions, subsets, strict=True), start=1):
         name = f"fraction-{fraction:g}"
         say(f"[{number}/{len(fractions)}] {name}: {len(subset)} of {len(pool)} training examples")
         paths = RunPaths(root / name)
-        keep = {pool[i] for i in subset}
-        metrics, result, seconds = _train_and_evaluate(_folder_recipe(recipe, root, name), paths, tokenizer, prepared, keep)
-        ids, scores = _tuned_scores(paths, "tuned")
-        if test_ids is not None and ids != test_ids:
-            raise DataError(f"{paths.predictions}: tested on other examples than the previous points")
-        if primary_metric is not None and metrics["primary_metric"] != primary_metric:
-            raise DataError(f"{paths.metrics}: scored by {metrics['primary_metric']}, the previous points by "
-                            f"{primary_metric}: the output kind is read from the train answers too; use larger fractions")
-        test_ids, primary_metric = ids, metrics["primary_metric"]
+        _run_point(_folder_recipe(recipe, root, name), paths, tokenizer, prepared, {pool[i] for i in subset}, resume)
+        point, metric, ids, scores = _read_point(paths, fraction, len(subset))
+        if first is not None and ids != first[1]:
+            raise DataError(f"{paths.predictions}: tested on other examples than {points[0].run_dir}")
+        if first is not None and metric != first[0]:
+            raise DataError(f"{paths.metrics}: scored by {metric}, {points[0].run_dir} by {first[0]}: the output "
+                            "kind is read from the train answers too; use larger fractions")
+        first = first or (metric, ids)
+        points.append(point)
         rows.append(scores)
-        tuned = metrics["arms"]["tuned"]
-        sample = metrics.get("overfitting", {}).get("task_metric", {}).get("train_sample")
-        points.append(CurvePoint(
-            fraction=fraction, examples=len(subset), run_dir=name, primary=tuned["primary"], ci95=tuple(tuned["ci95"]),
-            train_sample=sample, train_steps=result.steps, train_time_s=round(result.train_time_s, 1),
-            seconds=round(seconds, 1),
-        ))
 
     import numpy as np
 
     projection = project_doubling([p.examples for p in points], np.array(rows), seed=recipe.eval.seed)
     curve = Curve(
-        name=recipe.name, model=recipe.model.name, primary_metric=primary_metric or "", train_pool=len(pool),
-        seed=recipe.data.seed, test_file=str(prepared.path("test")), test_examples=len(test_ids or []),
+        name=recipe.name, model=recipe.model.name, primary_metric=first[0] if first else "", train_pool=len(pool),
+        seed=recipe.data.seed, test_file=str(prepared.path("test")), test_examples=len(rows[0]),
         points=points, reference=reference, projection=projection,
     )
     write_curve(curve, root)
