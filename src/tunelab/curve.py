@@ -163,7 +163,8 @@ def project_doubling(examples: Sequence[int], scores: np.ndarray, seed: int = 0,
     gain, projected = fit(scores.mean(axis=1))
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, scores.shape[1], size=(resamples or BOOTSTRAP_RESAMPLES, scores.shape[1]))
-    boot_gain, boot_projected = fit(scores[:, picks].mean(axis=2).T)
+    # one point at a time: a resample table of every point at once can outgrow memory on a large test set
+    boot_gain, boot_projected = fit(np.stack([row[picks].mean(axis=1) for row in scores], axis=1))
     gain_ci = (float(np.percentile(boot_gain, 2.5)), float(np.percentile(boot_gain, 97.5)))
     projected_ci = (float(np.percentile(boot_projected, 2.5)), float(np.percentile(boot_projected, 97.5)))
     largest = int(max(examples))
@@ -173,8 +174,10 @@ def project_doubling(examples: Sequence[int], scores: np.ndarray, seed: int = 0,
         text = (f"flat: more of the same data will not help ({100 * gain:+.1f} points per doubling of the "
                 f"examples, {interval})")
     else:
+        # a log-linear fit does not know scores end at 1: past it, say so instead of printing 104%
+        to = f"to about {100 * projected:.1f}" if projected <= 1.0 else "the fit reaches the top of the scale"
         text = (f"doubling the training data ({largest} -> {2 * largest} examples) is projected to gain "
-                f"{100 * gain:+.1f} points, {interval} (to about {100 * projected:.1f})")
+                f"{100 * gain:+.1f} points, {interval} ({to})")
     return Projection(
         from_examples=largest, to_examples=2 * largest, gain=float(gain), gain_ci95=gain_ci,
         projected=float(projected), projected_ci95=projected_ci, flat=flat, text=text,
@@ -205,7 +208,7 @@ def _point_data(prepared: PreparedData, keep_ids: set[str], out_dir: Path) -> No
         shutil.copyfile(prepared.out_dir / name, out_dir / name)
 
 
-def _tuned_scores(paths: RunPaths, arm: str) -> tuple[list[str], list[float]]:
+def _arm_scores(paths: RunPaths, arm: str) -> tuple[list[str], list[float]]:
     """Test ids and per-example primary scores of one arm, from eval/predictions.jsonl."""
     ids, scores = [], []
     with paths.predictions.open(encoding="utf-8") as f:
@@ -249,7 +252,7 @@ def _read_point(paths: RunPaths, fraction: float, examples: int) -> tuple[CurveP
     summary = json.loads(_summary_path(paths).read_text(encoding="utf-8"))
     metrics = json.loads(paths.metrics.read_text(encoding="utf-8"))
     tuned = metrics["arms"]["tuned"]
-    ids, scores = _tuned_scores(paths, "tuned")
+    ids, scores = _arm_scores(paths, "tuned")
     point = CurvePoint(
         fraction=fraction, examples=examples, run_dir=paths.root.name, primary=tuned["primary"],
         ci95=tuple(tuned["ci95"]), train_sample=metrics.get("overfitting", {}).get("task_metric", {}).get("train_sample"),
