@@ -266,12 +266,21 @@ def curve(
 ) -> None:
     """Learning curve: train on nested fractions of the training data, evaluate each on the same
     test set, and project the gain from doubling the data (or say it is flat)."""
+    import shlex
+
     from tunelab.config import load_recipe
     from tunelab.curve import build_curve, curve_dir, format_table, parse_fractions
 
-    chosen = parse_fractions(fractions)  # a bad list fails before the recipe or any model loads
+    chosen = parse_fractions(fractions)  # a bad list fails before the recipe, torch or any model loads
     loaded = load_recipe(recipe, overrides or [])
-    result = build_curve(loaded, chosen, resume=resume)
+    from tunelab.train.loop import TrainingInterrupted
+
+    again = shlex.join(["tunelab", "curve", str(recipe), *(overrides or []), f"--fractions={fractions}", "--resume"])
+    try:
+        result = build_curve(loaded, chosen, resume=resume, resume_command=again)
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(err.exit_code) from None
     typer.echo(format_table(result))
     folder = curve_dir(loaded)
     typer.echo(f"wrote {folder / 'curve.json'}, {folder / 'curve.png'}, {folder / 'curve.html'} and "

@@ -222,7 +222,7 @@ def _arm_scores(paths: RunPaths, arm: str) -> tuple[list[str], list[float]]:
 
 def _run_point(
     recipe: Recipe, paths: RunPaths, tokenizer: PreTrainedTokenizerBase, prepared: PreparedData, keep_ids: set[str],
-    resume: bool,
+    resume: bool, resume_command: str | None,
 ) -> None:
     """One point: its data subset, training, the tuned arm's evaluation. With `resume`, what its
     folder already holds is kept: a finished evaluation, a finished training, complete checkpoints."""
@@ -239,7 +239,8 @@ def _run_point(
         write_manifest(paths, recipe, tokenizer, prepared.out_dir)
         _point_data(prepared, keep_ids, paths.data)
         train_rows = [row for row in prepared.tokenized("train") if _base_id(row["id"]) in keep_ids]
-        train_on_examples(recipe, paths, tokenizer, train_rows, prepared.tokenized("valid"), resume=resume)
+        train_on_examples(recipe, paths, tokenizer, train_rows, prepared.tokenized("valid"), resume=resume,
+                          resume_command=resume_command)
     evaluate(paths.root, arms=["tuned"], echo=False)
 
 
@@ -294,13 +295,16 @@ def _folder_recipe(recipe: Recipe, root: Path, name: str) -> Recipe:
     return recipe.model_copy(update={"name": name, "out_dir": str(root), "eval": evaluation})
 
 
-def build_curve(recipe: Recipe, fractions: Sequence[float] = DEFAULT_FRACTIONS, resume: bool = False) -> Curve:
+def build_curve(
+    recipe: Recipe, fractions: Sequence[float] = DEFAULT_FRACTIONS, resume: bool = False, resume_command: str | None = None,
+) -> Curve:
     """Prepare once, evaluate the prompt-only reference, train and evaluate each fraction; write the
     curve folder (see the module docstring) and return what curve.json holds.
 
     `resume` continues an interrupted curve, or adds fractions to a finished one: finished points are
     kept (a fraction's subset depends only on the data, data.seed and the fraction), training
-    continues from its newest complete checkpoint."""
+    continues from its newest complete checkpoint. `resume_command` is what an interrupted training
+    tells the user to run."""
     from tunelab.data.prepare import data_fingerprint, prepare_data
     from tunelab.eval.metrics import NON_TUNED_ARMS
     from tunelab.models import load_tokenizer
@@ -345,7 +349,8 @@ def build_curve(recipe: Recipe, fractions: Sequence[float] = DEFAULT_FRACTIONS, 
         name = f"fraction-{fraction:g}"
         say(f"[{number}/{len(fractions)}] {name}: {len(subset)} of {len(pool)} training examples")
         paths = RunPaths(root / name)
-        _run_point(_folder_recipe(recipe, root, name), paths, tokenizer, prepared, {pool[i] for i in subset}, resume)
+        _run_point(_folder_recipe(recipe, root, name), paths, tokenizer, prepared, {pool[i] for i in subset}, resume,
+                   resume_command)
         point, metric, ids, scores = _read_point(paths, fraction, len(subset))
         if first is not None and ids != first[1]:
             raise DataError(f"{paths.predictions}: tested on other examples than {points[0].run_dir}")
