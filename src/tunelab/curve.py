@@ -306,7 +306,7 @@ def build_curve(
     continues from its newest complete checkpoint. `resume_command` is what an interrupted training
     tells the user to run."""
     from tunelab.data.prepare import data_fingerprint, prepare_data
-    from tunelab.eval.metrics import NON_TUNED_ARMS
+    from tunelab.eval.metrics import TUNED_ARMS
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
     from tunelab.train.run import start_run_dir, write_manifest
@@ -338,7 +338,7 @@ def build_curve(
         f"test set {prepared.path('test')}")
 
     # --- the line to beat: prompt-only arms with the whole training pool, evaluated once
-    prompt_arms = [arm for arm in recipe.eval.arms if arm in NON_TUNED_ARMS]
+    prompt_arms = [arm for arm in recipe.eval.arms if arm not in TUNED_ARMS]
     reference = _reference(reference_paths, prompt_arms, resume) if prompt_arms else None
 
     # --- one trained and evaluated run per fraction, all on the same test examples and metric
