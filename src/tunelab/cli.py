@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 
-from tunelab.curve import DEFAULT_FRACTIONS  # light: its default feeds `curve --help`
 from tunelab.errors import NotYetAvailable, TunelabError
 from tunelab.serve import ServeSettings  # light: its defaults feed `serve --help`
 
@@ -255,13 +254,18 @@ def run(
 # ---------------------------------------------------------------------------------------------- curve
 
 
+def _default_fractions() -> str:
+    from tunelab.curve import DEFAULT_FRACTIONS  # light: its default feeds `curve --help`
+
+    return ",".join(f"{f:g}" for f in DEFAULT_FRACTIONS)
+
+
 @app.command()
 def curve(
-    recipe: Path,
+    recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     fractions: Annotated[str, typer.Option(
-        help="nested shares of the training split, smallest first, each in (0, 1]")] = ",".join(
-        f"{f:g}" for f in DEFAULT_FRACTIONS),
+        help="nested shares of the training split, smallest first, each in (0, 1]")] = _default_fractions(),
     resume: Annotated[bool, typer.Option(help="continue an interrupted curve, or add fractions to a finished one")] = False,
 ) -> None:
     """Learning curve: train on nested fractions of the training data, evaluate each on the same
