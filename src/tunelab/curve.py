@@ -387,10 +387,11 @@ def _pct_ci(value: float, ci: Sequence[float]) -> str:
 def format_table(curve: Curve) -> str:
     """The console table: one line per point, the reference, then the projection sentence."""
     score = f"tuned {curve.primary_metric} (%) [95% CI]"
-    header = f"{'examples':>8}  {score:<34}  {'train steps':>11}  {'seconds':>8}"
+    width = max(len(score), 20)
+    header = f"{'examples':>8}  {score:<{width}}  {'train steps':>11}  {'seconds':>8}"
     lines = [header, "-" * len(header)]
     for p in curve.points:
-        lines.append(f"{p.examples:>8}  {_pct_ci(p.primary, p.ci95):<34}  {p.train_steps:>11}  {p.seconds:>8.0f}")
+        lines.append(f"{p.examples:>8}  {_pct_ci(p.primary, p.ci95):<{width}}  {p.train_steps:>11}  {p.seconds:>8.0f}")
     if curve.reference is not None:
         ref = curve.reference
         lines.append(f"reference: {ref.arm} (no training, all {curve.train_pool} examples) {_pct_ci(ref.primary, ref.ci95)}")
