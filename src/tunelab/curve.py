@@ -229,6 +229,7 @@ def _run_point(
     from tunelab.eval.run import evaluate
     from tunelab.train.run import start_run_dir, train_on_examples, write_manifest
 
+    resume = resume and paths.root.is_dir()  # a point new to this curve starts fresh
     start_run_dir(paths, recipe, resume)  # with resume: refuses a recipe that changed since
     if resume and paths.metrics.is_file():
         say(f"{paths.root.name}: evaluated earlier, kept")
