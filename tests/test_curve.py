@@ -161,7 +161,7 @@ def test_a_rising_curve_projects_a_positive_gain_with_an_interval():
     assert 0 < projection.gain_ci95[0] < projection.gain < projection.gain_ci95[1]
     assert projection.gain == pytest.approx(0.10, abs=0.03)
     assert projection.projected == pytest.approx(observed.mean() + 2 * projection.gain)  # 800 is 2 doublings past the mean of log2 x
-    assert not projection.flat
+    assert not projection.flat and not projection.levelled_off
     assert (projection.from_examples, projection.to_examples) == (400, 800)
     assert projection.text.startswith("doubling the training data (400 -> 800 examples) is projected to gain +")
 
@@ -171,6 +171,18 @@ def test_a_flat_curve_says_more_of_the_same_data_will_not_help():
     assert projection.flat
     assert projection.gain_ci95[0] <= 0 <= projection.gain_ci95[1]
     assert projection.text.startswith("flat: more of the same data will not help")
+
+
+def test_a_curve_that_levelled_off_is_flat_even_when_the_fit_over_all_points_rises():
+    scores = synthetic_scores([0.30, 0.60, 0.60])
+    projection = project_doubling([100, 200, 400], scores, seed=0)
+    assert projection.gain_ci95[0] > 0.05  # the straight fit alone would promise a gain
+    assert projection.last_gain == pytest.approx(scores[2].mean() - scores[1].mean())
+    assert projection.last_gain_ci95[0] < 0 < projection.last_gain_ci95[1]
+    assert projection.levelled_off and projection.flat
+    assert projection.text.startswith("flat: more of the same data will not help (the curve has levelled off")
+    # still rising at the top: the last step does not override the fit
+    assert not project_doubling([100, 200, 400], synthetic_scores([0.30, 0.45, 0.60]), seed=0).levelled_off
 
 
 def test_a_tiny_but_certain_gain_is_flat_too():

@@ -76,6 +76,9 @@ class Projection(BaseModel):
     gain_ci95: tuple[float, float]
     projected: float  # fitted score at to_examples
     projected_ci95: tuple[float, float]
+    last_gain: float  # slope per doubling between the two largest points alone
+    last_gain_ci95: tuple[float, float]
+    levelled_off: bool  # the last step is under FLAT_GAIN and clearly below the fit: the fit overstates
     flat: bool
     text: str
 
@@ -160,27 +163,46 @@ def project_doubling(examples: Sequence[int], scores: np.ndarray, seed: int = 0,
         slope = (means - means.mean(axis=-1, keepdims=True)) @ centred / (centred @ centred)
         return slope, means.mean(axis=-1) + slope * (x_next - x.mean())
 
-    gain, projected = fit(scores.mean(axis=1))
+    def last_step(means: np.ndarray) -> np.ndarray:
+        return (means[..., -1] - means[..., -2]) / (x[-1] - x[-2])
+
+    means = scores.mean(axis=1)
+    gain, projected = fit(means)
+    last_gain = last_step(means)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, scores.shape[1], size=(resamples or BOOTSTRAP_RESAMPLES, scores.shape[1]))
     # one point at a time: a resample table of every point at once can outgrow memory on a large test set
-    boot_gain, boot_projected = fit(np.stack([row[picks].mean(axis=1) for row in scores], axis=1))
-    gain_ci = (float(np.percentile(boot_gain, 2.5)), float(np.percentile(boot_gain, 97.5)))
-    projected_ci = (float(np.percentile(boot_projected, 2.5)), float(np.percentile(boot_projected, 97.5)))
+    boot_means = np.stack([row[picks].mean(axis=1) for row in scores], axis=1)
+    boot_gain, boot_projected = fit(boot_means)
+    boot_last = last_step(boot_means)
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+    gain_ci, projected_ci, last_ci = interval(boot_gain), interval(boot_projected), interval(boot_last)
+    # Learning curves bend: a straight fit over all points can promise a gain the last step no longer
+    # shows. The last step overrides the fit when it is small and clearly below it (paired resamples).
+    levelled_off = bool(len(x) > 2 and last_gain < FLAT_GAIN and interval(boot_gain - boot_last)[0] > 0)
     largest = int(max(examples))
-    flat = bool(gain_ci[0] <= 0.0 or gain < FLAT_GAIN)
-    interval = f"95% CI [{100 * gain_ci[0]:+.1f}, {100 * gain_ci[1]:+.1f}]"
-    if flat:
-        text = (f"flat: more of the same data will not help ({100 * gain:+.1f} points per doubling of the "
-                f"examples, {interval})")
+    flat = bool(gain_ci[0] <= 0.0 or gain < FLAT_GAIN or levelled_off)
+
+    def shown(value: float, ci: tuple[float, float]) -> str:
+        return f"{100 * value:+.1f} points per doubling of the examples, 95% CI [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+
+    if levelled_off:
+        text = (f"flat: more of the same data will not help (the curve has levelled off: the last step gained "
+                f"{shown(last_gain, last_ci)}, below the fit over all points, {100 * gain:+.1f})")
+    elif flat:
+        text = f"flat: more of the same data will not help ({shown(gain, gain_ci)})"
     else:
         # a log-linear fit does not know scores end at 1: past it, say so instead of printing 104%
         to = f"to about {100 * projected:.1f}" if projected <= 1.0 else "the fit reaches the top of the scale"
         text = (f"doubling the training data ({largest} -> {2 * largest} examples) is projected to gain "
-                f"{100 * gain:+.1f} points, {interval} ({to})")
+                f"{100 * gain:+.1f} points, 95% CI [{100 * gain_ci[0]:+.1f}, {100 * gain_ci[1]:+.1f}] ({to})")
     return Projection(
         from_examples=largest, to_examples=2 * largest, gain=float(gain), gain_ci95=gain_ci,
-        projected=float(projected), projected_ci95=projected_ci, flat=flat, text=text,
+        projected=float(projected), projected_ci95=projected_ci, last_gain=float(last_gain), last_gain_ci95=last_ci,
+        levelled_off=levelled_off, flat=flat, text=text,
     )
 
 
@@ -415,15 +437,23 @@ def _figure(curve: Curve) -> Any:
     ax.errorbar(xs, ys, yerr=[low, high], color=arm_color("tuned"), marker="o", markersize=5, linewidth=1.6,
                 capsize=3, label="tuned (95% interval)")
     proj = curve.projection
-    # the fitted line from the smallest point to one doubling past the largest
-    x_fit = [min(xs), proj.to_examples]
+    tuned = arm_color("tuned")
+    # the fitted line over the points, and one doubling past the largest unless the curve levelled off
+    x_fit = [min(xs), max(xs) if proj.levelled_off else proj.to_examples]
     y_fit = [100 * (proj.projected - proj.gain * (math.log2(proj.to_examples) - math.log2(x))) for x in x_fit]
-    ax.plot(x_fit, y_fit, color=arm_color("tuned"), linestyle="--", linewidth=1.0, label="fit on log2(examples)")
-    ax.errorbar([proj.to_examples], [100 * proj.projected],
-                yerr=[[max(100 * (proj.projected - proj.projected_ci95[0]), 0.0)],
-                      [max(100 * (proj.projected_ci95[1] - proj.projected), 0.0)]],
-                fmt="D", color="#ffffff", markeredgecolor=arm_color("tuned"), ecolor=arm_color("tuned"), capsize=3,
-                label=f"projected at {proj.to_examples:,}" + (" (flat)" if proj.flat else ""))
+    ax.plot(x_fit, y_fit, color=tuned, linestyle="--", linewidth=1.0, label="fit on log2(examples)")
+    if proj.levelled_off:
+        # the last step, extended one doubling: what the verdict rests on
+        y_end = ys[-1] + 100 * proj.last_gain * (math.log2(proj.to_examples) - math.log2(xs[-1]))
+        ax.plot([xs[-1], proj.to_examples], [ys[-1], y_end], color=tuned, linestyle=":", linewidth=1.2)
+        ax.plot([proj.to_examples], [y_end], "D", color="#ffffff", markeredgecolor=tuned,
+                label="levelled off: the last step extended")
+    else:
+        ax.errorbar([proj.to_examples], [100 * proj.projected],
+                    yerr=[[max(100 * (proj.projected - proj.projected_ci95[0]), 0.0)],
+                          [max(100 * (proj.projected_ci95[1] - proj.projected), 0.0)]],
+                    fmt="D", color="#ffffff", markeredgecolor=tuned, ecolor=tuned, capsize=3,
+                    label=f"projected at {proj.to_examples:,}" + (" (flat)" if proj.flat else ""))
     if curve.reference is not None:
         ref = curve.reference
         color = arm_color(ref.arm)
