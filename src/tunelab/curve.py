@@ -14,7 +14,8 @@ Reads a recipe. Writes `<out_dir>/<name>-curve/`:
 The projection fits the tuned score against log2(examples) by least squares: the slope is the gain
 from doubling the data. Its 95% interval comes from a bootstrap over test examples (the test set is
 the same for every point, so each resample is applied to all points at once). The verdict is "flat"
-when that interval reaches 0 or the gain is under FLAT_GAIN (see docs/curve.md).
+when that interval reaches 0, the gain is under FLAT_GAIN, or the curve levelled off (its last step is
+under FLAT_GAIN and clearly below the fit); docs/curve.md states the rule for users.
 """
 
 from __future__ import annotations
