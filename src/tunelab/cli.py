@@ -269,6 +269,46 @@ def run(
         raise typer.Exit(err.exit_code) from None
 
 
+# ---------------------------------------------------------------------------------------------- curve
+
+
+def _default_fractions() -> str:
+    from tunelab.curve import DEFAULT_FRACTIONS  # light: its default feeds `curve --help`
+
+    return ",".join(f"{f:g}" for f in DEFAULT_FRACTIONS)
+
+
+@app.command()
+def curve(
+    recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
+    overrides: Overrides = None,
+    fractions: Annotated[str, typer.Option(
+        help="nested shares of the training split, smallest first, each in (0, 1]")] = _default_fractions(),
+    resume: Annotated[bool, typer.Option(help="continue an interrupted curve, or add fractions to a finished one")] = False,
+) -> None:
+    """Learning curve: train on nested fractions of the training data, evaluate each on the same
+    test set, and project the gain from doubling the data (or say it is flat)."""
+    import shlex
+
+    from tunelab.config import load_recipe
+    from tunelab.curve import build_curve, curve_dir, format_table, parse_fractions
+
+    chosen = parse_fractions(fractions)  # a bad list fails before the recipe, torch or any model loads
+    loaded = load_recipe(recipe, overrides or [])
+    from tunelab.train.loop import TrainingInterrupted
+
+    again = shlex.join(["tunelab", "curve", str(recipe), *(overrides or []), f"--fractions={fractions}", "--resume"])
+    try:
+        result = build_curve(loaded, chosen, resume=resume, resume_command=again)
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(err.exit_code) from None
+    typer.echo(format_table(result))
+    folder = curve_dir(loaded)
+    typer.echo(f"wrote {folder / 'curve.json'}, {folder / 'curve.png'}, {folder / 'curve.html'} and "
+               f"{folder / 'curve.md'}", err=True)
+
+
 # ---------------------------------------------------------------------------------------------- use
 
 
