@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from tunelab.console import say
+from tunelab.contract import Metrics, TrainSummary
 from tunelab.errors import ConfigError, DataError
+from tunelab.files import write_text_atomic
 
 if TYPE_CHECKING:  # the CLI imports this module for its defaults: keep it light
     import numpy as np
@@ -257,7 +259,7 @@ def _run_point(
     if resume and paths.metrics.is_file():
         say(f"{paths.root.name}: evaluated earlier, kept")
         return
-    if resume and _summary_path(paths).is_file():
+    if resume and paths.train_summary.is_file():
         say(f"{paths.root.name}: trained earlier, evaluating")
     else:
         write_manifest(paths, recipe, tokenizer, prepared.out_dir)
@@ -268,23 +270,19 @@ def _run_point(
     evaluate(paths.root, arms=["tuned"], echo=False)
 
 
-def _summary_path(paths: RunPaths) -> Path:
-    return paths.train_log.parent / "summary.json"
-
-
 def _read_point(paths: RunPaths, fraction: float, examples: int) -> tuple[CurvePoint, str, list[str], list[float]]:
     """A finished point from its files -> (point, primary metric, test ids, per-example scores)."""
-    summary = json.loads(_summary_path(paths).read_text(encoding="utf-8"))
-    metrics = json.loads(paths.metrics.read_text(encoding="utf-8"))
-    tuned = metrics["arms"]["tuned"]
+    summary = TrainSummary.from_file(paths.train_summary)
+    metrics = Metrics.from_file(paths.metrics)
+    tuned = metrics.arms["tuned"]
     ids, scores = _arm_scores(paths, "tuned")
     point = CurvePoint(
-        fraction=fraction, examples=examples, run_dir=paths.root.name, primary=tuned["primary"],
-        ci95=tuple(tuned["ci95"]), train_sample=metrics.get("overfitting", {}).get("task_metric", {}).get("train_sample"),
-        train_steps=summary["steps"], train_time_s=round(summary["train_time_s"], 1),
-        seconds=round(summary["train_time_s"] + metrics["elapsed_s"], 1),
+        fraction=fraction, examples=examples, run_dir=paths.root.name, primary=tuned.primary,
+        ci95=tuple(tuned.ci95), train_sample=metrics.overfitting.get("task_metric", {}).get("train_sample"),
+        train_steps=summary.steps, train_time_s=round(summary.train_time_s, 1),
+        seconds=round(summary.train_time_s + metrics.elapsed_s, 1),
     )
-    return point, metrics["primary_metric"], ids, scores
+    return point, metrics.primary_metric, ids, scores
 
 
 def _reference(paths: RunPaths, arms: list[str], resume: bool) -> Reference:
@@ -520,6 +518,6 @@ def write_curve(curve: Curve, root: Path) -> None:
 
     fig = _figure(curve)
     fig.savefig(root / "curve.png", format="png", dpi=150, bbox_inches="tight")
-    (root / "curve.html").write_text(_html(curve, _svg(fig, "learning-curve")), encoding="utf-8")
-    (root / "curve.md").write_text(_markdown(curve), encoding="utf-8")
-    (root / "curve.json").write_text(curve.model_dump_json(indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(root / "curve.html", _html(curve, _svg(fig, "learning-curve")))
+    write_text_atomic(root / "curve.md", _markdown(curve))
+    write_text_atomic(root / "curve.json", curve.model_dump_json(indent=1) + "\n")
