@@ -79,7 +79,7 @@ def graded_run(tmp_path_factory, tiny_model_dir, judge_server):
     for row in rows:  # an extra key beside the messages, as data prepare keeps it
         row["city"] = json.loads(row["messages"][-1]["content"])["city"]
     test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = evaluate(run_dir, echo=False)
+    metrics = evaluate(run_dir, echo=False, python_graders=True)  # this test's own recipe
     return run_dir, metrics
 
 
@@ -168,6 +168,11 @@ def test_pairwise_judge_compares_the_verdicts_two_arms(graded_run):
 
 
 @pytest.mark.parametrize(("eval_keys", "message"), [
+    ({"graders": [{"type": "python", "name": "voice", "source": "def grade(sample, item):\n    return 1.0\n"}]},
+     "grader 'voice' is Python code from the run folder; tunelab does not run a run folder's code unasked"),
+    ({"graders": [{"type": "multi", "name": "m", "calculate_output": "a",
+                   "graders": {"a": {"type": "python", "source": "def grade(sample, item):\n    return 1.0\n"}}}]},
+     "grader 'a' is Python code from the run folder"),
     ({"primary": "label_accuracy"}, "eval.primary: 'label_accuracy' is not computed for these references (json output)"),
     ({"graders": [{"type": "score_model", "name": "j", "model": "m", "base_url": "http://127.0.0.1:9/v1",
                    "api_key_env": "TUNELAB_TEST_UNSET_KEY", "input": [{"role": "user", "content": "x"}]}]},

@@ -227,12 +227,15 @@ def eval_(
     arms: Annotated[str | None, typer.Option(help=f"comma-separated: {','.join(ARMS)}")] = None,
     test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
-    trust_remote_code: TrustOpt = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="run Python code shipped with the model (its auto_map) and the run's python "
+        "graders; a run folder's recipe.yaml never turns this on")] = False,
 ) -> None:
     """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
     from tunelab.eval.run import evaluate
 
-    evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code)
+    evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code,
+             python_graders=trust_remote_code)
     typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
 
 

@@ -267,7 +267,7 @@ def _run_point(
         train_rows = [row for row in prepared.tokenized("train") if _base_id(row["id"]) in keep_ids]
         train_on_examples(recipe, paths, tokenizer, train_rows, prepared.tokenized("valid"), resume=resume,
                           resume_command=resume_command)
-    evaluate(paths.root, arms=["tuned"], echo=False)
+    evaluate(paths.root, arms=["tuned"], echo=False, python_graders=True)  # the user's own recipe
 
 
 def _read_point(paths: RunPaths, fraction: float, examples: int) -> tuple[CurvePoint, str, list[str], list[float]]:
@@ -295,7 +295,7 @@ def _reference(paths: RunPaths, arms: list[str], resume: bool) -> Reference:
         metrics = earlier
     else:
         say(f"reference: {', '.join(arms)}, no training")
-        metrics = evaluate(paths.root, arms=arms, echo=False)
+        metrics = evaluate(paths.root, arms=arms, echo=False, python_graders=True)
     scored = metrics["arms"]
     best = max(arms, key=lambda arm: scored[arm]["primary"])
     return Reference(

@@ -99,7 +99,8 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
     def eval_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.eval.run import evaluate
 
-        evaluate(paths.root, trust_remote_code=recipe.model.trust_remote_code)  # the user's own recipe
+        # the user's own recipe: its model code setting and its python graders hold
+        evaluate(paths.root, trust_remote_code=recipe.model.trust_remote_code, python_graders=True)
 
     def report_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.report.html import write_report

@@ -301,6 +301,17 @@ def _choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, 
     return _Primary(name, False, f"eval.primary: the verdict is about built-in metric '{name}'")
 
 
+def _refuse_python_graders(graders: Sequence[Any], paths: RunPaths) -> None:
+    """Opening someone else's run folder never runs its code: a python grader there needs consent."""
+    for grader in graders:
+        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
+            if getattr(one, "type", None) == "python":
+                raise ConfigError(
+                    f"{paths.recipe}: grader '{one.name}' is Python code from the run folder; tunelab does not run "
+                    "a run folder's code unasked: evaluate with --trust-remote-code if you trust this run"
+                )
+
+
 def _check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
     """Every judge's API key variable is set, before minutes of generation."""
     from tunelab.eval.graders.judge import JudgeFailed, api_key
@@ -375,9 +386,12 @@ def evaluate(
     *,
     echo: bool = True,
     trust_remote_code: bool = False,
+    python_graders: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
-    `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run)."""
+    `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run), and
+    so does `python_graders`: a python grader in a run folder's recipe is code, run only when the
+    caller says the recipe is the user's own (tunelab run, curve) or the user asked for it."""
     started = time.perf_counter()
     paths, recipe = open_run(run_dir, trust_remote_code)
     cfg = recipe.eval
@@ -399,6 +413,8 @@ def evaluate(
     kind = detect_output_kind(references, [ex.reference for ex in train])
     schema = _read_schema(cfg.schema_file, paths)
     graders = recipe_graders(cfg)
+    if not python_graders:
+        _refuse_python_graders(graders, paths)
     primary = _choose_primary(cfg.primary, graders, kind, schema is not None, paths)
     _check_api_keys([*graders, *([cfg.pairwise] if cfg.pairwise else [])], paths)
     pool = build_pool(train, all_test)
