@@ -12,8 +12,8 @@ skip the step if the loss or gradient is not finite, else clip and step · log �
 stopping, overfitting) · checkpoint. SIGTERM/SIGINT stop at the next micro-batch: a checkpoint of
 the last finished step is written and TrainingInterrupted (exit code 75) says how to resume.
 
-The seam for torch.distributed is DistContext: rank, world size and the collective operations the
-loop needs; in one process they do nothing.
+The seam for torch.distributed is DistContext (train/distributed.py): rank, world size and the
+collective operations the loop needs; in one process they do nothing.
 """
 
 from __future__ import annotations
@@ -42,11 +42,10 @@ from tunelab.train.checkpoint import (
     TrainState,
     capture_rng,
     checkpoint_dir,
-    load_weights,
     prune_checkpoints,
     restore_rng,
-    save_checkpoint,
 )
+from tunelab.train.distributed import SINGLE_PROCESS, DistContext
 from tunelab.train.setup import TrainSetup
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later (with --resume)
@@ -62,89 +61,6 @@ class NonFiniteTraining(TunelabError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
     exit_code = 1
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Rank, world size and the collectives the loop uses. One process: rank 0 of 1, and every
-    operation is the identity. Under torchrun a subclass does the real all-reduces."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, items: Sequence[Any]) -> Sequence[Any]:
-        """This rank's share of a step's micro-batches (or of an evaluation set)."""
-        return items[self.rank :: self.world_size]
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def gradient_sync(self, module: torch.nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        """DDP: no all-reduce of gradients until the last micro-batch of a step."""
-        return contextlib.nullcontext()
-
-    def sync_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """After a step's last micro-batch: sum the gradients over ranks (distributed.py)."""
-
-    @property
-    def gradient_average_factor(self) -> int:
-        """DDP averages gradients over ranks; losses are pre-multiplied by this to get the sum."""
-        return 1
-
-    def barrier(self) -> None:
-        pass
-
-    # Under FSDP (distributed.FullyShardedContext) forward and backward passes are collectives and the
-    # parameters are shards: the methods below are where that differs.
-    lockstep = False  # passes are collectives: a signal stops a step only at its end, agreed by all
-
-    def lockstep_shard(self, items: Sequence[Any]) -> tuple[Sequence[Any], int]:
-        """This rank's passes over its share of `items` and how many of them are real; FSDP pads
-        the share with zero-weight repeats so every rank runs as many passes."""
-        mine = self.shard(items)
-        return mine, len(mine)
-
-    def prepare(self, setup: TrainSetup, recipe: Any) -> None:
-        """After setup_training: FSDP shards the model here and rebuilds the optimizer over the shards."""
-
-    def clip_grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        """Clip to a global norm; returns the norm before clipping (a plain tensor on every rank)."""
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def save_checkpoint(self, root: Path, setup: TrainSetup, state: TrainState) -> None:
-        """Checkpoint step-N (train/checkpoint.py): rank 0 writes the whole trainable state."""
-        if self.is_main:
-            save_checkpoint(root, state.step, setup.trainable_state(), setup.optimizer.state_dict(), capture_rng(), state)
-
-    def restore(self, setup: TrainSetup, checkpoint: Checkpoint) -> None:
-        """Load a checkpoint's weights, optimizer state and generator states into `setup`."""
-        if checkpoint.sharded:
-            raise TunelabError(
-                f"checkpoint {checkpoint.path} is sharded: written by {checkpoint.world_size} processes with "
-                f"train.distributed: fsdp; resume it the same way (--nproc {checkpoint.world_size})"
-            )
-        setup.load_trainable_state(checkpoint.weights)
-        setup.optimizer.load_state_dict(checkpoint.optimizer_state)
-        restore_rng(checkpoint.rng)
-
-    def load_weights(self, setup: TrainSetup, path: Path) -> None:
-        """Only the weights of a checkpoint (the best one, for the run's output)."""
-        setup.load_trainable_state(load_weights(path))
-
-    def full_state_dict(self, setup: TrainSetup) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights for the output, or None: the model holds them itself. FSDP:
-        gathered to CPU (a collective: every rank calls it)."""
-        return None
-
-
-SINGLE_PROCESS = DistContext()
 
 
 @dataclass
@@ -412,14 +328,14 @@ def train_loop(
                     group["lr"] = lr
 
                 # ---- forward/backward: accumulate the step's micro-batches; every trainable token weighs 1/N
-                scale = ctx.gradient_average_factor / max(1, step.trainable_tokens)
+                scale = 1.0 / max(1, step.trainable_tokens)
                 my_micro_batches, real = ctx.lockstep_shard(step.micro_batches)
                 sums = torch.zeros(3, dtype=torch.float64, device=device)
                 for index, micro in enumerate(my_micro_batches):
                     if stop.received and not ctx.lockstep:
                         break
                     batch = make_batch(micro)
-                    with ctx.gradient_sync(setup.loss_module, index == len(my_micro_batches) - 1):
+                    with ctx.forward_backward():
                         with autocast:
                             out = setup.loss_module(**batch.model_inputs())
                         loss_sum = out.loss_sum

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from tunelab.data.pack import Step
     from tunelab.train.checkpoint import TrainState
-    from tunelab.train.loop import DistContext
+    from tunelab.train.distributed import DistContext
     from tunelab.train.plan import DataPlan
     from tunelab.train.setup import TrainSetup
 
@@ -310,7 +310,8 @@ def train_on_examples(
     `budget_started`: the time.monotonic() from which train.budget counts (default: now)."""
     from tunelab.data.pack import example_length, pack_rows, plan_steps, single_rows
     from tunelab.train.checkpoint import find_resumable, load_checkpoint, remove_temporary
-    from tunelab.train.loop import SINGLE_PROCESS, train_loop
+    from tunelab.train.distributed import SINGLE_PROCESS
+    from tunelab.train.loop import train_loop
     from tunelab.train.plan import plan_from_data
     from tunelab.train.setup import LrSchedule, setup_training
 
