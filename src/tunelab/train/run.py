@@ -2,9 +2,10 @@
 
 Reads the recipe and the user's data (through tunelab.data.prepare); writes under runs/<name>/:
 recipe.yaml (every default written out), manifest.json (versions, seed, git sha, data fingerprint,
-tokenizer and chat template sha256), data/ (the data stage), train/log.jsonl + train/tb/,
-checkpoints/step-N/, then the best weights as adapter/ (PEFT format, LoRA family) or model/ (a
-transformers folder with its tokenizer, full fine-tuning), and train/summary.json.
+tokenizer and chat template sha256), data/ (the data stage), train/plan.json (train/plan.py),
+train/log.jsonl + train/tb/ and checkpoints/step-N/ (train/loop.py), then the best weights as
+adapter/ (PEFT format, LoRA family) or model/ (a transformers folder with its tokenizer, full
+fine-tuning), and train/summary.json.
 
 `resume=True` continues from the newest complete, verified checkpoint and reproduces the loss curve
 of an uninterrupted run. Under torchrun (tunelab.train.distributed) rank 0 writes every file
