@@ -189,7 +189,7 @@ def run_tunelab(cfg: dict, compile_layers: bool = False) -> dict:
     from tunelab.config import load_recipe
     from tunelab.data.pack import Step, example_length, group_micro_batches, pack_rows, trainable_count
     from tunelab.train.attention import kernel_name
-    from tunelab.train.loop import train_loop
+    from tunelab.train.loop import LoopOptions, train_loop
     from tunelab.train.memory import auto_micro_batch_tokens
     from tunelab.train.setup import setup_training
 
@@ -228,8 +228,8 @@ def run_tunelab(cfg: dict, compile_layers: bool = False) -> dict:
         step_end_s.append(time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory() as run_root:
-        train_loop(setup, examples, plan, recipe.train, Path(run_root), pad_id=0, on_step_end=record, progress=False,
-                   write_checkpoints=False)
+        train_loop(setup, examples, plan, recipe.train, Path(run_root), pad_id=0,
+                   options=LoopOptions(on_step_end=record, progress=False, write_checkpoints=False))
         log = [json.loads(line) for line in (Path(run_root) / "train" / "log.jsonl").read_text().splitlines()]
     result = {
         "losses": [r["loss"] for r in log if r["kind"] == "train"], "step_end_s": step_end_s,

@@ -25,7 +25,7 @@ from train_examples import reverse_pairs, write_chat_jsonl
 from tunelab.config import Recipe
 from tunelab.errors import ConfigError
 from tunelab.train.distributed import FullyShardedContext, resolve_strategy
-from tunelab.train.run import DUMP_ENV, KILL_ENV, NAN_ENV, _nan_injection
+from tunelab.train.faults import DUMP_ENV, KILL_ENV, NAN_ENV, step_for_rank
 
 STEPS = 6
 # 11 examples (~48 tokens) pack into 6 rows of <= 128 tokens, read as steps of 3, 2 and 1 rows (one
@@ -340,8 +340,8 @@ def test_strategy_defaults_and_refusals():
     with pytest.raises(ConfigError, match="train.distributed: fsdp shards full fine-tuning only, but method is lora"):
         resolve_strategy("fsdp", "lora", 2)
     assert Recipe().train.distributed == "auto"
-    assert _nan_injection("3", 1) == 3 and _nan_injection("3@1", 1) == 3 and _nan_injection("3@1", 0) is None
-    assert _nan_injection(None, 0) is None
+    assert step_for_rank("3", 1) == 3 and step_for_rank("3@1", 1) == 3 and step_for_rank("3@1", 0) is None
+    assert step_for_rank(None, 0) is None
 
 
 def test_fsdp_ranks_run_the_same_number_of_passes():

@@ -104,7 +104,7 @@ def test_memory_probe_returns_a_size_it_measured_to_fit():
 def test_training_loop_on_gpu_gives_the_same_losses_with_varlen_and_mask(tmp_path):
     from tunelab.config import load_recipe
     from tunelab.data.pack import Step, example_length, trainable_count
-    from tunelab.train.loop import train_loop
+    from tunelab.train.loop import LoopOptions, train_loop
     from tunelab.train.setup import setup_training
 
     examples = _examples([300, 45, 700, 129, 64, 511, 80, 222], seed=3)
@@ -119,7 +119,8 @@ def test_training_loop_on_gpu_gives_the_same_losses_with_varlen_and_mask(tmp_pat
         setup = setup_training(recipe, len(plan), "cuda", base=_model())
         assert setup.attention == attention
         run = tmp_path / attention
-        train_loop(setup, examples, plan, recipe.train, run, pad_id=0, progress=False, write_checkpoints=False)
+        train_loop(setup, examples, plan, recipe.train, run, pad_id=0,
+                   options=LoopOptions(progress=False, write_checkpoints=False))
         import json
 
         log = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
@@ -137,7 +138,7 @@ def test_fsdp_on_one_gpu_gives_the_losses_of_plain_training(tmp_path, monkeypatc
     from tunelab.config import load_recipe
     from tunelab.data.pack import Step, example_length, trainable_count
     from tunelab.train.distributed import FullyShardedContext
-    from tunelab.train.loop import train_loop
+    from tunelab.train.loop import LoopOptions, train_loop
     from tunelab.train.setup import setup_training
 
     examples = _examples([300, 45, 700, 129, 64, 511, 80, 222], seed=4)
@@ -153,7 +154,8 @@ def test_fsdp_on_one_gpu_gives_the_losses_of_plain_training(tmp_path, monkeypatc
         if ctx is not None:
             ctx.prepare(setup, recipe)
             assert setup.device.type == "cuda" and setup.autocast_dtype == torch.bfloat16
-        train_loop(setup, examples, plan, recipe.train, run, pad_id=0, progress=False, write_checkpoints=False, **kwargs)
+        train_loop(setup, examples, plan, recipe.train, run, pad_id=0,
+                   options=LoopOptions(progress=False, write_checkpoints=False), **kwargs)
         log = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
         return [r["loss"] for r in log if r["kind"] == "train"]
 

@@ -14,6 +14,7 @@ from train_examples import qa_pairs, tokenized
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError
 from tunelab.runs import RunPaths
+from tunelab.train.faults import NAN_ENV
 from tunelab.train.loop import NonFiniteTraining
 from tunelab.train.run import start_run_dir, train_on_examples
 from tunelab.train.setup import LrSchedule, setup_training
@@ -97,13 +98,14 @@ def test_lora_keeps_base_bitwise_trains_the_adapter_and_peft_loads_it(train_run,
     assert torch.equal(_logits(loaded, tokenizer), _logits(result.model, tokenizer))
 
 
-def test_injected_nan_is_skipped_with_parameters_unchanged_and_logged(train_run):
+def test_injected_nan_is_skipped_with_parameters_unchanged_and_logged(train_run, monkeypatch):
+    monkeypatch.setenv(NAN_ENV, "3")
     snapshots = {}
 
     def record(state, setup):
         snapshots[state.step] = {k: v.clone() for k, v in setup.trainable_state().items()}
 
-    result, paths = train_run(["name=nan", "train.lr=1e-2", "train.max_steps=5"], nan_at_step=3, on_step_end=record)
+    result, paths = train_run(["name=nan", "train.lr=1e-2", "train.max_steps=5"], on_step_end=record)
     for name in snapshots[2]:
         assert torch.equal(snapshots[3][name], snapshots[2][name])
     assert any(not torch.equal(snapshots[4][n], snapshots[3][n]) for n in snapshots[3])
@@ -113,9 +115,10 @@ def test_injected_nan_is_skipped_with_parameters_unchanged_and_logged(train_run)
     assert result.steps == 5
 
 
-def test_consecutive_non_finite_steps_abort_with_a_clear_message(train_run):
+def test_consecutive_non_finite_steps_abort_with_a_clear_message(train_run, monkeypatch):
+    monkeypatch.setenv(NAN_ENV, "2")
     with pytest.raises(NonFiniteTraining, match="consecutive steps had a non-finite loss"):
-        train_run(["name=abort", "train.max_steps=5", "train.max_nonfinite_steps=1"], nan_at_step=2)
+        train_run(["name=abort", "train.max_steps=5", "train.max_nonfinite_steps=1"])
 
 
 def test_overfitting_triggers_early_stopping_and_the_best_checkpoint_is_the_output(train_run):

@@ -1,7 +1,12 @@
 """Data-parallel training on torch.distributed, launched by torchrun (one process per GPU or CPU slot).
 
 Reads the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
-the recipe's `train.distributed`; writes nothing (rank 0 writes the run's files, see loop.py).
+the recipe's `train.distributed`; writes nothing itself (rank 0 writes the run's files, see loop.py;
+under FSDP every rank writes its checkpoint shards).
+
+The seam between the loop and torch.distributed is DistContext: rank, world size and the collective
+operations the loop needs. In one process (SINGLE_PROCESS) they do nothing; ProcessGroupContext
+(data-parallel, called ddp in the recipe) and FullyShardedContext (fsdp) do the real ones.
 
 How a step is shared: every rank builds the same global step plan (data/pack.py), takes its share
 of each step's micro-batches (`DistContext.shard`), divides its summed loss by the step's GLOBAL
@@ -54,12 +59,13 @@ from tunelab.train.checkpoint import (
     capture_rng,
     commit_sharded,
     finish_rank_files,
+    load_weights,
     restore_rng,
+    save_checkpoint,
     sharded_tmp_dir,
     start_sharded,
     verify_checkpoint,
 )
-from tunelab.train.loop import SINGLE_PROCESS, DistContext
 
 if TYPE_CHECKING:
     from tunelab.config import Recipe
@@ -71,6 +77,92 @@ DEFAULT_TIMEOUT_S = 60.0
 BUCKET_BYTES = 25 * 2**20
 
 T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------
+# the seam: what the loop asks of the processes it runs in
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank, world size and the collectives the loop uses. One process: rank 0 of 1, and every
+    operation is the identity. Under torchrun a subclass does the real all-reduces."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[Any]) -> Sequence[Any]:
+        """This rank's share of a step's micro-batches (or of an evaluation set)."""
+        return items[self.rank :: self.world_size]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def forward_backward(self) -> contextlib.AbstractContextManager:
+        """Around each micro-batch's forward and backward pass (FSDP: they are collectives)."""
+        return contextlib.nullcontext()
+
+    def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """After a step's last micro-batch: sum the gradients over ranks (ProcessGroupContext)."""
+
+    def barrier(self) -> None:
+        pass
+
+    # Under FSDP (FullyShardedContext) forward and backward passes are collectives and the
+    # parameters are shards: the methods below are where that differs.
+    lockstep = False  # passes are collectives: a signal stops a step only at its end, agreed by all
+
+    def lockstep_shard(self, items: Sequence[Any]) -> tuple[Sequence[Any], int]:
+        """This rank's passes over its share of `items` and how many of them are real; FSDP pads
+        the share with zero-weight repeats so every rank runs as many passes."""
+        mine = self.shard(items)
+        return mine, len(mine)
+
+    def prepare(self, setup: TrainSetup, recipe: Any) -> None:
+        """After setup_training: FSDP shards the model here and rebuilds the optimizer over the shards."""
+
+    def clip_grad_norm(self, params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip to a global norm; returns the norm before clipping (a plain tensor on every rank)."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def save_checkpoint(self, root: Path, setup: TrainSetup, state: TrainState) -> None:
+        """Checkpoint step-N (train/checkpoint.py): rank 0 writes the whole trainable state."""
+        if self.is_main:
+            save_checkpoint(root, state.step, setup.trainable_state(), setup.optimizer.state_dict(), capture_rng(), state)
+
+    def restore(self, setup: TrainSetup, checkpoint: Checkpoint) -> None:
+        """Load a checkpoint's weights, optimizer state and generator states into `setup`."""
+        if checkpoint.sharded:
+            raise TunelabError(
+                f"checkpoint {checkpoint.path} is sharded: written by {checkpoint.world_size} processes with "
+                f"train.distributed: fsdp; resume it the same way (--nproc {checkpoint.world_size})"
+            )
+        setup.load_trainable_state(checkpoint.weights)
+        setup.optimizer.load_state_dict(checkpoint.optimizer_state)
+        restore_rng(checkpoint.rng)
+
+    def load_weights(self, setup: TrainSetup, path: Path) -> None:
+        """Only the weights of a checkpoint (the best one, for the run's output)."""
+        setup.load_trainable_state(load_weights(path))
+
+    def full_state_dict(self, setup: TrainSetup) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights for the output, or None: the model holds them itself. FSDP:
+        gathered to CPU (a collective: every rank calls it)."""
+        return None
+
+
+SINGLE_PROCESS = DistContext()
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: one process group, data-parallel (ddp) or sharded (fsdp)
 
 
 class RankFailed(TunelabError):
@@ -187,7 +279,7 @@ class FullyShardedContext(ProcessGroupContext):
         passes = math.ceil(len(items) / self.world_size)
         return mine + [items[0]] * (passes - len(mine)), len(mine)
 
-    def gradient_sync(self, module: nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+    def forward_backward(self) -> contextlib.AbstractContextManager:
         """Around each forward/backward: its all-gathers and reduce-scatters fail as RankFailed."""
         return _collective(self.rank, "forward/backward (FSDP all-gather, reduce-scatter)", compute=True)
 

@@ -6,14 +6,15 @@ train/ and checkpoints/ folders: log.jsonl (one line per step, evaluation and ev
 event files in tb/, MLflow metrics when mlflow is installed and MLFLOW_TRACKING_URI is set, and
 checkpoints (train/checkpoint.py). A progress bar goes to stderr.
 
-Each optimizer step, top to bottom: set the learning rate · forward/backward over the step's
-micro-batches (loss summed over trainable tokens, divided by the step's trainable-token count) ·
-skip the step if the loss or gradient is not finite, else clip and step · log · evaluate (early
-stopping, overfitting) · checkpoint. SIGTERM/SIGINT stop at the next micro-batch: a checkpoint of
-the last finished step is written and TrainingInterrupted (exit code 75) says how to resume.
+Each optimizer step, top to bottom (train_loop): the step itself (train_step: set the learning rate
+· forward/backward over the step's micro-batches, the loss summed over trainable tokens and divided
+by the step's trainable-token count · skip the step if the loss or gradient is not finite, else clip
+and step) · log · evaluate (best step, overfitting, early stopping: train/events.py) · checkpoint.
+SIGTERM/SIGINT stop at the next micro-batch: a checkpoint of the last finished step is written and
+TrainingInterrupted (exit code 75) says how to resume.
 
-The seam for torch.distributed is DistContext: rank, world size and the collective operations the
-loop needs; in one process they do nothing.
+The seam for torch.distributed is DistContext (train/distributed.py): rank, world size and the
+collective operations the loop needs; in one process they do nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,11 @@ from tunelab.train.checkpoint import (
     TrainState,
     capture_rng,
     checkpoint_dir,
-    load_weights,
     prune_checkpoints,
     restore_rng,
-    save_checkpoint,
 )
+from tunelab.train.distributed import SINGLE_PROCESS, DistContext
+from tunelab.train.events import Event, Verdict, finite_or_none, judge_evaluation
 from tunelab.train.setup import TrainSetup
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later (with --resume)
@@ -64,89 +65,6 @@ class NonFiniteTraining(TunelabError):
     exit_code = 1
 
 
-@dataclass(frozen=True)
-class DistContext:
-    """Rank, world size and the collectives the loop uses. One process: rank 0 of 1, and every
-    operation is the identity. Under torchrun a subclass does the real all-reduces."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, items: Sequence[Any]) -> Sequence[Any]:
-        """This rank's share of a step's micro-batches (or of an evaluation set)."""
-        return items[self.rank :: self.world_size]
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def gradient_sync(self, module: torch.nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        """DDP: no all-reduce of gradients until the last micro-batch of a step."""
-        return contextlib.nullcontext()
-
-    def sync_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """After a step's last micro-batch: sum the gradients over ranks (distributed.py)."""
-
-    @property
-    def gradient_average_factor(self) -> int:
-        """DDP averages gradients over ranks; losses are pre-multiplied by this to get the sum."""
-        return 1
-
-    def barrier(self) -> None:
-        pass
-
-    # Under FSDP (distributed.FullyShardedContext) forward and backward passes are collectives and the
-    # parameters are shards: the methods below are where that differs.
-    lockstep = False  # passes are collectives: a signal stops a step only at its end, agreed by all
-
-    def lockstep_shard(self, items: Sequence[Any]) -> tuple[Sequence[Any], int]:
-        """This rank's passes over its share of `items` and how many of them are real; FSDP pads
-        the share with zero-weight repeats so every rank runs as many passes."""
-        mine = self.shard(items)
-        return mine, len(mine)
-
-    def prepare(self, setup: TrainSetup, recipe: Any) -> None:
-        """After setup_training: FSDP shards the model here and rebuilds the optimizer over the shards."""
-
-    def clip_grad_norm(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        """Clip to a global norm; returns the norm before clipping (a plain tensor on every rank)."""
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def save_checkpoint(self, root: Path, setup: TrainSetup, state: TrainState) -> None:
-        """Checkpoint step-N (train/checkpoint.py): rank 0 writes the whole trainable state."""
-        if self.is_main:
-            save_checkpoint(root, state.step, setup.trainable_state(), setup.optimizer.state_dict(), capture_rng(), state)
-
-    def restore(self, setup: TrainSetup, checkpoint: Checkpoint) -> None:
-        """Load a checkpoint's weights, optimizer state and generator states into `setup`."""
-        if checkpoint.sharded:
-            raise TunelabError(
-                f"checkpoint {checkpoint.path} is sharded: written by {checkpoint.world_size} processes with "
-                f"train.distributed: fsdp; resume it the same way (--nproc {checkpoint.world_size})"
-            )
-        setup.load_trainable_state(checkpoint.weights)
-        setup.optimizer.load_state_dict(checkpoint.optimizer_state)
-        restore_rng(checkpoint.rng)
-
-    def load_weights(self, setup: TrainSetup, path: Path) -> None:
-        """Only the weights of a checkpoint (the best one, for the run's output)."""
-        setup.load_trainable_state(load_weights(path))
-
-    def full_state_dict(self, setup: TrainSetup) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights for the output, or None: the model holds them itself. FSDP:
-        gathered to CPU (a collective: every rank calls it)."""
-        return None
-
-
-SINGLE_PROCESS = DistContext()
-
-
 @dataclass
 class EvalSet:
     """A fixed set of tokenized examples evaluated as packed micro-batches."""
@@ -156,10 +74,44 @@ class EvalSet:
 
 
 @dataclass
+class EvalSets:
+    """What the loop evaluates every cfg.eval_every_steps and at the end: the validation set, and a
+    fixed sample of the train set (a rising validation loss with a falling train loss: overfitting)."""
+
+    valid: EvalSet
+    train_sample: EvalSet | None = None
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How a run reports and when it may stop short; the defaults are those of `tunelab train`."""
+
+    resume_command: str = "tunelab train RECIPE --resume"  # said when a signal stops the run
+    params: Mapping[str, Any] = field(default_factory=dict)  # the flattened recipe, logged to MLflow
+    progress: bool = True  # a progress bar on stderr (rank 0)
+    write_checkpoints: bool = True  # False (benchmarks): no checkpoint but the one a signal asks for
+    deadline: float | None = None  # time.monotonic() of train.budget's hard stop: the step crossing it is the last
+    on_step_end: Callable[[TrainState, TrainSetup], None] | None = None  # tests record weights, benchmarks time steps
+
+
+@dataclass
 class LoopResult:
     state: TrainState
     best_checkpoint: Path | None  # the weights the run's output should hold (None: no validation)
     last_checkpoint: Path | None
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did (train_step); losses are over every rank's micro-batches."""
+
+    lr: float
+    loss: float = math.nan  # mean over the step's trainable tokens
+    token_acc: float = math.nan
+    grad_norm: float = math.nan  # before clipping
+    skipped: bool = False  # the loss or gradient was not finite (on some rank): parameters unchanged
+    stopped_by: str | None = None  # a signal: the step was dropped and nothing else is set
+    time_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,32 +119,41 @@ class LoopResult:
 
 
 class _RunLog:
-    """train/log.jsonl (truncated on resume to the checkpoint's offset, so every step appears once),
-    TensorBoard scalars and, when configured, MLflow metrics. Silent on ranks other than 0."""
+    """Everything the loop reports, in one place: train/log.jsonl (truncated on resume to the
+    checkpoint's offset, so every step appears once), TensorBoard scalars, MLflow metrics when
+    configured, and on stderr the progress bar and status lines. Silent on ranks other than 0."""
 
-    def __init__(self, train_dir: Path, offset: int, step: int, enabled: bool, params: dict[str, Any]):
-        self.enabled = enabled
+    def __init__(self, train_dir: Path, state: TrainState, total_steps: int, device: torch.device, enabled: bool,
+                 options: LoopOptions):
+        self.enabled, self.device = enabled, device
         self.file = None
         self.tb = None
         self.mlflow = None
+        self.bar = None
+        self.session_tokens, self.session_started = 0, time.perf_counter()
         if not enabled:
             return
         train_dir.mkdir(parents=True, exist_ok=True)
         path = train_dir / "log.jsonl"
         path.touch()
         self.file = path.open("r+", encoding="utf-8")
-        self.file.truncate(offset)
-        self.file.seek(offset)
+        self.file.truncate(state.log_offset)
+        self.file.seek(state.log_offset)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events an interrupted run wrote after the step we continue from
-        self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=step + 1)
+        self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=state.step + 1)
         if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow"):
             import mlflow
 
             self.mlflow = mlflow
-            mlflow.start_run(run_name=str(params.get("name", "tunelab")))
-            mlflow.log_params({k: v for k, v in params.items() if v is not None})
+            mlflow.start_run(run_name=str(options.params.get("name", "tunelab")))
+            mlflow.log_params({k: v for k, v in options.params.items() if v is not None})
+        if options.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=state.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            desc="train")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
@@ -206,6 +167,50 @@ class _RunLog:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in finite.items()}, step=step)
 
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"tunelab: {message}", file=sys.stderr)
+        else:
+            print(f"tunelab: {message}", file=sys.stderr, flush=True)
+
+    def event(self, event: Event, say: bool = True) -> None:
+        self.write(event.record())
+        if say:
+            self.say(event.message)
+
+    def step(self, state: TrainState, step: Step, result: StepResult) -> None:
+        """A finished step: its train line (a skipped step has its event instead) and the progress bar."""
+        self.session_tokens += step.tokens
+        if not result.skipped:
+            tokens_per_s = step.tokens / result.time_s
+            self.write({
+                "kind": "train", "step": state.step, "epoch": round(step.epoch + step.progress, 4),
+                "loss": result.loss, "token_acc": result.token_acc, "lr": result.lr, "grad_norm": result.grad_norm,
+                "tokens": step.tokens, "trainable_tokens": step.trainable_tokens,
+                "tokens_per_s": tokens_per_s, "peak_mem_gib": _peak_mem_gib(self.device),
+                "elapsed_s": state.train_time_s,
+            })
+            self.scalars({"train/loss": result.loss, "train/token_acc": result.token_acc, "train/lr": result.lr,
+                          "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens_per_s}, state.step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{result.loss:.4f}", val=f"{state.last_val_loss:.4f}" if state.last_val_loss is not None else "-",
+                tok_s=f"{self.session_tokens / (time.perf_counter() - self.session_started):.0f}", refresh=False,
+            )
+
+    def evaluation(self, step: int, val: tuple[float, float], train: tuple[float, float], verdict: Verdict) -> None:
+        """An eval line ((loss, token accuracy) of the validation set and the train sample), then its events."""
+        self.write({"kind": "eval", "step": step, "val_loss": finite_or_none(val[0]),
+                    "val_token_acc": finite_or_none(val[1]), "train_loss": finite_or_none(train[0]),
+                    "train_token_acc": finite_or_none(train[1]), "is_best": verdict.is_best})
+        self.scalars({"val/loss": val[0], "val/token_acc": val[1], "train_sample/loss": train[0],
+                      "train_sample/token_acc": train[1]}, step)
+        for event in verdict.events:
+            self.event(event)
+
     def sync(self) -> int:
         """Flush to disk; the byte offset a checkpoint records."""
         if self.file is None:
@@ -217,6 +222,8 @@ class _RunLog:
         return self.file.tell()
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.file is not None:
             self.sync()
             self.file.close()
@@ -224,6 +231,31 @@ class _RunLog:
             self.tb.close()
         if self.mlflow is not None:
             self.mlflow.end_run()
+
+
+class _Checkpoints:
+    """This run's checkpoints/step-N: writes one (after its event line, so the log offset it records
+    includes that line), prunes the older ones (keeping the best), remembers the best and the last."""
+
+    def __init__(self, root: Path, setup: TrainSetup, ctx: DistContext, log: _RunLog, keep: int, state: TrainState,
+                 resume: Checkpoint | None):
+        self.root, self.setup, self.ctx, self.log, self.keep = root, setup, ctx, log, keep
+        self.best = checkpoint_dir(root, state.best_step) if state.best_step is not None else None
+        self.last = resume.path if resume is not None else None
+        self.saved_at = state.step if resume is not None else None  # the step self.last holds
+
+    def save(self, state: TrainState, reason: str, is_best: bool = False) -> Path:
+        if self.ctx.is_main:
+            self.log.event(Event(state.step, "checkpoint", reason), say=False)
+            state.log_offset = self.log.sync()
+        self.ctx.save_checkpoint(self.root, self.setup, state)
+        if self.ctx.is_main:
+            prune_checkpoints(self.root, self.keep, {state.best_step} if state.best_step is not None else set())
+        self.ctx.barrier()
+        self.saved_at, self.last = state.step, checkpoint_dir(self.root, state.step)
+        if is_best:
+            self.best = self.last
+        return self.last
 
 
 class _StopSignals:
@@ -249,6 +281,8 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
+
+
 def _peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -263,12 +297,8 @@ def _agreed(ctx: DistContext, flag: bool, device: torch.device) -> bool:
     return bool(ctx.all_reduce_max(torch.tensor(1.0 if flag else 0.0, device=device)).item())
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 # ----------------------------------------------------------------------------------------------
-# evaluation
+# micro-batches and evaluation
 
 
 # Varlen rows are padded to a multiple of this on CUDA: fewer distinct shapes for compiled graphs
@@ -294,15 +324,20 @@ def attention_layout(setup: TrainSetup) -> contextlib.AbstractContextManager:
     return use_varlen_attention(setup.model)
 
 
+def autocast(setup: TrainSetup) -> torch.autocast:
+    """bfloat16 autocast on CUDA (setup.autocast_dtype); off otherwise."""
+    return torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32,
+                          enabled=setup.autocast_dtype is not None)
+
+
 def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext = SINGLE_PROCESS) -> tuple[float, float]:
     """(mean loss, token accuracy) over every trainable token of the set, dropout off."""
     model = setup.model
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
-    autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype or torch.float32, enabled=setup.autocast_dtype is not None)
     make_batch = batch_builder(setup, eval_set.examples, pad_id)
-    with torch.no_grad(), autocast, attention_layout(setup):
+    with torch.no_grad(), autocast(setup), attention_layout(setup):
         passes, real = ctx.lockstep_shard(eval_set.micro_batches)
         for index, micro in enumerate(passes):
             out = setup.loss_module(**make_batch(micro).model_inputs())
@@ -317,247 +352,201 @@ def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext
 
 
 # ----------------------------------------------------------------------------------------------
+# the step
+
+
+def train_step(
+    setup: TrainSetup, step: Step, index: int, make_batch: Callable[[Sequence[Row]], Batch], ctx: DistContext,
+    stop: _StopSignals, grad_clip: float,
+) -> StepResult:
+    """Optimizer step `index` (0-based) of the plan, which is `step`. A signal (`stop`) drops a
+    half-accumulated step: the parameters and generator states stay those of the last step."""
+    started, rng_at_start = time.perf_counter(), capture_rng()
+
+    # ---- set the learning rate (a pure function of the step)
+    lr = setup.schedule.lr_at(index)
+    for group in setup.optimizer.param_groups:
+        group["lr"] = lr
+
+    # ---- forward/backward: accumulate this rank's micro-batches; every trainable token weighs 1/N
+    scale = 1.0 / max(1, step.trainable_tokens)  # N: the step's trainable tokens on all ranks
+    passes, real = ctx.lockstep_shard(step.micro_batches)
+    sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
+    for pass_index, micro in enumerate(passes):
+        if stop.received and not ctx.lockstep:
+            break
+        batch = make_batch(micro)
+        with ctx.forward_backward():
+            with autocast(setup):
+                out = setup.loss_module(**batch.model_inputs())
+            (out.loss_sum * (scale if pass_index < real else 0.0)).backward()
+        if pass_index < real:
+            sums += torch.stack([out.loss_sum.detach().double(), out.count.double(), out.correct.double()])
+    stopped_by = stop.received
+    if _agreed(ctx, bool(stopped_by), setup.device) and not stopped_by:
+        stopped_by = "a signal to another rank"  # every rank stops at the same step
+    if stopped_by:
+        setup.optimizer.zero_grad(set_to_none=True)
+        restore_rng(rng_at_start)
+        return StepResult(lr, stopped_by=stopped_by)
+    ctx.all_reduce_sum(sums)
+    loss_sum, count, correct = sums.tolist()
+    if int(count) != step.trainable_tokens:
+        raise RuntimeError(f"step {index + 1}: loss saw {int(count)} trainable tokens, plan says {step.trainable_tokens}")
+    loss = loss_sum / max(1, step.trainable_tokens)
+
+    # ---- clip and step, or skip a step whose loss or gradient is not finite (every rank agrees)
+    params = setup.trainable_parameters()
+    ctx.sync_gradients(params)
+    grad_norm = ctx.clip_grad_norm(params, grad_clip)
+    skipped = _agreed(ctx, not (math.isfinite(loss) and bool(torch.isfinite(grad_norm))), setup.device)
+    if not skipped:
+        setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return StepResult(lr, loss, correct / max(1, step.trainable_tokens), float(grad_norm), skipped,
+                      time_s=time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------------------------
 # the loop
 
 
 def train_loop(
-    setup: TrainSetup,
-    examples: Sequence[dict[str, Any]],
-    plan: Sequence[Step],
-    cfg: Any,
-    run_root: Path,
-    *,
-    pad_id: int,
-    valid: EvalSet | None = None,
-    train_sample: EvalSet | None = None,
-    resume: Checkpoint | None = None,
-    ctx: DistContext = SINGLE_PROCESS,
-    params: dict[str, Any] | None = None,
-    resume_command: str = "tunelab train RECIPE --resume",
-    nan_at_step: int | None = None,
-    on_step_end: Callable[[TrainState, TrainSetup], None] | None = None,
-    progress: bool = True,
-    write_checkpoints: bool = True,
-    deadline: float | None = None,
+    setup: TrainSetup, examples: Sequence[dict[str, Any]], plan: Sequence[Step], cfg: Any, run_root: Path, *,
+    pad_id: int, evals: EvalSets | None = None, resume: Checkpoint | None = None, ctx: DistContext = SINGLE_PROCESS,
+    options: LoopOptions = LoopOptions(),
 ) -> LoopResult:
-    """Run the optimizer steps of `plan` from step 0 (or from `resume`), evaluating on `valid` and
-    `train_sample` every cfg.eval_every_steps and at the end. `cfg` is a TrainConfig.
-    `nan_at_step` (tests only) turns the loss of that step (1-based) into NaN; `on_step_end` is
-    called after every step (tests record parameters with it); `write_checkpoints=False`
-    (benchmarks) skips every checkpoint. `deadline` (a time.monotonic() value, from train.budget):
-    the last step is the one that ends after it, then the final evaluation and checkpoint."""
-    model, optimizer, schedule = setup.model, setup.optimizer, setup.schedule
-    device = setup.device
-    checkpoints = run_root / "checkpoints"
-    state = TrainState()
+    """Run the optimizer steps of `plan` from step 0 (or from `resume`), evaluating `evals` every
+    cfg.eval_every_steps and at the end. `cfg` is a TrainConfig."""
+    state = _resumed_state(setup, plan, resume, ctx)
+    log = _RunLog(run_root / "train", state, len(plan), setup.device, ctx.is_main, options)
     if resume is not None:
-        ctx.restore(setup, resume)
-        state = resume.state
-        if state.step < len(plan) and (plan[state.step].epoch, plan[state.step].position) != (state.epoch, state.position):
-            raise TunelabError(
-                f"checkpoint {resume.path}: its data position (epoch {state.epoch}, row {state.position}) is not where "
-                f"step {state.step + 1} of this run starts; the data or recipe changed since it was written"
-            )
-    log = _RunLog(run_root / "train", state.log_offset, state.step, ctx.is_main, params or {})
-    if resume is not None:
-        log.write({"kind": "event", "step": state.step, "event": "resume", "message": f"resumed from {resume.path}"})
-    best_path = checkpoint_dir(checkpoints, state.best_step) if state.best_step is not None else None
-    last_path = resume.path if resume is not None else None
-    saved_at = state.step if resume is not None else None
-    finished = state.step >= len(plan) or state.stopped_early
-    autocast = torch.autocast(device.type, dtype=setup.autocast_dtype or torch.float32, enabled=setup.autocast_dtype is not None)
-    params_list = setup.trainable_parameters()
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan), initial=state.step, unit="step", file=sys.stderr, dynamic_ncols=True, desc="train")
-
-    def say(message: str) -> None:
-        if not ctx.is_main:
-            return
-        if bar is not None:
-            bar.write(f"tunelab: {message}", file=sys.stderr)
-        else:
-            print(f"tunelab: {message}", file=sys.stderr, flush=True)
-
-    def checkpoint(reason: str) -> Path:
-        nonlocal saved_at, last_path
-        if ctx.is_main:
-            log.write({"kind": "event", "step": state.step, "event": "checkpoint", "message": reason})
-            state.log_offset = log.sync()
-        ctx.save_checkpoint(checkpoints, setup, state)
-        if ctx.is_main:
-            keep = {state.best_step} if state.best_step is not None else set()
-            prune_checkpoints(checkpoints, cfg.keep_checkpoints, keep)
-        ctx.barrier()
-        saved_at, last_path = state.step, checkpoint_dir(checkpoints, state.step)
-        return last_path
-
-    stopped_by: str | None = None
-    session_tokens, session_started = 0, time.perf_counter()
-    val_loss: float | None = state.last_val_loss
+        log.event(Event(state.step, "resume", f"resumed from {resume.path}"), say=False)
+    checkpoints = _Checkpoints(run_root / "checkpoints", setup, ctx, log, cfg.keep_checkpoints, state, resume)
     make_batch = batch_builder(setup, examples, pad_id)
-    model.train()
+    finished = state.step >= len(plan) or state.stopped_early
+    stopped_by: str | None = None
+    setup.model.train()
     try:
         with _StopSignals() as stop, attention_layout(setup):
             while not finished:
+                # ---- one optimizer step: plan -> micro-batches -> loss -> step (or a skip)
                 step = plan[state.step]
-                step_started = time.perf_counter()
-                rng_at_step_start = capture_rng()
-
-                # ---- set the learning rate (a pure function of the step)
-                lr = schedule.lr_at(state.step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-
-                # ---- forward/backward: accumulate the step's micro-batches; every trainable token weighs 1/N
-                scale = ctx.gradient_average_factor / max(1, step.trainable_tokens)
-                my_micro_batches, real = ctx.lockstep_shard(step.micro_batches)
-                sums = torch.zeros(3, dtype=torch.float64, device=device)
-                for index, micro in enumerate(my_micro_batches):
-                    if stop.received and not ctx.lockstep:
-                        break
-                    batch = make_batch(micro)
-                    with ctx.gradient_sync(setup.loss_module, index == len(my_micro_batches) - 1):
-                        with autocast:
-                            out = setup.loss_module(**batch.model_inputs())
-                        loss_sum = out.loss_sum
-                        if nan_at_step == state.step + 1 and index == 0:
-                            loss_sum = loss_sum * float("nan")
-                        (loss_sum * (scale if index < real else 0.0)).backward()
-                    if index < real:
-                        sums += torch.stack([loss_sum.detach().double(), out.count.double(), out.correct.double()])
-                stopped_by = stop.received
-                if ctx.world_size > 1:
-                    # every rank stops at the same step, even one whose signal came later or never
-                    flag = torch.tensor(1.0 if stopped_by else 0.0, device=device)
-                    if ctx.all_reduce_max(flag).item() and not stopped_by:
-                        stopped_by = "a signal to another rank"
+                result = train_step(setup, step, state.step, make_batch, ctx, stop, cfg.grad_clip)
+                stopped_by = result.stopped_by
                 if stopped_by:
-                    # a half-accumulated step is dropped: parameters are still those of the last step
-                    optimizer.zero_grad(set_to_none=True)
-                    restore_rng(rng_at_step_start)
                     break
-                ctx.all_reduce_sum(sums)
-                loss_sum_total, count_total, correct_total = sums.tolist()
-                if int(count_total) != step.trainable_tokens:
-                    raise RuntimeError(f"step {state.step + 1}: loss saw {int(count_total)} trainable tokens, plan says {step.trainable_tokens}")
-                loss = loss_sum_total / max(1, step.trainable_tokens)
+                _advance(state, plan, result)
 
-                # ---- clip and step, or skip a step whose loss or gradient is not finite (every rank agrees)
-                ctx.sync_gradients(params_list)
-                grad_norm = ctx.clip_grad_norm(params_list, cfg.grad_clip)
-                bad = torch.tensor(0.0 if (math.isfinite(loss) and bool(torch.isfinite(grad_norm))) else 1.0, device=device)
-                skipped = bool(ctx.all_reduce_max(bad).item())
-                if not skipped:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                if state.step < len(plan):
-                    state.epoch, state.position = plan[state.step].epoch, plan[state.step].position
-                state.tokens += step.tokens
-                state.trainable_tokens += step.trainable_tokens
-                step_time_s = time.perf_counter() - step_started
-                state.train_time_s += step_time_s
-                session_tokens += step.tokens
-
-                # ---- log
-                if skipped:
+                # ---- log: a train line, or an event for a skipped step (too many in a row: give up)
+                if result.skipped:
                     state.nonfinite_streak += 1
-                    message = (
-                        f"step {state.step}: loss {loss:.4g}, gradient norm {float(grad_norm):.4g}: not finite; step "
-                        f"skipped, parameters unchanged ({state.nonfinite_streak} in a row)"
-                    )
-                    log.write({"kind": "event", "step": state.step, "event": "nonfinite_skipped", "message": message})
-                    say(message)
+                    log.event(_skipped_event(state, result))
                     if state.nonfinite_streak >= cfg.max_nonfinite_steps:
-                        raise NonFiniteTraining(
-                            f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient (last: step "
-                            f"{state.step}); training diverged. Lower train.lr, check the data, or use model.dtype=float32"
-                        )
+                        raise _diverged(state)
                 else:
                     state.nonfinite_streak = 0
-                    token_acc = correct_total / max(1, step.trainable_tokens)
-                    tokens_per_s = step.tokens / step_time_s
-                    record = {
-                        "kind": "train", "step": state.step, "epoch": round(step.epoch + step.progress, 4),
-                        "loss": loss, "token_acc": token_acc, "lr": lr, "grad_norm": float(grad_norm),
-                        "tokens": step.tokens, "trainable_tokens": step.trainable_tokens,
-                        "tokens_per_s": tokens_per_s, "peak_mem_gib": _peak_mem_gib(device),
-                        "elapsed_s": state.train_time_s,
-                    }
-                    log.write(record)
-                    log.scalars({"train/loss": loss, "train/token_acc": token_acc, "train/lr": lr,
-                                 "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_per_s}, state.step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-",
-                        tok_s=f"{session_tokens / (time.perf_counter() - session_started):.0f}", refresh=False,
-                    )
+                log.step(state, step, result)
                 finished = state.step >= len(plan)
-                if deadline is not None and not finished and _agreed(ctx, time.monotonic() >= deadline, device):
+                if not finished and _past(options.deadline, ctx, setup.device):
                     finished = True
-                    state.extra["budget_reached"] = state.step
-                    message = (f"budget reached at step {state.step} of {len(plan)}: the machine ran slower than "
-                               "measured before step 1; stopping here (the learning rate had not finished decaying)")
-                    log.write({"kind": "event", "step": state.step, "event": "budget_reached", "message": message})
-                    say(message)
+                    log.event(_budget_reached(state, len(plan)))
 
-                # ---- evaluate: validation and a fixed train sample; best checkpoint, early stopping, overfitting
-                new_best = False
-                if valid is not None and (state.step % cfg.eval_every_steps == 0 or finished):
-                    eval_started = time.perf_counter()
-                    val_loss, val_acc = evaluate(setup, valid, pad_id, ctx)
-                    train_loss, train_acc = evaluate(setup, train_sample, pad_id, ctx) if train_sample else (math.nan, math.nan)
-                    state.train_time_s += time.perf_counter() - eval_started
-                    new_best = math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss)
-                    log.write({"kind": "eval", "step": state.step, "val_loss": _finite_or_none(val_loss),
-                               "val_token_acc": _finite_or_none(val_acc), "train_loss": _finite_or_none(train_loss),
-                               "train_token_acc": _finite_or_none(train_acc), "is_best": new_best})
-                    log.scalars({"val/loss": val_loss, "val/token_acc": val_acc, "train_sample/loss": train_loss,
-                                 "train_sample/token_acc": train_acc}, state.step)
-                    if (state.last_val_loss is not None and state.last_train_loss is not None
-                            and val_loss > state.last_val_loss and train_loss < state.last_train_loss):
-                        message = (f"overfitting at step {state.step}: validation loss rose {state.last_val_loss:.4f} -> "
-                                   f"{val_loss:.4f} while train loss fell {state.last_train_loss:.4f} -> {train_loss:.4f}")
-                        log.write({"kind": "event", "step": state.step, "event": "overfitting", "message": message})
-                        say(message)
-                    state.last_val_loss, state.last_train_loss = _finite_or_none(val_loss), _finite_or_none(train_loss)
-                    if new_best:
-                        state.best_val_loss, state.best_step = val_loss, state.step
-                        state.evals_without_improvement = 0
-                    else:
-                        state.evals_without_improvement += 1
-                        patience = cfg.early_stop_patience
-                        if patience is not None and state.evals_without_improvement >= patience and not finished:
-                            state.stopped_early = finished = True
-                            message = (f"early stop at step {state.step}: no better validation loss in {patience} "
-                                       f"evaluation(s); keeping the best, step {state.best_step} (val loss {state.best_val_loss:.4f})")
-                            log.write({"kind": "event", "step": state.step, "event": "early_stop", "message": message})
-                            say(message)
+                # ---- evaluate: validation and a fixed train sample; best step, overfitting, early stop
+                is_best = False
+                if evals is not None and (state.step % cfg.eval_every_steps == 0 or finished):
+                    verdict = _evaluate(setup, evals, pad_id, ctx, state, cfg.early_stop_patience, finished, log)
+                    is_best, finished = verdict.is_best, finished or verdict.stop
 
                 # ---- checkpoint: periodically, at a new best, and at the end
-                if write_checkpoints and (new_best or finished or state.step % cfg.checkpoint_every_steps == 0):
-                    path = checkpoint("best" if new_best else "end" if finished else "periodic")
-                    if new_best:
-                        best_path = path
-                if on_step_end is not None:
-                    on_step_end(state, setup)
+                if options.write_checkpoints and (is_best or finished or state.step % cfg.checkpoint_every_steps == 0):
+                    checkpoints.save(state, "best" if is_best else "end" if finished else "periodic", is_best)
+                if options.on_step_end is not None:
+                    options.on_step_end(state, setup)
 
             # one process: a signal during the last step's evaluation or checkpoint also counts; several:
             # only the agreed decision (a signal after it reached one rank only)
             reason = stop.received if ctx.world_size == 1 else stopped_by
             if reason:
-                path = last_path if saved_at == state.step else checkpoint(f"stopped by {reason}")
-                say(f"stopped by {reason} after step {state.step}; checkpoint {path}")
-                raise TrainingInterrupted(
-                    f"stopped by {reason} after step {state.step}; checkpoint saved in {path}\n"
-                    f"resume with: {resume_command}"
-                )
+                raise _interrupted(reason, state, checkpoints, log, options.resume_command)
     finally:
-        if bar is not None:
-            bar.close()
         log.close()
-    return LoopResult(state, best_path, last_path)
+    return LoopResult(state, checkpoints.best, checkpoints.last)
+
+
+def _resumed_state(setup: TrainSetup, plan: Sequence[Step], resume: Checkpoint | None, ctx: DistContext) -> TrainState:
+    """A new run's state, or the checkpoint's after loading it into `setup` (weights, optimizer and
+    generator states) and checking that its data position is where its next step starts."""
+    if resume is None:
+        return TrainState()
+    ctx.restore(setup, resume)
+    state = resume.state
+    if state.step < len(plan) and (plan[state.step].epoch, plan[state.step].position) != (state.epoch, state.position):
+        raise TunelabError(
+            f"checkpoint {resume.path}: its data position (epoch {state.epoch}, row {state.position}) is not where "
+            f"step {state.step + 1} of this run starts; the data or recipe changed since it was written"
+        )
+    return state
+
+
+def _advance(state: TrainState, plan: Sequence[Step], result: StepResult) -> None:
+    """Past step state.step of the plan (skipped or not, its data was used)."""
+    step = plan[state.step]
+    state.step += 1
+    if state.step < len(plan):
+        state.epoch, state.position = plan[state.step].epoch, plan[state.step].position
+    state.tokens += step.tokens
+    state.trainable_tokens += step.trainable_tokens
+    state.train_time_s += result.time_s
+
+
+def _skipped_event(state: TrainState, result: StepResult) -> Event:
+    return Event(state.step, "nonfinite_skipped", (
+        f"step {state.step}: loss {result.loss:.4g}, gradient norm {result.grad_norm:.4g}: not finite; step "
+        f"skipped, parameters unchanged ({state.nonfinite_streak} in a row)"
+    ))
+
+
+def _diverged(state: TrainState) -> NonFiniteTraining:
+    return NonFiniteTraining(
+        f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient (last: step "
+        f"{state.step}); training diverged. Lower train.lr, check the data, or use model.dtype=float32"
+    )
+
+
+def _past(deadline: float | None, ctx: DistContext, device: torch.device) -> bool:
+    """train.budget's deadline has passed (on any rank: every rank stops at the same step)."""
+    return deadline is not None and _agreed(ctx, time.monotonic() >= deadline, device)
+
+
+def _budget_reached(state: TrainState, planned_steps: int) -> Event:
+    state.extra["budget_reached"] = state.step
+    return Event(state.step, "budget_reached", (
+        f"budget reached at step {state.step} of {planned_steps}: the machine ran slower than measured before "
+        "step 1; stopping here (the learning rate had not finished decaying)"
+    ))
+
+
+def _evaluate(
+    setup: TrainSetup, evals: EvalSets, pad_id: int, ctx: DistContext, state: TrainState, patience: int | None,
+    last_step: bool, log: _RunLog,
+) -> Verdict:
+    """Both sets evaluated (their time counts as training time), judged (train/events.py), logged."""
+    started = time.perf_counter()
+    val = evaluate(setup, evals.valid, pad_id, ctx)
+    train = evaluate(setup, evals.train_sample, pad_id, ctx) if evals.train_sample else (math.nan, math.nan)
+    state.train_time_s += time.perf_counter() - started
+    verdict = judge_evaluation(state, val[0], train[0], patience, last_step)
+    log.evaluation(state.step, val, train, verdict)
+    return verdict
+
+
+def _interrupted(
+    reason: str, state: TrainState, checkpoints: _Checkpoints, log: _RunLog, resume_command: str
+) -> TrainingInterrupted:
+    """After a signal: the last finished step is checkpointed (if it is not yet), and the error says how to resume."""
+    path = checkpoints.last if checkpoints.saved_at == state.step else checkpoints.save(state, f"stopped by {reason}")
+    log.say(f"stopped by {reason} after step {state.step}; checkpoint {path}")
+    return TrainingInterrupted(
+        f"stopped by {reason} after step {state.step}; checkpoint saved in {path}\nresume with: {resume_command}"
+    )

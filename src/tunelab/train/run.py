@@ -2,14 +2,13 @@
 
 Reads the recipe and the user's data (through tunelab.data.prepare); writes under runs/<name>/:
 recipe.yaml (every default written out), manifest.json (versions, seed, git sha, data fingerprint,
-tokenizer and chat template sha256), data/ (the data stage), train/log.jsonl + train/tb/,
-checkpoints/step-N/, then the best weights as adapter/ (PEFT format, LoRA family) or model/ (a
-transformers folder with its tokenizer, full fine-tuning), and train/summary.json.
+tokenizer and chat template sha256), data/ (the data stage), train/plan.json (train/plan.py),
+train/log.jsonl + train/tb/ and checkpoints/step-N/ (train/loop.py), then the best weights as
+adapter/ (PEFT format, LoRA family) or model/ (a transformers folder with its tokenizer, full
+fine-tuning), and train/summary.json.
 
 `resume=True` continues from the newest complete, verified checkpoint and reproduces the loss curve
-of an uninterrupted run. The environment variable TUNELAB_INJECT_NAN_AT_STEP (tests only) makes
-the loss of that step NaN, to exercise the non-finite path end to end; "STEP@RANK" poisons it on
-that rank only (torchrun). Under torchrun (tunelab.train.distributed) rank 0 writes every file
+of an uninterrupted run. Under torchrun (tunelab.train.distributed) rank 0 writes every file
 (under train.distributed: fsdp every rank also writes its checkpoint shards).
 """
 
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import Recipe, load_recipe
+from tunelab.config import Recipe, TrainConfig, load_recipe
 from tunelab.console import say
 from tunelab.contract import Manifest, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError
@@ -40,14 +39,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from tunelab.data.pack import Step
-    from tunelab.train.checkpoint import TrainState
-    from tunelab.train.loop import DistContext
+    from tunelab.train.checkpoint import Checkpoint, TrainState
+    from tunelab.train.distributed import DistContext
+    from tunelab.train.loop import EvalSets, LoopResult
     from tunelab.train.plan import DataPlan
     from tunelab.train.setup import TrainSetup
-
-NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
-KILL_ENV = "TUNELAB_TEST_KILL_AT_STEP"  # tests only: "STEP@RANK" SIGKILLs that rank right after that step (and its checkpoint)
-DUMP_ENV = "TUNELAB_TEST_DUMP_PARAMS"  # tests only: every rank saves its final trainable tensors to DIR/rank-R.safetensors
 
 
 @dataclass
@@ -300,22 +296,105 @@ def train_on_examples(
     device: str | None = None,
     ctx: DistContext | None = None,
     resume_command: str | None = None,
-    nan_at_step: int | None = None,
     on_step_end: Callable[[TrainState, TrainSetup], None] | None = None,
     progress: bool = True,
     budget_started: float | None = None,
 ) -> TrainResult:
     """Train on tokenized examples ({"input_ids", "labels"}) into an existing run directory.
     `train` calls this after the data stage; tests and benchmarks call it directly.
-    `budget_started`: the time.monotonic() from which train.budget counts (default: now)."""
-    from tunelab.data.pack import example_length, pack_rows, plan_steps, single_rows
-    from tunelab.train.checkpoint import find_resumable, load_checkpoint, remove_temporary
-    from tunelab.train.loop import SINGLE_PROCESS, train_loop
-    from tunelab.train.plan import plan_from_data
-    from tunelab.train.setup import LrSchedule, setup_training
+    `budget_started`: the time.monotonic() from which train.budget counts (default: now).
+    `on_step_end` is called after every step (tests record parameters with it)."""
+    from tunelab.train.distributed import SINGLE_PROCESS
+    from tunelab.train.faults import Faults
+    from tunelab.train.loop import LoopOptions, train_loop
+    from tunelab.train.setup import LrSchedule
 
     ctx = ctx or SINGLE_PROCESS
     budget_started = time.monotonic() if budget_started is None else budget_started
+    faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
+
+    # ---- plan the data: rows, then steps (a resumed run keeps the plan it started with)
+    packing = _pack(recipe, paths, train_examples, resume)
+    steps = packing.steps(recipe.train.micro_batch_tokens or recipe.data.max_seq_len)
+    checkpoint = _checkpoint_to_resume(paths, ctx, resume, len(steps))
+
+    # ---- set up the model, loss and optimizer (FSDP shards them here); one GPU probes the micro-batch size
+    resolved = recipe.train.model_copy(update={"tokens_per_step": packing.tokens_per_step})
+    setup, steps = _set_up(recipe, resolved, packing, steps, device, ctx)
+
+    # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit
+    planned = packing.saved or _fit_plan(
+        recipe, packing.wanted, steps, setup, train_examples, valid_examples, tokenizer.pad_token_id, ctx, budget_started
+    )
+    steps = steps[: planned.steps]
+    setup.schedule = LrSchedule.from_config(resolved, len(steps))  # the schedule ends where the run does
+    run_cfg = resolved.model_copy(update={
+        "eval_every_steps": planned.eval_every_steps, "checkpoint_every_steps": planned.checkpoint_every_steps,
+        "eval_max_examples": planned.eval_max_examples,
+    })
+    if ctx.is_main:
+        planned.write(paths.plan)
+        say(f"plan: {planned.reason}")
+    deadline = None
+    if planned.budget_s is not None and packing.saved is None:
+        # a hard stop in case the machine slows down: the budget less the last evaluation's time
+        deadline = budget_started + planned.budget_s - _last_evaluation_s(planned, bool(valid_examples))
+
+    # ---- evaluation sets, then the loop
+    evals = _eval_sets(recipe, run_cfg, train_examples, valid_examples, packing.row_tokens)
+    if ctx.is_main:
+        say(
+            f"{recipe.method}: {setup.trainable_params:,} of {setup.total_params:,} parameters trainable; "
+            f"{len(train_examples)} examples in {len(packing.rows)} rows, {len(steps)} steps of <= "
+            f"{packing.tokens_per_step} tokens; packed examples kept apart by {_attention_description(setup)}"
+        )
+    options = LoopOptions(
+        resume_command=resume_command or f"tunelab train {paths.recipe} --resume",
+        params=_flat(recipe.model_dump(mode="json")), progress=progress, deadline=deadline,
+        on_step_end=faults.install(setup, checkpoint.step if checkpoint else 0, on_step_end),
+    )
+    result = train_loop(setup, train_examples, steps, run_cfg, paths.root, pad_id=tokenizer.pad_token_id,
+                        evals=evals, resume=checkpoint, ctx=ctx, options=options)
+
+    # ---- save the output (the best checkpoint's weights) and train/summary.json
+    output_dir = _save_run(recipe, paths, tokenizer, setup, result, len(steps), budget_started, ctx)
+    faults.dump(setup.model, ctx.rank)
+    state = result.state
+    return TrainResult(
+        run_dir=paths.root, output_dir=output_dir, steps=state.step, best_step=state.best_step,
+        best_val_loss=state.best_val_loss, stopped_early=state.stopped_early, tokens=state.tokens,
+        train_time_s=state.train_time_s, method=recipe.method, trainable_params=setup.trainable_params,
+        total_params=setup.total_params, model=setup.model,
+    )
+
+
+@dataclass
+class _Packing:
+    """The train examples packed into rows (data/pack.py), and how the rows are cut into steps."""
+
+    examples: Sequence[dict[str, Any]]
+    rows: list[tuple[int, ...]]
+    row_tokens: int
+    tokens_per_step: int
+    epochs: float
+    max_steps: int | None
+    seed: int
+    wanted: DataPlan  # what the data alone asks for (train/plan.py)
+    saved: TrainPlan | None  # a resumed run's train/plan.json
+
+    def steps(self, micro_batch_tokens: int, padded: bool = True) -> list[Step]:
+        from tunelab.data.pack import plan_steps
+
+        return plan_steps(
+            self.examples, self.rows, tokens_per_step=self.tokens_per_step, micro_batch_tokens=micro_batch_tokens,
+            epochs=self.epochs, seed=self.seed, max_steps=self.max_steps, padded=padded,
+        )
+
+
+def _pack(recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, Any]], resume: bool) -> _Packing:
+    from tunelab.data.pack import example_length, pack_rows, single_rows
+    from tunelab.train.plan import plan_from_data
+
     cfg = recipe.train
     lengths = [example_length(e) for e in train_examples]
     # a resumed run keeps the plan it started with (its checkpoints count those steps)
@@ -329,14 +408,13 @@ def train_on_examples(
         epochs, max_steps = saved.epochs_target or math.inf, saved.steps
     else:
         epochs, max_steps = wanted.epochs or math.inf, cfg.max_steps
+    return _Packing(train_examples, rows, row_tokens, tokens_per_step, epochs, max_steps, cfg.seed, wanted, saved)
 
-    def make_plan(micro_batch_tokens: int, padded: bool = True) -> list:
-        return plan_steps(
-            train_examples, rows, tokens_per_step=tokens_per_step, micro_batch_tokens=micro_batch_tokens,
-            epochs=epochs, seed=cfg.seed, max_steps=max_steps, padded=padded,
-        )
 
-    plan = make_plan(cfg.micro_batch_tokens or recipe.data.max_seq_len)
+def _checkpoint_to_resume(paths: RunPaths, ctx: DistContext, resume: bool, planned_steps: int) -> Checkpoint | None:
+    """With `resume`, the newest complete, verified checkpoint (None: start from step 0). Removes
+    the temporary folders of checkpoints an earlier run did not finish writing."""
+    from tunelab.train.checkpoint import find_resumable, load_checkpoint, remove_temporary
 
     checkpoint = None
     if resume:
@@ -348,59 +426,56 @@ def train_on_examples(
             tell(f"no complete checkpoint in {paths.checkpoints}; starting from step 0")
         else:
             checkpoint = load_checkpoint(path)
-            tell(f"resuming from {path} (step {checkpoint.step} of {len(plan)})")
+            tell(f"resuming from {path} (step {checkpoint.step} of {planned_steps})")
     if ctx.is_main:  # one remover: two ranks deleting the same folder would race
         remove_temporary(paths.checkpoints)
+    return checkpoint
 
-    # FSDP loads the model on the CPU and shards it onto the GPUs (ctx.prepare)
-    resolved = recipe.model_copy(update={"train": cfg.model_copy(update={"tokens_per_step": tokens_per_step})})
-    setup = setup_training(resolved, len(plan), "cpu" if ctx.lockstep else device)
+
+def _set_up(
+    recipe: Recipe, resolved: TrainConfig, packing: _Packing, steps: list[Step], device: str | None, ctx: DistContext
+) -> tuple[TrainSetup, list[Step]]:
+    """setup_training with the resolved train config; FSDP loads the model on the CPU and shards it
+    onto the GPUs (ctx.prepare). On one GPU without train.micro_batch_tokens the micro-batch size is
+    probed: the steps stay the same (cut by tokens_per_step), only their micro-batches change."""
+    from tunelab.train.setup import setup_training
+
+    setup = setup_training(recipe.model_copy(update={"train": resolved}), len(steps), "cpu" if ctx.lockstep else device)
     ctx.prepare(setup, recipe)
-    if cfg.micro_batch_tokens is None and setup.device.type == "cuda" and ctx.world_size == 1:
+    if recipe.train.micro_batch_tokens is None and setup.device.type == "cuda" and ctx.world_size == 1:
         from tunelab.train.memory import auto_micro_batch_tokens
 
-        # the plan's steps stay the same (they are cut by tokens_per_step); only their micro-batches change
-        micro, tried = auto_micro_batch_tokens(setup, tokens_per_step, row_tokens)
-        plan = make_plan(micro, padded=setup.attention != "varlen")
+        micro, tried = auto_micro_batch_tokens(setup, packing.tokens_per_step, packing.row_tokens)
+        steps = packing.steps(micro, padded=setup.attention != "varlen")
         say(f"micro-batch: {micro} tokens a forward pass (probed: {', '.join(str(t['micro_batch_tokens']) for t in tried)})")
+    return setup, steps
 
-    # the budget: measure this machine's speed on the run's first micro-batches, keep the steps that fit
-    planned = saved or _fit_plan(
-        recipe, wanted, plan, setup, train_examples, valid_examples, tokenizer.pad_token_id, ctx, budget_started
-    )
-    plan = plan[: planned.steps]
-    setup.schedule = LrSchedule.from_config(resolved.train, len(plan))  # the schedule ends where the run does
-    run_cfg = resolved.train.model_copy(update={
-        "eval_every_steps": planned.eval_every_steps, "checkpoint_every_steps": planned.checkpoint_every_steps,
-        "eval_max_examples": planned.eval_max_examples,
-    })
-    if ctx.is_main:
-        planned.write(paths.plan)
-        say(f"plan: {planned.reason}")
-    deadline = None
-    if planned.budget_s is not None and saved is None:
-        # a hard stop in case the machine slows down: the budget less the last evaluation's time
-        deadline = budget_started + planned.budget_s - _last_evaluation_s(planned, bool(valid_examples))
 
-    valid = _eval_set(valid_examples[: run_cfg.eval_max_examples], recipe, row_tokens) if valid_examples else None
+def _eval_sets(
+    recipe: Recipe, run_cfg: TrainConfig, train_examples: Sequence[dict[str, Any]],
+    valid_examples: Sequence[dict[str, Any]], row_tokens: int,
+) -> EvalSets | None:
+    """The validation set and a fixed, seeded sample of the train set, both cut to
+    eval_max_examples; None without validation examples."""
+    from tunelab.train.loop import EvalSets
+
+    if not valid_examples:
+        return None
     sample_size = min(run_cfg.eval_max_examples, len(train_examples))
-    sample_ids = sorted(random.Random(cfg.seed).sample(range(len(train_examples)), sample_size))
-    train_sample = _eval_set([train_examples[i] for i in sample_ids], recipe, row_tokens) if valid else None
-    if ctx.is_main:
-        say(
-            f"{recipe.method}: {setup.trainable_params:,} of {setup.total_params:,} parameters trainable; "
-            f"{len(train_examples)} examples in {len(rows)} rows, {len(plan)} steps of <= {tokens_per_step} tokens; "
-            f"packed examples kept apart by {_attention_description(setup)}"
-        )
-    result = train_loop(
-        setup, train_examples, plan, run_cfg, paths.root, pad_id=tokenizer.pad_token_id, valid=valid,
-        train_sample=train_sample, resume=checkpoint, ctx=ctx, params=_flat(recipe.model_dump(mode="json")),
-        resume_command=resume_command or f"tunelab train {paths.recipe} --resume", nan_at_step=nan_at_step,
-        on_step_end=on_step_end, progress=progress, deadline=deadline,
+    sample_ids = sorted(random.Random(run_cfg.seed).sample(range(len(train_examples)), sample_size))
+    return EvalSets(
+        valid=_eval_set(valid_examples[: run_cfg.eval_max_examples], recipe, row_tokens),
+        train_sample=_eval_set([train_examples[i] for i in sample_ids], recipe, row_tokens),
     )
-    state = result.state
 
-    # the run's output is the best checkpoint (by validation loss), else the last weights
+
+def _save_run(
+    recipe: Recipe, paths: RunPaths, tokenizer: PreTrainedTokenizerBase, setup: TrainSetup, result: LoopResult,
+    planned_steps: int, budget_started: float, ctx: DistContext,
+) -> Path:
+    """The run's output is the best checkpoint (by validation loss), else the last weights; then
+    train/summary.json. Returns the output folder (adapter/ or model/)."""
+    state = result.state
     if result.best_checkpoint is not None and state.best_step != state.step:
         ctx.load_weights(setup, result.best_checkpoint)
     output_dir = paths.adapter if recipe.method != "full" else paths.model
@@ -412,42 +487,14 @@ def train_on_examples(
             stopped_early=state.stopped_early, tokens=state.tokens, trainable_tokens=state.trainable_tokens,
             train_time_s=round(state.train_time_s, 3), method=recipe.method, trainable_params=setup.trainable_params,
             total_params=setup.total_params, output=output_dir.name,
-            output_step=state.best_step if state.best_step is not None else state.step, planned_steps=len(plan),
+            output_step=state.best_step if state.best_step is not None else state.step, planned_steps=planned_steps,
             budget_reached=bool(state.extra.get("budget_reached")),
             wall_time_s=round(time.monotonic() - budget_started, 3),
         )
         summary.write(paths.train_summary)
         say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary.output_step}")
     ctx.barrier()
-    return TrainResult(
-        run_dir=paths.root, output_dir=output_dir, steps=state.step, best_step=state.best_step,
-        best_val_loss=state.best_val_loss, stopped_early=state.stopped_early, tokens=state.tokens,
-        train_time_s=state.train_time_s, method=recipe.method, trainable_params=setup.trainable_params,
-        total_params=setup.total_params, model=setup.model,
-    )
-
-
-def _nan_injection(value: str | None, rank: int) -> int | None:
-    """NAN_ENV: "STEP" (every rank) or "STEP@RANK" (that rank only) -> the step to poison here."""
-    if not value:
-        return None
-    step, _, only_rank = value.partition("@")
-    return int(step) if not only_rank or int(only_rank) == rank else None
-
-
-def _kill_injection(value: str | None, rank: int) -> Callable[[TrainState, TrainSetup], None] | None:
-    """KILL_ENV "STEP@RANK": that rank dies (SIGKILL, as by the OOM killer) right after that step."""
-    step = _nan_injection(value, rank)
-    if step is None:
-        return None
-
-    def kill(state: TrainState, _setup: TrainSetup) -> None:
-        if state.step == step:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return kill
+    return output_dir
 
 
 def train(
@@ -488,20 +535,9 @@ def train(
             prepared = PreparedData(paths.data, {})
         else:
             tokenizer, prepared = done
-        result = train_on_examples(
+        return train_on_examples(
             recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
-            device=device, ctx=ctx, resume_command=resume_command,
-            nan_at_step=_nan_injection(os.environ.get(NAN_ENV), ctx.rank), progress=progress,
-            on_step_end=_kill_injection(os.environ.get(KILL_ENV), ctx.rank), budget_started=budget_started,
+            device=device, ctx=ctx, resume_command=resume_command, progress=progress, budget_started=budget_started,
         )
-        if os.environ.get(DUMP_ENV) and result.model is not None:
-            from safetensors.torch import save_file
-            from torch.distributed.tensor import DTensor
-
-            # FSDP: each rank gathers the full tensors from the shards (a collective: every rank dumps)
-            tensors = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-                       for n, p in result.model.named_parameters() if p.requires_grad}
-            save_file(tensors, str(Path(os.environ[DUMP_ENV]) / f"rank-{ctx.rank}.safetensors"))
-        return result
     finally:
         shutdown(ctx)
