@@ -158,3 +158,20 @@ def test_a_file_system_refusal_is_one_line_not_a_traceback(tmp_path, tiny_model_
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"error: {tmp_path / 'notes.txt'}") and "Traceback" not in result.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_training_never_writes_into_a_folder_of_the_users(tmp_path):
+    from tunelab.config import load_recipe
+    from tunelab.errors import ConfigError
+    from tunelab.runs import RunPaths
+    from tunelab.train.run import start_run_dir
+
+    mine = tmp_path / "src"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    recipe = load_recipe(None, [f"out_dir={tmp_path}", "name=src", "model.name=tiny-test"])
+    with pytest.raises(ConfigError, match="holds files tunelab did not write"):
+        start_run_dir(RunPaths(mine), recipe, resume=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    start_run_dir(RunPaths(tmp_path / "new"), recipe, resume=False)  # a new or empty folder is fine
+    assert (tmp_path / "new" / "recipe.yaml").is_file()

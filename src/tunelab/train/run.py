@@ -77,6 +77,12 @@ def _recipe_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = 
     return found
 
 
+def _written_by_tunelab(paths: RunPaths) -> bool:
+    """An empty folder, or one that a tunelab stage started (its recipe, stages or prepared data)."""
+    return (not any(paths.root.iterdir()) or paths.recipe.is_file() or paths.stages.is_file()
+            or (paths.data / "fingerprint.json").is_file())
+
+
 def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
     """Create runs/<name>/ and write recipe.yaml; refuse to mix two trainings in one folder."""
     started = paths.train_log.exists() or any(paths.checkpoints.glob("step-*"))
@@ -92,6 +98,10 @@ def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
         raise ConfigError(
             f"{paths.root} already holds a training run; continue it with --resume, or start a new one with name=NEW"
         )
+    if paths.root.is_dir() and not _written_by_tunelab(paths):
+        # training writes adapter/, model/ and checkpoints/ here: never into a folder of the user's
+        raise ConfigError(f"{paths.root} exists and holds files tunelab did not write; choose another name=NEW "
+                          "or out_dir=DIR")
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
 
