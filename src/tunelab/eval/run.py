@@ -262,10 +262,17 @@ def evaluate(
     limit: int | None = None,
     *,
     echo: bool = True,
+    recipe: Recipe | None = None,
+    train_file: str | Path | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json."""
+    """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
+    For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
+    touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
+    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder."""
     started = time.perf_counter()
-    paths, recipe = open_run(run_dir)
+    paths, run_recipe = open_run(run_dir)
+    recipe = recipe or run_recipe
     cfg = recipe.eval
     chosen = _parse_arms(arms, recipe)
     limit = limit or cfg.limit
@@ -276,7 +283,7 @@ def evaluate(
     if not all_test:
         raise DataError(f"{test_path}: no test examples")
     test = all_test[:limit] if limit else all_test
-    train_path = paths.data / "train.jsonl"
+    train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
     train = read_examples(train_path) if train_path.is_file() else []
     if not train and any(a in chosen for a in ("prompt", *RAG_ARMS)):
         raise DataError(f"{train_path}: not found or empty; the prompt and rag arms draw their examples from it")
@@ -490,8 +497,9 @@ def evaluate(
     metrics["seed"] = cfg.seed
     metrics["elapsed_s"] = time.perf_counter() - started
 
-    _write_atomically(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
-    _write_atomically(paths.metrics, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    out = Path(out_dir) if out_dir else paths.eval
+    _write_atomically(out / paths.predictions.name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
+    _write_atomically(out / paths.metrics.name, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     if echo:
         print(format_table(metrics))
     return metrics
