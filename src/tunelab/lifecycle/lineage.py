@@ -92,6 +92,13 @@ def data_fingerprint_id(manifest: Mapping[str, Any]) -> str | None:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
+    """The parent's folder: the sibling of the same name (children are made next to their parent, so
+    this holds wherever the two are moved together), else the path recorded at creation."""
+    sibling = child.root.parent / str(parent.get("name") or "")
+    return RunPaths(sibling if parent.get("name") and (sibling / "recipe.yaml").is_file() else Path(str(parent.get("path"))))
+
+
 def parent_record(parent: RunPaths, recipe: Recipe, kind: str) -> dict[str, Any]:
     manifest = read_json_file(parent.manifest)
     return {"kind": kind, "path": str(parent.root), "name": parent.root.name, "model": recipe.model.name,

@@ -1,9 +1,10 @@
 """`tunelab runs list` and `tunelab runs compare`: runs side by side on the same eval set.
 
 Reads each run's recipe.yaml, manifest.json, eval/metrics.json and eval/predictions.jsonl. `list`
-writes nothing; `compare` returns markdown (printed by the CLI) and, when asked, writes one
-self-contained HTML file. Runs are comparable only when they were evaluated on the same examples:
-the same example ids with the same references in the compared arm, else a clear error. The paired
+writes nothing and shows lineage (the run a run was updated or rebased from, its data fingerprint);
+`compare` returns markdown (printed by the CLI) and, when asked, writes one self-contained HTML file.
+Runs are comparable only when they were evaluated on the same examples: the same example ids with
+the same references in the compared arm, else a clear error. The paired
 test (bootstrap interval + sign-flip permutation, tunelab.eval.metrics.paired_comparison) is run on
 the per-example scores of that arm, each run against the first one named.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ConfigError
+from tunelab.lifecycle.lineage import data_fingerprint_id
 from tunelab.report.html import ARM_ORDER, fmt, pct_ci, read_json, read_jsonl
 from tunelab.runs import RunPaths
 
@@ -31,6 +33,8 @@ class RunRow:
     primary_metric: str | None = None
     tuned_primary: float | None = None
     tuned_ci95: list[float] | None = None
+    parent: str | None = None  # "update of NAME" / "rebase of NAME" (tunelab.lifecycle)
+    data_fingerprint: str | None = None
 
 
 def _recipe_fields(paths: RunPaths) -> dict[str, Any]:
@@ -69,6 +73,11 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
         model = recipe.get("model")
         row = RunRow(folder.name, folder, model.get("name") if isinstance(model, dict) else None,
                      recipe.get("method"), run_status(paths))
+        manifest = read_json(paths.manifest)
+        if manifest.ok and isinstance(manifest.value, dict):
+            parent = manifest.value.get("parent")
+            row.parent = f"{parent.get('kind')} of {parent.get('name')}" if isinstance(parent, dict) else None
+            row.data_fingerprint = data_fingerprint_id(manifest.value)
         metrics = read_json(paths.metrics)
         if metrics.ok and isinstance(metrics.value, dict):
             row.primary_metric = metrics.value.get("primary_metric")
@@ -81,10 +90,11 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
 def format_run_list(rows: list[RunRow]) -> str:
     if not rows:
         return "no runs"
-    header = ("name", "model", "method", "status", "tuned (%, 95% CI)")
+    header = ("name", "model", "method", "status", "tuned (%, 95% CI)", "parent", "data")
     table = [header] + [
         (r.name, r.model or "—", r.method or "—", r.status,
-         f"{pct_ci(r.tuned_primary, r.tuned_ci95)} {r.primary_metric}" if r.tuned_primary is not None else "—")
+         f"{pct_ci(r.tuned_primary, r.tuned_ci95)} {r.primary_metric}" if r.tuned_primary is not None else "—",
+         r.parent or "—", r.data_fingerprint or "—")
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
