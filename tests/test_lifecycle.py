@@ -292,3 +292,32 @@ def test_rebase_refuses_to_carry_an_adapter_onto_a_base_it_does_not_fit(data, tm
         rebase(lora_parent.root, str(narrow), carry_adapter=True)
     assert "\n" not in str(err.value) and "does not fit" in str(err.value) and "in the adapter but" in str(err.value)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["lora"]  # refused before any folder was made
+
+
+# ---------------------------------------------------------------------------------------------- the measured case
+
+
+def test_lifecycle_example_is_what_its_generator_writes_and_its_catalogue_changes(tmp_path):
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "lifecycle"
+    spec = importlib.util.spec_from_file_location("lifecycle_generate", folder / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    written = module.write_files(tmp_path, seed=0)
+    for name, path in written.items():
+        assert path.read_bytes() == (folder / "data" / path.name).read_bytes(), name
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (folder / "data" / f"{name}.jsonl").read_text().splitlines()]
+
+    old = rows("train") + rows("valid") + rows("test")
+    new = rows("new")
+    old_departments = {r["messages"][-1]["content"] for r in old}
+    assert {r["messages"][-1]["content"] for r in new} - old_departments == {"home", "mobility"}
+    assert not {r["messages"][1]["content"].lower() for r in new} & {r["messages"][1]["content"].lower() for r in old}
+    slices = [json.loads(line)["slice"] for line in (folder / "data" / "new.slices.jsonl").read_text().splitlines()]
+    assert len(slices) == len(new) and slices.count("new_product") == slices.count("new_wording") == len(new) // 2
+    assert load_recipe(folder / "recipe.yaml").eval.arms == ["prompt", "rag", "tuned"]
