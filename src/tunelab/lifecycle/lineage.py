@@ -85,11 +85,13 @@ def read_json_file(path: Path) -> dict[str, Any]:
 
 
 def data_fingerprint_id(manifest: Mapping[str, Any]) -> str | None:
-    """12 hex digits naming the data a run was trained on (its manifest's data_fingerprint), or None."""
+    """12 hex digits naming the data a run was trained on (its manifest's data_fingerprint: the
+    fingerprint's own sha256 where it has one, else a hash of the whole fingerprint), or None."""
     fingerprint = manifest.get("data_fingerprint")
-    if not fingerprint:
+    if not isinstance(fingerprint, dict) or not fingerprint:
         return None
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    own = fingerprint.get("sha256")
+    return own[:12] if isinstance(own, str) else hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
