@@ -8,9 +8,10 @@ rag-new-a/ and rag-new-b/ (the rag arm with the new examples in its pool, two fo
 retrieves itself), and drift.json (the `Drift` model below). Nothing of the run itself changes.
 
 Labelled new examples: stale when the tuned arm's score on them is significantly below its score on
-the run's own test set (two-sample: bootstrap interval of the difference of means and a permutation
-p-value; different examples, so not paired). Unlabelled inputs (no final assistant message): stale
-when their wording has shifted away from the training inputs (tunelab.lifecycle.shift).
+the run's own test set (two-sample, as the examples differ: the bootstrap interval of the difference
+of means excludes 0 and the permutation p-value is below lineage.SIGNIFICANCE). Unlabelled inputs
+(no final assistant message): stale when their wording has shifted away from the training inputs
+(tunelab.lifecycle.shift).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import BaseModel
 
 from tunelab.console import say
 from tunelab.eval.metrics import BOOTSTRAP_RESAMPLES, PERMUTATIONS, bootstrap_ci
-from tunelab.lifecycle.lineage import arm_scores, evaluated_metrics, without_extras
+from tunelab.lifecycle.lineage import SIGNIFICANCE, arm_scores, evaluated_metrics, without_extras
 from tunelab.lifecycle.new_data import read_new_data, read_rows, user_text, write_rows
 from tunelab.lifecycle.shift import measure_input_shift
 from tunelab.runs import RunPaths, open_run
@@ -61,7 +62,7 @@ class TwoSample:
 
     @property
     def significant(self) -> bool:
-        return self.ci95[0] > 0 or self.ci95[1] < 0
+        return (self.ci95[0] > 0 or self.ci95[1] < 0) and self.p_value < SIGNIFICANCE
 
 
 def two_sample_comparison(a: list[float], b: list[float], seed: int = 0) -> TwoSample:

@@ -23,6 +23,7 @@ from tunelab.lifecycle.new_data import write_rows
 from tunelab.runs import RunPaths
 
 INPUTS = "inputs"
+SIGNIFICANCE = 0.05  # a difference counts when its 95% interval excludes 0 AND its permutation p-value is below this
 
 
 class PairedResult(BaseModel):
@@ -135,7 +136,8 @@ def arm_scores(eval_dir: Path, arm: str) -> dict[str, float]:
 
 def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, float], child_arm: str = "tuned",
                    parent_arm: str = "tuned", seed: int = 0) -> PairedResult:
-    """Child vs parent on the examples both scored: "old test 91.0 -> 90.5 (-0.5 points, ...: no significant change)"."""
+    """Child vs parent on the examples both scored: "old test 91.0 -> 90.5 (-0.5 points, ...: no significant change)".
+    Significant only when the bootstrap interval and the permutation test agree (see SIGNIFICANCE)."""
     from tunelab.eval.metrics import paired_comparison
 
     ids = sorted(set(child) & set(parent))
@@ -146,8 +148,11 @@ def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, f
     result = paired_comparison(a, b, seed=seed)
     child_mean, parent_mean = 100 * sum(a) / len(a), 100 * sum(b) / len(b)
     lo, hi = (100 * v for v in result.ci95)
-    if result.significant:
+    significant = result.significant and result.p_value < SIGNIFICANCE
+    if significant:
         change = "significantly better" if result.delta > 0 else "significantly worse"
+    elif result.significant:  # a handful of changed examples: the percentile bootstrap is the bolder of the two
+        change = "no significant change (the interval excludes 0 but the permutation test does not)"
     else:
         change = "no significant change"
     arms = "" if child_arm == parent_arm == "tuned" else f" ({parent_arm} -> {child_arm})"
@@ -155,7 +160,7 @@ def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, f
             f"[{lo:+.1f}, {hi:+.1f}], p = {result.p_value:.3g}: {change})")
     return PairedResult(what=what, child_arm=child_arm, parent_arm=parent_arm, n_examples=len(ids),
                         child=child_mean / 100, parent=parent_mean / 100, delta_points=100 * result.delta,
-                        ci95_points=[lo, hi], p_value=result.p_value, significant=result.significant, text=text)
+                        ci95_points=[lo, hi], p_value=result.p_value, significant=significant, text=text)
 
 
 # ---------------------------------------------------------------------------------------------- child run
