@@ -14,6 +14,7 @@ import typer
 
 from tunelab.config import ARMS  # light (pydantic, yaml): the arm names feed `eval --help`
 from tunelab.errors import TunelabError
+from tunelab.lifecycle.update import UpdateSettings  # light: its defaults feed `update --help`
 from tunelab.serve import ServeSettings  # light: its defaults feed `serve --help`
 
 app = typer.Typer(
@@ -442,6 +443,52 @@ def grade(
         failed = f", {summary['failed']} failed" if summary["failed"] else ""
         typer.echo(f"tunelab: {spec.name} ({spec.type}): mean {mean} over {summary['scored']} samples{passed}{failed}",
                    err=True)
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+# tunelab.lifecycle; docs/lifecycle.md
+
+
+@app.command()
+def drift(
+    run: RunDir,
+    new: Annotated[Path, typer.Argument(help="new examples (any data format); without answers: input shift only")],
+) -> None:
+    """Is the fine-tune stale on today's data? Scores its tuned and best prompt-only arms on new
+    labelled examples against its own test results -> RUN/drift/<time>/drift.json. Exit 0 either way."""
+    from tunelab.lifecycle.drift import drift as check_drift
+
+    result = check_drift(run, new)
+    typer.echo(result.text)
+    typer.echo(f"wrote {Path(result.folder) / 'drift.json'}", err=True)
+
+
+@app.command()
+def update(
+    run: RunDir,
+    add: Annotated[Path, typer.Option("--add", help="new labelled examples (any data format)")],
+    replay: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of the parent's training examples trained on again")] = UpdateSettings.replay,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="train from the base model instead of the parent's weights")] = False,
+    name: Annotated[str | None, typer.Option(help="the new run's folder name (default RUN-update, next to RUN)")] = None,
+) -> None:
+    """Continue a run with new examples -> a new run whose manifest names its parent, tested on the old
+    test set and on the new examples' held-out part, each paired against the parent."""
+    from tunelab.lifecycle.update import update as run_update
+
+    typer.echo(run_update(run, add, replay=replay, from_scratch=from_scratch, name=name).text)
+
+
+@app.command()
+def rebase(
+    run: RunDir,
+    model: Annotated[str, typer.Option("--model", "-m", help="the new base model: alias, folder, .gguf or hub id")],
+    name: Annotated[str | None, typer.Option(help="the new run's folder name (default RUN-on-MODEL, next to RUN)")] = None,
+    carry_adapter: Annotated[bool, typer.Option("--carry-adapter", help="start from the parent's adapter (it must fit the new base)")] = False,
+) -> None:
+    """The same recipe and data on a new base model, every arm on both, and a migration verdict."""
+    from tunelab.lifecycle.rebase import rebase as run_rebase
+
+    typer.echo(run_rebase(run, model, name=name, carry_adapter=carry_adapter).text)
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -85,6 +85,10 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU"
     )
+    adapter: str | None = Field(
+        None, description="LoRA family: start from this PEFT adapter folder's weights instead of a fresh "
+        "adapter (tunelab update sets it to the parent run's adapter/); it must fit the model and the lora section",
+    )
 
 
 class DataConfig(_Section):

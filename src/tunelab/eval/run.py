@@ -387,13 +387,20 @@ def evaluate(
     echo: bool = True,
     trust_remote_code: bool = False,
     python_graders: bool = False,
+    recipe: Recipe | None = None,
+    train_file: str | Path | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
     `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run), and
     so does `python_graders`: a python grader in a run folder's recipe is code, run only when the
-    caller says the recipe is the user's own (tunelab run, curve) or the user asked for it."""
+    caller says the recipe is the user's own (tunelab run, curve) or the user asked for it.
+    For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
+    touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
+    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder."""
     started = time.perf_counter()
-    paths, recipe = open_run(run_dir, trust_remote_code)
+    paths, run_recipe = open_run(run_dir, trust_remote_code)
+    recipe = recipe or run_recipe
     cfg = recipe.eval
     chosen = _parse_arms(arms, recipe)
     limit = limit or cfg.limit
@@ -405,7 +412,7 @@ def evaluate(
         raise DataError(f"{test_path}: no test examples")
     test = all_test[:limit] if limit else all_test
     items = all_items[: len(test)]
-    train_path = paths.data / "train.jsonl"
+    train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
     if not train and any(a in chosen for a in ("prompt", *RAG_ARMS)):
         raise DataError(f"{train_path}: not found or empty; the prompt and rag arms draw their examples from it")
@@ -673,10 +680,11 @@ def evaluate(
     metrics["seed"] = cfg.seed
     metrics["elapsed_s"] = time.perf_counter() - started
 
-    write_text_atomic(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
-    if graders:
+    out = Path(out_dir) if out_dir else paths.eval
+    write_text_atomic(out / paths.predictions.name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
+    if graders and out_dir is None:
         _record_graders_in_manifest(paths, graders)
-    Metrics.model_validate(metrics).write(paths.metrics)
+    Metrics.model_validate(metrics).write(out / paths.metrics.name)
     if echo:
         print(format_table(metrics))
     return metrics

@@ -1,9 +1,10 @@
 """`tunelab runs list` and `tunelab runs compare`: runs side by side on the same eval set.
 
 Reads each run's recipe.yaml, manifest.json, eval/metrics.json and eval/predictions.jsonl. `list`
-writes nothing; `compare` returns markdown (printed by the CLI) and, when asked, writes one
-self-contained HTML file. Runs are comparable only when they were evaluated on the same examples:
-the same example ids with the same references in the compared arm, else a clear error. The paired
+writes nothing and shows lineage (the run a run was updated or rebased from, its data fingerprint);
+`compare` returns markdown (printed by the CLI) and, when asked, writes one self-contained HTML file.
+Runs are comparable only when they were evaluated on the same examples: the same example ids with
+the same references in the compared arm, else a clear error. The paired
 test (bootstrap interval + sign-flip permutation, tunelab.eval.metrics.paired_comparison) is run on
 the per-example scores of that arm, each run against the first one named.
 """
@@ -18,6 +19,7 @@ from tunelab.config import ARMS
 from tunelab.contract import Manifest, Metrics
 from tunelab.errors import ConfigError
 from tunelab.files import write_text_atomic
+from tunelab.lifecycle.lineage import data_fingerprint_id
 from tunelab.report.html import fmt, pct_ci, read_jsonl, read_model
 from tunelab.runs import RunPaths
 
@@ -34,6 +36,8 @@ class RunRow:
     primary_metric: str | None = None
     tuned_primary: float | None = None
     tuned_ci95: list[float] | None = None
+    parent: str | None = None  # "update of NAME" / "rebase of NAME" (tunelab.lifecycle)
+    data_fingerprint: str | None = None
 
 
 def _recipe_fields(paths: RunPaths) -> dict[str, Any]:
@@ -72,6 +76,11 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
         model = recipe.get("model")
         row = RunRow(folder.name, folder, model.get("name") if isinstance(model, dict) else None,
                      recipe.get("method"), run_status(paths))
+        manifest = read_model(paths.manifest, Manifest)
+        if manifest.ok:
+            parent = manifest.value.parent
+            row.parent = f"{parent.model_extra.get('kind')} of {parent.model_extra.get('name')}" if parent else None
+            row.data_fingerprint = data_fingerprint_id(manifest.value.model_dump(mode="json"))
         metrics = read_model(paths.metrics, Metrics)
         if metrics.ok:
             row.primary_metric = metrics.value.primary_metric
@@ -85,10 +94,11 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
 def format_run_list(rows: list[RunRow]) -> str:
     if not rows:
         return "no runs"
-    header = ("name", "model", "method", "status", "tuned (%, 95% CI)")
+    header = ("name", "model", "method", "status", "tuned (%, 95% CI)", "parent", "data")
     table = [header] + [
         (r.name, r.model or "—", r.method or "—", r.status,
-         f"{pct_ci(r.tuned_primary, r.tuned_ci95)} {r.primary_metric}" if r.tuned_primary is not None else "—")
+         f"{pct_ci(r.tuned_primary, r.tuned_ci95)} {r.primary_metric}" if r.tuned_primary is not None else "—",
+         r.parent or "—", r.data_fingerprint or "—")
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]

@@ -513,6 +513,28 @@ def _disagreements(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str
     return {"n_disagree": len(candidates), "n_total": len(by_id), "examples": examples}
 
 
+def _lineage(paths: RunPaths) -> dict[str, Any]:
+    """A run made by `tunelab update` or `rebase` (eval/lineage.json): its parent, the paired
+    comparisons, and the parent's numbers beside this run's on the same test set."""
+    from tunelab.lifecycle.lineage import parent_paths, read_lineage
+
+    lineage = read_lineage(paths)
+    if lineage is None:
+        return {"available": False}
+    parent = parent_paths(paths, lineage.parent)
+    parent_metrics = read_json(parent.metrics)
+    own_metrics = read_json(paths.metrics)
+    parent_arms = (parent_metrics.value or {}).get("arms", {}) if parent_metrics.ok else {}
+    own_arms = (own_metrics.value or {}).get("arms", {}) if own_metrics.ok else {}
+    rows = [{"arm": arm, "parent": pct_ci((parent_arms.get(arm) or {}).get("primary"), (parent_arms.get(arm) or {}).get("ci95")),
+             "own": pct_ci((own_arms.get(arm) or {}).get("primary"), (own_arms.get(arm) or {}).get("ci95"))}
+            for arm in _ordered_arms({**parent_arms, **own_arms})]
+    return {"available": True, "kind": lineage.kind, "text": lineage.text, "decision": lineage.decision,
+            "parent_name": lineage.parent.get("name"), "parent_model": lineage.parent.get("model"),
+            "parent_report": str(parent.report_html), "parent_note": None if parent_metrics.ok else parent_metrics.note(parent.root),
+            "comparisons": [c.text for c in lineage.comparisons], "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------- assembly
 
 
@@ -550,6 +572,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,
         "method": recipe.get("method"), "sections": SECTIONS,
         "verdict": _verdict(metrics, root),
+        "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
         "training": training,
         "arms": arms,
@@ -602,6 +625,11 @@ def render_markdown(context: Mapping[str, Any]) -> str:
         lines += [f"- {fact}" for fact in verdict["facts"]] + ([""] if verdict["facts"] else [])
     else:
         lines += [verdict["note"], ""]
+    lineage = context["lineage"]
+    if lineage["available"]:
+        lines += [f"## Parent ({lineage['kind']} of {lineage['parent_name']}, report: {lineage['parent_report']})", "",
+                  f"**{lineage['text']}**", "", "| arm | parent | this run |", "|---|---|---|"]
+        lines += [f"| {row['arm']} | {row['parent']} | {row['own']} |" for row in lineage["rows"]] + [""]
     arms = context["arms"]
     lines += ["## Arms", ""]
     if arms["available"]:

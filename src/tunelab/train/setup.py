@@ -165,7 +165,14 @@ def build_model(recipe: Recipe, device: torch.device, base: nn.Module | None = N
             model = get_peft_model(base, lora)
         except ValueError as err:
             raise ConfigError(f"lora.targets: {err}") from None
+        if recipe.model.adapter:
+            from tunelab.lifecycle.adapter import load_adapter_weights
+
+            load_adapter_weights(model, recipe.model.adapter, recipe)
     else:
+        if recipe.model.adapter:
+            raise ConfigError("model.adapter: only the LoRA family (lora, dora, qlora) starts from an adapter; "
+                              "for method full set model.name to the parent run's model/ folder")
         model = base
         for param in model.parameters():
             param.requires_grad_(True)

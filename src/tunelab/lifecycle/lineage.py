@@ -1,0 +1,199 @@
+"""Runs made from other runs (`tunelab update`, `tunelab rebase`): the parent record, the child run
+folder, and the paired comparisons against the parent that both commands report.
+
+Reads the parent's recipe.yaml, manifest.json, data/*.jsonl and eval/predictions.jsonl. Writes the
+child run folder: inputs/*.jsonl (the data the child trains and is tested on, kept with the run),
+manifest.json with `parent` before training starts (training adds its own keys beside it), and
+eval/lineage.json (the `Lineage` model below), which `tunelab report` and `tunelab runs list` read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tunelab.config import Recipe
+from tunelab.errors import ConfigError
+from tunelab.lifecycle.new_data import write_rows
+from tunelab.runs import RunPaths
+
+INPUTS = "inputs"
+SIGNIFICANCE = 0.05  # a difference counts when its 95% interval excludes 0 AND its permutation p-value is below this
+
+
+class PairedResult(BaseModel):
+    """One arm of the child against one of the parent on the same examples (paired by example id)."""
+
+    what: str  # "old test", "new examples", ...
+    child_arm: str
+    parent_arm: str
+    n_examples: int
+    child: float
+    parent: float
+    delta_points: float
+    ci95_points: list[float]
+    p_value: float
+    significant: bool
+    text: str
+
+
+class Lineage(BaseModel):
+    """eval/lineage.json of a run made by update or rebase."""
+
+    kind: str  # "update" | "rebase"
+    parent: dict[str, Any]  # the manifest's `parent` record
+    primary_metric: str | None
+    comparisons: list[PairedResult]
+    decision: str | None = None  # rebase: "move" | "stay" | "either"
+    text: str
+    details: dict[str, Any] = {}
+
+
+def lineage_path(paths: RunPaths) -> Path:
+    return paths.eval / "lineage.json"
+
+
+def read_lineage(paths: RunPaths) -> Lineage | None:
+    path = lineage_path(paths)
+    if not path.is_file():
+        return None
+    try:
+        return Lineage.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def write_lineage(paths: RunPaths, lineage: Lineage) -> Path:
+    path = lineage_path(paths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(lineage.model_dump_json(indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def data_fingerprint_id(manifest: Mapping[str, Any]) -> str | None:
+    """12 hex digits naming the data a run was trained on (its manifest's data_fingerprint: the
+    fingerprint's own sha256 where it has one, else a hash of the whole fingerprint), or None."""
+    fingerprint = manifest.get("data_fingerprint")
+    if not isinstance(fingerprint, dict) or not fingerprint:
+        return None
+    own = fingerprint.get("sha256")
+    return own[:12] if isinstance(own, str) else hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
+    """The parent's folder: the sibling of the same name (children are made next to their parent, so
+    this holds wherever the two are moved together), else the path recorded at creation."""
+    sibling = child.root.parent / str(parent.get("name") or "")
+    return RunPaths(sibling if parent.get("name") and (sibling / "recipe.yaml").is_file() else Path(str(parent.get("path"))))
+
+
+def parent_record(parent: RunPaths, recipe: Recipe, kind: str) -> dict[str, Any]:
+    manifest = read_json_file(parent.manifest)
+    return {"kind": kind, "path": str(parent.root), "name": parent.root.name, "model": recipe.model.name,
+            "method": recipe.method, "data_fingerprint": data_fingerprint_id(manifest)}
+
+
+# ---------------------------------------------------------------------------------------------- parent's results
+
+
+def evaluated_metrics(paths: RunPaths) -> dict[str, Any]:
+    """The run's eval/metrics.json with a tuned arm, or a ConfigError saying how to get one."""
+    metrics = read_json_file(paths.metrics)
+    if "tuned" not in (metrics.get("arms") or {}) or not paths.predictions.is_file():
+        raise ConfigError(f"{paths.root}: not evaluated with the tuned arm (no {paths.metrics} with arms.tuned "
+                          f"and {paths.predictions}); run: tunelab eval {paths.root}")
+    return metrics
+
+
+def arm_scores(eval_dir: Path, arm: str) -> dict[str, float]:
+    """example id -> primary score of `arm`, from eval_dir/predictions.jsonl."""
+    path = eval_dir / "predictions.jsonl"
+    scores = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            if row.get("arm") == arm:
+                scores[str(row["id"])] = float(row["score"])
+    if not scores:
+        raise ConfigError(f"{path}: no predictions of arm '{arm}'")
+    return scores
+
+
+def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, float], child_arm: str = "tuned",
+                   parent_arm: str = "tuned", seed: int = 0) -> PairedResult:
+    """Child vs parent on the examples both scored: "old test 91.0 -> 90.5 (-0.5 points, ...: no significant change)".
+    Significant only when the bootstrap interval and the permutation test agree (see SIGNIFICANCE)."""
+    from tunelab.eval.metrics import paired_comparison
+
+    ids = sorted(set(child) & set(parent))
+    if not ids or len(ids) != len(child) or len(ids) != len(parent):
+        raise ConfigError(f"{what}: the child scored {len(child)} examples and the parent {len(parent)}, "
+                          f"{len(ids)} in common: they must be scored on the same examples (same eval.limit)")
+    a, b = [child[i] for i in ids], [parent[i] for i in ids]
+    result = paired_comparison(a, b, seed=seed)
+    child_mean, parent_mean = 100 * sum(a) / len(a), 100 * sum(b) / len(b)
+    lo, hi = (100 * v for v in result.ci95)
+    significant = result.significant and result.p_value < SIGNIFICANCE
+    if significant:
+        change = "significantly better" if result.delta > 0 else "significantly worse"
+    elif result.significant:  # a handful of changed examples: the percentile bootstrap is the bolder of the two
+        change = "no significant change (the interval excludes 0 but the permutation test does not)"
+    else:
+        change = "no significant change"
+    arms = "" if child_arm == parent_arm == "tuned" else f" ({parent_arm} -> {child_arm})"
+    text = (f"{what}{arms} {parent_mean:.1f} -> {child_mean:.1f} ({100 * result.delta:+.1f} points, 95% CI "
+            f"[{lo:+.1f}, {hi:+.1f}], p = {result.p_value:.3g}: {change})")
+    return PairedResult(what=what, child_arm=child_arm, parent_arm=parent_arm, n_examples=len(ids),
+                        child=child_mean / 100, parent=parent_mean / 100, delta_points=100 * result.delta,
+                        ci95_points=[lo, hi], p_value=result.p_value, significant=significant, text=text)
+
+
+# ---------------------------------------------------------------------------------------------- child run
+
+
+def create_child_run(parent: RunPaths, recipe: Recipe, name: str, kind: str,
+                     inputs: Mapping[str, Sequence[dict[str, Any]]], changes: Mapping[str, Any]) -> tuple[Recipe, RunPaths]:
+    """A new run folder next to the parent: inputs/<split>.jsonl, manifest.json with `parent`, and
+    the recipe to train it with (the parent's, with data pointing at inputs/ and `changes` applied:
+    {"model.name": ...} style dotted keys). Refuses a folder that exists."""
+    from tunelab.config import apply_overrides
+
+    child = RunPaths(parent.root.parent / name)
+    if child.root.exists():
+        raise ConfigError(f"{child.root} already exists: choose another name with --name")
+    data = recipe.model_dump(mode="json")
+    data["name"], data["out_dir"] = name, str(parent.root.parent)
+    for split in ("train", "valid", "test"):
+        rows = inputs.get(split)
+        data["data"][split] = str(child.root / INPUTS / f"{split}.jsonl") if rows else None
+    data = apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in changes.items()])
+    child_recipe = Recipe.model_validate(data)
+    child.root.mkdir(parents=True)
+    for split, rows in inputs.items():
+        if rows:
+            write_rows(child.root / INPUTS / f"{split}.jsonl", rows)
+    child.manifest.write_text(json.dumps({"parent": parent_record(parent, recipe, kind)}, indent=1))
+    return child_recipe, child
+
+
+def without_extras(recipe: Recipe) -> Recipe:
+    """The recipe's settings for scoring other data: every example, no forgetting probes (the run's
+    own evaluation measured those)."""
+    data = recipe.model_dump(mode="json")
+    data["eval"].update(limit=None, forgetting=False)
+    return Recipe.model_validate(data)
