@@ -78,9 +78,10 @@ def _recipe_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = 
 
 
 def _written_by_tunelab(paths: RunPaths) -> bool:
-    """An empty folder, or one that a tunelab stage started (its recipe, stages or prepared data)."""
+    """An empty folder, or one that tunelab started (its recipe, stages, manifest — update and rebase
+    write it first, with the parent — or prepared data)."""
     return (not any(paths.root.iterdir()) or paths.recipe.is_file() or paths.stages.is_file()
-            or (paths.data / "fingerprint.json").is_file())
+            or paths.manifest.is_file() or (paths.data / "fingerprint.json").is_file())
 
 
 def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
