@@ -157,12 +157,13 @@ def _new_cache(model: Any, rows: int, capacity: int, prefix: SharedPrefix | None
 
 def prefill_shared_prefix(model: Any, prompts: Sequence[Sequence[int]],
                           min_tokens: int = PREFIX_MIN_TOKENS) -> SharedPrefix | None:
-    """Run the tokens all `prompts` start with through the model once; None when they share fewer than
-    `min_tokens` or the model's attention is not the plain kind the cache supports."""
+    """Run the tokens all `prompts` start with through the model once; None for a single prompt (nothing
+    to share), when they share fewer than `min_tokens` or the model's attention is not the plain kind the
+    cache supports."""
     import torch
 
     length = shared_prefix_length(prompts)
-    if length < min_tokens or not _plain_attention(model):
+    if len(prompts) < 2 or length < min_tokens or not _plain_attention(model):
         return None
     started = time.perf_counter()
     device = next(model.parameters()).device
