@@ -45,6 +45,8 @@ ASKS = [
     "Explain in simple words what a customer should do about {t}.",
 ]
 DAYS = ["Monday", "Tuesday", "last week", "March 3", "yesterday"]
+DEMO_OPTIONS = ("mode", "model", "limit", "batch_size", "sides", "threads")
+BATCHING_OPTIONS = ("mode", "model", "prompts", "max_new_tokens", "batch_sizes", "threads")
 
 
 def make_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -124,6 +126,7 @@ def run_demo(args: argparse.Namespace, model, tokenizer) -> dict:
         "loop": lambda convs: [g.text for g in generate(model, tokenizer, convs, settings, batch_size, reuse_prefix=False)],
         "prefix": lambda convs: [g.text for g in generate(model, tokenizer, convs, settings, batch_size)],
     }
+    sides = {name: run for name, run in sides.items() if name in args.sides.split(",") or name in ("hf", "prefix")}
     arms: dict[str, dict] = {}
     for arm, convs in prompts.items():
         outputs, seconds = {}, {}
@@ -186,6 +189,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--limit", type=int, default=None, help="demo: test examples per arm (default the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="demo: default the recipe's eval.batch_size")
+    parser.add_argument("--sides", default="hf,loop,prefix", help="demo: hf and prefix always; loop optional")
     parser.add_argument("--prompts", type=int, default=64, help="batching: number of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="batching")
     parser.add_argument("--batch-sizes", default="16,64", help="batching")
@@ -210,7 +214,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "torch": torch.__version__,
         "command": "python bench/generate_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if v is not None and k in (DEMO_OPTIONS if args.mode == "demo" else BATCHING_OPTIONS)),
         "load_average_1min_at_end": os.getloadavg()[0],
     })
     args.out = args.out or str(RESULTS / ("generate_speed_demo.json" if args.mode == "demo" else "generate_speed.json"))
