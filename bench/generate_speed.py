@@ -45,7 +45,7 @@ ASKS = [
     "Explain in simple words what a customer should do about {t}.",
 ]
 DAYS = ["Monday", "Tuesday", "last week", "March 3", "yesterday"]
-DEMO_OPTIONS = ("mode", "model", "limit", "batch_size", "sides", "threads")
+DEMO_OPTIONS = ("mode", "model", "limit", "batch_size", "sides", "prefix_batch_size", "threads")
 BATCHING_OPTIONS = ("mode", "model", "prompts", "max_new_tokens", "batch_sizes", "threads")
 
 
@@ -124,7 +124,8 @@ def run_demo(args: argparse.Namespace, model, tokenizer) -> dict:
     sides = {
         "hf": lambda convs: hf_generate(model, tokenizer, convs, settings, batch_size),
         "loop": lambda convs: [g.text for g in generate(model, tokenizer, convs, settings, batch_size, reuse_prefix=False)],
-        "prefix": lambda convs: [g.text for g in generate(model, tokenizer, convs, settings, batch_size)],
+        "prefix": lambda convs: [g.text for g in generate(model, tokenizer, convs, settings,
+                                                          args.prefix_batch_size or batch_size)],
     }
     sides = {name: run for name, run in sides.items() if name in args.sides.split(",") or name in ("hf", "prefix")}
     arms: dict[str, dict] = {}
@@ -152,6 +153,7 @@ def run_demo(args: argparse.Namespace, model, tokenizer) -> dict:
     total = {name: sum(a["wall_s"][name] for a in arms.values()) for name in sides}
     same = {name: sum(a["same_output_as_hf"][name] for a in arms.values()) for name in sides if name != "hf"}
     return {"mode": "demo", "recipe": str(DEMO / "recipe.yaml"), "batch_size": batch_size,
+            "prefix_batch_size": args.prefix_batch_size or batch_size,
             "max_new_tokens": settings.max_new_tokens, "arms": arms, "total_wall_s": total,
             "speedup_total": {name: total["hf"] / total[name] for name in sides if name != "hf"},
             "same_output_total": same, "outputs_compared": sum(a["examples"] for a in arms.values())}
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="demo: test examples per arm (default the recipe's)")
     parser.add_argument("--batch-size", type=int, default=None, help="demo: default the recipe's eval.batch_size")
     parser.add_argument("--sides", default="hf,loop,prefix", help="demo: hf and prefix always; loop optional")
+    parser.add_argument("--prefix-batch-size", type=int, default=None,
+                        help="demo: the prefix side's batch size (default --batch-size): a larger eval.batch_size")
     parser.add_argument("--prompts", type=int, default=64, help="batching: number of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="batching")
     parser.add_argument("--batch-sizes", default="16,64", help="batching")
