@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything tunelab checks on a CUDA GPU, as one command (about 8 minutes on one H200):
 #   1. tests/test_gpu.py: each GPU fast path against its reference (flash varlen attention vs the
-#      masked path, compiled layers vs eager, the memory probe, the training loop varlen vs mask);
+#      masked path, compiled layers vs eager, the memory probe, the training loop varlen vs mask, the
+#      evaluation's decoding loop with a shared-prefix KV cache vs greedy decoding of each prompt alone);
 #   2. bench/train_speed.py --device cuda --compile: tunelab vs transformers Trainer + PEFT on the
 #      135M, 360M and 1B shapes (random init, no downloads), LoRA and full fine-tuning.
 # Results go to $OUT (default bench/results): gpu_tests.log, train_speed_gpu.json, train_speed_gpu.log.

@@ -1,13 +1,13 @@
 """tunelab's trainer vs transformers Trainer + PEFT (and TRL's SFTTrainer when installed), same work.
 
-    python bench/train_speed.py --device cpu --quick      # SmolLM2-135M LoRA on this CPU, < 10 min on 2 cores
+    python bench/train_speed.py --device cpu --quick      # SmolLM2-135M LoRA on this CPU, both length modes
+    python bench/train_speed.py --device cpu --quick --lengths uniform   # short chat data only
     python bench/train_speed.py --device cuda --suite gpu  # 135M / 360M / 1B shapes, LoRA and full, one GPU
 
 Same work on every side: the same model (the real SmolLM2-135M on CPU; random-init models of real
 shapes on a GPU, built from one seed, checksummed), the same LoRA settings and initialisation (r16,
 alpha 32, all linear layers, dropout 0 so that losses can be compared), the same examples (random
-tokens, lengths log-uniform in [--min-len, --max-len]; the last --answer-fraction of each is the
-trained part) in the same optimizer steps and order, so the same tokens per optimizer step, AdamW
+tokens; the last --answer-fraction of each is the trained part) in the same optimizer steps and order, so the same tokens per optimizer step, AdamW
 (fused) at a constant learning rate, gradient clipping 1.0, bf16 autocast on a GPU (LoRA on a bf16
 base, full fine-tuning on float32 master weights), float32 on CPU.
 
@@ -26,6 +26,11 @@ datasheet). FLOPs per token: full = 6 N + attention, LoRA = 4 N + 6 N_lora +
 attention (the frozen weights get no weight gradient: forward 2N, backward to the activations 2N),
 N = parameters of every matmul (the LM head included, the embedding lookup not), attention =
 3 x 4 x layers x heads x head_dim x (mean causal context) — over each example's own length.
+
+CPU length modes (--lengths, default both): "loguniform", lengths log-uniform in 64..512 (packing
+removes the padding a padded batch would hold), and "uniform", lengths uniform in 55..66 like real
+short chat data (e.g. the demo's tickets; ~1k tokens a step, packed into rows of 256 as the demo's
+max_seq_len, one row a micro-batch), where padding is small and packing has almost nothing to remove.
 
 Writes one JSON per configuration under bench/results/ (or --out) and prints, as its last line,
 one JSON object: tokens_per_s_ratio, peak_mem_ratio and loss_max_abs_diff (tunelab / baseline;
@@ -87,11 +92,15 @@ GPU_SUITE = [
 # ---------------------------------------------------------------------------------------------- work
 
 
-def make_examples(count: int, vocab_size: int, min_len: int, max_len: int, answer_fraction: float) -> list[dict]:
+def make_examples(count: int, vocab_size: int, min_len: int, max_len: int, answer_fraction: float,
+                  lengths: str = "loguniform") -> list[dict]:
     rng = random.Random(SEED)
     examples = []
     for _ in range(count):
-        length = int(round(math.exp(rng.uniform(math.log(min_len), math.log(max_len)))))
+        if lengths == "uniform":
+            length = rng.randint(min_len, max_len)
+        else:
+            length = int(round(math.exp(rng.uniform(math.log(min_len), math.log(max_len)))))
         ids = [rng.randrange(100, vocab_size - 100) for _ in range(length)]
         answer_start = min(length - 1, int(length * (1 - answer_fraction)))
         examples.append({"input_ids": ids, "labels": [-100] * answer_start + ids[answer_start:]})
@@ -199,14 +208,14 @@ def run_tunelab(cfg: dict, compile_layers: bool = False) -> dict:
     base = build_base(cfg["shape"], method, device)
     checksum = weights_checksum(base)
     examples = make_examples(cfg["steps"] * cfg["examples_per_step"], base.config.vocab_size, cfg["min_len"],
-                             cfg["max_len"], cfg["answer_fraction"])
+                             cfg["max_len"], cfg["answer_fraction"], cfg.get("lengths", "loguniform"))
     recipe = load_recipe(None, [
         f"method={method}", "lora.dropout=0", "lora.rank=16", "lora.alpha=32", f"train.lr={LR[method]}",
         "train.warmup_ratio=0", "train.lr_schedule=constant", f"train.compile={str(compile_layers).lower()}",
         f"train.seed={SEED}", "train.weight_decay=0", f"train.attention={cfg.get('attention', 'auto')}",
     ])
     setup = setup_training(recipe, cfg["steps"], device, base=base)
-    row_tokens = cfg["max_len"]
+    row_tokens = cfg.get("row_tokens") or cfg["max_len"]
     probed = None
     if device == "cuda":
         largest_step = max(sum(example_length(examples[i]) for i in group)
@@ -270,7 +279,7 @@ def _run_trainer(cfg: dict, kind: str) -> dict:
         torch.manual_seed(SEED)  # the same LoRA initialisation as tunelab's setup (seed, then get_peft_model)
         model = get_peft_model(model, lora_config())
     examples = make_examples(cfg["steps"] * cfg["examples_per_step"], model.config.vocab_size, cfg["min_len"],
-                             cfg["max_len"], cfg["answer_fraction"])
+                             cfg["max_len"], cfg["answer_fraction"], cfg.get("lengths", "loguniform"))
     losses: list[float] = []
     step_end_s: list[float] = []
 
@@ -416,11 +425,21 @@ def run_side_in_subprocess(name: str, cfg: dict) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def cpu_quick(args: argparse.Namespace) -> list[dict]:
+# --lengths on CPU: the work per optimizer step of each mode (see the module docstring)
+CPU_MODES = {
+    "loguniform": {"examples_per_step": 16, "baseline_batch": 4, "min_len": 64, "max_len": 512,
+                   "answer_fraction": 0.3, "cpu_micro_batch_tokens": 512},
+    # rows of 256 as the demo's max_seq_len, micro-batches of one row as tunelab's CPU default (max_seq_len):
+    # 1024-token micro-batches measured 0.57-0.88x of that here (docs/performance.md)
+    "uniform": {"examples_per_step": 16, "baseline_batch": 4, "min_len": 55, "max_len": 66, "row_tokens": 256,
+                "answer_fraction": 0.3, "cpu_micro_batch_tokens": 256},
+}
+
+
+def cpu_quick(args: argparse.Namespace, lengths: str) -> list[dict]:
     steps = args.steps or (3 if args.quick else 6)
     cfg = {"device": "cpu", "shape": None, "model": CPU_MODEL, "method": "lora", "steps": steps, "warmup": 1,
-           "examples_per_step": 16, "baseline_batch": 4, "min_len": 64, "max_len": 512,
-           "answer_fraction": 0.3, "cpu_micro_batch_tokens": 512}
+           "lengths": lengths, **CPU_MODES[lengths]}
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads lose 10x on shared cores
     sides = {}
     for name in ("tunelab", "hf"):
@@ -523,6 +542,8 @@ def main() -> None:
     parser.add_argument("--suite", choices=["cpu", "gpu"], default=None,
                         help="default: cpu on --device cpu, gpu on cuda; --suite gpu --device cpu is a dry run on a tiny shape")
     parser.add_argument("--quick", action="store_true", help="CPU: 3 optimizer steps a side (1 warm-up)")
+    parser.add_argument("--lengths", choices=["loguniform", "uniform", "both"], default="both",
+                        help="CPU: example lengths log-uniform 64..512, uniform 55..66 (short chat data), or both runs")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps a side (CPU 6 or 3 with --quick; GPU 12)")
     parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
     parser.add_argument("--compile", action="store_true", help="GPU: also time tunelab with train.compile=true")
@@ -540,12 +561,19 @@ def main() -> None:
         return
     suite = args.suite or ("gpu" if args.device == "cuda" else "cpu")
     if suite == "cpu":
-        records = cpu_quick(args)
-        options = " --quick" if args.quick else ""
-        options += f" --steps {args.steps}" if args.steps else ""
-        records[0]["command"] = "python bench/train_speed.py --device cpu" + options
-        records[0]["versions"] = versions()
-        write(records[0], Path(args.out) if args.out else RESULTS / "train_speed_cpu.json")
+        records = []
+        for lengths in (["loguniform", "uniform"] if args.lengths == "both" else [args.lengths]):
+            record = cpu_quick(args, lengths)[0]
+            options = " --quick" if args.quick else ""
+            options += f" --steps {args.steps}" if args.steps else ""
+            record["command"] = f"python bench/train_speed.py --device cpu{options} --lengths {lengths}"
+            record["versions"] = versions()
+            name = "train_speed_cpu.json" if lengths == "loguniform" else "train_speed_cpu_uniform.json"
+            write(record, Path(args.out).with_name(f"{Path(args.out).stem}_{lengths}.json") if args.out else RESULTS / name)
+            line = {k: record.get(k) for k in ("tokens_per_s_ratio", "peak_mem_ratio", "loss_max_abs_diff",
+                                               "trl_tokens_per_s_ratio", "trl_peak_mem_ratio")}
+            print(f"{lengths}: {line}", file=sys.stderr, flush=True)
+            records.append(record)
     else:
         records = gpu_suite(args)
     compared = [r for r in records if "tokens_per_s_ratio" in r]

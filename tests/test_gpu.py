@@ -171,3 +171,30 @@ def test_fsdp_on_one_gpu_gives_the_losses_of_plain_training(tmp_path, monkeypatc
     finally:
         torch.distributed.destroy_process_group()
     assert len(sharded) == 2 and sharded == pytest.approx(plain, abs=2e-2)
+
+
+def test_decoding_loop_with_a_shared_prefix_gives_the_tokens_of_each_prompt_alone():
+    """eval/generate.py on a GPU: the shared prefix's KV cache computed once, the in-place cache and the
+    padded batch give the greedy tokens of decoding each prompt alone without a cache."""
+    from tunelab.eval.generate import DecodingSettings, _decode, prefill_shared_prefix
+
+    model = _model().eval()
+    generator = torch.Generator().manual_seed(3)
+    shared = torch.randint(5, 3000, (300,), generator=generator).tolist()
+    prompts = [shared + torch.randint(5, 3000, (n,), generator=generator).tolist() for n in (7, 40, 1, 23)]
+    new_tokens = 12
+    want = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(new_tokens):
+                ids.append(int(model(input_ids=torch.tensor([ids], device="cuda"), use_cache=False).logits[0, -1].argmax()))
+            want.append(ids[len(prompt):])
+    prefix = prefill_shared_prefix(model, prompts)
+    assert prefix is not None and prefix.length == 300
+    for reuse in (prefix, None):
+        got = [[] for _ in prompts]
+        for row, token, _ in _decode(model, prompts, DecodingSettings(max_new_tokens=new_tokens), set(), 0, reuse):
+            if token is not None:
+                got[row].append(token)
+        assert got == want

@@ -195,6 +195,10 @@ class ArmResult(_Record):
     graders: dict[str, dict[str, Any]] | None = Field(
         None, description="per grader: mean, ci95, scored and failed examples (eval.graders)"
     )
+    prefix_reused_tokens: int | None = Field(
+        None, description="leading prompt tokens shared by all the arm's queries, prefilled once and reused"
+    )
+    latency_note: str | None = Field(None, description="what the latency figures include")
 
 
 class Verdict(_Record):

@@ -509,7 +509,8 @@ def evaluate(
         "test_file": str(test_path),
         "model": recipe.model.name,
         "tuned_weights": models.tuned_kind,
-        "decoding": {**dataclasses.asdict(settings), "stop": "end-of-turn", "batch_size": cfg.batch_size},
+        "decoding": {**dataclasses.asdict(settings), "stop": "end-of-turn", "batch_size": cfg.batch_size,
+                     "prefix_cache": True},
         "arms": {},
     }
     per_example: dict[str, list[float]] = {}
@@ -545,6 +546,10 @@ def evaluate(
             "shots_mean": float(np.mean(shot_counts)),
             "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
             "decoding": decoding_used[arm],
+            # the KV cache of the leading tokens all this arm's prompts share was computed once (eval/generate.py)
+            "prefix_reused_tokens": gens[0].prefix_reused_tokens if gens else 0,
+            "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
+                            "prefilled once per arm and reused (as servers with prefix caching do), not counted",
             "metrics": {**scores.means(), **{name: summarize_scores(c.scores)["mean"] for name, c in arm_columns.items()}},
         }
         if graders:
