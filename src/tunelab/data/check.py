@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, EvalConfig
+from tunelab.console import format_duration
 from tunelab.data.formats import data_files
 from tunelab.data.quality import NEAR_DUP_MAX_EXAMPLES, QualityIndex
 from tunelab.data.validate import ERROR, WARNING, Issue, read_examples
@@ -114,20 +115,12 @@ class CheckReport:
         if self.estimate is not None:
             e = self.estimate
             lines.append(
-                f"training estimate: {e.epochs:g} epochs x {e.train_tokens:,} tokens ~ {_duration(e.seconds)} on this "
+                f"training estimate: {e.epochs:g} epochs x {e.train_tokens:,} tokens ~ {format_duration(e.seconds)} on this "
                 f"machine ({e.device}, {e.tokens_per_s:,.0f} tokens/s measured in a LoRA-like forward+backward of {e.model}); "
                 f"~${e.cost_usd:,.2f} at ${e.gpu_price_per_hour:g}/h" + (f"; {e.note}" if e.note else "")
             )
         lines.extend(f"note: {note}" for note in self.notes)
         return lines
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def check_data(

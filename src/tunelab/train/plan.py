@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import TrainConfig
+from tunelab.console import format_duration
 from tunelab.contract import TrainPlan
 
 if TYPE_CHECKING:
@@ -213,14 +214,6 @@ def steps_that_fit(
     while steps > 1 and cost(steps) > limit:
         steps -= 1
     return steps, cost(steps)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def describe(plan: TrainPlan) -> str:
