@@ -105,6 +105,16 @@ def test_steps_that_fit_keep_training_and_evaluations_inside_the_budget():
     assert steps_that_fit(plan[:50], 10**6, speed, 3000, True)[0] == 50  # room to spare: the whole plan
 
 
+def test_a_budget_that_allows_few_steps_makes_them_smaller():
+    from tunelab.train.plan import MIN_STEPS_UNDER_BUDGET, smaller_step_for_budget
+
+    plan = _steps(200, 16 * 80)  # 16 examples of 80 tokens a step
+    # 37 steps fit: the same 47k tokens as ~74 steps of 8 examples
+    assert smaller_step_for_budget(plan, fit=37, mean_tokens=80, examples_per_step=16) == 8
+    assert smaller_step_for_budget(plan, fit=MIN_STEPS_UNDER_BUDGET, mean_tokens=80, examples_per_step=16) is None
+    assert smaller_step_for_budget(plan, fit=5, mean_tokens=80, examples_per_step=4) is None  # 4 is the floor
+
+
 def test_evaluation_size_shrinks_with_the_budget_but_not_below_a_floor():
     speed = Throughput(100.0, 300.0)
     assert auto_eval_examples(TrainConfig(), None, None, 60) == 200  # no budget: as before
@@ -147,6 +157,9 @@ def test_a_budget_run_writes_its_plan_and_its_schedule_ends_where_the_run_does(e
     plan = json.loads((result.run_dir / "train" / "plan.json").read_text())
     summary = json.loads((result.run_dir / "train" / "summary.json").read_text())
     assert plan["limited_by"] == "budget" and plan["budget_s"] == 40
+    if plan["examples_per_step_before_budget"] is not None:  # few steps fit: they were made smaller
+        assert plan["examples_per_step"] < plan["examples_per_step_before_budget"]
+        assert "instead of" in plan["reason"]
     assert plan["train_tokens_per_s"] > 0 and plan["sources"]["epochs"] == "auto"
     assert "examples a step" in plan["reason"] and "budget 40s" in plan["reason"]
     # the whole stage stayed within the budget (+10%)

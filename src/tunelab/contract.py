@@ -170,6 +170,9 @@ class TrainPlan(_Record):
     limited_by: Literal["data", "budget", "max_steps"]
     sources: dict[str, Literal["auto", "recipe"]]
     reason: str = Field(description="the sentence printed before training")
+    examples_per_step_before_budget: float | None = Field(
+        None, description="the data's step size, when the budget made steps smaller to keep ~100 updates"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- eval/metrics.json

@@ -38,6 +38,7 @@ EVAL_SHARE = 0.15  # of the budget, for all evaluations together
 MIN_EVAL_EXAMPLES = 32
 MAX_EVAL_EXAMPLES = 200
 BUDGET_MARGIN = 0.92  # the plan aims below the budget: measured speed varies on a shared machine
+MIN_STEPS_UNDER_BUDGET = 100  # when the budget cuts a run shorter, smaller steps keep this many updates
 MIN_EXAMPLES_SEEN, MAX_EXAMPLES_SEEN, DEFAULT_EPOCHS, MAX_EPOCHS = 100, 25_000, 3, 25
 
 
@@ -71,7 +72,8 @@ class DataPlan:
     sources: dict[str, str]
 
 
-def plan_from_data(lengths: Sequence[int], cfg: TrainConfig) -> DataPlan:
+def plan_from_data(lengths: Sequence[int], cfg: TrainConfig, examples_per_step: int | None = None) -> DataPlan:
+    """`examples_per_step`: instead of the auto choice (the budget asked for smaller steps)."""
     n = len(lengths)
     tokens = int(sum(lengths))
     mean = tokens / n if n else 1.0
@@ -79,7 +81,7 @@ def plan_from_data(lengths: Sequence[int], cfg: TrainConfig) -> DataPlan:
                for key in ("tokens_per_step", "epochs", "eval_every_steps", "checkpoint_every_steps",
                            "eval_max_examples", "budget")}
     if cfg.tokens_per_step == AUTO:
-        per_step = auto_examples_per_step(n)
+        per_step = examples_per_step or auto_examples_per_step(n)
         tokens_per_step = max(1, round(per_step * mean))
     else:
         tokens_per_step = int(cfg.tokens_per_step)
@@ -216,6 +218,18 @@ def steps_that_fit(
     return steps, cost(steps)
 
 
+def smaller_step_for_budget(plan: Sequence[Step], fit: int, mean_tokens: float, examples_per_step: float) -> int | None:
+    """Examples a step when the budget lets only `fit` steps of `plan` run and that is under
+    MIN_STEPS_UNDER_BUDGET: the same tokens in more, smaller steps (a power of two, at least 4; the
+    number of updates matters more than their size at this scale). None: keep the step."""
+    if fit >= MIN_STEPS_UNDER_BUDGET:
+        return None
+    tokens = sum(step.tokens for step in plan[:fit])
+    wanted = tokens / (MIN_STEPS_UNDER_BUDGET * max(1.0, mean_tokens))
+    smaller = int(max(4, 2 ** round(math.log2(max(1.0, wanted)))))
+    return smaller if smaller < round(examples_per_step) else None
+
+
 def describe(plan: TrainPlan) -> str:
     """The sentence printed before training, e.g. '600 examples, 36k tokens: 16 examples a step,
     3 epochs = 113 steps, about 9.1 min at 150 tokens/s (measured), budget 10m'."""
@@ -230,6 +244,9 @@ def describe(plan: TrainPlan) -> str:
     why = ""
     if plan.limited_by == "budget":
         why = f"; the budget cut {plan.epochs_target:g} wanted epochs to {plan.epochs:.2g}"
+        if plan.examples_per_step_before_budget:
+            why += (f", in steps of {plan.examples_per_step:.0f} examples instead of "
+                    f"{plan.examples_per_step_before_budget:.0f} for more updates")
     elif plan.limited_by == "max_steps":
         why = "; train.max_steps sets the length"
     return ", ".join(parts) + why + f"; validation every {plan.eval_every_steps} steps on {plan.eval_max_examples} examples"

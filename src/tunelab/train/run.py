@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from tunelab.train.checkpoint import Checkpoint, TrainState
     from tunelab.train.distributed import DistContext
     from tunelab.train.loop import EvalSets, LoopResult
-    from tunelab.train.plan import DataPlan
+    from tunelab.train.plan import DataPlan, Throughput
     from tunelab.train.setup import TrainSetup
 
 
@@ -241,9 +241,11 @@ def _agreed_min(ctx: DistContext, value: int, device: Any) -> int:
 def _fit_plan(
     recipe: Recipe, wanted: DataPlan, plan: Sequence[Step], setup: TrainSetup, train_examples: Sequence[dict[str, Any]],
     valid_examples: Sequence[dict[str, Any]], pad_id: int, ctx: DistContext, budget_started: float,
+    throughput: Throughput | None = None, shrunk_from: float | None = None,
 ) -> TrainPlan:
     """The plan of a new run: the data's wish (`wanted`, `plan`), cut to the steps that fit the
-    budget at the speed measured here, with the evaluation intervals and sizes that go with it."""
+    budget at the speed measured here (or `throughput`, measured already), with the evaluation
+    intervals and sizes that go with it. `shrunk_from`: the examples a step the budget made smaller."""
     from tunelab.train.plan import (
         auto_eval_examples,
         budget_binds,
@@ -256,11 +258,11 @@ def _fit_plan(
     cfg = recipe.train
     budget_s = cfg.budget_s(setup.device.type) if budget_binds(cfg) else None
     mean_tokens = wanted.tokens / max(1, wanted.examples)
-    steps, estimated_s, throughput = len(plan), None, None
+    steps, estimated_s = len(plan), None
     limited_by = "max_steps" if cfg.max_steps is not None else "data"
     eval_examples = auto_eval_examples(cfg, None, None, mean_tokens)
     if budget_s is not None:
-        throughput = measure_throughput(setup, train_examples, plan, pad_id)
+        throughput = throughput or measure_throughput(setup, train_examples, plan, pad_id)
         available_s = budget_s - (time.monotonic() - budget_started)
         eval_examples = _agreed_min(ctx, auto_eval_examples(cfg, available_s, throughput, mean_tokens), setup.device)
         n_valid = min(eval_examples, len(valid_examples))
@@ -282,10 +284,20 @@ def _fit_plan(
         train_tokens_per_s=None if throughput is None else round(throughput.train_tokens_per_s, 1),
         eval_tokens_per_s=None if throughput is None else round(throughput.eval_tokens_per_s, 1),
         estimated_s=None if estimated_s is None else round(estimated_s, 1), limited_by=limited_by,
-        sources=wanted.sources, reason="",
+        sources=wanted.sources, reason="", examples_per_step_before_budget=shrunk_from,
     )
     planned.reason = describe(planned)
     return planned
+
+
+def _smaller_step(recipe: Recipe, packing: _Packing, steps: Sequence[Step], planned: TrainPlan) -> int | None:
+    """Examples a step that give the budget's tokens more updates, or None (the step stays)."""
+    from tunelab.train.plan import smaller_step_for_budget
+
+    if planned.limited_by != "budget" or recipe.train.tokens_per_step != "auto":
+        return None
+    mean_tokens = packing.wanted.tokens / max(1, packing.wanted.examples)
+    return smaller_step_for_budget(steps, planned.steps, mean_tokens, packing.wanted.examples_per_step)
 
 
 def _last_evaluation_s(planned: TrainPlan, has_valid: bool) -> float:
@@ -318,6 +330,7 @@ def train_on_examples(
     from tunelab.train.distributed import SINGLE_PROCESS
     from tunelab.train.faults import Faults
     from tunelab.train.loop import LoopOptions, train_loop
+    from tunelab.train.plan import Throughput
     from tunelab.train.setup import LrSchedule
 
     ctx = ctx or SINGLE_PROCESS
@@ -331,12 +344,23 @@ def train_on_examples(
 
     # ---- set up the model, loss and optimizer (FSDP shards them here); one GPU probes the micro-batch size
     resolved = recipe.train.model_copy(update={"tokens_per_step": packing.tokens_per_step})
-    setup, steps = _set_up(recipe, resolved, packing, steps, device, ctx)
+    setup, steps, layout = _set_up(recipe, resolved, packing, steps, device, ctx)
 
     # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit
     planned = packing.saved or _fit_plan(
         recipe, packing.wanted, steps, setup, train_examples, valid_examples, tokenizer.pad_token_id, ctx, budget_started
     )
+    smaller = None if packing.saved else _smaller_step(recipe, packing, steps, planned)
+    if smaller is not None:
+        # the budget lets few steps run: the same tokens in more, smaller steps (the speed is per token)
+        shrunk_from = packing.wanted.examples_per_step
+        packing = _pack(recipe, paths, train_examples, resume, examples_per_step=smaller)
+        steps = packing.steps(*layout)
+        planned = _fit_plan(
+            recipe, packing.wanted, steps, setup, train_examples, valid_examples, tokenizer.pad_token_id, ctx,
+            budget_started, Throughput(planned.train_tokens_per_s, planned.eval_tokens_per_s), shrunk_from,
+        )
+        resolved = resolved.model_copy(update={"tokens_per_step": packing.tokens_per_step})
     steps = steps[: planned.steps]
     setup.schedule = LrSchedule.from_config(resolved, len(steps))  # the schedule ends where the run does
     run_cfg = resolved.model_copy(update={
@@ -402,7 +426,9 @@ class _Packing:
         )
 
 
-def _pack(recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, Any]], resume: bool) -> _Packing:
+def _pack(recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, Any]], resume: bool,
+          examples_per_step: int | None = None) -> _Packing:
+    """`examples_per_step`: replaces the data's choice (the budget asked for smaller steps)."""
     from tunelab.data.pack import example_length, pack_rows, single_rows
     from tunelab.train.plan import plan_from_data
 
@@ -410,7 +436,7 @@ def _pack(recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, An
     lengths = [example_length(e) for e in train_examples]
     # a resumed run keeps the plan it started with (its checkpoints count those steps)
     saved = TrainPlan.from_file(paths.plan) if resume and paths.plan.is_file() else None
-    wanted = plan_from_data(lengths, cfg)
+    wanted = plan_from_data(lengths, cfg, examples_per_step)
     tokens_per_step = saved.tokens_per_step if saved else wanted.tokens_per_step
     # a row never holds more than a step: steps keep the planned number of examples
     row_tokens = min(_row_tokens(recipe, lengths), max(max(lengths, default=1), tokens_per_step))
@@ -445,21 +471,24 @@ def _checkpoint_to_resume(paths: RunPaths, ctx: DistContext, resume: bool, plann
 
 def _set_up(
     recipe: Recipe, resolved: TrainConfig, packing: _Packing, steps: list[Step], device: str | None, ctx: DistContext
-) -> tuple[TrainSetup, list[Step]]:
+) -> tuple[TrainSetup, list[Step], tuple[int, bool]]:
     """setup_training with the resolved train config; FSDP loads the model on the CPU and shards it
     onto the GPUs (ctx.prepare). On one GPU without train.micro_batch_tokens the micro-batch size is
-    probed: the steps stay the same (cut by tokens_per_step), only their micro-batches change."""
+    probed: the steps stay the same (cut by tokens_per_step), only their micro-batches change.
+    Returns the setup, the steps and their micro-batch layout (tokens a pass, padded or not)."""
     from tunelab.train.setup import setup_training
 
     setup = setup_training(recipe.model_copy(update={"train": resolved}), len(steps), "cpu" if ctx.lockstep else device)
     ctx.prepare(setup, recipe)
+    layout = (recipe.train.micro_batch_tokens or recipe.data.max_seq_len, True)
     if recipe.train.micro_batch_tokens is None and setup.device.type == "cuda" and ctx.world_size == 1:
         from tunelab.train.memory import auto_micro_batch_tokens
 
         micro, tried = auto_micro_batch_tokens(setup, packing.tokens_per_step, packing.row_tokens)
-        steps = packing.steps(micro, padded=setup.attention != "varlen")
+        layout = (micro, setup.attention != "varlen")
+        steps = packing.steps(*layout)
         say(f"micro-batch: {micro} tokens a forward pass (probed: {', '.join(str(t['micro_batch_tokens']) for t in tried)})")
-    return setup, steps
+    return setup, steps, layout
 
 
 def _eval_sets(
