@@ -109,4 +109,4 @@ def test_damaged_copy_is_flagged_and_unchanged_model_is_not(trained_tiny):
     assert damaged["perplexity"]["tuned"] > base.perplexity * 1.05
     lo, hi = damaged["perplexity"]["ci95"]
     assert 0 < lo <= damaged["perplexity"]["relative_change"] <= hi
-    assert damaged["text"].startswith("forgetting: perplexity on general text rose")
+    assert damaged["text"].startswith("flagged: perplexity on general text rose")

@@ -224,7 +224,7 @@ def compare_general_ability(
             parts.append(f"perplexity on general text rose {ppl_change:+.1%} (95% CI {ppl_ci[0]:+.1%} .. {ppl_ci[1]:+.1%})")
         if probe_flag:
             parts.append(f"general probes fell from {base_acc:.0%} to {tuned_acc:.0%}")
-        text = "forgetting: " + "; ".join(parts) + f" (threshold {threshold:.0%})"
+        text = "flagged: " + "; ".join(parts) + f" (threshold {threshold:.0%})"
     else:
         text = (f"no forgetting beyond {threshold:.0%}: perplexity {ppl_change:+.1%}, general probes "
                 f"{base_acc:.0%} -> {tuned_acc:.0%}")
