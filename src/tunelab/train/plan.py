@@ -189,9 +189,14 @@ def auto_eval_examples(cfg: TrainConfig, budget_s: float | None, throughput: Thr
     return int(min(MAX_EVAL_EXAMPLES, max(MIN_EVAL_EXAMPLES, tokens_per_eval / (2 * max(1.0, mean_tokens)))))
 
 
+def auto_eval_every(steps: int) -> int:
+    """Steps between validations for about TARGET_EVALUATIONS a run."""
+    return max(1, math.ceil(steps / TARGET_EVALUATIONS))
+
+
 def eval_interval(cfg: TrainConfig, steps: int) -> tuple[int, int]:
     """(eval_every_steps, checkpoint_every_steps): auto = about TARGET_EVALUATIONS a run."""
-    every = max(1, math.ceil(steps / TARGET_EVALUATIONS))
+    every = auto_eval_every(steps)
     eval_every = every if cfg.eval_every_steps == AUTO else int(cfg.eval_every_steps)
     checkpoint_every = eval_every if cfg.checkpoint_every_steps == AUTO else int(cfg.checkpoint_every_steps)
     return eval_every, checkpoint_every
@@ -205,7 +210,7 @@ def steps_that_fit(
     eval_s = eval_tokens / throughput.eval_tokens_per_s if has_eval else 0.0
 
     def cost(n: int) -> float:
-        evaluations = math.ceil(n / max(1, math.ceil(n / TARGET_EVALUATIONS))) if has_eval else 0
+        evaluations = math.ceil(n / auto_eval_every(n)) if has_eval else 0
         return cumulative[n] + evaluations * eval_s
 
     cumulative = [0.0]

@@ -8,7 +8,7 @@ turned into a score: `GraderColumn.scores[i]` is None and `errors[i]` says why.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,21 +149,28 @@ class Grading:
 # ---------------------------------------------------------------------------------------------- tunelab grade
 
 
-def read_samples(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """`tunelab grade` input: JSONL of {"sample": {"output_text": ...}, "item": {...}}; bad lines are
-    one-line errors naming file:line."""
+def read_rows(path: Path, error: type[Exception], what: str) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed value) of each record of a graders' input file (samples, human labels);
+    a missing file or a record that does not parse raises `error` naming it."""
     from tunelab.data.formats import iter_file
-    from tunelab.errors import DataError
 
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    outputs: list[str] = []
-    items: list[dict[str, Any]] = []
+        raise error(f"{path}: {what} not found")
     for record in iter_file(path):
         where = f"{record.path}:{record.line}"
         if record.problem is not None:
-            raise DataError(f"{where}: {record.problem[1]}")
-        row = record.value
+            raise error(f"{where}: {record.problem[1]}")
+        yield where, record.value
+
+
+def read_samples(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """`tunelab grade` input: JSONL of {"sample": {"output_text": ...}, "item": {...}}; bad lines are
+    one-line errors naming file:line."""
+    from tunelab.errors import DataError
+
+    outputs: list[str] = []
+    items: list[dict[str, Any]] = []
+    for where, row in read_rows(path, DataError, "file"):
         sample = row.get("sample") if isinstance(row, dict) else None
         text = sample.get("output_text") if isinstance(sample, dict) else None
         if not isinstance(text, str):

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import iter_file
 from tunelab.errors import ConfigError
+from tunelab.eval.graders.grade import read_rows
 from tunelab.eval.metrics import cohen_kappa
 
 DEFAULT_ARM = "tuned"
@@ -24,14 +24,8 @@ DEFAULT_ARM = "tuned"
 def read_human_labels(path: str | Path) -> dict[tuple[str, str], float]:
     """(example id, arm) -> human score; bad lines are one-line errors naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: eval.human_labels file not found")
     labels: dict[tuple[str, str], float] = {}
-    for record in iter_file(path):
-        where = f"{record.path}:{record.line}"
-        if record.problem is not None:
-            raise ConfigError(f"{where}: {record.problem[1]}")
-        row = record.value
+    for where, row in read_rows(path, ConfigError, "eval.human_labels file"):
         score = row.get("score") if isinstance(row, dict) else None
         if not isinstance(row, dict) or not isinstance(row.get("id"), str | int) or isinstance(score, bool) \
                 or not isinstance(score, int | float) or not math.isfinite(score):
