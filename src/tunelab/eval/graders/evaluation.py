@@ -1,0 +1,122 @@
+"""Graders in an evaluation: the checks before any generation, and what the evaluation records.
+
+Before generating (eval/run.py), from the recipe's eval section: a python grader in a run folder runs
+only with the caller's consent, every judge's API key variable is set, and eval.primary names a
+grader or a built-in metric computed for these references. After grading: eval/metrics.json
+"graders" (configs, failures per grader and arm, judge/human agreement from eval.human_labels, read
+here) and manifest.json "graders" (the configs used; the manifest's other keys kept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tunelab.errors import ConfigError, DataError
+from tunelab.eval.graders.specs import MODEL_GRADER_TYPES, grader_config, recipe_graders
+from tunelab.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from tunelab.config import EvalConfig
+    from tunelab.eval.arms import EvalExample
+    from tunelab.eval.metrics import OutputKind
+    from tunelab.runs import RunPaths
+
+
+def prepare_graders(cfg: EvalConfig, kind: OutputKind, has_schema: bool, paths: RunPaths,
+                    python_graders: bool) -> tuple[list[Any], Primary]:
+    """The recipe's graders and the verdict's metric, with python graders refused unless allowed and
+    every judge's API key checked."""
+    graders = recipe_graders(cfg)
+    if not python_graders:
+        refuse_python_graders(graders, paths)
+    primary = choose_primary(cfg.primary, graders, kind, has_schema, paths)
+    check_api_keys([*graders, *([cfg.pairwise] if cfg.pairwise else [])], paths)
+    return graders, primary
+
+
+@dataclasses.dataclass(frozen=True)
+class Primary:
+    """The metric the verdict is about."""
+
+    name: str
+    grader: bool  # a grader's column, else a built-in metric
+    reason: str | None  # None: the automatic choice, explained by OutputKind.reason
+
+
+def choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, has_schema: bool,
+                    paths: RunPaths) -> Primary:
+    """eval.primary (a grader or a built-in metric computed for these references), else the automatic
+    choice; checked before any generation."""
+    if name is None:
+        return Primary(kind.primary, False, None)
+    if name in {g.name for g in graders}:
+        return Primary(name, True, f"eval.primary: the verdict is about grader '{name}'")
+    computed = ["exact_match", "normalized_match", "token_f1", "rouge_l"]
+    computed += {"json": ["json_valid", "json_exact", "json_field_accuracy"], "label": ["label_accuracy"]}.get(kind.kind, [])
+    computed += ["schema_valid"] if has_schema else []
+    if name not in computed:
+        raise ConfigError(f"{paths.recipe}: eval.primary: '{name}' is not computed for these references "
+                          f"({kind.kind} output); choose a grader or one of {', '.join(computed)}")
+    return Primary(name, False, f"eval.primary: the verdict is about built-in metric '{name}'")
+
+
+def refuse_python_graders(graders: Sequence[Any], paths: RunPaths) -> None:
+    """Opening someone else's run folder never runs its code: a python grader there needs consent."""
+    for grader in graders:
+        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
+            if getattr(one, "type", None) == "python":
+                raise ConfigError(
+                    f"{paths.recipe}: grader '{one.name}' is Python code from the run folder; tunelab does not run "
+                    "a run folder's code unasked: evaluate with --trust-remote-code if you trust this run"
+                )
+
+
+def check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
+    """Every judge's API key variable is set, before minutes of generation."""
+    from tunelab.eval.graders.judge import JudgeFailed, api_key
+
+    for grader in graders:
+        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
+            if hasattr(one, "key_env") and getattr(one, "evaluation_metric", "cosine") == "cosine":
+                try:
+                    api_key(one)
+                except JudgeFailed as err:
+                    who = f"grader '{one.name}'" if hasattr(one, "name") else "eval.pairwise"
+                    raise ConfigError(f"{paths.recipe}: {who}: {err}") from None
+
+
+def grader_summary(graders: Sequence[Any], columns: dict[str, dict[str, Any]], test: Sequence[EvalExample],
+                    human_labels: str | None, paths: RunPaths) -> dict[str, Any]:
+    """metrics.json "graders": the configs, failures per grader and arm (count and first messages),
+    and judge/human agreement when eval.human_labels is given."""
+    ids = [ex.id for ex in test]
+    summary: dict[str, Any] = {
+        "configs": [grader_config(g) for g in graders],
+        "judge_cache": str(paths.eval / "judge_cache.jsonl") if any(isinstance(g, MODEL_GRADER_TYPES) for g in graders) else None,
+        "failures": {g.name: {arm: {"failed": by_name[g.name].failed, "first": by_name[g.name].first_errors(ids)}
+                              for arm, by_name in columns.items() if by_name[g.name].failed}
+                     for g in graders},
+        "human_agreement": None,
+    }
+    if human_labels:
+        from tunelab.eval.graders.human import agreement, read_human_labels
+
+        scores = {arm: {name: column.scores for name, column in by_name.items()} for arm, by_name in columns.items()}
+        summary["human_agreement"] = agreement(graders, scores, ids, read_human_labels(human_labels))
+    return summary
+
+
+def record_graders_in_manifest(paths: RunPaths, graders: Sequence[Any]) -> None:
+    """manifest.json "graders": the configs this evaluation used (other keys kept)."""
+    manifest: dict[str, Any] = {}
+    if paths.manifest.is_file():
+        try:
+            manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
+        except ValueError:
+            raise DataError(f"{paths.manifest}: not valid JSON; it is not rewritten") from None
+    manifest["graders"] = [grader_config(g) for g in graders]
+    # a run evaluated without its training (tests, copied folders) may have no full manifest: keys kept as found
+    write_text_atomic(paths.manifest, json.dumps(manifest, indent=1) + "\n")
