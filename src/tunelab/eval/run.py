@@ -11,6 +11,11 @@ manifest.json.
 The base model is loaded once: with a LoRA run the tuned model is base + adapter, and the base arms
 run under `disable_adapter()` on the same object. All arms share one PromptBuilder, one
 DecodingSettings object, one `generate` and one scorer.
+
+`evaluate` reads as its phases: load and check the inputs, generate every arm, grade, score the arms
+and decide the verdict, then cost (eval/cost.py), overfitting (eval/overfitting.py), the still-learning
+check (eval/undertrained.py) and forgetting (eval/forgetting.py), and write the files. Grader checks
+and records live in eval/graders/evaluation.py.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import random
 import sys
 import time
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, Recipe
+from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, EvalConfig, Recipe
 from tunelab.contract import Metrics, TrainSummary
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
@@ -41,17 +45,25 @@ from tunelab.eval.arms import (
     task_system_prompt,
     to_eval_example,
 )
+from tunelab.eval.cost import compare_cost, usd_per_query
 from tunelab.eval.generate import DecodingSettings, Generation, generate
-from tunelab.eval.graders.specs import MODEL_GRADER_TYPES, grader_config, recipe_graders
+from tunelab.eval.graders.evaluation import (
+    Primary,
+    grader_summary,
+    prepare_graders,
+    record_graders_in_manifest,
+)
 from tunelab.eval.graders.templates import make_item
 from tunelab.eval.metrics import (
     OutputKind,
+    Scores,
     bootstrap_ci,
     decide_verdict,
     detect_output_kind,
     score_outputs,
     summarize_scores,
 )
+from tunelab.eval.overfitting import measure_overfitting, task_metric
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
@@ -191,57 +203,8 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
-def _usd_per_query(prompt_tokens: float, completion_tokens: float, recipe: Recipe) -> float:
-    return (prompt_tokens * recipe.eval.price_per_m_input_tokens
-            + completion_tokens * recipe.eval.price_per_m_output_tokens) / 1e6
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
-
-
 def _read_summary(paths: RunPaths) -> TrainSummary | None:
     return TrainSummary.from_file(paths.train_summary) if paths.train_summary.is_file() else None
-
-
-def _loss_curve(paths: RunPaths) -> dict[str, Any]:
-    rows = _read_jsonl(paths.train_log)
-    evals = [r for r in rows if r.get("kind") == "eval" and r.get("val_loss") is not None]
-    curve = [{"step": r["step"], "train_loss": r.get("train_loss"), "val_loss": r["val_loss"]} for r in evals]
-    events = [r for r in rows if r.get("kind") == "event" and r.get("event") == "overfitting"]
-    out: dict[str, Any] = {"loss_curve": curve, "overfitting_events": events}
-    if not curve:
-        out["note"] = f"no validation evaluations in {paths.train_log}"
-        return out
-    best = min(curve, key=lambda r: r["val_loss"])
-    last = curve[-1]
-    out["best_step"] = best["step"]
-    out["best_val_loss"] = best["val_loss"]
-    out["final_val_loss"] = last["val_loss"]
-    out["final_train_loss"] = last["train_loss"]
-    out["final_gap"] = None if last["train_loss"] is None else last["val_loss"] - last["train_loss"]
-    # The classic signature: validation loss climbed off its minimum while train loss kept falling.
-    out["val_rising_while_train_falls"] = bool(
-        last["step"] != best["step"] and last["val_loss"] > best["val_loss"]
-        and last["train_loss"] is not None and best["train_loss"] is not None
-        and last["train_loss"] < best["train_loss"]
-    )
-    return out
-
-
-def _verbatim(outputs: Sequence[str], references: Sequence[str], train_answers: set[str]) -> dict[str, float]:
-    """How often outputs copy a training answer word for word; copies that are also wrong are the
-    memorisation signal (for label tasks every right answer is a 'copy')."""
-    n = max(len(outputs), 1)
-    copies = [o.strip() in train_answers for o in outputs]
-    wrong = [c and o.strip() != r.strip() for c, o, r in zip(copies, outputs, references, strict=True)]
-    return {"output_is_train_answer": sum(copies) / n, "wrong_and_train_answer": sum(wrong) / n}
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -274,56 +237,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- graders
-
-
-@dataclasses.dataclass(frozen=True)
-class _Primary:
-    name: str
-    grader: bool  # a grader's column, else a built-in metric
-    reason: str | None  # None: the automatic choice, explained by OutputKind.reason
-
-
-def _choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, has_schema: bool,
-                    paths: RunPaths) -> _Primary:
-    """eval.primary (a grader or a built-in metric computed for these references), else the automatic
-    choice; checked before any generation."""
-    if name is None:
-        return _Primary(kind.primary, False, None)
-    if name in {g.name for g in graders}:
-        return _Primary(name, True, f"eval.primary: the verdict is about grader '{name}'")
-    computed = ["exact_match", "normalized_match", "token_f1", "rouge_l"]
-    computed += {"json": ["json_valid", "json_exact", "json_field_accuracy"], "label": ["label_accuracy"]}.get(kind.kind, [])
-    computed += ["schema_valid"] if has_schema else []
-    if name not in computed:
-        raise ConfigError(f"{paths.recipe}: eval.primary: '{name}' is not computed for these references "
-                          f"({kind.kind} output); choose a grader or one of {', '.join(computed)}")
-    return _Primary(name, False, f"eval.primary: the verdict is about built-in metric '{name}'")
-
-
-def _refuse_python_graders(graders: Sequence[Any], paths: RunPaths) -> None:
-    """Opening someone else's run folder never runs its code: a python grader there needs consent."""
-    for grader in graders:
-        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
-            if getattr(one, "type", None) == "python":
-                raise ConfigError(
-                    f"{paths.recipe}: grader '{one.name}' is Python code from the run folder; tunelab does not run "
-                    "a run folder's code unasked: evaluate with --trust-remote-code if you trust this run"
-                )
-
-
-def _check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
-    """Every judge's API key variable is set, before minutes of generation."""
-    from tunelab.eval.graders.judge import JudgeFailed, api_key
-
-    for grader in graders:
-        for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
-            if hasattr(one, "key_env") and getattr(one, "evaluation_metric", "cosine") == "cosine":
-                try:
-                    api_key(one)
-                except JudgeFailed as err:
-                    who = f"grader '{one.name}'" if hasattr(one, "name") else "eval.pairwise"
-                    raise ConfigError(f"{paths.recipe}: {who}: {err}") from None
+# ---------------------------------------------------------------------------------------------- verdict
 
 
 def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query: dict[str, float],
@@ -341,41 +255,63 @@ def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query
     return verdict
 
 
-def _grader_summary(graders: Sequence[Any], columns: dict[str, dict[str, Any]], test: Sequence[EvalExample],
-                    human_labels: str | None, paths: RunPaths) -> dict[str, Any]:
-    """metrics.json "graders": the configs, failures per grader and arm (count and first messages),
-    and judge/human agreement when eval.human_labels is given."""
-    ids = [ex.id for ex in test]
-    summary: dict[str, Any] = {
-        "configs": [grader_config(g) for g in graders],
-        "judge_cache": str(paths.eval / "judge_cache.jsonl") if any(isinstance(g, MODEL_GRADER_TYPES) for g in graders) else None,
-        "failures": {g.name: {arm: {"failed": by_name[g.name].failed, "first": by_name[g.name].first_errors(ids)}
-                              for arm, by_name in columns.items() if by_name[g.name].failed}
-                     for g in graders},
-        "human_agreement": None,
-    }
-    if human_labels:
-        from tunelab.eval.graders.human import agreement, read_human_labels
-
-        scores = {arm: {name: column.scores for name, column in by_name.items()} for arm, by_name in columns.items()}
-        summary["human_agreement"] = agreement(graders, scores, ids, read_human_labels(human_labels))
-    return summary
-
-
-def _record_graders_in_manifest(paths: RunPaths, graders: Sequence[Any]) -> None:
-    """manifest.json "graders": the configs this evaluation used (other keys kept)."""
-    manifest: dict[str, Any] = {}
-    if paths.manifest.is_file():
-        try:
-            manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-        except ValueError:
-            raise DataError(f"{paths.manifest}: not valid JSON; it is not rewritten") from None
-    manifest["graders"] = [grader_config(g) for g in graders]
-    # a run evaluated without its training (tests, copied folders) may have no full manifest: keys kept as found
-    write_text_atomic(paths.manifest, json.dumps(manifest, indent=1) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------- evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What every phase of an evaluation reads, loaded and checked before any generation."""
+
+    paths: RunPaths
+    recipe: Recipe
+    chosen: list[str]  # the arms, in ARMS order
+    test_path: Path
+    test: list[EvalExample]  # the evaluated test examples (after --limit)
+    items: list[dict[str, Any]]  # the graders' view of each test example
+    train: list[EvalExample]
+    kind: OutputKind
+    schema: dict[str, Any] | None
+    graders: list[Any]
+    primary: Primary
+    builder: PromptBuilder  # holds the few-shot/retrieval pools and the instructions
+    settings: DecodingSettings
+    models: _Models
+    run_forgetting: bool
+    train_sample: list[EvalExample]  # train examples the tuned model re-answers (train-vs-test gap)
+    train_sample_items: list[dict[str, Any]]
+
+    @property
+    def cfg(self) -> EvalConfig:
+        return self.recipe.eval
+
+    @property
+    def references(self) -> list[str]:
+        return [ex.reference for ex in self.test]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generated:
+    """Every arm's outputs, and what the tuned and base models produced besides."""
+
+    prompts: dict[str, list[list[dict[str, str]]]]  # arm -> one conversation per test example
+    generations: dict[str, list[Generation]]
+    wall_s: dict[str, float]  # arm -> seconds its generate call took
+    train_sample_outputs: list[str]
+    abilities: dict[str, Any]  # "base"/"tuned" -> forgetting.GeneralAbility, when forgetting runs
+
+    def texts(self, arm: str) -> list[str]:
+        return [g.text for g in self.generations[arm]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+    """The arms scored: metrics.json "arms", what the verdict compares, and eval/predictions.jsonl rows."""
+
+    arms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    per_example: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)  # primary, per test example
+    usd_per_query: dict[str, float] = dataclasses.field(default_factory=dict)
+    prompt_tokens_mean: dict[str, float] = dataclasses.field(default_factory=dict)
+    prediction_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def evaluate(
@@ -399,6 +335,51 @@ def evaluate(
     touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
     data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder."""
     started = time.perf_counter()
+    inputs = _load_inputs(run_dir, arms, test_file, limit, trust_remote_code=trust_remote_code,
+                          python_graders=python_graders, recipe=recipe, train_file=train_file)
+    cfg = inputs.cfg
+    generated = _generate_arms(inputs)
+    columns, sample_columns = _grade_arms(inputs, generated)
+
+    # --- quality per arm, and the verdict on the primary metric
+    metrics = _header(inputs)
+    scored = _score_arms(inputs, generated, columns)
+    metrics["arms"] = scored.arms
+    metrics["verdict"] = _verdict_on_scored(scored.per_example, scored.usd_per_query, scored.prompt_tokens_mean, cfg.seed)
+    if inputs.graders:
+        metrics["graders"] = grader_summary(inputs.graders, columns, inputs.test, cfg.human_labels, inputs.paths)
+    pairwise = _compare_pairwise(inputs, generated, metrics["verdict"])
+    if pairwise is not None:
+        metrics["pairwise"] = pairwise
+
+    # --- cost, overfitting, a still-learning check on the verdict, forgetting
+    tokens_per_s = {arm: row["tokens_per_s"] for arm, row in scored.arms.items()}
+    metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean, tokens_per_s, metrics["verdict"],
+                                   _read_summary(inputs.paths), cfg)
+    metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
+    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
+    metrics["forgetting"] = _forgetting(inputs, generated.abilities)
+
+    # --- what the arms saw, so a reader can check the comparison was fair
+    metrics["prompts"] = _prompts_seen(inputs, generated.prompts)
+    metrics["pools"] = _pools(inputs)
+    metrics["seed"] = cfg.seed
+    metrics["elapsed_s"] = time.perf_counter() - started
+
+    _write_results(inputs, metrics, scored.prediction_rows, out_dir)
+    if echo:
+        print(format_table(metrics))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- evaluate: inputs
+
+
+def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_file: str | Path | None,
+                 limit: int | None, *, trust_remote_code: bool, python_graders: bool, recipe: Recipe | None,
+                 train_file: str | Path | None) -> _Inputs:
+    """The run's settings, test and train examples, graders and prompts; every check that can fail runs
+    here, before the base arms spend minutes generating."""
     paths, run_recipe = open_run(run_dir, trust_remote_code)
     recipe = recipe or run_recipe
     cfg = recipe.eval
@@ -411,28 +392,14 @@ def evaluate(
     if not all_test:
         raise DataError(f"{test_path}: no test examples")
     test = all_test[:limit] if limit else all_test
-    items = all_items[: len(test)]
     train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
     if not train and any(a in chosen for a in ("prompt", *RAG_ARMS)):
         raise DataError(f"{train_path}: not found or empty; the prompt and rag arms draw their examples from it")
-    references = [ex.reference for ex in test]
-    kind = detect_output_kind(references, [ex.reference for ex in train])
+    kind = detect_output_kind([ex.reference for ex in test], [ex.reference for ex in train])
     schema = _read_schema(cfg.schema_file, paths)
-    graders = recipe_graders(cfg)
-    if not python_graders:
-        _refuse_python_graders(graders, paths)
-    primary = _choose_primary(cfg.primary, graders, kind, schema is not None, paths)
-    _check_api_keys([*graders, *([cfg.pairwise] if cfg.pairwise else [])], paths)
-    pool = build_pool(train, all_test)
-    documents = None
-    if cfg.rag_docs and any(a in chosen for a in RAG_ARMS):
-        from tunelab.eval.retrieval import read_document_chunks
-
-        documents = build_document_pool(read_document_chunks(cfg.rag_docs), all_test)
-    instructions = cfg.instructions or derive_instructions(train, kind)
-    builder = PromptBuilder(pool, instructions, cfg.shots, cfg.rag_k, cfg.seed, documents,
-                            task_system=task_system_prompt(train))
+    graders, primary = prepare_graders(cfg, kind, schema is not None, paths, python_graders)
+    builder = _prompt_builder(cfg, chosen, train, all_test, kind)
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
     models = _Models(paths, recipe)
@@ -444,42 +411,60 @@ def evaluate(
     rng = random.Random(cfg.seed)
     # positions, not examples: the same draw as sampling the examples, and their items come along
     picked = rng.sample(range(len(train)), min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
-    train_sample = [train[i] for i in picked]
-    train_sample_items = [train_items[i] for i in picked]
+    return _Inputs(
+        paths=paths, recipe=recipe, chosen=chosen, test_path=test_path, test=test, items=all_items[: len(test)],
+        train=train, kind=kind, schema=schema, graders=graders, primary=primary, builder=builder,
+        settings=settings, models=models, run_forgetting=run_forgetting,
+        train_sample=[train[i] for i in picked], train_sample_items=[train_items[i] for i in picked],
+    )
 
+
+def _prompt_builder(cfg: EvalConfig, chosen: Sequence[str], train: Sequence[EvalExample],
+                    all_test: Sequence[EvalExample], kind: OutputKind) -> PromptBuilder:
+    """One PromptBuilder for every arm: the train pool and, with eval.rag_docs for a rag arm, document
+    chunks, both leak-checked against the whole test file."""
+    pool = build_pool(train, all_test)
+    documents = None
+    if cfg.rag_docs and any(a in chosen for a in RAG_ARMS):
+        from tunelab.eval.retrieval import read_document_chunks
+
+        documents = build_document_pool(read_document_chunks(cfg.rag_docs), all_test)
+    instructions = cfg.instructions or derive_instructions(train, kind)
+    return PromptBuilder(pool, instructions, cfg.shots, cfg.rag_k, cfg.seed, documents,
+                         task_system=task_system_prompt(train))
+
+
+# ---------------------------------------------------------------------------------------------- evaluate: generation
+
+
+def _generate_arms(inputs: _Inputs) -> _Generated:
+    """Every arm on the test set, the train sample with the tuned model and the forgetting probes with
+    both: base-model arms first, then tuned, so each model is needed in one stretch."""
     from tqdm import tqdm
 
     from tunelab.eval.forgetting import general_probes
 
-    total = len(test) * len(chosen) + len(train_sample) + (2 * len(general_probes(cfg.seed)) if run_forgetting else 0)
+    cfg, models = inputs.cfg, inputs.models
+    total = (len(inputs.test) * len(inputs.chosen) + len(inputs.train_sample)
+             + (2 * len(general_probes(cfg.seed)) if inputs.run_forgetting else 0))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
-    decoding_used: dict[str, dict[str, Any]] = {}
-
-    def run_generate(label: str, model: Any, conversations: list[list[dict[str, str]]]) -> tuple[list[Generation], float]:
-        bar.set_description(label)
-        t0 = time.perf_counter()
-        result = generate(model, models.tokenizer, conversations, settings, cfg.batch_size, progress=bar.update)
-        decoding_used[label] = dataclasses.asdict(settings)
-        return result, time.perf_counter() - t0
-
-    # --- generation: base-model arms first, then tuned, so each model is needed in one stretch
-    prompts = {arm: [builder.build(arm, ex) for ex in test] for arm in chosen}
+    prompts = {arm: [inputs.builder.build(arm, ex) for ex in inputs.test] for arm in inputs.chosen}
     generations: dict[str, list[Generation]] = {}
     wall_s: dict[str, float] = {}
     abilities: dict[str, Any] = {}
     train_sample_outputs: list[str] = []
     for which in ("base", "tuned"):
-        phase_arms = [a for a in chosen if _arm_model(a) == which]
-        if not phase_arms and not (run_forgetting and which == "base"):
+        phase_arms = [a for a in inputs.chosen if _arm_model(a) == which]
+        if not phase_arms and not (inputs.run_forgetting and which == "base"):
             continue
         with models.use(which) as model:
             for arm in phase_arms:
-                generations[arm], wall_s[arm] = run_generate(arm, model, prompts[arm])
-            if which == "tuned" and train_sample:
-                sample_gens, _ = run_generate("tuned:train-sample", model,
-                                              [builder.build("tuned", ex) for ex in train_sample])
+                generations[arm], wall_s[arm] = _timed_generate(inputs, bar, arm, model, prompts[arm])
+            if which == "tuned" and inputs.train_sample:
+                conversations = [inputs.builder.build("tuned", ex) for ex in inputs.train_sample]
+                sample_gens, _ = _timed_generate(inputs, bar, "tuned:train-sample", model, conversations)
                 train_sample_outputs = [g.text for g in sample_gens]
-            if run_forgetting:
+            if inputs.run_forgetting:
                 from tunelab.eval.forgetting import measure_general_ability
 
                 bar.set_description(f"forgetting:{which}")
@@ -488,209 +473,219 @@ def evaluate(
                 )
         del model  # a full fine-tune's other model can then be released before the next phase loads
     bar.close()
+    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities)
 
-    # --- graders: every grader scores every arm's outputs (judge replies cached in the run)
+
+def _timed_generate(inputs: _Inputs, bar: Any, label: str, model: Any,
+                    conversations: list[list[dict[str, str]]]) -> tuple[list[Generation], float]:
+    """One generate call with the evaluation's shared settings, and its wall time in seconds."""
+    bar.set_description(label)
+    t0 = time.perf_counter()
+    result = generate(model, inputs.models.tokenizer, conversations, inputs.settings, inputs.cfg.batch_size,
+                      progress=bar.update)
+    return result, time.perf_counter() - t0
+
+
+def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every grader's column for every arm, and for the train sample when the verdict is a grader's
+    (judge replies cached in the run's eval/judge_cache.jsonl)."""
     from tunelab.eval.graders.grade import Grading
 
     columns: dict[str, dict[str, Any]] = {}
-    with Grading(graders, paths.eval / "judge_cache.jsonl") as grading:
-        for arm in chosen if graders else ():
-            columns[arm] = grading.grade([g.text for g in generations[arm]], items)
-        sample_columns = (grading.grade(train_sample_outputs, train_sample_items)
-                          if train_sample_outputs and primary.grader else {})
+    with Grading(inputs.graders, inputs.paths.eval / "judge_cache.jsonl") as grading:
+        for arm in inputs.chosen if inputs.graders else ():
+            columns[arm] = grading.grade(generated.texts(arm), inputs.items)
+        sample_columns = (grading.grade(generated.train_sample_outputs, inputs.train_sample_items)
+                          if generated.train_sample_outputs and inputs.primary.grader else {})
+    return columns, sample_columns
 
-    # --- quality per arm
-    metrics: dict[str, Any] = {
-        "primary_metric": primary.name,
-        "primary_reason": primary.reason or kind.reason,
-        "auto_metric": kind.primary,
-        "output_kind": kind.kind,
-        "n_examples": len(test),
-        "test_file": str(test_path),
-        "model": recipe.model.name,
-        "tuned_weights": models.tuned_kind,
-        "decoding": {**dataclasses.asdict(settings), "stop": "end-of-turn", "batch_size": cfg.batch_size,
+
+# ---------------------------------------------------------------------------------------------- evaluate: scores
+
+
+def _header(inputs: _Inputs) -> dict[str, Any]:
+    """The first keys of eval/metrics.json (the arms come next): what was measured, on what, with which
+    decoding."""
+    cfg = inputs.cfg
+    return {
+        "primary_metric": inputs.primary.name,
+        "primary_reason": inputs.primary.reason or inputs.kind.reason,
+        "auto_metric": inputs.kind.primary,
+        "output_kind": inputs.kind.kind,
+        "n_examples": len(inputs.test),
+        "test_file": str(inputs.test_path),
+        "model": inputs.recipe.model.name,
+        "tuned_weights": inputs.models.tuned_kind,
+        "decoding": {**dataclasses.asdict(inputs.settings), "stop": "end-of-turn", "batch_size": cfg.batch_size,
                      "prefix_cache": True},
-        "arms": {},
     }
-    per_example: dict[str, list[float]] = {}
-    usd_per_query: dict[str, float] = {}
-    prompt_tokens_mean: dict[str, float] = {}
-    prediction_rows: list[dict[str, Any]] = []
-    for arm in chosen:
-        gens = generations[arm]
-        outputs = [g.text for g in gens]
-        scores = score_outputs(outputs, references, kind, schema)
+
+
+def _primary_scores(primary: Primary, scores: Scores, columns: dict[str, Any]) -> list[float | None]:
+    """The verdict's metric per example: a grader's column, or a built-in metric."""
+    return columns[primary.name].scores if primary.grader else scores.per_example[primary.name]
+
+
+def _score_arms(inputs: _Inputs, generated: _Generated, columns: dict[str, dict[str, Any]]) -> _Scored:
+    """Every arm's built-in metrics and grader columns, tokens, latency and price, and its prediction rows."""
+    scored = _Scored()
+    for arm in inputs.chosen:
+        scores = score_outputs(generated.texts(arm), inputs.references, inputs.kind, inputs.schema)
         arm_columns = columns.get(arm, {})
-        primary_scores = (arm_columns[primary.name].scores if primary.grader
-                          else scores.per_example[primary.name])
-        per_example[arm] = primary_scores
-        scored = [s for s in primary_scores if s is not None]
-        latencies_ms = [g.latency_s * 1000 for g in gens]
-        prompt_mean = float(np.mean([g.prompt_tokens for g in gens]))
-        completion_mean = float(np.mean([g.completion_tokens for g in gens]))
-        usd_per_query[arm] = _usd_per_query(prompt_mean, completion_mean, recipe)
-        prompt_tokens_mean[arm] = prompt_mean
-        shot_counts = [len(builder.shots_for(arm, ex)) for ex in test]
-        metrics["arms"][arm] = {
-            "primary": float(np.mean(scored)) if scored else None,
-            "ci95": list(bootstrap_ci(scored, seed=cfg.seed)) if scored else None,
-            "prompt_tokens_mean": prompt_mean,
-            "completion_tokens_mean": completion_mean,
-            "latency_ms_p50": _percentile(latencies_ms, 50),
-            "latency_ms_p95": _percentile(latencies_ms, 95),
-            "batch_size": cfg.batch_size,
-            "tokens_per_s": sum(g.completion_tokens for g in gens) / wall_s[arm] if wall_s[arm] > 0 else 0.0,
-            "usd_per_1m_queries": usd_per_query[arm] * 1e6,
-            "model": _arm_model(arm),
-            "shots_mean": float(np.mean(shot_counts)),
-            "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
-            "decoding": decoding_used[arm],
-            # the KV cache of the leading tokens all this arm's prompts share was computed once (eval/generate.py)
-            "prefix_reused_tokens": gens[0].prefix_reused_tokens if gens else 0,
-            "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
-                            "prefilled once per arm and reused (as servers with prefix caching do), not counted",
-            "metrics": {**scores.means(), **{name: summarize_scores(c.scores)["mean"] for name, c in arm_columns.items()}},
-        }
-        if graders:
-            metrics["arms"][arm]["graders"] = {
-                g.name: summarize_scores(arm_columns[g.name].scores, seed=cfg.seed, pass_threshold=getattr(g, "pass_threshold", None))
-                for g in graders
-            }
-        for i, (ex, gen, score) in enumerate(zip(test, gens, primary_scores, strict=True)):
-            prediction_rows.append({
-                "id": ex.id, "arm": arm, "prompt_tokens": gen.prompt_tokens,
-                "completion_tokens": gen.completion_tokens, "output": gen.text, "reference": ex.reference,
-                "score": score, "latency_ms": gen.latency_s * 1000, "finish_reason": gen.finish_reason,
-                "shot_ids": [s.id for s in builder.shots_for(arm, ex)],
-            })
-            if graders:
-                prediction_rows[-1]["scores"] = {name: c.scores[i] for name, c in arm_columns.items()}
-                errors = {name: c.errors[i] for name, c in arm_columns.items() if c.errors[i] is not None}
-                if errors:
-                    prediction_rows[-1]["grader_errors"] = errors
-    metrics["verdict"] = _verdict_on_scored(per_example, usd_per_query, prompt_tokens_mean, cfg.seed)
-    if graders:
-        metrics["graders"] = _grader_summary(graders, columns, test, cfg.human_labels, paths)
-    best, vs = metrics["verdict"]["best_arm"], metrics["verdict"]["vs"]
-    if cfg.pairwise is not None and best and vs:
-        from tunelab.eval.graders.judge import JudgeCache
-        from tunelab.eval.graders.pairwise import compare_pairwise
+        primary_scores = _primary_scores(inputs.primary, scores, arm_columns)
+        gens = generated.generations[arm]
+        result = _arm_result(inputs, arm, gens, generated.wall_s[arm], primary_scores, scores, arm_columns)
+        scored.arms[arm] = result
+        scored.per_example[arm] = primary_scores
+        scored.usd_per_query[arm] = usd_per_query(result["prompt_tokens_mean"], result["completion_tokens_mean"],
+                                                  inputs.cfg)
+        scored.prompt_tokens_mean[arm] = result["prompt_tokens_mean"]
+        scored.prediction_rows.extend(_prediction_rows(inputs, arm, gens, primary_scores, arm_columns))
+    return scored
 
-        metrics["pairwise"] = compare_pairwise(
-            cfg.pairwise, best, vs, [g.text for g in generations[best]], [g.text for g in generations[vs]], items,
-            JudgeCache(paths.eval / "judge_cache.jsonl"), seed=cfg.seed,
-        )
 
-    # --- cost: per query, per 1M queries, and when training pays for itself
-    summary = _read_summary(paths)
-    training = None
-    if summary is not None:
-        training = {"train_time_s": summary.train_time_s,
-                    "usd": summary.train_time_s / 3600 * cfg.gpu_price_per_hour,
-                    "basis": "train/summary.json train_time_s x eval.gpu_price_per_hour (wall time of the "
-                             "training run on whatever machine ran it)"}
-    break_even: dict[str, Any] = {}
-    verdict = metrics["verdict"]
-    if training is not None:
-        for tuned_arm in (a for a in chosen if a in TUNED_ARMS):
-            for other in (a for a in chosen if a not in TUNED_ARMS):
-                saved = usd_per_query[other] - usd_per_query[tuned_arm]
-                break_even[f"{tuned_arm} vs {other}"] = {
-                    "usd_saved_per_query": saved,
-                    "queries": math.ceil(training["usd"] / saved) if saved > 0 else None,
-                }
-    cost: dict[str, Any] = {
-        "prices": {"usd_per_m_input_tokens": cfg.price_per_m_input_tokens,
-                   "usd_per_m_output_tokens": cfg.price_per_m_output_tokens,
-                   "gpu_usd_per_hour": cfg.gpu_price_per_hour},
-        "per_arm": {arm: {"usd_per_query": usd_per_query[arm], "usd_per_1m_queries": usd_per_query[arm] * 1e6,
-                          "prompt_tokens_mean": prompt_tokens_mean[arm],
-                          "tokens_per_s": metrics["arms"][arm]["tokens_per_s"]} for arm in chosen},
-        "training": training,
-        "break_even": break_even,
-        "break_even_queries": None,
+def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: float,
+                primary_scores: Sequence[float | None], scores: Scores, arm_columns: dict[str, Any]) -> dict[str, Any]:
+    """eval/metrics.json arms.<arm> (contract.ArmResult)."""
+    cfg = inputs.cfg
+    scored = [s for s in primary_scores if s is not None]
+    latencies_ms = [g.latency_s * 1000 for g in gens]
+    prompt_mean = float(np.mean([g.prompt_tokens for g in gens]))
+    completion_mean = float(np.mean([g.completion_tokens for g in gens]))
+    shot_counts = [len(inputs.builder.shots_for(arm, ex)) for ex in inputs.test]
+    result: dict[str, Any] = {
+        "primary": float(np.mean(scored)) if scored else None,
+        "ci95": list(bootstrap_ci(scored, seed=cfg.seed)) if scored else None,
+        "prompt_tokens_mean": prompt_mean,
+        "completion_tokens_mean": completion_mean,
+        "latency_ms_p50": _percentile(latencies_ms, 50),
+        "latency_ms_p95": _percentile(latencies_ms, 95),
+        "batch_size": cfg.batch_size,
+        "tokens_per_s": sum(g.completion_tokens for g in gens) / wall_s if wall_s > 0 else 0.0,
+        "usd_per_1m_queries": usd_per_query(prompt_mean, completion_mean, cfg) * 1e6,
+        "model": _arm_model(arm),
+        "shots_mean": float(np.mean(shot_counts)),
+        "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
+        "decoding": dataclasses.asdict(inputs.settings),
+        # the KV cache of the leading tokens all this arm's prompts share was computed once (eval/generate.py)
+        "prefix_reused_tokens": gens[0].prefix_reused_tokens if gens else 0,
+        "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
+                        "prefilled once per arm and reused (as servers with prefix caching do), not counted",
+        "metrics": {**scores.means(), **{name: summarize_scores(c.scores)["mean"] for name, c in arm_columns.items()}},
     }
-    pair = f"{verdict['best_arm']} vs {verdict['vs']}"
-    if pair in break_even:
-        cost["break_even_queries"] = break_even[pair]["queries"]
-        queries = break_even[pair]["queries"]
-        cost["text"] = (
-            f"training cost ${training['usd']:.2f} is repaid by shorter prompts after {queries:,} queries ({pair})"
-            if queries is not None
-            else f"{verdict['best_arm']} is not cheaper per query than {verdict['vs']}: training is never repaid by prompt savings"
-        )
-    elif training is None and any(a in chosen for a in TUNED_ARMS):
-        cost["text"] = "no train/summary.json: training cost and break-even unknown"
-    metrics["cost"] = cost
-
-    # --- overfitting: loss curves, task metric on train vs test, verbatim copies of train answers
-    overfitting = _loss_curve(paths)
-    train_answers = {ex.reference.strip() for ex in train}
-    overfitting["reference_is_train_answer"] = (
-        sum(r.strip() in train_answers for r in references) / len(references)
-    )
-    overfitting["verbatim"] = {arm: _verbatim([g.text for g in generations[arm]], references, train_answers)
-                               for arm in chosen}
-    if train_sample_outputs:
-        sample_scores = score_outputs(train_sample_outputs, [ex.reference for ex in train_sample], kind, schema)
-        sample_primary = [s for s in (sample_columns[primary.name].scores if primary.grader
-                                      else sample_scores.per_example[primary.name]) if s is not None]
-        test_primary = metrics["arms"]["tuned"]["primary"]
-    if train_sample_outputs and sample_primary and test_primary is not None:
-        overfitting["task_metric"] = {
-            "arm": "tuned", "metric": primary.name, "train_sample_n": len(train_sample),
-            "train_sample": float(np.mean(sample_primary)),
-            "train_sample_ci95": list(bootstrap_ci(sample_primary, seed=cfg.seed)),
-            "test": test_primary, "test_ci95": metrics["arms"]["tuned"]["ci95"],
-            "train_minus_test": float(np.mean(sample_primary)) - test_primary,
+    if inputs.graders:
+        result["graders"] = {
+            g.name: summarize_scores(arm_columns[g.name].scores, seed=cfg.seed, pass_threshold=getattr(g, "pass_threshold", None))
+            for g in inputs.graders
         }
-    metrics["overfitting"] = overfitting
+    return result
 
-    # --- a verdict on a model that is still learning is provisional, and says what to run
+
+def _prediction_rows(inputs: _Inputs, arm: str, gens: Sequence[Generation], primary_scores: Sequence[float | None],
+                     arm_columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """eval/predictions.jsonl rows of one arm: one per test example, with every grader's score and error."""
+    rows = []
+    for i, (ex, gen, score) in enumerate(zip(inputs.test, gens, primary_scores, strict=True)):
+        row = {
+            "id": ex.id, "arm": arm, "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens, "output": gen.text, "reference": ex.reference,
+            "score": score, "latency_ms": gen.latency_s * 1000, "finish_reason": gen.finish_reason,
+            "shot_ids": [s.id for s in inputs.builder.shots_for(arm, ex)],
+        }
+        if inputs.graders:
+            row["scores"] = {name: c.scores[i] for name, c in arm_columns.items()}
+            errors = {name: c.errors[i] for name, c in arm_columns.items() if c.errors[i] is not None}
+            if errors:
+                row["grader_errors"] = errors
+        rows.append(row)
+    return rows
+
+
+def _compare_pairwise(inputs: _Inputs, generated: _Generated, verdict: dict[str, Any]) -> dict[str, Any] | None:
+    """eval.pairwise: the judge compares the verdict's two arms output by output (None without a pair)."""
+    best, vs = verdict["best_arm"], verdict["vs"]
+    if inputs.cfg.pairwise is None or not best or not vs:
+        return None
+    from tunelab.eval.graders.judge import JudgeCache
+    from tunelab.eval.graders.pairwise import compare_pairwise
+
+    return compare_pairwise(
+        inputs.cfg.pairwise, best, vs, generated.texts(best), generated.texts(vs), inputs.items,
+        JudgeCache(inputs.paths.eval / "judge_cache.jsonl"), seed=inputs.cfg.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- evaluate: beyond quality
+
+
+def _overfitting(inputs: _Inputs, generated: _Generated, sample_columns: dict[str, Any],
+                 arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Loss curves, verbatim copies of train answers, and the tuned arm's metric on train vs test."""
+    task = None
+    if generated.train_sample_outputs:
+        references = [ex.reference for ex in inputs.train_sample]
+        scores = score_outputs(generated.train_sample_outputs, references, inputs.kind, inputs.schema)
+        tuned = arms["tuned"]
+        task = task_metric(inputs.primary.name, _primary_scores(inputs.primary, scores, sample_columns),
+                           tuned["primary"], tuned["ci95"], inputs.cfg.seed)
+    return measure_overfitting(inputs.paths.train_log, inputs.references, [ex.reference for ex in inputs.train],
+                               {arm: generated.texts(arm) for arm in inputs.chosen}, task)
+
+
+def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:
+    """A verdict on a model that is still learning is provisional, and says what to run (the verdict is
+    updated in place)."""
     task = overfitting.get("task_metric") or {}
-    check = (assess_training(paths, task.get("train_sample"), task.get("test"), metrics["primary_metric"])
-             if "tuned" in chosen else {"provisional": False, "reason": None, "suggestion": None, "signals": {}})
+    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name)
+             if "tuned" in inputs.chosen else {"provisional": False, "reason": None, "suggestion": None, "signals": {}})
     verdict.update(provisional=check["provisional"], provisional_reason=check["reason"])
     if check["provisional"]:
         verdict["text"] = f"provisional, {check['reason']}. {verdict['text']}"
-    metrics["training_check"] = check
+    return check
 
-    # --- forgetting
-    if run_forgetting:
-        from tunelab.eval.forgetting import compare_general_ability, probe_records
 
-        metrics["forgetting"] = compare_general_ability(
-            abilities["base"], abilities["tuned"], cfg.forgetting_threshold, seed=cfg.seed
-        )
-        metrics["forgetting"]["probe_outputs"] = probe_records(abilities["base"], abilities["tuned"])
-    else:
-        reason = "eval.forgetting is off" if not cfg.forgetting else "no tuned model evaluated"
-        metrics["forgetting"] = {"skipped": reason}
+def _forgetting(inputs: _Inputs, abilities: dict[str, Any]) -> dict[str, Any]:
+    """General ability, base vs tuned, or why it was not measured."""
+    cfg = inputs.cfg
+    if not inputs.run_forgetting:
+        return {"skipped": "eval.forgetting is off" if not cfg.forgetting else "no tuned model evaluated"}
+    from tunelab.eval.forgetting import compare_general_ability, probe_records
 
-    # --- what the arms saw, so a reader can check the comparison was fair
-    metrics["prompts"] = {
-        "instructions": instructions,
+    result = compare_general_ability(abilities["base"], abilities["tuned"], cfg.forgetting_threshold, seed=cfg.seed)
+    result["probe_outputs"] = probe_records(abilities["base"], abilities["tuned"])
+    return result
+
+
+def _prompts_seen(inputs: _Inputs, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, Any]:
+    """eval/metrics.json "prompts": the instructions, shots and retrieval the arms saw, and one prompt each."""
+    cfg, builder = inputs.cfg, inputs.builder
+    return {
+        "instructions": builder.instructions,
         "instructions_source": "recipe eval.instructions" if cfg.instructions else "derived from the train split",
         "shots": cfg.shots,
         "rag_k": cfg.rag_k,
         "few_shot_ids": [s.id for s in builder.fixed_shots],
-        "retrieval": f"BM25 over chunks of {cfg.rag_docs}" if documents is not None else "BM25 over train user prompts",
-        "example": {arm: prompts[arm][0] for arm in chosen},
+        "retrieval": f"BM25 over chunks of {cfg.rag_docs}" if builder.documents is not None else "BM25 over train user prompts",
+        "example": {arm: prompts[arm][0] for arm in inputs.chosen},
     }
-    metrics["pools"] = {
-        "train_examples": len(train), "pool_size": len(pool.shots), "refused": pool.refused,
+
+
+def _pools(inputs: _Inputs) -> dict[str, Any]:
+    """eval/metrics.json "pools": the few-shot/retrieval candidates and those refused as test leaks."""
+    pool, documents = inputs.builder.pool, inputs.builder.documents
+    return {
+        "train_examples": len(inputs.train), "pool_size": len(pool.shots), "refused": pool.refused,
         "documents": None if documents is None else {"chunks": len(documents.shots), "refused": documents.refused},
     }
-    metrics["seed"] = cfg.seed
-    metrics["elapsed_s"] = time.perf_counter() - started
 
+
+def _write_results(inputs: _Inputs, metrics: dict[str, Any], prediction_rows: Sequence[dict[str, Any]],
+                   out_dir: str | Path | None) -> None:
+    """eval/predictions.jsonl, the grader configs in manifest.json, then eval/metrics.json (into `out_dir`
+    instead of the run's eval/ when given; the manifest is then left alone)."""
+    paths = inputs.paths
     out = Path(out_dir) if out_dir else paths.eval
     write_text_atomic(out / paths.predictions.name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_rows))
-    if graders and out_dir is None:
-        _record_graders_in_manifest(paths, graders)
+    if inputs.graders and out_dir is None:
+        record_graders_in_manifest(paths, inputs.graders)
     Metrics.model_validate(metrics).write(out / paths.metrics.name)
-    if echo:
-        print(format_table(metrics))
-    return metrics
-
