@@ -41,7 +41,6 @@ from tunelab.eval.arms import (
     task_system_prompt,
     to_eval_example,
 )
-from tunelab.eval.generate import DecodingSettings, Generation, generate
 from tunelab.eval.graders.specs import MODEL_GRADER_TYPES, grader_config, recipe_graders
 from tunelab.eval.graders.templates import make_item
 from tunelab.eval.metrics import (
@@ -55,6 +54,7 @@ from tunelab.eval.metrics import (
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
+from tunelab.use.generate import DecodingSettings, Generation, generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -447,7 +447,7 @@ def serve_ui(out_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, api
     import uvicorn
 
     from tunelab.errors import ConfigError
-    from tunelab.serve import bind_socket, is_loopback
+    from tunelab.use.serve import bind_socket, is_loopback
 
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"--host {host}: the UI starts runs and reads every run's data; on a non-loopback address "
