@@ -37,7 +37,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def prompt_ids(tokenizer):
-    from tunelab.eval.generate import render_prompt
+    from tunelab.use.generate import render_prompt
 
     width = max(len(render_prompt(tokenizer, m)) for m in PROMPTS)
     rows = [render_prompt(tokenizer, m) for m in PROMPTS]
@@ -72,7 +72,7 @@ def adapter_reference(run_dir):
 def test_merged_export_gives_the_adapter_models_logits(run_dir, adapter_reference, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.export import export_run
+    from tunelab.use.export import export_run
 
     ids, tuned, tokenizer = adapter_reference
     before = tree_digest(run_dir)
@@ -96,8 +96,8 @@ def test_merged_export_gives_the_adapter_models_logits(run_dir, adapter_referenc
 def test_adapter_export_is_peft_format_and_gives_the_same_logits(run_dir, adapter_reference, tmp_path):
     from peft import PeftModel
 
-    from tunelab.export import export_run
     from tunelab.models import load_model
+    from tunelab.use.export import export_run
 
     ids, tuned, _ = adapter_reference
     out = tmp_path / "adapter"
@@ -113,8 +113,8 @@ def test_gguf_export_loads_back_through_transformers_within_f16_precision(run_di
     from gguf import GGMLQuantizationType, GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.export import export_run
     from tunelab.runs import load_tuned_model
+    from tunelab.use.export import export_run
 
     ids, tuned, tokenizer = adapter_reference
     out = tmp_path / "gguf"
@@ -161,8 +161,8 @@ def test_gguf_q_and_k_rows_are_in_llama_cpp_rotary_order(run_dir, tmp_path):
     import numpy as np
     from gguf import GGUFReader
 
-    from tunelab.export import _llama_permute, write_gguf
     from tunelab.runs import load_tuned_model
+    from tunelab.use.export import _llama_permute, write_gguf
 
     model, tokenizer = load_tuned_model(run_dir, device="cpu", dtype="float32")
     merged = model.merge_and_unload()
@@ -178,7 +178,7 @@ def test_gguf_q_and_k_rows_are_in_llama_cpp_rotary_order(run_dir, tmp_path):
 
 def test_export_replaces_only_an_earlier_export_with_force_and_never_a_folder_in_the_run(run_dir, tmp_path):
     from tunelab.errors import ConfigError
-    from tunelab.export import export_run
+    from tunelab.use.export import export_run
 
     out = tmp_path / "busy"
     export_run(run_dir, out)
@@ -200,7 +200,7 @@ def test_export_replaces_only_an_earlier_export_with_force_and_never_a_folder_in
 def test_export_refuses_non_finite_weights_and_writes_nothing(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file, save_file
 
-    from tunelab.export import ExportError, export_run
+    from tunelab.use.export import ExportError, export_run
 
     run = make_fake_run(tmp_path / "bad")
     weights_file = run / "adapter" / "adapter_model.safetensors"

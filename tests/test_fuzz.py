@@ -164,8 +164,8 @@ def client(tmp_path_factory, tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from test_export import make_fake_run
-    from tunelab.chat import load_for_use
-    from tunelab.serve import ServeSettings, create_app
+    from tunelab.use.chat import load_for_use
+    from tunelab.use.serve import ServeSettings, create_app
 
     loaded = load_for_use(str(make_fake_run(tmp_path_factory.mktemp("runs") / "x")), device="cpu", dtype="float32")
     loaded.max_context_tokens = 256

@@ -99,7 +99,7 @@ def test_a_run_name_must_keep_the_run_inside_out_dir(name, tmp_path):
 
 
 def test_max_new_tokens_must_leave_the_prompt_room_in_the_context():
-    from tunelab.chat import LoadedModel, decoding_for
+    from tunelab.use.chat import LoadedModel, decoding_for
 
     loaded = LoadedModel(model=None, tokenizer=None, name="m", max_context_tokens=256)
     assert decoding_for(loaded, 255, 0.0).max_new_tokens == 255

@@ -122,8 +122,8 @@ def test_an_oversized_parquet_row_is_an_error_at_its_row(tmp_path):
 
 
 def test_generate_inputs_use_the_bounded_reader(tmp_path):
-    from tunelab.chat import read_generation_inputs
     from tunelab.errors import DataError
+    from tunelab.use.chat import read_generation_inputs
 
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(json.dumps({"prompt": "ok"}).encode() + b"\n" + b'{"prompt": "\xff"}\n'

@@ -133,7 +133,7 @@ def test_an_output_folder_under_a_file_is_a_one_line_error(tmp_path):
 def test_generate_never_overwrites_a_file_it_did_not_write(tmp_path):
     import json
 
-    from tunelab.chat import check_out_path
+    from tunelab.use.chat import check_out_path
 
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"prompt": "hi"}) + "\n")

@@ -41,7 +41,7 @@ def hostile_run(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_a_run_folders_recipe_cannot_turn_trust_remote_code_on(hostile_run, capsys):
-    from tunelab.chat import load_for_use
+    from tunelab.use.chat import load_for_use
 
     run, marker = hostile_run
     loaded = load_for_use(str(run), device="cpu", dtype="float32")

@@ -16,7 +16,7 @@ CONTEXT_TOKENS = 256
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, tiny_model_dir):
-    from tunelab.chat import load_for_use
+    from tunelab.use.chat import load_for_use
 
     model = load_for_use(str(make_fake_run(tmp_path_factory.mktemp("runs") / "x")), device="cpu", dtype="float32")
     model.max_context_tokens = CONTEXT_TOKENS
@@ -30,8 +30,8 @@ def tokenizing_threads():
 
 @pytest.fixture(scope="module")
 def client(loaded, tokenizing_threads):
-    import tunelab.eval.generate as generate
-    from tunelab.serve import ServeSettings, create_app
+    import tunelab.use.generate as generate
+    from tunelab.use.serve import ServeSettings, create_app
 
     render = generate.render_prompt
 
@@ -101,7 +101,7 @@ def test_tokenizing_runs_in_a_worker_thread_not_on_the_event_loop(client, tokeni
 
 
 def test_a_full_server_answers_429_before_reading_the_body(loaded):
-    from tunelab.serve import ServeSettings, create_app
+    from tunelab.use.serve import ServeSettings, create_app
 
     with TestClient(create_app(loaded, ServeSettings(max_queued_requests=0))) as full:
         response = full.post("/v1/chat/completions", content=b"not even json")

@@ -27,7 +27,7 @@ MAX_TOKENS_LIMIT = 64
 def running(app):
     import uvicorn
 
-    from tunelab.serve import bind_socket
+    from tunelab.use.serve import bind_socket
 
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -63,7 +63,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from tunelab.chat import load_for_use
+    from tunelab.use.chat import load_for_use
 
     model = load_for_use(str(run_dir), device="cpu", dtype="float32")
     model.max_context_tokens = CONTEXT_TOKENS
@@ -72,7 +72,7 @@ def loaded(run_dir):
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    from tunelab.serve import ServeSettings, create_app
+    from tunelab.use.serve import ServeSettings, create_app
 
     settings = ServeSettings(max_tokens_limit=MAX_TOKENS_LIMIT, batch_window_ms=200, max_body_bytes=64 * 1024)
     app = create_app(loaded, settings, api_key=KEY)
@@ -88,7 +88,7 @@ def client(server):
 
 
 def expected(loaded, messages, max_new_tokens):
-    from tunelab.eval.generate import DecodingSettings, generate
+    from tunelab.use.generate import DecodingSettings, generate
 
     [result] = generate(loaded.model, loaded.tokenizer, [messages], DecodingSettings(max_new_tokens=max_new_tokens))
     return result
@@ -150,7 +150,7 @@ def test_stop_strings_cut_the_answer_streaming_and_not(client, loaded):
 
 
 def test_stop_scanner_never_emits_a_stop_string_split_across_pieces():
-    from tunelab.serve import StopScanner
+    from tunelab.use.serve import StopScanner
 
     scanner = StopScanner(["END", "xyz"])
     out = []
@@ -289,8 +289,8 @@ def test_a_client_that_disconnects_mid_stream_does_not_stop_the_server(server):
 def test_rag_over_the_train_split_prepends_what_the_tuned_rag_arm_would(loaded):
     pytest.importorskip("tunelab.eval.retrieval")
     from tunelab.eval.arms import EvalExample, PromptBuilder, build_pool, to_eval_example
-    from tunelab.eval.generate import render_prompt
-    from tunelab.serve import ServeSettings, build_retriever, create_app
+    from tunelab.use.generate import render_prompt
+    from tunelab.use.serve import ServeSettings, build_retriever, create_app
 
     augment = build_retriever("train", loaded, k=2)
     query = [{"role": "user", "content": "Convert 9 June 2020 to ISO."}]
@@ -313,7 +313,7 @@ def test_rag_over_the_train_split_prepends_what_the_tuned_rag_arm_would(loaded):
 
 def test_rag_over_a_document_folder_puts_the_best_chunk_in_the_system_message(loaded, tmp_path):
     pytest.importorskip("tunelab.eval.retrieval")
-    from tunelab.serve import build_retriever
+    from tunelab.use.serve import build_retriever
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -352,7 +352,7 @@ def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_log
 
 
 def test_a_failed_generation_is_a_500_and_the_next_request_is_served(server, monkeypatch):
-    import tunelab.eval.generate as generation
+    import tunelab.use.generate as generation
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated device failure")

@@ -15,7 +15,7 @@ import typer
 from tunelab.config import ARMS  # light (pydantic, yaml): the arm names feed `eval --help`
 from tunelab.errors import TunelabError
 from tunelab.lifecycle.update import UpdateSettings  # light: its defaults feed `update --help`
-from tunelab.serve import ServeSettings  # light: its defaults feed `serve --help`
+from tunelab.use.serve import ServeSettings  # light: its defaults feed `serve --help`
 
 app = typer.Typer(
     help="Fine-tune a language model on your own examples, then prove with numbers whether it was worth it.",
@@ -47,7 +47,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def _temperature(value: float) -> float:
-    from tunelab.serve import MIN_TEMPERATURE
+    from tunelab.use.serve import MIN_TEMPERATURE
 
     if not (value == 0 or MIN_TEMPERATURE <= value <= 2):
         raise typer.BadParameter(f"0 (greedy) or from {MIN_TEMPERATURE:g} to 2")
@@ -327,8 +327,8 @@ def chat(
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
     history is kept; /reset clears it, /exit or Ctrl-D quits. --prompt answers one message."""
-    from tunelab.chat import chat_loop, decoding_for, load_for_use
-    from tunelab.eval.generate import generate
+    from tunelab.use.chat import chat_loop, decoding_for, load_for_use
+    from tunelab.use.generate import generate
 
     loaded = load_for_use(model, trust_remote_code=trust_remote_code)
     settings = decoding_for(loaded, max_new_tokens, temperature)
@@ -353,7 +353,13 @@ def generate_(
     """Batch generation over a file of prompts (a trailing assistant message is kept as the reference)."""
     from tqdm import tqdm
 
-    from tunelab.chat import check_out_path, decoding_for, generate_file, load_for_use, read_generation_inputs
+    from tunelab.use.chat import (
+        check_out_path,
+        decoding_for,
+        generate_file,
+        load_for_use,
+        read_generation_inputs,
+    )
 
     check_out_path(input, out)  # bad paths and bad lines fail here, before the model loads
     total = len(read_generation_inputs(input))
@@ -376,7 +382,7 @@ def export(
 ) -> None:
     """Export the adapter (PEFT format), merged safetensors weights, or a GGUF file; verified before
     it lands in --out."""
-    from tunelab.export import export_run
+    from tunelab.use.export import export_run
 
     result = export_run(run, out, merge=merge, fmt=format, force=force, gguf_type=gguf_type,
                         trust_remote_code=trust_remote_code)
@@ -401,7 +407,7 @@ def serve(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """OpenAI-compatible API server (/v1/chat/completions, streaming and not; /v1/models; /health)."""
-    from tunelab.serve import serve as run_server
+    from tunelab.use.serve import serve as run_server
 
     settings = ServeSettings(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                              max_tokens_limit=max_tokens_limit, rag_k=rag_k)

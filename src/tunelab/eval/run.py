@@ -46,7 +46,6 @@ from tunelab.eval.arms import (
     to_eval_example,
 )
 from tunelab.eval.cost import compare_cost, usd_per_query
-from tunelab.eval.generate import DecodingSettings, Generation, generate
 from tunelab.eval.graders.evaluation import (
     Primary,
     grader_summary,
@@ -67,6 +66,7 @@ from tunelab.eval.overfitting import measure_overfitting, task_metric
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
+from tunelab.use.generate import DecodingSettings, Generation, generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -567,7 +567,7 @@ def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: f
         "shots_mean": float(np.mean(shot_counts)),
         "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
         "decoding": dataclasses.asdict(inputs.settings),
-        # the KV cache of the leading tokens all this arm's prompts share was computed once (eval/generate.py)
+        # the KV cache of the leading tokens all this arm's prompts share was computed once (use/generate.py)
         "prefix_reused_tokens": gens[0].prefix_reused_tokens if gens else 0,
         "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
                         "prefilled once per arm and reused (as servers with prefix caching do), not counted",

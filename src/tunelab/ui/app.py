@@ -20,12 +20,12 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from tunelab.config import ARMS
@@ -75,266 +75,370 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _host_is_loopback(host_header: str) -> bool:
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def host_is_loopback(host_header: str) -> bool:
+    """Whether a Host header names this machine by a loopback name (port and IPv6 brackets allowed)."""
     name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
     return name.lower() in LOOPBACK_NAMES
 
 
-def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
-    out = Path(out_dir)
-    root = out.resolve()
-    templates = _templates()
-    playground = Playground()
-    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
+def key_matches(given: str, api_key: str | None) -> bool:
+    """Constant-time comparison; without a key set nothing matches (there is nothing to log in to)."""
+    return api_key is not None and hmac.compare_digest(given.encode(), api_key.encode())
 
-    def page(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-        html = templates.get_template(template).render(out_dir=str(out), api_key_required=api_key is not None, **context)
+
+def presented_key(authorization: str, cookie: str) -> str:
+    """The key a request carries: `Authorization: Bearer KEY`, else the login cookie."""
+    return authorization[7:].strip() if authorization.lower().startswith("bearer ") else cookie
+
+
+def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, api_key: str | None) -> str | None:
+    """Why the guard refuses a request, or None to let it through:
+    'loopback-only' (no key and a Host header that is not loopback: DNS rebinding), 'login' (no or a
+    wrong key from a browser asking for a page), 'api-key' (no or a wrong key otherwise), 'cross-site'
+    (a POST whose Origin is not this host). /login and the stylesheet it uses need no key."""
+    if api_key is None and not host_is_loopback(headers.get("host", "")):
+        return "loopback-only"
+    needs_key = api_key is not None and path not in ("/login", "/static/ui.css")
+    if needs_key and not key_matches(presented_key(headers.get("authorization", ""), cookie), api_key):
+        return "login" if method == "GET" and "text/html" in headers.get("accept", "") else "api-key"
+    if method == "POST":
+        origin = headers.get("origin")
+        if origin and urllib.parse.urlsplit(origin).netloc != headers.get("host"):
+            return "cross-site"
+    return None
+
+
+def run_folder(out: Path, root: Path, name: str) -> Path:
+    """The folder of run `name`, or NotFound: a plain name of a run (a recipe.yaml or a process started
+    by the UI), resolving directly inside the runs folder `out` (real path `root`), none of whose
+    shown files is a link out of it."""
+    try:
+        launch.check_run_name(name)
+    except TunelabError:
+        raise NotFound(name) from None
+    folder = out / name
+    if folder.exists() and folder.resolve().parent != root:
+        raise NotFound(name)
+    if not (folder / "recipe.yaml").is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
+        raise NotFound(name)
+    # the files pages show or render: a symlink out of the runs folder makes the whole run unavailable
+    paths, sidecar = RunPaths(folder), status.sidecar_dir(out, name)
+    shown = (paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
+             paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
+             paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
+             paths.report_html, sidecar / "process.json", sidecar / "console.log")
+    if any(path.exists() and not path.resolve().is_relative_to(root) for path in shown):
+        raise NotFound(name)
+    return folder
+
+
+def file_inside(root: Path, path: Path) -> Path:
+    """`path` resolved, if it is a file inside `root`; else NotFound."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        raise NotFound(str(path))
+    return resolved
+
+
+def parse_form(body: bytes) -> dict[str, list[str]]:
+    return urllib.parse.parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+
+
+def read_log_records(log: Path, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """The train/eval records of train/log.jsonl from byte `offset` on, whole lines only: (records, the
+    offset to read from next, whether the log was truncated since, so reading started over)."""
+    reset = False
+    with log.open("rb") as f:
+        size = f.seek(0, 2)
+        if offset > size:  # the log was truncated (a resumed run): start over
+            offset, reset = 0, True
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    records = []
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("kind") in ("train", "eval"):
+            records.append(record)
+    return records, offset + len(complete), reset
+
+
+def prediction_filter(arm: str, slice_name: str, outcome: str, disagree: str, offset: int) -> PredictionFilter:
+    """The predictions page's query: an unknown outcome shows all, disagree is on only as '1', offset >= 0."""
+    return PredictionFilter(arm, slice_name, outcome if outcome in OUTCOMES else "", disagree == "1", max(0, offset))
+
+
+def playground_options(arms: str, max_new_tokens: int) -> tuple[list[str], int]:
+    """The arms asked for (comma-separated, blanks dropped) and the tokens to generate, from 1 to 1024."""
+    return [a for a in arms.split(",") if a], min(max(1, max_new_tokens), 1024)
+
+
+def start_overrides(fields: dict[str, str]) -> list[str]:
+    """key=value overrides from the start form: its named fields that are filled, then the free lines."""
+    overrides = [f"{key}={fields[key]}" for key, _ in START_KEYS if fields.get(key)]
+    return overrides + [line.strip() for line in fields.get("overrides", "").splitlines() if line.strip()]
+
+
+def recipe_choices(out: Path) -> list[str]:
+    return [str(p.relative_to(out)) for p in launch.recipe_files(out)]
+
+
+def start_from_form(out: Path, fields: dict[str, str]) -> None:
+    """Start the run the form describes; TunelabError (shown on the form) for a recipe not listed or
+    anything launch.start_run refuses."""
+    recipe = fields.get("recipe", "")
+    if recipe not in recipe_choices(out):
+        raise TunelabError(f"recipe '{recipe}': choose one of the recipes listed")
+    launch.start_run(out, out / recipe, fields.get("name", ""), start_overrides(fields))
+
+
+async def playground_events(playground: Playground, folder: Path, prompt: str, system: str | None,
+                            arms: list[str], max_new_tokens: int) -> AsyncIterator[str]:
+    """The playground's answers as server-sent events. Generation runs in its own thread; this only
+    relays its events. A client that goes away cancels this generator at its await, which tells the
+    thread to stop (and free the models)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def put(event: dict[str, Any] | None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed (the UI stopping): nobody listens
+            cancel.set()
+
+    def work() -> None:
+        try:
+            for event in playground.stream(folder, prompt, system, arms, max_new_tokens, cancel.is_set):
+                put(event)
+        except TunelabError as err:
+            put({"event": "failure", "message": str(err)})
+        except Exception as err:  # shown to the user; the UI keeps serving
+            put({"event": "failure", "message": f"generation failed: {type(err).__name__}: {err}"})
+        finally:
+            put(None)
+
+    threading.Thread(target=work, name="tunelab-ui-playground", daemon=True).start()
+    try:
+        while (event := await queue.get()) is not None:
+            name = event.pop("event")
+            yield f"event: {name}\ndata: {json.dumps(event)}\n\n"
+    finally:
+        cancel.set()
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class UiState:
+    """What the handlers share: the runs folder (and its real path), the templates, the playground, the key."""
+
+    def __init__(self, out_dir: str | Path, api_key: str | None) -> None:
+        self.out = Path(out_dir)
+        self.root = self.out.resolve()
+        self.api_key = api_key
+        self.templates = _templates()
+        self.playground = Playground()
+
+    def page(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        html = self.templates.get_template(template).render(out_dir=str(self.out),
+                                                            api_key_required=self.api_key is not None, **context)
         return HTMLResponse(html, status_code=status_code)
 
-    def run_path(name: str) -> Path:
-        """The folder of run `name`, or NotFound: a plain name, resolving directly inside the runs folder."""
-        try:
-            launch.check_run_name(name)
-        except TunelabError:
-            raise NotFound(name) from None
-        folder = out / name
-        if folder.exists() and folder.resolve().parent != root:
-            raise NotFound(name)
-        if not (folder / "recipe.yaml").is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
-            raise NotFound(name)
-        # the files pages show or render: a symlink out of the runs folder makes the whole run unavailable
-        paths, sidecar = RunPaths(folder), status.sidecar_dir(out, name)
-        shown = (paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
-                 paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
-                 paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
-                 paths.report_html, sidecar / "process.json", sidecar / "console.log")
-        if any(path.exists() and not path.resolve().is_relative_to(root) for path in shown):
-            raise NotFound(name)
-        return folder
+    def run_path(self, name: str) -> Path:
+        return run_folder(self.out, self.root, name)
 
-    def inside(path: Path) -> Path:
-        resolved = path.resolve()
-        if not resolved.is_relative_to(root) or not resolved.is_file():
-            raise NotFound(str(path))
-        return resolved
+    def start_form(self, values: dict[str, str] | None = None, problem: str | None = None) -> HTMLResponse:
+        return self.page("start.html.jinja", 400 if problem else 200, title="Start a run",
+                         recipes=recipe_choices(self.out), keys=START_KEYS, values=values or {}, problem=problem)
 
-    @app.exception_handler(NotFound)
-    async def _not_found(request: Request, err: NotFound) -> HTMLResponse:
-        return page("error.html.jinja", 404, title="Not found", message="No such run or file in this runs folder.")
 
-    @app.exception_handler(TunelabError)
-    async def _user_error(request: Request, err: TunelabError) -> HTMLResponse:
-        return page("error.html.jinja", 400, title="Cannot do that", message=str(err))
+def _ui(request: Request) -> UiState:
+    return request.app.state.ui
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if api_key is None and not _host_is_loopback(request.headers.get("host", "")):
-            return Response("this UI answers on a loopback address only (start it with --api-key to serve others)\n",
-                            status_code=421, media_type="text/plain")
-        if api_key is not None and request.url.path not in ("/login", "/static/ui.css"):
-            header = request.headers.get("authorization", "")
-            given = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
-                    return page("login.html.jinja", 401, title="API key", failed=False)
-                return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
-        if request.method == "POST":
-            origin = request.headers.get("origin")
-            if origin and urllib.parse.urlsplit(origin).netloc != request.headers.get("host"):
-                return Response("cross-site form post refused\n", status_code=403, media_type="text/plain")
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        return response
 
-    async def form(request: Request) -> dict[str, list[str]]:
-        body = (await request.body()).decode("utf-8", errors="replace")
-        return urllib.parse.parse_qs(body, keep_blank_values=True)
+Ui = Annotated[UiState, Depends(_ui)]
+router = APIRouter()
 
-    # ------------------------------------------------------------------------------------------ pages
 
-    @app.get("/static/{name}")
-    def static(name: str) -> Response:
-        if name not in STATIC:
-            raise NotFound(name)
-        text = resources.files("tunelab.ui").joinpath("static", name).read_text(encoding="utf-8")
-        return Response(text, media_type=STATIC[name])
-
-    @app.get("/login")
-    def login_page() -> HTMLResponse:
-        return page("login.html.jinja", title="API key", failed=False)
-
-    @app.post("/login")
-    async def login(request: Request) -> Response:
-        given = (await form(request)).get("key", [""])[0]
-        if api_key is None or not hmac.compare_digest(given.encode(), api_key.encode()):
-            return page("login.html.jinja", 401, title="API key", failed=api_key is not None)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, api_key, httponly=True, samesite="strict")
-        return response
-
-    @app.get("/")
-    def runs_list() -> HTMLResponse:
-        states = [status.read_run_state(out, name) for name in status.run_names(out)]
-        states.sort(key=lambda s: s.updated or 0, reverse=True)
-        return page("runs.html.jinja", title="Runs", runs=states, missing=not out.is_dir())
-
-    @app.get("/runs/{name}")
-    def run_page(name: str) -> HTMLResponse:
-        folder = run_path(name)
-        state = status.read_run_state(out, name)
-        console = status.console_text(out, name)
-        return page("run.html.jinja", title=name, run=state,
-                    report=(folder / "eval" / "metrics.json").is_file(),
-                    console=None if console is None else status.console_lines(console)[-CONSOLE_LINES_SHOWN:],
-                    command=" ".join(status.read_process(out, name).command) if state.started_by_ui else None)
-
-    @app.get("/api/runs/{name}/state")
-    def run_state(name: str, offset: int = 0) -> JSONResponse:
-        """The run's state, and train/log.jsonl records from byte `offset` on (whole lines only)."""
-        folder = run_path(name)
-        state = status.read_run_state(out, name)
-        records, reset, end = [], False, offset
-        log = RunPaths(folder).train_log
-        if log.is_file():
-            resolved = inside(log)
-            with resolved.open("rb") as f:
-                size = f.seek(0, 2)
-                if offset > size:  # the log was truncated (a resumed run): start over
-                    offset, reset = 0, True
-                f.seek(offset)
-                chunk = f.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            end = offset + len(complete)
-            for line in complete.decode("utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("kind") in ("train", "eval"):
-                    records.append(record)
-        console = status.console_text(out, name)
-        return JSONResponse({"state": status.as_dict(state), "records": records, "offset": end, "reset": reset,
-                             "console": None if console is None else status.console_lines(console)[-40:]})
-
-    @app.get("/runs/{name}/report")
-    def report(name: str) -> HTMLResponse:
-        """The run's report.html; while it is not written (evaluated, not reported), the same renderer."""
-        paths = RunPaths(run_path(name))
-        if paths.report_html.exists():
-            html = inside(paths.report_html).read_text(encoding="utf-8", errors="replace")
-        elif paths.metrics.is_file():
-            from tunelab.report.html import build_report_context, render_html
-
-            html = render_html(build_report_context(paths.root))
-        else:
-            raise NotFound(name)
-        return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_POLICY})
-
-    @app.get("/runs/{name}/predictions")
-    def predictions(name: str, arm: str = "", slice: str = "", outcome: str = "", disagree: str = "",
-                          offset: int = 0) -> HTMLResponse:
-        paths = RunPaths(run_path(name))
-        wanted = PredictionFilter(arm, slice, outcome if outcome in OUTCOMES else "", disagree == "1", max(0, offset))
-        found = browse_predictions(paths, wanted)
-        return page("predictions.html.jinja", title=f"{name}: predictions", name=name, found=found, wanted=wanted,
-                    outcomes=OUTCOMES)
-
-    @app.post("/runs/{name}/stop")
-    def stop(name: str) -> Response:
-        run_path(name)
-        launch.stop_run(out, name)
-        return RedirectResponse(f"/runs/{urllib.parse.quote(name)}", status_code=303)
-
-    @app.get("/compare")
-    def compare(request: Request, arm: str = "tuned") -> HTMLResponse:
-        from tunelab.report.compare import compare_runs
-
-        names = [n for n in status.run_names(out) if (out / n / "eval" / "metrics.json").is_file()]
-        chosen = [n for n in request.query_params.getlist("run") if n in names]
-        comparison, problem = None, None
-        if len(chosen) >= 2:
-            try:
-                comparison = compare_runs([run_path(n) for n in chosen], arm=arm)
-            except TunelabError as err:
-                problem = str(err)
-        return page("compare.html.jinja", title="Compare", names=names, chosen=chosen, arm=arm, arms=ARMS,
-                    comparison=comparison, problem=problem)
-
-    @app.get("/playground")
-    def playground_page(run: str = "") -> HTMLResponse:
-        names = [n for n in status.run_names(out) if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
-        chosen = run if run in names else (names[0] if names else "")
-        system = playground.system_prompt(run_path(chosen)) if chosen else None
-        return page("playground.html.jinja", title="Playground", names=names, chosen=chosen, system=system or "",
-                    arms=ARMS)
-
-    @app.get("/api/playground/stream")
-    async def playground_stream(run: str, prompt: str, system: str = "", arms: str = "base,tuned",
-                                max_new_tokens: int = 64) -> StreamingResponse:
-        folder = run_path(run)
-        chosen = [a for a in arms.split(",") if a]
-        tokens = min(max(1, max_new_tokens), 1024)
-
-        async def events() -> AsyncIterator[str]:
-            # Generation runs in its own thread; this generator only relays its events. A client that goes
-            # away cancels this generator at its await, which tells the thread to stop (and free the models).
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-            cancel = threading.Event()
-
-            def work() -> None:
-                def put(event: dict[str, Any] | None) -> None:
-                    try:
-                        loop.call_soon_threadsafe(queue.put_nowait, event)
-                    except RuntimeError:  # the event loop is closed (the UI stopping): nobody listens
-                        cancel.set()
-
-                try:
-                    for event in playground.stream(folder, prompt, system or None, chosen, tokens, cancel.is_set):
-                        put(event)
-                except TunelabError as err:
-                    put({"event": "failure", "message": str(err)})
-                except Exception as err:  # shown to the user; the UI keeps serving
-                    put({"event": "failure", "message": f"generation failed: {type(err).__name__}: {err}"})
-                finally:
-                    put(None)
-
-            threading.Thread(target=work, name="tunelab-ui-playground", daemon=True).start()
-            try:
-                while (event := await queue.get()) is not None:
-                    name = event.pop("event")
-                    yield f"event: {name}\ndata: {json.dumps(event)}\n\n"
-            finally:
-                cancel.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.get("/start")
-    def start_page() -> HTMLResponse:
-        return start_form()
-
-    def start_form(values: dict[str, str] | None = None, problem: str | None = None) -> HTMLResponse:
-        recipes = [str(p.relative_to(out)) for p in launch.recipe_files(out)]
-        return page("start.html.jinja", 400 if problem else 200, title="Start a run", recipes=recipes,
-                    keys=START_KEYS, values=values or {}, problem=problem)
-
-    @app.post("/start")
-    async def start(request: Request) -> Response:
-        fields = {key: values[0].strip() for key, values in (await form(request)).items()}
-        overrides = [f"{key}={fields[key]}" for key, _ in START_KEYS if fields.get(key)]
-        overrides += [line.strip() for line in fields.get("overrides", "").splitlines() if line.strip()]
-        recipe = fields.get("recipe", "")
-        try:
-            if recipe not in [str(p.relative_to(out)) for p in launch.recipe_files(out)]:
-                raise TunelabError(f"recipe '{recipe}': choose one of the recipes listed")
-            launch.start_run(out, out / recipe, fields.get("name", ""), overrides)
-        except TunelabError as err:
-            return start_form(fields, str(err))
-        return RedirectResponse(f"/runs/{urllib.parse.quote(fields['name'])}", status_code=303)
-
+def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ui = UiState(out_dir, api_key)
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(TunelabError, _user_error)
+    app.middleware("http")(_guard)
+    app.include_router(router)
     return app
+
+
+async def _not_found(request: Request, err: Exception) -> HTMLResponse:
+    return _ui(request).page("error.html.jinja", 404, title="Not found",
+                             message="No such run or file in this runs folder.")
+
+
+async def _user_error(request: Request, err: Exception) -> HTMLResponse:
+    return _ui(request).page("error.html.jinja", 400, title="Cannot do that", message=str(err))
+
+
+async def _guard(request: Request, call_next: Any) -> Any:
+    ui = _ui(request)
+    refused = refusal(request.method, request.url.path, request.headers, request.cookies.get(COOKIE, ""), ui.api_key)
+    if refused == "loopback-only":
+        return Response("this UI answers on a loopback address only (start it with --api-key to serve others)\n",
+                        status_code=421, media_type="text/plain")
+    if refused == "login":
+        return ui.page("login.html.jinja", 401, title="API key", failed=False)
+    if refused == "api-key":
+        return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
+    if refused == "cross-site":
+        return Response("cross-site form post refused\n", status_code=403, media_type="text/plain")
+    response = await call_next(request)
+    response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+# ---------------------------------------------------------------------------------------------- pages
+
+
+@router.get("/static/{name}")
+def static(name: str) -> Response:
+    if name not in STATIC:
+        raise NotFound(name)
+    text = resources.files("tunelab.ui").joinpath("static", name).read_text(encoding="utf-8")
+    return Response(text, media_type=STATIC[name])
+
+
+@router.get("/login")
+def login_page(ui: Ui) -> HTMLResponse:
+    return ui.page("login.html.jinja", title="API key", failed=False)
+
+
+@router.post("/login")
+async def login(request: Request, ui: Ui) -> Response:
+    given = parse_form(await request.body()).get("key", [""])[0]
+    if not key_matches(given, ui.api_key):
+        return ui.page("login.html.jinja", 401, title="API key", failed=ui.api_key is not None)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
+    return response
+
+
+@router.get("/")
+def runs_list(ui: Ui) -> HTMLResponse:
+    states = [status.read_run_state(ui.out, name) for name in status.run_names(ui.out)]
+    states.sort(key=lambda s: s.updated or 0, reverse=True)
+    return ui.page("runs.html.jinja", title="Runs", runs=states, missing=not ui.out.is_dir())
+
+
+@router.get("/runs/{name}")
+def run_page(name: str, ui: Ui) -> HTMLResponse:
+    folder = ui.run_path(name)
+    state = status.read_run_state(ui.out, name)
+    console = status.console_text(ui.out, name)
+    return ui.page("run.html.jinja", title=name, run=state,
+                   report=(folder / "eval" / "metrics.json").is_file(),
+                   console=None if console is None else status.console_lines(console)[-CONSOLE_LINES_SHOWN:],
+                   command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None)
+
+
+@router.get("/api/runs/{name}/state")
+def run_state(name: str, ui: Ui, offset: int = 0) -> JSONResponse:
+    """The run's state, and train/log.jsonl records from byte `offset` on (whole lines only)."""
+    log = RunPaths(ui.run_path(name)).train_log
+    state = status.read_run_state(ui.out, name)
+    records, end, reset = read_log_records(file_inside(ui.root, log), offset) if log.is_file() else ([], offset, False)
+    console = status.console_text(ui.out, name)
+    return JSONResponse({"state": status.as_dict(state), "records": records, "offset": end, "reset": reset,
+                         "console": None if console is None else status.console_lines(console)[-40:]})
+
+
+@router.get("/runs/{name}/report")
+def report(name: str, ui: Ui) -> HTMLResponse:
+    """The run's report.html; while it is not written (evaluated, not reported), the same renderer."""
+    paths = RunPaths(ui.run_path(name))
+    if paths.report_html.exists():
+        html = file_inside(ui.root, paths.report_html).read_text(encoding="utf-8", errors="replace")
+    elif paths.metrics.is_file():
+        from tunelab.report.html import build_report_context, render_html
+
+        html = render_html(build_report_context(paths.root))
+    else:
+        raise NotFound(name)
+    return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_POLICY})
+
+
+@router.get("/runs/{name}/predictions")
+def predictions(name: str, ui: Ui, arm: str = "", slice: str = "", outcome: str = "", disagree: str = "",
+                offset: int = 0) -> HTMLResponse:
+    paths = RunPaths(ui.run_path(name))
+    wanted = prediction_filter(arm, slice, outcome, disagree, offset)
+    return ui.page("predictions.html.jinja", title=f"{name}: predictions", name=name,
+                   found=browse_predictions(paths, wanted), wanted=wanted, outcomes=OUTCOMES)
+
+
+@router.post("/runs/{name}/stop")
+def stop(name: str, ui: Ui) -> Response:
+    ui.run_path(name)
+    launch.stop_run(ui.out, name)
+    return RedirectResponse(f"/runs/{urllib.parse.quote(name)}", status_code=303)
+
+
+@router.get("/compare")
+def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
+    from tunelab.report.compare import compare_runs
+
+    names = [n for n in status.run_names(ui.out) if (ui.out / n / "eval" / "metrics.json").is_file()]
+    chosen = [n for n in request.query_params.getlist("run") if n in names]
+    comparison, problem = None, None
+    if len(chosen) >= 2:
+        try:
+            comparison = compare_runs([ui.run_path(n) for n in chosen], arm=arm)
+        except TunelabError as err:
+            problem = str(err)
+    return ui.page("compare.html.jinja", title="Compare", names=names, chosen=chosen, arm=arm, arms=ARMS,
+                   comparison=comparison, problem=problem)
+
+
+@router.get("/playground")
+def playground_page(ui: Ui, run: str = "") -> HTMLResponse:
+    out = ui.out
+    names = [n for n in status.run_names(out) if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
+    chosen = run if run in names else (names[0] if names else "")
+    system = ui.playground.system_prompt(ui.run_path(chosen)) if chosen else None
+    return ui.page("playground.html.jinja", title="Playground", names=names, chosen=chosen, system=system or "",
+                   arms=ARMS)
+
+
+@router.get("/api/playground/stream")
+async def playground_stream(ui: Ui, run: str, prompt: str, system: str = "", arms: str = "base,tuned",
+                            max_new_tokens: int = 64) -> StreamingResponse:
+    folder = ui.run_path(run)
+    chosen, tokens = playground_options(arms, max_new_tokens)
+    events = playground_events(ui.playground, folder, prompt, system or None, chosen, tokens)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/start")
+def start_page(ui: Ui) -> HTMLResponse:
+    return ui.start_form()
+
+
+@router.post("/start")
+async def start(request: Request, ui: Ui) -> Response:
+    fields = {key: values[0].strip() for key, values in parse_form(await request.body()).items()}
+    try:
+        start_from_form(ui.out, fields)
+    except TunelabError as err:
+        return ui.start_form(fields, str(err))
+    return RedirectResponse(f"/runs/{urllib.parse.quote(fields['name'])}", status_code=303)
 
 
 def serve_ui(out_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
@@ -343,7 +447,7 @@ def serve_ui(out_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, api
     import uvicorn
 
     from tunelab.errors import ConfigError
-    from tunelab.serve import bind_socket, is_loopback
+    from tunelab.use.serve import bind_socket, is_loopback
 
     if not is_loopback(host) and not api_key:
         raise ConfigError(f"--host {host}: the UI starts runs and reads every run's data; on a non-loopback address "

@@ -56,10 +56,10 @@ from tunelab.errors import ConfigError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from tunelab.chat import LoadedModel
-    from tunelab.eval.generate import DecodingSettings, Generation
+    from tunelab.use.chat import LoadedModel
+    from tunelab.use.generate import DecodingSettings, Generation
 
-log = logging.getLogger("tunelab.serve")
+log = logging.getLogger("tunelab.use.serve")
 Messages = list[dict[str, str]]
 
 
@@ -89,6 +89,10 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def server_busy() -> APIError:
+    return APIError(429, "The server is busy; retry shortly.", type_="server_error", code="server_busy")
 
 
 MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name, and logits / t overflow to inf
@@ -252,7 +256,7 @@ class Engine:
 
     def _check_room(self) -> None:
         if self._jobs.qsize() >= self.settings.max_queued_requests:
-            raise APIError(429, "The server is busy; retry shortly.", type_="server_error", code="server_busy")
+            raise server_busy()
 
     async def complete(self, messages: Messages, decoding: "DecodingSettings") -> "Generation":
         self._check_room()
@@ -261,7 +265,7 @@ class Engine:
         return await asyncio.wrap_future(job.future)  # a client that goes away cancels the future
 
     def start_stream(self, messages: Messages, decoding: "DecodingSettings") -> tuple[_Job, asyncio.Queue]:
-        from tunelab.eval.generate import StreamStats
+        from tunelab.use.generate import StreamStats
 
         self._check_room()
         loop = asyncio.get_running_loop()
@@ -317,7 +321,7 @@ class Engine:
         return self._thread.is_alive()
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        from tunelab.eval.generate import generate
+        from tunelab.use.generate import generate
 
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         groups: dict[DecodingSettings, list[_Job]] = {}
@@ -338,7 +342,7 @@ class Engine:
                 job.future.set_result(result)
 
     def _run_streams(self, jobs: list[_Job]) -> None:
-        from tunelab.eval.generate import stream_generate_batch
+        from tunelab.use.generate import stream_generate_batch
 
         groups: dict[DecodingSettings, list[_Job]] = {}
         for job in jobs:
@@ -408,6 +412,247 @@ def build_retriever(rag: str, loaded: "LoadedModel", k: int) -> Callable[[Messag
 
 
 # ----------------------------------------------------------------------------------------------
+# request checks (plain functions: each raises the APIError a client gets)
+
+
+def check_api_key(authorization: str, api_key: str | None) -> None:
+    """401 unless the Authorization header is 'Bearer <api_key>' (compared in constant time); no key set: all pass."""
+    if api_key is None:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+
+def body_too_large(max_body_bytes: int) -> APIError:
+    return APIError(413, f"The request body is larger than {max_body_bytes} bytes.", code="request_too_large")
+
+
+async def read_body(content_length: str | None, chunks: AsyncIterator[bytes], max_body_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as the declared or the received size passes `max_body_bytes`."""
+    if content_length and content_length.isdigit() and int(content_length) > max_body_bytes:
+        raise body_too_large(max_body_bytes)
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise body_too_large(max_body_bytes)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+
+
+def model_not_found(name: str, model_id: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist; this server has '{model_id}'.",
+                    param="model", code="model_not_found")
+
+
+def check_request_options(req: ChatCompletionRequest, model_id: str, max_tokens_limit: int) -> int | None:
+    """The completion tokens asked for (None: not said), after checking the model, the options this
+    server supports and the limit on max_tokens."""
+    if req.model != model_id:
+        shown = req.model if len(req.model) <= 200 else req.model[:200] + "..."  # never echo megabytes
+        raise model_not_found(shown, model_id)
+    problem = req.unsupported()
+    if problem:
+        raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
+    asked = req.max_completion_tokens or req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    if asked is not None and asked > max_tokens_limit:
+        raise APIError(400, f"{param} is too large: {asked}. This server allows at most "
+                       f"{max_tokens_limit} completion tokens.", param=param, code="invalid_value")
+    return asked
+
+
+def check_prompt_chars(chars: int, context_tokens: int, longest_token_chars: int) -> None:
+    """Refuse, untokenized, a prompt certain to exceed the context: no token covers more characters
+    than the longest in the vocabulary."""
+    if chars > context_tokens * longest_token_chars:
+        raise APIError(400, f"This model's maximum context length is {context_tokens} tokens. However, your messages "
+                       f"are {chars} characters, more than {context_tokens} tokens can hold. Please reduce the "
+                       "length of the messages.", param="messages", code="context_length_exceeded")
+
+
+def completion_budget(prompt_tokens: int, asked: int | None, context_tokens: int, default_max_tokens: int) -> int:
+    """The completion tokens to generate: `asked`, else the default capped by the room left; 400 when
+    the prompt and the completion do not fit the context."""
+    if prompt_tokens >= context_tokens:
+        raise APIError(400, f"This model's maximum context length is {context_tokens} tokens. However, your messages "
+                       f"resulted in {prompt_tokens} tokens, leaving none for the completion. Please reduce the "
+                       "length of the messages.", param="messages", code="context_length_exceeded")
+    max_tokens = asked or min(default_max_tokens, context_tokens - prompt_tokens)
+    if prompt_tokens + max_tokens > context_tokens:
+        raise APIError(400, f"This model's maximum context length is {context_tokens} tokens. However, you requested "
+                       f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+                       "the completion). Please reduce the length of the messages or completion.",
+                       param="messages", code="context_length_exceeded")
+    return max_tokens
+
+
+def decoding_settings(req: ChatCompletionRequest, max_tokens: int, default_temperature: float) -> "DecodingSettings":
+    from tunelab.use.generate import DecodingSettings
+
+    return DecodingSettings(max_new_tokens=max_tokens,
+                            temperature=default_temperature if req.temperature is None else float(req.temperature),
+                            top_p=1.0 if req.top_p is None else float(req.top_p),
+                            seed=0 if req.seed is None else req.seed)
+
+
+def http_error(status: int, detail: str) -> APIError:
+    """A routing error (unknown route, wrong method) in OpenAI's shape."""
+    return APIError(status, detail, code={404: "not_found", 405: "method_not_allowed"}.get(status))
+
+
+class PrepareGate:
+    """Counts requests being read or tokenized (each holds up to max_body_bytes): 429 past `limit`.
+    Entered and left on the event loop only, so a plain counter suffices."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def __enter__(self) -> None:
+        if self.active >= self.limit:
+            raise server_busy()
+        self.active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+
+
+class RequestPreparer:
+    """Turns a checked request into (messages, decoding settings, prompt tokens), with retrieval.
+
+    Runs in a thread of its own with its own copy of the tokenizer: a Rust tokenizer used by two
+    threads at once fails ("Already borrowed") when one changes its padding."""
+
+    def __init__(self, loaded: "LoadedModel", settings: ServeSettings, model_id: str,
+                 retriever: Callable[[Messages], Messages] | None) -> None:
+        from tunelab.use.generate import render_prompt
+
+        self.settings, self.model_id, self.retriever = settings, model_id, retriever
+        self.context_tokens = loaded.max_context_tokens
+        self.render_prompt = render_prompt
+        self.tokenizer = copy.deepcopy(loaded.tokenizer)
+        self.longest_token_chars = max(1, *(len(token) for token in loaded.tokenizer.get_vocab()))
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-prepare")
+
+    def prepare(self, req: ChatCompletionRequest) -> tuple[Messages, "DecodingSettings"]:
+        from jinja2 import TemplateError
+
+        asked = check_request_options(req, self.model_id, self.settings.max_tokens_limit)
+        messages = [m.as_dict() for m in req.messages]
+        check_prompt_chars(sum(len(m["content"]) for m in messages), self.context_tokens, self.longest_token_chars)
+        if self.retriever is not None:
+            messages = self.retriever(messages)
+        try:
+            prompt_tokens = len(self.render_prompt(self.tokenizer, messages))
+        except TemplateError as err:
+            raise APIError(400, f"The chat template rejected these messages: {err}", param="messages") from None
+        max_tokens = completion_budget(prompt_tokens, asked, self.context_tokens, self.settings.default_max_tokens)
+        return messages, decoding_settings(req, max_tokens, self.settings.default_temperature)
+
+    async def prepare_off_loop(self, req: ChatCompletionRequest) -> tuple[Messages, "DecodingSettings"]:
+        """Tokenizing (and retrieval) is CPU work: off the event loop, so /health and streams keep answering."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.prepare, req)
+
+
+# ----------------------------------------------------------------------------------------------
+# responses
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def complete(engine: Engine, req: ChatCompletionRequest, messages: Messages, decoding: "DecodingSettings",
+                   completion_id: str, model_id: str, started: float) -> dict[str, Any]:
+    """The non-streaming answer: one `chat.completion` body, cut at the first stop string."""
+    try:
+        result = await engine.complete(messages, decoding)
+    except APIError:
+        raise
+    except Exception as err:  # a failed generation is the server's fault: answer 500, keep serving
+        raise APIError(500, f"Generation failed ({type(err).__name__}).", type_="server_error") from None
+    text, stopped = cut_at_stop(result.text, req.stops)
+    log.info("200 chat.completion prompt_tokens=%d completion_tokens=%d batch=%d latency_ms=%.0f",
+             result.prompt_tokens, result.completion_tokens, result.batch_size, (time.perf_counter() - started) * 1000)
+    return {
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": "stop" if stopped else result.finish_reason}],
+        "usage": usage(result.prompt_tokens, result.completion_tokens),
+    }
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """Formats the `chat.completion.chunk` events of one stream."""
+
+    completion_id: str
+    model: str
+    created: int
+    include_usage: bool
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+        return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], None)
+
+    def usage_chunk(self, stats: Any) -> str:
+        """The last chunk when the client asked for usage: no choices, the token counts."""
+        return self._event([], usage(stats.prompt_tokens, stats.completion_tokens))
+
+    def _event(self, choices: list[dict[str, Any]], token_counts: dict[str, int] | None) -> str:
+        payload: dict[str, Any] = {
+            "id": self.completion_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "system_fingerprint": None, "choices": choices,
+        }
+        if self.include_usage:
+            payload["usage"] = token_counts
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def sse_events(job: _Job, events: asyncio.Queue, writer: ChunkWriter, stops: list[str],
+                     started: float) -> AsyncIterator[str]:
+    """Relays the worker's events for `job` as server-sent events, ending `data: [DONE]`; an error
+    event ends the stream with an OpenAI error body instead."""
+    scanner = StopScanner(stops)
+    try:
+        yield writer.chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind not in ("piece", "end"):
+                error = APIError(500, f"Generation failed ({value}).", type_="server_error").body()
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+            text, hit = scanner.feed(value) if kind == "piece" else (scanner.flush(), False)
+            if text:
+                yield writer.chunk({"content": text})
+            if hit:
+                job.cancel.set()  # the worker stops generating at its next token
+                finish = "stop"
+                break
+            if kind == "end":
+                finish = value.finish_reason
+                break
+        yield writer.chunk({}, finish)
+        if writer.include_usage:
+            yield writer.usage_chunk(job.stats)
+        yield "data: [DONE]\n\n"
+        log.info("200 chat.completion.chunk prompt_tokens=%d completion_tokens=%d latency_ms=%.0f",
+                 job.stats.prompt_tokens, job.stats.completion_tokens, (time.perf_counter() - started) * 1000)
+    finally:
+        job.cancel.set()  # client gone or stream done: stop the worker's loop for this job
+
+
+# ----------------------------------------------------------------------------------------------
 # the app
 
 
@@ -418,28 +663,20 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from jinja2 import TemplateError
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from tunelab.eval.generate import DecodingSettings, render_prompt
 
     model_id = model_id or loaded.name
     created = int(time.time())
     engine = Engine(loaded, settings)
-    # Requests are tokenized in their own thread with their own copy of the tokenizer: a Rust
-    # tokenizer used by two threads at once fails ("Already borrowed") when one changes its padding.
-    preparer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-prepare")
-    prepare_tokenizer = copy.deepcopy(loaded.tokenizer)
-    # no token covers more characters than the longest in the vocabulary: a bound that never refuses
-    # a prompt that would fit
-    longest_token_chars = max(1, *(len(token) for token in loaded.tokenizer.get_vocab()))
+    preparer = RequestPreparer(loaded, settings, model_id, retriever)
+    gate = PrepareGate(settings.max_queued_requests)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         engine.stop()
-        preparer.shutdown(wait=False, cancel_futures=True)
+        preparer.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tunelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -450,21 +687,12 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        body = APIError(err.status_code, str(err.detail), code=code).body()
-        return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
+        return JSONResponse(http_error(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return JSONResponse(APIError(400, "Invalid request.").body(), status_code=400)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "tunelab"}
@@ -477,173 +705,32 @@ def create_app(loaded: "LoadedModel", settings: ServeSettings = ServeSettings(),
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        authorize(request)
+        check_api_key(request.headers.get("authorization", ""), api_key)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request) -> dict[str, Any]:
-        authorize(request)
+        check_api_key(request.headers.get("authorization", ""), api_key)
         if name != model_id:
-            raise APIError(404, f"The model '{name}' does not exist; this server has '{model_id}'.",
-                           param="model", code="model_not_found")
+            raise model_not_found(name, model_id)
         return model_card()
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise APIError(413, f"The request body is larger than {settings.max_body_bytes} bytes.",
-                           code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise APIError(413, f"The request body is larger than {settings.max_body_bytes} bytes.",
-                               code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def prepare(req: ChatCompletionRequest) -> tuple[Messages, DecodingSettings, int]:
-        if req.model != model_id:
-            shown = req.model if len(req.model) <= 200 else req.model[:200] + "..."  # never echo megabytes
-            raise APIError(404, f"The model '{shown}' does not exist; this server has '{model_id}'.",
-                           param="model", code="model_not_found")
-        problem = req.unsupported()
-        if problem:
-            raise APIError(400, problem[1], param=problem[0], code="unsupported_parameter")
-        context = loaded.max_context_tokens
-        asked = req.max_completion_tokens or req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        if asked is not None and asked > settings.max_tokens_limit:
-            raise APIError(400, f"{param} is too large: {asked}. This server allows at most "
-                           f"{settings.max_tokens_limit} completion tokens.", param=param, code="invalid_value")
-        messages = [m.as_dict() for m in req.messages]
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > context * longest_token_chars:  # certain to exceed the context: refused untokenized
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your messages "
-                           f"are {chars} characters, more than {context} tokens can hold. Please reduce the length "
-                           "of the messages.", param="messages", code="context_length_exceeded")
-        if retriever is not None:
-            messages = retriever(messages)
-        try:
-            prompt_tokens = len(render_prompt(prepare_tokenizer, messages))
-        except TemplateError as err:
-            raise APIError(400, f"The chat template rejected these messages: {err}", param="messages") from None
-        if prompt_tokens >= context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your messages "
-                           f"resulted in {prompt_tokens} tokens, leaving none for the completion. Please reduce the "
-                           "length of the messages.", param="messages", code="context_length_exceeded")
-        max_tokens = asked or min(settings.default_max_tokens, context - prompt_tokens)
-        if prompt_tokens + max_tokens > context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
-                           "the completion). Please reduce the length of the messages or completion.",
-                           param="messages", code="context_length_exceeded")
-        temperature = settings.default_temperature if req.temperature is None else float(req.temperature)
-        top_p = 1.0 if req.top_p is None else float(req.top_p)
-        seed = 0 if req.seed is None else req.seed
-        return messages, DecodingSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                          seed=seed), prompt_tokens
-
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    preparing = 0  # requests read or tokenized now: each holds up to max_body_bytes
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        nonlocal preparing
         started = time.perf_counter()
-        authorize(request)
-        if preparing >= settings.max_queued_requests:
-            raise APIError(429, "The server is busy; retry shortly.", type_="server_error", code="server_busy")
-        preparing += 1
-        try:
-            body = await read_body(request)
-            try:
-                req = ChatCompletionRequest.model_validate_json(body)
-            except ValidationError as err:
-                raise _validation_error(err) from None
-            # tokenizing (and retrieval) is CPU work: off the event loop, so /health and streams keep answering
-            messages, decoding, prompt_tokens = await asyncio.get_running_loop().run_in_executor(preparer, prepare, req)
-        finally:
-            preparing -= 1
+        check_api_key(request.headers.get("authorization", ""), api_key)
+        with gate:
+            body = await read_body(request.headers.get("content-length"), request.stream(), settings.max_body_bytes)
+            req = parse_request(body)
+            messages, decoding = await preparer.prepare_off_loop(req)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            job, events = engine.start_stream(messages, decoding)
-            return StreamingResponse(
-                _sse(job, events, completion_id, model_id, req.stops, include_usage, started),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-            )
-        try:
-            result = await engine.complete(messages, decoding)
-        except APIError:
-            raise
-        except Exception as err:  # a failed generation is the server's fault: answer 500, keep serving
-            raise APIError(500, f"Generation failed ({type(err).__name__}).", type_="server_error") from None
-        text, stopped = cut_at_stop(result.text, req.stops)
-        finish = "stop" if stopped else result.finish_reason
-        log.info("200 chat.completion prompt_tokens=%d completion_tokens=%d batch=%d latency_ms=%.0f",
-                 result.prompt_tokens, result.completion_tokens, result.batch_size,
-                 (time.perf_counter() - started) * 1000)
-        return {
-            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage(result.prompt_tokens, result.completion_tokens),
-        }
-
-    async def _sse(job: _Job, events: asyncio.Queue, completion_id: str, model: str, stops: list[str],
-                   include_usage: bool, started: float) -> AsyncIterator[str]:
-        created_at = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, with_usage: bool = False) -> str:
-            payload: dict[str, Any] = {
-                "id": completion_id, "object": "chat.completion.chunk", "created": created_at, "model": model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-            if include_usage:
-                payload["usage"] = None
-            if with_usage:
-                payload["choices"] = []
-                payload["usage"] = usage(job.stats.prompt_tokens, job.stats.completion_tokens)
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-        scanner = StopScanner(stops)
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            finish = "length"
-            while True:
-                kind, value = await events.get()
-                if kind == "piece":
-                    text, hit = scanner.feed(value)
-                    if text:
-                        yield chunk({"content": text})
-                    if hit:
-                        job.cancel.set()  # the worker stops generating at its next token
-                        finish = "stop"
-                        break
-                elif kind == "end":
-                    text = scanner.flush()
-                    if text:
-                        yield chunk({"content": text})
-                    finish = value.finish_reason
-                    break
-                else:
-                    error = APIError(500, f"Generation failed ({value}).", type_="server_error").body()
-                    yield f"data: {json.dumps(error)}\n\n"
-                    return
-            yield chunk({}, finish)
-            if include_usage:
-                yield chunk({}, with_usage=True)
-            yield "data: [DONE]\n\n"
-            log.info("200 chat.completion.chunk prompt_tokens=%d completion_tokens=%d latency_ms=%.0f",
-                     job.stats.prompt_tokens, job.stats.completion_tokens, (time.perf_counter() - started) * 1000)
-        finally:
-            job.cancel.set()  # client gone or stream done: stop the worker's loop for this job
+        if not req.stream:
+            return await complete(engine, req, messages, decoding, completion_id, model_id, started)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        job, events = engine.start_stream(messages, decoding)
+        writer = ChunkWriter(completion_id, model_id, int(time.time()), include_usage)
+        return StreamingResponse(sse_events(job, events, writer, req.stops, started),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
 
@@ -683,7 +770,7 @@ def serve(reference: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     """Load the model, build the app and serve until interrupted."""
     import uvicorn
 
-    from tunelab.chat import load_for_use
+    from tunelab.use.chat import load_for_use
 
     settings = settings or ServeSettings()
     if not log.handlers:
