@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.console import say
 from tunelab.errors import ModelError
-from tunelab.files import fsync_file, replace_dir, sha256_file
+from tunelab.files import fsync_file, replace_dir, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -69,10 +69,7 @@ def _write_manifest(folder: Path, source: str) -> None:
             stat = path.stat()
             files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
     manifest = {"format": _CACHE_FORMAT, "source": source, "files": files}
-    tmp = folder / (_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    fsync_file(tmp)
-    tmp.rename(folder / _MANIFEST)
+    write_text_atomic(folder / _MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify_cache(folder: Path, full: bool = False) -> str | None:

@@ -8,7 +8,6 @@ how long each took). A stage that finds a blocking problem stops the run with it
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from tunelab.config import Recipe
 from tunelab.console import say
 from tunelab.errors import ConfigError, DataError
+from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 
 STAGES = ("check", "prepare", "train", "eval", "report")
@@ -34,10 +34,7 @@ class StageLog:
 
     def record(self, stage: str, seconds: float) -> None:
         self.state[stage] = {"done": True, "seconds": round(seconds, 1)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.state, indent=1))
 
     def reset(self, stages: tuple[str, ...]) -> None:
         for stage in stages:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +30,7 @@ from tunelab.config import Recipe, TrainConfig, load_recipe
 from tunelab.console import say
 from tunelab.contract import Manifest, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError
+from tunelab.files import replace_dir
 from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
@@ -160,17 +159,6 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # output
 
 
-def _replace_dir(build: Callable[[Path], None], final: Path) -> None:
-    """Write a folder next to its final place, then swap it in, so a crash never leaves half of one."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    build(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 def save_output(
     setup: TrainSetup, tokenizer: PreTrainedTokenizerBase, paths: RunPaths, state_dict: dict[str, Any] | None = None
 ) -> Path:
@@ -181,7 +169,7 @@ def save_output(
 
     model = setup.model
     if setup.method in ADAPTER_METHODS:
-        _replace_dir(lambda d: model.save_pretrained(str(d)), paths.adapter)
+        replace_dir(lambda d: model.save_pretrained(str(d)), paths.adapter)
         return paths.adapter
 
     def build(folder: Path) -> None:
@@ -193,7 +181,7 @@ def save_output(
             model.config.use_cache = False
         tokenizer.save_pretrained(str(folder))
 
-    _replace_dir(build, paths.model)
+    replace_dir(build, paths.model)
     return paths.model
 
 

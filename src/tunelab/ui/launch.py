@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from tunelab.errors import ConfigError
+from tunelab.files import write_text_atomic
 from tunelab.ui.status import read_process, sidecar_dir
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -47,9 +48,7 @@ def recipe_files(out_dir: Path) -> list[Path]:
 
 
 def _write_process(folder: Path, record: dict) -> None:
-    tmp = folder / "process.json.tmp"
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    os.replace(tmp, folder / "process.json")
+    write_text_atomic(folder / "process.json", json.dumps(record))
 
 
 def start_run(out_dir: Path, recipe: Path, name: str, overrides: list[str]) -> list[str]:
