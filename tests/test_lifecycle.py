@@ -191,6 +191,66 @@ def test_update_refuses_unlabelled_examples_and_an_existing_name(parent, data):
     assert not (parent.root.parent / "never").exists()
 
 
+# ---------------------------------------------------------------------------------------------- python graders
+
+
+QUARTER = {"type": "python", "name": "quarter", "source": "def grade(sample, item):\n    return 0.25\n"}
+
+
+def _run_with_python_grader(parent: RunPaths, folder: Path) -> RunPaths:
+    """A copy of the parent whose recipe.yaml (a run folder's, not the user's own) has a python grader."""
+    import shutil
+
+    import yaml
+
+    copy = RunPaths(shutil.copytree(parent.root, folder / "graded", ignore=shutil.ignore_patterns("drift")))
+    recipe = yaml.safe_load(copy.recipe.read_text())
+    recipe["eval"]["graders"] = [QUARTER]
+    copy.recipe.write_text(yaml.safe_dump(recipe))
+    return copy
+
+
+def _quarter_ran(eval_dir: Path) -> bool:
+    arms = json.loads((eval_dir / "metrics.json").read_text())["arms"]
+    return all(row["graders"]["quarter"]["mean"] == 0.25 for row in arms.values())
+
+
+def test_drift_update_rebase_refuse_a_run_folders_python_grader_without_trust_remote_code(parent, data, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    run = _run_with_python_grader(parent, tmp_path)
+    for args in (["drift", str(run.root), str(data["other_new"])],
+                 ["update", str(run.root), "--add", str(data["other_new"]), "--name", "never"],
+                 ["rebase", str(run.root), "--model", str(tmp_path / "no-model"), "--name", "never"]):
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, ConfigError), (args, result.output)
+        assert str(result.exception) == (
+            f"{run.recipe}: grader 'quarter' is Python code from the run folder; tunelab does not run a run "
+            "folder's code unasked: add --trust-remote-code if you trust this run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graded"]  # refused before any folder was made
+    assert not (run.root / "drift").exists()
+
+
+def test_drift_and_update_run_a_run_folders_python_grader_with_trust_remote_code(parent, data, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    run = _run_with_python_grader(parent, tmp_path)
+    result = CliRunner().invoke(app, ["drift", str(run.root), str(data["own_new"]), "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    (folder,) = (run.root / "drift").iterdir()
+    assert _quarter_ran(folder / "eval") and _quarter_ran(folder / "rag-new-a") and _quarter_ran(folder / "rag-new-b")
+
+    result = CliRunner().invoke(app, ["update", str(run.root), "--add", str(data["other_new"]), "--name", "graded-update",
+                                      "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    child = RunPaths(tmp_path / "graded-update")
+    assert _quarter_ran(child.eval) and _quarter_ran(child.eval / "new") and _quarter_ran(child.eval / "parent-on-new")
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 
 

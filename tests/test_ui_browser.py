@@ -3,7 +3,11 @@ downloaded) against `tunelab ui --port 0` serving a runs folder built here: two 
 same test set (tests/test_report.py: make_run), one with a real tiny-test LoRA adapter for the
 playground (tests/test_export.py: make_fake_run), and a live run whose train/log.jsonl this test appends
 to. Checks the runs list, the live curve gaining a point, a run's verdict and embedded report, compare,
-and the playground's streamed answers; saves a screenshot of each page into docs/ui/.
+and the playground's streamed answers; saves a screenshot of each page into pytest's tmp_path, so a
+test run leaves the checkout as it was. To refresh the pictures of docs/ui.md (docs/ui/*.png), run it
+with TUNELAB_UPDATE_SCREENSHOTS=1:
+
+    TUNELAB_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest -q tests/test_ui_browser.py
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from test_export import make_fake_run
 from test_report import make_run
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "ui"
+DOCS_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "ui"
+UPDATE_SHOTS = os.environ.get("TUNELAB_UPDATE_SCREENSHOTS") == "1"
+PAGES = ("runs", "run-live", "run-report", "compare", "playground")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install -y chromium")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is absent: pip install playwright")
 
@@ -78,12 +84,27 @@ def page(server):
         assert not outside, f"the UI reached outside itself: {outside[:3]}"
 
 
-def shot(page, name: str, full_page: bool = True) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
+def docs_shots_stat() -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(DOCS_SHOTS.glob("*.png"))}
 
 
-def test_runs_list_links_each_run_and_sorts(page, server):
+@pytest.fixture(scope="module")
+def docs_shots_before() -> dict[str, tuple[int, int]]:
+    return docs_shots_stat()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory, docs_shots_before) -> Path:
+    """Where the screenshots go: docs/ui/ only when asked (TUNELAB_UPDATE_SCREENSHOTS=1)."""
+    return DOCS_SHOTS if UPDATE_SHOTS else tmp_path_factory.mktemp("screenshots")
+
+
+def shot(page, shots: Path, name: str, full_page: bool = True) -> None:
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / f"{name}.png"), full_page=full_page)
+
+
+def test_runs_list_links_each_run_and_sorts(page, server, shots):
     page.goto(server + "/")
     rows = page.locator("#runs tbody tr")
     assert sorted(rows.evaluate_all("rows => rows.map(r => r.dataset.run)")) == ["live", "tiny", "triage-lora",
@@ -93,12 +114,12 @@ def test_runs_list_links_each_run_and_sorts(page, server):
     page.locator("#runs th", has_text="tuned score").click()  # highest first
     order = rows.evaluate_all("rows => rows.map(r => r.dataset.run)")
     assert order.index("triage-lora") < order.index("triage-small")
-    shot(page, "runs")
+    shot(page, shots, "runs")
     page.locator('a[href="/runs/triage-lora"]').click()
     page.wait_for_url(server + "/runs/triage-lora")
 
 
-def test_live_run_curve_gains_a_point_while_watched(page, server, runs):
+def test_live_run_curve_gains_a_point_while_watched(page, server, runs, shots):
     page.goto(server + "/runs/live")
     loss = page.locator("#chart-loss")
     page.wait_for_function("() => document.querySelector('#chart-loss').dataset.points === '8'")
@@ -109,32 +130,32 @@ def test_live_run_curve_gains_a_point_while_watched(page, server, runs):
     page.wait_for_function("() => document.querySelector('#chart-loss').dataset.points === '9'")
     assert "step 9 of 30" in page.locator("#detail").inner_text()
     assert loss.locator("path.train").count() == 1
-    shot(page, "run-live")
+    shot(page, shots, "run-live")
 
 
-def test_finished_run_shows_verdict_and_report(page, server):
+def test_finished_run_shows_verdict_and_report(page, server, shots):
     page.goto(server + "/runs/triage-lora")
     assert page.locator("#verdict").inner_text().startswith("Verdict: fine-tuning beats")
     report = page.frame_locator("#report")
     assert report.locator("h2", has_text="Where the arms disagree").count() == 1
     page.wait_for_function("() => document.querySelector('#chart-loss').dataset.points === '40'")
-    shot(page, "run-report", full_page=False)  # the top: verdict, curves, the report begins
+    shot(page, shots, "run-report", full_page=False)  # the top: verdict, curves, the report begins
     page.goto(server + "/runs/triage-lora/predictions?arm=tuned&outcome=wrong")
     arms = page.locator("#predictions tbody tr").evaluate_all("rows => rows.map(r => r.dataset.arm + r.className)")
     assert arms and set(arms) == {"tunedwrong"}
 
 
-def test_compare_two_runs(page, server):
+def test_compare_two_runs(page, server, shots):
     page.goto(server + "/compare")
     page.check('input[name="run"][value="triage-lora"]')
     page.check('input[name="run"][value="triage-small"]')
     page.click("#compare-form button")
     assert "triage-small vs triage-lora" in page.locator("#paired-tests").inner_text()
     assert page.locator("#comparison thead th").all_inner_texts()[1:] == ["triage-lora", "triage-small"]
-    shot(page, "compare")
+    shot(page, shots, "compare")
 
 
-def test_playground_streams_base_tuned_and_rag_side_by_side(page, server):
+def test_playground_streams_base_tuned_and_rag_side_by_side(page, server, shots):
     page.goto(server + "/playground?run=tiny")
     assert page.input_value("#pg-system") == "Triage the ticket. Reply with JSON only."  # the task's, from train
     page.fill("#pg-prompt", "My router never came, order 10001!")
@@ -153,4 +174,10 @@ def test_playground_streams_base_tuned_and_rag_side_by_side(page, server):
         prompt_tokens[arm] = int(found[1])
     assert prompt_tokens["base"] == prompt_tokens["tuned"] < prompt_tokens["tuned+rag"]  # retrieval adds examples
     assert page.locator("#pg-status").inner_text() == "done"
-    shot(page, "playground")
+    shot(page, shots, "playground")
+
+
+def test_each_page_was_photographed_and_docs_ui_is_untouched_unless_asked(shots, docs_shots_before):
+    assert sorted(p.stem for p in shots.glob("*.png")) == sorted(PAGES)  # the tests above took them
+    if not UPDATE_SHOTS:
+        assert docs_shots_stat() == docs_shots_before  # `make test` leaves the git tree clean

@@ -37,6 +37,9 @@ RunDir = Annotated[Path, typer.Argument(help="a run directory, e.g. runs/demo")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="run Python code shipped with the model (its auto_map); a run folder's "
     "recipe.yaml never turns this on")]
+TrustRunCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="run Python code shipped with the model (its auto_map) and the run's python "
+    "graders; a run folder's recipe.yaml never turns this on")]
 
 
 def _finite(value: float | None) -> float | None:
@@ -228,9 +231,7 @@ def eval_(
     arms: Annotated[str | None, typer.Option(help=f"comma-separated: {','.join(ARMS)}")] = None,
     test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(
-        "--trust-remote-code", help="run Python code shipped with the model (its auto_map) and the run's python "
-        "graders; a run folder's recipe.yaml never turns this on")] = False,
+    trust_remote_code: TrustRunCodeOpt = False,
 ) -> None:
     """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
     from tunelab.eval.run import evaluate
@@ -459,12 +460,13 @@ def grade(
 def drift(
     run: RunDir,
     new: Annotated[Path, typer.Argument(help="new examples (any data format); without answers: input shift only")],
+    trust_remote_code: TrustRunCodeOpt = False,
 ) -> None:
     """Is the fine-tune stale on today's data? Scores its tuned and best prompt-only arms on new
     labelled examples against its own test results -> RUN/drift/<time>/drift.json. Exit 0 either way."""
     from tunelab.lifecycle.drift import drift as check_drift
 
-    result = check_drift(run, new)
+    result = check_drift(run, new, trust_remote_code=trust_remote_code)
     typer.echo(result.text)
     typer.echo(f"wrote {Path(result.folder) / 'drift.json'}", err=True)
 
@@ -476,12 +478,14 @@ def update(
     replay: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of the parent's training examples trained on again")] = UpdateSettings.replay,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="train from the base model instead of the parent's weights")] = False,
     name: Annotated[str | None, typer.Option(help="the new run's folder name (default RUN-update, next to RUN)")] = None,
+    trust_remote_code: TrustRunCodeOpt = False,
 ) -> None:
     """Continue a run with new examples -> a new run whose manifest names its parent, tested on the old
     test set and on the new examples' held-out part, each paired against the parent."""
     from tunelab.lifecycle.update import update as run_update
 
-    typer.echo(run_update(run, add, replay=replay, from_scratch=from_scratch, name=name).text)
+    typer.echo(run_update(run, add, replay=replay, from_scratch=from_scratch, name=name,
+                          trust_remote_code=trust_remote_code).text)
 
 
 @app.command()
@@ -490,11 +494,13 @@ def rebase(
     model: Annotated[str, typer.Option("--model", "-m", help="the new base model: alias, folder, .gguf or hub id")],
     name: Annotated[str | None, typer.Option(help="the new run's folder name (default RUN-on-MODEL, next to RUN)")] = None,
     carry_adapter: Annotated[bool, typer.Option("--carry-adapter", help="start from the parent's adapter (it must fit the new base)")] = False,
+    trust_remote_code: TrustRunCodeOpt = False,
 ) -> None:
     """The same recipe and data on a new base model, every arm on both, and a migration verdict."""
     from tunelab.lifecycle.rebase import rebase as run_rebase
 
-    typer.echo(run_rebase(run, model, name=name, carry_adapter=carry_adapter).text)
+    typer.echo(run_rebase(run, model, name=name, carry_adapter=carry_adapter,
+                          trust_remote_code=trust_remote_code).text)
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -27,7 +27,13 @@ from pydantic import BaseModel
 
 from tunelab.console import say
 from tunelab.eval.metrics import BOOTSTRAP_RESAMPLES, PERMUTATIONS, bootstrap_ci
-from tunelab.lifecycle.lineage import SIGNIFICANCE, arm_scores, evaluated_metrics, without_extras
+from tunelab.lifecycle.lineage import (
+    SIGNIFICANCE,
+    arm_scores,
+    evaluated_metrics,
+    refuse_untrusted_graders,
+    without_extras,
+)
 from tunelab.lifecycle.new_data import read_new_data, read_rows, user_text, write_rows
 from tunelab.lifecycle.shift import measure_input_shift
 from tunelab.runs import RunPaths, open_run
@@ -90,7 +96,8 @@ def _pct(summary: dict[str, Any]) -> str:
     return f"{100 * summary['primary']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _rag_with_new_pool(paths: RunPaths, out: Path, labelled: list[dict[str, Any]], settings: Any, seed: int) -> list[float]:
+def _rag_with_new_pool(paths: RunPaths, out: Path, labelled: list[dict[str, Any]], settings: Any, seed: int,
+                       trust_remote_code: bool) -> list[float]:
     """The rag arm with the new examples in its pool: two seeded folds, each scored with the other in the pool."""
     from tunelab.eval.run import evaluate
 
@@ -104,16 +111,18 @@ def _rag_with_new_pool(paths: RunPaths, out: Path, labelled: list[dict[str, Any]
         test_file = write_rows(folder / "test.jsonl", scored)
         pool_file = write_rows(folder / "pool.jsonl", train + pooled)
         evaluate(paths.root, arms=["rag"], test_file=test_file, recipe=settings, train_file=pool_file,
-                 out_dir=folder, echo=False)
+                 out_dir=folder, echo=False, trust_remote_code=trust_remote_code, python_graders=trust_remote_code)
         scores += list(arm_scores(folder, "rag").values())
     return scores
 
 
-def drift(run_dir: str | Path, new_file: str | Path) -> Drift:
-    """Score the run on the new examples (or measure input shift) and write drift.json; see the module docstring."""
+def drift(run_dir: str | Path, new_file: str | Path, *, trust_remote_code: bool = False) -> Drift:
+    """Score the run on the new examples (or measure input shift) and write drift.json; see the module docstring.
+    `trust_remote_code` (the user's --trust-remote-code, as for `tunelab eval`) lets the run's model code
+    and python graders run."""
     from tunelab.eval.run import evaluate
 
-    paths, recipe = open_run(run_dir)
+    paths, recipe = open_run(run_dir, trust_remote_code)
     new = read_new_data(new_file, recipe.data.format, recipe.data.system_prompt)
     seed = recipe.eval.seed
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -134,16 +143,18 @@ def drift(run_dir: str | Path, new_file: str | Path) -> Drift:
         return _write(out, drift_result)
 
     metrics = evaluated_metrics(paths)
+    refuse_untrusted_graders(paths, recipe, trust_remote_code)
     best_prompt_only = (metrics.get("verdict") or {}).get("vs")
     arms = ["tuned"] + ([best_prompt_only] if best_prompt_only else [])
     settings = without_extras(recipe)
     new_file_rows = write_rows(out / "new.jsonl", new.labelled)
     say(f"scoring {', '.join(arms)} on {len(new.labelled)} new examples")
-    new_metrics = evaluate(paths.root, arms=arms, test_file=new_file_rows, recipe=settings, out_dir=out / "eval", echo=False)
+    new_metrics = evaluate(paths.root, arms=arms, test_file=new_file_rows, recipe=settings, out_dir=out / "eval", echo=False,
+                           trust_remote_code=trust_remote_code, python_graders=trust_remote_code)
     new_scores = {arm: list(arm_scores(out / "eval", arm).values()) for arm in arms}
     if len(new.labelled) >= 2 * MIN_FOLD_EXAMPLES:
         say("scoring rag with the new examples in its pool (two folds)")
-        new_scores["rag+new"] = _rag_with_new_pool(paths, out, new.labelled, settings, seed)
+        new_scores["rag+new"] = _rag_with_new_pool(paths, out, new.labelled, settings, seed, trust_remote_code)
     old_scores = list(arm_scores(paths.eval, "tuned").values())
     change = two_sample_comparison(new_scores["tuned"], old_scores, seed=seed)
     stale = change.significant and change.delta < 0

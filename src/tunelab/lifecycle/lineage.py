@@ -120,6 +120,16 @@ def evaluated_metrics(paths: RunPaths) -> dict[str, Any]:
     return metrics
 
 
+def refuse_untrusted_graders(paths: RunPaths, recipe: Recipe, trust_remote_code: bool) -> None:
+    """drift, update and rebase score with the run's eval section, whose python graders are a run
+    folder's code: refused here, before anything is trained or written, unless the user trusts the run."""
+    from tunelab.eval.graders.evaluation import refuse_python_graders
+    from tunelab.eval.graders.specs import recipe_graders
+
+    if not trust_remote_code:
+        refuse_python_graders(recipe_graders(recipe.eval), paths)
+
+
 def arm_scores(eval_dir: Path, arm: str) -> dict[str, float]:
     """example id -> primary score of `arm`, from eval_dir/predictions.jsonl."""
     path = eval_dir / "predictions.jsonl"

@@ -25,6 +25,7 @@ from tunelab.lifecycle.lineage import (
     create_child_run,
     evaluated_metrics,
     parent_record,
+    refuse_untrusted_graders,
     write_lineage,
 )
 from tunelab.lifecycle.new_data import read_rows
@@ -63,12 +64,16 @@ def _decide(tuned: PairedResult, prompt_only: PairedResult, child_prompt_arm: st
     return decision, text
 
 
-def rebase(run_dir: str | Path, model: str, *, name: str | None = None, carry_adapter: bool = False) -> Lineage:
+def rebase(run_dir: str | Path, model: str, *, name: str | None = None, carry_adapter: bool = False,
+           trust_remote_code: bool = False) -> Lineage:
+    """See the module docstring. `trust_remote_code` (the user's --trust-remote-code, as for `tunelab eval`)
+    lets the models' code and the parent's python graders run."""
     from tunelab.eval.run import evaluate
     from tunelab.report.html import write_report
     from tunelab.train.run import train
 
-    parent, recipe = open_run(run_dir)
+    parent, recipe = open_run(run_dir, trust_remote_code)
+    refuse_untrusted_graders(parent, recipe, trust_remote_code)
     if model == recipe.model.name:
         raise ConfigError(f"--model {model}: {parent.root} already uses this base model")
     parent_metrics = evaluated_metrics(parent)
@@ -86,7 +91,7 @@ def rebase(run_dir: str | Path, model: str, *, name: str | None = None, carry_ad
                                            inputs, changes)
     say(f"{child.root}: the recipe and data of {parent.root} on {model}")
     train(child_recipe)
-    child_metrics = evaluate(child.root)
+    child_metrics = evaluate(child.root, trust_remote_code=trust_remote_code, python_graders=trust_remote_code)
     lineage = migration_verdict(parent, recipe, child, parent_metrics, child_metrics)
     write_lineage(child, lineage)
     write_report(child.root)

@@ -48,7 +48,10 @@ def _split_new(rows: list[dict], seed: int, settings: UpdateSettings, test_max: 
 
 
 def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateSettings.replay,
-           from_scratch: bool = False, name: str | None = None, settings: UpdateSettings = UpdateSettings()) -> Lineage:
+           from_scratch: bool = False, name: str | None = None, settings: UpdateSettings = UpdateSettings(),
+           trust_remote_code: bool = False) -> Lineage:
+    """See the module docstring. `trust_remote_code` (the user's --trust-remote-code, as for `tunelab eval`)
+    lets the parent's model code and python graders run."""
     from tunelab.eval.run import evaluate
     from tunelab.lifecycle.lineage import (
         INPUTS,
@@ -58,6 +61,7 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
         create_child_run,
         evaluated_metrics,
         parent_record,
+        refuse_untrusted_graders,
         without_extras,
         write_lineage,
     )
@@ -65,7 +69,8 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
     from tunelab.report.html import write_report
     from tunelab.train.run import train
 
-    parent, recipe = open_run(run_dir)
+    parent, recipe = open_run(run_dir, trust_remote_code)
+    refuse_untrusted_graders(parent, recipe, trust_remote_code)
     if not 0.0 <= replay <= 1.0:
         raise ConfigError(f"--replay {replay}: a share of the parent's training examples, from 0 to 1")
     parent_metrics = evaluated_metrics(parent)
@@ -99,14 +104,16 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
         f"{len(parts['test'])} new examples held out")
 
     train(child_recipe)
-    evaluate(child.root)
+    trusted = {"trust_remote_code": trust_remote_code, "python_graders": trust_remote_code}
+    evaluate(child.root, **trusted)
     new_test = child.root / INPUTS / f"{NEW_TEST}.jsonl"
     best_prompt_only = (parent_metrics.get("verdict") or {}).get("vs")
     arms = ["tuned"] + ([best_prompt_only] if best_prompt_only else [])
     say(f"scoring the update ({', '.join(arms)}) and the parent (tuned) on the {len(parts['test'])} held-out new examples")
-    evaluate(child.root, arms=arms, test_file=new_test, recipe=without_extras(child_recipe), out_dir=child.eval / "new", echo=False)
+    evaluate(child.root, arms=arms, test_file=new_test, recipe=without_extras(child_recipe), out_dir=child.eval / "new", echo=False,
+             **trusted)
     evaluate(parent.root, arms=["tuned"], test_file=new_test, recipe=without_extras(recipe),
-             out_dir=child.eval / "parent-on-new", echo=False)
+             out_dir=child.eval / "parent-on-new", echo=False, **trusted)
 
     seed = recipe.eval.seed
     old = compare_paired("old test", arm_scores(child.eval, "tuned"), arm_scores(parent.eval, "tuned"), seed=seed)

@@ -70,7 +70,7 @@ def refuse_python_graders(graders: Sequence[Any], paths: RunPaths) -> None:
             if getattr(one, "type", None) == "python":
                 raise ConfigError(
                     f"{paths.recipe}: grader '{one.name}' is Python code from the run folder; tunelab does not run "
-                    "a run folder's code unasked: evaluate with --trust-remote-code if you trust this run"
+                    "a run folder's code unasked: add --trust-remote-code if you trust this run"
                 )
 
 
