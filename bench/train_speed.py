@@ -351,7 +351,11 @@ def run_trl(cfg: dict) -> dict:
     return _run_trainer(cfg, "trl")
 
 
-SIDES = {"tunelab": run_tunelab, "hf": run_hf, "trl": run_trl}
+def run_tunelab_compiled(cfg: dict) -> dict:
+    return run_tunelab(cfg, compile_layers=True)
+
+
+SIDES = {"tunelab": run_tunelab, "tunelab_compiled": run_tunelab_compiled, "hf": run_hf, "trl": run_trl}
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -399,7 +403,28 @@ def compare(cfg: dict, sides: dict[str, dict]) -> dict:
         record[name] = {**{k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()},
                         **{k: v for k, v in side.items() if k not in ("step_end_s",)}}
         record[name]["peak_mem_gib"] = round(side["peak_mem_gib"], 3)
+    if "tunelab_compiled" in sides:
+        record["compiled"] = compiled_summary(cfg, sides)
     return record
+
+
+def compiled_summary(cfg: dict, sides: dict[str, dict]) -> dict:
+    """train.compile=true against the baselines and against eager tunelab: the steady speed, the
+    compiling (the warm-up's extra seconds) and the run length from which compiling pays."""
+    ours, eager = timed(sides["tunelab_compiled"], cfg["warmup"]), timed(sides["tunelab"], cfg["warmup"])
+    extra_s = ours["warmup_s"] - eager["warmup_s"]
+    saved_per_token = 1 / eager["tokens_per_s"] - 1 / ours["tokens_per_s"]
+    summary = {
+        "vs_eager_tokens_per_s_ratio": round(ours["tokens_per_s"] / eager["tokens_per_s"], 3),
+        "extra_warmup_s": round(extra_s, 1),
+        "pays_back_after_tokens": round(extra_s / saved_per_token) if saved_per_token > 0 else None,
+        "loss_max_abs_diff_vs_eager": loss_max_abs_diff(sides["tunelab_compiled"], sides["tunelab"]),
+    }
+    for name in ("hf", "trl"):
+        if sides.get(name) and "skipped" not in sides[name]:
+            summary[f"{name}_tokens_per_s_ratio"] = round(ours["tokens_per_s"] / timed(sides[name], cfg["warmup"])["tokens_per_s"], 3)
+            summary[f"{name}_peak_mem_ratio"] = round(sides["tunelab_compiled"]["peak_mem_gib"] / sides[name]["peak_mem_gib"], 3)
+    return summary
 
 
 def versions() -> dict:
@@ -442,7 +467,7 @@ def cpu_quick(args: argparse.Namespace, lengths: str) -> list[dict]:
            "lengths": lengths, **CPU_MODES[lengths]}
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads lose 10x on shared cores
     sides = {}
-    for name in ("tunelab", "hf"):
+    for name in ("tunelab", "tunelab_compiled", "hf") if args.compile else ("tunelab", "hf"):
         sides[name] = run_side_in_subprocess(name, cfg)
         print(f"{name}: done", file=sys.stderr)
     import importlib.util
@@ -546,7 +571,8 @@ def main() -> None:
                         help="CPU: example lengths log-uniform 64..512, uniform 55..66 (short chat data), or both runs")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps a side (CPU 6 or 3 with --quick; GPU 12)")
     parser.add_argument("--warmup", type=int, default=3, help="GPU: untimed first steps")
-    parser.add_argument("--compile", action="store_true", help="GPU: also time tunelab with train.compile=true")
+    parser.add_argument("--compile", action="store_true", help="also time tunelab with train.compile=true (on CPU: "
+                        "in its own process, its steady speed, the compiling's extra seconds and when it pays back)")
     parser.add_argument("--compile-only", default="llama3.2-1b:lora,smollm2-360m:lora,llama3.2-1b:full,smollm2-135m:lora",
                         help="GPU: the shape:method configurations to time compiled, in this order")
     parser.add_argument("--only", default="", help="GPU: comma-separated shape:method to run (default all)")
@@ -566,12 +592,13 @@ def main() -> None:
             record = cpu_quick(args, lengths)[0]
             options = " --quick" if args.quick else ""
             options += f" --steps {args.steps}" if args.steps else ""
+            options += " --compile" if args.compile else ""
             record["command"] = f"python bench/train_speed.py --device cpu{options} --lengths {lengths}"
             record["versions"] = versions()
             name = "train_speed_cpu.json" if lengths == "loguniform" else "train_speed_cpu_uniform.json"
             write(record, Path(args.out).with_name(f"{Path(args.out).stem}_{lengths}.json") if args.out else RESULTS / name)
             line = {k: record.get(k) for k in ("tokens_per_s_ratio", "peak_mem_ratio", "loss_max_abs_diff",
-                                               "trl_tokens_per_s_ratio", "trl_peak_mem_ratio")}
+                                               "trl_tokens_per_s_ratio", "trl_peak_mem_ratio", "compiled")}
             print(f"{lengths}: {line}", file=sys.stderr, flush=True)
             records.append(record)
     else:

@@ -111,6 +111,9 @@ def test_collate_restarts_positions_isolates_segments_and_masks_first_labels():
     assert batch.attention_mask.any(dim=-1).all()  # no empty attention row, so no NaN
     single = collate(examples, [(0,)], pad_id=2)
     assert single.attention_mask is None  # one example, no padding: plain causal attention
+    padded = collate(examples, [(0,), (1,)], pad_id=2)
+    assert padded.attention_mask is None  # one example a row: its padding follows it, unseen by a causal row
+    assert padded.input_ids[1, 3:].tolist() == [2, 2] and (padded.labels[1, 3:] == IGNORE_INDEX).all()
 
 
 def _per_example_losses(model, batch, examples, rows):

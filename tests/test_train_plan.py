@@ -124,6 +124,23 @@ def test_evaluation_size_shrinks_with_the_budget_but_not_below_a_floor():
     assert auto_eval_examples(TrainConfig(eval_max_examples=17), 60, speed, 60) == 17
 
 
+def test_evaluation_size_follows_the_training_that_will_run_without_a_budget():
+    from tunelab.train.plan import EVAL_SHARE
+
+    # 40 steps of 1200 tokens, 10 evaluations: at the measured 3x speed of a forward pass, 15% of the
+    # training time evaluates 0.15/0.85 * 48k * 3 = 25.4k tokens, 11 times 2 x 60 tokens: 19 examples
+    speed = Throughput(100.0, 300.0)
+    assert auto_eval_examples(TrainConfig(), None, speed, 60, train_tokens=48_000, evaluations=10) == MIN_EVAL_EXAMPLES
+    n = auto_eval_examples(TrainConfig(), None, speed, 60, train_tokens=480_000, evaluations=10)
+    assert n == int(EVAL_SHARE / (1 - EVAL_SHARE) * 480_000 * 3 / 11 / 120) == 192
+    # nothing measured: a forward pass is taken as 3x the training speed, the same answer
+    assert auto_eval_examples(TrainConfig(), None, None, 60, train_tokens=480_000, evaluations=10) == 192
+    assert auto_eval_examples(TrainConfig(), None, None, 60, train_tokens=10**9, evaluations=10) == 200
+    # the budget's size stays an upper bound; a set value wins
+    assert auto_eval_examples(TrainConfig(), 60, speed, 60, train_tokens=10**9) == MIN_EVAL_EXAMPLES
+    assert auto_eval_examples(TrainConfig(eval_max_examples=500), None, None, 60, train_tokens=100) == 500
+
+
 # ---------------------------------------------------------------------------------------------- runs
 
 FAST = ["model.name=tiny-test", "eval.forgetting=false", "eval.limit=4", "eval.max_new_tokens=4"]

@@ -155,8 +155,8 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(5, ge=1, description="abort after this many consecutive non-finite steps")
     gradient_checkpointing: bool = False
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile each decoder layer; auto = on a GPU when the run is long enough "
-        "(>= 4M tokens) to pay back up to a minute and a half of compiling",
+        "auto", description="torch.compile each decoder layer; auto = when the run is long enough to pay "
+        "the compiling back: >= 4M tokens on a GPU, >= 50k tokens on a CPU with a C++ compiler installed",
     )
     packing: bool = True
     attention: Literal["auto", "varlen", "mask"] = Field(

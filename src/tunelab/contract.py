@@ -173,6 +173,7 @@ class TrainPlan(_Record):
     examples_per_step_before_budget: float | None = Field(
         None, description="the data's step size, when the budget made steps smaller to keep ~100 updates"
     )
+    compiled: bool = Field(False, description="decoder layers compiled (train.compile): the measured speed is theirs")
 
 
 # ---------------------------------------------------------------------------------------------- eval/metrics.json

@@ -208,7 +208,7 @@ def plan_steps(
 class Batch:
     """Model inputs for one micro-batch. `labels` are aligned with `input_ids` (the loss shifts them);
     the first token of every example is -100 so no prediction crosses an example boundary.
-    `attention_mask` is None when every row holds one example and no padding (plain causal)."""
+    `attention_mask` is None when every row holds one example (plain causal; padding follows it)."""
 
     input_ids: torch.Tensor  # (rows, length) int64
     labels: torch.Tensor  # (rows, length) int64
@@ -275,7 +275,9 @@ def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int
             trainable += trained
             at += n
         position_ids[r, at:] = torch.arange(width - at)
-    single = all(len(row) == 1 for row in rows) and all(n == width for n in lengths)
+    # one example a row: padding sits after it, where a causal row never looks, so no mask is needed
+    # (the padding positions' outputs are garbage, and their labels are -100)
+    single = all(len(row) == 1 for row in rows)
     mask = None
     if not single:
         causal = torch.ones((width, width), dtype=torch.bool).tril()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 AUTO = "auto"
 TARGET_EVALUATIONS = 10  # validation every ~10% of the plan
 EVAL_SHARE = 0.15  # of the budget, for all evaluations together
+EVAL_SPEEDUP = 3.0  # tokens/s of a forward pass without gradients over forward+backward (~1/3 of the FLOPs)
 MIN_EVAL_EXAMPLES = 32
 MAX_EVAL_EXAMPLES = 200
 BUDGET_MARGIN = 0.92  # the plan aims below the budget: measured speed varies on a shared machine
@@ -117,8 +118,10 @@ def measure_throughput(
     max_passes: int = 4, max_seconds: float = 20.0,
 ) -> Throughput:
     """Time forward+backward of the run's first micro-batches (the first pass is warm-up when there
-    are more), then a forward pass without gradients. Gradients and generator states are left as
-    they were: the training that follows is the same as without this measurement."""
+    are more: with compiled layers it is the compiling, counted in the budget as time already spent,
+    not in the speed), then a forward pass without gradients (after one untimed, which compiles the
+    evaluation's graph). `max_seconds` counts from the end of the warm-up. Gradients and generator
+    states are left as they were: the training that follows is the same as without this measurement."""
     import torch
 
     from tunelab.data.pack import Row
@@ -138,7 +141,7 @@ def measure_throughput(
 
     was_training = setup.model.training
     setup.model.train()
-    started = time.perf_counter()
+    started = time.perf_counter()  # reset after the warm-up pass
     with attention_layout(setup):
         for micro in micro_batches:
             batch = make_batch(micro)
@@ -150,17 +153,20 @@ def measure_throughput(
             out.loss_sum.backward()
             sync()
             timings.append((tokens, time.perf_counter() - t0))
-            if time.perf_counter() - started > max_seconds:
+            if len(timings) == 1:
+                started = time.perf_counter()
+            elif time.perf_counter() - started > max_seconds:
                 break
         setup.optimizer.zero_grad(set_to_none=True)
         setup.model.eval()
         batch = make_batch(micro_batches[0])
         with torch.no_grad(), autocast:
-            sync()
-            t0 = time.perf_counter()
-            setup.loss_module(**batch.model_inputs())
-            sync()
-            forward_s = time.perf_counter() - t0
+            for _ in range(2):  # the first is warm-up
+                sync()
+                t0 = time.perf_counter()
+                setup.loss_module(**batch.model_inputs())
+                sync()
+                forward_s = time.perf_counter() - t0
     setup.model.train(was_training)
     restore_rng(rng)
     timed = timings[1:] if len(timings) > 1 else timings
@@ -178,15 +184,24 @@ def _real_tokens(examples: Sequence[dict[str, Any]], micro: Sequence[Sequence[in
 
 
 def auto_eval_examples(cfg: TrainConfig, budget_s: float | None, throughput: Throughput | None,
-                       mean_tokens: float) -> int:
+                       mean_tokens: float, train_tokens: int | None = None,
+                       evaluations: int = TARGET_EVALUATIONS) -> int:
     """Validation examples per evaluation (and as many train-sample examples): all evaluations
-    together about EVAL_SHARE of the budget."""
+    together about EVAL_SHARE of the budget and, once the run's training tokens are known, about
+    EVAL_SHARE of its time whether a budget binds or not (a 40-step run does not validate 200
+    examples 10 times). A forward pass without gradients runs at `throughput`'s evaluation speed, or
+    EVAL_SPEEDUP times the training speed when nothing was measured."""
     if cfg.eval_max_examples != AUTO:
         return int(cfg.eval_max_examples)
-    if budget_s is None or throughput is None:
-        return MAX_EVAL_EXAMPLES
-    tokens_per_eval = EVAL_SHARE * budget_s * throughput.eval_tokens_per_s / (TARGET_EVALUATIONS + 1)
-    return int(min(MAX_EVAL_EXAMPLES, max(MIN_EVAL_EXAMPLES, tokens_per_eval / (2 * max(1.0, mean_tokens)))))
+    per_example = 2 * max(1.0, mean_tokens)  # a validation example and a train-sample example
+    limits = [float(MAX_EVAL_EXAMPLES)]
+    if budget_s is not None and throughput is not None:
+        limits.append(EVAL_SHARE * budget_s * throughput.eval_tokens_per_s / (TARGET_EVALUATIONS + 1) / per_example)
+    if train_tokens is not None:
+        speedup = EVAL_SPEEDUP if throughput is None else throughput.eval_tokens_per_s / throughput.train_tokens_per_s
+        eval_tokens = EVAL_SHARE / (1 - EVAL_SHARE) * train_tokens * speedup  # forward-pass tokens in that time
+        limits.append(eval_tokens / (evaluations + 1) / per_example)  # + 1: the final evaluation
+    return int(max(MIN_EVAL_EXAMPLES, min(limits)))
 
 
 def auto_eval_every(steps: int) -> int:
@@ -243,7 +258,8 @@ def describe(plan: TrainPlan) -> str:
     parts = [f"{plan.examples:,} examples, {tokens} tokens: {plan.examples_per_step:.0f} examples a step "
              f"({plan.tokens_per_step:,} tokens), {epochs} = {plan.steps} steps"]
     if plan.estimated_s is not None and plan.train_tokens_per_s is not None:
-        parts.append(f"about {format_duration(plan.estimated_s)} at {plan.train_tokens_per_s:,.0f} tokens/s (measured)")
+        how = "measured, compiled layers" if plan.compiled else "measured"
+        parts.append(f"about {format_duration(plan.estimated_s)} at {plan.train_tokens_per_s:,.0f} tokens/s ({how})")
     if plan.budget_s is not None:
         parts.append(f"budget {plan.budget}")
     why = ""

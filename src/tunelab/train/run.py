@@ -260,6 +260,10 @@ def _fit_plan(
         if fit < len(plan):
             steps, limited_by = fit, "budget"
     eval_every, checkpoint_every = eval_interval(cfg, steps)
+    # evaluations sized to the training that will run (the budget's size above is an upper bound)
+    sized = auto_eval_examples(cfg, None, throughput, mean_tokens, sum(s.tokens for s in plan[:steps]),
+                               math.ceil(steps / eval_every))
+    eval_examples = _agreed_min(ctx, min(eval_examples, sized), setup.device)
     first_epoch = [s for s in plan if s.epoch == 0]
     steps_per_epoch = max(1, round(len(first_epoch) / max(1e-9, first_epoch[-1].progress)))
     last = plan[steps - 1]
@@ -274,6 +278,15 @@ def _fit_plan(
         estimated_s=None if estimated_s is None else round(estimated_s, 1), limited_by=limited_by,
         sources=wanted.sources, reason="", examples_per_step_before_budget=shrunk_from,
     )
+    planned.reason = describe(planned)
+    return planned
+
+
+def _with_compiled(planned: TrainPlan, compiled: bool) -> TrainPlan:
+    """The plan saying whether the layers were compiled (a saved plan of a resumed run included)."""
+    from tunelab.train.plan import describe
+
+    planned = planned.model_copy(update={"compiled": compiled})
     planned.reason = describe(planned)
     return planned
 
@@ -319,7 +332,7 @@ def train_on_examples(
     from tunelab.train.faults import Faults
     from tunelab.train.loop import LoopOptions, train_loop
     from tunelab.train.plan import Throughput
-    from tunelab.train.setup import LrSchedule
+    from tunelab.train.setup import LrSchedule, compile_after_plan, compile_layers
 
     ctx = ctx or SINGLE_PROCESS
     budget_started = time.monotonic() if budget_started is None else budget_started
@@ -349,6 +362,15 @@ def train_on_examples(
             budget_started, Throughput(planned.train_tokens_per_s, planned.eval_tokens_per_s), shrunk_from,
         )
         resolved = resolved.model_copy(update={"tokens_per_step": packing.tokens_per_step})
+    if compile_after_plan(recipe.train.compile, setup.device, sum(s.tokens for s in steps[: planned.steps])):
+        # a CPU run long enough to pay the compile back: compile, then measure and fit again (the
+        # compiling is time the budget already spent)
+        compile_layers(setup.model)
+        setup.compiled = True
+        if not packing.saved:
+            planned = _fit_plan(recipe, packing.wanted, steps, setup, train_examples, valid_examples,
+                                tokenizer.pad_token_id, ctx, budget_started, None, planned.examples_per_step_before_budget)
+    planned = _with_compiled(planned, setup.compiled)
     steps = steps[: planned.steps]
     setup.schedule = LrSchedule.from_config(resolved, len(steps))  # the schedule ends where the run does
     run_cfg = resolved.model_copy(update={

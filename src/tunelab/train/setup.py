@@ -68,6 +68,7 @@ class TrainSetup:
     trainable_params: int
     total_params: int
     attention: str = "mask"  # how packed examples are kept apart: "varlen" (train/attention.py) or "mask"
+    compiled: bool = False  # decoder layers compiled (compile_layers)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -206,12 +207,42 @@ def resolve_attention(choice: str, device: torch.device, autocast: torch.dtype |
 # Measured on an H200 (bench/results/train_speed_gpu.json): compiling costs 7-84 s and makes steps
 # 1.26-1.84x faster; at ~10k tokens/s eager this many tokens take ~400 s, of which it saves 80-180 s.
 COMPILE_MIN_TOKENS = 4_000_000
+# Measured on 2 CPU cores (docs/performance.md, "Compiled layers on CPU"): inductor's C++ kernels fuse
+# the norms, activations, rotary embeddings and LoRA additions; steps 1.2-1.35x faster on short chat
+# data, ~30 s to compile with an empty cache. At ~170 tokens/s eager this many tokens take ~5 min,
+# of which compiling saves about a minute.
+COMPILE_MIN_TOKENS_CPU = 50_000
 
 
 def should_compile(choice: bool | str, device: torch.device, planned_tokens: int) -> bool:
-    if choice == "auto":
-        return device.type == "cuda" and planned_tokens >= COMPILE_MIN_TOKENS
-    return bool(choice)
+    """At setup: train.compile true/false as set; auto = on a GPU when the run is long enough to pay
+    the compile back. On a CPU, auto waits for the plan (compile_after_plan): the budget there
+    decides how much of the data a run trains on."""
+    if choice != "auto":
+        return bool(choice)
+    return device.type == "cuda" and planned_tokens >= COMPILE_MIN_TOKENS
+
+
+def compile_after_plan(choice: bool | str, device: torch.device, planned_tokens: int) -> bool:
+    """train.compile auto on a CPU, once the plan's tokens are known: compile when they pay the
+    compile back and inductor can build its C++ kernels here (a compiler is installed)."""
+    return (choice == "auto" and device.type == "cpu" and planned_tokens >= COMPILE_MIN_TOKENS_CPU
+            and compiler_works())
+
+
+_COMPILER_WORKS: dict[str, bool] = {}
+
+
+def compiler_works() -> bool:
+    """Whether torch.compile can build a CPU kernel here (it needs a C++ compiler): one tiny function
+    compiled once a process. A laptop without a compiler trains eagerly instead of failing."""
+    if "cpu" not in _COMPILER_WORKS:
+        try:
+            double = torch.compile(lambda x: x * 2.0 + 1.0, dynamic=False)
+            _COMPILER_WORKS["cpu"] = bool(torch.equal(double(torch.ones(3)), torch.full((3,), 3.0)))
+        except Exception:  # any failure of the toolchain means: no compiling here
+            _COMPILER_WORKS["cpu"] = False
+    return _COMPILER_WORKS["cpu"]
 
 
 def compile_layers(model: nn.Module) -> None:
@@ -236,7 +267,11 @@ def setup_training(
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model, autocast = build_model(recipe, device, base)
     loss_module = CausalLMLoss(model)
-    if should_compile(recipe.train.compile, device, total_steps * recipe.train.tokens_per_step):
+    compiled = should_compile(recipe.train.compile, device, total_steps * recipe.train.tokens_per_step)
+    if compiled:
+        if device.type == "cpu" and not compiler_works():
+            raise ConfigError("train.compile: true, but torch.compile cannot build CPU kernels here (it needs a "
+                              "C++ compiler such as g++ or clang++); install one or set train.compile=false")
         compile_layers(model)
     seen: set[int] = set()
     total = trainable = 0
@@ -250,5 +285,5 @@ def setup_training(
         model=model, loss_module=loss_module, optimizer=build_optimizer(model, recipe.train, device),
         schedule=LrSchedule.from_config(recipe.train, total_steps), device=device, autocast_dtype=autocast,
         method=recipe.method, trainable_params=trainable, total_params=total,
-        attention=resolve_attention(recipe.train.attention, device, autocast, recipe.train.packing),
+        attention=resolve_attention(recipe.train.attention, device, autocast, recipe.train.packing), compiled=compiled,
     )
