@@ -52,6 +52,8 @@ def measure(task: str, out_dir: Path, overrides: list[str]) -> dict:
         "tuned_minus_best_prompt_only": round(scores["tuned"] - scores[best_other], 1), "best_prompt_only": best_other,
         "prompt_tokens_ratio": round(arms[best_other]["prompt_tokens_mean"] / arms["tuned"]["prompt_tokens_mean"], 1),
         "verdict": verdict["text"], "provisional": verdict.get("provisional"),
+        "forgetting": (metrics.get("forgetting") or {}).get("text"), "compiled": plan.get("compiled"),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "stage_s": {stage: record["seconds"] for stage, record in stages.items()}, "wall_s": round(wall_s, 1),
     }
 
@@ -67,8 +69,11 @@ def main() -> None:
         row = measure(task, args.out_dir, args.overrides)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # rows of the tasks not run this time stay as they were measured (each row says how)
+    kept = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    ran = {r["task"] for r in rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"load_average_1m": os.getloadavg()[0], "rows": rows}, indent=1) + "\n")
+    RESULTS.write_text(json.dumps({"rows": [r for r in kept if r["task"] not in ran] + rows}, indent=1) + "\n")
     print(f"\n{'task':<9} {'ex':>5} {'steps':>5} {'ep':>5} {'tuned':>6} {'best other':>14} {'margin':>7} {'tok x':>6} {'min':>5}")
     for r in rows:
         if "error" in r:
