@@ -362,9 +362,11 @@ def train_on_examples(
             budget_started, Throughput(planned.train_tokens_per_s, planned.eval_tokens_per_s), shrunk_from,
         )
         resolved = resolved.model_copy(update={"tokens_per_step": packing.tokens_per_step})
-    if compile_after_plan(recipe.train.compile, setup.device, sum(s.tokens for s in steps[: planned.steps])):
+    tokens = sum(s.tokens for s in steps[: planned.steps])
+    if ctx.world_size == 1 and compile_after_plan(recipe.train.compile, setup.device, tokens):
         # a CPU run long enough to pay the compile back: compile, then measure and fit again (the
-        # compiling is time the budget already spent)
+        # compiling is time the budget already spent). Not under torchrun: compiling layers that
+        # FSDP already sharded was not tested on CPU.
         compile_layers(setup.model)
         setup.compiled = True
         if not packing.saved:
