@@ -208,8 +208,8 @@ def resolve_attention(choice: str, device: torch.device, autocast: torch.dtype |
 # 1.26-1.84x faster; at ~10k tokens/s eager this many tokens take ~400 s, of which it saves 80-180 s.
 COMPILE_MIN_TOKENS = 4_000_000
 # Measured on 2 CPU cores (docs/performance.md, "Compiled layers on CPU"): inductor's C++ kernels fuse
-# the norms, activations, rotary embeddings and LoRA additions; steps 1.2-1.35x faster on short chat
-# data, ~30 s to compile with an empty cache. At ~170 tokens/s eager this many tokens take ~5 min,
+# the norms, activations, rotary embeddings and LoRA additions; steps 1.14-1.39x faster on short chat
+# data, ~25 s to compile with an empty cache. At ~170 tokens/s eager this many tokens take ~5 min,
 # of which compiling saves about a minute.
 COMPILE_MIN_TOKENS_CPU = 50_000
 
