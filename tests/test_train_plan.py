@@ -211,3 +211,30 @@ def test_the_deadline_stops_after_the_step_that_crosses_it(example_recipe, tmp_p
     events = [r for r in _log(result.run_dir) if r.get("event") == "budget_reached"]
     assert summary["budget_reached"] and result.steps == 1 and len(events) == 1
     assert (result.run_dir / "adapter").is_dir()  # the run still ends with its output
+
+
+def test_more_passes_when_the_data_plan_takes_under_half_the_budget():
+    from tunelab.train.plan import more_epochs_for_budget
+
+    assert more_epochs_for_budget(3.0, 120.0, 600.0) == 6.0  # far under: twice the passes, no more
+    assert more_epochs_for_budget(3.0, 290.0, 600.0) == round(3 * BUDGET_MARGIN * 600 / 290, 2)  # fills the budget
+    assert more_epochs_for_budget(3.0, 300.0, 600.0) is None  # half the budget or more: as planned
+    assert more_epochs_for_budget(3.0, 0.0, 600.0) is None
+
+
+def test_a_small_set_gets_more_passes_when_the_budget_has_room(example_recipe, tmp_path, monkeypatch):
+    import tunelab.train.plan as plan_module
+
+    lines = (example_recipe.parent / "data" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(lines[40:48]) + "\n")
+    # 40 examples x 3 passes (~9k tokens) at 300 tokens/s take ~35 s of a 200 s budget
+    monkeypatch.setattr(plan_module, "measure_throughput",
+                        lambda *a, **k: Throughput(train_tokens_per_s=300.0, eval_tokens_per_s=900.0))
+    result, _ = _train(example_recipe, tmp_path / "runs", *AUTO_TRAIN, "train.budget=200s", "train.compile=false",
+                       f"data.train={tmp_path / 'train.jsonl'}", f"data.valid={tmp_path / 'valid.jsonl'}", "name=more")
+    plan = json.loads((result.run_dir / "train" / "plan.json").read_text())
+    assert (plan["epochs_before_budget"], plan["epochs_target"]) == (3.0, 6.0)
+    assert plan["epochs"] == 6.0 and plan["steps"] == result.steps and plan["limited_by"] == "data"
+    assert "room for 6 epochs instead of 3" in plan["reason"]
+    assert plan["estimated_s"] <= BUDGET_MARGIN * 200

@@ -174,6 +174,9 @@ class TrainPlan(_Record):
         None, description="the data's step size, when the budget made steps smaller to keep ~100 updates"
     )
     compiled: bool = Field(False, description="decoder layers compiled (train.compile): the measured speed is theirs")
+    epochs_before_budget: float | None = Field(
+        None, description="the data's passes, when the budget had room for more (up to twice as many)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- eval/metrics.json

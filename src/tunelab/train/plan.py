@@ -41,6 +41,7 @@ MAX_EVAL_EXAMPLES = 200
 BUDGET_MARGIN = 0.92  # the plan aims below the budget: measured speed varies on a shared machine
 MIN_STEPS_UNDER_BUDGET = 100  # when the budget cuts a run shorter, smaller steps keep this many updates
 MIN_EXAMPLES_SEEN, MAX_EXAMPLES_SEEN, DEFAULT_EPOCHS, MAX_EPOCHS = 100, 25_000, 3, 25
+FILL_BELOW, MAX_EPOCHS_FILL = 0.5, 2.0  # a plan under half the budget gets up to 2x the passes
 
 
 def auto_examples_per_step(n_examples: int) -> int:
@@ -73,8 +74,10 @@ class DataPlan:
     sources: dict[str, str]
 
 
-def plan_from_data(lengths: Sequence[int], cfg: TrainConfig, examples_per_step: int | None = None) -> DataPlan:
-    """`examples_per_step`: instead of the auto choice (the budget asked for smaller steps)."""
+def plan_from_data(lengths: Sequence[int], cfg: TrainConfig, examples_per_step: int | None = None,
+                   epochs: float | None = None) -> DataPlan:
+    """`examples_per_step`: instead of the auto choice (the budget asked for smaller steps);
+    `epochs`: instead of the auto passes (the budget had room for more: more_epochs_for_budget)."""
     n = len(lengths)
     tokens = int(sum(lengths))
     mean = tokens / n if n else 1.0
@@ -89,7 +92,7 @@ def plan_from_data(lengths: Sequence[int], cfg: TrainConfig, examples_per_step: 
     if cfg.max_steps is not None:
         epochs, sources["epochs"] = None, "recipe"  # max_steps decides the length
     else:
-        epochs = auto_epochs(n) if cfg.epochs == AUTO else float(cfg.epochs)
+        epochs = (epochs or auto_epochs(n)) if cfg.epochs == AUTO else float(cfg.epochs)
     return DataPlan(n, tokens, tokens_per_step / mean, tokens_per_step, epochs, sources)
 
 
@@ -238,6 +241,18 @@ def steps_that_fit(
     return steps, cost(steps)
 
 
+def more_epochs_for_budget(epochs: float, estimated_s: float, available_s: float) -> float | None:
+    """Passes when the data's whole plan (`epochs`, auto) takes under half of the budget: more, up
+    to twice as many (what the provisional verdict would ask for), so that the run fills about
+    BUDGET_MARGIN of the budget; early stopping and the best checkpoint guard against overfitting.
+    None: keep the passes. A small set's 3 passes often end while the validation loss still falls
+    (measured: 117 routing examples, 3 passes in 4 of 10 minutes scored 93, 6 passes 99)."""
+    if estimated_s <= 0 or estimated_s >= FILL_BELOW * available_s:
+        return None
+    more = min(MAX_EPOCHS_FILL * epochs, epochs * BUDGET_MARGIN * available_s / estimated_s)
+    return round(more, 2) if more > epochs * 1.1 else None
+
+
 def smaller_step_for_budget(plan: Sequence[Step], fit: int, mean_tokens: float, examples_per_step: float) -> int | None:
     """Examples a step when the budget lets only `fit` steps of `plan` run and that is under
     MIN_STEPS_UNDER_BUDGET: the same tokens in more, smaller steps (a power of two, at least 4; the
@@ -268,6 +283,9 @@ def describe(plan: TrainPlan) -> str:
         if plan.examples_per_step_before_budget:
             why += (f", in steps of {plan.examples_per_step:.0f} examples instead of "
                     f"{plan.examples_per_step_before_budget:.0f} for more updates")
+    elif plan.epochs_before_budget:
+        why = (f"; the budget had room for {plan.epochs_target:g} epochs instead of {plan.epochs_before_budget:g} "
+               "(early stopping keeps the best step)")
     elif plan.limited_by == "max_steps":
         why = "; train.max_steps sets the length"
     return ", ".join(parts) + why + f"; validation every {plan.eval_every_steps} steps on {plan.eval_max_examples} examples"

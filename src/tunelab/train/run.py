@@ -291,6 +291,18 @@ def _with_compiled(planned: TrainPlan, compiled: bool) -> TrainPlan:
     return planned
 
 
+def _more_epochs(recipe: Recipe, planned: TrainPlan, budget_started: float) -> float | None:
+    """More passes when auto passes end well inside an automatic or set budget, else None."""
+    from tunelab.train.plan import more_epochs_for_budget
+
+    cfg = recipe.train
+    if (cfg.epochs != "auto" or cfg.max_steps is not None or planned.budget_s is None or planned.limited_by != "data"
+            or planned.estimated_s is None or not planned.epochs_target):
+        return None
+    available_s = planned.budget_s - (time.monotonic() - budget_started)
+    return more_epochs_for_budget(planned.epochs_target, planned.estimated_s, available_s)
+
+
 def _smaller_step(recipe: Recipe, packing: _Packing, steps: Sequence[Step], planned: TrainPlan) -> int | None:
     """Examples a step that give the budget's tokens more updates, or None (the step stays)."""
     from tunelab.train.plan import smaller_step_for_budget
@@ -362,6 +374,17 @@ def train_on_examples(
             budget_started, Throughput(planned.train_tokens_per_s, planned.eval_tokens_per_s), shrunk_from,
         )
         resolved = resolved.model_copy(update={"tokens_per_step": packing.tokens_per_step})
+    more = None if packing.saved or ctx.world_size > 1 else _more_epochs(recipe, planned, budget_started)
+    if more is not None:
+        # the data's passes take under half the budget: more passes (early stopping keeps the best step)
+        before = planned.epochs_target
+        packing = _pack(recipe, paths, train_examples, resume, examples_per_step=smaller, epochs=more)
+        steps = packing.steps(*layout)
+        planned = _fit_plan(
+            recipe, packing.wanted, steps, setup, train_examples, valid_examples, tokenizer.pad_token_id, ctx,
+            budget_started, Throughput(planned.train_tokens_per_s, planned.eval_tokens_per_s),
+            planned.examples_per_step_before_budget,
+        ).model_copy(update={"epochs_before_budget": before})
     tokens = sum(s.tokens for s in steps[: planned.steps])
     if ctx.world_size == 1 and compile_after_plan(recipe.train.compile, setup.device, tokens):
         # a CPU run long enough to pay the compile back: compile, then measure and fit again (the
@@ -439,8 +462,9 @@ class _Packing:
 
 
 def _pack(recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, Any]], resume: bool,
-          examples_per_step: int | None = None) -> _Packing:
-    """`examples_per_step`: replaces the data's choice (the budget asked for smaller steps)."""
+          examples_per_step: int | None = None, epochs: float | None = None) -> _Packing:
+    """`examples_per_step`, `epochs`: replace the data's choice (the budget asked for smaller
+    steps, or had room for more passes)."""
     from tunelab.data.pack import example_length, pack_rows, single_rows
     from tunelab.train.plan import plan_from_data
 
@@ -448,7 +472,7 @@ def _pack(recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, An
     lengths = [example_length(e) for e in train_examples]
     # a resumed run keeps the plan it started with (its checkpoints count those steps)
     saved = TrainPlan.from_file(paths.plan) if resume and paths.plan.is_file() else None
-    wanted = plan_from_data(lengths, cfg, examples_per_step)
+    wanted = plan_from_data(lengths, cfg, examples_per_step, epochs)
     tokens_per_step = saved.tokens_per_step if saved else wanted.tokens_per_step
     # a row never holds more than a step: steps keep the planned number of examples
     row_tokens = min(_row_tokens(recipe, lengths), max(max(lengths, default=1), tokens_per_step))
