@@ -13,7 +13,8 @@ The policy (docs/training.md):
 - passes: 3; more for tiny sets (at least 100 examples seen, at most 25 passes), fewer for large
   ones (at most 25k examples seen) — the heuristic OpenAI published for its fine-tuning defaults;
 - then the budget: the steps that fit the wall-clock budget at the measured speed, with the
-  evaluations and a margin counted, and the learning-rate schedule is made for exactly those steps.
+  evaluations and a margin counted, and the learning-rate schedule is made for exactly those steps;
+  when the passes take under half the budget, up to twice as many passes (more_epochs_for_budget).
 """
 
 from __future__ import annotations
