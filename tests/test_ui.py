@@ -369,12 +369,17 @@ def test_a_missing_runs_folder_is_shown_not_an_error(tmp_path):
 def test_stop_sends_sigterm_to_the_run_the_ui_started(tmp_path):
     runs = tmp_path / "runs"
     write_recipe(runs / "going")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
+    app = create_app(runs)
+    c = TestClient(app, base_url=LOCAL)
+    started = app.state.ui.launcher.spawn("going", [sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
     try:
-        write_process(runs, "going", pid=sleeper.pid, exit_code=None)
-        c = client(runs)
         assert 'action="/runs/going/stop"' in c.get("/runs/going").text
         assert c.post("/runs/going/stop", follow_redirects=False).status_code == 303
-        assert sleeper.wait(timeout=10) == -15  # SIGTERM: what makes training checkpoint and exit 75
+        assert started.process.wait(timeout=10) == -15  # SIGTERM: what makes training checkpoint and exit 75
+        deadline = time.time() + 10
+        while json.loads((runs / ".ui" / "going" / "process.json").read_text())["exit_code"] is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert 'action="/runs/going/stop"' not in c.get("/runs/going").text  # ended: nothing left to stop
     finally:
-        sleeper.kill()
+        started.process.kill()

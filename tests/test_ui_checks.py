@@ -23,6 +23,7 @@ from tunelab.ui.app import (
     start_from_form,
     start_overrides,
 )
+from tunelab.ui.launch import Launcher
 from tunelab.ui.predictions import PredictionFilter
 
 # ---------------------------------------------------------------------------------------------- guard
@@ -178,6 +179,6 @@ def test_start_overrides_take_the_filled_named_fields_in_order_then_the_free_lin
 @pytest.mark.parametrize("recipe", ["", "../../etc/passwd", "missing.yaml", "secret/recipe.yaml"])
 def test_starting_from_a_recipe_not_listed_is_refused_and_starts_nothing(runs, recipe):
     with pytest.raises(TunelabError) as caught:
-        start_from_form(runs, {"recipe": recipe, "name": "n1"})
+        start_from_form(Launcher(runs), {"recipe": recipe, "name": "n1"})
     assert str(caught.value) == f"recipe '{recipe}': choose one of the recipes listed"
     assert not (runs / "n1").exists() and not (runs / ".ui").exists()

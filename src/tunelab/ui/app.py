@@ -189,13 +189,14 @@ def recipe_choices(out: Path) -> list[str]:
     return [str(p.relative_to(out)) for p in launch.recipe_files(out)]
 
 
-def start_from_form(out: Path, fields: dict[str, str]) -> None:
+def start_from_form(launcher: launch.Launcher, fields: dict[str, str]) -> None:
     """Start the run the form describes; TunelabError (shown on the form) for a recipe not listed or
-    anything launch.start_run refuses."""
+    anything Launcher.start refuses."""
+    out = launcher.out_dir
     recipe = fields.get("recipe", "")
     if recipe not in recipe_choices(out):
         raise TunelabError(f"recipe '{recipe}': choose one of the recipes listed")
-    launch.start_run(out, out / recipe, fields.get("name", ""), start_overrides(fields))
+    launcher.start(out / recipe, fields.get("name", ""), start_overrides(fields))
 
 
 async def playground_events(playground: Playground, folder: Path, prompt: str, system: str | None,
@@ -245,6 +246,7 @@ class UiState:
         self.api_key = api_key
         self.templates = _templates()
         self.playground = Playground()
+        self.launcher = launch.Launcher(self.out)
 
     def page(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         html = self.templates.get_template(template).render(out_dir=str(self.out),
@@ -346,7 +348,8 @@ def run_page(name: str, ui: Ui) -> HTMLResponse:
     return ui.page("run.html.jinja", title=name, run=state,
                    report=(folder / "eval" / "metrics.json").is_file(),
                    console=None if console is None else status.console_lines(console)[-CONSOLE_LINES_SHOWN:],
-                   command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None)
+                   command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None,
+                   can_stop=ui.launcher.can_stop(name))
 
 
 @router.get("/api/runs/{name}/state")
@@ -387,7 +390,7 @@ def predictions(name: str, ui: Ui, arm: str = "", slice: str = "", outcome: str 
 @router.post("/runs/{name}/stop")
 def stop(name: str, ui: Ui) -> Response:
     ui.run_path(name)
-    launch.stop_run(ui.out, name)
+    ui.launcher.stop(name)
     return RedirectResponse(f"/runs/{urllib.parse.quote(name)}", status_code=303)
 
 
@@ -435,7 +438,7 @@ def start_page(ui: Ui) -> HTMLResponse:
 async def start(request: Request, ui: Ui) -> Response:
     fields = {key: values[0].strip() for key, values in parse_form(await request.body()).items()}
     try:
-        start_from_form(ui.out, fields)
+        start_from_form(ui.launcher, fields)
     except TunelabError as err:
         return ui.start_form(fields, str(err))
     return RedirectResponse(f"/runs/{urllib.parse.quote(fields['name'])}", status_code=303)

@@ -94,7 +94,10 @@ def sidecar_dir(out_dir: Path, name: str) -> Path:
 
 
 def process_alive(pid: int) -> bool:
-    """A live, non-zombie process whose command line mentions tunelab (guards against a reused pid)."""
+    """A live, non-zombie process whose command line mentions tunelab (guards against a reused pid). For
+    display only: the UI signals only processes it started itself (tunelab.ui.launch.Launcher)."""
+    if pid <= 1:  # -1 and 0 name groups of processes to os.kill, 1 is init: never a run
+        return False
     proc = Path("/proc") / str(pid)
     if proc.is_dir():
         try:
