@@ -1,8 +1,12 @@
 """The web app under hostile run folders and requests: Stop signals only a process this server started
-(never a pid read from a file: -1, 0, 1, the UI's own, another process), ..."""
+(never a pid read from a file: -1, 0, 1, the UI's own, another process); on loopback without --api-key
+every request still needs the server's token (from the address it printed), so a local process or
+another site's page can neither start, stop nor load anything; Start from a run folder's recipe runs
+none of its code and sends none of the user's keys without the form's consent."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -20,6 +24,13 @@ from tunelab.ui.app import create_app
 
 LOCAL = "http://127.0.0.1:7860"
 SLEEP = [sys.executable, "-c", "import time; time.sleep(60)", "tunelab"]
+
+
+def logged_in(runs: Path, **kwargs) -> TestClient:
+    app = create_app(runs, **kwargs)
+    c = TestClient(app, base_url=LOCAL)
+    c.get("/", params={"token": app.state.ui.key})
+    return c
 
 
 def write_recipe(run: Path) -> None:
@@ -56,7 +67,7 @@ def test_stop_never_signals_a_pid_read_from_a_file(tmp_path, bystander, monkeypa
     monkeypatch.setattr(os, "kill", lambda *a: signalled.append(a))
     monkeypatch.setattr(os, "killpg", lambda *a: signalled.append(a))
     monkeypatch.setattr(signal, "pidfd_send_signal", lambda *a: signalled.append(a))
-    c = TestClient(create_app(runs), base_url=LOCAL)
+    c = logged_in(runs)
     assert 'action="/runs/x/stop"' not in c.get("/runs/x").text  # no Stop button for a process it did not start
     response = c.post("/runs/x/stop")
     assert response.status_code == 400 and "did not start it" in response.text
@@ -107,3 +118,118 @@ def test_stop_checks_the_process_is_still_the_one_started(tmp_path):
 @pytest.mark.parametrize("pid", [-1, 0, 1, 2**40])
 def test_proc_identity_names_no_process_for_impossible_pids(pid):
     assert launch.proc_identity(pid) is None
+
+
+# ---------------------------------------------------------------------------------------------- the key on loopback
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "triage" / "recipe.yaml"
+PYTHON_GRADER = {"type": "python", "name": "voice", "source": "def grade(sample, item):\n    return 1.0\n"}
+
+
+def example_recipe(path: Path, **eval_keys) -> Path:
+    import yaml
+
+    recipe = yaml.safe_load(EXAMPLE.read_text().replace("data/", str(EXAMPLE.parent / "data") + "/"))
+    recipe.setdefault("eval", {}).update(eval_keys)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def spawned(monkeypatch):
+    """Commands the UI would start (nothing is started)."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(launch.Launcher, "spawn", lambda self, name, command: commands.append(command))
+    return commands
+
+
+def test_loopback_is_not_a_user_every_route_needs_the_servers_token(tmp_path, spawned, monkeypatch):
+    from tunelab.ui import playground
+
+    runs = tmp_path / "runs"
+    write_recipe(runs / "x")
+    example_recipe(runs / "demo.yaml")
+    monkeypatch.setattr(playground, "_load", lambda run_dir: pytest.fail("a model loaded for a request without the key"))
+    app = create_app(runs)
+    stranger = TestClient(app, base_url=LOCAL)  # a process on this machine, no Origin header, no cookie
+    fields = {"recipe": "demo.yaml", "name": "n1", "overrides": f"eval.graders=[{json.dumps(PYTHON_GRADER)}]"}
+    assert stranger.post("/start", data=fields).status_code == 401
+    assert stranger.post("/runs/x/stop").status_code == 401
+    assert stranger.get("/api/playground/stream", params={"run": "x", "prompt": "hi"}).status_code == 401
+    for url in ("/", "/runs/x", "/api/runs/x/state", "/start", "/playground", "/static/ui.js"):
+        assert stranger.get(url).status_code == 401, url
+    assert "printed" in stranger.get("/", headers={"accept": "text/html"}).text  # a browser is told where the key is
+    assert stranger.get("/", params={"token": "guess"}).status_code == 401
+    assert stranger.get("/", params={"token": create_app(runs).state.ui.key}).status_code == 401  # another server's
+    assert spawned == [] and not (runs / ".ui").exists()
+
+    # the address `tunelab ui` printed: the key goes into a strict, http-only cookie and out of the URL
+    opened = stranger.get("/playground", params={"run": "x", "token": app.state.ui.key}, follow_redirects=False)
+    assert opened.status_code == 303 and opened.headers["location"] == "/playground?run=x"
+    cookie = opened.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and cookie.startswith(app.state.ui.cookie + "=")
+    assert stranger.post("/start", data=fields, follow_redirects=False).status_code == 303
+    assert len(spawned) == 1
+
+
+def test_the_token_does_not_open_the_ui_to_other_host_names(tmp_path):
+    runs = tmp_path / "runs"
+    write_recipe(runs / "x")
+    app = create_app(runs)
+    rebound = TestClient(app, base_url="http://attacker.example:7860")
+    assert rebound.get("/", params={"token": app.state.ui.key}).status_code == 421
+
+
+def test_the_printed_address_carries_the_token_and_the_api_key_is_never_printed(tmp_path, monkeypatch):
+    import uvicorn
+
+    from tunelab.ui.app import serve_ui
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: sockets[0].close())
+    said: list[str] = []
+    serve_ui(tmp_path / "runs", port=0, announce=said.append)
+    serve_ui(tmp_path / "runs", port=0, announce=said.append)
+    tokens = [line.split("?token=")[1].split()[0] for line in said]
+    assert len(tokens[0]) >= 40 and tokens[0] != tokens[1]  # 32 random bytes, new for each server
+    said.clear()
+    serve_ui(tmp_path / "runs", port=0, api_key="s3cret-key", announce=said.append)
+    assert "token=" not in said[0] and "s3cret-key" not in said[0]
+
+
+# ---------------------------------------------------------------------------------------------- Start: consent
+
+
+@pytest.mark.parametrize(("eval_keys", "model_code", "refused"), [
+    ({"graders": [PYTHON_GRADER]}, False, "grader 'voice' is Python code from the run folder"),
+    ({"graders": [{"type": "score_model", "name": "j", "model": "m", "base_url": "http://judge.example/v1",
+                   "api_key_env": "MY_PRIVATE_TOKEN", "input": [{"role": "user", "content": "x"}]}]}, False,
+     "grader 'j' would send the API key in $MY_PRIVATE_TOKEN to http://judge.example/v1"),
+    ({}, True, "model.trust_remote_code: true runs code shipped with the model"),
+])
+def test_start_from_a_run_folders_recipe_needs_consent_for_its_code_and_secrets(tmp_path, spawned, monkeypatch,
+                                                                               eval_keys, model_code, refused):
+    import yaml
+
+    monkeypatch.setenv("MY_PRIVATE_TOKEN", "ghp_secret")
+    runs = tmp_path / "runs"
+    recipe = example_recipe(runs / "prev" / "recipe.yaml", **eval_keys)
+    if model_code:
+        data = yaml.safe_load(recipe.read_text())
+        data["model"]["trust_remote_code"] = True
+        recipe.write_text(yaml.safe_dump(data))
+    c = logged_in(runs)
+    response = c.post("/start", data={"recipe": "prev/recipe.yaml", "name": "n1"})
+    shown = html.unescape(response.text)
+    assert response.status_code == 400 and refused in shown and "tick 'trust this run folder' if you trust this run" in shown
+    assert spawned == [] and not (runs / ".ui").exists()
+    consented = c.post("/start", data={"recipe": "prev/recipe.yaml", "name": "n1", "trust": "yes"},
+                       follow_redirects=False)
+    assert consented.status_code == 303 and len(spawned) == 1
+
+
+def test_a_recipe_at_the_top_of_the_runs_folder_is_the_users_own(tmp_path, spawned):
+    runs = tmp_path / "runs"
+    example_recipe(runs / "mine.yaml", graders=[PYTHON_GRADER])
+    response = logged_in(runs).post("/start", data={"recipe": "mine.yaml", "name": "n1"}, follow_redirects=False)
+    assert response.status_code == 303 and len(spawned) == 1

@@ -29,8 +29,14 @@ LOCAL = "http://127.0.0.1:7860"
 HTML = {"accept": "text/html"}
 
 
-def client(runs: Path, **kwargs) -> TestClient:
-    return TestClient(create_app(runs, **kwargs), base_url=kwargs.pop("base_url", LOCAL))
+def client(runs: Path, api_key: str | None = None, login: bool = True) -> TestClient:
+    """A client of a new UI server; logged in (the cookie set by the address `tunelab ui` prints) unless
+    asked not to, or when an API key is given."""
+    app = create_app(runs, api_key=api_key)
+    c = TestClient(app, base_url=LOCAL)
+    if login and api_key is None:
+        assert c.get("/", params={"token": app.state.ui.key}, follow_redirects=False).status_code == 303
+    return c
 
 
 def append_log(run: Path, records: list[dict]) -> None:
@@ -371,6 +377,7 @@ def test_stop_sends_sigterm_to_the_run_the_ui_started(tmp_path):
     write_recipe(runs / "going")
     app = create_app(runs)
     c = TestClient(app, base_url=LOCAL)
+    c.get("/", params={"token": app.state.ui.key})
     started = app.state.ui.launcher.spawn("going", [sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
     try:
         assert 'action="/runs/going/stop"' in c.get("/runs/going").text

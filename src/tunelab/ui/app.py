@@ -6,17 +6,22 @@ status, evaluation progress, report, predictions), `/compare`, `/playground`, `/
 
 Security: every response is built from the runs folder or from this package; a run name in a URL
 must be a plain folder name whose real path (symlinks resolved) lies directly in the runs folder, and
-a file served must resolve inside it. With an API key, every request must carry it (header
-`Authorization: Bearer KEY`, or the cookie set by /login), compared in constant time. Without one
-(loopback only), requests must name a loopback host (no DNS rebinding). Form posts from another site
-are refused. All user text goes through Jinja's autoescape.
+a file served must resolve inside it. Every request must carry the server's key (header
+`Authorization: Bearer KEY`, or the cookie set by /login or by opening a page with `?token=KEY`),
+compared in constant time: the --api-key, else a random token made when the server starts and printed
+in its address (a process on the same machine is not a user; only the one who reads the terminal
+is). Without --api-key (loopback only), requests must also name a loopback host (no DNS rebinding).
+Form posts from another site are refused, and the cookie is SameSite=Strict, so no other site's page
+can start, stop or load anything. All user text goes through Jinja's autoescape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import secrets
 import threading
 import time
 import urllib.parse
@@ -36,7 +41,7 @@ from tunelab.ui import launch, status
 from tunelab.ui.playground import Playground
 from tunelab.ui.predictions import OUTCOMES, PredictionFilter, browse_predictions
 
-COOKIE = "tunelab_ui_key"
+COOKIE = "tunelab_ui_key"  # + a digest of the key: two UIs on one host (other ports) keep their own cookie
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 STATIC = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
 CONSOLE_LINES_SHOWN = 200
@@ -89,20 +94,24 @@ def key_matches(given: str, api_key: str | None) -> bool:
     return api_key is not None and hmac.compare_digest(given.encode(), api_key.encode())
 
 
+def cookie_name(key: str) -> str:
+    return f"{COOKIE}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def presented_key(authorization: str, cookie: str) -> str:
     """The key a request carries: `Authorization: Bearer KEY`, else the login cookie."""
     return authorization[7:].strip() if authorization.lower().startswith("bearer ") else cookie
 
 
-def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, api_key: str | None) -> str | None:
+def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, key: str, any_host: bool) -> str | None:
     """Why the guard refuses a request, or None to let it through:
-    'loopback-only' (no key and a Host header that is not loopback: DNS rebinding), 'login' (no or a
-    wrong key from a browser asking for a page), 'api-key' (no or a wrong key otherwise), 'cross-site'
-    (a POST whose Origin is not this host). /login and the stylesheet it uses need no key."""
-    if api_key is None and not host_is_loopback(headers.get("host", "")):
+    'loopback-only' (not `any_host` (no --api-key) and a Host header that is not loopback: DNS rebinding),
+    'login' (no or a wrong key from a browser asking for a page), 'api-key' (no or a wrong key otherwise),
+    'cross-site' (a POST whose Origin is not this host). /login and the stylesheet it uses need no key."""
+    if not any_host and not host_is_loopback(headers.get("host", "")):
         return "loopback-only"
-    needs_key = api_key is not None and path not in ("/login", "/static/ui.css")
-    if needs_key and not key_matches(presented_key(headers.get("authorization", ""), cookie), api_key):
+    needs_key = path not in ("/login", "/static/ui.css")
+    if needs_key and not key_matches(presented_key(headers.get("authorization", ""), cookie), key):
         return "login" if method == "GET" and "text/html" in headers.get("accept", "") else "api-key"
     if method == "POST":
         origin = headers.get("origin")
@@ -196,7 +205,7 @@ def start_from_form(launcher: launch.Launcher, fields: dict[str, str]) -> None:
     recipe = fields.get("recipe", "")
     if recipe not in recipe_choices(out):
         raise TunelabError(f"recipe '{recipe}': choose one of the recipes listed")
-    launcher.start(out / recipe, fields.get("name", ""), start_overrides(fields))
+    launcher.start(out / recipe, fields.get("name", ""), start_overrides(fields), trusted=fields.get("trust") == "yes")
 
 
 async def playground_events(playground: Playground, folder: Path, prompt: str, system: str | None,
@@ -238,12 +247,15 @@ async def playground_events(playground: Playground, folder: Path, prompt: str, s
 
 
 class UiState:
-    """What the handlers share: the runs folder (and its real path), the templates, the playground, the key."""
+    """What the handlers share: the runs folder (and its real path), the templates, the playground, the
+    key (the --api-key, else a token made for this server's lifetime) and the processes started."""
 
     def __init__(self, out_dir: str | Path, api_key: str | None) -> None:
         self.out = Path(out_dir)
         self.root = self.out.resolve()
         self.api_key = api_key
+        self.key = api_key or secrets.token_urlsafe(32)
+        self.cookie = cookie_name(self.key)
         self.templates = _templates()
         self.playground = Playground()
         self.launcher = launch.Launcher(self.out)
@@ -288,14 +300,27 @@ async def _user_error(request: Request, err: Exception) -> HTMLResponse:
     return _ui(request).page("error.html.jinja", 400, title="Cannot do that", message=str(err))
 
 
+def _log_in(ui: UiState, key: str, to: str) -> Response:
+    response = RedirectResponse(to, status_code=303)
+    response.set_cookie(ui.cookie, key, httponly=True, samesite="strict")
+    return response
+
+
 async def _guard(request: Request, call_next: Any) -> Any:
     ui = _ui(request)
-    refused = refusal(request.method, request.url.path, request.headers, request.cookies.get(COOKIE, ""), ui.api_key)
+    token = request.query_params.get("token")
+    if request.method == "GET" and token is not None and key_matches(token, ui.key) and (
+            ui.api_key is not None or host_is_loopback(request.headers.get("host", ""))):
+        # the address `tunelab ui` printed: keep the key in a cookie, show the page without it in the URL
+        rest = urllib.parse.urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+        return _log_in(ui, token, request.url.path + (f"?{rest}" if rest else ""))
+    refused = refusal(request.method, request.url.path, request.headers, request.cookies.get(ui.cookie, ""), ui.key,
+                      any_host=ui.api_key is not None)
     if refused == "loopback-only":
         return Response("this UI answers on a loopback address only (start it with --api-key to serve others)\n",
                         status_code=421, media_type="text/plain")
     if refused == "login":
-        return ui.page("login.html.jinja", 401, title="API key", failed=False)
+        return ui.page("login.html.jinja", 401, title="Key", failed=False)
     if refused == "api-key":
         return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
     if refused == "cross-site":
@@ -320,17 +345,15 @@ def static(name: str) -> Response:
 
 @router.get("/login")
 def login_page(ui: Ui) -> HTMLResponse:
-    return ui.page("login.html.jinja", title="API key", failed=False)
+    return ui.page("login.html.jinja", title="Key", failed=False)
 
 
 @router.post("/login")
 async def login(request: Request, ui: Ui) -> Response:
     given = parse_form(await request.body()).get("key", [""])[0]
-    if not key_matches(given, ui.api_key):
-        return ui.page("login.html.jinja", 401, title="API key", failed=ui.api_key is not None)
-    response = RedirectResponse("/", status_code=303)
-    response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
-    return response
+    if not key_matches(given, ui.key):
+        return ui.page("login.html.jinja", 401, title="Key", failed=True)
+    return _log_in(ui, given, "/")
 
 
 @router.get("/")
@@ -458,7 +481,9 @@ def serve_ui(out_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, api
     app = create_app(out_dir, api_key=api_key)
     sock = bind_socket(host, port)
     shown_host = f"[{host}]" if ":" in host else host
-    announce(f"tunelab ui on http://{shown_host}:{sock.getsockname()[1]}/ over {out_dir}"
+    # without --api-key the address carries this server's token: only who reads this terminal gets in
+    token = "" if api_key else f"?token={app.state.ui.key}"
+    announce(f"tunelab ui on http://{shown_host}:{sock.getsockname()[1]}/{token} over {out_dir}"
              f"{' (API key required)' if api_key else ''}; Ctrl-C stops the UI, not the runs it started")
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])

@@ -28,12 +28,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.config import Recipe, load_recipe
 from tunelab.errors import ConfigError
+from tunelab.eval.graders.evaluation import refuse_python_graders, refuse_secret_bearing
+from tunelab.eval.graders.specs import recipe_graders
 from tunelab.files import write_text_atomic
+from tunelab.runs import RunPaths
 from tunelab.ui.status import sidecar_dir
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=.*$")
+UI_CONSENT = "tick 'trust this run folder' if you trust this run"
 
 
 def check_run_name(name: str) -> str:
@@ -92,11 +97,10 @@ class Launcher:
         self._started: dict[str, Started] = {}
         self._lock = threading.Lock()
 
-    def start(self, recipe: Path, name: str, overrides: list[str]) -> list[str]:
+    def start(self, recipe: Path, name: str, overrides: list[str], trusted: bool = False) -> list[str]:
         """Validate, then start `python -m tunelab run RECIPE name=NAME out_dir=OUT overrides...` detached.
-        Returns the command. Bad input raises ConfigError before any process starts."""
-        from tunelab.config import load_recipe
-
+        Returns the command. Bad input raises ConfigError before any process starts; so does a run
+        folder's recipe.yaml that would run code or send a secret, unless `trusted` (see refuse_untrusted)."""
         out_dir = self.out_dir
         check_run_name(name)
         if recipe.resolve() not in {p.resolve() for p in recipe_files(out_dir)}:
@@ -107,7 +111,9 @@ class Launcher:
         if (out_dir / name).exists() or sidecar_dir(out_dir, name).exists():
             raise ConfigError(f"{out_dir / name}: a run of that name exists; choose another name")
         arguments = [*overrides, f"name={name}", f"out_dir={out_dir.resolve()}"]
-        load_recipe(recipe, arguments)  # a bad recipe or override fails here, with its file:line message
+        loaded = load_recipe(recipe, arguments)  # a bad recipe or override fails here, with its file:line message
+        if recipe.resolve().parent != out_dir.resolve() and not trusted:
+            refuse_untrusted(recipe, loaded)
         command = [sys.executable, "-m", "tunelab", "run", str(recipe.resolve()), *arguments]
         self.spawn(name, command)
         return command
@@ -167,6 +173,19 @@ class Launcher:
             else:
                 os.kill(started.process.pid, signal.SIGTERM)
             return True
+
+
+def refuse_untrusted(recipe_file: Path, recipe: Recipe) -> None:
+    """A run's recipe.yaml is the run folder's, not the user's: like `tunelab eval RUN`, starting from it
+    runs no code it names (python graders, model code) and sends no API key to its judges unless the
+    user ticks "trust" on the form. (A YAML file at the top of the runs folder is the user's own.)"""
+    if recipe.model.trust_remote_code:
+        raise ConfigError(f"{recipe_file}: model.trust_remote_code: true runs code shipped with the model, as the run "
+                          f"folder's recipe says; tunelab does not run a run folder's code unasked: {UI_CONSENT}")
+    paths = RunPaths(recipe_file.parent)
+    graders = recipe_graders(recipe.eval)
+    refuse_python_graders(graders, paths, UI_CONSENT)
+    refuse_secret_bearing(graders, recipe.eval.pairwise, paths, UI_CONSENT)
 
 
 def _still_ours(started: Started) -> bool:

@@ -67,14 +67,17 @@ def choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, h
     return Primary(name, False, f"eval.primary: the verdict is about built-in metric '{name}'")
 
 
-def refuse_python_graders(graders: Sequence[Any], paths: RunPaths) -> None:
+CONSENT = "add --trust-remote-code if you trust this run"
+
+
+def refuse_python_graders(graders: Sequence[Any], paths: RunPaths, consent: str = CONSENT) -> None:
     """Opening someone else's run folder never runs its code: a python grader there needs consent."""
     for grader in graders:
         for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
             if getattr(one, "type", None) == "python":
                 raise ConfigError(
                     f"{paths.recipe}: grader '{one.name}' is Python code from the run folder; tunelab does not run "
-                    "a run folder's code unasked: add --trust-remote-code if you trust this run"
+                    f"a run folder's code unasked: {consent}"
                 )
 
 
@@ -89,7 +92,7 @@ def calling_endpoints(graders: Sequence[Any], pairwise: Any) -> list[tuple[str, 
     return found + ([("eval.pairwise", pairwise)] if pairwise is not None else [])
 
 
-def refuse_secret_bearing(graders: Sequence[Any], pairwise: Any, paths: RunPaths) -> None:
+def refuse_secret_bearing(graders: Sequence[Any], pairwise: Any, paths: RunPaths, consent: str = CONSENT) -> None:
     """Opening someone else's run folder never sends your secrets where it says: a judge there that would
     send an API key from your environment (api_key_env, or OPENAI_API_KEY for api.openai.com) needs
     consent, like a python grader."""
@@ -98,7 +101,7 @@ def refuse_secret_bearing(graders: Sequence[Any], pairwise: Any, paths: RunPaths
             raise ConfigError(
                 f"{paths.recipe}: {who} would send the API key in ${endpoint.key_env} to {endpoint.base_url}, "
                 "as the run folder's recipe says; tunelab does not send your secrets where a run folder says "
-                "unasked: add --trust-remote-code if you trust this run"
+                f"unasked: {consent}"
             )
 
 
