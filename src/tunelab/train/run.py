@@ -551,9 +551,12 @@ def _save_run(
 ) -> Path:
     """The run's output is the best checkpoint (by validation loss), else the last weights; then
     train/summary.json. Returns the output folder (adapter/ or model/)."""
+    from tunelab.train.loop import check_weights_finite
+
     state = result.state
     if result.best_checkpoint is not None and state.best_step != state.step:
         ctx.load_weights(setup, result.best_checkpoint)
+    check_weights_finite(setup, ctx, state.best_step if state.best_step is not None else state.step)
     output_dir = paths.adapter if recipe.method != "full" else paths.model
     full_weights = ctx.full_state_dict(setup)
     if ctx.is_main:
