@@ -233,3 +233,91 @@ def test_a_recipe_at_the_top_of_the_runs_folder_is_the_users_own(tmp_path, spawn
     example_recipe(runs / "mine.yaml", graders=[PYTHON_GRADER])
     response = logged_in(runs).post("/start", data={"recipe": "mine.yaml", "name": "n1"}, follow_redirects=False)
     assert response.status_code == 303 and len(spawned) == 1
+
+
+# ---------------------------------------------------------------------------------------------- malformed runs
+
+DEEP = "[" * 100_000 + "]" * 100_000
+MALFORMED = [  # (file in the run, content, whether the run is shown as unreadable)
+    ("eval/metrics.json", lambda m: {**m, "verdict": "oops"}, True),
+    ("eval/metrics.json", lambda m: {**m, "arms": {"tuned": [1, 2]}}, True),
+    ("eval/metrics.json", lambda m: [], True),
+    ("eval/metrics.json", "not json", True),
+    ("eval/metrics.json", DEEP, True),
+    ("stages.json", {"train": 1}, True),
+    ("stages.json", "[1, 2", True),
+    (".ui/process.json", {"pid": 12, "command": ["tunelab"], "started": "abc", "exit_code": None}, True),
+    (".ui/process.json", {"pid": "12", "command": "tunelab", "started": 0}, True),
+    (".ui/process.json", {"pid": True, "command": [], "started": 0}, True),
+    (".ui/process.json", DEEP, True),
+    ("data/stats.json", {"counts": {"train": "many", "test": [1]}}, False),
+    ("data/stats.json", DEEP, False),
+    ("train/log.jsonl", '{"kind": "train", "step": "abc", "loss": "x", "elapsed_s": "y"}\n', False),
+    ("train/plan.json", {"steps": "all"}, False),
+    ("manifest.json", {"parent": [1, {"path": 3}]}, False),
+    ("recipe.yaml", "model: [unclosed\n", False),
+]
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    from test_report import make_run
+
+    runs = tmp_path / "runs"
+    make_run(runs, name="alpha")
+    make_run(runs, name="bad", test_file=runs / "alpha-input" / "test.jsonl")
+    return runs
+
+
+@pytest.mark.parametrize("case", range(len(MALFORMED)))
+def test_one_malformed_run_file_marks_that_run_and_every_page_still_answers(two_runs, case, monkeypatch):
+    from tunelab.ui import playground
+
+    monkeypatch.setattr(playground, "_load", lambda run_dir: pytest.fail("no model loads here"))
+    runs = two_runs
+    relative, content, unreadable = MALFORMED[case]
+    path = status.sidecar_dir(runs, "bad") / "process.json" if relative.startswith(".ui/") else runs / "bad" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if callable(content):
+        content = content(json.loads(path.read_text()))
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    c = logged_in(runs)
+    page = c.get("/")
+    assert page.status_code == 200
+    alpha = page.text.split('data-run="alpha"')[1].split("</tr>")[0]
+    assert 'data-status="done"' in alpha and "<b>tuned</b>" in alpha  # the other run shows as ever
+    bad = page.text.split('data-run="bad"')[1].split("</tr>")[0]
+    assert ('data-status="unreadable"' in bad) is unreadable, bad
+    if unreadable:
+        assert html.escape(str(path)) in bad  # which file, and why
+    for url in ("/runs/bad", "/api/runs/bad/state", "/runs/bad/report", "/runs/bad/predictions",
+                "/compare?run=alpha&run=bad", "/playground", "/playground?run=bad", "/start"):
+        response = c.get(url)
+        assert response.status_code in (200, 400, 404), (url, response.status_code)
+        assert "Traceback" not in response.text
+
+
+def test_a_run_linked_from_outside_the_runs_folder_is_never_read(tmp_path, monkeypatch):
+    from test_export import make_fake_run
+    from test_report import make_run
+
+    runs = tmp_path / "runs"
+    make_fake_run(runs / "mine")  # a run with an adapter: the playground's first choice otherwise
+    outside = tmp_path / "outside"
+    make_run(outside, name="secret")
+    (outside / "secret" / "adapter").mkdir()
+    (runs / "aaa-linked").symlink_to(outside / "secret")
+    make_run(runs, name="half")
+    (runs / "half" / "eval" / "metrics.json").unlink()
+    (runs / "half" / "eval" / "metrics.json").symlink_to(outside / "secret" / "eval" / "metrics.json")
+    verdict = json.loads((outside / "secret" / "eval" / "metrics.json").read_text())["verdict"]["text"]
+    c = logged_in(runs)
+    listing = c.get("/").text
+    assert html.escape(verdict) not in listing and verdict not in listing
+    for name in ("aaa-linked", "half"):
+        row = listing.split(f'data-run="{name}"')[1].split("</tr>")[0]
+        assert 'data-status="unreadable"' in row and "a link out of the runs folder; not followed" in row
+    playground = c.get("/playground")
+    assert playground.status_code == 200 and 'value="mine"' in playground.text and "aaa-linked" not in playground.text
+    assert "aaa-linked" not in c.get("/compare").text
+    assert c.get("/runs/aaa-linked").status_code == 404 and c.get("/runs/half").status_code == 404

@@ -134,12 +134,7 @@ def run_folder(out: Path, root: Path, name: str) -> Path:
     if not (folder / "recipe.yaml").is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
         raise NotFound(name)
     # the files pages show or render: a symlink out of the runs folder makes the whole run unavailable
-    paths, sidecar = RunPaths(folder), status.sidecar_dir(out, name)
-    shown = (paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
-             paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
-             paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
-             paths.report_html, sidecar / "process.json", sidecar / "console.log")
-    if any(path.exists() and not path.resolve().is_relative_to(root) for path in shown):
+    if status.links_out(out, name) is not None:
         raise NotFound(name)
     return folder
 
@@ -267,6 +262,10 @@ class UiState:
 
     def run_path(self, name: str) -> Path:
         return run_folder(self.out, self.root, name)
+
+    def readable_names(self) -> list[str]:
+        """Runs that may be offered for choosing (none that links out of the runs folder)."""
+        return [n for n in status.run_names(self.out) if status.links_out(self.out, n) is None]
 
     def start_form(self, values: dict[str, str] | None = None, problem: str | None = None) -> HTMLResponse:
         return self.page("start.html.jinja", 400 if problem else 200, title="Start a run",
@@ -421,7 +420,7 @@ def stop(name: str, ui: Ui) -> Response:
 def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
     from tunelab.report.compare import compare_runs
 
-    names = [n for n in status.run_names(ui.out) if (ui.out / n / "eval" / "metrics.json").is_file()]
+    names = [n for n in ui.readable_names() if (ui.out / n / "eval" / "metrics.json").is_file()]
     chosen = [n for n in request.query_params.getlist("run") if n in names]
     comparison, problem = None, None
     if len(chosen) >= 2:
@@ -436,9 +435,12 @@ def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
 @router.get("/playground")
 def playground_page(ui: Ui, run: str = "") -> HTMLResponse:
     out = ui.out
-    names = [n for n in status.run_names(out) if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
+    names = [n for n in ui.readable_names() if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
     chosen = run if run in names else (names[0] if names else "")
-    system = ui.playground.system_prompt(ui.run_path(chosen)) if chosen else None
+    try:
+        system = ui.playground.system_prompt(ui.run_path(chosen)) if chosen else None
+    except TunelabError:  # the run's train split is unreadable: the page still works, without its prompt
+        system = None
     return ui.page("playground.html.jinja", title="Playground", names=names, chosen=chosen, system=system or "",
                    arms=ARMS)
 
