@@ -321,3 +321,47 @@ def test_a_run_linked_from_outside_the_runs_folder_is_never_read(tmp_path, monke
     assert playground.status_code == 200 and 'value="mine"' in playground.text and "aaa-linked" not in playground.text
     assert "aaa-linked" not in c.get("/compare").text
     assert c.get("/runs/aaa-linked").status_code == 404 and c.get("/runs/half").status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------- bodies
+
+
+def test_request_bodies_are_capped_before_they_are_read(tmp_path, spawned):
+    from tunelab.ui.app import MAX_FORM_BYTES
+
+    runs = tmp_path / "runs"
+    example_recipe(runs / "demo.yaml")
+    stranger = TestClient(create_app(runs), base_url=LOCAL)
+    announced = stranger.post("/login", content=b"key=x", headers={"content-length": str(300 * 2**20),
+                                                                    "content-type": "application/x-www-form-urlencoded"})
+    assert announced.status_code == 413
+
+    def endless():  # no Content-Length: chunked, 1 MiB at a time
+        for _ in range(300):
+            yield b"key=" + b"a" * 2**20
+
+    assert stranger.post("/login", content=endless()).status_code == 413
+    c = logged_in(runs)
+    assert c.post("/start", data={"recipe": "demo.yaml", "name": "n1", "overrides": "a" * MAX_FORM_BYTES}).status_code == 413
+    assert spawned == []
+    fits = c.post("/start", data={"recipe": "demo.yaml", "name": "n1", "overrides": "eval.limit=2"}, follow_redirects=False)
+    assert fits.status_code == 303 and len(spawned) == 1
+
+
+def test_a_body_without_content_length_is_read_only_up_to_the_cap():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from tunelab.ui.app import MAX_FORM_BYTES, TooLarge, read_form
+
+    received = []
+
+    async def receive():  # an endless chunked body, 4 KiB a message
+        received.append(4096)
+        return {"type": "http.request", "body": b"a" * 4096, "more_body": True}
+
+    request = Request({"type": "http", "method": "POST", "headers": [], "path": "/login"}, receive)
+    with pytest.raises(TooLarge):
+        asyncio.run(read_form(request))
+    assert sum(received) == MAX_FORM_BYTES + 4096  # stopped at the first message past the cap

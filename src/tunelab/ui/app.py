@@ -45,6 +45,7 @@ COOKIE = "tunelab_ui_key"  # + a digest of the key: two UIs on one host (other p
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 STATIC = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
 CONSOLE_LINES_SHOWN = 200
+MAX_FORM_BYTES = 64 * 1024  # the login and start forms are a few hundred bytes; nothing larger is read
 PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                "frame-ancestors 'self'; form-action 'self'; base-uri 'none'")
 REPORT_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
@@ -54,6 +55,10 @@ START_KEYS = (("train.budget", "budget, e.g. 90s, 5m, 2h"), ("train.max_steps", 
 
 
 class NotFound(Exception):
+    pass
+
+
+class TooLarge(Exception):
     pass
 
 
@@ -145,6 +150,20 @@ def file_inside(root: Path, path: Path) -> Path:
     if not resolved.is_relative_to(root) or not resolved.is_file():
         raise NotFound(str(path))
     return resolved
+
+
+async def read_form(request: Request) -> dict[str, list[str]]:
+    """The posted form, read up to MAX_FORM_BYTES (TooLarge past it: refused by Content-Length before
+    reading, or as soon as a body without one grows past it)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
+        raise TooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise TooLarge
+    return parse_form(bytes(body))
 
 
 def parse_form(body: bytes) -> dict[str, list[str]]:
@@ -284,6 +303,7 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = UiState(out_dir, api_key)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(TooLarge, _too_large)
     app.add_exception_handler(TunelabError, _user_error)
     app.middleware("http")(_guard)
     app.include_router(router)
@@ -293,6 +313,10 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
 async def _not_found(request: Request, err: Exception) -> HTMLResponse:
     return _ui(request).page("error.html.jinja", 404, title="Not found",
                              message="No such run or file in this runs folder.")
+
+
+async def _too_large(request: Request, err: Exception) -> Response:
+    return Response(f"request body over {MAX_FORM_BYTES} bytes refused\n", status_code=413, media_type="text/plain")
 
 
 async def _user_error(request: Request, err: Exception) -> HTMLResponse:
@@ -349,7 +373,7 @@ def login_page(ui: Ui) -> HTMLResponse:
 
 @router.post("/login")
 async def login(request: Request, ui: Ui) -> Response:
-    given = parse_form(await request.body()).get("key", [""])[0]
+    given = (await read_form(request)).get("key", [""])[0]
     if not key_matches(given, ui.key):
         return ui.page("login.html.jinja", 401, title="Key", failed=True)
     return _log_in(ui, given, "/")
@@ -461,7 +485,7 @@ def start_page(ui: Ui) -> HTMLResponse:
 
 @router.post("/start")
 async def start(request: Request, ui: Ui) -> Response:
-    fields = {key: values[0].strip() for key, values in parse_form(await request.body()).items()}
+    fields = {key: values[0].strip() for key, values in (await read_form(request)).items()}
     try:
         start_from_form(ui.launcher, fields)
     except TunelabError as err:
