@@ -82,6 +82,14 @@ LOCAL = {"host": "127.0.0.1:7860"}
     ("POST", "/runs/a/stop", {**LOCAL, "origin": "http://127.0.0.1:7860"}, "k", False, None),
     ("POST", "/runs/a/stop", LOCAL, "k", False, None),
     ("POST", "/login", {"host": "ui.example", "origin": "http://attacker.example"}, "", True, "cross-site"),
+    # a page of another site, or of another port of this host (same-site: the cookie goes with it)
+    ("GET", "/api/playground/stream", {**LOCAL, "sec-fetch-site": "cross-site"}, "k", False, "cross-site"),
+    ("GET", "/api/playground/stream", {**LOCAL, "sec-fetch-site": "same-site"}, "k", False, "cross-site"),
+    ("GET", "/api/runs/a/state", {**LOCAL, "sec-fetch-site": "same-site"}, "k", False, "cross-site"),
+    ("POST", "/runs/a/stop", {**LOCAL, "sec-fetch-site": "same-site"}, "k", False, "cross-site"),
+    ("GET", "/api/playground/stream", {**LOCAL, "sec-fetch-site": "same-origin"}, "k", False, None),
+    ("GET", "/runs/a", {**LOCAL, "sec-fetch-site": "cross-site"}, "k", False, None),  # a link to a page: shows it
+    ("GET", "/runs/a", {**LOCAL, "sec-fetch-site": "none"}, "k", False, None),
 ])
 def test_the_guard_refuses_exactly_these_requests(method, path, headers, cookie, any_host, verdict):
     assert refusal(method, path, headers, cookie, "k", any_host) == verdict

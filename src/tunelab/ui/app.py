@@ -112,7 +112,8 @@ def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, key
     """Why the guard refuses a request, or None to let it through:
     'loopback-only' (not `any_host` (no --api-key) and a Host header that is not loopback: DNS rebinding),
     'login' (no or a wrong key from a browser asking for a page), 'api-key' (no or a wrong key otherwise),
-    'cross-site' (a POST whose Origin is not this host). /login and the stylesheet it uses need no key."""
+    'cross-site' (a POST whose Origin is not this host, or a POST or /api/ request a browser marks as
+    coming from another site or port: Sec-Fetch-Site). /login and the stylesheet it uses need no key."""
     if not any_host and not host_is_loopback(headers.get("host", "")):
         return "loopback-only"
     needs_key = path not in ("/login", "/static/ui.css")
@@ -122,6 +123,9 @@ def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, key
         origin = headers.get("origin")
         if origin and urllib.parse.urlsplit(origin).netloc != headers.get("host"):
             return "cross-site"
+    # a page on another port of this host is "same-site" and would carry the SameSite cookie
+    if headers.get("sec-fetch-site") in ("cross-site", "same-site") and (method != "GET" or path.startswith("/api/")):
+        return "cross-site"
     return None
 
 
@@ -347,7 +351,7 @@ async def _guard(request: Request, call_next: Any) -> Any:
     if refused == "api-key":
         return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
     if refused == "cross-site":
-        return Response("cross-site form post refused\n", status_code=403, media_type="text/plain")
+        return Response("cross-site request refused\n", status_code=403, media_type="text/plain")
     response = await call_next(request)
     response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
     response.headers["X-Content-Type-Options"] = "nosniff"
