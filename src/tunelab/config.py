@@ -37,6 +37,13 @@ ARMS = ("base", "prompt", "rag", "tuned", "tuned+rag")
 TUNED_ARMS = ("tuned", "tuned+rag")  # answered by the fine-tuned weights
 PROMPT_ONLY_ARMS = tuple(a for a in ARMS if a not in TUNED_ARMS)  # the base model, prompted
 RAG_ARMS = ("rag", "tuned+rag")  # with retrieved examples or document chunks
+SFT_ARM = "sft"  # a preference-tuned run's supervised parent: fine-tuned weights too
+
+
+def is_tuned_arm(arm: str) -> bool:
+    """Answered by fine-tuned weights; every other arm (the base model prompted, an external model) is
+    what the team would use instead."""
+    return arm in TUNED_ARMS or arm == SFT_ARM
 
 # Recipes are a few hundred bytes; these bounds keep a hostile or broken one to a few MB of memory.
 MAX_CONFIG_BYTES = 1 << 20
@@ -202,6 +209,19 @@ class EvalConfig(_Section):
     price_per_m_input_tokens: float = Field(0.15, ge=0.0, description="USD per 1M prompt tokens, for cost projection")
     price_per_m_output_tokens: float = Field(0.60, ge=0.0, description="USD per 1M completion tokens")
     gpu_price_per_hour: float = Field(2.5, ge=0.0, description="USD, for the training cost estimate")
+    tuned_price_per_m_input_tokens: float = Field(
+        0.30, ge=0.0, description="USD per 1M prompt tokens served by the fine-tuned model (hosts charge more for "
+        "fine-tuned weights than for the base model: OpenAI charged 2x)")
+    tuned_price_per_m_output_tokens: float = Field(1.20, ge=0.0, description="USD per 1M completion tokens, fine-tuned")
+    requests_per_month: PositiveInt | None = Field(
+        None, description="expected requests a month: the training cost is then spread over amortize_months of them "
+        "in each fine-tuned arm's cost per request")
+    amortize_months: PositiveInt = Field(12, description="months over which the training cost is spread (with "
+                                                         "requests_per_month)")
+    margin: float = Field(2.0, ge=0.0, le=100.0, description="points (0-100 of the primary's range) by which an "
+                          "arm may trail the best and still count as 'as good' when the cheapest such arm is chosen")
+    max_latency_ms: PositiveFloat | None = Field(None, description="arms slower than this at p95 are never "
+                                                                   "recommended")
     seed: int = 0
     graders: list[Grader] = Field(
         default_factory=list, description="graders in OpenAI's shapes (string_check, text_similarity, python, "

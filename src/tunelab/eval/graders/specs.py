@@ -158,6 +158,8 @@ class PythonGrader(_Grader):
     image_tag: str | None = Field(None, description="accepted for OpenAI compatibility; the code runs in this Python")
     pass_threshold: float | None = None
     timeout_s: float = Field(10.0, gt=0, description="per call of grade(); a call past it fails for that example")
+    range: tuple[float, float] | None = Field(None, description="[low, high] of grade()'s scores, so the verdict "
+                                              "reads them as points of that scale; default: inferred from the scores")
 
     @field_validator("source")
     @classmethod
