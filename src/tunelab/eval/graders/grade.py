@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.eval.graders import judge
-from tunelab.eval.graders.formula import FormulaError, evaluate_formula
 from tunelab.eval.graders.python_grader import PythonGraderFailed, PythonGraderProcess
-from tunelab.eval.graders.specs import (
+from tunelab.eval.graders.samples import make_sample
+from tunelab.eval.graders.text import string_check, text_similarity
+from tunelab.specs.formula import FormulaError, evaluate_formula
+from tunelab.specs.graders import (
     LabelModelGrader,
     MultiGrader,
     PythonGrader,
@@ -25,8 +27,7 @@ from tunelab.eval.graders.specs import (
     StringCheckGrader,
     TextSimilarityGrader,
 )
-from tunelab.eval.graders.templates import TemplateProblem, make_sample, render
-from tunelab.eval.graders.text import string_check, text_similarity
+from tunelab.specs.templates import TemplateProblem, render
 
 _FAILURES = (TemplateProblem, PythonGraderFailed, judge.JudgeFailed, FormulaError)
 
