@@ -1,6 +1,6 @@
 """Score outputs with graders: one score (or one failure) per (grader, example).
 
-Reads grader configs (specs.py), output texts and their items; writes judge replies to the cache
+Reads grader configs (specs/graders.py), output texts and their items; writes judge replies to the cache
 file it is given (eval/judge_cache.jsonl in a run). A failure (template, exception, timeout,
 judge call, unreadable reply) is recorded for that example with its message and counted, never
 turned into a score: `GraderColumn.scores[i]` is None and `errors[i]` says why.
