@@ -10,7 +10,6 @@ import pytest
 
 from tunelab.eval.decision import MIN_TEST_EXAMPLES, ArmFacts, decide_verdict, examples_needed
 
-
 # serving cost per query as the defaults make it: tuned tokens cost 2x, prompt arms send ~10x more tokens
 COST = {"base": 1.0e-5, "prompt": 9.0e-5, "rag": 9.5e-5, "tuned": 2.0e-5, "tuned+rag": 6.0e-5}
 

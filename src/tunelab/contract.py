@@ -65,6 +65,38 @@ class _Record(_FileModel, BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+# ---------------------------------------------------------------------------------------------- eval/lineage.json
+# (writer: lifecycle/lineage.py write_lineage; readers: runs.read_lineage for the report and `runs list`)
+
+
+class PairedResult(BaseModel):
+    """One arm of the child against one of the parent on the same examples (paired by example id)."""
+
+    what: str  # "old test", "new examples", ...
+    child_arm: str
+    parent_arm: str
+    n_examples: int
+    child: float
+    parent: float
+    delta_points: float
+    ci95_points: list[float]
+    p_value: float
+    significant: bool
+    text: str
+
+
+class Lineage(BaseModel):
+    """eval/lineage.json of a run made by update or rebase."""
+
+    kind: str  # "update" | "rebase"
+    parent: dict[str, Any]  # the manifest's `parent` record
+    primary_metric: str | None
+    comparisons: list[PairedResult]
+    decision: str | None = None  # rebase: "move" | "stay" | "either"
+    text: str
+    details: dict[str, Any] = {}
+
+
 # ---------------------------------------------------------------------------------------------- manifest.json
 
 

@@ -21,15 +21,11 @@ from typing import Any
 
 import numpy as np
 
-
 BOOTSTRAP_RESAMPLES = 2000
 PERMUTATIONS = 10000
 LABEL_SET_MAX = 20  # more distinct answers than this is free text, not classification
 LABEL_MAX_WORDS = 4
 JSON_SHARE = 0.9  # references that must parse as JSON objects for the task to count as JSON output
-# every per-example metric score_outputs can compute (which ones it does depends on the references)
-BUILTIN_METRICS = ("exact_match", "normalized_match", "token_f1", "rouge_l", "json_valid", "json_exact",
-                   "json_field_accuracy", "label_accuracy", "schema_valid")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)

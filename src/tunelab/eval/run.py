@@ -35,6 +35,7 @@ import numpy as np
 
 from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, EvalConfig, Recipe, is_tuned_arm
 from tunelab.contract import Metrics, TrainSummary
+from tunelab.engine.generate import DecodingSettings, Generation, generate
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
     EvalExample,
@@ -53,7 +54,7 @@ from tunelab.eval.graders.evaluation import (
     prepare_graders,
     record_graders_in_manifest,
 )
-from tunelab.eval.graders.templates import make_item
+from tunelab.eval.graders.samples import make_item
 from tunelab.eval.metrics import (
     OutputKind,
     Scores,
@@ -66,7 +67,6 @@ from tunelab.eval.overfitting import measure_overfitting, task_metric
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
-from tunelab.use.generate import DecodingSettings, Generation, generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -584,7 +584,7 @@ def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: f
         "shots_mean": float(np.mean(shot_counts)),
         "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
         "decoding": dataclasses.asdict(inputs.settings),
-        # the KV cache of the leading tokens all this arm's prompts share was computed once (use/generate.py)
+        # the KV cache of the leading tokens all this arm's prompts share was computed once (engine/generate.py)
         "prefix_reused_tokens": gens[0].prefix_reused_tokens if gens else 0,
         "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
                         "prefilled once per arm and reused (as servers with prefix caching do), not counted",

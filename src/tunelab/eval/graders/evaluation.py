@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ConfigError, DataError
-from tunelab.eval.graders.specs import MODEL_GRADER_TYPES, grader_config, recipe_graders
 from tunelab.eval.metrics import UNIT_RANGE
 from tunelab.files import write_text_atomic
+from tunelab.specs.graders import MODEL_GRADER_TYPES, grader_config, recipe_graders
 
 if TYPE_CHECKING:
     from tunelab.config import EvalConfig
