@@ -31,9 +31,9 @@ from pathlib import Path
 from tunelab.config import Recipe, load_recipe
 from tunelab.errors import ConfigError
 from tunelab.eval.graders.evaluation import refuse_python_graders, refuse_secret_bearing
-from tunelab.eval.graders.specs import recipe_graders
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
+from tunelab.specs.graders import recipe_graders
 from tunelab.ui.status import sidecar_dir
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
