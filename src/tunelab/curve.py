@@ -327,8 +327,8 @@ def build_curve(
     kept (a fraction's subset depends only on the data, data.seed and the fraction), training
     continues from its newest complete checkpoint. `resume_command` is what an interrupted training
     tells the user to run."""
+    from tunelab.config import TUNED_ARMS
     from tunelab.data.prepare import data_fingerprint, prepare_data
-    from tunelab.eval.metrics import TUNED_ARMS
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
     from tunelab.train.run import start_run_dir, write_manifest
