@@ -37,7 +37,7 @@ def fake_run(tmp_path, tiny_model_dir):
 
 def set_eval(run, **keys) -> None:
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    recipe["eval"].update({"arms": ["base"], "limit": 2, "forgetting": False, **keys})
+    recipe["eval"].update({"arms": ["base"], "limit": 2, "forgetting": False, "graders": [], "pairwise": None, **keys})
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
 
 
