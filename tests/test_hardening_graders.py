@@ -58,3 +58,58 @@ def test_readable_answers():
     assert read_answer('{"score": 1}\n') == 1.0 and read_answer('{"score": 0.5}') == 0.5
     with pytest.raises(PythonGraderFailed, match="^KeyError: 'x'$"):
         read_answer('{"error": "KeyError: \'x\'"}')
+
+
+# ---------------------------------------------------------------------------------------------- templates, formulas
+
+
+@pytest.mark.parametrize(("template", "refused"), [
+    ("{{ range(10**8) }}", "Call is not allowed"),
+    ("{{ 'a' * 3000000000 }}", "Mul is not allowed"),
+    ("{{ item.x ** 99999 }}", "Pow is not allowed"),
+    ("{% for i in item.x %}{% for j in item.x %}{% for k in item.x %}x{% endfor %}{% endfor %}{% endfor %}",
+     "For is not allowed"),
+    ("{{ item.x | center(1000000000) }}", "filter center is not allowed"),
+    ("{{ item.x | wordwrap(1) }}", "filter wordwrap is not allowed"),
+    ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "Macro is not allowed"),
+    ("{% set x = item.a %}{{ x }}", "Assign is not allowed"),
+    ("{{ item.a ~ item.b }}", "Concat is not allowed"),
+    ("{{ item.a }}" * 10_000, "at most 65536"),
+    ("{{ " + "(" * 5000 + "item.a" + ")" * 5000 + " }}", "does not parse"),
+])
+def test_templates_that_compute_are_refused_when_the_recipe_loads(template, refused):
+    from tunelab.errors import ConfigError
+    from tunelab.specs.graders import parse_graders
+
+    spec = {"type": "string_check", "name": "s", "operation": "eq", "input": template, "reference": "{{ item.reference }}"}
+    with pytest.raises(ConfigError) as failed:
+        parse_graders(spec, "g")
+    assert refused in str(failed.value) and "Traceback" not in str(failed.value)
+
+
+@pytest.mark.parametrize("template", ["{{ sample.output_text }}", "{{ item.a.b }}", "{{ item.list[0] }}",
+                                      "{{ sample.output_text | lower | trim }}", "{{ item.x | default('none') }}",
+                                      "{% if item.a.b == 'y' %}yes{% else %}no{% endif %}",
+                                      "{{ item.list | length }} {{ item.a if item.a is defined else '-' }}"])
+def test_substituting_templates_still_load_and_render(template):
+    from tunelab.specs.templates import check_template, render
+
+    check_template(template)
+    render(template, {"output_text": " Hi "}, {"a": {"b": "y"}, "list": [1, 2], "x": 0})
+
+
+@pytest.mark.parametrize("formula", ["a+" * 1500 + "a", "a+" * 60_000 + "a", "(" * 300 + "a" + ")" * 300, "-" * 900 + "a"])
+def test_formulas_too_long_or_deep_are_one_line_errors_at_load(formula):
+    from tunelab.specs.formula import FormulaError, evaluate_formula, formula_names
+
+    with pytest.raises(FormulaError) as failed:
+        formula_names(formula)
+    assert "\n" not in str(failed.value) and len(str(failed.value)) < 300
+    with pytest.raises(FormulaError):
+        evaluate_formula(formula, {"a": 1.0})
+
+
+def test_a_long_but_shallow_formula_still_computes():
+    from tunelab.specs.formula import evaluate_formula
+
+    assert evaluate_formula("a+" * 150 + "a", {"a": 0.5}) == 75.5
