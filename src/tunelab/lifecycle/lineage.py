@@ -9,10 +9,8 @@ eval/lineage.json (contract.Lineage), which `tunelab report` and `tunelab runs l
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +116,6 @@ def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, f
 
 
 # ---------------------------------------------------------------------------------------------- child run
-
-
-@contextlib.contextmanager
-def removed_unless_trained(child: RunPaths) -> Iterator[None]:
-    """Remove the child run folder this command just made (create_child_run) when what runs inside fails
-    before training logged a step or wrote a checkpoint (a base model that does not load, bad data), so a
-    retry with the same name starts clean; a run with training progress is kept for --resume."""
-    try:
-        yield
-    except BaseException:
-        if not child.train_log.exists() and not any(child.checkpoints.glob("step-*")):
-            shutil.rmtree(child.root, ignore_errors=True)
-        raise
 
 
 def create_child_run(parent: RunPaths, recipe: Recipe, name: str, kind: str,
