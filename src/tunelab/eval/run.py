@@ -46,6 +46,7 @@ from tunelab.eval.arms import (
     to_eval_example,
 )
 from tunelab.eval.cost import compare_cost, usd_per_query
+from tunelab.eval.external import Answer, ExternalRun
 from tunelab.eval.graders.evaluation import (
     Primary,
     grader_summary,
@@ -229,6 +230,11 @@ def format_table(metrics: dict[str, Any]) -> str:
             failed = f" ({column['failed']} failed)" if column["failed"] else ""
             cells.append(f"{arm} {'—' if column['mean'] is None else format(column['mean'], '.3f')}{failed}")
         lines.append(f"grader {name}: " + ", ".join(cells))
+    for arm, row in metrics["arms"].items():
+        if "external" in row:  # eval.external: what it was compared on, and against the fine-tune
+            compared = f"{row['failures']} failed, scored on {row['n_scored']} of {row['n_examples']}"
+            lines.append(f"external {arm} ({row['external']['kind']}): {compared}"
+                         + (f"; {row['vs_tuned']['text']}" if row.get("vs_tuned") else ""))
     lines.append(f"verdict: {metrics['verdict']['text']}")
     if metrics["cost"].get("text"):
         lines.append(f"cost: {metrics['cost']['text']}")
@@ -244,6 +250,9 @@ def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query
                        prompt_tokens_mean: dict[str, float], seed: int) -> dict[str, Any]:
     """The verdict on the examples every arm's primary scored: a grader failure drops that example
     from the paired comparison (counted), never scores it 0."""
+    # the decision is between the built-in arms; external arms are compared with the tuned one apart
+    # (arms.<name>.vs_tuned), each on the examples it answered
+    per_example = {arm: scores for arm, scores in per_example.items() if arm in ARMS}
     n = len(next(iter(per_example.values()), []))
     kept = [i for i in range(n) if all(scores[i] is not None for scores in per_example.values())]
     verdict = decide_verdict({arm: [scores[i] for i in kept] for arm, scores in per_example.items()},
@@ -279,6 +288,8 @@ class _Inputs:
     run_forgetting: bool
     train_sample: list[EvalExample]  # train examples the tuned model re-answers (train-vs-test gap)
     train_sample_items: list[dict[str, Any]]
+    external: list[Any] = dataclasses.field(default_factory=list)  # eval.external (+ --external): other models
+    recorded: dict[str, list[Answer]] = dataclasses.field(default_factory=dict)  # recorded arms' answers, checked
 
     @property
     def cfg(self) -> EvalConfig:
@@ -298,6 +309,7 @@ class _Generated:
     wall_s: dict[str, float]  # arm -> seconds its generate call took
     train_sample_outputs: list[str]
     abilities: dict[str, Any]  # "base"/"tuned" -> forgetting.GeneralAbility, when forgetting runs
+    external: dict[str, ExternalRun] = dataclasses.field(default_factory=dict)  # eval/external.py
 
     def texts(self, arm: str) -> list[str]:
         return [g.text for g in self.generations[arm]]
@@ -326,6 +338,7 @@ def evaluate(
     recipe: Recipe | None = None,
     train_file: str | Path | None = None,
     out_dir: str | Path | None = None,
+    external: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
     `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run), and
@@ -333,17 +346,19 @@ def evaluate(
     caller says the recipe is the user's own (tunelab run, curve) or the user asked for it.
     For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
     touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
-    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder."""
+    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder. `external`: arms
+    (config.EndpointArm | LocalArm | RecordedArm) added to the recipe's eval.external (`--external FILE`)."""
     started = time.perf_counter()
     inputs = _load_inputs(run_dir, arms, test_file, limit, trust_remote_code=trust_remote_code,
-                          python_graders=python_graders, recipe=recipe, train_file=train_file)
+                          python_graders=python_graders, recipe=recipe, train_file=train_file, external=external)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
-    columns, sample_columns = _grade_arms(inputs, generated)
+    columns, sample_columns, external_columns = _grade_arms(inputs, generated)
 
     # --- quality per arm, and the verdict on the primary metric
     metrics = _header(inputs)
     scored = _score_arms(inputs, generated, columns)
+    _score_external_arms(inputs, generated, external_columns, scored)
     metrics["arms"] = scored.arms
     metrics["verdict"] = _verdict_on_scored(scored.per_example, scored.usd_per_query, scored.prompt_tokens_mean, cfg.seed)
     if inputs.graders:
@@ -377,7 +392,7 @@ def evaluate(
 
 def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_file: str | Path | None,
                  limit: int | None, *, trust_remote_code: bool, python_graders: bool, recipe: Recipe | None,
-                 train_file: str | Path | None) -> _Inputs:
+                 train_file: str | Path | None, external: Sequence[Any] = ()) -> _Inputs:
     """The run's settings, test and train examples, graders and prompts; every check that can fail runs
     here, before the base arms spend minutes generating."""
     paths, run_recipe = open_run(run_dir, trust_remote_code)
@@ -394,12 +409,17 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     test = all_test[:limit] if limit else all_test
     train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
-    if not train and any(a in chosen for a in ("prompt", *RAG_ARMS)):
+    from tunelab.eval.external import builtin_arm, check_external
+
+    external_arms = [*cfg.external, *external]
+    recorded = check_external(external_arms, all_test, len(test), chosen, test_path)
+    prompted = [*chosen, *(builtin_arm(a) for a in external_arms)]  # the built-in prompts the arms need
+    if not train and any(a in prompted for a in ("prompt", *RAG_ARMS)):
         raise DataError(f"{train_path}: not found or empty; the prompt and rag arms draw their examples from it")
     kind = detect_output_kind([ex.reference for ex in test], [ex.reference for ex in train])
     schema = _read_schema(cfg.schema_file, paths)
     graders, primary = prepare_graders(cfg, kind, schema is not None, paths, python_graders)
-    builder = _prompt_builder(cfg, chosen, train, all_test, kind)
+    builder = _prompt_builder(cfg, prompted, train, all_test, kind)
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
     models = _Models(paths, recipe)
@@ -416,6 +436,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
         train=train, kind=kind, schema=schema, graders=graders, primary=primary, builder=builder,
         settings=settings, models=models, run_forgetting=run_forgetting,
         train_sample=[train[i] for i in picked], train_sample_items=[train_items[i] for i in picked],
+        external=external_arms, recorded=recorded,
     )
 
 
@@ -445,7 +466,7 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     from tunelab.eval.forgetting import general_probes
 
     cfg, models = inputs.cfg, inputs.models
-    total = (len(inputs.test) * len(inputs.chosen) + len(inputs.train_sample)
+    total = (len(inputs.test) * (len(inputs.chosen) + len(inputs.external)) + len(inputs.train_sample)
              + (2 * len(general_probes(cfg.seed)) if inputs.run_forgetting else 0))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
     prompts = {arm: [inputs.builder.build(arm, ex) for ex in inputs.test] for arm in inputs.chosen}
@@ -472,8 +493,39 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
                     model, models.tokenizer, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar.update
                 )
         del model  # a full fine-tune's other model can then be released before the next phase loads
+    external = _run_external_arms(inputs, bar, prompts)
     bar.close()
-    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities)
+    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities, external)
+
+
+def _run_external_arms(inputs: _Inputs, bar: Any, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, ExternalRun]:
+    """eval.external: endpoints (cached in eval/external/<name>.jsonl), local models, recorded outputs; token
+    counts an arm did not report are counted with the run's tokenizer."""
+    from tunelab.config import EndpointArm, LocalArm
+    from tunelab.eval import external as ext
+
+    runs: dict[str, ExternalRun] = {}
+    for arm in inputs.external:
+        bar.set_description(f"external:{arm.name}")
+        conversations = [inputs.builder.build(ext.builtin_arm(arm), ex) for ex in inputs.test]
+        prompts[arm.name] = conversations
+        if isinstance(arm, EndpointArm):
+            run = ext.run_endpoint_arm(arm, conversations, inputs.settings,
+                                       inputs.paths.eval / "external" / f"{arm.name}.jsonl", progress=bar.update)
+        elif isinstance(arm, LocalArm):
+            run = ext.run_local_arm(arm, conversations, inputs.settings, inputs.cfg.batch_size, progress=bar.update)
+        else:
+            run = ExternalRun(arm, [dataclasses.replace(a) for a in inputs.recorded[arm.name]])
+            bar.update(len(inputs.test))
+        if any(a.text is not None and (a.prompt_tokens is None or a.completion_tokens is None) for a in run.answers):
+            if inputs.models.tokenizer is None:
+                from tunelab.models import load_tokenizer
+
+                m = inputs.recipe.model
+                inputs.models.tokenizer = load_tokenizer(m.name, m.revision, m.trust_remote_code)
+            ext.fill_token_counts(run, conversations, inputs.models.tokenizer)
+        runs[arm.name] = run
+    return runs
 
 
 def _timed_generate(inputs: _Inputs, bar: Any, label: str, model: Any,
@@ -486,7 +538,8 @@ def _timed_generate(inputs: _Inputs, bar: Any, label: str, model: Any,
     return result, time.perf_counter() - t0
 
 
-def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
+                                                                 dict[str, dict[str, Any]]]:
     """Every grader's column for every arm, and for the train sample when the verdict is a grader's
     (judge replies cached in the run's eval/judge_cache.jsonl)."""
     from tunelab.eval.graders.grade import Grading
@@ -497,7 +550,12 @@ def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[
             columns[arm] = grading.grade(generated.texts(arm), inputs.items)
         sample_columns = (grading.grade(generated.train_sample_outputs, inputs.train_sample_items)
                           if generated.train_sample_outputs and inputs.primary.grader else {})
-    return columns, sample_columns
+        # an external arm is graded on the examples it answered (its columns are over those only)
+        external_columns = {name: grading.grade([a.text for a in run.answers if a.text is not None],
+                                                [item for item, a in zip(inputs.items, run.answers, strict=True)
+                                                 if a.text is not None])
+                            for name, run in generated.external.items()} if inputs.graders else {}
+    return columns, sample_columns, external_columns
 
 
 # ---------------------------------------------------------------------------------------------- evaluate: scores
@@ -542,6 +600,55 @@ def _score_arms(inputs: _Inputs, generated: _Generated, columns: dict[str, dict[
         scored.prompt_tokens_mean[arm] = result["prompt_tokens_mean"]
         scored.prediction_rows.extend(_prediction_rows(inputs, arm, gens, primary_scores, arm_columns))
     return scored
+
+
+def _score_external_arms(inputs: _Inputs, generated: _Generated, columns: dict[str, dict[str, Any]],
+                         scored: _Scored) -> None:
+    """External arms into `scored`, scored on the examples each answered (a failed request is neither a wrong
+    answer nor dropped silently: `failures` and `n_scored` say what was compared), then each against the
+    best fine-tuned arm on the examples both scored."""
+    from tunelab.eval import external as ext
+
+    cfg, n = inputs.cfg, len(inputs.test)
+    for name, run in generated.external.items():
+        answered = ext.answered_indices(run)
+        texts = [run.answers[i].text or "" for i in answered]
+        scores = score_outputs(texts, [inputs.references[i] for i in answered], inputs.kind, inputs.schema)
+        arm_columns = columns.get(name, {})
+        primary_scores = ext.expand(_primary_scores(inputs.primary, scores, arm_columns), answered, n)
+        builtin = ext.builtin_arm(run.arm)
+        shots = [len(inputs.builder.shots_for(builtin, ex)) for ex in inputs.test]
+        summaries = ({g.name: summarize_scores(arm_columns[g.name].scores, seed=cfg.seed,
+                                               pass_threshold=getattr(g, "pass_threshold", None))
+                      for g in inputs.graders} if inputs.graders else None)
+        result = ext.arm_record(
+            run, primary_scores,
+            {**scores.means(), **{g: summarize_scores(c.scores)["mean"] for g, c in arm_columns.items()}},
+            summaries, [ex.id for ex in inputs.test], float(np.mean(shots)) if shots else 0.0,
+            {**dataclasses.asdict(inputs.settings), "batch_size": cfg.batch_size},
+            (cfg.price_per_m_input_tokens, cfg.price_per_m_output_tokens), cfg.seed)
+        scored.arms[name] = result
+        scored.per_example[name] = primary_scores
+        scored.usd_per_query[name] = result["usd_per_1m_queries"] / 1e6
+        scored.prompt_tokens_mean[name] = result["prompt_tokens_mean"]
+        for i, (ex, answer) in enumerate(zip(inputs.test, run.answers, strict=True)):
+            position = answered.index(i) if answer.text is not None else None
+            row = {"id": ex.id, "arm": name, "prompt_tokens": answer.prompt_tokens,
+                   "completion_tokens": answer.completion_tokens, "output": answer.text, "reference": ex.reference,
+                   "score": primary_scores[i], "latency_ms": answer.latency_s * 1000,
+                   "finish_reason": answer.finish_reason if answer.text is not None else "failed",
+                   "shot_ids": [s.id for s in inputs.builder.shots_for(builtin, ex)]}
+            if answer.text is None:
+                row["error"] = answer.error
+            if answer.tokens_counted:
+                row["tokens_counted"] = True
+            if inputs.graders and position is not None:
+                row["scores"] = {g: c.scores[position] for g, c in arm_columns.items()}
+            scored.prediction_rows.append(row)
+    for name in generated.external:
+        comparison = ext.compare_with_tuned(name, scored.per_example, scored.arms, TUNED_ARMS, cfg.seed)
+        if comparison is not None:
+            scored.arms[name]["vs_tuned"] = comparison
 
 
 def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: float,
