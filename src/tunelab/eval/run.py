@@ -392,7 +392,8 @@ def evaluate(
 
 def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_file: str | Path | None,
                  limit: int | None, *, trust_remote_code: bool, python_graders: bool, recipe: Recipe | None,
-                 train_file: str | Path | None, external: Sequence[Any] = ()) -> _Inputs:
+                 train_file: str | Path | None, external: Sequence[Any] = (),
+                 recipe_external: bool = True) -> _Inputs:
     """The run's settings, test and train examples, graders and prompts; every check that can fail runs
     here, before the base arms spend minutes generating."""
     paths, run_recipe = open_run(run_dir, trust_remote_code)
@@ -411,7 +412,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
     from tunelab.eval.external import builtin_arm, check_external
 
-    external_arms = [*cfg.external, *external]
+    external_arms = [*(cfg.external if recipe_external else ()), *external]
     recorded = check_external(external_arms, all_test, len(test), chosen, test_path)
     prompted = [*chosen, *(builtin_arm(a) for a in external_arms)]  # the built-in prompts the arms need
     if not train and any(a in prompted for a in ("prompt", *RAG_ARMS)):
@@ -796,3 +797,67 @@ def _write_results(inputs: _Inputs, metrics: dict[str, Any], prediction_rows: Se
     if inputs.graders and out_dir is None:
         record_graders_in_manifest(paths, inputs.graders)
     Metrics.model_validate(metrics).write(out / paths.metrics.name)
+
+
+# ---------------------------------------------------------------------------------------------- adding external arms
+
+
+def add_external_arms(run_dir: str | Path, external: Sequence[Any], *, echo: bool = True,
+                      trust_remote_code: bool = False, python_graders: bool = False) -> dict[str, Any]:
+    """`tunelab eval RUN --external FILE`: score more arms on a run already evaluated, without retraining or
+    regenerating: the other arms' rows of eval/predictions.jsonl and records of eval/metrics.json are reused,
+    the new arms answer the same test examples (the same --test file and --limit), and the verdict and cost
+    are recomputed with them; overfitting, forgetting and the training check are kept as they were. An arm
+    of the same name is replaced. Without an earlier evaluation, this is `evaluate` with the arms added."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.metrics.is_file():
+        return evaluate(run_dir, echo=echo, trust_remote_code=trust_remote_code, python_graders=python_graders,
+                        external=external)
+    started = time.perf_counter()
+    previous = json.loads(paths.metrics.read_text(encoding="utf-8"))
+    Metrics.model_validate(previous)  # a damaged file is an error here, not a guess
+    names = {arm.name for arm in external}
+    kept_arms = {arm: row for arm, row in previous["arms"].items() if arm not in names}
+    builtin = [arm for arm in ARMS if arm in kept_arms]
+    test_path = Path(previous["test_file"])
+    inputs = _load_inputs(run_dir, builtin or None, test_path, previous["n_examples"],
+                          trust_remote_code=trust_remote_code, python_graders=python_graders, recipe=None,
+                          train_file=None, external=external, recipe_external=False)
+    rows = [json.loads(line) for line in paths.predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    scored = _Scored(prediction_rows=[r for r in rows if r.get("arm") not in names])
+    ids = [ex.id for ex in inputs.test]
+    for arm, record in kept_arms.items():
+        by_id = {r["id"]: r for r in rows if r.get("arm") == arm}
+        if set(by_id) != set(ids):
+            raise DataError(f"{paths.predictions}: the rows of arm '{arm}' are not the {len(ids)} examples of "
+                            f"{test_path}; run `tunelab eval {run_dir}` again to evaluate every arm anew")
+        scored.arms[arm] = record
+        scored.per_example[arm] = [by_id[i]["score"] for i in ids]
+        scored.usd_per_query[arm] = record["usd_per_1m_queries"] / 1e6
+        scored.prompt_tokens_mean[arm] = record["prompt_tokens_mean"]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(inputs.test) * len(external), desc="external", unit="gen", file=sys.stderr, dynamic_ncols=True)
+    prompts: dict[str, list[list[dict[str, str]]]] = {}
+    generated = _Generated(prompts, {}, {}, [], {}, _run_external_arms(inputs, bar, prompts))
+    bar.close()
+    _, _, external_columns = _grade_arms(dataclasses.replace(inputs, chosen=[]), generated)
+    _score_external_arms(inputs, generated, external_columns, scored)
+
+    metrics = {**previous, "arms": scored.arms}
+    metrics["verdict"] = _verdict_on_scored(scored.per_example, scored.usd_per_query, scored.prompt_tokens_mean,
+                                            inputs.cfg.seed)
+    check = previous.get("training_check") or {}
+    metrics["verdict"].update(provisional=bool(check.get("provisional")), provisional_reason=check.get("reason"))
+    if check.get("provisional"):
+        metrics["verdict"]["text"] = f"provisional, {check['reason']}. {metrics['verdict']['text']}"
+    metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean,
+                                   {arm: row["tokens_per_s"] for arm, row in scored.arms.items()}, metrics["verdict"],
+                                   _read_summary(paths), inputs.cfg)
+    metrics["elapsed_s"] = previous["elapsed_s"] + time.perf_counter() - started
+    write_text_atomic(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored.prediction_rows))
+    Metrics.model_validate(metrics).write(paths.metrics)
+    if echo:
+        print(format_table(metrics))
+    return metrics
