@@ -239,6 +239,25 @@ def score_outputs(
     return scores
 
 
+# ---------------------------------------------------------------------------------------------- one scale
+
+UNIT_RANGE = (0.0, 1.0)  # every built-in metric, string_check, label_model and text_similarity
+
+
+def to_points(value: float, score_range: Sequence[float] | None = None) -> float:
+    """A primary score as points of its declared range, 0-100: a 1-10 judge's 7.3 is 70 points, a 0-1
+    metric's 0.7 is 70 points."""
+    low, high = score_range or UNIT_RANGE
+    return (value - low) * 100.0 / (high - low)
+
+
+def delta_points(difference: float, score_range: Sequence[float] | None = None) -> float:
+    """A difference of two primary scores as points of the declared range (no offset: 7.3 - 6.4 on a
+    1-10 judge is 10 points)."""
+    low, high = score_range or UNIT_RANGE
+    return difference * 100.0 / (high - low)
+
+
 # ---------------------------------------------------------------------------------------------- intervals
 
 
