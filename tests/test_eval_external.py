@@ -433,3 +433,12 @@ def test_eval_external_adds_arms_to_a_finished_run_without_regenerating(fake_run
     # again: the arm of the same name is replaced, not added twice
     assert CliRunner().invoke(app, ["eval", str(run), "--external", str(arms_file)]).exit_code == 0
     assert len((run / "eval" / "predictions.jsonl").read_text().splitlines()) == len(rows_after)
+
+    # runs compare shows the external arm too, and can compare runs on it
+    import shutil
+
+    from tunelab.report.compare import compare_runs
+
+    shutil.copytree(run, tmp_path / "copy")
+    comparison = compare_runs([run, tmp_path / "copy"], arm="prod")
+    assert dict(comparison.rows)[f"prod: {comparison.primary_metric} (%, 95% CI)"] == ["100.0 [100.0, 100.0]"] * 2
