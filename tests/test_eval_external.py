@@ -442,3 +442,32 @@ def test_eval_external_adds_arms_to_a_finished_run_without_regenerating(fake_run
     shutil.copytree(run, tmp_path / "copy")
     comparison = compare_runs([run, tmp_path / "copy"], arm="prod")
     assert dict(comparison.rows)[f"prod: {comparison.primary_metric} (%, 95% CI)"] == ["100.0 [100.0, 100.0]"] * 2
+
+
+def test_external_arms_run_with_the_recipes_arms_only(fake_run_template, tmp_path):
+    """curve, drift and update evaluate chosen arms for their own purposes: no external request there."""
+    from tunelab.eval.run import evaluate
+
+    recorded = tmp_path / "prod.jsonl"
+    recorded.write_text("".join(json.dumps({"id": t["id"], "output": "x"}) + "\n" for t in _test_rows(fake_run_template)))
+    run = _run_with(fake_run_template, tmp_path, [{"name": "prod", "predictions": str(recorded)}])
+    assert list(evaluate(run, arms=["tuned"], echo=False)["arms"]) == ["tuned"]
+    assert list(evaluate(run, echo=False)["arms"]) == ["tuned", "prod"]
+
+
+def test_the_comparison_with_the_tuned_arm_is_paired_on_the_examples_both_scored():
+    from tunelab.eval.external import compare_with_tuned
+    from tunelab.eval.metrics import paired_comparison
+
+    per_example = {"tuned": [1.0, 0.0, 1.0, None, 1.0], "tuned+rag": [0.0] * 5, "hosted": [1.0, 1.0, None, 0.0, 0.0]}
+    record = {"primary": 0.5, "usd_per_1m_queries": 10.0, "latency_ms_p50": 100.0}
+    arms = {"tuned": {**record, "primary": 0.75, "usd_per_1m_queries": 0.25, "latency_ms_p50": 20.0},
+            "tuned+rag": {**record, "primary": 0.0}, "hosted": record}
+    result = compare_with_tuned("hosted", per_example, arms, ("tuned", "tuned+rag"), seed=0)
+    expected = paired_comparison([1.0, 0.0, 1.0], [1.0, 1.0, 0.0], seed=0)
+    assert result["arm"] == "tuned" and result["n"] == 3
+    assert result["delta"] == expected.delta == 0.0 and result["ci95"] == list(expected.ci95)
+    assert result["cost_ratio"] == 0.025 and result["latency_ratio"] == 5.0
+    assert result["text"].endswith("on the 3 of 5 examples both scored; tuned costs 1/40 as much per query, "
+                                   "at 5x lower p50 latency")
+    assert compare_with_tuned("hosted", per_example, {"hosted": record}, ("tuned",), seed=0) is None

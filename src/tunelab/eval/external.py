@@ -555,9 +555,11 @@ def compare_with_tuned(name: str, per_example: dict[str, Sequence[float | None]]
     text = (f"{best} vs {name}: {points:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}], p = {comparison.p_value:.4f}, "
             f"on the {len(both)} of {n} examples both scored")
     if cost_ratio is not None:
-        text += f"; {best} costs {cost_ratio:.3g}x as much per query"
+        text += (f"; {best} costs 1/{1 / cost_ratio:.3g} as much per query" if 0 < cost_ratio < 1
+                 else f"; {best} costs {cost_ratio:.3g}x as much per query")
     if latency_ratio is not None:
-        text += f"; {name}'s p50 latency is {latency_ratio:.3g}x {best}'s"
+        text += (f", at {latency_ratio:.3g}x lower p50 latency" if latency_ratio >= 1
+                 else f", at {1 / latency_ratio:.3g}x higher p50 latency")
     return {"arm": best, "delta": comparison.delta, "ci95": list(comparison.ci95), "p_value": comparison.p_value,
             "n": len(both), "significant": comparison.significant, "cost_ratio": cost_ratio,
             "latency_ratio": latency_ratio, "text": text}

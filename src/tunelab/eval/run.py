@@ -346,11 +346,14 @@ def evaluate(
     caller says the recipe is the user's own (tunelab run, curve) or the user asked for it.
     For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
     touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
-    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder. `external`: arms
-    (config.EndpointArm | LocalArm | RecordedArm) added to the recipe's eval.external (`--external FILE`)."""
+    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder. The recipe's
+    eval.external arms run with the recipe's arms (`arms` None: tunelab run, tunelab eval without --arms),
+    not when a caller picks arms for a purpose of its own (curve, drift, update: no request is paid for
+    there); `external` arms (config.EndpointArm | LocalArm | RecordedArm) always run."""
     started = time.perf_counter()
     inputs = _load_inputs(run_dir, arms, test_file, limit, trust_remote_code=trust_remote_code,
-                          python_graders=python_graders, recipe=recipe, train_file=train_file, external=external)
+                          python_graders=python_graders, recipe=recipe, train_file=train_file, external=external,
+                          recipe_external=arms is None)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
     columns, sample_columns, external_columns = _grade_arms(inputs, generated)
