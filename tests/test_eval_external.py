@@ -133,7 +133,7 @@ def test_endpoint_arm_retries_counts_failures_and_tokens_exactly(fake_run_templa
     monkeypatch.setattr(ext, "RETRY_FIRST_WAIT_S", 0.01)
     monkeypatch.setenv("STANDIN_KEY", KEY)
     run = _run_with(fake_run_template, tmp_path, [_endpoint(stand_in)])
-    metrics = evaluate(run, echo=False)
+    metrics = evaluate(run, echo=False, python_graders=True)  # this test's own recipe: its key may be sent
     arm = metrics["arms"]["hosted"]
 
     # attempts: 429 then ok; 500, 500, ok; 500 x 3 (max_retries 2) -> failed; timeout then ok; ok; ok
@@ -181,7 +181,7 @@ def test_endpoint_arm_retries_counts_failures_and_tokens_exactly(fake_run_templa
 
     # a second evaluation sends only the failed example's requests again: every reply is cached
     before = len(stand_in.requests)
-    again = evaluate(run, echo=False)["arms"]["hosted"]
+    again = evaluate(run, echo=False, python_graders=True)["arms"]["hosted"]
     assert [r["ticket"] for r in stand_in.requests[before:]] == [102, 102, 102]
     assert again["cached"] == 5 and again["requests"] == 3
     assert again["primary"] == arm["primary"] and again["prompt_tokens_mean"] == arm["prompt_tokens_mean"]
@@ -196,8 +196,24 @@ def test_a_missing_key_variable_stops_the_evaluation_before_it_generates(fake_ru
     monkeypatch.setattr(run_module, "generate", lambda *a, **k: pytest.fail("generated before the check"))
     run = _run_with(fake_run_template, tmp_path, [_endpoint(stand_in)])
     with pytest.raises(ConfigError, match="environment variable STANDIN_KEY .* not set"):
-        run_module.evaluate(run, echo=False)
+        run_module.evaluate(run, echo=False, python_graders=True)
     assert stand_in.requests == []
+
+
+def test_a_run_folders_endpoint_gets_a_key_from_the_environment_only_with_consent(fake_run_template, tmp_path,
+                                                                                  stand_in, monkeypatch):
+    """`tunelab eval RUN` of someone else's run folder: its recipe could send MY key anywhere."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    monkeypatch.setenv("STANDIN_KEY", KEY)
+    run = _run_with(fake_run_template, tmp_path, [_endpoint(stand_in)])
+    result = CliRunner().invoke(app, ["eval", str(run)])
+    assert isinstance(result.exception, ConfigError) and stand_in.requests == []
+    message = str(result.exception)
+    assert f"eval.external 'hosted' would send the API key in $STANDIN_KEY to {stand_in.base_url}" in message
+    assert "--trust-remote-code" in message and KEY not in message
 
 
 def _serve_once(status: int, headers: dict, body: bytes = b"{}"):

@@ -149,6 +149,18 @@ def read_external_file(path: str | Path) -> list[Any]:
 # ---------------------------------------------------------------------------------------------- checks before anything runs
 
 
+def refuse_secret_bearing_arms(arms: Sequence[Any], recipe_path: Path,
+                               consent: str = "add --trust-remote-code if you trust this run") -> None:
+    """Opening someone else's run folder never sends your secrets where it says: an endpoint arm of a run
+    folder's recipe that would send an API key from your environment needs consent (like its judges)."""
+    for arm in arms:
+        if isinstance(arm, EndpointArm) and arm.api_key_env:
+            raise ConfigError(
+                f"{recipe_path}: eval.external '{arm.name}' would send the API key in ${arm.api_key_env} to "
+                f"{public_url(arm.base_url)}, as the run folder's recipe says; tunelab does not send your secrets "
+                f"where a run folder says unasked: {consent} (or give the arm with --external FILE)")
+
+
 def check_external(arms: Sequence[Any], all_test: Sequence[Any], limit: int, taken: Sequence[str],
                    test_path: Path) -> dict[str, list[Answer]]:
     """Everything about the external arms that can fail without a request: names free, each endpoint's

@@ -413,8 +413,10 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     test = all_test[:limit] if limit else all_test
     train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
-    from tunelab.eval.external import builtin_arm, check_external
+    from tunelab.eval.external import builtin_arm, check_external, refuse_secret_bearing_arms
 
+    if recipe_external and not python_graders:  # a run folder's recipe, without the caller's consent
+        refuse_secret_bearing_arms(cfg.external, paths.recipe)
     external_arms = [*(cfg.external if recipe_external else ()), *external]
     recorded = check_external(external_arms, all_test, len(test), chosen, test_path)
     prompted = [*chosen, *(builtin_arm(a) for a in external_arms)]  # the built-in prompts the arms need
