@@ -194,7 +194,7 @@ class ArmResult(_Record):
     batch_size: int
     tokens_per_s: float
     usd_per_1m_queries: float
-    model: str = Field(description="'base' or 'tuned'")
+    model: str = Field(description="'base' or 'tuned'; 'external' for an eval.external arm")
     shots_mean: float
     finish_reasons: dict[str, int]
     decoding: dict[str, Any]
