@@ -153,6 +153,10 @@ class _Models:
         self._loaded: tuple[str, Any] | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
 
+    def release(self) -> None:
+        """Drop the loaded weights (the tokenizer stays): another model is about to be loaded."""
+        self._peft, self._loaded = None, None
+
     @property
     def tuned_kind(self) -> str | None:
         if self.paths.model.is_dir():
@@ -519,6 +523,7 @@ def _run_external_arms(inputs: _Inputs, bar: Any, prompts: dict[str, list[list[d
             run = ext.run_endpoint_arm(arm, conversations, inputs.settings,
                                        inputs.paths.eval / "external" / f"{arm.name}.jsonl", progress=bar.update)
         elif isinstance(arm, LocalArm):
+            inputs.models.release()  # the run's own models are done: one model in memory at a time
             run = ext.run_local_arm(arm, conversations, inputs.settings, inputs.cfg.batch_size, progress=bar.update)
         else:
             run = ExternalRun(arm, [dataclasses.replace(a) for a in inputs.recorded[arm.name]])
