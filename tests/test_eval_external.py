@@ -444,6 +444,10 @@ def test_eval_external_adds_arms_to_a_finished_run_without_regenerating(fake_run
     assert after["arms"]["prod"]["primary"] == 1.0 and after["arms"]["prod"]["vs_tuned"]["n"] == 6
     assert after["verdict"]["text"] == before["verdict"]["text"] and after["forgetting"] == json.loads(json.dumps(before["forgetting"]))
     assert "tuned vs prod" in after["cost"]["break_even"]
+    from tunelab.report.html import write_report
+
+    report = write_report(run).with_name("report.md").read_text()
+    assert after["arms"]["prod"]["vs_tuned"]["text"] in report and "| prod | 100.0 [100.0, 100.0] |" in report
     rows_after = (run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert rows_after[: len(rows_before)] == rows_before and len(rows_after) == len(rows_before) + 6
     # again: the arm of the same name is replaced, not added twice
