@@ -491,3 +491,16 @@ def test_the_comparison_with_the_tuned_arm_is_paired_on_the_examples_both_scored
     assert result["text"].endswith("on the 3 of 5 examples both scored; tuned costs 1/40 as much per query, "
                                    "at 5x lower p50 latency")
     assert compare_with_tuned("hosted", per_example, {"hosted": record}, ("tuned",), seed=0) is None
+
+
+def test_an_arm_that_answered_nothing_has_no_score_not_a_zero(fake_run_template, tmp_path, capsys):
+    from tunelab.eval.run import evaluate
+
+    recorded = tmp_path / "down.jsonl"
+    recorded.write_text("".join(json.dumps({"id": t["id"], "output": None}) + "\n" for t in _test_rows(fake_run_template)))
+    run = _run_with(fake_run_template, tmp_path, [{"name": "down", "predictions": str(recorded)}])
+    metrics = evaluate(run, echo=True)
+    down = metrics["arms"]["down"]
+    assert down["primary"] is None and down["ci95"] is None and down["metrics"] == {}
+    assert down["failures"] == 6 and down["n_scored"] == 0 and "vs_tuned" not in down
+    assert re.search(r"^down +all failed", capsys.readouterr().out, re.MULTILINE)

@@ -632,9 +632,10 @@ def _score_external_arms(inputs: _Inputs, generated: _Generated, columns: dict[s
         summaries = ({g.name: summarize_scores(arm_columns[g.name].scores, seed=cfg.seed,
                                                pass_threshold=getattr(g, "pass_threshold", None))
                       for g in inputs.graders} if inputs.graders else None)
+        # no answer at all: no metric (a mean over nothing is not 0)
+        means = {**scores.means(), **{g: summarize_scores(c.scores)["mean"] for g, c in arm_columns.items()}}
         result = ext.arm_record(
-            run, primary_scores,
-            {**scores.means(), **{g: summarize_scores(c.scores)["mean"] for g, c in arm_columns.items()}},
+            run, primary_scores, means if answered else {},
             summaries, [ex.id for ex in inputs.test], float(np.mean(shots)) if shots else 0.0,
             {**dataclasses.asdict(inputs.settings), "batch_size": cfg.batch_size},
             (cfg.price_per_m_input_tokens, cfg.price_per_m_output_tokens), cfg.seed)
@@ -642,8 +643,9 @@ def _score_external_arms(inputs: _Inputs, generated: _Generated, columns: dict[s
         scored.per_example[name] = primary_scores
         scored.usd_per_query[name] = result["usd_per_1m_queries"] / 1e6
         scored.prompt_tokens_mean[name] = result["prompt_tokens_mean"]
+        position_of = {i: position for position, i in enumerate(answered)}
         for i, (ex, answer) in enumerate(zip(inputs.test, run.answers, strict=True)):
-            position = answered.index(i) if answer.text is not None else None
+            position = position_of.get(i)
             row = {"id": ex.id, "arm": name, "prompt_tokens": answer.prompt_tokens,
                    "completion_tokens": answer.completion_tokens, "output": answer.text, "reference": ex.reference,
                    "score": primary_scores[i], "latency_ms": answer.latency_s * 1000,
