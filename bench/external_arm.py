@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from tunelab.config import EndpointArm  # noqa: E402
+from tunelab.engine.generate import DecodingSettings  # noqa: E402
 from tunelab.eval import external  # noqa: E402
 from tunelab.eval.arms import PromptBuilder, build_pool, derive_instructions, task_system_prompt  # noqa: E402
 from tunelab.eval.run import read_examples  # noqa: E402
-from tunelab.use.generate import DecodingSettings  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TRIAGE = ROOT / "examples" / "triage" / "data"

@@ -126,9 +126,9 @@ def _rows(run: Path, arm: str) -> list[dict]:
 
 def test_endpoint_arm_retries_counts_failures_and_tokens_exactly(fake_run_template, tmp_path, stand_in,
                                                                   monkeypatch, tokenizer):
+    from tunelab.engine.generate import render_prompt
     from tunelab.eval import external as ext
     from tunelab.eval.run import evaluate, read_examples
-    from tunelab.use.generate import render_prompt
 
     monkeypatch.setattr(ext, "RETRY_FIRST_WAIT_S", 0.01)
     monkeypatch.setenv("STANDIN_KEY", KEY)
@@ -238,8 +238,8 @@ def _serve_once(status: int, headers: dict, body: bytes = b"{}"):
 
 def test_a_redirect_is_refused_and_the_key_never_reaches_the_other_location(tmp_path, monkeypatch):
     from tunelab.config import EndpointArm
+    from tunelab.engine.generate import DecodingSettings
     from tunelab.eval.external import run_endpoint_arm
-    from tunelab.use.generate import DecodingSettings
 
     monkeypatch.setenv("STANDIN_KEY", KEY)
     elsewhere = _serve_once(200, {}, b'{"choices": [{"message": {"content": "stolen"}}]}')
@@ -265,8 +265,8 @@ def test_a_redirect_is_refused_and_the_key_never_reaches_the_other_location(tmp_
 ])
 def test_a_broken_reply_fails_that_example_with_its_reason(tmp_path, monkeypatch, body, problem):
     from tunelab.config import EndpointArm
+    from tunelab.engine.generate import DecodingSettings
     from tunelab.eval import external as ext
-    from tunelab.use.generate import DecodingSettings
 
     monkeypatch.setattr(ext, "MAX_REPLY_BYTES", 4096)
     server = _serve_once(200, {"Content-Type": "application/json"}, body)
@@ -442,7 +442,10 @@ def test_eval_external_adds_arms_to_a_finished_run_without_regenerating(fake_run
     assert list(after["arms"]) == ["base", "tuned", "prod"]
     assert after["arms"]["base"] == json.loads(json.dumps(before["arms"]["base"]))
     assert after["arms"]["prod"]["primary"] == 1.0 and after["arms"]["prod"]["vs_tuned"]["n"] == 6
-    assert after["verdict"]["text"] == before["verdict"]["text"] and after["forgetting"] == json.loads(json.dumps(before["forgetting"]))
+    assert after["forgetting"] == json.loads(json.dumps(before["forgetting"]))
+    # the verdict is decided anew with the new arm on the prompt-only side; the training check is kept
+    assert after["verdict"]["vs"] == "prod" and "prompt-only arm (base, prod)" in after["verdict"]["selection"]
+    assert after["verdict"]["provisional"] == before["verdict"]["provisional"] is True
     assert "tuned vs prod" in after["cost"]["break_even"]
     from tunelab.report.html import write_report
 
@@ -504,3 +507,32 @@ def test_an_arm_that_answered_nothing_has_no_score_not_a_zero(fake_run_template,
     assert down["primary"] is None and down["ci95"] is None and down["metrics"] == {}
     assert down["failures"] == 6 and down["n_scored"] == 0 and "vs_tuned" not in down
     assert re.search(r"^down +all failed", capsys.readouterr().out, re.MULTILINE)
+    assert metrics["verdict"]["external_left_out"] == ["down"]  # not an empty comparison for every arm
+
+
+def test_external_arms_are_members_of_the_verdict_on_the_examples_every_arm_answered(fake_run_template, tmp_path):
+    """The decision takes every arm: an external arm that answers right where the tuned model does not is
+    recommended; the example it did not answer is left out of the paired comparison, and the verdict says so."""
+    import random
+
+    from test_eval_run import _conversation
+    from tunelab.eval.run import evaluate
+
+    run = _run_with(fake_run_template, tmp_path, [])
+    rng = random.Random(5)
+    test = _test_rows(run) + [_conversation(i, "test", rng) for i in range(106, 118)]
+    (run / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    recorded = tmp_path / "prod.jsonl"
+    recorded.write_text("".join(json.dumps({"id": t["id"], "output": None if i == 3 else t["messages"][-1]["content"],
+                                            "prompt_tokens": 10, "completion_tokens": 5}) + "\n"
+                                for i, t in enumerate(test)))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["eval"]["external"] = [{"name": "prod", "predictions": str(recorded)}]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    metrics = evaluate(run, echo=False)
+    verdict = metrics["verdict"]
+    assert metrics["arms"]["tuned"]["primary"] == 0.0 and metrics["arms"]["prod"]["n_scored"] == 17
+    assert verdict["n"] == 17 and verdict["excluded_failed"] == 1
+    assert "1 of 18 examples left out: 1 an external arm did not answer" in verdict["text"]
+    assert verdict["recommended"] == "prod" and verdict["winner"] == "prod"
+    assert verdict["usd_per_1k_requests"]["prod"] == pytest.approx(metrics["arms"]["prod"]["usd_per_1m_queries"] / 1000)

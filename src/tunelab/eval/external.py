@@ -10,7 +10,7 @@ PromptBuilder (`prompt: short | prompt | rag` -> the base, prompt or rag arm's m
              credentials, model, messages, decoding settings), so a re-run or --resume sends no request
              twice; failed requests are not cached (the next run tries them again). Token counts come from
              the reply's `usage`, else they are counted with the run's tokenizer (and the arm says so).
-  local      another model (alias, HF folder, hub id) through the generation engine (use/generate.py:
+  local      another model (alias, HF folder, hub id) through the generation engine (engine/generate.py:
              batched, shared-prefix cache) with the evaluation's decoding settings.
   recorded   outputs produced elsewhere (production), a JSONL file with one {"id" | "line", "output"} per
              test example; matched before anything runs: an unknown, duplicate or missing id is an error.
@@ -425,8 +425,8 @@ def run_endpoint_arm(arm: EndpointArm, conversations: Sequence[list[dict[str, st
 def run_local_arm(arm: LocalArm, conversations: Sequence[list[dict[str, str]]], settings: Any, batch_size: int,
                   progress: Callable[[int], Any] | None = None) -> ExternalRun:
     """The conversations through the generation engine with the arm's model (loaded here, released after)."""
+    from tunelab.engine.generate import generate
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.use.generate import generate
 
     model = load_model(arm.model)
     tokenizer = load_tokenizer(arm.model)
@@ -441,7 +441,7 @@ def run_local_arm(arm: LocalArm, conversations: Sequence[list[dict[str, str]]], 
 def fill_token_counts(run: ExternalRun, conversations: Sequence[list[dict[str, str]]], tokenizer: Any) -> None:
     """Counts the endpoint (or the recorded file) did not give, counted with the run's tokenizer: the
     prompt as its chat template renders it, the output's tokens plus one end-of-turn token."""
-    from tunelab.use.generate import render_prompt
+    from tunelab.engine.generate import render_prompt
 
     counted = 0
     for answer, messages in zip(run.answers, conversations, strict=True):

@@ -520,7 +520,7 @@ def _disagreements(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str
 def _lineage(paths: RunPaths) -> dict[str, Any]:
     """A run made by `tunelab update` or `rebase` (eval/lineage.json): its parent, the paired
     comparisons, and the parent's numbers beside this run's on the same test set."""
-    from tunelab.lifecycle.lineage import parent_paths, read_lineage
+    from tunelab.runs import parent_paths, read_lineage
 
     lineage = read_lineage(paths)
     if lineage is None:
