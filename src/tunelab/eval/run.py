@@ -407,6 +407,7 @@ def evaluate(
     metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
     metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
+    _mention_forgetting(metrics["verdict"], metrics["forgetting"])
 
     # --- what the arms saw, so a reader can check the comparison was fair
     metrics["prompts"] = _prompts_seen(inputs, generated.prompts)
@@ -801,6 +802,15 @@ def _forgetting(inputs: _Inputs, abilities: dict[str, Any]) -> dict[str, Any]:
     result = compare_general_ability(abilities["base"], abilities["tuned"], cfg.forgetting_threshold, seed=cfg.seed)
     result["probe_outputs"] = probe_records(abilities["base"], abilities["tuned"])
     return result
+
+
+def _mention_forgetting(verdict: dict[str, Any], forgetting: dict[str, Any]) -> None:
+    """A fine-tuned arm recommended at a measured cost in general ability says so in its first sentence."""
+    recommended = verdict.get("recommended")
+    if recommended and is_tuned_arm(recommended) and forgetting.get("flagged") and forgetting.get("text"):
+        note = f" It costs general ability: {forgetting['text']}."
+        verdict["text"] = verdict["text"].replace(verdict["headline"], verdict["headline"] + note, 1)
+        verdict["headline"] += note
 
 
 def _prompts_seen(inputs: _Inputs, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, Any]:
