@@ -360,7 +360,8 @@ def test_recorded_outputs_are_matched_by_id_or_line_and_a_null_output_is_a_failu
     assert lines["failures"] == 0 and lines["n_scored"] == 6 and lines["primary"] == pytest.approx(5 / 6)
     assert [r["output"] for r in _rows(run, "prod-lines")] == answers
     assert prod["latency_ms_p50"] == pytest.approx(102.0)  # median of 100, 101, 102, 103, 105 (104 failed)
-    assert lines["latency_note"].startswith("not measured")
+    assert lines["latency_note"].startswith("not measured") and lines["latency_measured"] is False
+    assert prod["latency_measured"] is True
     assert prod["requests"] == 0 and prod["external"] == {"kind": "recorded", "predictions": str(by_id)}
 
 

@@ -528,6 +528,7 @@ def arm_record(run: ExternalRun, primary_scores: Sequence[float | None], metric_
         "cached": sum(1 for a in answered if a.cached),
         "tokens_counted": sum(1 for a in answered if a.tokens_counted),
         "wall_s": run.wall_s,
+        "latency_measured": measured_latency,
         "latency_note": ("per request: the round trip of the request that answered (retry waits not included; a "
                          "cached answer keeps the latency it was measured with); concurrency = batch_size"
                          if isinstance(arm, EndpointArm) else

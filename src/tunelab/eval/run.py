@@ -267,9 +267,11 @@ def _verdict_on_scored(inputs: _Inputs, scored: _Scored, training: dict[str, Any
     for arm, scores in per_example.items():
         tuned = is_tuned_arm(arm)
         row = scored.arms[arm]
+        measured = row.get("latency_measured", True)  # recorded outputs without latency_ms: unknown, not 0
         facts[arm] = ArmFacts(
             scores=[scores[i] for i in kept], usd_per_query=scored.usd_per_query[arm] + (amortised if tuned else 0.0),
-            tuned=tuned, latency_ms_p50=row["latency_ms_p50"], latency_ms_p95=row["latency_ms_p95"],
+            tuned=tuned, latency_ms_p50=row["latency_ms_p50"] if measured else None,
+            latency_ms_p95=row["latency_ms_p95"] if measured else None,
             prompt_tokens_mean=row["prompt_tokens_mean"],
         )
     score_range, range_source = inputs.primary.score_range([s for scores in per_example.values() for s in scores])
