@@ -260,6 +260,7 @@ def test_a_redirect_is_refused_and_the_key_never_reaches_the_other_location(tmp_
     (b"x" * 5000, "larger than"),
     (b"[1, 2]", "not a JSON object"),
     (b"<html>", "not JSON"),
+    (b"[" * 2000 + b"]" * 2000, "nested too deeply"),
     (b'{"choices": []}', "no choices[0].message.content"),
     (b'{"choices": [{"message": {"content": null}}]}', "NoneType, expected text"),
 ])

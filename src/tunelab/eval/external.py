@@ -340,6 +340,8 @@ def post_chat(arm: EndpointArm, body: dict[str, Any]) -> tuple[dict[str, Any], f
             reply = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise EndpointFailed(f"{shown_url}: the reply is not JSON", attempt) from None
+        except RecursionError:  # [[[[... nested past the parser's depth
+            raise EndpointFailed(f"{shown_url}: the reply is nested too deeply to be a chat completion", attempt) from None
         if not isinstance(reply, dict):
             raise EndpointFailed(f"{shown_url}: the reply is not a JSON object", attempt)
         return reply, latency, attempt
