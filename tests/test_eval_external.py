@@ -538,3 +538,35 @@ def test_external_arms_are_members_of_the_verdict_on_the_examples_every_arm_answ
     assert "1 of 18 examples left out: 1 an external arm did not answer" in verdict["text"]
     assert verdict["recommended"] == "prod" and verdict["winner"] == "prod"
     assert verdict["usd_per_1k_requests"]["prod"] == pytest.approx(metrics["arms"]["prod"]["usd_per_1m_queries"] / 1000)
+
+
+def test_a_reply_trickling_in_past_timeout_s_is_a_timeout(tmp_path):
+    """The socket timeout bounds each read; timeout_s bounds the whole reply."""
+    from tunelab.config import EndpointArm
+    from tunelab.engine.generate import DecodingSettings
+    from tunelab.eval.external import run_endpoint_arm
+
+    class Trickle(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.server.hits += 1
+            body = b'{"choices": [{"message": {"content": "slow"}}]}' + b" " * 40
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.02)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.hits = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    arm = EndpointArm(name="h", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout_s=0.5,
+                      max_retries=1, price_per_m_input_tokens=0, price_per_m_output_tokens=0)
+    [answer] = run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(), tmp_path / "c.jsonl").answers
+    assert answer.text is None and "timed out" in answer.error and answer.attempts == 2 and server.hits == 2
+    server.shutdown()
+    server.server_close()

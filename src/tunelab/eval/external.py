@@ -297,6 +297,22 @@ def _redacted(text: str, headers: dict[str, str]) -> str:
     return text
 
 
+def _read_capped(response: Any, deadline: float) -> bytes:
+    """The body, at most MAX_REPLY_BYTES + 1 bytes of it, by `deadline` (perf_counter seconds): the socket
+    timeout bounds each read, so a server trickling bytes would otherwise hold a request for ever."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_REPLY_BYTES:
+        piece = response.read1(1 << 16)
+        if not piece:
+            break
+        chunks.append(piece)
+        size += len(piece)
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the reply took longer than timeout_s")
+    return b"".join(chunks)
+
+
 def post_chat(arm: EndpointArm, body: dict[str, Any]) -> tuple[dict[str, Any], float, int]:
     """POST {base_url}/chat/completions with retries: (parsed reply, latency of the answered request in s,
     attempts), or EndpointFailed naming the last problem."""
@@ -314,7 +330,7 @@ def post_chat(arm: EndpointArm, body: dict[str, Any]) -> tuple[dict[str, Any], f
         try:
             with _OPENER.open(urllib.request.Request(url, data=data, headers=headers, method="POST"),
                               timeout=arm.timeout_s) as response:
-                raw = response.read(MAX_REPLY_BYTES + 1)
+                raw = _read_capped(response, started + arm.timeout_s)
             latency = time.perf_counter() - started
         except urllib.error.HTTPError as err:
             detail = err.read(_DETAIL_CHARS * 4).decode("utf-8", "replace")[:_DETAIL_CHARS]
