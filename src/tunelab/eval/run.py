@@ -357,7 +357,8 @@ def evaluate(
     metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean, tokens_per_s, metrics["verdict"],
                                    _read_summary(inputs.paths), cfg)
     metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
-    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
+    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"],
+                                                 metrics.get("primary_range"))
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
 
     # --- what the arms saw, so a reader can check the comparison was fair
@@ -632,11 +633,13 @@ def _overfitting(inputs: _Inputs, generated: _Generated, sample_columns: dict[st
                                {arm: generated.texts(arm) for arm in inputs.chosen}, task)
 
 
-def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:
+def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any],
+                    score_range: Sequence[float] | None) -> dict[str, Any]:
     """A verdict on a model that is still learning is provisional, and says what to run (the verdict is
     updated in place)."""
     task = overfitting.get("task_metric") or {}
-    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name)
+    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name,
+                             score_range)
              if "tuned" in inputs.chosen else {"provisional": False, "reason": None, "suggestion": None, "signals": {}})
     verdict.update(provisional=check["provisional"], provisional_reason=check["reason"])
     if check["provisional"]:

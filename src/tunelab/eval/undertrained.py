@@ -3,70 +3,137 @@
 Reads train/log.jsonl (validation losses), train/plan.json and train/summary.json of a run, and the
 tuned arm's score on a sample of its own training examples (computed by eval/run.py); returns the
 `provisional` / `provisional_reason` pair that eval/run.py puts into the verdict of eval/metrics.json,
-with the signals behind it. Writes nothing.
+with the signals behind it. Writes nothing. `judge_training` is the rule, on plain numbers.
 
-Two signals, either one is enough (docs/evaluation.md):
-- validation loss still falling clearly: more than STILL_FALLING (relative) and STILL_FALLING_NATS
-  (absolute) between the last evaluation at or before 80% of the run and the final one;
-- a low score on the training examples themselves (below LOW_TRAIN_SCORE and not clearly above the
-  held-out score): the model has not even learned what it was shown.
+The rule (docs/training.md), with the validation loss's own noise as the yardstick:
+- noise: the spread of the validation loss around its local trend, from the second differences of
+  its last evaluations (the later half of the run, at least NOISE_EVALS of them) around their mean:
+  a steadily bending curve has none, white noise of sd s gives second differences of sd s*sqrt(6);
+- still falling: the validation loss fell between the last evaluation at or before 80% of the run and
+  the final one by more than x of its value, x = max(STILL_FALLING, NOISE_K times the noise of a
+  difference of two evaluations); relative, so a low-loss structured task falling 21% counts;
+- the train sample: the tuned model scoring its own training examples not clearly better than held-out
+  ones (by TRAIN_TEST_GAP_POINTS points of the primary's range, or half the room the held-out score
+  leaves below the top) has not learned what it was shown, or generalises perfectly; the two look the
+  same, so this counts only where the curve cannot show convergence (no or too few evaluations to
+  measure the noise) or the validation loss is still falling beyond its noise;
+- the budget stop counts only where no validation curve can show convergence; early stopping that
+  found its best is convergence, whatever the budget did.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tunelab.eval.metrics import delta_points, to_points
 from tunelab.runs import RunPaths
 
-STILL_FALLING = 0.03  # relative drop of validation loss over the last fifth of the run ...
-STILL_FALLING_NATS = 0.03  # ... and absolute: 0.04 -> 0.02 nats a token is a model that has learned
-LOW_TRAIN_SCORE = 0.5
-TRAIN_TEST_GAP = 0.10  # a model that scores its train examples this much above held-out ones learned them
+STILL_FALLING = 0.03  # the least relative drop over the last fifth that counts, however quiet the curve
+NOISE_K = 3.0  # a drop this many noise sds of a two-evaluation difference is not noise (flat curves: <= 3% alarms)
+NOISE_EVALS = 5  # evaluations needed to measure the noise (three second differences)
+TRAIN_TEST_GAP_POINTS = 10.0  # a model that scores its train examples this much above held-out ones learned them,
+HEADROOM_SHARE = 0.5  # ... as did one that closes half the room its held-out score leaves (95 vs 90)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def validation_trend(log_path: Path) -> dict[str, Any] | None:
-    """Relative change of validation loss over the last fifth of the run (negative: falling)."""
+def read_validation_losses(log_path: Path) -> list[tuple[int, float]]:
+    """(step, val_loss) of every evaluation with a finite validation loss, in log order."""
     if not log_path.is_file():
-        return None
+        return []
     evals = []
     for line in log_path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line) if line.strip() else {}
-        if row.get("kind") == "eval" and row.get("val_loss") is not None:
+        if row.get("kind") == "eval" and row.get("val_loss") is not None and math.isfinite(float(row["val_loss"])):
             evals.append((int(row["step"]), float(row["val_loss"])))
+    return evals
+
+
+def validation_noise(evals: Sequence[tuple[int, float]]) -> float | None:
+    """The sd of one evaluation around the curve's local trend, from the spread of the second
+    differences of the later half of the run (at least its last NOISE_EVALS evaluations); None with
+    fewer evaluations."""
+    if len(evals) < NOISE_EVALS:
+        return None
+    last_step = evals[-1][0]
+    later = [loss for step, loss in evals if step >= 0.5 * last_step]
+    losses = later if len(later) >= NOISE_EVALS else [loss for _, loss in evals[-NOISE_EVALS:]]
+    second = [losses[i + 1] - 2 * losses[i] + losses[i - 1] for i in range(1, len(losses) - 1)]
+    mean = sum(second) / len(second)  # the curve's own bend, not noise
+    return math.sqrt(sum((e - mean) ** 2 for e in second) / (len(second) - 1) / 6)
+
+
+def trend_of(evals: Sequence[tuple[int, float]]) -> dict[str, Any] | None:
+    """The change of validation loss over the last fifth of the run against its noise."""
     if len(evals) < 2:
         return None
     last_step, last_loss = evals[-1]
-    earlier = [e for e in evals[:-1] if e[0] <= 0.8 * last_step] or evals[:1]
+    earlier = [e for e in evals[:-1] if e[0] <= 0.8 * last_step] or list(evals[:1])
     from_step, from_loss = earlier[-1]
     change = (last_loss - from_loss) / from_loss if from_loss > 0 else 0.0
+    noise = validation_noise(evals)
+    noise_drop = None if noise is None else NOISE_K * math.sqrt(2) * noise  # a two-evaluation difference
+    threshold = max(STILL_FALLING, noise_drop / from_loss if noise_drop is not None and from_loss > 0 else 0.0)
+    drop = from_loss - last_loss
     return {"from_step": from_step, "from_val_loss": from_loss, "to_step": last_step, "to_val_loss": last_loss,
-            "relative_change": change}
+            "relative_change": change, "noise_sd": noise, "threshold": threshold,
+            "still_falling": change < -threshold,
+            "falling_beyond_noise": (drop > noise_drop) if noise_drop is not None else None}
+
+
+def validation_trend(log_path: Path) -> dict[str, Any] | None:
+    """Relative change of validation loss over the last fifth of the run (negative: falling), its noise
+    and whether it is still falling (trend_of)."""
+    return trend_of(read_validation_losses(log_path))
+
+
+def judge_training(trend: dict[str, Any] | None, summary: dict[str, Any], train_sample_score: float | None,
+                   test_score: float | None, metric: str,
+                   score_range: Sequence[float] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """The reasons a verdict is provisional (none: final) and the signals behind them; the rule is in
+    the module docstring. `summary` is train/summary.json's content ({} when absent)."""
+    stopped_early = bool(summary.get("stopped_early"))
+    budget = bool(summary.get("budget_reached"))
+    budget_text = f"the budget stopped training at step {summary.get('steps')} of {summary.get('planned_steps')}"
+    reasons: list[str] = []
+    still_falling = trend is not None and trend["still_falling"] and not stopped_early
+    if still_falling:
+        reasons.append(f"validation loss {trend['relative_change']:+.0%} over the last fifth of the run "
+                       f"(step {trend['from_step']} -> {trend['to_step']}; more than {trend['threshold']:.0%}, "
+                       "beyond its noise)" + (f", when {budget_text}" if budget else ""))
+    # whether the curve can show that training converged
+    undecided = trend is None or (trend["falling_beyond_noise"] is None and not stopped_early)
+    falling = trend is not None and bool(trend["falling_beyond_noise"]) and not stopped_early
+    gap = None
+    if train_sample_score is not None and test_score is not None:
+        gap = delta_points(train_sample_score - test_score, score_range)
+        headroom = 100.0 - to_points(test_score, score_range)  # room above the held-out score
+    # (less a hair: 0.95 - 0.9 is 4.999... points in floating point)
+    not_learned = gap is not None and gap < min(TRAIN_TEST_GAP_POINTS, HEADROOM_SHARE * headroom) - 1e-9
+    if not_learned and (undecided or falling):
+        reasons.append(f"{metric} on its own training examples {train_sample_score:.3g}, not clearly above its "
+                       f"held-out {test_score:.3g} ({gap:+.1f} points)")
+    if budget and trend is None:
+        reasons.append(budget_text)
+    signals = {"validation_trend": trend, "train_sample": train_sample_score, "test": test_score,
+               "train_minus_test_points": gap, "budget_reached": budget, "stopped_early": stopped_early}
+    return reasons, signals
 
 
 def assess_training(paths: RunPaths, train_sample_score: float | None, test_score: float | None,
-                    metric: str) -> dict[str, Any]:
+                    metric: str, score_range: Sequence[float] | None = None) -> dict[str, Any]:
     """{"provisional": bool, "reason": str | None, "suggestion": str | None, "signals": {...}}."""
     plan = _read_json(paths.plan) or {}
     summary = _read_json(paths.train_summary) or {}
-    trend = validation_trend(paths.train_log)
-    reasons: list[str] = []
-    if (trend is not None and trend["relative_change"] < -STILL_FALLING
-            and trend["from_val_loss"] - trend["to_val_loss"] > STILL_FALLING_NATS):
-        reasons.append(f"validation loss {trend['relative_change']:+.0%} over the last fifth of the run "
-                       f"(step {trend['from_step']} -> {trend['to_step']})")
-    if (train_sample_score is not None and train_sample_score < LOW_TRAIN_SCORE
-            and (test_score is None or train_sample_score - test_score < TRAIN_TEST_GAP)):
-        reasons.append(f"{metric} on its own training examples only {train_sample_score:.0%}")
-    if summary.get("budget_reached"):
-        reasons.append(f"the budget stopped training at step {summary.get('steps')} of {summary.get('planned_steps')}")
-    signals = {"validation_trend": trend, "train_sample": train_sample_score, "test": test_score,
-               "limited_by": plan.get("limited_by"), "budget_reached": bool(summary.get("budget_reached"))}
+    reasons, signals = judge_training(validation_trend(paths.train_log), summary, train_sample_score, test_score,
+                                      metric, score_range)
+    signals["limited_by"] = plan.get("limited_by")
     if not reasons:
         return {"provisional": False, "reason": None, "suggestion": None, "signals": signals}
     suggestion = _suggestion(plan)
