@@ -629,8 +629,10 @@ def _overfitting(inputs: _Inputs, generated: _Generated, sample_columns: dict[st
         tuned = arms["tuned"]
         task = task_metric(inputs.primary.name, _primary_scores(inputs.primary, scores, sample_columns),
                            tuned["primary"], tuned["ci95"], inputs.cfg.seed)
+    summary = _read_summary(inputs.paths)  # output_step: the weights the tuned arms ran
     return measure_overfitting(inputs.paths.train_log, inputs.references, [ex.reference for ex in inputs.train],
-                               {arm: generated.texts(arm) for arm in inputs.chosen}, task)
+                               {arm: generated.texts(arm) for arm in inputs.chosen}, task,
+                               summary.output_step if summary else None)
 
 
 def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any],

@@ -63,9 +63,16 @@ def validation_noise(evals: Sequence[tuple[int, float]]) -> float | None:
         return None
     last_step = evals[-1][0]
     later = [loss for step, loss in evals if step >= 0.5 * last_step]
-    losses = later if len(later) >= NOISE_EVALS else [loss for _, loss in evals[-NOISE_EVALS:]]
+    return noise_of(later if len(later) >= NOISE_EVALS else [loss for _, loss in evals[-NOISE_EVALS:]])
+
+
+def noise_of(losses: Sequence[float]) -> float | None:
+    """The sd of one value of a curve around its local trend: the spread of its second differences
+    around their mean (the curve's own bend is not noise), over sqrt(6); None under NOISE_EVALS values."""
+    if len(losses) < NOISE_EVALS:
+        return None
     second = [losses[i + 1] - 2 * losses[i] + losses[i - 1] for i in range(1, len(losses) - 1)]
-    mean = sum(second) / len(second)  # the curve's own bend, not noise
+    mean = sum(second) / len(second)
     return math.sqrt(sum((e - mean) ** 2 for e in second) / (len(second) - 1) / 6)
 
 
