@@ -70,3 +70,14 @@ def test_a_drop_of_the_tuned_arm_alone_is_stale(paired):
         stale += judged["stale"]
     # pairing removes what the arms share about each example: unpaired needs more examples for the same power
     assert stale / runs >= (0.95 if paired else 0.85), stale / runs
+
+
+def test_changes_are_points_of_the_primarys_range():
+    """A 1-10 judge falling 0.9 is 10 points of its range, not 90; its 7.3 is 70 points."""
+    from tunelab.lifecycle.drift import TwoSample, _change_record, _pct
+
+    record = _change_record(TwoSample(-0.9, (-1.35, -0.45), 0.01), (1, 10), "two-sample")
+    assert record["delta_points"] == pytest.approx(-10.0)
+    assert record["ci95_points"] == pytest.approx([-15.0, -5.0])
+    assert _pct({"primary": 7.3, "ci95": [6.4, 8.2]}, (1, 10)) == "70.0% [60.0, 80.0]"
+    assert _pct({"primary": 0.7, "ci95": [0.6, 0.8]}) == "70.0% [60.0, 80.0]"  # no range: a 0-1 score
