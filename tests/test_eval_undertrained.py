@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from tunelab.eval.undertrained import (
     assess_training,
     judge_training,
     trend_of,
-    validation_noise,
     validation_trend,
 )
 from tunelab.runs import RunPaths
@@ -58,16 +56,37 @@ def test_a_low_loss_structured_task_still_falling_21_percent_is_still_learning(t
 
 def test_the_threshold_grows_with_the_noise_of_the_validation_loss():
     quiet = [(s, 1.0 - 0.001 * s) for s in range(10, 110, 10)]  # a straight line: no noise at all
-    assert validation_noise(quiet) == pytest.approx(0.0, abs=1e-12)
-    assert trend_of(quiet)["threshold"] == STILL_FALLING
-    wiggle = [(s, 1.0 + (0.04 if i % 2 else -0.04)) for i, s in enumerate(range(10, 110, 10))]
-    # the later half (steps 50-100) alternates +-0.04: four second differences of +-0.16, mean 0
-    noise = math.sqrt(4 * 0.16**2 / 3 / 6)
-    assert validation_noise(wiggle) == pytest.approx(noise)
-    assert trend_of(wiggle)["threshold"] == pytest.approx(NOISE_K * math.sqrt(2) * noise / 1.04)  # from step 80: 1.04
-    bend = [(s, 1.0 / s) for s in range(10, 110, 10)]  # the curve's own bend is not noise
-    assert validation_noise(bend) < 1e-3
-    assert validation_noise(quiet[:4]) is None and trend_of(quiet[:4])["falling_beyond_noise"] is None
+    trend = trend_of(quiet)
+    assert trend["noise_sd"] == pytest.approx(0.0, abs=1e-12) and trend["threshold"] == STILL_FALLING
+    assert trend["evaluations_fitted"] == 5  # steps 60-100, the last 40% of the run
+    assert trend["fitted_relative_change"] == pytest.approx(-0.02 / 0.92)  # 0.001 a step over 20 steps, from 0.92
+    wiggle = [(s, 1.0 - 0.001 * s + (0.03 if i % 2 else -0.03)) for i, s in enumerate(range(10, 110, 10))]
+    # the same line with noise: a least-squares fit computed independently
+    steps = np.array([60, 70, 80, 90, 100.0])
+    losses = np.array([loss for step, loss in wiggle if step >= 60])
+    slope, intercept = np.polyfit(steps, losses, 1)
+    noise = np.sqrt(((losses - slope * steps - intercept) ** 2).sum() / 3)
+    slope_se = noise / np.sqrt(((steps - steps.mean()) ** 2).sum())
+    at_80 = slope * 80 + intercept
+    trend = trend_of(wiggle)
+    assert trend["noise_sd"] == pytest.approx(noise)
+    # three degrees of freedom: the t quantile 3.18 is above NOISE_K
+    assert trend["threshold"] == pytest.approx(max(STILL_FALLING, 3.18 * slope_se * 20 / at_80))
+    assert trend["threshold"] > STILL_FALLING and NOISE_K < 3.18
+    # fewer than four evaluations: no noise estimate, the two-point change against 3%
+    assert trend_of(quiet[:3])["falling_beyond_noise"] is None and trend_of(quiet[:3])["noise_sd"] is None
+
+
+def test_the_bundled_demos_own_curve_is_still_learning():
+    """examples/triage/results: a low-loss structured task, validation loss 0.051 -> 0.040 (-21%) over the
+    last fifth, falling at every evaluation of the second half: the old 0.03-nat floor missed it."""
+    metrics = json.loads((EXAMPLE.parent / "results" / "metrics.json").read_text())
+    curve = [(p["step"], p["val_loss"]) for p in metrics["overfitting"]["loss_curve"]]
+    trend = trend_of(curve)
+    assert trend["relative_change"] == pytest.approx(-0.213, abs=1e-3) and trend["still_falling"]
+    reasons, _ = judge_training(trend, {}, 0.898, 0.875, "label_accuracy")
+    assert reasons and reasons[0].startswith("validation loss -21% over the last fifth of the run (step 119 -> 168; its "
+                                             "trend over the last 40% of the run: ")
 
 
 def test_a_flat_curve_and_learned_training_examples_give_a_final_verdict(tmp_path):
@@ -122,31 +141,42 @@ def test_early_stopping_at_its_best_is_convergence(tmp_path):
 def _simulated(kind: str, rng: np.random.Generator, evals: int, noise: float) -> list[tuple[int, float]]:
     steps = np.linspace(20, 20 * evals, evals).round().astype(int)
     t = steps / steps[-1]
-    # flat: converged long ago; else still falling, about 21% over the last fifth, towards a floor far below
-    mean = np.full(evals, 0.5) if kind == "flat" else 0.05 + 2.0 * np.exp(-t * 1.6)
+    mean = {
+        "flat": np.full(evals, 0.5),  # converged long ago
+        "converged_late": 0.3 + 0.7 * np.exp(-8 * t),  # within 1% of its floor from 60% of the run on
+        "falling": 0.05 + 2.0 * np.exp(-t * 1.6),  # still falling about 21% over the last fifth
+        "low_loss": 0.03 + 0.13 * np.exp(-2.56 * t) + 0.5 * np.exp(-25 * t),  # the demo's shape: 0.05 -> 0.04
+    }[kind]
     losses = mean * (1 + noise * rng.standard_normal(evals))
     return list(zip(steps.tolist(), losses.tolist(), strict=True))
+
+
+def _rate(kind: str, evals: int, noise: float, runs: int = 2000) -> float:
+    """Share of runs made provisional, with a budget stop and a train sample no better than test (the
+    signals that count only where the curve does not show convergence)."""
+    rng = np.random.default_rng(evals * 1000 + int(noise * 1000))
+    summary = {"budget_reached": True, "steps": 186, "planned_steps": 187}
+    return sum(bool(judge_training(trend_of(_simulated(kind, rng, evals, noise)), summary, 0.45, 0.44, "token_f1")[0])
+               for _ in range(runs)) / runs
 
 
 @pytest.mark.parametrize("evals", [6, 11, 21])
 @pytest.mark.parametrize("noise", [0.005, 0.02, 0.05])
 def test_flat_noisy_curves_rarely_look_still_learning(evals, noise):
-    """Converged, then a budget stop, and a train sample no better than test: final in >= 95% of runs."""
-    rng = np.random.default_rng(evals * 1000 + int(noise * 1000))
-    runs = 2000
-    alarms = sum(bool(judge_training(trend_of(_simulated("flat", rng, evals, noise)),
-                                     {"budget_reached": True, "steps": 186, "planned_steps": 187},
-                                     0.45, 0.44, "token_f1")[0]) for _ in range(runs))
-    assert alarms / runs <= 0.05
+    assert _rate("flat", evals, noise) <= 0.05
+
+
+@pytest.mark.parametrize(("evals", "most"), [(6, 0.10), (11, 0.06), (21, 0.05)])
+def test_curves_that_converged_late_rarely_look_still_learning(evals, most):
+    """The fitted line reaches back into the bend: with 6 evaluations (2 degrees of freedom) this costs
+    more false alarms (7% measured), with the default ~10 about 4%."""
+    assert _rate("converged_late", evals, 0.03) <= most
 
 
 @pytest.mark.parametrize("evals", [6, 11, 21])
 def test_curves_still_falling_a_fifth_are_caught(evals):
-    rng = np.random.default_rng(evals)
-    runs = 2000
-    caught = sum(bool(judge_training(trend_of(_simulated("falling", rng, evals, 0.02)), {}, 1.0, 0.9,
-                                     "exact_match")[0]) for _ in range(runs))
-    assert caught / runs >= 0.95
+    assert _rate("falling", evals, 0.02) >= 0.99
+    assert _rate("low_loss", evals, 0.03) >= 0.94
 
 
 def test_a_deliberately_short_run_gets_a_provisional_verdict_everywhere(tmp_path):

@@ -6,8 +6,8 @@ primary scores on a sample of its own training examples and the step whose weigh
 (train/summary.json output_step). Writes nothing.
 
 The loss-curve signal (`val_rise`, docs/evaluation.md): validation loss rose off its minimum by more
-than its own noise (RISE_K noise sds, the noise measured as in eval/undertrained.py over the whole
-curve; with fewer than NOISE_EVALS evaluations, FALLBACK_RISE of the minimum) while train loss fell.
+than its own noise (RISE_K noise sds, the noise from the spread of the curve's second differences
+(noise_of); with fewer than NOISE_EVALS evaluations, FALLBACK_RISE of the minimum) while train loss fell.
 The events train/events.py writes during training compare two evaluations without a tolerance; they
 stay in the log as they are, and this is the judgement the report shows.
 """
@@ -15,6 +15,7 @@ stay in the log as they are, and this is the judgement the report shows.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from tunelab.eval.metrics import bootstrap_ci
-from tunelab.eval.undertrained import noise_of
 
+NOISE_EVALS = 5  # evaluations needed to measure the noise (three second differences)
 RISE_K = 4.0  # a rise off the minimum beyond this many noise sds (the minimum of a noisy curve sits low)
 MIN_RISE = 0.01  # ... and at least 1% of the minimum, however quiet the curve
 FALLBACK_RISE = 0.05  # too few evaluations to measure the noise: a rise of 5% of the minimum
@@ -37,6 +38,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         if line.strip():
             rows.append(json.loads(line))
     return rows
+
+
+def noise_of(losses: Sequence[float]) -> float | None:
+    """The sd of one value of a curve around its local trend: the spread of its second differences
+    around their mean (the curve's own bend is not noise), over sqrt(6); None under NOISE_EVALS values."""
+    if len(losses) < NOISE_EVALS:
+        return None
+    second = [losses[i + 1] - 2 * losses[i] + losses[i - 1] for i in range(1, len(losses) - 1)]
+    mean = sum(second) / len(second)
+    return math.sqrt(sum((e - mean) ** 2 for e in second) / (len(second) - 1) / 6)
 
 
 def validation_rise(curve: Sequence[dict[str, Any]], evaluated_step: int | None = None) -> dict[str, Any]:

@@ -6,12 +6,15 @@ tuned arm's score on a sample of its own training examples (computed by eval/run
 with the signals behind it. Writes nothing. `judge_training` is the rule, on plain numbers.
 
 The rule (docs/training.md), with the validation loss's own noise as the yardstick:
-- noise: the spread of the validation loss around its local trend, from the second differences of
-  its last evaluations (the later half of the run, at least NOISE_EVALS of them) around their mean:
-  a steadily bending curve has none, white noise of sd s gives second differences of sd s*sqrt(6);
-- still falling: the validation loss fell between the last evaluation at or before 80% of the run and
-  the final one by more than x of its value, x = max(STILL_FALLING, NOISE_K times the noise of a
-  difference of two evaluations); relative, so a low-loss structured task falling 21% counts;
+- the trend at the end: a straight line fitted by least squares to the evaluations of the last
+  TREND_WINDOW of the run (at least TREND_EVALS of them: the last ones), its fall over the last fifth
+  of the run relative to its value at 80%; its noise is the line's standard error, from the spread of
+  the evaluations around it (a two-point difference would throw away the evaluations between);
+- still falling: that fall is more than x, x = max(STILL_FALLING, NOISE_K standard errors of the fall,
+  or the Student t quantile where a fit to few evaluations needs more);
+  relative, with no absolute floor, so a low-loss structured task falling 21% counts. With fewer than
+  TREND_EVALS evaluations the noise cannot be measured: the change between the last evaluation at or
+  before 80% of the run and the final one against STILL_FALLING alone;
 - the train sample: the tuned model scoring its own training examples not clearly better than held-out
   ones (by TRAIN_TEST_GAP_POINTS points of the primary's range, or half the room the held-out score
   leaves below the top) has not learned what it was shown, or generalises perfectly; the two look the
@@ -33,8 +36,10 @@ from tunelab.eval.metrics import delta_points, to_points
 from tunelab.runs import RunPaths
 
 STILL_FALLING = 0.03  # the least relative drop over the last fifth that counts, however quiet the curve
-NOISE_K = 3.0  # a drop this many noise sds of a two-evaluation difference is not noise (flat curves: <= 3% alarms)
-NOISE_EVALS = 5  # evaluations needed to measure the noise (three second differences)
+NOISE_K = 3.0  # a fall this many standard errors of the fitted fall is no noise (simulated flat curves: <= 3% alarms)
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18}  # Student t 97.5% quantiles, where a fit to few points needs more than NOISE_K
+TREND_WINDOW = 0.4  # the trend is fitted to the evaluations of the last 40% of the run ...
+TREND_EVALS = 4  # ... at least this many (the last ones); fewer evaluations in all: no noise estimate
 TRAIN_TEST_GAP_POINTS = 10.0  # a model that scores its train examples this much above held-out ones learned them,
 HEADROOM_SHARE = 0.5  # ... as did one that closes half the room its held-out score leaves (95 vs 90)
 
@@ -55,43 +60,52 @@ def read_validation_losses(log_path: Path) -> list[tuple[int, float]]:
     return evals
 
 
-def validation_noise(evals: Sequence[tuple[int, float]]) -> float | None:
-    """The sd of one evaluation around the curve's local trend, from the spread of the second
-    differences of the later half of the run (at least its last NOISE_EVALS evaluations); None with
-    fewer evaluations."""
-    if len(evals) < NOISE_EVALS:
-        return None
-    last_step = evals[-1][0]
-    later = [loss for step, loss in evals if step >= 0.5 * last_step]
-    return noise_of(later if len(later) >= NOISE_EVALS else [loss for _, loss in evals[-NOISE_EVALS:]])
-
-
-def noise_of(losses: Sequence[float]) -> float | None:
-    """The sd of one value of a curve around its local trend: the spread of its second differences
-    around their mean (the curve's own bend is not noise), over sqrt(6); None under NOISE_EVALS values."""
-    if len(losses) < NOISE_EVALS:
-        return None
-    second = [losses[i + 1] - 2 * losses[i] + losses[i - 1] for i in range(1, len(losses) - 1)]
-    mean = sum(second) / len(second)
-    return math.sqrt(sum((e - mean) ** 2 for e in second) / (len(second) - 1) / 6)
-
-
 def trend_of(evals: Sequence[tuple[int, float]]) -> dict[str, Any] | None:
-    """The change of validation loss over the last fifth of the run against its noise."""
+    """The change of validation loss over the last fifth of the run, observed and fitted, against its
+    noise (the module docstring)."""
     if len(evals) < 2:
         return None
     last_step, last_loss = evals[-1]
     earlier = [e for e in evals[:-1] if e[0] <= 0.8 * last_step] or list(evals[:1])
     from_step, from_loss = earlier[-1]
     change = (last_loss - from_loss) / from_loss if from_loss > 0 else 0.0
-    noise = validation_noise(evals)
-    noise_drop = None if noise is None else NOISE_K * math.sqrt(2) * noise  # a two-evaluation difference
-    threshold = max(STILL_FALLING, noise_drop / from_loss if noise_drop is not None and from_loss > 0 else 0.0)
-    drop = from_loss - last_loss
-    return {"from_step": from_step, "from_val_loss": from_loss, "to_step": last_step, "to_val_loss": last_loss,
-            "relative_change": change, "noise_sd": noise, "threshold": threshold,
-            "still_falling": change < -threshold,
-            "falling_beyond_noise": (drop > noise_drop) if noise_drop is not None else None}
+    trend = {"from_step": from_step, "from_val_loss": from_loss, "to_step": last_step, "to_val_loss": last_loss,
+             "relative_change": change, "fitted_relative_change": None, "evaluations_fitted": 0, "noise_sd": None,
+             "threshold": STILL_FALLING, "still_falling": change < -STILL_FALLING, "falling_beyond_noise": None}
+    window = [e for e in evals if e[0] >= (1 - TREND_WINDOW) * last_step]
+    if len(window) < TREND_EVALS:
+        window = list(evals[-TREND_EVALS:])
+    if len(window) < TREND_EVALS or len({step for step, _ in window}) < 2:
+        return trend
+    fit = _line(window)
+    if fit is None:
+        return trend
+    slope, at_80, noise_sd, slope_se = fit
+    fifth = 0.2 * last_step
+    fall = -slope * fifth  # positive: falling
+    if at_80 <= 0:
+        return trend
+    beyond_noise = max(NOISE_K, T_975.get(len(window) - 2, 0.0)) * slope_se * fifth
+    threshold = max(STILL_FALLING, beyond_noise / at_80)
+    trend.update(fitted_relative_change=-fall / at_80, evaluations_fitted=len(window), noise_sd=noise_sd,
+                 threshold=threshold, still_falling=fall / at_80 > threshold, falling_beyond_noise=fall > beyond_noise)
+    return trend
+
+
+def _line(points: Sequence[tuple[int, float]]) -> tuple[float, float, float, float] | None:
+    """Least-squares line through (step, loss) -> (slope, its value at 80% of the last step, the sd of the
+    points around it, the slope's standard error); None when the points are too few to spread."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if n < 3 or sxx == 0:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+    residual = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in points)
+    noise_sd = math.sqrt(residual / (n - 2))
+    at_80 = mean_y + slope * (0.8 * points[-1][0] - mean_x)
+    return slope, at_80, noise_sd, noise_sd / math.sqrt(sxx)
 
 
 def validation_trend(log_path: Path) -> dict[str, Any] | None:
@@ -111,9 +125,13 @@ def judge_training(trend: dict[str, Any] | None, summary: dict[str, Any], train_
     reasons: list[str] = []
     still_falling = trend is not None and trend["still_falling"] and not stopped_early
     if still_falling:
+        fitted = trend["fitted_relative_change"]
+        why = (f"its trend over the last {TREND_WINDOW:.0%} of the run: {fitted:+.0%} a fifth, more than the "
+               f"{trend['threshold']:.0%} its noise allows" if fitted is not None else
+               f"more than {trend['threshold']:.0%}; too few evaluations to measure its noise")
         reasons.append(f"validation loss {trend['relative_change']:+.0%} over the last fifth of the run "
-                       f"(step {trend['from_step']} -> {trend['to_step']}; more than {trend['threshold']:.0%}, "
-                       "beyond its noise)" + (f", when {budget_text}" if budget else ""))
+                       f"(step {trend['from_step']} -> {trend['to_step']}; {why})"
+                       + (f", when {budget_text}" if budget else ""))
     # whether the curve can show that training converged
     undecided = trend is None or (trend["falling_beyond_noise"] is None and not stopped_early)
     falling = trend is not None and bool(trend["falling_beyond_noise"]) and not stopped_early
