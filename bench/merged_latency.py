@@ -41,9 +41,9 @@ def main() -> None:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from tunelab.engine.generate import DecodingSettings, generate
 
     from generate_speed import demo_prompts  # this folder is on sys.path when run as a script
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.models import load_model, load_tokenizer
 
     if args.threads:

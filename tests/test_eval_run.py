@@ -187,7 +187,6 @@ def test_overfitting_reads_the_training_log(evaluated):
 def test_merged_adapter_answers_as_the_adapter(evaluated):
     """The tuned arms ran on the merged weights: the unmerged adapter's greedy outputs are the same."""
     from tunelab.engine.generate import generate
-
     from tunelab.eval import run as run_module
     from tunelab.runs import load_run_model
 
