@@ -50,6 +50,7 @@ from tunelab.eval.cost import amortised_training_per_query, compare_cost, traini
 from tunelab.eval.decision import ArmFacts, decide_verdict
 from tunelab.eval.external import Answer, ExternalRun
 from tunelab.eval.graders.evaluation import (
+    CONSENT,
     Primary,
     grader_summary,
     prepare_graders,
@@ -143,13 +144,17 @@ def _parse_arms(arms: str | Sequence[str] | None, recipe: Recipe) -> list[str]:
 class _Models:
     """The base and tuned models of a run, each loaded at most once.
 
-    LoRA run: one PeftModel; `base` is the same object under `disable_adapter()`. Full fine-tune: two
-    models, the one not in use released first (two 135M copies fit, larger models may not).
+    LoRA run: one PeftModel; `base` is the same object under `disable_adapter()`, and for the tuned
+    arms the adapter is merged into the base weights in place, as it would be deployed (no extra
+    matmuls a token; the base arms and forgetting's base measurement run first, so nothing needs the
+    unmerged weights again). Full fine-tune: two models, the one not in use released first (two 135M
+    copies fit, larger models may not).
     """
 
     def __init__(self, paths: RunPaths, recipe: Recipe) -> None:
         self.paths, self.recipe = paths, recipe
         self._peft: Any = None
+        self._merged = False
         self._loaded: tuple[str, Any] | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -182,9 +187,13 @@ class _Models:
             if self._peft is None:
                 self._peft, self.tokenizer = load_run_model(self.paths, self.recipe)
             if which == "base":
+                if self._merged:
+                    raise RuntimeError("the adapter is merged into the base weights: run the base arms first")
                 with self._peft.disable_adapter():
                     yield self._peft
             else:
+                if not self._merged:
+                    self._peft, self._merged = self._peft.merge_and_unload(), True
                 yield self._peft
             return
         if self._loaded is None or self._loaded[0] != which:
@@ -199,6 +208,13 @@ class _Models:
 
 def _arm_model(arm: str) -> str:
     return "tuned" if arm in TUNED_ARMS else "base"
+
+
+def _served(arm: str, tuned_kind: str | None) -> str:
+    """How an arm's model was served while it was timed (metrics.json arms.<arm>.served)."""
+    if _arm_model(arm) == "base":
+        return "base model"
+    return "adapter merged into the base weights" if tuned_kind == "adapter" else "fine-tuned weights"
 
 
 # ---------------------------------------------------------------------------------------------- summaries
@@ -372,8 +388,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
     `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run), and
-    so does `python_graders`: a python grader in a run folder's recipe is code, run only when the
-    caller says the recipe is the user's own (tunelab run, curve) or the user asked for it.
+    so does `python_graders`: a python grader in a run folder's recipe is code, and a judge there with an
+    API key would be sent the user's secret, both only when the caller says the recipe is the user's
+    own (tunelab run, curve) or the user asked for it.
     For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
     touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
     data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder. The recipe's
@@ -407,7 +424,8 @@ def evaluate(
     metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean, tokens_per_s, metrics["verdict"],
                                    summary, cfg)
     metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
-    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
+    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"],
+                                                 metrics.get("primary_range"))
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
 
@@ -449,7 +467,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     from tunelab.eval.external import builtin_arm, check_external, refuse_secret_bearing_arms
 
     if recipe_external and not python_graders:  # a run folder's recipe, without the caller's consent
-        refuse_secret_bearing_arms(cfg.external, paths.recipe)
+        refuse_secret_bearing_arms(cfg.external, paths.recipe, CONSENT)
     external_arms = [*(cfg.external if recipe_external else ()), *external]
     recorded = check_external(external_arms, all_test, len(test), chosen, test_path)
     prompted = [*chosen, *(builtin_arm(a) for a in external_arms)]  # the built-in prompts the arms need
@@ -714,6 +732,7 @@ def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: f
         "tokens_per_s": sum(g.completion_tokens for g in gens) / wall_s if wall_s > 0 else 0.0,
         "usd_per_1m_queries": usd_per_query(prompt_mean, completion_mean, cfg, tuned=is_tuned_arm(arm)) * 1e6,
         "model": _arm_model(arm),
+        "served": _served(arm, inputs.models.tuned_kind),
         "shots_mean": float(np.mean(shot_counts)),
         "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
         "decoding": dataclasses.asdict(inputs.settings),
@@ -778,15 +797,19 @@ def _overfitting(inputs: _Inputs, generated: _Generated, sample_columns: dict[st
         tuned = arms["tuned"]
         task = task_metric(inputs.primary.name, _primary_scores(inputs.primary, scores, sample_columns),
                            tuned["primary"], tuned["ci95"], inputs.cfg.seed)
+    summary = _read_summary(inputs.paths)  # output_step: the weights the tuned arms ran
     return measure_overfitting(inputs.paths.train_log, inputs.references, [ex.reference for ex in inputs.train],
-                               {arm: generated.texts(arm) for arm in inputs.chosen}, task)
+                               {arm: generated.texts(arm) for arm in inputs.chosen}, task,
+                               summary.output_step if summary else None)
 
 
-def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:
+def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any],
+                    score_range: Sequence[float] | None) -> dict[str, Any]:
     """A verdict on a model that is still learning is provisional, and says what to run (the verdict is
     updated in place)."""
     task = overfitting.get("task_metric") or {}
-    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name)
+    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name,
+                             score_range)
              if "tuned" in inputs.chosen else {"provisional": False, "reason": None, "suggestion": None, "signals": {}})
     verdict.update(provisional=check["provisional"], provisional_reason=check["reason"])
     if check["provisional"]:
