@@ -262,6 +262,10 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
     if isinstance((data.pairwise or {}).get("text"), str):
         facts.append(data.pairwise["text"])
+    for row in arms.values():  # eval.external arms, each against the best fine-tuned arm
+        comparison = (row.model_extra or {}).get("vs_tuned")
+        if isinstance(comparison, dict) and isinstance(comparison.get("text"), str):
+            facts.append(comparison["text"])
     headline = verdict.headline or verdict.text
     detail = verdict.text[len(headline):].strip() if verdict.text.startswith(headline) else verdict.text
     return {
