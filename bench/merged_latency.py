@@ -43,8 +43,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from generate_speed import demo_prompts  # this folder is on sys.path when run as a script
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.use.generate import DecodingSettings, generate
 
     if args.threads:
         torch.set_num_threads(args.threads)

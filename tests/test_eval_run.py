@@ -159,9 +159,11 @@ def test_cost_and_break_even_follow_from_tokens_and_prices(evaluated):
     cost, recipe_prices = metrics["cost"], metrics["cost"]["prices"]
     assert cost["training"]["usd"] == pytest.approx(360 / 3600 * recipe_prices["gpu_usd_per_hour"])
     for arm, row in metrics["arms"].items():
-        expected = (row["prompt_tokens_mean"] * recipe_prices["usd_per_m_input_tokens"]
-                    + row["completion_tokens_mean"] * recipe_prices["usd_per_m_output_tokens"])
+        prefix = "tuned_" if arm.startswith("tuned") else ""  # the fine-tuned model is served at its own price
+        expected = (row["prompt_tokens_mean"] * recipe_prices[f"{prefix}usd_per_m_input_tokens"]
+                    + row["completion_tokens_mean"] * recipe_prices[f"{prefix}usd_per_m_output_tokens"])
         assert cost["per_arm"][arm]["usd_per_1m_queries"] == pytest.approx(expected)
+        assert metrics["verdict"]["usd_per_1k_requests"][arm] == pytest.approx(expected / 1000)
     saved = cost["per_arm"]["prompt"]["usd_per_query"] - cost["per_arm"]["tuned"]["usd_per_query"]
     assert cost["break_even"]["tuned vs prompt"]["queries"] == math.ceil(cost["training"]["usd"] / saved)
 
@@ -184,9 +186,9 @@ def test_overfitting_reads_the_training_log(evaluated):
 
 def test_merged_adapter_answers_as_the_adapter(evaluated):
     """The tuned arms ran on the merged weights: the unmerged adapter's greedy outputs are the same."""
+    from tunelab.engine.generate import generate
     from tunelab.eval import run as run_module
     from tunelab.runs import load_run_model
-    from tunelab.use.generate import generate
 
     run_dir, metrics, _ = evaluated
     inputs = run_module._load_inputs(run_dir, None, None, None, trust_remote_code=False, python_graders=False,

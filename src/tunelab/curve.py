@@ -378,8 +378,8 @@ def build_curve(
     kept (a fraction's subset depends only on the data, data.seed and the fraction), training
     continues from its newest complete checkpoint. `resume_command` is what an interrupted training
     tells the user to run."""
+    from tunelab.config import TUNED_ARMS
     from tunelab.data.prepare import data_fingerprint, prepare_data
-    from tunelab.eval.metrics import TUNED_ARMS
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
     from tunelab.train.run import start_run_dir, write_manifest
@@ -491,14 +491,12 @@ def format_table(curve: Curve) -> str:
 
 
 def _figure(curve: Curve) -> Any:
-    from tunelab.report.plots import _figure as new_figure
-    from tunelab.report.plots import _style, arm_color
+    from tunelab.eval.metrics import delta_points, to_points
+    from tunelab.report.plots import arm_color, new_figure, style_axes
 
     fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
-    _style(ax)
-    from tunelab.eval.metrics import delta_points, to_points
-
+    style_axes(ax)
     r = curve.primary_range
 
     def pt(value: float) -> float:
@@ -607,10 +605,10 @@ def _html(curve: Curve, svg: str) -> str:
 
 def write_curve(curve: Curve, root: Path) -> None:
     """curve.png, curve.html, curve.md, then curve.json (last: its presence means the folder is complete)."""
-    from tunelab.report.plots import _svg
+    from tunelab.report.plots import to_svg
 
     fig = _figure(curve)
     fig.savefig(root / "curve.png", format="png", dpi=150, bbox_inches="tight")
-    write_text_atomic(root / "curve.html", _html(curve, _svg(fig, "learning-curve")))
+    write_text_atomic(root / "curve.html", _html(curve, to_svg(fig, "learning-curve")))
     write_text_atomic(root / "curve.md", _markdown(curve))
     write_text_atomic(root / "curve.json", curve.model_dump_json(indent=1) + "\n")
