@@ -39,7 +39,7 @@ TrustOpt = Annotated[bool, typer.Option(
     "recipe.yaml never turns this on")]
 TrustRunCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="run Python code shipped with the model (its auto_map) and the run's python "
-    "graders; a run folder's recipe.yaml never turns this on")]
+    "graders, and send the API keys its judges name (api_key_env); a run folder's recipe.yaml never turns this on")]
 
 
 def _finite(value: float | None) -> float | None:

@@ -8,6 +8,7 @@ as one ConfigError naming the file, the line and the field. Each default is writ
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -446,7 +447,9 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Defaults < file < overrides. Relative data paths in the file are resolved against its folder."""
+    """Defaults < file < overrides. Relative data paths in the file are resolved against its folder, and
+    those in overrides against the working directory; either way they are made absolute, so the run's
+    stored recipe.yaml names the user's files from anywhere (--resume, the report's reproduce command)."""
     data: dict[str, Any] = {}
     text = ""
     source = "<overrides>"
@@ -461,7 +464,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 if isinstance(value, str) and not Path(value).is_absolute():
                     resolved = path.parent / value
                     # keep paths the user wrote relative to the working directory working too
-                    section[key] = value if Path(value).exists() and not resolved.exists() else str(resolved)
+                    section[key] = os.path.abspath(value if Path(value).exists() and not resolved.exists() else resolved)
         section = data.get("eval")
         if isinstance(section, dict):
             for key in ("graders_file", "human_labels"):
@@ -469,6 +472,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
                     section[key] = str((path.parent / value).resolve())  # the run's recipe.yaml finds it anywhere
     data = apply_overrides(data, list(overrides))
+    section = data.get("data")
+    if isinstance(section, dict):  # data paths given as overrides: relative to the working directory
+        for key in ("train", "valid", "test"):
+            if isinstance(section.get(key), str) and section[key] and not Path(section[key]).is_absolute():
+                section[key] = os.path.abspath(section[key])
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:

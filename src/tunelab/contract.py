@@ -46,7 +46,7 @@ class _FileModel:
             raise ContractError(f"{path}: missing")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
             raise ContractError(f"{path}: not valid JSON ({err})") from None
         try:
             return cls.model_validate(data)  # type: ignore[attr-defined]

@@ -359,8 +359,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
     `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run), and
-    so does `python_graders`: a python grader in a run folder's recipe is code, run only when the
-    caller says the recipe is the user's own (tunelab run, curve) or the user asked for it.
+    so does `python_graders`: a python grader in a run folder's recipe is code, and a judge there with an
+    API key would be sent the user's secret, both only when the caller says the recipe is the user's
+    own (tunelab run, curve) or the user asked for it.
     For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
     touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
     data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder."""

@@ -67,7 +67,7 @@ def read_json(path: Path) -> RunFile:
         return RunFile(path, problem="missing")
     try:
         return RunFile(path, json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
         return RunFile(path, problem=f"not valid JSON ({err})")
 
 
