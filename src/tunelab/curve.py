@@ -491,13 +491,12 @@ def format_table(curve: Curve) -> str:
 
 
 def _figure(curve: Curve) -> Any:
+    from tunelab.eval.metrics import delta_points, to_points
     from tunelab.report.plots import arm_color, new_figure, style_axes
 
     fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
     style_axes(ax)
-    from tunelab.eval.metrics import delta_points, to_points
-
     r = curve.primary_range
 
     def pt(value: float) -> float:
