@@ -226,7 +226,8 @@ class ArmResult(_Record):
     batch_size: int
     tokens_per_s: float
     usd_per_1m_queries: float
-    model: str = Field(description="'base' or 'tuned'")
+    model: str = Field(description="'base' or 'tuned'; 'external' for an eval.external arm")
+    served: str | None = Field(None, description="how the arm's model was served while timed (adapter merged, ...)")
     shots_mean: float
     finish_reasons: dict[str, int]
     decoding: dict[str, Any]
@@ -264,11 +265,20 @@ class Verdict(_Record):
     usd_per_1k_requests: dict[str, float] = Field(default_factory=dict, description="per arm, as the decision "
                                                   "ranked them (training amortised in when asked)")
     score_range: tuple[float, float] | None = Field(None, description="the primary's [low, high]: points are of it")
+    too_slow: list[str] = Field(default_factory=list, description="arms over eval.max_latency_ms at p95")
+    delta_points: float | None = Field(None, description="delta as points of the primary's range")
+    means_points: dict[str, float] = Field(default_factory=dict, description="each arm's mean, points of the range")
+    score_range_source: str | None = Field(None, description="'declared' or how the range was inferred")
+    training_amortised_usd_per_query: float | None = Field(None, description="training cost added to each "
+                                                           "fine-tuned arm's cost per request (0 without "
+                                                           "eval.requests_per_month)")
+    selection: str | None = Field(None, description="which arms were compared and how (multiplicity)")
 
 
 class ArmCost(_Record):
     usd_per_query: float
     usd_per_1m_queries: float
+    usd_per_1k_requests: float | None = None
     prompt_tokens_mean: float
     tokens_per_s: float
 

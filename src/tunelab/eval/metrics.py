@@ -246,6 +246,12 @@ def to_points(value: float, score_range: Sequence[float] | None = None) -> float
     return (value - low) * 100.0 / (high - low)
 
 
+def to_fraction(value: float, score_range: Sequence[float] | None = None) -> float:
+    """A primary score as a fraction of its declared range (0 at the low end, 1 at the high end)."""
+    low, high = score_range or UNIT_RANGE
+    return (value - low) / (high - low)
+
+
 def delta_points(difference: float, score_range: Sequence[float] | None = None) -> float:
     """A difference of two primary scores as points of the declared range (no offset: 7.3 - 6.4 on a
     1-10 judge is 10 points)."""
