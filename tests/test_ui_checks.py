@@ -161,6 +161,8 @@ def test_an_offset_past_the_end_means_the_log_was_truncated_and_reading_starts_o
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps({"kind": "train", "step": 1}) + "\n")
     assert read_log_records(log, 10_000) == ([{"kind": "train", "step": 1}], log.stat().st_size, True)
+    for bad in (-5, 10**30):  # a client's offset: never an error (seek refused a negative one: a 500)
+        assert read_log_records(log, bad) == ([{"kind": "train", "step": 1}], log.stat().st_size, True)
 
 
 # ---------------------------------------------------------------------------------------------- forms

@@ -180,7 +180,7 @@ def read_log_records(log: Path, offset: int) -> tuple[list[dict[str, Any]], int,
     reset = False
     with log.open("rb") as f:
         size = f.seek(0, 2)
-        if offset > size:  # the log was truncated (a resumed run): start over
+        if not 0 <= offset <= size:  # the log was truncated (a resumed run), or a bad offset: start over
             offset, reset = 0, True
         f.seek(offset)
         chunk = f.read()
