@@ -369,3 +369,37 @@ def test_a_body_without_content_length_is_read_only_up_to_the_cap():
     with pytest.raises(TooLarge):
         asyncio.run(read_form(request))
     assert sum(received) == MAX_FORM_BYTES + 4096  # stopped at the first message past the cap
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+
+ODD = ["-5", "0", "99999999999999999999999", "abc", "", "%00", "..", "../alpha", "a" * 3000, "\u202e", "1e309", "nan",
+       "alpha", "beta", "tuned", "base,tuned,zzz", "<script>", "{{7*7}}"]
+ROUTES = [("/api/runs/{run}/state", ["offset"]), ("/runs/{run}/predictions", ["arm", "slice", "outcome", "disagree", "offset"]),
+          ("/compare", ["run", "arm"]), ("/playground", ["run"]), ("/runs/{run}", []), ("/runs/{run}/report", []),
+          ("/api/playground/stream", ["run", "prompt", "arms", "max_new_tokens", "system"])]
+
+
+def test_fuzzed_ui_requests_get_an_answer_never_a_500(two_runs, monkeypatch):
+    import random
+
+    from tunelab.ui import playground
+
+    monkeypatch.setattr(playground, "_load", lambda run_dir: pytest.fail("no model loads here"))
+    rng = random.Random(29)
+    app = create_app(two_runs)
+    c = TestClient(app, base_url=LOCAL, raise_server_exceptions=False)
+    c.get("/", params={"token": app.state.ui.key})
+    for _ in range(150):
+        route, keys = rng.choice(ROUTES)
+        url = route.format(run=rng.choice(["alpha", "bad", "%2e%2e", "nope"]))
+        params = [(k, rng.choice(ODD)) for k in keys for _ in range(rng.choice([0, 1, 1, 2]))]
+        response = c.get(url, params=params)
+        assert response.status_code < 500, (url, params, response.text[-300:])
+    for _ in range(40):
+        fields = {k: rng.choice(ODD) for k in rng.sample(["recipe", "name", "trust", "overrides", "train.max_steps",
+                                                          "model.name", "key"], 3)}
+        for path in ("/start", "/login", f"/runs/{rng.choice(['alpha', 'bad', 'nope'])}/stop"):
+            response = c.post(path, data=fields)
+            assert response.status_code < 500, (path, fields, response.text[-300:])
+    assert not (two_runs / ".ui").exists()  # nothing started
