@@ -248,6 +248,8 @@ MALFORMED = [  # (file in the run, content, whether the run is shown as unreadab
     ("eval/metrics.json", lambda m: [], True),
     ("eval/metrics.json", "not json", True),
     ("eval/metrics.json", DEEP, True),
+    ("eval/metrics.json", lambda m: {**m, "arms": {**m["arms"], "tuned": {**m["arms"]["tuned"], "primary": float("inf"),
+                                                                          "ci95": [float("nan"), 1e999]}}}, False),
     ("stages.json", {"train": 1}, True),
     ("stages.json", "[1, 2", True),
     (".ui/process.json", {"pid": 12, "command": ["tunelab"], "started": "abc", "exit_code": None}, True),
@@ -260,6 +262,9 @@ MALFORMED = [  # (file in the run, content, whether the run is shown as unreadab
     ("train/plan.json", {"steps": "all"}, False),
     ("manifest.json", {"parent": [1, {"path": 3}]}, False),
     ("recipe.yaml", "model: [unclosed\n", False),
+    ("eval/predictions.jsonl", '{"arm": [1], "id": {"a": 1}, "score": "x", "output": [2]}\n' + DEEP + "\n{}\n[]\n", False),
+    ("data/test.jsonl", '{"messages": 3, "id": []}\n' + DEEP + "\n", False),
+    ("train/log.jsonl", DEEP + "\n" + '{"kind": "train", "step": 1e308, "loss": 1e999}\n', False),
 ]
 
 

@@ -199,3 +199,19 @@ def test_starting_from_a_recipe_not_listed_is_refused_and_starts_nothing(runs, r
         start_from_form(Launcher(runs), {"recipe": recipe, "name": "n1"})
     assert str(caught.value) == f"recipe '{recipe}': choose one of the recipes listed"
     assert not (runs / "n1").exists() and not (runs / ".ui").exists()
+
+
+def test_a_long_log_is_read_in_pieces_and_an_endless_line_is_skipped(tmp_path, monkeypatch):
+    from tunelab.ui import app
+
+    monkeypatch.setattr(app, "MAX_LOG_CHUNK_BYTES", 64)
+    log = tmp_path / "log.jsonl"
+    first = json.dumps({"kind": "train", "step": 1}) + "\n"
+    log.write_text(first + "x" * 200 + "\n" + json.dumps({"kind": "train", "step": 2, "loss": float("nan")}) + "\n")
+    records, offset, _ = read_log_records(log, 0)
+    assert records == [{"kind": "train", "step": 1}] and offset == len(first)
+    seen = []
+    while offset < log.stat().st_size:
+        records, offset, _ = read_log_records(log, offset)
+        seen += records
+    assert seen == [{"kind": "train", "step": 2, "loss": None}]  # NaN is not JSON: shown as no value

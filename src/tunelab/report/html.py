@@ -91,7 +91,7 @@ def read_jsonl(path: Path) -> RunFile:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
                 bad.append(number)
                 continue
             if isinstance(row, dict):
@@ -479,7 +479,7 @@ def test_inputs(test: RunFile) -> dict[str, dict[str, Any]]:
     if not test.ok:
         return out
     for row in test.value:
-        messages = row.get("messages") or []
+        messages = row.get("messages") if isinstance(row.get("messages"), list) else []
         users = [m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         out[str(row.get("id"))] = {"input": users[-1] if users else "", "source": row.get("source")}
     return out

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import threading
 import time
@@ -45,6 +46,7 @@ COOKIE = "tunelab_ui_key"  # + a digest of the key: two UIs on one host (other p
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 STATIC = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
 CONSOLE_LINES_SHOWN = 200
+MAX_LOG_CHUNK_BYTES = 4 * 2**20  # train/log.jsonl read per poll: a few thousand steps' lines
 MAX_FORM_BYTES = 64 * 1024  # the login and start forms are a few hundred bytes; nothing larger is read
 PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                "frame-ancestors 'self'; form-action 'self'; base-uri 'none'")
@@ -183,15 +185,22 @@ def read_log_records(log: Path, offset: int) -> tuple[list[dict[str, Any]], int,
         if not 0 <= offset <= size:  # the log was truncated (a resumed run), or a bad offset: start over
             offset, reset = 0, True
         f.seek(offset)
-        chunk = f.read()
+        chunk = f.read(MAX_LOG_CHUNK_BYTES)  # the client asks again from the offset returned: a long log in pieces
     complete = chunk[: chunk.rfind(b"\n") + 1]
+    if not complete and len(chunk) == MAX_LOG_CHUNK_BYTES:  # one line longer than a piece: not a log record
+        return [], offset + len(chunk), reset
     records = []
     for line in complete.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a line cut by a skipped piece, or nested too deeply
             continue
         if isinstance(record, dict) and record.get("kind") in ("train", "eval"):
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            try:  # the page gets JSON: a value that has none (NaN, 1e999 deeper in) drops that record
+                json.dumps(record, allow_nan=False)
+            except (ValueError, RecursionError):
+                continue
             records.append(record)
     return records, offset + len(complete), reset
 
@@ -422,7 +431,11 @@ def report(name: str, ui: Ui) -> HTMLResponse:
     elif paths.metrics.is_file():
         from tunelab.report.html import build_report_context, render_html
 
-        html = render_html(build_report_context(paths.root))
+        try:
+            html = render_html(build_report_context(paths.root))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:  # a run's files of odd shape
+            raise TunelabError(f"{paths.root}: the report cannot be built from this run's files "
+                               f"({type(err).__name__}: {str(err)[:200]})") from None
     else:
         raise NotFound(name)
     return HTMLResponse(html, headers={"Content-Security-Policy": REPORT_POLICY})

@@ -200,7 +200,7 @@ def _last_train_record(paths: RunPaths, tail_bytes: int = CONSOLE_TAIL_BYTES) ->
     for line in reversed(lines):
         try:
             record = json.loads(line)
-        except ValueError:  # a line being written, or cut by the tail
+        except (ValueError, RecursionError):  # a line being written, cut by the tail, or nested too deeply
             continue
         if isinstance(record, dict) and record.get("kind") == "train":
             return record
@@ -387,6 +387,16 @@ def run_names(out_dir: Path) -> list[str]:
 
 
 def as_dict(state: RunState) -> dict[str, Any]:
+    """The state as JSON can hold it: a number that is not finite (from a run's files) is None."""
     from dataclasses import asdict
 
-    return asdict(state)
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return value
+
+    return finite(asdict(state))
