@@ -143,3 +143,11 @@ def test_a_planted_deep_line_in_the_judge_cache_is_skipped(tmp_path):
     cache = tmp_path / "judge_cache.jsonl"
     cache.write_text("[" * 200_000 + "]" * 200_000 + "\n" + json.dumps({"key": "k", "reply": "0.5"}) + "\n")
     assert JudgeCache(cache).replies == {"k": "0.5"}
+
+
+def test_an_embedding_that_is_not_finite_fails_the_example(serve):
+    from tunelab.eval.graders.judge import embedding
+
+    bad = serve(lambda h: h.reply(200, b'{"data": [{"embedding": [0.5, NaN, Infinity]}]}'))
+    with pytest.raises(JudgeFailed, match="the embedding holds a value that is not finite"):
+        embedding(endpoint(bad.base_url), "e", "text", JudgeCache(None))

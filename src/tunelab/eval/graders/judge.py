@@ -177,9 +177,12 @@ def embedding(endpoint: Any, model: str, text: str, cache: JudgeCache) -> list[f
     def call() -> list[float]:
         answer = post_json(endpoint, "/embeddings", {"model": model, "input": text})
         try:
-            return [float(v) for v in answer["data"][0]["embedding"]]
+            values = [float(v) for v in answer["data"][0]["embedding"]]
         except (KeyError, IndexError, TypeError, ValueError):
             raise JudgeFailed(f"{endpoint.base_url}: the answer has no data[0].embedding") from None
+        if not all(math.isfinite(v) for v in values):
+            raise JudgeFailed(f"{endpoint.base_url}: the embedding holds a value that is not finite")
+        return values
 
     return cache.fetch(cache_key(endpoint.base_url, model, {"embed": text}), call)
 
