@@ -115,3 +115,207 @@ def test_a_resumed_recorder_drops_the_steps_after_its_checkpoint(tmp_path):
     seen = read_dynamics(tmp_path)
     assert seen[0].steps == [1, 2] and seen[0].mean_losses == [1.0, 2.0]
     assert seen[1].steps == [1, 2, 3] and seen[1].mean_losses == [1.0, 2.0, 5.0]
+
+
+# ---------------------------------------------------------------------------------------------- ranking
+
+LABELS = ("billing", "network", "hardware")
+
+
+def _label_kind():
+    from tunelab.eval.metrics import detect_output_kind
+
+    return detect_output_kind([label for label in LABELS for _ in range(10)])
+
+
+def _examples_with_losses(rng, n: int, wrong: set[int], passes: int = 4):
+    """Label examples whose losses fall with each pass; the `wrong` ones stay high (never learnt)."""
+    from tunelab.eval.audit import _Example
+
+    out = []
+    for i in range(n):
+        label = LABELS[i % 3]
+        start = rng.uniform(1.5, 3.0)
+        if i in wrong:
+            losses = [start + rng.uniform(0.5, 1.5) - 0.3 * k for k in range(passes)]
+        else:
+            losses = [start * (0.35 ** k) + rng.uniform(0.0, 0.05) for k in range(passes)]
+        out.append(_Example(f"train-{i:03d}", f"data/train.jsonl:{i + 1}", (), label, losses))
+    return out
+
+
+def test_planted_wrong_labels_rank_first_and_are_flagged_when_the_model_disagrees():
+    import random
+
+    from tunelab.eval.audit import rank
+
+    rng = random.Random(0)
+    wrong = {5, 17, 42, 77, 90}
+    examples = _examples_with_losses(rng, 120, wrong)
+    # the model answers every example with its own label, except the wrong ones: it gives the true label
+    answers = {e.id: (LABELS[(i + 1) % 3] if i in wrong else e.answer) for i, e in enumerate(examples)}
+    rows = rank(examples, _label_kind(), answers)
+    assert [r.rank for r in rows] == list(range(1, 121))
+    assert {int(r.id[-3:]) for r in rows[:5]} == wrong
+    assert all(r.flagged for r in rows[:5]) and not any(r.flagged for r in rows[5:])
+    assert rows[0].file == "data/train.jsonl" and rows[0].line == int(rows[0].id[-3:]) + 1
+    assert rows[0].disagreement == 1.0 and "the model answers" in rows[0].reason
+    assert rows[0].suspicion == pytest.approx(rows[0].z + 3.0)
+
+
+def test_clean_data_gets_an_order_of_difficulty_and_no_claim():
+    import random
+
+    from tunelab.eval.audit import how_to_read, rank
+
+    rng = random.Random(1)
+    examples = _examples_with_losses(rng, 120, set())
+    answers = {e.id: e.answer for e in examples}  # a model that learnt every label
+    rows = rank(examples, _label_kind(), answers)
+    assert not any(r.flagged for r in rows)
+    assert rows == sorted(rows, key=lambda r: -r.suspicion)
+    assert "does not claim errors" in how_to_read(0, 120)
+
+
+def test_label_classes_are_compared_within_themselves():
+    """A label whose answers are all harder (longer tokens, rarer words) is not suspect as a whole."""
+    from tunelab.eval.audit import _Example, rank
+
+    examples = []
+    for i in range(60):
+        label = LABELS[i % 3]
+        base = 2.0 if label == "hardware" else 0.2  # every hardware answer costs more
+        examples.append(_Example(f"e{i}", f"t.jsonl:{i + 1}", (), label, [base + 0.01 * (i % 7)] * 3))
+    examples[3].losses = [0.9] * 3  # a billing example far above the other billing ones (and below every hardware)
+    rows = rank(examples, _label_kind(), {})
+    assert rows[0].id == "e3" and rows[0].z > 10
+
+
+def test_json_disagreement_names_the_fields_that_differ():
+    from tunelab.eval.audit import disagreement
+    from tunelab.eval.metrics import OutputKind
+
+    kind = OutputKind("json", "json_field_accuracy", "")
+    answer = '{"items":[{"product":"cap","size":"M","color":"red","qty":2}]}'
+    same, _ = disagreement(answer, answer, kind)
+    assert same == 0.0
+    differs, why = disagreement('{"items":[{"product":"cap","size":"L","color":"red","qty":3}]}', answer, kind)
+    assert differs == 0.5 and why == "fields that disagree: items[0].size, items[0].qty"
+    broken, _ = disagreement("not json", answer, kind)
+    assert broken == 1.0
+
+
+@pytest.mark.parametrize("planted", [0, 10])
+def test_flag_rule_error_rates_in_a_seeded_simulation(planted):
+    """The claim 'likely wrong' over 100 simulated runs of 200 label examples: losses per pass from a
+    skewed clean distribution (some examples are hard), and a model that disagrees with 3% of clean
+    labels (its own mistakes) and with 70% of planted ones (it memorised the rest). Clean runs: at
+    most 5% of runs claim any error. Planted runs: 90% of claims are right, and half the errors are claimed."""
+    import random
+
+    from tunelab.eval.audit import _Example, rank
+
+    rng = random.Random(planted)
+    runs_claiming, true_claims, false_claims = 0, 0, 0
+    for _ in range(100):
+        wrong = set(rng.sample(range(200), planted))
+        examples, answers = [], {}
+        for i in range(200):
+            label = LABELS[i % 3]
+            hard = rng.lognormvariate(0, 0.6)  # a heavy right tail of hard, correct examples
+            if i in wrong:
+                losses = [rng.uniform(2.0, 4.0) * (0.85 ** k) for k in range(3)]
+                disagrees = rng.random() < 0.7
+            else:
+                losses = [0.4 * hard * (0.5 ** k) + rng.uniform(0, 0.05) for k in range(3)]
+                disagrees = rng.random() < 0.03
+            examples.append(_Example(f"e{i}", f"t.jsonl:{i + 1}", (), label, losses))
+            answers[f"e{i}"] = LABELS[(i + 1) % 3] if disagrees else label
+        flagged = [int(r.id[1:]) for r in rank(examples, _label_kind(), answers) if r.flagged]
+        runs_claiming += bool(flagged)
+        true_claims += sum(i in wrong for i in flagged)
+        false_claims += sum(i not in wrong for i in flagged)
+    if planted == 0:
+        assert runs_claiming <= 5  # <= 5% of clean runs claim an error
+    else:
+        assert true_claims / (true_claims + false_claims) >= 0.9
+        # at most the 70% the model contradicts can be claimed
+        assert true_claims / (100 * planted) >= 0.5
+
+
+# ---------------------------------------------------------------------------------------------- a run, end to end
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory, tiny_model_dir):
+    """A tiny-test run trained 3 passes on 24 reversal examples, 3 of whose answers were replaced."""
+    from train_examples import reverse_pairs, write_chat_jsonl
+    from tunelab.train.run import train
+
+    folder = tmp_path_factory.mktemp("audit")
+    pairs = reverse_pairs(24, seed=5)
+    for i in (2, 9, 15):  # plausible but wrong: the words not reversed
+        question = pairs[i][0]
+        pairs[i] = (question, question.removeprefix("Reverse the words: "))
+    data = write_chat_jsonl(folder / "train.jsonl", pairs)
+    recipe = load_recipe(None, [f"out_dir={folder}", "name=r", "model.name=tiny-test", f"data.train={data}",
+                                "data.valid_fraction=0", "data.test_fraction=0", "train.epochs=3",
+                                "train.tokens_per_step=512", "train.budget=null", "lora.dropout=0"])
+    train(recipe, progress=False)
+    return folder, data, pairs
+
+
+def _echo_decoder(examples):
+    return [e.answer if int(e.source.rsplit(":", 1)[1]) % 2 else "something else" for e in examples]
+
+
+def test_audit_writes_one_row_per_training_example_with_file_and_line(audited_run):
+    from tunelab.eval.audit import audit_run, read_audit
+
+    folder, data, pairs = audited_run
+    rows, summary = audit_run(folder / "r", answers=5, decode=_echo_decoder)
+    assert summary.examples == 24 and summary.passes_min == 3 and summary.decoded == 5
+    written, saved = read_audit(folder / "r")
+    assert [r["id"] for r in written] == [r.id for r in rows] and saved["examples"] == 24
+    assert sorted(r["line"] for r in written) == list(range(1, 25))
+    assert {r["file"] for r in written} == {str(data)}
+    for row in written:  # every row's answer is the one on its line of the user's file
+        assert row["answer"] == pairs[row["line"] - 1][1]
+    assert [r["suspicion"] for r in written] == sorted((r["suspicion"] for r in written), reverse=True)
+    decoded = [r for r in written if r["model_answer"] is not None]
+    assert len(decoded) == 5 and all(r["disagreement"] in (0.0, 1.0) or 0 < r["disagreement"] < 1 for r in decoded)
+
+
+def test_write_clean_copies_the_training_file_without_the_top_lines(audited_run, tmp_path):
+    from tunelab.errors import ConfigError
+    from tunelab.eval.audit import read_audit, write_clean
+
+    folder, data, _ = audited_run
+    before = data.read_bytes()
+    rows, _ = read_audit(folder / "r")
+    source, dropped = write_clean(rows, 4, tmp_path / "clean.jsonl")
+    assert source == data and dropped == sorted(r["line"] for r in rows[:4])
+    original = data.read_text().splitlines()
+    assert (tmp_path / "clean.jsonl").read_text().splitlines() == [
+        line for n, line in enumerate(original, start=1) if n not in dropped]
+    assert data.read_bytes() == before  # the user's file is untouched
+    with pytest.raises(ConfigError, match="is the training file itself"):
+        write_clean(rows, 1, data)
+
+
+def test_cli_prints_the_top_as_file_line_suspicion_answer_model_answer(audited_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab import cli
+
+    folder, data, _ = audited_run
+    result = CliRunner().invoke(cli.app, ["data", "audit", str(folder / "r"), "--top", "3", "--answers", "3",
+                                          "--write-clean", str(tmp_path / "c.jsonl"), "--drop-top", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = [json.loads(line) for line in (folder / "r" / "audit" / "audit.jsonl").read_text().splitlines()]
+    for line, row in zip(lines[:3], rows[:3], strict=True):
+        assert line.startswith(f"{data}:{row['line']}: {row['suspicion']:.1f}: {row['answer']} -> ")
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 22
+    bad = CliRunner().invoke(cli.app, ["data", "audit", str(folder / "r"), "--drop-top", "2"])
+    assert bad.exit_code != 0 and "needs --write-clean" in str(bad.exception)
