@@ -319,3 +319,32 @@ def test_cli_prints_the_top_as_file_line_suspicion_answer_model_answer(audited_r
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 22
     bad = CliRunner().invoke(cli.app, ["data", "audit", str(folder / "r"), "--drop-top", "2"])
     assert bad.exit_code != 0 and "needs --write-clean" in str(bad.exception)
+
+
+def test_the_main_job_audits_only_runs_that_saw_every_example_twice(audited_run):
+    from tunelab.eval.audit import fewest_passes
+
+    folder, _, _ = audited_run
+    assert fewest_passes(folder / "r") == 3  # the pipeline audits from 2
+    assert fewest_passes(folder) == 0  # not a run: no dynamics
+
+
+def test_report_shows_the_top_20_with_file_line_and_how_to_read_it(audited_run):
+    from tunelab.eval.audit import audit_run
+    from tunelab.report.html import build_report_context, render_html, render_markdown
+
+    folder, data, _ = audited_run
+    rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: [e.answer for e in examples])
+    assert not summary.claims_errors  # a model that gives every label disagrees with none
+    context = build_report_context(folder / "r")
+    audit = context["audit"]
+    assert audit["title"] == "Hardest training examples (no error claimed)"
+    assert [r["where"] for r in audit["rows"]] == [f"{data}:{r.line}" for r in rows[:20]]
+    assert audit["how_to_read"] == summary.how_to_read and "does not claim errors" in audit["how_to_read"]
+    markdown, html = render_markdown(context), render_html(context)
+    assert f"| {data}:{rows[0].line} | {rows[0].suspicion:.1f} |" in markdown
+    assert "flagged" not in markdown.split("### Hardest")[1].split("## Training")[0]
+    assert f"{data}:{rows[19].line}" in html and "20 of 24 shown" in html
+    # a model that contradicts the hardest example's answer: it is flagged only if it is also an outlier
+    rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: ["x y z"] * len(examples))
+    assert summary.flagged == sum(r.z >= 3.5 for r in rows)

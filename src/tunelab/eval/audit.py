@@ -270,6 +270,14 @@ def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str
     return rows
 
 
+def fewest_passes(run_dir: str | Path) -> int:
+    """How many times training saw the example it saw least (0: some example never, or no dynamics)."""
+    paths = RunPaths(Path(run_dir))
+    if not any((paths.root / "train").glob("dynamics*.jsonl")):
+        return 0
+    return min((len(e.losses) for e in load_examples(paths)), default=0)
+
+
 def how_to_read(flagged: int, decoded: int) -> str:
     if flagged:
         return (f"{flagged} example(s) are flagged: the model kept finding their answer unlikely while learning the "
