@@ -8,7 +8,8 @@
 Tasks come from bench/tasks/generate.py (routing: five made-up team codes; orders: free text -> nested
 JSON), cut to --train examples (default 200) and 100 test examples, seeded. Planted errors are
 plausible: another team code; one item's colour or size replaced by another valid one. Each variant
-trains the default model with `tunelab train` defaults and train.budget=--budget (CPU), audits the run
+trains the default model with `tunelab train` defaults but train.epochs=--epochs (3) and
+train.budget=--budget (an upper bound), audits the run
 with the tuned model's answer to every training example (so every ranking below can be scored), and
 scores the tuned model on the test set with the task's metric.
 
@@ -82,17 +83,18 @@ def make_task(task: str, n_train: int, folder: Path) -> dict:
     return meta
 
 
-def train_and_audit(folder: Path, name: str, train_file: Path, budget: str, max_new_tokens: int,
-                    audit: bool = True) -> tuple[Path, float]:
+def train_and_audit(folder: Path, name: str, train_file: Path, budget: str, epochs: str, max_new_tokens: int,
+                    audit: bool = True, reuse: bool = False) -> tuple[Path, float]:
     from tunelab.config import load_recipe
     from tunelab.eval.audit import audit_run
     from tunelab.train.run import train
 
     recipe = load_recipe(None, [f"out_dir={folder}", f"name={name}", f"data.train={train_file}",
-                                f"data.test={folder / 'test.jsonl'}", f"train.budget={budget}",
+                                f"data.test={folder / 'test.jsonl'}", f"train.budget={budget}", f"train.epochs={epochs}",
                                 f"eval.max_new_tokens={max_new_tokens}"])
     started = time.perf_counter()
-    train(recipe, progress=False)
+    if not (reuse and (folder / name / "train" / "summary.json").is_file()):
+        train(recipe, progress=False)
     if audit:
         audit_run(folder / name, answers=10**6)  # every example answered: every ranking can be scored
     return folder / name, time.perf_counter() - started
@@ -100,10 +102,10 @@ def train_and_audit(folder: Path, name: str, train_file: Path, budget: str, max_
 
 def test_quality(run: Path, folder: Path) -> float:
     """The tuned model's primary metric on the test set (the task's own scorer)."""
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.eval.arms import to_eval_example
     from tunelab.eval.metrics import detect_output_kind, score_outputs
     from tunelab.runs import load_tuned_model, open_run
-    from tunelab.use.generate import DecodingSettings, generate
 
     _, recipe = open_run(run)
     test = [to_eval_example(json.loads(line), f"t{i}") for i, line in enumerate((folder / "test.jsonl").open())]
@@ -134,7 +136,7 @@ def detection(run: Path, planted_lines: list[int]) -> dict:
                 "precision_at_p": round(len(planted & set(lines[:p])) / max(1, p), 3)}
 
     candidates = {}
-    for signal in ("mean_loss", "final_loss", "one_minus_confidence", "cartography"):
+    for signal in ("mean_loss", "late_loss", "final_loss", "one_minus_confidence", "cartography"):
         by_dynamics = rank(examples, kind, {}, signal=signal)
         candidates[f"{signal} alone"] = score([r.line for r in by_dynamics])
         combined = rank(examples, kind, answers, signal=signal)
@@ -159,9 +161,11 @@ def main() -> None:
     parser.add_argument("--task", choices=["routing", "orders"], required=True)
     parser.add_argument("--variant", choices=["planted", "clean", "cleaned"], required=True)
     parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--budget", default="4m")
+    parser.add_argument("--budget", default="20m", help="train.budget: an upper bound on a loaded machine")
+    parser.add_argument("--epochs", default="3", help="train.epochs: the audit needs every example seen twice")
     parser.add_argument("--out", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test set")
+    parser.add_argument("--reuse", action="store_true", help="a run that finished training: audit and score it only")
     args = parser.parse_args()
 
     folder = args.out / args.task
@@ -176,10 +180,11 @@ def main() -> None:
         in_train = set(meta["planted_lines"]) & {r["line"] for r in rows}
         _, dropped = write_clean(rows, len(in_train), folder / "train_cleaned.jsonl")
         train_file = folder / "train_cleaned.jsonl"
-    run, seconds = train_and_audit(folder, args.variant, train_file, args.budget, meta["max_new_tokens"],
-                                   audit=args.variant != "cleaned")
+    run, seconds = train_and_audit(folder, args.variant, train_file, args.budget, args.epochs, meta["max_new_tokens"],
+                                   audit=args.variant != "cleaned", reuse=args.reuse)
     plan = json.loads((run / "train" / "plan.json").read_text())
     result = {"task": args.task, "variant": args.variant, "train_examples": args.train, "budget": args.budget,
+              "epochs_asked": args.epochs,
               "train_and_audit_s": round(seconds, 1), "steps": plan["steps"], "epochs": plan["epochs"],
               "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(["python", *sys.argv])}

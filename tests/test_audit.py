@@ -147,17 +147,26 @@ def _examples_with_losses(rng, n: int, wrong: set[int], passes: int = 4):
 def test_planted_wrong_labels_rank_first_and_are_flagged_when_the_model_disagrees():
     import random
 
-    from tunelab.eval.audit import rank
+    from tunelab.eval.audit import ModelAnswer, rank
 
     rng = random.Random(0)
     wrong = {5, 17, 42, 77, 90}
     examples = _examples_with_losses(rng, 120, wrong)
-    # the model answers every example with its own label, except the wrong ones: it gives the true label
-    answers = {e.id: (LABELS[(i + 1) % 3] if i in wrong else e.answer) for i, e in enumerate(examples)}
+    # the model answers every example with its own label, except the wrong ones: it gives the true
+    # label, sure of it; and it errs on two right ones (8, 60), unsure
+    answers = {e.id: ModelAnswer(e.answer, 0.95) for e in examples}
+    for i in wrong:
+        answers[examples[i].id] = ModelAnswer(LABELS[(i + 1) % 3], 0.95)
+    for i in (8, 60):
+        answers[examples[i].id] = ModelAnswer(LABELS[(i + 1) % 3], 0.5)
     rows = rank(examples, _label_kind(), answers)
     assert [r.rank for r in rows] == list(range(1, 121))
     assert {int(r.id[-3:]) for r in rows[:5]} == wrong
-    assert all(r.flagged for r in rows[:5]) and not any(r.flagged for r in rows[5:])
+    assert {int(r.id[-3:]) for r in rows if r.flagged} == wrong  # the unsure mistakes are not claimed
+    for row in rows:
+        if int(row.id[-3:]) in (8, 60):  # ranked up by the disagreement, but the reason says why not claimed
+            assert row.disagreement == 1.0 and row.suspicion == pytest.approx(row.z + 3.0)
+            assert "0.50 per token, below the" in row.reason
     assert rows[0].file == "data/train.jsonl" and rows[0].line == int(rows[0].id[-3:]) + 1
     assert rows[0].disagreement == 1.0 and "the model answers" in rows[0].reason
     assert rows[0].suspicion == pytest.approx(rows[0].z + 3.0)
@@ -166,11 +175,11 @@ def test_planted_wrong_labels_rank_first_and_are_flagged_when_the_model_disagree
 def test_clean_data_gets_an_order_of_difficulty_and_no_claim():
     import random
 
-    from tunelab.eval.audit import how_to_read, rank
+    from tunelab.eval.audit import ModelAnswer, how_to_read, rank
 
     rng = random.Random(1)
     examples = _examples_with_losses(rng, 120, set())
-    answers = {e.id: e.answer for e in examples}  # a model that learnt every label
+    answers = {e.id: ModelAnswer(e.answer, 0.9) for e in examples}  # a model that learnt every label
     rows = rank(examples, _label_kind(), answers)
     assert not any(r.flagged for r in rows)
     assert rows == sorted(rows, key=lambda r: -r.suspicion)
@@ -208,12 +217,13 @@ def test_json_disagreement_names_the_fields_that_differ():
 @pytest.mark.parametrize("planted", [0, 10])
 def test_flag_rule_error_rates_in_a_seeded_simulation(planted):
     """The claim 'likely wrong' over 100 simulated runs of 200 label examples: losses per pass from a
-    skewed clean distribution (some examples are hard), and a model that disagrees with 3% of clean
-    labels (its own mistakes) and with 70% of planted ones (it memorised the rest). Clean runs: at
-    most 5% of runs claim any error. Planted runs: 90% of claims are right, and half the errors are claimed."""
+    skewed clean distribution (some examples are hard), a model that errs on 5% of clean labels,
+    unsure (its answer's per-token probability uniform in 0.3..0.85), and answers 70% of the planted
+    ones with their true label (it memorised the rest), sure of it (0.75..1.0). Clean runs: at most
+    5% of runs claim any error. Planted runs: 90% of claims are right, and 40% of the errors are claimed."""
     import random
 
-    from tunelab.eval.audit import _Example, rank
+    from tunelab.eval.audit import ModelAnswer, _Example, rank
 
     rng = random.Random(planted)
     runs_claiming, true_claims, false_claims = 0, 0, 0
@@ -225,12 +235,12 @@ def test_flag_rule_error_rates_in_a_seeded_simulation(planted):
             hard = rng.lognormvariate(0, 0.6)  # a heavy right tail of hard, correct examples
             if i in wrong:
                 losses = [rng.uniform(2.0, 4.0) * (0.85 ** k) for k in range(3)]
-                disagrees = rng.random() < 0.7
+                disagrees, sure = rng.random() < 0.7, rng.uniform(0.75, 1.0)
             else:
                 losses = [0.4 * hard * (0.5 ** k) + rng.uniform(0, 0.05) for k in range(3)]
-                disagrees = rng.random() < 0.03
+                disagrees, sure = rng.random() < 0.05, rng.uniform(0.3, 0.85)
             examples.append(_Example(f"e{i}", f"t.jsonl:{i + 1}", (), label, losses))
-            answers[f"e{i}"] = LABELS[(i + 1) % 3] if disagrees else label
+            answers[f"e{i}"] = ModelAnswer(LABELS[(i + 1) % 3], sure) if disagrees else ModelAnswer(label, 0.9)
         flagged = [int(r.id[1:]) for r in rank(examples, _label_kind(), answers) if r.flagged]
         runs_claiming += bool(flagged)
         true_claims += sum(i in wrong for i in flagged)
@@ -239,8 +249,8 @@ def test_flag_rule_error_rates_in_a_seeded_simulation(planted):
         assert runs_claiming <= 5  # <= 5% of clean runs claim an error
     else:
         assert true_claims / (true_claims + false_claims) >= 0.9
-        # at most the 70% the model contradicts can be claimed
-        assert true_claims / (100 * planted) >= 0.5
+        # at most the 70% the model contradicts can be claimed, and only those it is sure of
+        assert true_claims / (100 * planted) >= 0.4
 
 
 # ---------------------------------------------------------------------------------------------- a run, end to end
@@ -266,7 +276,9 @@ def audited_run(tmp_path_factory, tiny_model_dir):
 
 
 def _echo_decoder(examples):
-    return [e.answer if int(e.source.rsplit(":", 1)[1]) % 2 else "something else" for e in examples]
+    from tunelab.eval.audit import ModelAnswer
+
+    return [ModelAnswer(e.answer if int(e.source.rsplit(":", 1)[1]) % 2 else "something else") for e in examples]
 
 
 def test_audit_writes_one_row_per_training_example_with_file_and_line(audited_run):
@@ -330,11 +342,11 @@ def test_the_main_job_audits_only_runs_that_saw_every_example_twice(audited_run)
 
 
 def test_report_shows_the_top_20_with_file_line_and_how_to_read_it(audited_run):
-    from tunelab.eval.audit import audit_run
+    from tunelab.eval.audit import ModelAnswer, audit_run
     from tunelab.report.html import build_report_context, render_html, render_markdown
 
     folder, data, _ = audited_run
-    rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: [e.answer for e in examples])
+    rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: [ModelAnswer(e.answer) for e in examples])
     assert not summary.claims_errors  # a model that gives every label disagrees with none
     context = build_report_context(folder / "r")
     audit = context["audit"]
@@ -343,8 +355,9 @@ def test_report_shows_the_top_20_with_file_line_and_how_to_read_it(audited_run):
     assert audit["how_to_read"] == summary.how_to_read and "does not claim errors" in audit["how_to_read"]
     markdown, html = render_markdown(context), render_html(context)
     assert f"| {data}:{rows[0].line} | {rows[0].suspicion:.1f} |" in markdown
-    assert "flagged" not in markdown.split("### Hardest")[1].split("## Training")[0]
+    assert " flagged |" not in markdown.split("| where |")[1].split("## Training")[0]
     assert f"{data}:{rows[19].line}" in html and "20 of 24 shown" in html
-    # a model that contradicts the hardest example's answer: it is flagged only if it is also an outlier
-    rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: ["x y z"] * len(examples))
-    assert summary.flagged == sum(r.z >= 3.5 for r in rows)
+    # a model that contradicts every answer, sure of its own: every example is claimed
+    rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: [ModelAnswer("x y z", 1.0)] * len(examples))
+    assert summary.flagged == 24 and summary.claims_errors
+    assert build_report_context(folder / "r")["audit"]["title"] == "Suspect training examples"

@@ -19,8 +19,11 @@ is simply harder is not flagged as a whole), and, once trained, a model that ans
 
 suspicion = the robust z-score of the ranking signal (RANK_SIGNAL, chosen by measurement: see
 docs/audit.md) against the run's own examples (median and MAD), plus DISAGREEMENT_WEIGHT when the
-model's answer disagrees. An example is *flagged* (claimed likely wrong) only when its z-score is at
-least FLAG_Z and the model disagrees; with none flagged the ranking is only an order of difficulty.
+model's answer disagrees. An example is *flagged* (claimed likely wrong) only when the model answers
+otherwise AND is at least as sure of its own answer as it is, on average, of the training answers of
+that label (confident learning's per-class threshold; for JSON and text, of all training answers): a
+model that merely errs is unsure, one that was taught a wrong label keeps its own. With none flagged
+the ranking is only an order of difficulty.
 
 Why in eval/: it grades the model's answers with the task's own scorers (eval/metrics.py) and decodes
 them with the generation engine, and reads training's files; both lie below eval, and data/ (which
@@ -54,12 +57,10 @@ from tunelab.train.dynamics import read_dynamics
 
 AUDIT_DIR = "audit"
 MIN_PASSES = 2  # dynamics need at least two looks at an example
-RANK_SIGNAL = "mean_loss"  # measured against final_loss and 1 - confidence on planted errors (docs/audit.md)
+RANK_SIGNAL = "final_loss"  # the best of the dynamics alone on planted errors (docs/audit.md)
 DISAGREEMENT_WEIGHT = 3.0  # a disagreeing model answer outranks a z-score gap of this much
-FLAG_Z = 3.5  # robust z-score from which an outlier is claimed (with a disagreeing answer)
 MIN_CLASS_SIZE = 8  # smaller label classes are compared with the whole run instead
-MAD_FLOOR = 0.05  # (log scale) a run whose losses are all alike has no outliers, not infinite z-scores
-SCORE_FLOOR = 1e-3  # nats: losses below this are all "learnt" alike
+MAD_FLOOR = 0.02  # nats: a run whose losses are all alike has no outliers, not infinite z-scores
 DEFAULT_ANSWERS = 40  # model answers decoded for the top of the ranking
 
 
@@ -86,6 +87,12 @@ class AuditRow:
     group: str | None = None  # the label class it was compared within (label tasks)
 
 
+@dataclass(frozen=True)
+class ModelAnswer:
+    text: str  # the tuned model's greedy answer
+    confidence: float | None = None  # its mean per-token probability under the tuned model (None: not scored)
+
+
 @dataclass
 class AuditSummary:
     examples: int
@@ -96,7 +103,8 @@ class AuditSummary:
     decoded: int  # examples whose model answer was decoded
     claims_errors: bool
     how_to_read: str
-    flag_rule: str = f"z >= {FLAG_Z} and the tuned model's answer disagrees with the label"
+    flag_rule: str = ("the tuned model's answer disagrees with the label and it is at least as sure of its answer as, "
+                      "on average, of the training answers of that label (confident learning's per-class threshold)")
     unseen: list[str] = field(default_factory=list)  # example ids training never saw (a budget cut it short)
 
 
@@ -161,25 +169,25 @@ def _robust_z(values: Sequence[float]) -> list[float]:
 
 
 def signal_values(losses: Sequence[float]) -> dict[str, float]:
-    """mean_loss, confidence, variability, final_loss of one example's per-pass losses."""
+    """mean_loss, confidence, variability, final_loss, late_loss of one example's per-pass losses."""
     probs = [math.exp(-loss) for loss in losses]
     return {
         "mean_loss": statistics.fmean(losses), "confidence": statistics.fmean(probs),
         "variability": statistics.pstdev(probs), "final_loss": losses[-1],
+        # the first pass is mostly about the format every answer shares: what stays hard after it
+        "late_loss": statistics.fmean(losses[1:] or losses),
     }
 
 
 def ranking_score(values: dict[str, float], signal: str = RANK_SIGNAL) -> float:
-    """Higher = more suspect, for each candidate signal (docs/audit.md compares them), on a log scale:
-    losses are skewed (a few hard but right examples sit far out on a linear scale) and a wrong
-    answer's loss is a multiple of a right one's, not a fixed amount more."""
+    """Higher = more suspect, for each candidate signal (docs/audit.md compares them). Linear, not
+    log: on a log scale the spread of the learnt examples' tiny losses (1e-3 or 1e-2 nats: both
+    learnt) swamped the difference that matters (measured: planted errors ranked lower)."""
     if signal == "one_minus_confidence":
-        value = 1.0 - values["confidence"]
-    elif signal == "cartography":  # low confidence AND low variability: hard to learn and never learnt
-        value = (1.0 - values["confidence"]) * (1.0 - values["variability"])
-    else:
-        value = values[signal]
-    return math.log(max(value, SCORE_FLOOR))
+        return 1.0 - values["confidence"]
+    if signal == "cartography":  # low confidence AND low variability: hard to learn and never learnt
+        return (1.0 - values["confidence"]) * (1.0 - values["variability"])
+    return values[signal]
 
 
 def z_scores(scores: Sequence[float], groups: Sequence[str | None]) -> list[float]:
@@ -237,7 +245,17 @@ def disagreement(model_answer: str, answer: str, kind: OutputKind) -> tuple[floa
 # ---------------------------------------------------------------------------------------------- ranking
 
 
-def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str, str],
+def _self_confidence(groups: Sequence[str | None], values: Sequence[dict[str, float]]) -> dict[str | None, float]:
+    """Confident learning's per-class threshold: the mean probability the trained model gives the
+    answers of each label (its last pass), and over every example (key None)."""
+    probs = [math.exp(-v["final_loss"]) for v in values]
+    out: dict[str | None, float] = {None: statistics.fmean(probs)}
+    for group in set(groups) - {None}:
+        out[group] = statistics.fmean(p for p, g in zip(probs, groups, strict=True) if g == group)
+    return out
+
+
+def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str, ModelAnswer],
          signal: str = RANK_SIGNAL) -> list[AuditRow]:
     """Every example seen at least once, most suspect first (a pure function of its inputs)."""
     seen = [e for e in examples if e.losses]
@@ -246,19 +264,28 @@ def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str
     values = [signal_values(e.losses) for e in seen]
     groups = [normalize_text(e.answer) if kind.kind == "label" else None for e in seen]
     z = z_scores([ranking_score(v, signal) for v in values], groups)
+    thresholds = _self_confidence(groups, values)
     rows = []
     for example, value, zi, group in zip(seen, values, z, groups, strict=True):
         path, _, line = example.source.rpartition(":")
-        model_answer = model_answers.get(example.id)
+        answered = model_answers.get(example.id)
+        model_answer = None if answered is None else answered.text
         differs, why = (None, "") if model_answer is None else disagreement(model_answer, example.answer, kind)
-        flagged = differs is not None and differs >= 0.5 and zi >= FLAG_Z
+        flagged = False
+        if answered is not None and differs is not None and differs >= 0.5 and answered.confidence is not None:
+            # the model's own answer is at least as likely as the answers of its class usually are
+            other = predicted_label(model_answer, kind.labels) if kind.kind == "label" else None
+            threshold = thresholds.get(other, thresholds[None])
+            flagged = answered.confidence >= threshold
+            why += (f"; it gives its own answer {answered.confidence:.2f} per token, "
+                    f"{'above' if flagged else 'below'} the {threshold:.2f} it gives {other or 'the training answers'}")
         reasons = [f"loss {value['mean_loss']:.2f} nats/token over {len(example.losses)} passes, z {zi:+.1f} "
                    f"{'within its label' if group is not None and groups.count(group) >= MIN_CLASS_SIZE else 'in the run'}"]
         if why:
             reasons.append(why)
         rows.append(AuditRow(
             rank=0, file=path, line=int(line) if line.isdigit() else 0, id=example.id,
-            suspicion=round(zi + DISAGREEMENT_WEIGHT * (differs or 0.0), 3), flagged=flagged, answer=example.answer,
+            suspicion=round(zi + DISAGREEMENT_WEIGHT * (differs or 0.0), 3), flagged=bool(flagged), answer=example.answer,
             model_answer=model_answer, reason="; ".join(reasons), z=round(zi, 3), passes=len(example.losses),
             mean_loss=round(value["mean_loss"], 4), confidence=round(value["confidence"], 4),
             variability=round(value["variability"], 4), final_loss=round(value["final_loss"], 4),
@@ -280,16 +307,17 @@ def fewest_passes(run_dir: str | Path) -> int:
 
 def how_to_read(flagged: int, decoded: int) -> str:
     if flagged:
-        return (f"{flagged} example(s) are flagged: the model kept finding their answer unlikely while learning the "
-                "rest (a loss far above the run's own, z >= 3.5) and, trained, answers otherwise. Check them first; "
-                "suspicion is a robust z-score within this run, not a probability.")
-    return ("No example stands out: no answer is both far less likely than the run's others and contradicted by the "
-            f"tuned model (of the top {decoded} decoded). The list is only an order of difficulty, hardest first, "
+        return (f"{flagged} example(s) are flagged: the tuned model answers otherwise, and is as sure of its own answer "
+                "as it usually is of that label's training answers. Check them first. Suspicion ranks the rest: the "
+                "last pass's loss as a robust z-score within this run, +3 where the model answers otherwise.")
+    return ("No example is flagged: where the tuned model answers otherwise (of the top "
+            f"{decoded} by loss), it is less sure of its answer than it usually is of the training answers: its own "
+            "mistakes, not evidence against the data. The list is only an order of difficulty, hardest first, "
             "against this run's own losses; it does not claim errors.")
 
 
 def audit_run(run_dir: str | Path, *, answers: int = DEFAULT_ANSWERS, device: str | None = None,
-              trust_remote_code: bool = False, decode: Callable[[list[_Example]], list[str]] | None = None,
+              trust_remote_code: bool = False, decode: Callable[[list[_Example]], list[ModelAnswer]] | None = None,
               ) -> tuple[list[AuditRow], AuditSummary]:
     """Rank a run's training examples and write RUN/audit/. The model answers the `answers` most
     suspect examples by loss (all: answers >= the number of examples); `decode` replaces the tuned
@@ -320,17 +348,60 @@ def audit_run(run_dir: str | Path, *, answers: int = DEFAULT_ANSWERS, device: st
     return rows, summary
 
 
-def _tuned_model_decoder(paths: RunPaths, recipe: Any, device: str | None) -> Callable[[list[_Example]], list[str]]:
-    def decode(examples: list[_Example]) -> list[str]:
+def _tuned_model_decoder(paths: RunPaths, recipe: Any, device: str | None) -> Callable[[list[_Example]], list[ModelAnswer]]:
+    def decode(examples: list[_Example]) -> list[ModelAnswer]:
+        from tunelab.engine.generate import DecodingSettings, generate
         from tunelab.runs import load_run_model
-        from tunelab.use.generate import DecodingSettings, generate
 
         model, tokenizer = load_run_model(paths, recipe, device)
         settings = DecodingSettings(max_new_tokens=recipe.eval.max_new_tokens)
         conversations = [list(e.context) for e in examples]
-        return [g.text for g in generate(model, tokenizer, conversations, settings, recipe.eval.batch_size)]
+        texts = [g.text for g in generate(model, tokenizer, conversations, settings, recipe.eval.batch_size)]
+        sure = answer_confidences(model, tokenizer, conversations, texts)
+        return [ModelAnswer(text, p) for text, p in zip(texts, sure, strict=True)]
 
     return decode
+
+
+def answer_confidences(model: Any, tokenizer: Any, contexts: Sequence[Sequence[dict[str, str]]],
+                       answers: Sequence[str], batch: int = 8) -> list[float | None]:
+    """exp(-mean loss) of each answer's tokens (and its end of turn) after its context under `model`,
+    dropout off: the per-token probability the model gives that answer (None: the template failed)."""
+    import torch
+
+    from tunelab.data.pack import collate
+    from tunelab.data.tokenize import TemplateProblem, tokenize_conversation
+    from tunelab.train.dynamics import example_losses
+    from tunelab.train.loss import CausalLMLoss
+
+    tokenized: list[dict[str, Any] | None] = []
+    for context, answer in zip(contexts, answers, strict=True):
+        # only the answer is scored: earlier assistant turns get weight 0
+        messages = [{**m, "weight": 0} if m["role"] == "assistant" else dict(m) for m in context]
+        try:
+            example = tokenize_conversation(tokenizer, [*messages, {"role": "assistant", "content": answer}])
+            tokenized.append({"input_ids": example.input_ids, "labels": example.labels}
+                             if example.trainable_tokens > 1 else None)
+        except TemplateProblem:
+            tokenized.append(None)
+    scored = [i for i, t in enumerate(tokenized) if t is not None]
+    examples = [tokenized[i] for i in scored]
+    loss = CausalLMLoss(model)
+    device = next(model.parameters()).device
+    out: list[float | None] = [None] * len(answers)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch):
+                rows = [(i,) for i in range(start, min(start + batch, len(examples)))]
+                sums = loss.forward_batch(collate(examples, rows, pad_id=tokenizer.pad_token_id or 0).to(device))
+                order, loss_sums, counts = example_losses(examples, [rows], [sums.token_losses])
+                for index, total, count in zip(order, loss_sums, counts, strict=True):
+                    out[scored[index]] = math.exp(-total / max(1, count))
+    finally:
+        model.train(was_training)
+    return out
 
 
 def read_audit(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
