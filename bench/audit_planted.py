@@ -120,7 +120,7 @@ def test_quality(run: Path, folder: Path) -> float:
 
 def detection(run: Path, planted_lines: list[int]) -> dict:
     """recall@2P and precision@P of each candidate ranking, and the audit's own claims."""
-    from tunelab.eval.audit import load_examples, rank, read_audit
+    from tunelab.eval.audit import ModelAnswer, load_examples, rank, read_audit
     from tunelab.eval.metrics import detect_output_kind
     from tunelab.runs import RunPaths
 
@@ -129,7 +129,8 @@ def detection(run: Path, planted_lines: list[int]) -> dict:
     p = len(planted)
     examples = load_examples(RunPaths(run))
     kind = detect_output_kind([e.answer for e in examples])
-    answers = {r["id"]: r["model_answer"] for r in rows if r["model_answer"] is not None}
+    answers = {r["id"]: ModelAnswer(r["model_answer"], r.get("model_confidence"))
+               for r in rows if r["model_answer"] is not None}
 
     def score(lines: list[int]) -> dict:
         return {"recall_at_2p": round(len(planted & set(lines[: 2 * p])) / max(1, p), 3),

@@ -165,11 +165,11 @@ def test_planted_wrong_labels_rank_first_and_are_flagged_when_the_model_disagree
     assert {int(r.id[-3:]) for r in rows if r.flagged} == wrong  # the unsure mistakes are not claimed
     for row in rows:
         if int(row.id[-3:]) in (8, 60):  # ranked up by the disagreement, but the reason says why not claimed
-            assert row.disagreement == 1.0 and row.suspicion == pytest.approx(row.z + 3.0)
+            assert row.disagreement == 1.0 and row.suspicion == pytest.approx(min(row.z, 10.0) + 10.0)
             assert "0.50 per token, below the" in row.reason
     assert rows[0].file == "data/train.jsonl" and rows[0].line == int(rows[0].id[-3:]) + 1
     assert rows[0].disagreement == 1.0 and "the model answers" in rows[0].reason
-    assert rows[0].suspicion == pytest.approx(rows[0].z + 3.0)
+    assert rows[0].suspicion == pytest.approx(min(rows[0].z, 10.0) + 10.0)
 
 
 def test_clean_data_gets_an_order_of_difficulty_and_no_claim():

@@ -19,7 +19,7 @@ is simply harder is not flagged as a whole), and, once trained, a model that ans
 
 suspicion = the robust z-score of the ranking signal (RANK_SIGNAL, chosen by measurement: see
 docs/audit.md) against the run's own examples (median and MAD), plus DISAGREEMENT_WEIGHT when the
-model's answer disagrees. An example is *flagged* (claimed likely wrong) only when the model answers
+model's answer disagrees (z clipped to +-Z_CAP, so a contradicted answer comes first). An example is *flagged* (claimed likely wrong) only when the model answers
 otherwise AND is at least as sure of its own answer as it is, on average, of the training answers of
 that label (confident learning's per-class threshold; for JSON and text, of all training answers): a
 model that merely errs is unsure, one that was taught a wrong label keeps its own. With none flagged
@@ -58,7 +58,8 @@ from tunelab.train.dynamics import read_dynamics
 AUDIT_DIR = "audit"
 MIN_PASSES = 2  # dynamics need at least two looks at an example
 RANK_SIGNAL = "final_loss"  # the best of the dynamics alone on planted errors (docs/audit.md)
-DISAGREEMENT_WEIGHT = 3.0  # a disagreeing model answer outranks a z-score gap of this much
+DISAGREEMENT_WEIGHT = 10.0  # = Z_CAP: an answer the model contradicts outranks any loss alone (measured: better)
+Z_CAP = 10.0  # z-scores are clipped to +-Z_CAP in the suspicion (a last loss 50 MADs out is not 5x more suspect)
 MIN_CLASS_SIZE = 8  # smaller label classes are compared with the whole run instead
 MAD_FLOOR = 0.02  # nats: a run whose losses are all alike has no outliers, not infinite z-scores
 DEFAULT_ANSWERS = 40  # model answers decoded for the top of the ranking
@@ -85,6 +86,7 @@ class AuditRow:
     final_loss: float  # the last pass's loss
     disagreement: float | None  # 0 (the model gives the label) .. 1 (entirely different); None: not decoded
     group: str | None = None  # the label class it was compared within (label tasks)
+    model_confidence: float | None = None  # the tuned model's per-token probability of its own answer
 
 
 @dataclass(frozen=True)
@@ -285,11 +287,13 @@ def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str
             reasons.append(why)
         rows.append(AuditRow(
             rank=0, file=path, line=int(line) if line.isdigit() else 0, id=example.id,
-            suspicion=round(zi + DISAGREEMENT_WEIGHT * (differs or 0.0), 3), flagged=bool(flagged), answer=example.answer,
+            suspicion=round(max(-Z_CAP, min(Z_CAP, zi)) + DISAGREEMENT_WEIGHT * (differs or 0.0), 3), flagged=bool(flagged),
+            answer=example.answer,
             model_answer=model_answer, reason="; ".join(reasons), z=round(zi, 3), passes=len(example.losses),
             mean_loss=round(value["mean_loss"], 4), confidence=round(value["confidence"], 4),
             variability=round(value["variability"], 4), final_loss=round(value["final_loss"], 4),
             disagreement=None if differs is None else round(differs, 3), group=group,
+            model_confidence=None if answered is None or answered.confidence is None else round(answered.confidence, 4),
         ))
     rows.sort(key=lambda r: (-r.suspicion, r.file, r.line))
     for i, row in enumerate(rows, start=1):
@@ -309,7 +313,7 @@ def how_to_read(flagged: int, decoded: int) -> str:
     if flagged:
         return (f"{flagged} example(s) are flagged: the tuned model answers otherwise, and is as sure of its own answer "
                 "as it usually is of that label's training answers. Check them first. Suspicion ranks the rest: the "
-                "last pass's loss as a robust z-score within this run, +3 where the model answers otherwise.")
+                "last pass's loss as a robust z-score within this run (at most 10), +10 where the model answers otherwise.")
     return ("No example is flagged: where the tuned model answers otherwise (of the top "
             f"{decoded} by loss), it is less sure of its answer than it usually is of the training answers: its own "
             "mistakes, not evidence against the data. The list is only an order of difficulty, hardest first, "
