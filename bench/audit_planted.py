@@ -157,6 +157,24 @@ def detection(run: Path, planted_lines: list[int]) -> dict:
     }
 
 
+def rerank(run: Path) -> None:
+    """Rank an audited run again with this code's ranking, from the answers its audit.jsonl holds
+    (no model needed): for a ranking changed after the run was audited."""
+    from dataclasses import asdict
+
+    from tunelab.eval.audit import ModelAnswer, load_examples, rank, read_audit
+    from tunelab.eval.metrics import detect_output_kind
+    from tunelab.files import write_text_atomic
+    from tunelab.runs import RunPaths
+
+    rows, summary = read_audit(run)
+    answers = {r["id"]: ModelAnswer(r["model_answer"], r.get("model_confidence"))
+               for r in rows if r["model_answer"] is not None}
+    examples = load_examples(RunPaths(run))
+    new = rank(examples, detect_output_kind([e.answer for e in examples]), answers)
+    write_text_atomic(run / "audit" / "audit.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in new))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["routing", "orders"], required=True)
@@ -167,11 +185,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test set")
     parser.add_argument("--reuse", action="store_true", help="a run that finished training: audit and score it only")
+    parser.add_argument("--rerank", action="store_true", help="an audited run: rank it again, score the detection only")
     args = parser.parse_args()
 
     folder = args.out / args.task
     meta = json.loads((folder / "planted.json").read_text()) if (folder / "planted.json").is_file() else \
         make_task(args.task, args.train, folder)
+    if args.rerank:
+        rerank(folder / args.variant)
+        found = detection(folder / args.variant, meta["planted_lines"] if args.variant == "planted" else [])
+        previous = json.loads(RESULTS.read_text())
+        for r in previous["results"]:
+            if (r["task"], r["variant"]) == (args.task, args.variant):
+                r["audit"] = found
+        RESULTS.write_text(json.dumps(previous, indent=1) + "\n")
+        print(json.dumps(found, indent=1))
+        return
     train_file = folder / ("train_clean.jsonl" if args.variant == "clean" else "train_planted.jsonl")
     dropped = None
     if args.variant == "cleaned":
