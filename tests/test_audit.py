@@ -361,3 +361,39 @@ def test_report_shows_the_top_20_with_file_line_and_how_to_read_it(audited_run):
     rows, summary = audit_run(folder / "r", answers=24, decode=lambda examples: [ModelAnswer("x y z", 1.0)] * len(examples))
     assert summary.flagged == 24 and summary.claims_errors
     assert build_report_context(folder / "r")["audit"]["title"] == "Suspect training examples"
+
+
+def test_a_run_without_dynamics_gets_a_one_line_error(audited_run, tmp_path):
+    import shutil
+
+    from tunelab.errors import ConfigError
+    from tunelab.eval.audit import audit_run
+
+    folder, _, _ = audited_run
+    copy = tmp_path / "old"
+    shutil.copytree(folder / "r", copy, ignore=shutil.ignore_patterns("checkpoints", "dynamics*.jsonl"))
+    with pytest.raises(ConfigError, match="no dynamics.jsonl; the run was trained before"):
+        audit_run(copy, decode=_echo_decoder)
+
+
+def test_answer_confidence_scores_only_the_answer_after_its_context(tiny_model, tokenizer):
+    import math
+
+    from tunelab.data.pack import collate
+    from tunelab.data.tokenize import tokenize_conversation
+    from tunelab.eval.audit import answer_confidences
+    from tunelab.train.loss import reference_loss_sums
+
+    context = [{"role": "user", "content": "Route: my wifi drops"}, {"role": "assistant", "content": "NET"},
+               {"role": "user", "content": "Route: I was charged twice"}]
+    got = answer_confidences(tiny_model, tokenizer, [context, context], ["PAY", "a much longer answer here"])
+    for answer, confidence in zip(["PAY", "a much longer answer here"], got, strict=True):
+        # the reference: the model's own logits over the same conversation, the earlier answer untrained
+        example = tokenize_conversation(tokenizer, [
+            context[0], {**context[1], "weight": 0}, context[2], {"role": "assistant", "content": answer}])
+        tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        assert example.trainable_tokens == len(tokens) + 1  # the answer and its end of turn
+        with torch.no_grad():
+            ref = reference_loss_sums(tiny_model, collate([{"input_ids": example.input_ids, "labels": example.labels}],
+                                                          [(0,)], pad_id=0))
+        assert confidence == pytest.approx(math.exp(-ref.loss_sum.item() / int(ref.count)), rel=1e-4)
