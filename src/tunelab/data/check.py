@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.config import DataConfig, EvalConfig
 from tunelab.console import format_duration
 from tunelab.data.formats import data_files
+from tunelab.data.preference import check_preferences, is_preference_file
 from tunelab.data.quality import NEAR_DUP_MAX_EXAMPLES, QualityIndex
 from tunelab.data.validate import ERROR, WARNING, Issue, read_examples
 
@@ -143,6 +144,9 @@ def check_data(
     `held_out_fraction`: the share of train that `prepare` will split off when no valid file is given
     (default: data.valid_fraction + data.test_fraction), used for the estimate. `epochs`: default, the
     passes the training planner would choose for this many examples (train/plan.py)."""
+    if fmt == "auto" and is_preference_file(train):  # preference pairs (method: dpo) have their own checks
+        return check_preferences(train, valid, model=model, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                                 system_prompt=system_prompt, on_issue=on_issue)
     inputs = [("train", Path(train))] + ([("valid", Path(valid))] if valid is not None else [])
     report = CheckReport(files=[str(path) for _, path in inputs], max_seq_len=max_seq_len)
 

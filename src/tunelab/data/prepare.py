@@ -200,6 +200,10 @@ class _Member:
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreparedData:
+    if recipe.method == "dpo":  # preference pairs: their own rules, the same output folder
+        from tunelab.data.preference import prepare_preferences
+
+        return prepare_preferences(recipe, tokenizer, out_dir)
     data = recipe.data
     if data.train is None:
         raise ConfigError("data.train is not set: give a training file (tunelab data prepare FILE --out DIR)")
