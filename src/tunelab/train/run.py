@@ -348,6 +348,10 @@ def train_on_examples(
 
     ctx = ctx or SINGLE_PROCESS
     budget_started = time.monotonic() if budget_started is None else budget_started
+    if recipe.method == "dpo":  # a row holds a pair: the prompt twice and both answers
+        from tunelab.train.preference import rows_for_pairs
+
+        recipe = rows_for_pairs(recipe)
     faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
 
     # ---- plan the data: rows, then steps (a resumed run keeps the plan it started with)
@@ -358,6 +362,10 @@ def train_on_examples(
     # ---- set up the model, loss and optimizer (FSDP shards them here); one GPU probes the micro-batch size
     resolved = recipe.train.model_copy(update={"tokens_per_step": packing.tokens_per_step})
     setup, steps, layout = _set_up(recipe, resolved, packing, steps, device, ctx)
+    if recipe.method == "dpo":  # the reference's log-probs of every pair, once for the run (train/preference.py)
+        from tunelab.train.preference import attach_reference
+
+        attach_reference(setup, recipe, paths.root, (train_examples, valid_examples), tokenizer.pad_token_id, ctx.is_main)
 
     # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit
     planned = packing.saved or _fit_plan(
