@@ -339,6 +339,10 @@ def evaluate(
                           python_graders=python_graders, recipe=recipe, train_file=train_file)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
+    if inputs.recipe.method == "dpo":  # the supervised parent answers too, as the arm `sft` (eval/preference.py)
+        from tunelab.eval.preference import add_parent_arm
+
+        inputs, generated = add_parent_arm(inputs, generated)
     columns, sample_columns = _grade_arms(inputs, generated)
 
     # --- quality per arm, and the verdict on the primary metric
@@ -359,6 +363,10 @@ def evaluate(
     metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
     metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
+    if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
+        from tunelab.eval.preference import preference_section
+
+        metrics["preference"] = preference_section(inputs, generated, scored)
 
     # --- what the arms saw, so a reader can check the comparison was fair
     metrics["prompts"] = _prompts_seen(inputs, generated.prompts)
