@@ -150,3 +150,22 @@ def test_prepare_refuses_pairs_with_errors(tmp_path, tokenizer):
 
     with pytest.raises(DataError, match=r"identical_pair 1.*train.jsonl:2"):
         _prepare(tmp_path, tokenizer, [openai_pair("a", "b", "c"), openai_pair("d", "e", "e")])
+
+
+def test_a_file_of_pairs_is_prepared_as_pairs_whatever_the_method_and_sft_refuses_them(tmp_path, tokenizer):
+    from tunelab.data.prepare import prepare_data
+    from tunelab.errors import ConfigError
+    from tunelab.train.preference import rows_for_pairs
+
+    train = write_jsonl(tmp_path / "train.jsonl", [openai_pair(f"Q{i}", f"good {i}", f"bad {i}") for i in range(10)])
+    recipe = load_recipe(None, [f"data.train={train}", "model.name=tiny-test"])  # method lora: `data prepare`'s recipe
+    prepared = prepare_data(recipe, tokenizer, tmp_path / "out")
+    assert prepared.stats["kind"] == "preference"
+    rows = prepared.tokenized("train")
+    with pytest.raises(ConfigError, match="holds preference pairs: train on them with method: dpo"):
+        rows_for_pairs(recipe, rows)
+    chat = [{"input_ids": [1, 2], "labels": [-100, 2]}]
+    with pytest.raises(ConfigError, match="method: dpo trains on preference pairs, but data.train"):
+        rows_for_pairs(load_recipe(None, ["method=dpo"]), chat)
+    doubled = rows_for_pairs(load_recipe(None, ["method=dpo", "data.max_seq_len=100"]), rows)
+    assert doubled.data.max_seq_len == 200

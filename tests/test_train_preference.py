@@ -210,3 +210,22 @@ def test_dpo_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir
     expected, got = _losses(tmp_path / "runs" / "straight"), _losses(tmp_path / "runs" / "killed")
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     assert max(abs(got[s] - expected[s]) for s in expected) <= 1e-6
+
+
+def test_varlen_layout_gives_the_same_loss_as_the_masked_rows(tokenizer, tiny_model):
+    from tunelab.train.loop import attention_layout
+
+    examples = [sides(tokenizer, "Say hi", "Hello there.", "Go away!"), sides(tokenizer, "Count", "One, two.", "no")]
+    for example in examples:
+        example["reference_logps"] = (-30.0, -31.0)
+    recipe = load_recipe(None, ["method=full", "model.name=tiny-test"])
+    setup = setup_training(recipe, 1, "cpu", base=tiny_model)
+    setup.loss_module = PreferenceLoss(setup.model, beta=0.1)
+    setup.model.eval()
+    losses = {}
+    for layout in ("mask", "varlen"):
+        setup.attention = layout
+        with torch.no_grad(), attention_layout(setup):
+            out = setup.loss_module(**pair_batches(setup, examples, tokenizer.pad_token_id)([(0, 1)]).model_inputs())
+        losses[layout] = (float(out.loss_sum), float(out.reward_margin_sum))
+    assert losses["varlen"] == pytest.approx(losses["mask"], rel=1e-5)

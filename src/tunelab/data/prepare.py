@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, Recipe
 from tunelab.data.formats import data_files, dump_json_line
+from tunelab.data.preference import is_preference_file, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
@@ -200,8 +201,8 @@ class _Member:
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreparedData:
-    if recipe.method == "dpo":  # preference pairs: their own rules, the same output folder
-        from tunelab.data.preference import prepare_preferences
+    # preference pairs (method: dpo, or a file of pairs): their own rules, the same output folder
+    if recipe.method == "dpo" or (recipe.data.train is not None and is_preference_file(recipe.data.train)):
 
         return prepare_preferences(recipe, tokenizer, out_dir)
     data = recipe.data

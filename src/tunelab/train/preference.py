@@ -210,9 +210,19 @@ class PreferenceLoss(CausalLMLoss):
         return LossSums(losses.sum(), pairs, (margins > 0).sum(), margins.detach().sum())
 
 
-def rows_for_pairs(recipe: Recipe) -> Recipe:
+def rows_for_pairs(recipe: Recipe, examples: Sequence[dict[str, Any]]) -> Recipe:
     """The recipe the training stage sizes its rows and micro-batches by: data.max_seq_len bounds
-    each side of a pair, so a pair (never split across rows) is up to twice as long."""
+    each side of a pair, so a pair (never split across rows) is up to twice as long. Refuses pairs
+    without `method: dpo`, and chat examples with it."""
+    from tunelab.errors import ConfigError
+
+    pairs = any("loss_units" in e for e in examples[:1])
+    if pairs and recipe.method != "dpo":
+        raise ConfigError(f"data.train ({recipe.data.train}) holds preference pairs: train on them with method: dpo "
+                          "(or give chat examples)")
+    if not pairs and examples:
+        raise ConfigError(f"method: dpo trains on preference pairs, but data.train ({recipe.data.train}) holds chat "
+                          "examples (see docs/data-checks.md for the pair formats)")
     data = recipe.data.model_copy(update={"max_seq_len": 2 * recipe.data.max_seq_len})
     return recipe.model_copy(update={"data": data})
 

@@ -348,10 +348,10 @@ def train_on_examples(
 
     ctx = ctx or SINGLE_PROCESS
     budget_started = time.monotonic() if budget_started is None else budget_started
-    if recipe.method == "dpo":  # a row holds a pair: the prompt twice and both answers
+    if recipe.method == "dpo" or any("loss_units" in e for e in train_examples[:1]):  # preference pairs
         from tunelab.train.preference import rows_for_pairs
 
-        recipe = rows_for_pairs(recipe)
+        recipe = rows_for_pairs(recipe, train_examples)
     faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
 
     # ---- plan the data: rows, then steps (a resumed run keeps the plan it started with)
