@@ -30,10 +30,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.eval.graders.grade import Grading
-    from tunelab.eval.graders.specs import read_graders_file
     from tunelab.runs import load_tuned_model
-    from tunelab.use.generate import DecodingSettings, generate
+    from tunelab.specs.graders import read_graders_file
 
     model, tokenizer = load_tuned_model(args.run)
     graders = [g for g in read_graders_file(HERE / "graders.yaml") if g.name == "house_voice"]

@@ -144,9 +144,6 @@ def check_data(
     `held_out_fraction`: the share of train that `prepare` will split off when no valid file is given
     (default: data.valid_fraction + data.test_fraction), used for the estimate. `epochs`: default, the
     passes the training planner would choose for this many examples (train/plan.py)."""
-    if fmt == "auto" and is_preference_file(train):  # preference pairs (method: dpo) have their own checks
-        return check_preferences(train, valid, model=model, tokenizer=tokenizer, max_seq_len=max_seq_len,
-                                 system_prompt=system_prompt, on_issue=on_issue)
     inputs = [("train", Path(train))] + ([("valid", Path(valid))] if valid is not None else [])
     report = CheckReport(files=[str(path) for _, path in inputs], max_seq_len=max_seq_len)
 
@@ -154,6 +151,11 @@ def check_data(
         report.issues.append(issue)
         if on_issue is not None:
             on_issue(issue)
+
+    if fmt == "auto" and is_preference_file(train):  # preference pairs (method: dpo) have their own checks
+        check_preferences(report, inputs, model=model, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                          system_prompt=system_prompt, add=add)
+        return report
 
     # structure, and fingerprints for the quality checks (no torch here)
     index = QualityIndex(near_dup_max_examples=near_dup_max_examples)
@@ -197,7 +199,7 @@ def check_data(
         tokens = int(train_tokens * (1 - held_out_fraction))
         tokens_per_s, device = measure_tokens_per_s(model, min(max_seq_len, _MEASURE_SEQ_LEN))
         if epochs is None:
-            from tunelab.train.plan import auto_epochs
+            from tunelab.data.passes import auto_epochs
 
             epochs = auto_epochs(round(report.examples * (1 - held_out_fraction)))
         seconds = epochs * tokens / tokens_per_s

@@ -24,13 +24,14 @@ Only the final answer is trained and scored: earlier assistant turns of a prompt
 Public API:
   PAIR_FORMATS, Pair, is_preference_file(path), read_pairs(path, system_prompt=None)
   tokenize_pair(tokenizer, pair_messages, max_seq_len) -> (chosen, rejected) TokenizedExample
-  check_preferences(train, valid=None, ...) -> CheckReport          (`tunelab data check`)
-  prepare_preferences(recipe, tokenizer, out_dir) -> PreparedData   (`tunelab data prepare`)
+  check_preferences(report, inputs, ...)          fills `tunelab data check`'s report (data/check.py)
+  prepare_preferences(data, tokenizer, out_dir, raise_on_errors) -> stats   (data/prepare.py, for pairs)
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,16 +39,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.data.formats import MISSING, Draft, RawRecord, data_files, describe_type, iter_file, to_draft
+from tunelab.data.formats import (
+    MISSING,
+    Draft,
+    RawRecord,
+    data_files,
+    describe_type,
+    dump_json_line,
+    iter_file,
+    to_draft,
+)
 from tunelab.data.quality import SPLITS, prompt_key
 from tunelab.data.validate import Issue, check_messages, excerpt
+from tunelab.files import AtomicTextFile, write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tunelab.config import Recipe
-    from tunelab.data.check import CheckReport
-    from tunelab.data.prepare import PreparedData
+    from tunelab.config import DataConfig
     from tunelab.data.tokenize import TokenizedExample
 
 PAIR_FORMATS = ("openai_dpo", "trl", "sharegpt_pair")
@@ -338,21 +347,12 @@ def _too_long(pair: Pair, chosen: TokenizedExample, rejected: TokenizedExample, 
 
 
 def check_preferences(
-    train: str | Path, valid: str | Path | None = None, *, model: str | None = None,
+    report: Any, inputs: list[tuple[str, Path]], *, model: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None, max_seq_len: int = 512, system_prompt: str | None = None,
-    on_issue: Callable[[Issue], None] | None = None,
-) -> CheckReport:
-    """`tunelab data check` on pair files: records, quality, then (with a model or tokenizer) tokens."""
-    from tunelab.data.check import CheckReport
-
-    inputs = [("train", Path(train))] + ([("valid", Path(valid))] if valid is not None else [])
-    report = CheckReport(files=[str(path) for _, path in inputs], max_seq_len=max_seq_len)
-
-    def add(issue: Issue) -> None:
-        report.issues.append(issue)
-        if on_issue is not None:
-            on_issue(issue)
-
+    add: Callable[[Issue], None],
+) -> None:
+    """`tunelab data check` on pair files: fills data/check.py's CheckReport (`report`) with the
+    records, quality and (with a model or tokenizer) token counts; `add` reports each issue."""
     splits: list[str] = []
     pairs: list[Pair] = []
     for split, path in inputs:
@@ -373,7 +373,7 @@ def check_preferences(
         add(issue)
     report.quality = {"duplicate_pairs": len(quality.duplicates), "leakage": len({h for _, h in quality.leaks})}
     if (tokenizer is None and model is None) or not pairs:
-        return report
+        return
     from tunelab.data.tokenize import TemplateProblem, token_stats
 
     report.model = model or getattr(tokenizer, "name_or_path", None) or "tokenizer"
@@ -399,17 +399,15 @@ def check_preferences(
     report.tokens = token_stats(lengths, trainable)
     report.notes.append("preference pairs: tokens count the prompt twice (once with each answer); "
                         "trainable tokens are the two answers")
-    return report
 
 
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-def preference_fingerprint(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    from tunelab.data.prepare import data_fingerprint
-
-    fingerprint = data_fingerprint(recipe.data, tokenizer)
-    fingerprint["kind"] = "preference"
+def preference_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """data/prepare.py's fingerprint of the inputs and settings, marked as preference data (the same
+    file prepared as chat data is another folder)."""
+    fingerprint = {**fingerprint, "kind": "preference"}
     fingerprint["sha256"] = hashlib.sha256((fingerprint["sha256"] + "\0preference").encode()).hexdigest()
     return fingerprint
 
@@ -440,34 +438,15 @@ class _Member:
     rejected: tuple[str, str] | None = None  # (reason code, message)
 
 
-def prepare_preferences(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreparedData:
-    """The data stage for `method: dpo` (module docstring): the same rules as data/prepare.py (any
-    error blocks; nothing accepted is dropped silently; an unchanged fingerprint reuses the folder)."""
-    from tunelab.data.prepare import (
-        PreparedData,
-        _raise_on_errors,
-        _refuse_overwriting_foreign_files,
-        _refuse_overwriting_inputs,
-        _reusable,
-        _write_json,
-        _write_lines,
-    )
+def prepare_preferences(
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, raise_on_errors: Callable[[list[Issue]], None],
+) -> dict[str, Any]:
+    """The pair-specific part of the data stage (data/prepare.py: prepare_data checks the output folder,
+    the fingerprint and reuse): reads, checks, splits, dedupes and tokenizes the pairs and writes the
+    files of the module docstring into `out_dir`. `raise_on_errors(issues)` raises when any is an
+    error. Returns stats.json's content."""
     from tunelab.data.split import assign_splits
     from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats
-    from tunelab.errors import ConfigError
-
-    data = recipe.data
-    if data.train is None:
-        raise ConfigError("data.train is not set: give a file of preference pairs")
-    out_dir = Path(out_dir)
-    _refuse_overwriting_inputs(data, out_dir)
-    _refuse_overwriting_foreign_files(out_dir)
-    fingerprint = preference_fingerprint(recipe, tokenizer)
-    stats = _reusable(out_dir, fingerprint)
-    if stats is not None:
-        return PreparedData(out_dir, stats, reused=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fingerprint.json").unlink(missing_ok=True)
 
     # read and validate; any error blocks
     issues: list[Issue] = []
@@ -490,7 +469,7 @@ def prepare_preferences(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_
     if problem:
         issues.append(Issue(f"chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'}", 0,
                             "end_of_turn_not_trained", problem))
-    _raise_on_errors(issues, out_dir)
+    raise_on_errors(issues)
 
     # split by prompt (all pairs of a prompt share a split), then duplicates and leakage
     pool = by_role["train"]
@@ -574,7 +553,13 @@ def prepare_preferences(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_
                   "test": "file" if data.test is not None else f"{data.test_fraction:g} of train (max {data.test_max})"},
         "notes": [],
     }
-    _write_json(out_dir / "stats.json", stats)
-    _raise_on_errors(issues, out_dir)
-    _write_json(out_dir / "fingerprint.json", fingerprint)
-    return PreparedData(out_dir, stats)
+    write_text_atomic(out_dir / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+    raise_on_errors(issues)
+    return stats
+
+
+def _write_lines(path: Path, rows: list[Any]) -> None:
+    out = AtomicTextFile(path)
+    for row in rows:
+        out.write(dump_json_line(row))
+    out.commit()

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     import torch
 
     from tunelab.config import Recipe
-    from tunelab.eval.run import _Generated, _Inputs, _Scored
+
+# eval/run.py's _Inputs, _Generated and _Scored: not imported (eval/run.py imports this module)
+_Inputs = _Generated = _Scored = Any
 
 SFT_ARM = "sft"
 PARENT_ADAPTER = "sft"  # the PEFT adapter name the parent's weights are loaded under
@@ -64,7 +66,7 @@ def held_out_pairs(data_dir: Path, limit: int | None = None) -> tuple[str, list[
 def add_parent_arm(inputs: _Inputs, generated: _Generated) -> tuple[_Inputs, _Generated]:
     """The arm `sft`: the parent model on the tuned arm's prompts, with the same decoding; unchanged
     inputs when the run has no adapter parent or the tuned arm is not evaluated."""
-    from tunelab.use.generate import generate
+    from tunelab.engine.generate import generate
 
     parent = parent_adapter(inputs.recipe)
     if parent is None or "tuned" not in inputs.chosen or inputs.models.tuned_kind != "adapter":

@@ -49,6 +49,7 @@ from tunelab.data.pack import (
     pack_rows,
 )
 from tunelab.files import write_text_atomic
+from tunelab.train.loop import VARLEN_PAD_MULTIPLE, attention_layout, autocast
 from tunelab.train.loss import LOGITS_PER_CHUNK, LOGITS_PER_CHUNK_GPU, CausalLMLoss, LossSums
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def pair_batches(
     """rows of pairs -> a PairBatch on the setup's device, in the layout its attention takes."""
     varlen = setup.attention == "varlen"
     longest = max((example_length(e) for e in examples), default=1)
-    multiple = 64 if setup.device.type == "cuda" else 1  # loop.VARLEN_PAD_MULTIPLE (not imported: loop imports setup)
+    multiple = VARLEN_PAD_MULTIPLE if setup.device.type == "cuda" else 1
 
     def build(rows: Sequence[Row]) -> PairBatch:
         sequences: list[dict[str, Any]] = []
@@ -243,8 +244,6 @@ def reference_logps(
 ) -> list[tuple[float, float]]:
     """(chosen, rejected) sequence log-probs of each pair under the model as it stands (dropout off),
     with the PEFT adapter switched off when `adapter_off`."""
-    from tunelab.train.loop import attention_layout, autocast
-
     if not examples:
         return []
     lengths = [example_length(e) for e in examples]

@@ -362,9 +362,10 @@ def train_on_examples(
     # ---- set up the model, loss and optimizer (FSDP shards them here); one GPU probes the micro-batch size
     resolved = recipe.train.model_copy(update={"tokens_per_step": packing.tokens_per_step})
     setup, steps, layout = _set_up(recipe, resolved, packing, steps, device, ctx)
-    if recipe.method == "dpo":  # the reference's log-probs of every pair, once for the run (train/preference.py)
-        from tunelab.train.preference import attach_reference
+    if recipe.method == "dpo":  # the preference loss and batches; the reference's log-probs, once (train/preference.py)
+        from tunelab.train.preference import attach_reference, preference_setup
 
+        preference_setup(setup, recipe.dpo)
         attach_reference(setup, recipe, paths.root, (train_examples, valid_examples), tokenizer.pad_token_id, ctx.is_main)
 
     # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit

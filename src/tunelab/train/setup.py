@@ -172,7 +172,7 @@ def build_model(recipe: Recipe, device: torch.device, base: nn.Module | None = N
         except ValueError as err:
             raise ConfigError(f"lora.targets: {err}") from None
         if recipe.model.adapter:
-            from tunelab.lifecycle.adapter import load_adapter_weights
+            from tunelab.engine.adapter import load_adapter_weights
 
             load_adapter_weights(model, recipe.model.adapter, recipe)
     else:
@@ -269,11 +269,8 @@ def setup_training(
     recipe: Recipe, total_steps: int, device: str | torch.device | None = None, base: nn.Module | None = None
 ) -> TrainSetup:
     """Model, loss, optimizer and schedule for a run of `total_steps` optimizer steps. `base`: see build_model."""
-    if recipe.method == "dpo":  # the setup of the weights it trains, with the preference loss and batches
-        from tunelab.train.preference import preference_setup
-
-        weights = recipe.model_copy(update={"method": recipe.dpo.weights})
-        return preference_setup(setup_training(weights, total_steps, device, base), recipe.dpo)
+    if recipe.method == "dpo":  # the setup of the weights it trains (its loss and batches: train/preference.py)
+        recipe = recipe.model_copy(update={"method": recipe.dpo.weights})
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model, autocast = build_model(recipe, device, base)
     loss_module = CausalLMLoss(model)
