@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tunelab.config import load_recipe
 from tunelab.pipeline import run_pipeline
 
@@ -48,3 +50,22 @@ def test_run_with_preference_pairs_from_a_supervised_parent(tmp_path, tiny_model
     report = (dpo / "report.md").read_text()
     assert "## What DPO changed" in report and "held-out pairs" in report
     assert "What DPO changed" in (dpo / "report.html").read_text()
+
+
+def test_arm_preference_uses_the_log_prob_per_answer_token(tokenizer, tiny_model):
+    import torch
+
+    from tunelab.data.preference import Pair, tokenize_pair
+    from tunelab.eval.preference import sequence_logps
+
+    pairs = [Pair("x", 1, "trl", [{"role": "user", "content": "Say hi"}], "Hello there, how are you?", "Hi."),
+             Pair("x", 2, "trl", [{"role": "user", "content": "Count"}], "One.", "One, two, three, four.")]
+    got = sequence_logps(tiny_model, tokenizer, pairs)  # both pairs' four sides padded in one batch
+    with torch.no_grad():
+        for pair, sides in zip(pairs, got, strict=True):
+            for side, value in zip(tokenize_pair(tokenizer, pair), sides, strict=True):
+                logits = tiny_model(input_ids=torch.tensor([side.input_ids])).logits[0, :-1].float()
+                targets = torch.tensor(side.labels[1:])
+                keep = targets != -100
+                logp = torch.log_softmax(logits, -1)[keep].gather(1, targets[keep][:, None])
+                assert value == pytest.approx(float(logp.mean()), abs=1e-4)

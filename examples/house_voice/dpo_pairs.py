@@ -50,14 +50,15 @@ def main() -> None:
             {"prompt": r["messages"][:-1], "chosen": r["messages"][-1]["content"], "rejected": output,
              **{k: v for k, v in r.items() if k != "messages"}}
             for r, output, score in zip(records, outputs, scores, strict=True)
-            if score is not None and score < 1.0 and output.strip() != r["messages"][-1]["content"].strip()
-        ]
+            if score is not None and score < 1.0 and output.strip() and output.strip() != r["messages"][-1]["content"].strip()
+        ]  # an empty answer is a slip too, but not an answer to prefer against: left out (counted below)
         path = args.out_dir / f"pairs_{split}.jsonl"
         path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
         passed = sum(1 for s in scores if s == 1.0)
         mean = sum(s for s in scores if s is not None) / max(1, len(scores))
+        empty = sum(1 for output in outputs if not output.strip())
         print(f"{split}: {len(records)} prompts, the run followed every rule on {passed} (house_voice mean "
-              f"{mean:.3f}); {len(pairs)} pairs -> {path}")
+              f"{mean:.3f}), answered nothing on {empty}; {len(pairs)} pairs -> {path}")
 
 
 if __name__ == "__main__":

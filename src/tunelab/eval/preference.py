@@ -8,8 +8,8 @@ PeftModel: no second base model). Writes nothing itself; eval/run.py puts `arms.
 the tuned arm's prompts, scored like every arm) and `preference` into eval/metrics.json:
 
   preference: {"n", "split", "accuracy": {arm: share of pairs whose preferred answer that model
-               gives the higher log-probability (summed over the answer tokens: the answer it would
-               rather produce)}, "log_prob_margin": {arm: mean log p(preferred) - log p(rejected)},
+               gives the higher log-probability per answer token}, "log_prob_margin": {arm: the mean
+               over pairs of that per-token log-prob, preferred minus rejected},
                "vs_sft": tuned vs sft on the primary metric, paired (delta, ci95, p_value, text),
                "disagreements": up to 5 test prompts where sft and tuned answered differently}
 
@@ -98,7 +98,8 @@ def _parent_on(model: Any, folder: Path) -> Iterator[Any]:
 
 
 def sequence_logps(model: Any, tokenizer: Any, pairs: list[Pair]) -> list[tuple[float, float]]:
-    """(log p(preferred), log p(rejected)) of each pair under `model`, summed over the answer tokens."""
+    """(log p(preferred), log p(rejected)) of each pair under `model`, per answer token (the mean over
+    the answer's tokens: a summed log-prob would favour the shorter answer whatever its content)."""
     import torch
 
     sides = []
@@ -128,7 +129,7 @@ def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = labels[:, 1:]
     keep = targets != -100
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-    return (logp * keep).sum(dim=1)
+    return (logp * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
 
 def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) -> dict[str, Any]:

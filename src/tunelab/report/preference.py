@@ -25,7 +25,7 @@ def describe_preference(section: Mapping[str, Any] | None) -> dict[str, Any] | N
         others = ", ".join(f"{'the supervised parent' if arm == 'sft' else arm} {_pct(accuracy[arm])}"
                            for arm in ("sft", "base") if arm in accuracy)
         text = (f"Preference tuning (DPO): on {n} held-out pairs ({split} split), the tuned model gives the "
-                f"preferred answer the higher likelihood in {_pct(accuracy.get('tuned'))} of them"
+                f"preferred answer the higher likelihood (per token) in {_pct(accuracy.get('tuned'))} of them"
                 + (f" ({others})." if others else "."))
     else:
         text = "Preference tuning (DPO): no held-out pairs to measure preference accuracy on."
