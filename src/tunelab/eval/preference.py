@@ -3,9 +3,9 @@ accuracy on held-out pairs.
 
 Reads the run's recipe (model.adapter names the supervised parent: a run folder or an adapter
 folder), its held-out pairs (data/test.jsonl rows with `rejected`, else data/valid.jsonl) and the
-models through eval/run.py's _Models (the parent's adapter is loaded beside the tuned one on the same
-PeftModel: no second base model). Writes nothing itself; eval/run.py puts `arms.sft` (generated on
-the tuned arm's prompts, scored like every arm) and `preference` into eval/metrics.json:
+run's own PeftModel, loaded here (the parent's adapter beside the tuned one on it). Writes nothing
+itself; eval/run.py puts `arms.sft` (generated on the tuned arm's prompts, scored like every arm)
+and `preference` into eval/metrics.json:
 
   preference: {"n", "split", "accuracy": {arm: share of pairs whose preferred answer that model
                gives the higher log-probability per answer token}, "log_prob_margin": {arm: the mean
@@ -64,18 +64,25 @@ def held_out_pairs(data_dir: Path, limit: int | None = None) -> tuple[str, list[
 
 
 def add_parent_arm(inputs: _Inputs, generated: _Generated) -> tuple[_Inputs, _Generated]:
-    """The arm `sft`: the parent model on the tuned arm's prompts, with the same decoding; unchanged
-    inputs when the run has no adapter parent or the tuned arm is not evaluated."""
+    """The arm `sft`: the parent model on the tuned arm's prompts, with the same decoding and served
+    the same way (its adapter merged into the base weights); unchanged inputs when the run has no
+    adapter parent or the tuned arm is not evaluated. The parent is loaded here, and released after."""
     from tunelab.engine.generate import generate
+    from tunelab.runs import load_run_model
 
     parent = parent_adapter(inputs.recipe)
     if parent is None or "tuned" not in inputs.chosen or inputs.models.tuned_kind != "adapter":
         return inputs, generated
     prompts = generated.prompts["tuned"]
-    with inputs.models.use("tuned") as model, _parent_on(model, parent):
-        started = time.perf_counter()
-        gens = generate(model, inputs.models.tokenizer, prompts, inputs.settings, inputs.cfg.batch_size)
-        wall_s = time.perf_counter() - started
+    model, tokenizer = load_run_model(inputs.paths, inputs.recipe)
+    model.load_adapter(str(parent), adapter_name=PARENT_ADAPTER)
+    model.set_adapter(PARENT_ADAPTER)
+    model = model.merge_and_unload(adapter_names=[PARENT_ADAPTER])  # base + the parent only
+    model.eval()
+    started = time.perf_counter()
+    gens = generate(model, tokenizer, prompts, inputs.settings, inputs.cfg.batch_size)
+    wall_s = time.perf_counter() - started
+    del model
     generated = dataclasses.replace(
         generated, prompts={**generated.prompts, SFT_ARM: prompts}, generations={**generated.generations, SFT_ARM: gens},
         wall_s={**generated.wall_s, SFT_ARM: wall_s},
@@ -85,7 +92,7 @@ def add_parent_arm(inputs: _Inputs, generated: _Generated) -> tuple[_Inputs, _Ge
 
 @contextlib.contextmanager
 def _parent_on(model: Any, folder: Path) -> Iterator[Any]:
-    """The parent's adapter active on the tuned PeftModel for the block (loaded once), then the tuned one again."""
+    """The parent's adapter active on a PeftModel of the run for the block (loaded once), then the run's again."""
     if PARENT_ADAPTER not in model.peft_config:
         model.load_adapter(str(folder), adapter_name=PARENT_ADAPTER)
     previous = model.active_adapter
@@ -94,7 +101,8 @@ def _parent_on(model: Any, folder: Path) -> Iterator[Any]:
     try:
         yield model
     finally:
-        model.set_adapter(previous)
+        if previous in model.peft_config:
+            model.set_adapter(previous)
 
 
 def sequence_logps(model: Any, tokenizer: Any, pairs: list[Pair]) -> list[tuple[float, float]]:
@@ -140,15 +148,19 @@ def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) 
     section: dict[str, Any] = {"n": len(pairs), "split": split, "accuracy": {}, "log_prob_margin": {}}
     parent = parent_adapter(inputs.recipe)
     if pairs and inputs.models.tuned_kind == "adapter":
-        with inputs.models.use("tuned") as model:
-            tokenizer = inputs.models.tokenizer
-            arms: dict[str, list[tuple[float, float]]] = {}
-            with model.disable_adapter():
-                arms["base"] = sequence_logps(model, tokenizer, pairs)
-            if parent is not None:
-                with _parent_on(model, parent):
-                    arms[SFT_ARM] = sequence_logps(model, tokenizer, pairs)
-            arms["tuned"] = sequence_logps(model, tokenizer, pairs)
+        from tunelab.runs import load_run_model
+
+        # the run's own PeftModel (the evaluation's may have merged its adapter away): base, parent, tuned
+        model, tokenizer = load_run_model(inputs.paths, inputs.recipe)
+        model.eval()
+        arms: dict[str, list[tuple[float, float]]] = {}
+        with model.disable_adapter():
+            arms["base"] = sequence_logps(model, tokenizer, pairs)
+        if parent is not None:
+            with _parent_on(model, parent):
+                arms[SFT_ARM] = sequence_logps(model, tokenizer, pairs)
+        arms["tuned"] = sequence_logps(model, tokenizer, pairs)
+        del model
         for arm, logps in arms.items():
             section["accuracy"][arm] = sum(c > r for c, r in logps) / len(logps)
             section["log_prob_margin"][arm] = sum(c - r for c, r in logps) / len(logps)
