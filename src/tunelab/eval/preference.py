@@ -165,7 +165,7 @@ def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) 
             section["accuracy"][arm] = sum(c > r for c, r in logps) / len(logps)
             section["log_prob_margin"][arm] = sum(c - r for c, r in logps) / len(logps)
     if SFT_ARM in scored.arms:
-        scored.arms[SFT_ARM]["model"] = SFT_ARM
+        scored.arms[SFT_ARM].update(model=SFT_ARM, served="adapter merged into the base weights")
         tuned, sft = scored.per_example["tuned"], scored.per_example[SFT_ARM]
         kept = [i for i in range(len(tuned)) if tuned[i] is not None and sft[i] is not None]
         comparison = paired_comparison([tuned[i] for i in kept], [sft[i] for i in kept], seed=inputs.cfg.seed)

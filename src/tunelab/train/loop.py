@@ -118,6 +118,24 @@ class StepResult:
 # outputs
 
 
+def _quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard writes events from a thread of its own: when the run folder goes away mid-training,
+    that thread's OSError is not printed as a traceback; the loop's next write raises the same error,
+    which the CLI reports in one line."""
+    default = threading.excepthook
+    if getattr(default, "tunelab_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and args.exc_type is not None and issubclass(
+                args.exc_type, OSError):
+            return
+        default(args)
+
+    hook.tunelab_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class _RunLog:
     """Everything the loop reports, in one place: train/log.jsonl (truncated on resume to the
     checkpoint's offset, so every step appears once), TensorBoard scalars, MLflow metrics when
@@ -143,6 +161,7 @@ class _RunLog:
 
         # purge_step drops events an interrupted run wrote after the step we continue from
         self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=state.step + 1)
+        _quiet_tensorboard_writer_thread()
         if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow"):
             import mlflow
 
@@ -459,6 +478,7 @@ def train_loop(
                     log.event(_skipped_event(state, result))
                     if state.nonfinite_streak >= cfg.max_nonfinite_steps:
                         raise _diverged(state)
+                    check_weights_finite(setup, ctx, state.step)  # skipping cannot mend weights already lost
                 else:
                     state.nonfinite_streak = 0
                 log.step(state, step, result)
@@ -527,6 +547,21 @@ def _diverged(state: TrainState) -> NonFiniteTraining:
         f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient (last: step "
         f"{state.step}); training diverged. Lower train.lr, check the data, or use model.dtype=float32"
     )
+
+
+def check_weights_finite(setup: TrainSetup, ctx: DistContext, step: int) -> None:
+    """NonFiniteTraining when a trainable weight holds inf or NaN (a step with a finite loss and
+    gradient can still overflow them, e.g. train.lr=1e300): such weights are never saved or evaluated."""
+    named = [(name, p) for name, p in setup.model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        bad = next((name for name, p in named
+                    if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    if _agreed(ctx, bad is not None, setup.device):
+        where = f" ({bad} holds inf or NaN)" if bad else " (on another rank)"
+        raise NonFiniteTraining(
+            f"the weights are not finite after step {step}{where}; training diverged, nothing was saved. "
+            "Lower train.lr, check the data, or use model.dtype=float32"
+        )
 
 
 def _past(deadline: float | None, ctx: DistContext, device: torch.device) -> bool:
