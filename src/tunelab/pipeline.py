@@ -111,6 +111,9 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
         from tunelab.eval.audit import MIN_PASSES, audit_run, fewest_passes
 
         # the training examples most likely wrong (audit/): only with dynamics of two passes or more
+        if recipe.method == "dpo":  # pairs have no single answer to doubt: no per-example dynamics are recorded
+            say("audit: skipped (a preference run records no per-example answer losses)")
+            return
         if fewest_passes(paths.root) < MIN_PASSES:
             say(f"audit: skipped (training saw some examples fewer than {MIN_PASSES} times)")
             return

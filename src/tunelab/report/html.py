@@ -27,6 +27,7 @@ from tunelab.config import ARMS, PROMPT_ONLY_ARMS
 from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
 from tunelab.eval.metrics import to_fraction, to_points
 from tunelab.files import write_text_atomic
+from tunelab.report.preference import describe_preference
 from tunelab.runs import RunPaths
 
 MAX_DISAGREEMENTS = 8
@@ -636,6 +637,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,
         "method": recipe.get("method"), "sections": SECTIONS,
         "verdict": _verdict(metrics, root),
+        "preference": describe_preference(getattr(metrics.value, "preference", None) if metrics.ok else None),
         "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
         "audit": _audit(root),
@@ -697,6 +699,10 @@ def render_markdown(context: Mapping[str, Any]) -> str:
         lines += [f"## Parent ({lineage['kind']} of {lineage['parent_name']}, report: {lineage['parent_report']})", "",
                   f"**{lineage['text']}**", "", "| arm | parent | this run |", "|---|---|---|"]
         lines += [f"| {row['arm']} | {row['parent']} | {row['own']} |" for row in lineage["rows"]] + [""]
+    if context.get("preference"):  # a dpo run: what preference tuning changed
+        lines += ["## What DPO changed", "", context["preference"]["text"], ""]
+        lines += [f"- {_md_escape(ex['prompt'])}: sft `{_md_escape(ex['sft'])}` -> tuned `{_md_escape(ex['tuned'])}`"
+                  for ex in context["preference"]["examples"]] + [""]
     arms = context["arms"]
     lines += ["## Arms", ""]
     if arms["available"]:
