@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, Recipe
 from tunelab.data.formats import data_files, dump_json_line
+from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
@@ -206,12 +207,18 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     out_dir = Path(out_dir)
     _refuse_overwriting_inputs(data, out_dir)
     _refuse_overwriting_foreign_files(out_dir)
+    pairs = recipe.method == "dpo" or is_preference_file(data.train)  # preference pairs: data/preference.py
     fingerprint = data_fingerprint(data, tokenizer)
+    fingerprint = preference_fingerprint(fingerprint) if pairs else fingerprint
     stats = _reusable(out_dir, fingerprint)
     if stats is not None:
         return PreparedData(out_dir, stats, reused=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fingerprint.json").unlink(missing_ok=True)  # a half-written folder must never look reusable
+    if pairs:  # their own rules, the same files
+        stats = prepare_preferences(data, tokenizer, out_dir, lambda issues: _raise_on_errors(issues, out_dir))
+        _write_json(out_dir / "fingerprint.json", fingerprint)
+        return PreparedData(out_dir, stats)
 
     # read and validate every input
     issues: list[Issue] = []

@@ -403,6 +403,10 @@ def evaluate(
                           recipe_external=arms is None)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
+    if inputs.recipe.method == "dpo":  # the supervised parent answers too, as the arm `sft` (eval/preference.py)
+        from tunelab.eval.preference import add_parent_arm
+
+        inputs, generated = add_parent_arm(inputs, generated)
     columns, sample_columns, external_columns = _grade_arms(inputs, generated)
 
     # --- quality per arm, and the verdict on the primary metric
@@ -428,6 +432,10 @@ def evaluate(
                                                  metrics.get("primary_range"))
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
+    if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
+        from tunelab.eval.preference import preference_section
+
+        metrics["preference"] = preference_section(inputs, generated, scored)
 
     # --- what the arms saw, so a reader can check the comparison was fair
     metrics["prompts"] = _prompts_seen(inputs, generated.prompts)
