@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -361,7 +362,7 @@ def test_a_run_started_from_the_ui_runs_on_its_own_to_the_end(tmp_path, tiny_mod
     assert state["status"] == "done", c.get("/api/runs/ui-run/state").json()["console"]
     assert seen & {"preparing", "training", "evaluating"}
     console = (runs / ".ui" / "ui-run" / "console.log").read_text()
-    assert "[3/5] train" in console and "tunelab: done in" in console  # the CLI's own output
+    assert re.search(r"\[\d/\d\] train", console) and "tunelab: done in" in console  # the CLI's own output
     assert 'id="verdict"' in c.get("/runs/ui-run").text
 
 
