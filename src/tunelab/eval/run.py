@@ -446,7 +446,7 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
 
     cfg, models = inputs.cfg, inputs.models
     total = (len(inputs.test) * len(inputs.chosen) + len(inputs.train_sample)
-             + (2 * len(general_probes(cfg.seed)) if inputs.run_forgetting else 0))
+             + (2 * len(general_probes()) if inputs.run_forgetting else 0))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
     prompts = {arm: [inputs.builder.build(arm, ex) for ex in inputs.test] for arm in inputs.chosen}
     generations: dict[str, list[Generation]] = {}
