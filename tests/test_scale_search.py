@@ -169,3 +169,23 @@ def test_no_validation_split_skips_the_search(tmp_path, tiny_model_dir, few_prob
     metrics = evaluate(run_dir, arms="base,tuned", limit=2, echo=False)
     assert metrics["forgetting"]["adapter_scale"]["skipped"].startswith("no validation examples")
     assert not (run_dir / "eval" / "adapter_scale.json").exists()
+
+
+def test_report_plots_task_score_against_retention_with_the_chosen_scale(tmp_path):
+    from test_report import make_run, parse
+    from tunelab.report.html import write_report
+
+    run = make_run(tmp_path / "r")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    record = AdapterScale(scale=0.75, policy="balance", reason="r", metric="json_field_accuracy", split="valid",
+                          n_examples=12, threshold=0.05, candidates=CURVE)
+    metrics["forgetting"]["adapter_scale"] = json.loads(record.model_dump_json())
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    html = write_report(run).read_text()
+    page = parse(html)
+    assert page.ids.get("plot-scales") == "figure" and page.figures_with_svg.get("plot-scales", 0) > 10
+    assert "chosen: scale 0.75" in html and "retention within 5%" in html
+
+    del metrics["forgetting"]["adapter_scale"]  # a run without a scale search has no such plot
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    assert "plot-scales" not in parse(write_report(run).read_text()).ids
