@@ -10,10 +10,12 @@ demo: setup
 test:
 	@bash scripts/setup-venv.sh test
 	./.venv/bin/ruff check src tests bench examples
+	./.venv/bin/lint-imports
 	./.venv/bin/python -m pytest -q
 
 lint:
 	./.venv/bin/ruff check src tests bench examples
+	./.venv/bin/lint-imports
 
 clean-venv:
 	rm -rf .venv

@@ -10,7 +10,7 @@ tuned, tuned+rag; the tuned arms' prompts run on the base model, as no adapter i
 generates them with the recipe's decoding settings and batch size three ways, interleaved arm by arm:
 
   hf        the previous path: left-padded batches through transformers `model.generate`;
-  loop      tunelab.use.generate.generate(reuse_prefix=False): the shared decoding loop with the
+  loop      tunelab.engine.generate.generate(reuse_prefix=False): the shared decoding loop with the
             KV cache allocated once per batch;
   prefix    generate() as `tunelab eval` calls it: the prompts' shared prefix prefilled once per arm.
 
@@ -81,8 +81,8 @@ def hf_generate(model, tokenizer, conversations, settings, batch_size: int) -> l
     (greedy, KV cache, stop at end-of-turn). Returns the texts in input order."""
     import torch
 
+    from tunelab.engine.generate import render_prompt
     from tunelab.models import end_of_turn_ids
-    from tunelab.use.generate import render_prompt
 
     prompts = [render_prompt(tokenizer, conv) for conv in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -115,7 +115,7 @@ def timed(fn):
 
 
 def run_demo(args: argparse.Namespace, model, tokenizer) -> dict:
-    from tunelab.use.generate import DecodingSettings, generate, prefill_shared_prefix, render_prompt
+    from tunelab.engine.generate import DecodingSettings, generate, prefill_shared_prefix, render_prompt
 
     prompts, recipe = demo_prompts(args.limit)
     settings = DecodingSettings(max_new_tokens=recipe.eval.max_new_tokens, seed=recipe.eval.seed)
@@ -160,7 +160,7 @@ def run_demo(args: argparse.Namespace, model, tokenizer) -> dict:
 
 
 def run_batching(args: argparse.Namespace, model, tokenizer) -> dict:
-    from tunelab.use.generate import DecodingSettings, generate
+    from tunelab.engine.generate import DecodingSettings, generate
 
     prompts = make_prompts(args.prompts)
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens)

@@ -32,7 +32,7 @@ def loaded(run_dir):
 
 
 def reply(loaded, messages, max_new_tokens=MAX_NEW_TOKENS):
-    from tunelab.use.generate import DecodingSettings, generate
+    from tunelab.engine.generate import DecodingSettings, generate
 
     [result] = generate(loaded.model, loaded.tokenizer, [messages], DecodingSettings(max_new_tokens=max_new_tokens))
     return result
@@ -40,7 +40,7 @@ def reply(loaded, messages, max_new_tokens=MAX_NEW_TOKENS):
 
 @pytest.mark.parametrize("content", ["What is the capital of France?", "Say hi", "3 May 2021 -> ISO date, please"])
 def test_stream_pieces_join_to_exactly_what_generate_returns(loaded, content):
-    from tunelab.use.generate import DecodingSettings, StreamStats, stream_generate
+    from tunelab.engine.generate import DecodingSettings, StreamStats, stream_generate
 
     messages = [{"role": "user", "content": content}]
     stats = StreamStats()
@@ -57,7 +57,7 @@ def test_stream_stops_at_end_of_turn(tiny_model, tokenizer):
     """A model whose every next token is <|im_end|> gives an empty reply that finished with "stop"."""
     import torch
 
-    from tunelab.use.generate import DecodingSettings, StreamStats, stream_generate
+    from tunelab.engine.generate import DecodingSettings, StreamStats, stream_generate
 
     bias = torch.zeros(tiny_model.config.vocab_size)
     bias[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 1e4
@@ -69,7 +69,7 @@ def test_stream_stops_at_end_of_turn(tiny_model, tokenizer):
 
 
 def test_sampled_stream_is_reproducible_with_its_seed(loaded):
-    from tunelab.use.generate import DecodingSettings, stream_generate
+    from tunelab.engine.generate import DecodingSettings, stream_generate
 
     settings = DecodingSettings(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=0.9, seed=7)
     messages = [{"role": "user", "content": "Tell me a story"}]
@@ -101,8 +101,8 @@ def test_chat_ends_cleanly_at_end_of_input_and_one_shot_prompt_still_works(run_d
 
 
 def test_generate_file_writes_one_line_per_input_with_references(loaded, tmp_path):
+    from tunelab.engine.generate import DecodingSettings
     from tunelab.use.chat import generate_file
-    from tunelab.use.generate import DecodingSettings
 
     rows = [
         {"id": "a", "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
@@ -172,7 +172,7 @@ def test_generate_command_refuses_to_overwrite_its_input_and_runs(run_dir, tmp_p
 
 
 def test_batched_streams_match_batched_generate_and_a_cancelled_row_stops_alone(loaded):
-    from tunelab.use.generate import DecodingSettings, StreamStats, generate, stream_generate_batch
+    from tunelab.engine.generate import DecodingSettings, StreamStats, generate, stream_generate_batch
 
     conversations = [[{"role": "user", "content": c}] for c in ("hi", "What is the capital of France, please?",
                                                                "Convert 3 May 2021 to an ISO date")]
@@ -202,7 +202,7 @@ def test_sampling_draws_from_the_tempered_top_p_distribution():
 
     import torch
 
-    from tunelab.use.generate import DecodingSettings, _next_token
+    from tunelab.engine.generate import DecodingSettings, _next_token
 
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
     draws = 20000

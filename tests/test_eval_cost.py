@@ -6,7 +6,13 @@ import pytest
 
 from tunelab.config import EvalConfig
 from tunelab.contract import TrainSummary
-from tunelab.eval.cost import break_even, compare_cost, training_cost, usd_per_query
+from tunelab.eval.cost import (
+    amortised_training_per_query,
+    break_even,
+    compare_cost,
+    training_cost,
+    usd_per_query,
+)
 
 # prices and per-query costs are binary fractions, so every expected value below is exact
 CFG = EvalConfig(price_per_m_input_tokens=1.0, price_per_m_output_tokens=4.0, gpu_price_per_hour=2.0)
@@ -25,6 +31,15 @@ def _verdict(best: str | None, vs: str | None) -> dict:
 
 def test_usd_per_query_prices_prompt_and_completion_tokens_per_million():
     assert usd_per_query(1000, 250, CFG) == (1000 * 1.0 + 250 * 4.0) / 1e6
+
+
+def test_fine_tuned_queries_are_priced_at_the_tuned_rates_and_carry_amortised_training():
+    cfg = EvalConfig(price_per_m_input_tokens=1.0, price_per_m_output_tokens=4.0, tuned_price_per_m_input_tokens=2.0,
+                     tuned_price_per_m_output_tokens=8.0, requests_per_month=1000, amortize_months=4)
+    assert usd_per_query(1000, 250, cfg, tuned=True) == (1000 * 2.0 + 250 * 8.0) / 1e6
+    assert amortised_training_per_query({"usd": 2.0}, cfg) == 2.0 / 4000
+    assert amortised_training_per_query({"usd": 2.0}, CFG) == 0.0  # no requests_per_month: nothing spread
+    assert amortised_training_per_query(None, cfg) == 0.0
 
 
 def test_training_cost_is_wall_time_at_the_gpu_rate():
@@ -48,8 +63,10 @@ def test_cost_names_the_verdicts_pair():
     assert cost["break_even_queries"] == 3  # $2 / $0.75 saved per query = 2.7 queries, rounded up
     assert cost["text"] == "training cost $2.00 is repaid by shorter prompts after 3 queries (tuned vs prompt)"
     assert cost["per_arm"]["prompt"] == {"usd_per_query": 1.0, "usd_per_1m_queries": 1e6,
-                                         "prompt_tokens_mean": 64.0, "tokens_per_s": 10.0}
-    assert cost["prices"] == {"usd_per_m_input_tokens": 1.0, "usd_per_m_output_tokens": 4.0, "gpu_usd_per_hour": 2.0}
+                                         "usd_per_1k_requests": 1e3, "prompt_tokens_mean": 64.0, "tokens_per_s": 10.0}
+    assert cost["prices"] == {"usd_per_m_input_tokens": 1.0, "usd_per_m_output_tokens": 4.0, "gpu_usd_per_hour": 2.0,
+                              "tuned_usd_per_m_input_tokens": 0.3, "tuned_usd_per_m_output_tokens": 1.2,
+                              "requests_per_month": None, "amortize_months": 12}
 
     dearer = compare_cost(USD, tokens, dict.fromkeys(USD, 1.0), _verdict("tuned+rag", "base"), _summary(3600), CFG)
     assert dearer["break_even_queries"] is None

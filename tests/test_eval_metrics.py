@@ -7,7 +7,6 @@ import pytest
 
 from tunelab.eval.metrics import (
     bootstrap_ci,
-    decide_verdict,
     detect_output_kind,
     exact_match,
     json_field_accuracy,
@@ -133,37 +132,6 @@ def test_identical_arms_give_no_significant_difference():
     scores = [1.0, 0.0, 1.0, 1.0, 0.0, 0.5] * 10
     comparison = paired_comparison(scores, scores)
     assert comparison.delta == 0.0 and comparison.ci95 == (0.0, 0.0) and comparison.p_value == 1.0
-    verdict = decide_verdict({"prompt": scores, "tuned": scores}, {"prompt": 2e-5, "tuned": 1e-5},
-                             {"prompt": 400.0, "tuned": 40.0})
-    assert verdict["text"].startswith("no significant difference: prefer the cheaper approach")
-    assert verdict["recommended"] == "tuned"  # cheaper per query
-    assert verdict["winner"] is None
-
-
-def test_verdict_tuned_wins_and_prompting_wins():
-    rng = np.random.default_rng(0)
-    good = (rng.random(100) < 0.9).astype(float).tolist()
-    bad = (rng.random(100) < 0.3).astype(float).tolist()
-    costs, tokens = {"base": 1e-5, "rag": 3e-5, "tuned": 1e-5}, {"base": 40.0, "rag": 500.0, "tuned": 40.0}
-    verdict = decide_verdict({"base": bad, "rag": bad, "tuned": good}, costs, tokens)
-    assert verdict["best_arm"] == "tuned" and verdict["vs"] == "base"  # tie between base/rag -> cheaper first
-    assert verdict["winner"] == "tuned" and verdict["significant"]
-    delta = np.mean(good) - np.mean(bad)
-    lo, hi = verdict["ci95"]
-    assert verdict["text"].startswith(
-        f"fine-tuning beats the best prompt-only approach by {delta * 100:.1f} points, 95% CI [{lo * 100:.1f}, {hi * 100:.1f}]"
-    )
-    assert lo > 0 and verdict["p_value"] < 0.01
-
-    verdict = decide_verdict({"rag": good, "tuned": bad}, costs, tokens)
-    assert verdict["winner"] == "rag"
-    assert verdict["text"].startswith("the best prompt-only approach beats fine-tuning by")
-    assert "prefer prompting" in verdict["text"]
-
-
-def test_verdict_without_a_tuned_arm():
-    verdict = decide_verdict({"base": [1.0], "prompt": [0.0]}, {}, {})
-    assert verdict["best_arm"] is None and "no fine-tuned arm" in verdict["text"]
 
 
 def test_permutation_p_value_is_calibrated_under_the_null():

@@ -154,9 +154,11 @@ def test_cost_and_break_even_follow_from_tokens_and_prices(evaluated):
     cost, recipe_prices = metrics["cost"], metrics["cost"]["prices"]
     assert cost["training"]["usd"] == pytest.approx(360 / 3600 * recipe_prices["gpu_usd_per_hour"])
     for arm, row in metrics["arms"].items():
-        expected = (row["prompt_tokens_mean"] * recipe_prices["usd_per_m_input_tokens"]
-                    + row["completion_tokens_mean"] * recipe_prices["usd_per_m_output_tokens"])
+        prefix = "tuned_" if arm.startswith("tuned") else ""  # the fine-tuned model is served at its own price
+        expected = (row["prompt_tokens_mean"] * recipe_prices[f"{prefix}usd_per_m_input_tokens"]
+                    + row["completion_tokens_mean"] * recipe_prices[f"{prefix}usd_per_m_output_tokens"])
         assert cost["per_arm"][arm]["usd_per_1m_queries"] == pytest.approx(expected)
+        assert metrics["verdict"]["usd_per_1k_requests"][arm] == pytest.approx(expected / 1000)
     saved = cost["per_arm"]["prompt"]["usd_per_query"] - cost["per_arm"]["tuned"]["usd_per_query"]
     assert cost["break_even"]["tuned vs prompt"]["queries"] == math.ceil(cost["training"]["usd"] / saved)
 

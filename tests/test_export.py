@@ -37,7 +37,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def prompt_ids(tokenizer):
-    from tunelab.use.generate import render_prompt
+    from tunelab.engine.generate import render_prompt
 
     width = max(len(render_prompt(tokenizer, m)) for m in PROMPTS)
     rows = [render_prompt(tokenizer, m) for m in PROMPTS]

@@ -1,4 +1,4 @@
-"""The decoding loop of use/generate.py against the definition of greedy decoding: the shared-prefix
+"""The decoding loop of engine/generate.py against the definition of greedy decoding: the shared-prefix
 KV cache computed once, the cache written in place and the left padding of a batch give, token for
 token, what running each prompt alone without any cache gives."""
 
@@ -28,7 +28,7 @@ def greedy_without_cache(model, prompt, new_tokens):
 def decoded_tokens(model, prompts, prefix):
     """Every row's tokens from the decoding loop, with no stop token (every row runs to the end), and
     the logits of its first step (the prompts' last positions)."""
-    from tunelab.use.generate import DecodingSettings, _decode
+    from tunelab.engine.generate import DecodingSettings, _decode
 
     head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
     calls = []
@@ -54,7 +54,7 @@ def lora_wrapped(model):
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["plain", "lora"])
 def test_prefix_reuse_and_padding_give_the_tokens_of_decoding_each_prompt_alone(tiny_model, tokenizer, wrap):
-    from tunelab.use.generate import prefill_shared_prefix, render_prompt, shared_prefix_length
+    from tunelab.engine.generate import prefill_shared_prefix, render_prompt, shared_prefix_length
 
     model = (lora_wrapped(tiny_model) if wrap else tiny_model).eval()
     prompts = [render_prompt(tokenizer, c) for c in conversations()]
@@ -73,7 +73,7 @@ def test_prefix_reuse_and_padding_give_the_tokens_of_decoding_each_prompt_alone(
 
 
 def test_generate_reports_the_reused_prefix_and_the_same_replies_without_it(tiny_model, tokenizer):
-    from tunelab.use.generate import DecodingSettings, generate, render_prompt, shared_prefix_length
+    from tunelab.engine.generate import DecodingSettings, generate, render_prompt, shared_prefix_length
 
     settings = DecodingSettings(max_new_tokens=NEW_TOKENS)
     with_reuse = generate(tiny_model, tokenizer, conversations(), settings, batch_size=3)
@@ -86,7 +86,7 @@ def test_generate_reports_the_reused_prefix_and_the_same_replies_without_it(tiny
 
 
 def test_shared_prefix_leaves_every_prompt_its_last_token():
-    from tunelab.use.generate import shared_prefix_length
+    from tunelab.engine.generate import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is decoded

@@ -174,9 +174,9 @@ def test_fsdp_on_one_gpu_gives_the_losses_of_plain_training(tmp_path, monkeypatc
 
 
 def test_decoding_loop_with_a_shared_prefix_gives_the_tokens_of_each_prompt_alone():
-    """use/generate.py on a GPU: the shared prefix's KV cache computed once, the in-place cache and the
+    """engine/generate.py on a GPU: the shared prefix's KV cache computed once, the in-place cache and the
     padded batch give the greedy tokens of decoding each prompt alone without a cache."""
-    from tunelab.use.generate import DecodingSettings, _decode, prefill_shared_prefix
+    from tunelab.engine.generate import DecodingSettings, _decode, prefill_shared_prefix
 
     model = _model().eval()
     generator = torch.Generator().manual_seed(3)

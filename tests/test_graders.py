@@ -12,10 +12,11 @@ import pytest
 
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError
-from tunelab.eval.graders.formula import FormulaError, evaluate_formula, formula_names
 from tunelab.eval.graders.grade import Grading
-from tunelab.eval.graders.specs import parse_graders, read_graders_file
-from tunelab.eval.graders.templates import TemplateProblem, make_sample, render
+from tunelab.eval.graders.samples import make_sample
+from tunelab.specs.formula import FormulaError, evaluate_formula, formula_names
+from tunelab.specs.graders import parse_graders, read_graders_file
+from tunelab.specs.templates import TemplateProblem, render
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 
 from tunelab.config import load_recipe
 from tunelab.eval.graders.grade import Grading
-from tunelab.eval.graders.specs import read_graders_file, recipe_graders
+from tunelab.specs.graders import read_graders_file, recipe_graders
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HOUSE = EXAMPLES / "house_voice"

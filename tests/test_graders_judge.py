@@ -15,7 +15,7 @@ import pytest
 from tunelab.eval.graders.grade import Grading
 from tunelab.eval.graders.judge import JudgeCache
 from tunelab.eval.graders.pairwise import compare_pairwise
-from tunelab.eval.graders.specs import PairwiseJudge, parse_graders
+from tunelab.specs.graders import PairwiseJudge, parse_graders
 
 
 class FakeJudge(ThreadingHTTPServer):

@@ -30,7 +30,7 @@ def tokenizing_threads():
 
 @pytest.fixture(scope="module")
 def client(loaded, tokenizing_threads):
-    import tunelab.use.generate as generate
+    import tunelab.engine.generate as generate
     from tunelab.use.serve import ServeSettings, create_app
 
     render = generate.render_prompt

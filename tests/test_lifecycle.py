@@ -146,9 +146,9 @@ def test_new_data_goes_through_the_data_checks(parent, tmp_path):
 
 
 def test_update_records_its_parent_and_reports_both_test_sets(parent, data):
-    from tunelab.lifecycle.lineage import data_fingerprint_id, read_lineage
     from tunelab.lifecycle.update import update
     from tunelab.report.compare import format_run_list, list_runs
+    from tunelab.runs import data_fingerprint_id, read_lineage
 
     lineage = update(parent.root, data["other_new"], replay=0.5, name="own-updated")
     child = RunPaths(parent.root.parent / "own-updated")

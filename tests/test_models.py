@@ -76,7 +76,7 @@ def test_default_model_cache_gives_the_gguf_logits():
 
 @pytest.mark.slow
 def test_default_model_answers_paris():
-    from tunelab.use.generate import DecodingSettings, generate
+    from tunelab.engine.generate import DecodingSettings, generate
 
     model = models.load_model(models.DEFAULT_MODEL, device="cpu")
     tokenizer = models.load_tokenizer(models.DEFAULT_MODEL)

@@ -99,9 +99,9 @@ def test_replay_prompts_are_not_forgetting_probes():
 def test_self_replay_is_generated_once_per_model_and_quality_checked(tmp_path, monkeypatch, tiny_model_dir):
     from tunelab.config import ModelConfig
     from tunelab.data.replay import self_replay_path
+    from tunelab.engine import generate as generate_module
+    from tunelab.engine.generate import Generation
     from tunelab.train.self_replay import build_self_replay
-    from tunelab.use import generate as generate_module
-    from tunelab.use.generate import Generation
 
     calls = []
 

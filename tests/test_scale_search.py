@@ -148,8 +148,8 @@ def test_evaluate_searches_the_scales_and_the_tuned_arm_runs_at_the_chosen_one(t
     assert metrics["forgetting"]["perplexity"]["relative_change"] == pytest.approx(chosen.perplexity_change)
 
     # the tuned arm's outputs are the model's at the chosen scale, as every later loader gets it
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.eval.arms import to_eval_example
-    from tunelab.use.generate import DecodingSettings, generate
 
     model, tokenizer = load_tuned_model(run_dir, device="cpu")
     test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()][:3]

@@ -88,7 +88,7 @@ def client(server):
 
 
 def expected(loaded, messages, max_new_tokens):
-    from tunelab.use.generate import DecodingSettings, generate
+    from tunelab.engine.generate import DecodingSettings, generate
 
     [result] = generate(loaded.model, loaded.tokenizer, [messages], DecodingSettings(max_new_tokens=max_new_tokens))
     return result
@@ -288,8 +288,8 @@ def test_a_client_that_disconnects_mid_stream_does_not_stop_the_server(server):
 
 def test_rag_over_the_train_split_prepends_what_the_tuned_rag_arm_would(loaded):
     pytest.importorskip("tunelab.eval.retrieval")
+    from tunelab.engine.generate import render_prompt
     from tunelab.eval.arms import EvalExample, PromptBuilder, build_pool, to_eval_example
-    from tunelab.use.generate import render_prompt
     from tunelab.use.serve import ServeSettings, build_retriever, create_app
 
     augment = build_retriever("train", loaded, k=2)
@@ -352,7 +352,7 @@ def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_log
 
 
 def test_a_failed_generation_is_a_500_and_the_next_request_is_served(server, monkeypatch):
-    import tunelab.use.generate as generation
+    import tunelab.engine.generate as generation
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated device failure")

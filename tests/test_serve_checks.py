@@ -193,7 +193,7 @@ def test_a_prompt_filling_the_context_is_400_and_never_shows_a_negative_budget()
 
 
 def test_decoding_settings_default_to_greedy_seed_0_and_take_what_is_asked():
-    from tunelab.use.generate import DecodingSettings
+    from tunelab.engine.generate import DecodingSettings
 
     assert decoding_settings(request(), 9, 0.0) == DecodingSettings(max_new_tokens=9, temperature=0.0, top_p=1.0,
                                                                     seed=0)

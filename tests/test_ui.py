@@ -280,9 +280,9 @@ def test_start_refuses_bad_input_with_its_message_and_starts_nothing(runs):
 def test_playground_streams_the_evaluations_answers_and_loads_the_models_once(tmp_path, tiny_model_dir, monkeypatch):
     import torch
 
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.runs import load_tuned_model
     from tunelab.ui import playground
-    from tunelab.use.generate import DecodingSettings, generate
 
     runs = tmp_path / "runs"
     make_fake_run(runs / "fake")

@@ -328,8 +328,8 @@ def chat(
 ) -> None:
     """Chat with a model or a run's fine-tuned model: replies stream as they are generated, the
     history is kept; /reset clears it, /exit or Ctrl-D quits. --prompt answers one message."""
+    from tunelab.engine.generate import generate
     from tunelab.use.chat import chat_loop, decoding_for, load_for_use
-    from tunelab.use.generate import generate
 
     loaded = load_for_use(model, trust_remote_code=trust_remote_code)
     settings = decoding_for(loaded, max_new_tokens, temperature)
@@ -430,8 +430,8 @@ def grade(
     import json
 
     from tunelab.eval.graders.grade import Grading, read_samples
-    from tunelab.eval.graders.specs import read_graders_file
     from tunelab.eval.metrics import summarize_scores
+    from tunelab.specs.graders import read_graders_file
 
     specs = read_graders_file(graders)
     outputs, items = read_samples(samples)

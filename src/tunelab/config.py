@@ -25,7 +25,15 @@ from pydantic import (
 )
 
 from tunelab.errors import ConfigError
-from tunelab.eval.graders.specs import Grader, PairwiseJudge, check_names, line_of, strip_union_tags
+from tunelab.specs.graders import (
+    Grader,
+    PairwiseJudge,
+    check_names,
+    line_of,
+    recipe_graders,
+    strip_union_tags,
+)
+from tunelab.specs.graders import key_lines as _key_lines
 
 # Learning rates that keep general ability: far below pre-training's; LoRA tolerates 10-20x more.
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
@@ -37,6 +45,18 @@ ARMS = ("base", "prompt", "rag", "tuned", "tuned+rag")
 TUNED_ARMS = ("tuned", "tuned+rag")  # answered by the fine-tuned weights
 PROMPT_ONLY_ARMS = tuple(a for a in ARMS if a not in TUNED_ARMS)  # the base model, prompted
 RAG_ARMS = ("rag", "tuned+rag")  # with retrieved examples or document chunks
+SFT_ARM = "sft"  # a preference-tuned run's supervised parent: fine-tuned weights too
+
+# every per-example metric eval/metrics.py's score_outputs can compute (a grader may not take their names)
+BUILTIN_METRICS = ("exact_match", "normalized_match", "token_f1", "rouge_l", "json_valid", "json_exact",
+                   "json_field_accuracy", "label_accuracy", "schema_valid")
+
+
+def is_tuned_arm(arm: str) -> bool:
+    """Answered by fine-tuned weights; every other arm (the base model prompted, an external model) is
+    what the team would use instead."""
+    return arm in TUNED_ARMS or arm == SFT_ARM
+
 
 # Recipes are a few hundred bytes; these bounds keep a hostile or broken one to a few MB of memory.
 MAX_CONFIG_BYTES = 1 << 20
@@ -226,6 +246,19 @@ class EvalConfig(_Section):
     price_per_m_input_tokens: float = Field(0.15, ge=0.0, description="USD per 1M prompt tokens, for cost projection")
     price_per_m_output_tokens: float = Field(0.60, ge=0.0, description="USD per 1M completion tokens")
     gpu_price_per_hour: float = Field(2.5, ge=0.0, description="USD, for the training cost estimate")
+    tuned_price_per_m_input_tokens: float = Field(
+        0.30, ge=0.0, description="USD per 1M prompt tokens served by the fine-tuned model (hosts charge more for "
+        "fine-tuned weights than for the base model: OpenAI charged 2x)")
+    tuned_price_per_m_output_tokens: float = Field(1.20, ge=0.0, description="USD per 1M completion tokens, fine-tuned")
+    requests_per_month: PositiveInt | None = Field(
+        None, description="expected requests a month: the training cost is then spread over amortize_months of them "
+        "in each fine-tuned arm's cost per request")
+    amortize_months: PositiveInt = Field(12, description="months over which the training cost is spread (with "
+                                                         "requests_per_month)")
+    margin: float = Field(2.0, ge=0.0, le=100.0, description="points (0-100 of the primary's range) by which an "
+                          "arm may trail the best and still count as 'as good' when the cheapest such arm is chosen")
+    max_latency_ms: PositiveFloat | None = Field(None, description="arms slower than this at p95 are never "
+                                                                   "recommended")
     seed: int = 0
     graders: list[Grader] = Field(
         default_factory=list, description="graders in OpenAI's shapes (string_check, text_similarity, python, "
@@ -304,31 +337,6 @@ class Recipe(_Section):
 
 # ----------------------------------------------------------------------------------------------
 # loading
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each mapping key path in a YAML document to its 1-based line, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key_path = (*path, str(key_node.value))
-                lines[key_path] = key_node.start_mark.line + 1
-                walk(value_node, key_path)
-        elif isinstance(node, yaml.SequenceNode):  # list items by index: eval.graders.0.source
-            for index, item_node in enumerate(node.value):
-                key_path = (*path, str(index))
-                lines[key_path] = item_node.start_mark.line + 1
-                walk(item_node, key_path)
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
 
 
 def _valid_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
@@ -504,8 +512,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def _check_graders(cfg: EvalConfig, source: str, key_lines: dict[tuple[str, ...], int]) -> None:
     """Graders from the recipe and eval.graders_file together: unique names, and eval.primary names one
     of them or a built-in metric."""
-    from tunelab.eval.graders.specs import recipe_graders
-    from tunelab.eval.metrics import BUILTIN_METRICS
 
     def where(*key: str) -> str:
         line = key_lines.get(("eval", *key))

@@ -65,6 +65,38 @@ class _Record(_FileModel, BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+# ---------------------------------------------------------------------------------------------- eval/lineage.json
+# (writer: lifecycle/lineage.py write_lineage; readers: runs.read_lineage for the report and `runs list`)
+
+
+class PairedResult(BaseModel):
+    """One arm of the child against one of the parent on the same examples (paired by example id)."""
+
+    what: str  # "old test", "new examples", ...
+    child_arm: str
+    parent_arm: str
+    n_examples: int
+    child: float
+    parent: float
+    delta_points: float
+    ci95_points: list[float]
+    p_value: float
+    significant: bool
+    text: str
+
+
+class Lineage(BaseModel):
+    """eval/lineage.json of a run made by update or rebase."""
+
+    kind: str  # "update" | "rebase"
+    parent: dict[str, Any]  # the manifest's `parent` record
+    primary_metric: str | None
+    comparisons: list[PairedResult]
+    decision: str | None = None  # rebase: "move" | "stay" | "either"
+    text: str
+    details: dict[str, Any] = {}
+
+
 # ---------------------------------------------------------------------------------------------- manifest.json
 
 
@@ -226,11 +258,29 @@ class Verdict(_Record):
     provisional: bool = False
     provisional_reason: str | None = None
     excluded_failed: int | None = Field(None, description="examples left out: the primary grader failed on them")
+    headline: str | None = Field(None, description="one sentence: what to use, its cost per 1k requests, how sure")
+    margin: float | None = Field(None, description="eval.margin: points an arm may trail the best and count as good")
+    recommended_reason: str | None = Field(None, description="why `recommended` (or why none)")
+    n: int | None = Field(None, description="examples every arm was scored on (what the decision saw)")
+    n_needed: int | None = Field(None, description="about how many test examples would settle what is open")
+    as_good: list[str] = Field(default_factory=list, description="arms shown within the margin of every other arm")
+    usd_per_1k_requests: dict[str, float] = Field(default_factory=dict, description="per arm, as the decision "
+                                                  "ranked them (training amortised in when asked)")
+    score_range: tuple[float, float] | None = Field(None, description="the primary's [low, high]: points are of it")
+    too_slow: list[str] = Field(default_factory=list, description="arms over eval.max_latency_ms at p95")
+    delta_points: float | None = Field(None, description="delta as points of the primary's range")
+    means_points: dict[str, float] = Field(default_factory=dict, description="each arm's mean, points of the range")
+    score_range_source: str | None = Field(None, description="'declared' or how the range was inferred")
+    training_amortised_usd_per_query: float | None = Field(None, description="training cost added to each "
+                                                           "fine-tuned arm's cost per request (0 without "
+                                                           "eval.requests_per_month)")
+    selection: str | None = Field(None, description="which arms were compared and how (multiplicity)")
 
 
 class ArmCost(_Record):
     usd_per_query: float
     usd_per_1m_queries: float
+    usd_per_1k_requests: float | None = None
     prompt_tokens_mean: float
     tokens_per_s: float
 
@@ -249,7 +299,7 @@ class BreakEven(_Record):
 class Cost(_Record):
     """eval/metrics.json cost."""
 
-    prices: dict[str, float]
+    prices: dict[str, float | None] = Field(description="the eval.price_* keys; requests_per_month None when not given")
     per_arm: dict[str, ArmCost]
     training: TrainingCost | None
     break_even: dict[str, BreakEven] = Field(description="keys '<tuned arm> vs <other arm>'")
@@ -278,6 +328,7 @@ class Metrics(_Record):
     training_check: dict[str, Any] | None = Field(
         None, description="eval/undertrained.py: the signals behind verdict.provisional"
     )
+    primary_range: tuple[float, float] | None = Field(None, description="[low, high] of the primary metric's scale")
     auto_metric: str | None = Field(None, description="the metric chosen from the references, had eval.primary not named one")
     graders: dict[str, Any] | None = Field(
         None, description="grader configs, failures per grader and arm, judge cache, human agreement"

@@ -423,12 +423,11 @@ def format_table(curve: Curve) -> str:
 
 
 def _figure(curve: Curve) -> Any:
-    from tunelab.report.plots import _figure as new_figure
-    from tunelab.report.plots import _style, arm_color
+    from tunelab.report.plots import arm_color, new_figure, style_axes
 
     fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
-    _style(ax)
+    style_axes(ax)
     xs = [p.examples for p in curve.points]
     ys = [100 * p.primary for p in curve.points]
     low = [max(y - 100 * p.ci95[0], 0.0) for y, p in zip(ys, curve.points, strict=True)]
@@ -514,10 +513,10 @@ def _html(curve: Curve, svg: str) -> str:
 
 def write_curve(curve: Curve, root: Path) -> None:
     """curve.png, curve.html, curve.md, then curve.json (last: its presence means the folder is complete)."""
-    from tunelab.report.plots import _svg
+    from tunelab.report.plots import to_svg
 
     fig = _figure(curve)
     fig.savefig(root / "curve.png", format="png", dpi=150, bbox_inches="tight")
-    write_text_atomic(root / "curve.html", _html(curve, _svg(fig, "learning-curve")))
+    write_text_atomic(root / "curve.html", _html(curve, to_svg(fig, "learning-curve")))
     write_text_atomic(root / "curve.md", _markdown(curve))
     write_text_atomic(root / "curve.json", curve.model_dump_json(indent=1) + "\n")

@@ -6,12 +6,16 @@ and the tuned model (base + PEFT adapter, or a full model folder).
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Recipe, load_recipe
 from tunelab.console import say
+from tunelab.contract import Lineage
 from tunelab.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -159,3 +163,39 @@ def set_adapter_scale(model: nn.Module, scale: float) -> int:
                 scaling[adapter] = value * scale
             layers += 1
     return layers
+
+
+# ---------------------------------------------------------------------------------------------- lineage
+# (runs made by `tunelab update` or `rebase`: lifecycle/lineage.py makes them; the report and
+# `runs list` read them through these)
+
+
+def lineage_path(paths: RunPaths) -> Path:
+    return paths.eval / "lineage.json"
+
+
+def read_lineage(paths: RunPaths) -> Lineage | None:
+    path = lineage_path(paths)
+    if not path.is_file():
+        return None
+    try:
+        return Lineage.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def data_fingerprint_id(manifest: Mapping[str, Any]) -> str | None:
+    """12 hex digits naming the data a run was trained on (its manifest's data_fingerprint: the
+    fingerprint's own sha256 where it has one, else a hash of the whole fingerprint), or None."""
+    fingerprint = manifest.get("data_fingerprint")
+    if not isinstance(fingerprint, dict) or not fingerprint:
+        return None
+    own = fingerprint.get("sha256")
+    return own[:12] if isinstance(own, str) else hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
+    """The parent's folder: the sibling of the same name (children are made next to their parent, so
+    this holds wherever the two are moved together), else the path recorded at creation."""
+    sibling = child.root.parent / str(parent.get("name") or "")
+    return RunPaths(sibling if parent.get("name") and (sibling / "recipe.yaml").is_file() else Path(str(parent.get("path"))))

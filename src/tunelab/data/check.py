@@ -193,7 +193,7 @@ def check_data(
         tokens = int(train_tokens * (1 - held_out_fraction))
         tokens_per_s, device = measure_tokens_per_s(model, min(max_seq_len, _MEASURE_SEQ_LEN))
         if epochs is None:
-            from tunelab.train.plan import auto_epochs
+            from tunelab.data.passes import auto_epochs
 
             epochs = auto_epochs(round(report.examples * (1 - held_out_fraction)))
         seconds = epochs * tokens / tokens_per_s

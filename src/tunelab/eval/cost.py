@@ -10,13 +10,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tunelab.config import TUNED_ARMS, EvalConfig
+from tunelab.config import EvalConfig, is_tuned_arm
 from tunelab.contract import TrainSummary
 
 
-def usd_per_query(prompt_tokens: float, completion_tokens: float, cfg: EvalConfig) -> float:
+def usd_per_query(prompt_tokens: float, completion_tokens: float, cfg: EvalConfig, tuned: bool = False) -> float:
+    """Serving cost of one query: the fine-tuned model at the tuned prices (hosts charge more for it)."""
+    if tuned:
+        return (prompt_tokens * cfg.tuned_price_per_m_input_tokens
+                + completion_tokens * cfg.tuned_price_per_m_output_tokens) / 1e6
     return (prompt_tokens * cfg.price_per_m_input_tokens
             + completion_tokens * cfg.price_per_m_output_tokens) / 1e6
+
+
+def amortised_training_per_query(training: dict[str, Any] | None, cfg: EvalConfig) -> float:
+    """The training cost spread over eval.amortize_months of eval.requests_per_month (0 without them)."""
+    if training is None or cfg.requests_per_month is None:
+        return 0.0
+    return training["usd"] / (cfg.requests_per_month * cfg.amortize_months)
 
 
 def training_cost(summary: TrainSummary | None, gpu_price_per_hour: float) -> dict[str, Any] | None:
@@ -32,8 +43,8 @@ def training_cost(summary: TrainSummary | None, gpu_price_per_hour: float) -> di
 def break_even(usd_per_query_by_arm: dict[str, float], training_usd: float) -> dict[str, dict[str, Any]]:
     """Every tuned arm against every prompt-only arm: what a query saves, and after how many queries the
     savings repay training (None when the tuned arm is not cheaper)."""
-    tuned = [a for a in usd_per_query_by_arm if a in TUNED_ARMS]
-    others = [a for a in usd_per_query_by_arm if a not in TUNED_ARMS]
+    tuned = [a for a in usd_per_query_by_arm if is_tuned_arm(a)]
+    others = [a for a in usd_per_query_by_arm if not is_tuned_arm(a)]
     result: dict[str, dict[str, Any]] = {}
     for tuned_arm in tuned:
         for other in others:
@@ -55,8 +66,11 @@ def compare_cost(usd_per_query_by_arm: dict[str, float], prompt_tokens_mean: dic
     cost: dict[str, Any] = {
         "prices": {"usd_per_m_input_tokens": cfg.price_per_m_input_tokens,
                    "usd_per_m_output_tokens": cfg.price_per_m_output_tokens,
-                   "gpu_usd_per_hour": cfg.gpu_price_per_hour},
-        "per_arm": {arm: {"usd_per_query": usd, "usd_per_1m_queries": usd * 1e6,
+                   "tuned_usd_per_m_input_tokens": cfg.tuned_price_per_m_input_tokens,
+                   "tuned_usd_per_m_output_tokens": cfg.tuned_price_per_m_output_tokens,
+                   "gpu_usd_per_hour": cfg.gpu_price_per_hour,
+                   "requests_per_month": cfg.requests_per_month, "amortize_months": cfg.amortize_months},
+        "per_arm": {arm: {"usd_per_query": usd, "usd_per_1m_queries": usd * 1e6, "usd_per_1k_requests": usd * 1e3,
                           "prompt_tokens_mean": prompt_tokens_mean[arm], "tokens_per_s": tokens_per_s[arm]}
                     for arm, usd in usd_per_query_by_arm.items()},
         "training": training,
@@ -72,6 +86,6 @@ def compare_cost(usd_per_query_by_arm: dict[str, float], prompt_tokens_mean: dic
             if queries is not None
             else f"{verdict['best_arm']} is not cheaper per query than {verdict['vs']}: training is never repaid by prompt savings"
         )
-    elif training is None and any(a in TUNED_ARMS for a in usd_per_query_by_arm):
+    elif training is None and any(is_tuned_arm(a) for a in usd_per_query_by_arm):
         cost["text"] = "no train/summary.json: training cost and break-even unknown"
     return cost

@@ -167,7 +167,7 @@ def measure_general_ability(
     batch_size: int = 16,
     progress: Callable[[int], Any] | None = None,
 ) -> GeneralAbility:
-    from tunelab.use.generate import DecodingSettings, generate
+    from tunelab.engine.generate import DecodingSettings, generate
 
     probes = general_probes()
     conversations = [[{"role": "user", "content": p.prompt}] for p in probes]

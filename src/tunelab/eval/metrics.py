@@ -21,16 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.config import PROMPT_ONLY_ARMS, TUNED_ARMS
-
 BOOTSTRAP_RESAMPLES = 2000
 PERMUTATIONS = 10000
 LABEL_SET_MAX = 20  # more distinct answers than this is free text, not classification
 LABEL_MAX_WORDS = 4
 JSON_SHARE = 0.9  # references that must parse as JSON objects for the task to count as JSON output
-# every per-example metric score_outputs can compute (which ones it does depends on the references)
-BUILTIN_METRICS = ("exact_match", "normalized_match", "token_f1", "rouge_l", "json_valid", "json_exact",
-                   "json_field_accuracy", "label_accuracy", "schema_valid")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -239,6 +234,31 @@ def score_outputs(
     return scores
 
 
+# ---------------------------------------------------------------------------------------------- one scale
+
+UNIT_RANGE = (0.0, 1.0)  # every built-in metric, string_check, label_model and text_similarity
+
+
+def to_points(value: float, score_range: Sequence[float] | None = None) -> float:
+    """A primary score as points of its declared range, 0-100: a 1-10 judge's 7.3 is 70 points, a 0-1
+    metric's 0.7 is 70 points."""
+    low, high = score_range or UNIT_RANGE
+    return (value - low) * 100.0 / (high - low)
+
+
+def to_fraction(value: float, score_range: Sequence[float] | None = None) -> float:
+    """A primary score as a fraction of its declared range (0 at the low end, 1 at the high end)."""
+    low, high = score_range or UNIT_RANGE
+    return (value - low) / (high - low)
+
+
+def delta_points(difference: float, score_range: Sequence[float] | None = None) -> float:
+    """A difference of two primary scores as points of the declared range (no offset: 7.3 - 6.4 on a
+    1-10 judge is 10 points)."""
+    low, high = score_range or UNIT_RANGE
+    return difference * 100.0 / (high - low)
+
+
 # ---------------------------------------------------------------------------------------------- intervals
 
 
@@ -309,47 +329,3 @@ def paired_comparison(
     # >= with a small tolerance: all-zero differences give p = 1, not a float-noise artefact.
     extreme = int(np.sum(np.abs(flipped) >= abs(observed) - 1e-12))
     return PairedComparison(observed, ci, (extreme + 1) / (permutations + 1))
-
-
-# ---------------------------------------------------------------------------------------------- verdict
-
-
-def decide_verdict(
-    per_example: Mapping[str, Sequence[float]],
-    usd_per_query: Mapping[str, float],
-    prompt_tokens_mean: Mapping[str, float],
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The best fine-tuned arm vs the best prompt-only arm (by mean primary score), paired on the
-    same examples. Significant when the 95% interval of the difference excludes zero."""
-    means = {arm: float(np.mean(v)) if len(v) else 0.0 for arm, v in per_example.items()}
-    tuned = [a for a in TUNED_ARMS if a in means]
-    prompt_only = [a for a in PROMPT_ONLY_ARMS if a in means]
-    if not tuned or not prompt_only:
-        missing = "fine-tuned" if not tuned else "prompt-only"
-        return {"best_arm": None, "vs": None, "delta": None, "ci95": None, "p_value": None,
-                "winner": None, "recommended": None, "significant": False,
-                "text": f"no verdict: no {missing} arm was evaluated"}
-    # Ties go to the cheaper arm (listed first: tuned before tuned+rag, base before prompt before rag).
-    best_tuned = max(tuned, key=lambda a: (means[a], -tuned.index(a)))
-    best_prompt = max(prompt_only, key=lambda a: (means[a], -prompt_only.index(a)))
-    comparison = paired_comparison(per_example[best_tuned], per_example[best_prompt], seed=seed)
-    points, (lo, hi) = comparison.delta * 100, (comparison.ci95[0] * 100, comparison.ci95[1] * 100)
-    if comparison.significant and comparison.delta > 0:
-        winner = recommended = best_tuned
-        text = (f"fine-tuning beats the best prompt-only approach by {points:.1f} points, 95% CI "
-                f"[{lo:.1f}, {hi:.1f}] ({best_tuned} vs {best_prompt}, p = {comparison.p_value:.4f})")
-    elif comparison.significant:
-        winner = recommended = best_prompt
-        text = (f"the best prompt-only approach beats fine-tuning by {-points:.1f} points, 95% CI "
-                f"[{-hi:.1f}, {-lo:.1f}]: prefer prompting ({best_prompt} vs {best_tuned}, "
-                f"p = {comparison.p_value:.4f})")
-    else:
-        winner = None
-        recommended = min((best_prompt, best_tuned), key=lambda a: usd_per_query.get(a, 0.0))
-        text = (f"no significant difference: prefer the cheaper approach ({recommended}: "
-                f"{prompt_tokens_mean.get(recommended, 0.0):.0f} prompt tokens/query; {best_tuned} vs "
-                f"{best_prompt} {points:+.1f} points, 95% CI [{lo:.1f}, {hi:.1f}], p = {comparison.p_value:.4f})")
-    return {"best_arm": best_tuned, "vs": best_prompt, "delta": comparison.delta, "ci95": list(comparison.ci95),
-            "p_value": comparison.p_value, "winner": winner, "recommended": recommended,
-            "significant": comparison.significant, "text": text}

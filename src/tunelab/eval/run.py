@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, EvalConfig, Recipe
+from tunelab.config import ARMS, RAG_ARMS, TUNED_ARMS, EvalConfig, Recipe, is_tuned_arm
 from tunelab.contract import Metrics, TrainSummary
+from tunelab.engine.generate import DecodingSettings, Generation, generate
 from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.eval.arms import (
     EvalExample,
@@ -45,19 +46,19 @@ from tunelab.eval.arms import (
     task_system_prompt,
     to_eval_example,
 )
-from tunelab.eval.cost import compare_cost, usd_per_query
+from tunelab.eval.cost import amortised_training_per_query, compare_cost, training_cost, usd_per_query
+from tunelab.eval.decision import ArmFacts, decide_verdict
 from tunelab.eval.graders.evaluation import (
     Primary,
     grader_summary,
     prepare_graders,
     record_graders_in_manifest,
 )
-from tunelab.eval.graders.templates import make_item
+from tunelab.eval.graders.samples import make_item
 from tunelab.eval.metrics import (
     OutputKind,
     Scores,
     bootstrap_ci,
-    decide_verdict,
     detect_output_kind,
     score_outputs,
     summarize_scores,
@@ -67,7 +68,6 @@ from tunelab.eval.scale_search import SEARCH_MAX_EXAMPLES
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
-from tunelab.use.generate import DecodingSettings, Generation, generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -241,14 +241,29 @@ def format_table(metrics: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- verdict
 
 
-def _verdict_on_scored(per_example: dict[str, list[float | None]], usd_per_query: dict[str, float],
-                       prompt_tokens_mean: dict[str, float], seed: int) -> dict[str, Any]:
+def _verdict_on_scored(inputs: _Inputs, scored: _Scored, training: dict[str, Any] | None) -> dict[str, Any]:
     """The verdict on the examples every arm's primary scored: a grader failure drops that example
-    from the paired comparison (counted), never scores it 0."""
+    from the paired comparison (counted), never scores it 0. Fine-tuned arms carry the training cost
+    spread over eval.requests_per_month when it is given."""
+    cfg = inputs.cfg
+    per_example = scored.per_example
     n = len(next(iter(per_example.values()), []))
     kept = [i for i in range(n) if all(scores[i] is not None for scores in per_example.values())]
-    verdict = decide_verdict({arm: [scores[i] for i in kept] for arm, scores in per_example.items()},
-                             usd_per_query, prompt_tokens_mean, seed=seed)
+    amortised = amortised_training_per_query(training, cfg)
+    facts = {}
+    for arm, scores in per_example.items():
+        tuned = is_tuned_arm(arm)
+        row = scored.arms[arm]
+        facts[arm] = ArmFacts(
+            scores=[scores[i] for i in kept], usd_per_query=scored.usd_per_query[arm] + (amortised if tuned else 0.0),
+            tuned=tuned, latency_ms_p50=row["latency_ms_p50"], latency_ms_p95=row["latency_ms_p95"],
+            prompt_tokens_mean=row["prompt_tokens_mean"],
+        )
+    score_range, range_source = inputs.primary.score_range([s for scores in per_example.values() for s in scores])
+    verdict = decide_verdict(facts, margin_points=cfg.margin, score_range=score_range,
+                             max_latency_ms=cfg.max_latency_ms, seed=cfg.seed)
+    verdict["score_range"], verdict["score_range_source"] = list(score_range), range_source
+    verdict["training_amortised_usd_per_query"] = amortised
     if len(kept) < n:
         verdict["excluded_failed"] = n - len(kept)
         verdict["text"] += (f" ({n - len(kept)} of {n} examples left out: the primary grader failed on them "
@@ -349,7 +364,9 @@ def evaluate(
     metrics = _header(inputs)
     scored = _score_arms(inputs, generated, columns)
     metrics["arms"] = scored.arms
-    metrics["verdict"] = _verdict_on_scored(scored.per_example, scored.usd_per_query, scored.prompt_tokens_mean, cfg.seed)
+    summary = _read_summary(inputs.paths)
+    metrics["verdict"] = _verdict_on_scored(inputs, scored, training_cost(summary, cfg.gpu_price_per_hour))
+    metrics["primary_range"] = metrics["verdict"]["score_range"]
     if inputs.graders:
         metrics["graders"] = grader_summary(inputs.graders, columns, inputs.test, cfg.human_labels, inputs.paths)
     pairwise = _compare_pairwise(inputs, generated, metrics["verdict"])
@@ -359,13 +376,14 @@ def evaluate(
     # --- cost, overfitting, a still-learning check on the verdict, forgetting
     tokens_per_s = {arm: row["tokens_per_s"] for arm, row in scored.arms.items()}
     metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean, tokens_per_s, metrics["verdict"],
-                                   _read_summary(inputs.paths), cfg)
+                                   summary, cfg)
     metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
     metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
     if inputs.run_forgetting:
         metrics["forgetting"]["adapter_scale"] = (generated.adapter_scale.model_dump(mode="json") if generated.adapter_scale
                                                   else {"skipped": inputs.scale_search})
+    _mention_forgetting(metrics["verdict"], metrics["forgetting"])
 
     # --- what the arms saw, so a reader can check the comparison was fair
     metrics["prompts"] = _prompts_seen(inputs, generated.prompts)
@@ -588,7 +606,7 @@ def _score_arms(inputs: _Inputs, generated: _Generated, columns: dict[str, dict[
         scored.arms[arm] = result
         scored.per_example[arm] = primary_scores
         scored.usd_per_query[arm] = usd_per_query(result["prompt_tokens_mean"], result["completion_tokens_mean"],
-                                                  inputs.cfg)
+                                                  inputs.cfg, tuned=is_tuned_arm(arm))
         scored.prompt_tokens_mean[arm] = result["prompt_tokens_mean"]
         scored.prediction_rows.extend(_prediction_rows(inputs, arm, gens, primary_scores, arm_columns))
     return scored
@@ -612,12 +630,12 @@ def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: f
         "latency_ms_p95": _percentile(latencies_ms, 95),
         "batch_size": cfg.batch_size,
         "tokens_per_s": sum(g.completion_tokens for g in gens) / wall_s if wall_s > 0 else 0.0,
-        "usd_per_1m_queries": usd_per_query(prompt_mean, completion_mean, cfg) * 1e6,
+        "usd_per_1m_queries": usd_per_query(prompt_mean, completion_mean, cfg, tuned=is_tuned_arm(arm)) * 1e6,
         "model": _arm_model(arm),
         "shots_mean": float(np.mean(shot_counts)),
         "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
         "decoding": dataclasses.asdict(inputs.settings),
-        # the KV cache of the leading tokens all this arm's prompts share was computed once (use/generate.py)
+        # the KV cache of the leading tokens all this arm's prompts share was computed once (engine/generate.py)
         "prefix_reused_tokens": gens[0].prefix_reused_tokens if gens else 0,
         "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
                         "prefilled once per arm and reused (as servers with prefix caching do), not counted",
@@ -704,6 +722,15 @@ def _forgetting(inputs: _Inputs, abilities: dict[str, Any]) -> dict[str, Any]:
     result = compare_general_ability(abilities["base"], abilities["tuned"], cfg.forgetting_threshold, seed=cfg.seed)
     result["probe_outputs"] = probe_records(abilities["base"], abilities["tuned"])
     return result
+
+
+def _mention_forgetting(verdict: dict[str, Any], forgetting: dict[str, Any]) -> None:
+    """A fine-tuned arm recommended at a measured cost in general ability says so in its first sentence."""
+    recommended = verdict.get("recommended")
+    if recommended and is_tuned_arm(recommended) and forgetting.get("flagged") and forgetting.get("text"):
+        note = f" It costs general ability: {forgetting['text']}."
+        verdict["text"] = verdict["text"].replace(verdict["headline"], verdict["headline"] + note, 1)
+        verdict["headline"] += note
 
 
 def _prompts_seen(inputs: _Inputs, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, Any]:

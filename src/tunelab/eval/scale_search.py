@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunelab.contract import AdapterScale, ScaleCandidate
+from tunelab.engine.generate import DecodingSettings, generate
 from tunelab.eval.arms import EvalExample, PromptBuilder
 from tunelab.eval.forgetting import GeneralAbility, compare_general_ability, measure_general_ability
 from tunelab.eval.metrics import OutputKind, score_outputs
 from tunelab.runs import set_adapter_scale
-from tunelab.use.generate import DecodingSettings, generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

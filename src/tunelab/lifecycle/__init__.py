@@ -6,5 +6,6 @@ rebase.py   the same recipe and data on a new base   -> a new run and a migratio
 lineage.py  parent records, child runs and the paired comparisons both commands report
 new_data.py the user's new examples, checked like training data
 shift.py    input shift between two sets of inputs (for unlabelled new data)
-adapter.py  start training from an existing PEFT adapter (recipe key model.adapter)
+
+Starting training from an existing adapter (recipe key model.adapter) is engine/adapter.py.
 """

@@ -4,68 +4,24 @@ folder, and the paired comparisons against the parent that both commands report.
 Reads the parent's recipe.yaml, manifest.json, data/*.jsonl and eval/predictions.jsonl. Writes the
 child run folder: inputs/*.jsonl (the data the child trains and is tested on, kept with the run),
 manifest.json with `parent` before training starts (training adds its own keys beside it), and
-eval/lineage.json (the `Lineage` model below), which `tunelab report` and `tunelab runs list` read.
+eval/lineage.json (contract.Lineage), which `tunelab report` and `tunelab runs list` read (runs.read_lineage).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from tunelab.config import Recipe
+from tunelab.contract import Lineage, PairedResult
 from tunelab.errors import ConfigError
 from tunelab.lifecycle.new_data import write_rows
-from tunelab.runs import RunPaths
+from tunelab.runs import RunPaths, data_fingerprint_id, lineage_path
 
 INPUTS = "inputs"
 SIGNIFICANCE = 0.05  # a difference counts when its 95% interval excludes 0 AND its permutation p-value is below this
-
-
-class PairedResult(BaseModel):
-    """One arm of the child against one of the parent on the same examples (paired by example id)."""
-
-    what: str  # "old test", "new examples", ...
-    child_arm: str
-    parent_arm: str
-    n_examples: int
-    child: float
-    parent: float
-    delta_points: float
-    ci95_points: list[float]
-    p_value: float
-    significant: bool
-    text: str
-
-
-class Lineage(BaseModel):
-    """eval/lineage.json of a run made by update or rebase."""
-
-    kind: str  # "update" | "rebase"
-    parent: dict[str, Any]  # the manifest's `parent` record
-    primary_metric: str | None
-    comparisons: list[PairedResult]
-    decision: str | None = None  # rebase: "move" | "stay" | "either"
-    text: str
-    details: dict[str, Any] = {}
-
-
-def lineage_path(paths: RunPaths) -> Path:
-    return paths.eval / "lineage.json"
-
-
-def read_lineage(paths: RunPaths) -> Lineage | None:
-    path = lineage_path(paths)
-    if not path.is_file():
-        return None
-    try:
-        return Lineage.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
 
 
 def write_lineage(paths: RunPaths, lineage: Lineage) -> Path:
@@ -83,23 +39,6 @@ def read_json_file(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def data_fingerprint_id(manifest: Mapping[str, Any]) -> str | None:
-    """12 hex digits naming the data a run was trained on (its manifest's data_fingerprint: the
-    fingerprint's own sha256 where it has one, else a hash of the whole fingerprint), or None."""
-    fingerprint = manifest.get("data_fingerprint")
-    if not isinstance(fingerprint, dict) or not fingerprint:
-        return None
-    own = fingerprint.get("sha256")
-    return own[:12] if isinstance(own, str) else hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
-    """The parent's folder: the sibling of the same name (children are made next to their parent, so
-    this holds wherever the two are moved together), else the path recorded at creation."""
-    sibling = child.root.parent / str(parent.get("name") or "")
-    return RunPaths(sibling if parent.get("name") and (sibling / "recipe.yaml").is_file() else Path(str(parent.get("path"))))
 
 
 def parent_record(parent: RunPaths, recipe: Recipe, kind: str) -> dict[str, Any]:
@@ -124,7 +63,7 @@ def refuse_untrusted_graders(paths: RunPaths, recipe: Recipe, trust_remote_code:
     """drift, update and rebase score with the run's eval section, whose python graders are a run
     folder's code: refused here, before anything is trained or written, unless the user trusts the run."""
     from tunelab.eval.graders.evaluation import refuse_python_graders
-    from tunelab.eval.graders.specs import recipe_graders
+    from tunelab.specs.graders import recipe_graders
 
     if not trust_remote_code:
         refuse_python_graders(recipe_graders(recipe.eval), paths)

@@ -19,9 +19,8 @@ from tunelab.config import ARMS
 from tunelab.contract import Manifest, Metrics
 from tunelab.errors import ConfigError
 from tunelab.files import write_text_atomic
-from tunelab.lifecycle.lineage import data_fingerprint_id
 from tunelab.report.html import fmt, pct_ci, read_jsonl, read_model
-from tunelab.runs import RunPaths
+from tunelab.runs import RunPaths, data_fingerprint_id
 
 MAX_IDS_SHOWN = 5
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from tunelab.config import ARMS, PROMPT_ONLY_ARMS
 from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
+from tunelab.eval.metrics import to_fraction, to_points
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 
@@ -134,12 +135,14 @@ def pct(value: Any) -> str:
     return "—" if not isinstance(value, int | float) else f"{100 * value:.1f}"
 
 
-def pct_ci(primary: Any, ci: Any) -> str:
+def pct_ci(primary: Any, ci: Any, score_range: Sequence[float] | None = None) -> str:
+    """A primary score and its interval as points of the metric's range (0-100)."""
     if not isinstance(primary, int | float):
         return "—"
     if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
-        return f"{100 * primary:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    return f"{100 * primary:.1f}"
+        return (f"{to_points(primary, score_range):.1f} [{to_points(ci[0], score_range):.1f}, "
+                f"{to_points(ci[1], score_range):.1f}]")
+    return f"{to_points(primary, score_range):.1f}"
 
 
 def describe_mapping(value: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
@@ -205,6 +208,12 @@ def _ordered_arms(arms: Mapping[str, Any]) -> list[str]:
     return [a for a in ARMS if a in arms] + sorted(a for a in arms if a not in ARMS)
 
 
+def _on_unit_scale(row: dict[str, Any], score_range: Sequence[float] | None) -> dict[str, Any]:
+    primary, ci = row.get("primary"), row.get("ci95")
+    return {**row, "primary": None if primary is None else to_fraction(primary, score_range),
+            "ci95": None if ci is None else [to_fraction(v, score_range) for v in ci]}
+
+
 def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     if not metrics.ok:
         return {"available": False, "note": f"No verdict: {metrics.note(root)} (run `tunelab eval`)."}
@@ -212,10 +221,20 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     verdict, arms = data.verdict, data.arms
     best, vs, recommended = verdict.best_arm, verdict.vs, verdict.recommended
     costs = data.usd_per_1m_queries()
-    rows = [{"arm": arm, "quality": pct_ci(arms[arm].primary, arms[arm].ci95),
+    per_1k = verdict.usd_per_1k_requests or {arm: usd / 1000 for arm, usd in costs.items()}
+    as_good, too_slow = set(verdict.as_good), set(verdict.too_slow)
+
+    def status(arm: str) -> str:
+        if arm == recommended:
+            return "recommended"
+        return "too slow" if arm in too_slow else "as good (within the margin)" if arm in as_good else ""
+
+    # every arm, cheapest first: what the decision chose among
+    shown = sorted(arms, key=lambda a: (per_1k.get(a, math.inf), list(arms).index(a)))
+    rows = [{"arm": arm, "quality": pct_ci(arms[arm].primary, arms[arm].ci95, data.primary_range),
              "prompt_tokens": fmt(arms[arm].prompt_tokens_mean), "latency": fmt(arms[arm].latency_ms_p50),
-             "cost": fmt(costs.get(arm)), "recommended": arm == recommended}
-            for arm in (best, vs) if arm in arms]
+             "cost": _usd_text(per_1k.get(arm)), "status": status(arm), "recommended": arm == recommended}
+            for arm in shown]
     facts = []
     if best in arms and vs in arms:
         b, v = arms[best], arms[vs]
@@ -235,21 +254,31 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     training = data.cost.training
     if training is not None:
         facts.append(f"training cost {training.usd:,.2f} USD ({training.train_time_s:,.0f} s of training)")
+    if verdict.selection:
+        facts.append(f"how the arms were compared: {verdict.selection}")
     delta, ci = verdict.delta, verdict.ci95
     graders = data.graders or {}
     human = graders.get("human_agreement") if isinstance(graders.get("human_agreement"), dict) else {}
     facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
     if isinstance((data.pairwise or {}).get("text"), str):
         facts.append(data.pairwise["text"])
+    headline = verdict.headline or verdict.text
+    detail = verdict.text[len(headline):].strip() if verdict.text.startswith(headline) else verdict.text
     return {
-        "available": True, "note": None, "text": verdict.text,
+        "available": True, "note": None, "text": verdict.text, "headline": headline, "detail": detail or None,
         "best_arm": best, "vs": vs, "recommended": recommended, "significant": verdict.significant,
         "delta": f"{100 * delta:+.1f} points" if delta is not None else "—",
         "ci95": f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci is not None else "—",
-        "p_value": fmt(verdict.p_value), "rows": rows, "facts": facts,
+        "p_value": fmt(verdict.p_value), "rows": rows, "facts": facts, "margin": verdict.margin,
         "primary_metric": data.primary_metric, "n_examples": data.n_examples,
         "provisional_reason": verdict.provisional_reason if verdict.provisional else None,
     }
+
+
+def _usd_text(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"${value:,.2f}" if value >= 1 else f"${value:.2g}"
 
 
 def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
@@ -339,7 +368,7 @@ def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
         row = arms[arm]
         values = [row.metrics.get(m) for m in metric_names]
         rows.append({
-            "arm": arm, "quality": pct_ci(row.primary, row.ci95),
+            "arm": arm, "quality": pct_ci(row.primary, row.ci95, data.primary_range),
             "prompt_tokens": fmt(row.prompt_tokens_mean), "completion_tokens": fmt(row.completion_tokens_mean),
             "latency_p50": fmt(row.latency_ms_p50), "latency_p95": fmt(row.latency_ms_p95),
             "batch_size": fmt(row.batch_size), "cost": fmt(row.usd_per_1m_queries),
@@ -350,7 +379,8 @@ def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
     if order:
         from tunelab.report import plots
 
-        ordered = {a: arms[a].model_dump(mode="json") for a in order}
+        # plotted as fractions of the primary's range, so a 1-10 judge draws on the same 0-100 axis
+        ordered = {a: _on_unit_scale(arms[a].model_dump(mode="json"), data.primary_range) for a in order}
         plots_out["plot-quality"] = plots.quality_bars(ordered, data.primary_metric, "plot-quality")
         plots_out["plot-tradeoff"] = plots.tradeoff_scatter(ordered, data.primary_metric, "plot-tradeoff")
     prompts = data.prompts
@@ -516,7 +546,7 @@ def _disagreements(predictions: Sequence[Mapping[str, Any]], inputs: Mapping[str
 def _lineage(paths: RunPaths) -> dict[str, Any]:
     """A run made by `tunelab update` or `rebase` (eval/lineage.json): its parent, the paired
     comparisons, and the parent's numbers beside this run's on the same test set."""
-    from tunelab.lifecycle.lineage import parent_paths, read_lineage
+    from tunelab.runs import parent_paths, read_lineage
 
     lineage = read_lineage(paths)
     if lineage is None:
@@ -635,9 +665,11 @@ def render_markdown(context: Mapping[str, Any]) -> str:
     if verdict["available"]:
         if verdict.get("provisional_reason"):
             lines += [f"> **Provisional verdict**: {verdict['provisional_reason']}", ""]
-        lines += [f"**{verdict['text']}**", ""]
+        lines += [f"**{verdict['headline']}**", ""] + ([verdict["detail"], ""] if verdict.get("detail") else [])
         if verdict.get("recommended"):
             lines += [f"Use: **{verdict['recommended']}**", ""]
+        lines += ["| arm (cheapest first) | cost / 1k requests | points, 95% CI | decision |", "|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {r['cost']} | {r['quality']} | {r['status']} |" for r in verdict["rows"]] + [""]
         lines += [f"- {fact}" for fact in verdict["facts"]] + ([""] if verdict["facts"] else [])
     else:
         lines += [verdict["note"], ""]

@@ -25,7 +25,7 @@ def arm_color(arm: str, index: int = 0) -> str:
     return ARM_COLORS.get(arm, _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)])
 
 
-def _svg(fig: Any, name: str) -> str:
+def to_svg(fig: Any, name: str) -> str:
     import matplotlib as mpl
 
     buffer = io.StringIO()
@@ -38,14 +38,14 @@ def _svg(fig: Any, name: str) -> str:
     return text
 
 
-def _figure(width_in: float = 7.0, height_in: float = 3.4) -> Any:
+def new_figure(width_in: float = 7.0, height_in: float = 3.4) -> Any:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width_in, height_in))
     return fig
 
 
-def _style(ax: Any) -> None:
+def style_axes(ax: Any) -> None:
     ax.grid(True, color="#e5e5e5", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -76,9 +76,9 @@ def training_curve(
 
     eval_keys maps a log key to its legend label, e.g. {"val_loss": "validation"}.
     """
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
-    _style(ax)
+    style_axes(ax)
     steps = [r["step"] for r in train_rows if r.get(train_key) is not None]
     values = [r[train_key] for r in train_rows if r.get(train_key) is not None]
     if steps:
@@ -93,14 +93,14 @@ def training_curve(
     ax.set_ylabel(ylabel)
     # below the axes: inside, it hides the curve it explains
     ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
-    return _svg(fig, name)
+    return to_svg(fig, name)
 
 
 def quality_bars(arms: Mapping[str, Mapping[str, Any]], metric_name: str, name: str) -> str:
     """One horizontal bar per arm: the primary metric with its 95% interval."""
-    fig = _figure(7.0, 0.55 * max(len(arms), 2) + 0.9)
+    fig = new_figure(7.0, 0.55 * max(len(arms), 2) + 0.9)
     ax = fig.add_subplot()
-    _style(ax)
+    style_axes(ax)
     names = list(arms)
     values = [100 * float(arms[a].get("primary") or 0.0) for a in names]
     lows, highs = [], []
@@ -116,14 +116,14 @@ def quality_bars(arms: Mapping[str, Mapping[str, Any]], metric_name: str, name: 
     ax.set_yticks(positions, names)
     ax.set_xlim(0, 105)
     ax.set_xlabel(f"{metric_name} (%), 95% interval")
-    return _svg(fig, name)
+    return to_svg(fig, name)
 
 
 def tradeoff_scatter(arms: Mapping[str, Mapping[str, Any]], metric_name: str, name: str) -> str:
     """Quality (y) against prompt tokens per query (x, log scale); marker area grows with p50 latency."""
-    fig = _figure(7.0, 3.8)
+    fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
-    _style(ax)
+    style_axes(ax)
     latencies = [float(a.get("latency_ms_p50") or 0.0) for a in arms.values()]
     largest = max(latencies, default=0.0) or 1.0
     placed: list[tuple[float, float]] = []  # label anchors so far: a label next to an earlier one moves down
@@ -150,16 +150,16 @@ def tradeoff_scatter(arms: Mapping[str, Mapping[str, Any]], metric_name: str, na
     ax.set_ylabel(f"{metric_name} (%)")
     ax.set_ylim(-5, 110)
     ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
-    return _svg(fig, name)
+    return to_svg(fig, name)
 
 
 def scale_tradeoff(candidates: Sequence[Mapping[str, Any]], chosen: float | None, metric_name: str,
                    threshold: float, name: str) -> str:
     """Validation task score (y) against retention of the base model's general probes (x), one point per
     LoRA adapter scale (eval/adapter_scale.json candidates), the chosen scale ringed, the threshold shaded."""
-    fig = _figure(6.0, 3.6)
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot()
-    _style(ax)
+    style_axes(ax)
     points = [(float(c["retention"]) * 100, float(c["task"]) * 100, float(c["scale"])) for c in candidates
               if c.get("retention") is not None and c.get("task") is not None]
     ax.axvspan(100 * (1 - threshold), 101, color="#2a9d5c", alpha=0.08, label=f"retention within {threshold:.0%}")
@@ -176,4 +176,4 @@ def scale_tradeoff(candidates: Sequence[Mapping[str, Any]], chosen: float | None
     ax.set_xlabel("retention of general probes the base model knew (%)")
     ax.set_ylabel(f"validation {metric_name} (%)")
     ax.legend(fontsize=8, frameon=False, loc="lower left")
-    return _svg(fig, name)
+    return to_svg(fig, name)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.config import TrainConfig
 from tunelab.console import format_duration
 from tunelab.contract import TrainPlan
+from tunelab.data.passes import auto_epochs
 
 if TYPE_CHECKING:
     from tunelab.data.pack import Step
@@ -41,7 +42,6 @@ MIN_EVAL_EXAMPLES = 32
 MAX_EVAL_EXAMPLES = 200
 BUDGET_MARGIN = 0.92  # the plan aims below the budget: measured speed varies on a shared machine
 MIN_STEPS_UNDER_BUDGET = 100  # when the budget cuts a run shorter, smaller steps keep this many updates
-MIN_EXAMPLES_SEEN, MAX_EXAMPLES_SEEN, DEFAULT_EPOCHS, MAX_EPOCHS = 100, 25_000, 3, 25
 FILL_BELOW, MAX_EPOCHS_FILL = 0.5, 2.0  # a plan under half the budget gets up to 2x the passes
 
 
@@ -50,17 +50,6 @@ def auto_examples_per_step(n_examples: int) -> int:
     if n_examples <= 0:
         return 4
     return int(min(256, max(4, 2 ** round(math.log2(max(1.0, n_examples / 48))))))
-
-
-def auto_epochs(n_examples: int) -> float:
-    """3 passes; tiny sets until 100 examples were seen (<= 25 passes), large ones <= 25k examples."""
-    if n_examples <= 0:
-        return DEFAULT_EPOCHS
-    if n_examples * DEFAULT_EPOCHS < MIN_EXAMPLES_SEEN:
-        return float(min(MAX_EPOCHS, math.ceil(MIN_EXAMPLES_SEEN / n_examples)))
-    if n_examples * DEFAULT_EPOCHS > MAX_EXAMPLES_SEEN:
-        return max(0.01, round(MAX_EXAMPLES_SEEN / n_examples, 2))
-    return float(DEFAULT_EPOCHS)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ def build_self_replay(model: ModelConfig) -> Path:
     path = self_replay_path(model)
     if path.is_file():
         return path
+    from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.use.generate import DecodingSettings, generate
 
     say(f"self-replay: the base model answers {len(replay_prompts())} general prompts (once per model; cached in {path.parent})")
     base = load_model(model.name, dtype=model.dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)

@@ -167,7 +167,7 @@ def build_model(recipe: Recipe, device: torch.device, base: nn.Module | None = N
         except ValueError as err:
             raise ConfigError(f"lora.targets: {err}") from None
         if recipe.model.adapter:
-            from tunelab.lifecycle.adapter import load_adapter_weights
+            from tunelab.engine.adapter import load_adapter_weights
 
             load_adapter_weights(model, recipe.model.adapter, recipe)
     else:

@@ -3,7 +3,7 @@
 Reads a finished run: recipe.yaml, adapter/ or model/ (the tuned model), data/train.jsonl (few-shot and
 retrieval pool) and the recipe's eval settings. Writes nothing. The arms are the evaluation's own:
 messages come from tunelab.eval.arms.PromptBuilder (so "rag" and "tuned+rag" retrieve exactly as the
-evaluation did) and text from tunelab.use.generate.stream_generate_batch (the decoding of `tunelab chat`
+evaluation did) and text from tunelab.engine.generate.stream_generate_batch (the decoding of `tunelab chat`
 and the server).
 
 The run's models load on first use and stay loaded (one run at a time: choosing another run releases
@@ -99,8 +99,13 @@ class Playground:
         """Events: status {message}, start {arm, prompt_tokens}, piece {arm, text}, end {arm, prompt_tokens,
         completion_tokens, latency_ms, first_token_ms, finish_reason}, done {}. `cancelled()` is checked
         between turns: true stops the generation (its client went away)."""
+        from tunelab.engine.generate import (
+            DecodingSettings,
+            StreamStats,
+            render_prompt,
+            stream_generate_batch,
+        )
         from tunelab.eval.arms import EvalExample
-        from tunelab.use.generate import DecodingSettings, StreamStats, render_prompt, stream_generate_batch
 
         unknown = [a for a in arms if a not in ARMS]
         if unknown or not arms:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tunelab.config import Recipe
-    from tunelab.use.generate import DecodingSettings
+    from tunelab.engine.generate import DecodingSettings
 
 ROLES = ("system", "user", "assistant")
 _MAX_LISTED_PROBLEMS = 20
@@ -73,7 +73,7 @@ def load_for_use(reference: str, device: str | None = None, dtype: str | None = 
 
 def decoding_for(loaded: LoadedModel, max_new_tokens: int, temperature: float) -> DecodingSettings:
     """The command line's decoding settings, checked against the loaded model's context."""
-    from tunelab.use.generate import DecodingSettings
+    from tunelab.engine.generate import DecodingSettings
 
     if not 1 <= max_new_tokens < loaded.max_context_tokens:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be from 1 to {loaded.max_context_tokens - 1} "
@@ -88,7 +88,7 @@ def decoding_for(loaded: LoadedModel, max_new_tokens: int, temperature: float) -
 def _fit_history(loaded: LoadedModel, history: list[dict[str, str]], max_new_tokens: int) -> int:
     """Drop the oldest exchanges (never the system message or the newest user message) until the
     prompt leaves room for the reply. Returns how many messages were dropped."""
-    from tunelab.use.generate import render_prompt
+    from tunelab.engine.generate import render_prompt
 
     dropped = 0
     first = 1 if history and history[0]["role"] == "system" else 0
@@ -111,7 +111,7 @@ def chat_loop(
     """Read user lines until /exit, end of input (Ctrl-D) or Ctrl-C at the prompt; stream each reply.
     Ctrl-C while a reply streams stops that reply (it is not kept in the history). Returns the number
     of replies given."""
-    from tunelab.use.generate import render_prompt, stream_generate
+    from tunelab.engine.generate import render_prompt, stream_generate
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty() and stdout.isatty()
@@ -295,7 +295,7 @@ def generate_file(
 
     Output lines: {"line", "id", "messages" (the prompt), "output", "reference", "prompt_tokens",
     "completion_tokens", "finish_reason"}."""
-    from tunelab.use.generate import generate, render_prompt
+    from tunelab.engine.generate import generate, render_prompt
 
     input_path, out_path = Path(input_path), Path(out_path)
     check_out_path(input_path, out_path)

@@ -73,7 +73,7 @@ def _check_finite(named_tensors: Any, what: str) -> int:
 def _probe_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     import torch
 
-    from tunelab.use.generate import render_prompt
+    from tunelab.engine.generate import render_prompt
 
     return torch.tensor([render_prompt(tokenizer, PROBE_MESSAGES)])
 

@@ -56,8 +56,8 @@ from tunelab.errors import ConfigError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from tunelab.engine.generate import DecodingSettings, Generation
     from tunelab.use.chat import LoadedModel
-    from tunelab.use.generate import DecodingSettings, Generation
 
 log = logging.getLogger("tunelab.use.serve")
 Messages = list[dict[str, str]]
@@ -265,7 +265,7 @@ class Engine:
         return await asyncio.wrap_future(job.future)  # a client that goes away cancels the future
 
     def start_stream(self, messages: Messages, decoding: "DecodingSettings") -> tuple[_Job, asyncio.Queue]:
-        from tunelab.use.generate import StreamStats
+        from tunelab.engine.generate import StreamStats
 
         self._check_room()
         loop = asyncio.get_running_loop()
@@ -321,7 +321,7 @@ class Engine:
         return self._thread.is_alive()
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        from tunelab.use.generate import generate
+        from tunelab.engine.generate import generate
 
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         groups: dict[DecodingSettings, list[_Job]] = {}
@@ -342,7 +342,7 @@ class Engine:
                 job.future.set_result(result)
 
     def _run_streams(self, jobs: list[_Job]) -> None:
-        from tunelab.use.generate import stream_generate_batch
+        from tunelab.engine.generate import stream_generate_batch
 
         groups: dict[DecodingSettings, list[_Job]] = {}
         for job in jobs:
@@ -496,7 +496,7 @@ def completion_budget(prompt_tokens: int, asked: int | None, context_tokens: int
 
 
 def decoding_settings(req: ChatCompletionRequest, max_tokens: int, default_temperature: float) -> "DecodingSettings":
-    from tunelab.use.generate import DecodingSettings
+    from tunelab.engine.generate import DecodingSettings
 
     return DecodingSettings(max_new_tokens=max_tokens,
                             temperature=default_temperature if req.temperature is None else float(req.temperature),
@@ -534,7 +534,7 @@ class RequestPreparer:
 
     def __init__(self, loaded: "LoadedModel", settings: ServeSettings, model_id: str,
                  retriever: Callable[[Messages], Messages] | None) -> None:
-        from tunelab.use.generate import render_prompt
+        from tunelab.engine.generate import render_prompt
 
         self.settings, self.model_id, self.retriever = settings, model_id, retriever
         self.context_tokens = loaded.max_context_tokens

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ConfigError, DataError
-from tunelab.eval.graders.specs import MODEL_GRADER_TYPES, grader_config, recipe_graders
+from tunelab.eval.metrics import UNIT_RANGE
 from tunelab.files import write_text_atomic
+from tunelab.specs.graders import MODEL_GRADER_TYPES, grader_config, recipe_graders
 
 if TYPE_CHECKING:
     from tunelab.config import EvalConfig
@@ -44,6 +45,29 @@ class Primary:
     name: str
     grader: bool  # a grader's column, else a built-in metric
     reason: str | None  # None: the automatic choice, explained by OutputKind.reason
+    declared_range: tuple[float, float] | None = UNIT_RANGE  # None: a grader that declares none (inferred)
+
+    def score_range(self, scores: Sequence[float | None]) -> tuple[tuple[float, float], str]:
+        """(low, high) of the primary's scale and where it comes from: declared by the grader (or a
+        built-in 0-1 metric), else the smallest of 0-1, 0-10, 0-100 holding every score, else the
+        scores' own span."""
+        if self.declared_range is not None:
+            return self.declared_range, "declared"
+        seen = [s for s in scores if s is not None]
+        low, high = (min(seen), max(seen)) if seen else UNIT_RANGE
+        for candidate in (UNIT_RANGE, (0.0, 10.0), (0.0, 100.0)):
+            if candidate[0] <= low and high <= candidate[1]:
+                return candidate, "inferred from the scores"
+        return ((low, high) if high > low else (low, low + 1.0)), "inferred from the scores (their span)"
+
+
+def declared_range(grader: Any) -> tuple[float, float] | None:
+    """The scale a grader's scores live on: its `range` when it has one, 0-1 for the graders that are
+    0-1 by definition, None for a python or multi grader that declares none."""
+    value = getattr(grader, "range", None)
+    if value is not None:
+        return (float(value[0]), float(value[1]))
+    return None if getattr(grader, "type", None) in ("python", "multi") else UNIT_RANGE
 
 
 def choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, has_schema: bool,
@@ -52,8 +76,9 @@ def choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, h
     choice; checked before any generation."""
     if name is None:
         return Primary(kind.primary, False, None)
-    if name in {g.name for g in graders}:
-        return Primary(name, True, f"eval.primary: the verdict is about grader '{name}'")
+    by_name = {g.name: g for g in graders}
+    if name in by_name:
+        return Primary(name, True, f"eval.primary: the verdict is about grader '{name}'", declared_range(by_name[name]))
     computed = ["exact_match", "normalized_match", "token_f1", "rouge_l"]
     computed += {"json": ["json_valid", "json_exact", "json_field_accuracy"], "label": ["label_accuracy"]}.get(kind.kind, [])
     computed += ["schema_valid"] if has_schema else []

@@ -1,6 +1,6 @@
 """Score outputs with graders: one score (or one failure) per (grader, example).
 
-Reads grader configs (specs.py), output texts and their items; writes judge replies to the cache
+Reads grader configs (specs/graders.py), output texts and their items; writes judge replies to the cache
 file it is given (eval/judge_cache.jsonl in a run). A failure (template, exception, timeout,
 judge call, unreadable reply) is recorded for that example with its message and counted, never
 turned into a score: `GraderColumn.scores[i]` is None and `errors[i]` says why.
@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.eval.graders import judge
-from tunelab.eval.graders.formula import FormulaError, evaluate_formula
 from tunelab.eval.graders.python_grader import PythonGraderFailed, PythonGraderProcess
-from tunelab.eval.graders.specs import (
+from tunelab.eval.graders.samples import make_sample
+from tunelab.eval.graders.text import string_check, text_similarity
+from tunelab.specs.formula import FormulaError, evaluate_formula
+from tunelab.specs.graders import (
     LabelModelGrader,
     MultiGrader,
     PythonGrader,
@@ -25,8 +27,7 @@ from tunelab.eval.graders.specs import (
     StringCheckGrader,
     TextSimilarityGrader,
 )
-from tunelab.eval.graders.templates import TemplateProblem, make_sample, render
-from tunelab.eval.graders.text import string_check, text_similarity
+from tunelab.specs.templates import TemplateProblem, render
 
 _FAILURES = (TemplateProblem, PythonGraderFailed, judge.JudgeFailed, FormulaError)
 

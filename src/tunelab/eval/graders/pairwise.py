@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from tunelab.eval.graders import judge
-from tunelab.eval.graders.templates import TemplateProblem, make_sample, render
+from tunelab.eval.graders.samples import make_sample
 from tunelab.eval.metrics import bootstrap_ci
+from tunelab.specs.templates import TemplateProblem, render
 
 LABELS = ["A", "B", "tie"]
 

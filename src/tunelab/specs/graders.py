@@ -7,8 +7,9 @@ grader's formula is safe arithmetic over its graders' names; label_model's passi
 labels; names are unique. Fields beyond OpenAI's (base_url, api_key_env, timeouts, concurrency) say
 where and how a grader runs here; each default is written once, below.
 
-Light on purpose (pydantic and the standard library; jinja2 only when a template is checked):
-config.py imports it for eval.graders.
+Light on purpose (pydantic, yaml and the standard library; jinja2 only when a template is checked):
+config.py imports it for eval.graders, so it sits below config in the core (docs/architecture.md) and
+holds the YAML key -> line map both use for error messages.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,7 +31,7 @@ from pydantic import (
 )
 
 from tunelab.errors import ConfigError
-from tunelab.eval.graders.formula import formula_names
+from tunelab.specs.formula import formula_names
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 TEXT_SIMILARITY_METRICS = (
@@ -50,7 +52,7 @@ class InputText(_Spec):
 
 def _templates_ok(template: str, namespaces: tuple[str, ...] = ("sample", "item")) -> str:
     """The template, when it parses and reads only these namespaces (else a ValueError for pydantic)."""
-    from tunelab.eval.graders.templates import TemplateProblem, check_template
+    from tunelab.specs.templates import TemplateProblem, check_template
 
     try:
         check_template(template, namespaces)
@@ -158,6 +160,8 @@ class PythonGrader(_Grader):
     image_tag: str | None = Field(None, description="accepted for OpenAI compatibility; the code runs in this Python")
     pass_threshold: float | None = None
     timeout_s: float = Field(10.0, gt=0, description="per call of grade(); a call past it fails for that example")
+    range: tuple[float, float] | None = Field(None, description="[low, high] of grade()'s scores, so the verdict "
+                                              "reads them as points of that scale; default: inferred from the scores")
 
     @field_validator("source")
     @classmethod
@@ -294,6 +298,31 @@ def strip_union_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
                  if not (part in GRADER_TYPES and i > 0 and (loc[i - 1].isdigit() or (i > 1 and loc[i - 2] == "graders"))))
 
 
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+        elif isinstance(node, yaml.SequenceNode):  # list items by index: eval.graders.0.source
+            for index, item_node in enumerate(node.value):
+                key_path = (*path, str(index))
+                lines[key_path] = item_node.start_mark.line + 1
+                walk(item_node, key_path)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
 def line_of(key: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
     """The line of the deepest part of `key` the file has (a missing field: its grader's line)."""
     return next((lines[key[:i]] for i in range(len(key), 0, -1) if key[:i] in lines), None)
@@ -313,12 +342,10 @@ def check_names(graders: list[Any], reserved: tuple[str, ...] = ()) -> list[str]
 
 def parse_graders(value: Any, source: str, text: str = "") -> list[Any]:
     """One grader object or a list of them -> typed graders; errors name source:line:field."""
-    from tunelab.config import _key_lines
-
     as_list = [value] if isinstance(value, dict) else value
     if not isinstance(as_list, list):
         raise ConfigError(f"{source}: expected a grader object or a list of graders, got {type(value).__name__}")
-    lines = _key_lines(text) if text else {}
+    lines = key_lines(text) if text else {}
     try:
         graders = _GRADER_LIST.validate_python(as_list)
     except ValidationError as err:
@@ -339,8 +366,6 @@ def parse_graders(value: Any, source: str, text: str = "") -> list[Any]:
 
 def read_graders_file(path: str | Path) -> list[Any]:
     """A JSON or YAML file of graders (one object or a list)."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: graders file not found")

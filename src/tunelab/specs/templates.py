@@ -98,18 +98,3 @@ def render(template: str, sample: Mapping[str, Any], item: Mapping[str, Any],
         raise
     except TemplateError as err:
         raise TemplateProblem(f"template {template!r}: {err}") from None
-
-
-def make_sample(output_text: str) -> dict[str, Any]:
-    """OpenAI's sample namespace for a plain completion: the text and, when it holds a JSON object,
-    output_json (lenient: a fenced or embedded object counts; otherwise an empty object)."""
-    from tunelab.eval.metrics import lenient_json
-
-    parsed = lenient_json(output_text)
-    return {"output_text": output_text, "output_json": parsed if isinstance(parsed, dict) else {}}
-
-
-def make_item(row: Mapping[str, Any], example_id: str, reference: str) -> dict[str, Any]:
-    """OpenAI's item namespace for a test record: all its keys (extra keys kept by data prepare
-    included), its id, and `reference`: the record's own, else its final assistant message."""
-    return {**row, "id": example_id, "reference": row.get("reference", reference)}
