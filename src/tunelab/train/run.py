@@ -583,9 +583,10 @@ def _save_run(
     return output_dir
 
 
-def _replay_file(recipe: Recipe) -> Path | None:
+def replay_file_for(recipe: Recipe) -> Path | None:
     """The general examples mixed into training (data/replay.py): train.replay, else the base model's own
-    answers (generated once per model); None with train.replay_share 0."""
+    answers (generated once per model); None with train.replay_share 0. `tunelab run`'s prepare stage
+    calls it too, so the train stage finds the data prepared."""
     from tunelab.train.self_replay import build_self_replay
 
     if recipe.train.replay_share == 0:
@@ -627,7 +628,7 @@ def train(
             start_run_dir(paths, recipe, resume)
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
             replay_started = time.monotonic()
-            replay_file = _replay_file(recipe)
+            replay_file = replay_file_for(recipe)
             replay_s = time.monotonic() - replay_started  # the base model answering, once per model: not training
             prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file)
             write_manifest(paths, recipe, tokenizer, prepared.out_dir)
