@@ -46,7 +46,7 @@ class _FileModel:
             raise ContractError(f"{path}: missing")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
             raise ContractError(f"{path}: not valid JSON ({err})") from None
         try:
             return cls.model_validate(data)  # type: ignore[attr-defined]
@@ -229,7 +229,8 @@ class ArmResult(_Record):
     batch_size: int
     tokens_per_s: float
     usd_per_1m_queries: float
-    model: str = Field(description="'base' or 'tuned'")
+    model: str = Field(description="'base' or 'tuned'; 'external' for an eval.external arm")
+    served: str | None = Field(None, description="how the arm's model was served while timed (adapter merged, ...)")
     shots_mean: float
     finish_reasons: dict[str, int]
     decoding: dict[str, Any]

@@ -18,6 +18,7 @@ from typing import Any
 from tunelab.config import ARMS
 from tunelab.contract import Manifest, Metrics
 from tunelab.errors import ConfigError
+from tunelab.eval.metrics import delta_points
 from tunelab.files import write_text_atomic
 from tunelab.report.html import fmt, pct_ci, read_jsonl, read_model
 from tunelab.runs import RunPaths, data_fingerprint_id
@@ -221,11 +222,12 @@ def compare_runs(run_dirs: list[str | Path], arm: str = "tuned", seed: int = 0) 
             if row is None:
                 return "—"
             if field_name == "primary":
-                return pct_ci(row.primary, row.ci95)
+                return pct_ci(row.primary, row.ci95, run.metrics.primary_range)
             return fmt(getattr(row, field_name))
         raise ValueError(what)
 
-    arm_names = [a for a in ARMS if any(a in r.metrics.arms for r in runs)]
+    extra = sorted({a for r in runs for a in r.metrics.arms if a not in ARMS})  # eval.external arms
+    arm_names = [a for a in ARMS if any(a in r.metrics.arms for r in runs)] + extra
     wanted = [("model", "model"), ("method", "method"), ("data fingerprint", "data fingerprint")]
     wanted += [(f"{a}: {primary} (%, 95% CI)", f"arm:{a}|primary") for a in arm_names]
     wanted += [(f"{arm}: prompt tokens / query", f"arm:{arm}|prompt_tokens_mean"),
@@ -236,8 +238,9 @@ def compare_runs(run_dirs: list[str | Path], arm: str = "tuned", seed: int = 0) 
     base = runs[0]
     for other in runs[1:]:
         result = paired_comparison([other.scores[i] for i in ids], [base.scores[i] for i in ids], seed=seed)
-        points = 100 * result.delta
-        lo, hi = 100 * result.ci95[0], 100 * result.ci95[1]
+        score_range = base.metrics.primary_range  # the same primary on the same examples: one scale
+        points = delta_points(result.delta, score_range)
+        lo, hi = delta_points(result.ci95[0], score_range), delta_points(result.ci95[1], score_range)
         measured = (f"{other.label} vs {base.label}: {points:+.1f} points of {primary} ({arm} arm), "
                     f"95% CI [{lo:+.1f}, {hi:+.1f}], p = {result.p_value:.4g}")
         if result.significant:

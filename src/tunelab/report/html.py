@@ -67,7 +67,7 @@ def read_json(path: Path) -> RunFile:
         return RunFile(path, problem="missing")
     try:
         return RunFile(path, json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
         return RunFile(path, problem=f"not valid JSON ({err})")
 
 
@@ -262,6 +262,10 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
     if isinstance((data.pairwise or {}).get("text"), str):
         facts.append(data.pairwise["text"])
+    for row in arms.values():  # eval.external arms, each against the best fine-tuned arm
+        comparison = (row.model_extra or {}).get("vs_tuned")
+        if isinstance(comparison, dict) and isinstance(comparison.get("text"), str):
+            facts.append(comparison["text"])
     headline = verdict.headline or verdict.text
     detail = verdict.text[len(headline):].strip() if verdict.text.startswith(headline) else verdict.text
     return {
@@ -312,7 +316,9 @@ def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
     }
 
 
-def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
+def _training(log: RunFile, summary: RunFile, root: Path, rise: Any = None) -> dict[str, Any]:
+    """`rise`: eval/metrics.json overfitting.val_rise, the judgement against the curve's noise; without
+    it (older runs) the badge shows the events training wrote."""
     out: dict[str, Any] = {"available": log.ok or summary.ok, "notes": [], "plots": {}}
     for f in (log, summary):
         if not f.ok:
@@ -332,6 +338,8 @@ def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
     stop_steps = [r.get("step") for r in events if r.get("event") == "early_stop"]
     stop_step = stop_steps[0] if stop_steps else None
     overfit_steps = [r.get("step") for r in events if r.get("event") == "overfitting" and r.get("step") is not None]
+    if isinstance(rise, dict) and "rising" in rise:
+        overfit_steps = [rise["rise_step"]] if rise["rising"] and rise.get("rise_step") is not None else []
     out.update(
         best_step=best_step, stop_step=stop_step, overfit_steps=overfit_steps,
         stopped_early=summary_value.get("stopped_early", stop_step is not None),
@@ -444,6 +452,14 @@ def _overfitting(value: Any, metrics: RunFile, training: Mapping[str, Any], root
             f"to {fmt(value.get('final_val_loss'))} while train loss kept falling" if rising else
             f"validation loss did not rise while train loss fell (best at step {fmt(value.get('best_step'))}, "
             f"final {fmt(value.get('final_val_loss'))})")
+    rise = value.get("val_rise")
+    if isinstance(rise, dict) and isinstance(rise.get("tolerance"), int | float):
+        where = {"before the rise": "come before the rise", "after the rise": "come after the rise"}.get(
+            rise.get("evaluated_checkpoint") or "", "")
+        out["findings"].append(
+            f"a rise counts beyond {fmt(rise['tolerance'])} (the validation loss's own noise)"
+            + (f"; it began at step {fmt(rise.get('rise_step'))}" if rise.get("rise_step") is not None else "")
+            + (f"; the evaluated weights (step {fmt(rise.get('evaluated_step'))}) {where}" if where else ""))
     copies = value.get("reference_is_train_answer")
     if isinstance(copies, int | float):
         out["findings"].append(f"{pct(copies)}% of test references are word for word a training answer "
@@ -594,9 +610,10 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
     inputs = test_inputs(test)
     preds = predictions.value if predictions.ok else []
     model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else None
-    training = _training(log, summary, root)
-    arms = _arms(metrics, root)
     overfitting_value = metrics.value.overfitting if metrics.ok else None
+    training = _training(log, summary, root,
+                         overfitting_value.get("val_rise") if isinstance(overfitting_value, dict) else None)
+    arms = _arms(metrics, root)
     forgetting_value = metrics.value.forgetting if metrics.ok else None
     return {
         "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,

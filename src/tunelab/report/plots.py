@@ -27,7 +27,10 @@ def arm_color(arm: str, index: int = 0) -> str:
 
 def to_svg(fig: Any, name: str) -> str:
     import matplotlib as mpl
+    from matplotlib.text import Text
 
+    for text in fig.findobj(Text):  # names from the user's files ("$\\badmacro$") are text, never mathtext
+        text.set_parse_math(False)
     buffer = io.StringIO()
     with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": name}):
         fig.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")

@@ -444,6 +444,7 @@ def train_loop(
                     log.event(_skipped_event(state, result))
                     if state.nonfinite_streak >= cfg.max_nonfinite_steps:
                         raise _diverged(state)
+                    check_weights_finite(setup, ctx, state.step)  # skipping cannot mend weights already lost
                 else:
                     state.nonfinite_streak = 0
                 log.step(state, step, result)
@@ -512,6 +513,21 @@ def _diverged(state: TrainState) -> NonFiniteTraining:
         f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient (last: step "
         f"{state.step}); training diverged. Lower train.lr, check the data, or use model.dtype=float32"
     )
+
+
+def check_weights_finite(setup: TrainSetup, ctx: DistContext, step: int) -> None:
+    """NonFiniteTraining when a trainable weight holds inf or NaN (a step with a finite loss and
+    gradient can still overflow them, e.g. train.lr=1e300): such weights are never saved or evaluated."""
+    named = [(name, p) for name, p in setup.model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        bad = next((name for name, p in named
+                    if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    if _agreed(ctx, bad is not None, setup.device):
+        where = f" ({bad} holds inf or NaN)" if bad else " (on another rank)"
+        raise NonFiniteTraining(
+            f"the weights are not finite after step {step}{where}; training diverged, nothing was saved. "
+            "Lower train.lr, check the data, or use model.dtype=float32"
+        )
 
 
 def _past(deadline: float | None, ctx: DistContext, device: torch.device) -> bool:

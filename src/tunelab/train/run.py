@@ -30,7 +30,7 @@ from tunelab.config import Recipe, TrainConfig, load_recipe
 from tunelab.console import say
 from tunelab.contract import Manifest, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError
-from tunelab.files import replace_dir
+from tunelab.files import FolderBusy, hold_dir_lock, replace_dir
 from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
@@ -103,6 +103,11 @@ def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
         raise ConfigError(f"{paths.root} exists and holds files tunelab did not write; choose another name=NEW "
                           "or out_dir=DIR")
     paths.root.mkdir(parents=True, exist_ok=True)
+    try:  # one writer per run: a second --resume (or update, rebase, UI start) of it is refused, not mixed in
+        hold_dir_lock(paths.root)
+    except FolderBusy:
+        raise ConfigError(f"{paths.root}: another tunelab process is writing this run; wait for it to end, or stop "
+                          "it (Ctrl-C checkpoints a training), then --resume") from None
     paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
 
 
@@ -561,9 +566,12 @@ def _save_run(
 ) -> Path:
     """The run's output is the best checkpoint (by validation loss), else the last weights; then
     train/summary.json. Returns the output folder (adapter/ or model/)."""
+    from tunelab.train.loop import check_weights_finite
+
     state = result.state
     if result.best_checkpoint is not None and state.best_step != state.step:
         ctx.load_weights(setup, result.best_checkpoint)
+    check_weights_finite(setup, ctx, state.best_step if state.best_step is not None else state.step)
     output_dir = paths.adapter if recipe.method != "full" else paths.model
     full_weights = ctx.full_state_dict(setup)
     if ctx.is_main:
