@@ -46,3 +46,15 @@ def test_a_failed_rebase_leaves_no_run_folder_and_the_retry_says_the_same(tmp_pa
         messages.append(str(failed.value))
         assert not (runs / "moved").exists()
     assert messages[0] == messages[1] and "already exists" not in messages[1]
+
+
+def test_a_failed_tunelab_run_leaves_no_run_folder_and_the_retry_says_the_same(tmp_path):
+    from test_pipeline import EXAMPLE, FAST, tunelab
+
+    errors = []
+    for _ in range(2):
+        result = tunelab("run", str(EXAMPLE), *FAST, f"out_dir={tmp_path}", "model.name=no-such-model")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        errors.append(result.stderr.strip().splitlines()[-1])
+        assert not (tmp_path / "triage").exists()
+    assert errors[0] == errors[1] and errors[0].startswith("error: model 'no-such-model': not an alias")

@@ -123,3 +123,20 @@ def test_drift_update_and_rebase_refuse_it_before_anything_is_written(fake_run, 
         with pytest.raises(ConfigError, match=rf"{who} would send the API key in \$MY_PRIVATE_TOKEN"):
             refuse_untrusted_graders(RunPaths(fake_run), recipe, trust_remote_code=False)
         refuse_untrusted_graders(RunPaths(fake_run), recipe, trust_remote_code=True)
+
+
+EXTERNAL = {"name": "hosted", "base_url": "http://judge.example/v1", "model": "m", "api_key_env": "MY_PRIVATE_TOKEN",
+            "price_per_m_input_tokens": 1.0, "price_per_m_output_tokens": 2.0}
+
+
+def test_drift_update_and_rebase_refuse_a_run_folders_external_arm_with_a_key(fake_run, monkeypatch):
+    from tunelab.config import load_recipe
+    from tunelab.lifecycle.lineage import refuse_untrusted_graders
+    from tunelab.runs import RunPaths
+
+    monkeypatch.setenv("MY_PRIVATE_TOKEN", SECRET)
+    set_eval(fake_run, external=[EXTERNAL])
+    recipe = load_recipe(fake_run / "recipe.yaml")
+    with pytest.raises(ConfigError, match=r"eval.external 'hosted' would send the API key in \$MY_PRIVATE_TOKEN"):
+        refuse_untrusted_graders(RunPaths(fake_run), recipe, trust_remote_code=False)
+    refuse_untrusted_graders(RunPaths(fake_run), recipe, trust_remote_code=True)

@@ -130,7 +130,7 @@ def example_recipe(path: Path, **eval_keys) -> Path:
     import yaml
 
     recipe = yaml.safe_load(EXAMPLE.read_text().replace("data/", str(EXAMPLE.parent / "data") + "/"))
-    recipe.setdefault("eval", {}).update(eval_keys)
+    recipe.setdefault("eval", {}).update({"graders": [], "primary": None, **eval_keys})  # only the graders asked for
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -206,6 +206,10 @@ def test_the_printed_address_carries_the_token_and_the_api_key_is_never_printed(
                    "api_key_env": "MY_PRIVATE_TOKEN", "input": [{"role": "user", "content": "x"}]}]}, False,
      "grader 'j' would send the API key in $MY_PRIVATE_TOKEN to http://judge.example/v1"),
     ({}, True, "model.trust_remote_code: true runs code shipped with the model"),
+    ({"external": [{"name": "hosted", "base_url": "http://judge.example/v1", "model": "m",
+                    "api_key_env": "MY_PRIVATE_TOKEN", "price_per_m_input_tokens": 1.0,
+                    "price_per_m_output_tokens": 2.0}]}, False,
+     "eval.external 'hosted' would send the API key in $MY_PRIVATE_TOKEN to http://judge.example/v1"),
 ])
 def test_start_from_a_run_folders_recipe_needs_consent_for_its_code_and_secrets(tmp_path, spawned, monkeypatch,
                                                                                eval_keys, model_code, refused):

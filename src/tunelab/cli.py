@@ -576,7 +576,7 @@ def main() -> None:
     except BrokenPipeError:
         sys.exit(0)
     except OSError as err:  # the file system said no (permission, not a folder, disk full): the user's to fix
-        where = f"{err.filename}: " if err.filename else ""
+        where = f"{os.fsdecode(err.filename)}: " if isinstance(err.filename, str | bytes) and err.filename else ""
         typer.echo(f"error: {where}{err.strerror or err}", err=True)
         sys.exit(2)
 

@@ -17,7 +17,7 @@ from tunelab.config import Recipe
 from tunelab.console import say
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
-from tunelab.runs import RunPaths
+from tunelab.runs import RunPaths, removed_unless_trained
 
 STAGES = ("check", "prepare", "train", "eval", "report")
 
@@ -76,8 +76,6 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
 
 def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
     """All stages for one recipe; returns the run directory."""
-    from tunelab.train.run import start_run_dir
-
     paths = RunPaths(recipe.run_dir)
     stages = StageLog(paths.root / "stages.json")
     if not resume:
@@ -86,6 +84,16 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
                 f"{paths.root} already exists; continue it with --resume, or start a new run with name=NEW"
             )
         stages.reset(STAGES)
+        if not paths.root.exists():
+            # a new run that fails before training (bad data, a model that does not load) leaves no folder behind
+            with removed_unless_trained(paths):
+                return _run_stages(recipe, paths, stages, resume, resume_command)
+    return _run_stages(recipe, paths, stages, resume, resume_command)
+
+
+def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool, resume_command: str | None) -> Path:
+    from tunelab.train.run import start_run_dir
+
     start_run_dir(paths, recipe, resume)
 
     def train_stage(recipe: Recipe, paths: RunPaths) -> None:

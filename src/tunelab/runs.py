@@ -6,9 +6,11 @@ and the tuned model (base + PEFT adapter, or a full model folder).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,3 +201,16 @@ def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
     this holds wherever the two are moved together), else the path recorded at creation."""
     sibling = child.root.parent / str(parent.get("name") or "")
     return RunPaths(sibling if parent.get("name") and (sibling / "recipe.yaml").is_file() else Path(str(parent.get("path"))))
+
+
+@contextlib.contextmanager
+def removed_unless_trained(paths: RunPaths) -> Iterator[None]:
+    """Remove the run folder this command just made (tunelab run, update, rebase) when what runs inside
+    fails before training logged a step or wrote a checkpoint (a base model that does not load, bad
+    data), so a retry with the same name starts clean; a run with training progress is kept for --resume."""
+    try:
+        yield
+    except BaseException:
+        if not paths.train_log.exists() and not any(paths.checkpoints.glob("step-*")):
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise

@@ -149,10 +149,10 @@ def read_external_file(path: str | Path) -> list[Any]:
 # ---------------------------------------------------------------------------------------------- checks before anything runs
 
 
-def refuse_secret_bearing_arms(arms: Sequence[Any], recipe_path: Path,
-                               consent: str = "add --trust-remote-code if you trust this run") -> None:
+def refuse_secret_bearing_arms(arms: Sequence[Any], recipe_path: Path, consent: str) -> None:
     """Opening someone else's run folder never sends your secrets where it says: an endpoint arm of a run
-    folder's recipe that would send an API key from your environment needs consent (like its judges)."""
+    folder's recipe that would send an API key from your environment needs consent, like its judges
+    (eval/graders/evaluation.py refuse_secret_bearing; `consent` says how to give it)."""
     for arm in arms:
         if isinstance(arm, EndpointArm) and arm.api_key_env:
             raise ConfigError(

@@ -50,6 +50,7 @@ from tunelab.eval.cost import amortised_training_per_query, compare_cost, traini
 from tunelab.eval.decision import ArmFacts, decide_verdict
 from tunelab.eval.external import Answer, ExternalRun
 from tunelab.eval.graders.evaluation import (
+    CONSENT,
     Primary,
     grader_summary,
     prepare_graders,
@@ -475,7 +476,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     from tunelab.eval.external import builtin_arm, check_external, refuse_secret_bearing_arms
 
     if recipe_external and not python_graders:  # a run folder's recipe, without the caller's consent
-        refuse_secret_bearing_arms(cfg.external, paths.recipe)
+        refuse_secret_bearing_arms(cfg.external, paths.recipe, CONSENT)
     external_arms = [*(cfg.external if recipe_external else ()), *external]
     recorded = check_external(external_arms, all_test, len(test), chosen, test_path)
     prompted = [*chosen, *(builtin_arm(a) for a in external_arms)]  # the built-in prompts the arms need

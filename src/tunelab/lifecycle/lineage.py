@@ -9,10 +9,8 @@ eval/lineage.json (contract.Lineage), which `tunelab report` and `tunelab runs l
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +63,15 @@ def refuse_untrusted_graders(paths: RunPaths, recipe: Recipe, trust_remote_code:
     """drift, update and rebase score with the run's eval section, whose python graders are a run
     folder's code and whose judges would be sent the user's API keys: refused here, before anything is
     trained or written, unless the user trusts the run."""
-    from tunelab.eval.graders.evaluation import refuse_python_graders, refuse_secret_bearing
+    from tunelab.eval.external import refuse_secret_bearing_arms
+    from tunelab.eval.graders.evaluation import CONSENT, refuse_python_graders, refuse_secret_bearing
     from tunelab.specs.graders import recipe_graders
 
     if not trust_remote_code:
         graders = recipe_graders(recipe.eval)
         refuse_python_graders(graders, paths)
         refuse_secret_bearing(graders, recipe.eval.pairwise, paths)
+        refuse_secret_bearing_arms(recipe.eval.external, paths.recipe, CONSENT)
 
 
 def arm_scores(eval_dir: Path, arm: str) -> dict[str, float]:
@@ -118,19 +118,6 @@ def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, f
 
 
 # ---------------------------------------------------------------------------------------------- child run
-
-
-@contextlib.contextmanager
-def removed_unless_trained(child: RunPaths) -> Iterator[None]:
-    """Remove the child run folder this command just made (create_child_run) when what runs inside fails
-    before training logged a step or wrote a checkpoint (a base model that does not load, bad data), so a
-    retry with the same name starts clean; a run with training progress is kept for --resume."""
-    try:
-        yield
-    except BaseException:
-        if not child.train_log.exists() and not any(child.checkpoints.glob("step-*")):
-            shutil.rmtree(child.root, ignore_errors=True)
-        raise
 
 
 def create_child_run(parent: RunPaths, recipe: Recipe, name: str, kind: str,

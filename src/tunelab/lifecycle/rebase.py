@@ -26,11 +26,10 @@ from tunelab.lifecycle.lineage import (
     evaluated_metrics,
     parent_record,
     refuse_untrusted_graders,
-    removed_unless_trained,
     write_lineage,
 )
 from tunelab.lifecycle.new_data import read_rows
-from tunelab.runs import RunPaths, open_run
+from tunelab.runs import RunPaths, open_run, removed_unless_trained
 
 
 def _slug(model: str) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.console import say
 from tunelab.errors import ConfigError, DataError
-from tunelab.runs import open_run
+from tunelab.runs import open_run, removed_unless_trained
 
 if TYPE_CHECKING:
     from tunelab.lifecycle.lineage import Lineage
@@ -62,7 +62,6 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
         evaluated_metrics,
         parent_record,
         refuse_untrusted_graders,
-        removed_unless_trained,
         without_extras,
         write_lineage,
     )

@@ -118,6 +118,24 @@ class StepResult:
 # outputs
 
 
+def _quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard writes events from a thread of its own: when the run folder goes away mid-training,
+    that thread's OSError is not printed as a traceback; the loop's next write raises the same error,
+    which the CLI reports in one line."""
+    default = threading.excepthook
+    if getattr(default, "tunelab_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and args.exc_type is not None and issubclass(
+                args.exc_type, OSError):
+            return
+        default(args)
+
+    hook.tunelab_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class _RunLog:
     """Everything the loop reports, in one place: train/log.jsonl (truncated on resume to the
     checkpoint's offset, so every step appears once), TensorBoard scalars, MLflow metrics when
@@ -143,6 +161,7 @@ class _RunLog:
 
         # purge_step drops events an interrupted run wrote after the step we continue from
         self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=state.step + 1)
+        _quiet_tensorboard_writer_thread()
         if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow"):
             import mlflow
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tunelab.config import Recipe, load_recipe
 from tunelab.errors import ConfigError
+from tunelab.eval.external import refuse_secret_bearing_arms
 from tunelab.eval.graders.evaluation import refuse_python_graders, refuse_secret_bearing
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
@@ -177,8 +178,8 @@ class Launcher:
 
 def refuse_untrusted(recipe_file: Path, recipe: Recipe) -> None:
     """A run's recipe.yaml is the run folder's, not the user's: like `tunelab eval RUN`, starting from it
-    runs no code it names (python graders, model code) and sends no API key to its judges unless the
-    user ticks "trust" on the form. (A YAML file at the top of the runs folder is the user's own.)"""
+    runs no code it names (python graders, model code) and sends no API key to its judges or external
+    arms unless the user ticks "trust" on the form. (A YAML file at the top of the runs folder is the user's own.)"""
     if recipe.model.trust_remote_code:
         raise ConfigError(f"{recipe_file}: model.trust_remote_code: true runs code shipped with the model, as the run "
                           f"folder's recipe says; tunelab does not run a run folder's code unasked: {UI_CONSENT}")
@@ -186,6 +187,7 @@ def refuse_untrusted(recipe_file: Path, recipe: Recipe) -> None:
     graders = recipe_graders(recipe.eval)
     refuse_python_graders(graders, paths, UI_CONSENT)
     refuse_secret_bearing(graders, recipe.eval.pairwise, paths, UI_CONSENT)
+    refuse_secret_bearing_arms(recipe.eval.external, recipe_file, UI_CONSENT)
 
 
 def _still_ours(started: Started) -> bool:
