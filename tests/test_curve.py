@@ -12,9 +12,11 @@ import pytest
 
 from tunelab.config import load_recipe
 from tunelab.curve import (
-    FLAT_GAIN,
+    FLAT_GAIN_POINTS,
     Curve,
+    CurvePoint,
     build_curve,
+    describe_training_policy,
     format_table,
     nested_subsets,
     parse_fractions,
@@ -99,13 +101,20 @@ def test_curve_json_has_the_documented_shape(curve_run):
     data = json.loads((root / "curve.json").read_text())
     assert Curve.model_validate(data) == curve
     assert list(data) == ["version", "name", "model", "primary_metric", "train_pool", "seed", "test_file",
-                          "test_examples", "points", "reference", "projection"]
+                          "test_examples", "points", "reference", "projection", "primary_range",
+                          "same_training_policy", "training_policy"]
     assert list(data["points"][0]) == ["fraction", "examples", "run_dir", "primary", "ci95", "train_sample",
-                                       "train_steps", "train_time_s", "seconds"]
+                                       "train_steps", "train_time_s", "seconds", "provisional", "provisional_reason",
+                                       "epochs", "limited_by", "budget_reached"]
+    assert data["primary_range"] == [0.0, 1.0]  # label accuracy: a 0-1 score
     assert data["primary_metric"] == "label_accuracy"
     for point in data["points"]:
         metrics = json.loads((root / point["run_dir"] / "eval" / "metrics.json").read_text())
         assert point["primary"] == metrics["arms"]["tuned"]["primary"]
+        assert point["provisional"] == metrics["verdict"]["provisional"]  # 2 steps: still learning
+        assert point["provisional"] is True and "train.max_steps=4" in point["provisional_reason"]
+        plan = json.loads((root / point["run_dir"] / "train" / "plan.json").read_text())
+        assert (point["epochs"], point["limited_by"]) == (plan["epochs"], "max_steps")
         assert point["ci95"][0] <= point["primary"] <= point["ci95"][1]
     reference = json.loads((root / "reference" / "eval" / "metrics.json").read_text())["arms"]
     assert data["reference"]["arm"] == max(("base", "prompt"), key=lambda arm: reference[arm]["primary"])
@@ -190,8 +199,64 @@ def test_a_tiny_but_certain_gain_is_flat_too():
     base = np.linspace(0.2, 0.8, 500)
     scores = np.stack([base, base + 0.004, base + 0.008])
     projection = project_doubling([100, 200, 400], scores, seed=0)
-    assert projection.gain_ci95[0] > 0 and projection.gain < FLAT_GAIN
+    assert projection.gain_ci95[0] > 0 and 100 * projection.gain < FLAT_GAIN_POINTS
     assert projection.flat
+
+
+def test_a_1_to_10_judge_is_projected_in_points_of_its_range():
+    """0.9 of a 1-10 judge per doubling is 10 points of its range, not 90; 7.3 is 70 points."""
+    rng = np.random.default_rng(0)
+    means = [5.5, 6.4, 7.3]
+    scores = np.array([np.clip(m + rng.normal(0, 0.5, 400), 1, 10) for m in means])
+    projection = project_doubling([100, 200, 400], scores, seed=0, score_range=(1, 10))
+    assert projection.gain == pytest.approx(0.9, abs=0.05)  # stored in the judge's own units
+    assert not projection.flat
+    points = 100 * projection.gain / 9
+    assert f"is projected to gain {points:+.1f} points" in projection.text
+    assert f"(to about {100 * (projection.projected - 1) / 9:.1f})" in projection.text
+    # a gain of 0.05 a doubling on 1-10 is under one point of its range: flat, though 5 "points" raw
+    flat = project_doubling([100, 200, 400], np.stack([np.linspace(2, 9, 500) + d for d in (0, 0.05, 0.1)]),
+                            seed=0, score_range=(1, 10))
+    assert flat.flat and flat.text.startswith("flat: more of the same data will not help (+0.6 points per doubling")
+
+
+# ---------------------------------------------------------------------------------------------- training policy
+
+
+def _point(examples, epochs, limited_by="data", budget_reached=False, provisional=False):
+    return CurvePoint(fraction=examples / 400, examples=examples, run_dir=f"fraction-{examples}", primary=0.5,
+                      ci95=(0.4, 0.6), train_sample=None, train_steps=10, train_time_s=1.0, seconds=2.0,
+                      provisional=provisional, epochs=epochs, limited_by=limited_by, budget_reached=budget_reached)
+
+
+def test_the_curve_says_whether_every_point_got_the_same_training_per_example():
+    same, text = describe_training_policy([_point(100, 3), _point(200, 3), _point(400, 3)])
+    assert same is True and text.startswith("every point trained 3 passes over its examples")
+    # the budget had room for more passes on the small set, and cut the large one
+    same, text = describe_training_policy([_point(100, 6), _point(200, 3), _point(400, 1.7, "budget", True)])
+    assert same is False
+    assert text == ("the points differ in training per example: 100 examples 6 passes, 200 examples 3 passes, "
+                    "400 examples 1.7 passes (cut by the budget); a point with fewer passes than the others shows "
+                    "less than its data can give")
+    assert describe_training_policy([_point(100, None), _point(200, 3)])[0] is None
+
+
+def test_a_provisional_point_is_marked_in_every_output():
+    points = [_point(100, 3, provisional=True), _point(200, 3)]
+    points[0].provisional_reason = "the tuned model is still learning: validation loss -12%"
+    projection = project_doubling([100, 200], synthetic_scores([0.5, 0.5]), seed=0)
+    curve = Curve(name="t", model="m", primary_metric="exact_match", train_pool=200, seed=0, test_file="t.jsonl",
+                  test_examples=400, points=points, reference=None, projection=projection,
+                  same_training_policy=True, training_policy="every point trained 3 passes over its examples")
+    from tunelab.curve import _html, _markdown
+
+    table = format_table(curve).splitlines()
+    assert table[2].endswith("(provisional)") and not table[3].endswith("(provisional)")
+    assert "training: every point trained 3 passes over its examples" in format_table(curve)
+    markdown = _markdown(curve)
+    assert "| 100 | 50.0 [40.0, 60.0] (provisional) |" in markdown
+    assert "Provisional at 100 examples: the tuned model is still learning: validation loss -12%" in markdown
+    assert "50.0 [40.0, 60.0] (provisional)</td>" in _html(curve, "<svg></svg>")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

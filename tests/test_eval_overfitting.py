@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tunelab.eval.metrics import bootstrap_ci
-from tunelab.eval.overfitting import loss_curve, measure_overfitting, task_metric, verbatim
+from tunelab.eval.overfitting import loss_curve, measure_overfitting, task_metric, validation_rise, verbatim
 
 
 def _log(tmp_path, rows):
@@ -33,6 +33,8 @@ def test_loss_curve_flags_validation_rising_while_train_falls(tmp_path):
     assert (curve["best_step"], curve["best_val_loss"], curve["final_val_loss"]) == (5, 2.0, 2.5)
     assert curve["final_gap"] == 2.5 - 1.5
     assert curve["val_rising_while_train_falls"] is True
+    # two evaluations cannot measure the noise: a rise must pass 5% of the minimum
+    assert curve["val_rise"]["tolerance"] == pytest.approx(0.1) and curve["val_rise"]["rise_step"] == 10
 
 
 def test_loss_curve_of_a_model_still_improving_is_not_flagged(tmp_path):
@@ -77,3 +79,58 @@ def test_measure_overfitting_adds_references_verbatim_and_task(tmp_path):
     assert result["verbatim"]["tuned"] == {"output_is_train_answer": 1.0, "wrong_and_train_answer": 1.0}
     assert result["task_metric"] is task
     assert "task_metric" not in measure_overfitting(tmp_path / "absent.jsonl", ["a"], ["a"], {}, None)
+
+
+# ---- the loss-curve signal against the validation loss's own noise
+
+def _curve(val_losses, train_losses=None):
+    train_losses = train_losses or [2.0 - 0.01 * i for i in range(len(val_losses))]  # falling throughout
+    return [{"step": 10 * (i + 1), "train_loss": t, "val_loss": v}
+            for i, (v, t) in enumerate(zip(val_losses, train_losses, strict=True))]
+
+
+def test_a_flat_noisy_validation_loss_is_no_overfitting_signal():
+    """Seen: 'overfitting signal at step 52, 91' on a flat validation loss whose best step was the last."""
+    flat = [0.9, 0.62, 0.515, 0.52, 0.512, 0.518, 0.511, 0.517, 0.513, 0.519, 0.514]
+    rise = validation_rise(_curve(flat), evaluated_step=60)
+    assert rise["rising"] is False and rise["rise_step"] is None and rise["evaluated_checkpoint"] is None
+    assert rise["best_step"] == 70 and rise["rise"] == pytest.approx(0.003)
+    assert rise["tolerance"] > 0.003 and rise["noise_sd"] is not None
+
+
+def test_a_real_u_turn_says_where_it_began_and_where_the_evaluated_weights_are():
+    u_turn = [1.2, 0.8, 0.6, 0.5, 0.47, 0.46, 0.5, 0.56, 0.63, 0.7, 0.78]
+    rise = validation_rise(_curve(u_turn), evaluated_step=60)
+    assert rise["rising"] is True and rise["best_step"] == 60 and rise["rise"] == pytest.approx(0.32)
+    # the tolerance is 4 noise sds (0.105 here, the curve's uneven bend counting as noise): +0.10 at step 80 is
+    # within it, +0.17 at step 90 is not
+    assert rise["tolerance"] == pytest.approx(0.1046, abs=1e-4) and rise["rise_step"] == 90
+    assert rise["evaluated_checkpoint"] == "before the rise"
+    assert validation_rise(_curve(u_turn), evaluated_step=110)["evaluated_checkpoint"] == "after the rise"
+    # train loss rising too is not the overfitting signature
+    assert validation_rise(_curve(u_turn, [1.0 + 0.01 * i for i in range(11)]))["rising"] is False
+
+
+def _simulated_curve(kind, rng, evals, noise):
+    t = np.linspace(0, 1, evals + 1)[1:]
+    # flat: a fast drop then flat; u_turn: down to its minimum at mid-run, then up about 0.3 by the end
+    mean = 0.5 + 0.5 * np.exp(-t * 20) if kind == "flat" else 0.5 + 0.5 * np.exp(-t * 10) + 0.6 * np.clip(t - 0.5, 0, None)
+    return _curve((mean * (1 + noise * rng.standard_normal(evals))).tolist())
+
+
+@pytest.mark.parametrize("evals", [6, 11, 21, 41])
+def test_flat_noisy_curves_rarely_raise_the_overfitting_signal(evals):
+    rng = np.random.default_rng(evals)
+    runs = 2000
+    for noise in (0.01, 0.03, 0.05):
+        alarms = sum(validation_rise(_simulated_curve("flat", rng, evals, noise))["rising"] for _ in range(runs))
+        assert alarms / runs <= 0.05, noise
+
+
+@pytest.mark.parametrize("evals", [6, 11, 21, 41])
+def test_a_real_u_turn_is_detected(evals):
+    rng = np.random.default_rng(100 + evals)
+    runs = 2000
+    for noise in (0.01, 0.03):
+        caught = sum(validation_rise(_simulated_curve("u_turn", rng, evals, noise))["rising"] for _ in range(runs))
+        assert caught / runs >= 0.95, noise

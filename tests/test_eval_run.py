@@ -90,7 +90,8 @@ def evaluated(tmp_path_factory, tiny_model_dir):
     def spy(model, tokenizer, conversations, settings, batch_size, progress=None):
         lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         calls.append({"settings": settings, "batch_size": batch_size, "n": len(conversations),
-                      "adapter_active": bool(lora_layers) and not any(m.disable_adapters for m in lora_layers)})
+                      "adapter_active": bool(lora_layers) and not any(m.disable_adapters for m in lora_layers),
+                      "lora_layers": len(lora_layers)})
         return real_generate(model, tokenizer, conversations, settings, batch_size, progress=progress)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -135,8 +136,12 @@ def test_all_arms_use_identical_decoding_settings(evaluated):
     used = dataclasses.asdict(calls[0]["settings"])
     assert all(row["decoding"] == used for row in metrics["arms"].values())
     assert used["temperature"] == 0.0 and used["max_new_tokens"] == 5  # greedy, from the recipe
-    # base arms ran with the adapter switched off, tuned arms with it on
-    assert [c["adapter_active"] for c in arm_calls] == [False, False, False, True, True]
+    # base arms ran with the adapter switched off; tuned arms on the adapter merged into the base
+    # weights, as deployed: no adapter layers left (their outputs: test_merged_adapter_answers_as_the_adapter)
+    assert [c["adapter_active"] for c in arm_calls] == [False, False, False, False, False]
+    assert [c["lora_layers"] > 0 for c in arm_calls] == [True, True, True, False, False]
+    assert [row["served"] for row in metrics["arms"].values()] == ["base model"] * 3 + [
+        "adapter merged into the base weights"] * 2
 
 
 def test_planted_test_example_is_refused_and_recorded(evaluated):
@@ -177,6 +182,24 @@ def test_overfitting_reads_the_training_log(evaluated):
     expected = sum(r in train_answers for r in references) / len(references)
     assert overfitting["reference_is_train_answer"] == pytest.approx(expected)
     assert overfitting["task_metric"]["train_sample_n"] == 6
+
+
+def test_merged_adapter_answers_as_the_adapter(evaluated):
+    """The tuned arms ran on the merged weights: the unmerged adapter's greedy outputs are the same."""
+    from tunelab.engine.generate import generate
+    from tunelab.eval import run as run_module
+    from tunelab.runs import load_run_model
+
+    run_dir, metrics, _ = evaluated
+    inputs = run_module._load_inputs(run_dir, None, None, None, trust_remote_code=False, python_graders=False,
+                                     recipe=None, train_file=None)
+    peft_model, tokenizer = load_run_model(inputs.paths, inputs.recipe)
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    for arm in ("tuned", "tuned+rag"):
+        prompts = [inputs.builder.build(arm, ex) for ex in inputs.test]
+        unmerged = [g.text for g in generate(peft_model, tokenizer, prompts, inputs.settings, inputs.cfg.batch_size)]
+        assert unmerged == [r["output"] for r in rows if r["arm"] == arm]
+    assert metrics["arms"]["tuned"]["served"] == "adapter merged into the base weights"
 
 
 def test_disabled_adapter_gives_the_base_model_exactly(tiny_model_dir):

@@ -104,6 +104,12 @@ def test_drift_flags_data_of_another_task_and_not_of_its_own(parent, data):
     assert set(other.new) == {"tuned", "prompt", "rag+new"}  # the best prompt-only arm of the verdict, and rag with the new pool
     assert other.new["rag+new"]["n"] == 24  # two folds: every new example scored once
     assert other.text.startswith("stale: tuned fell from 100.0%")
+    # the best prompt-only arm scored on both sets, paired by example: the tuned arm lost more than it
+    assert other.prompt_only_arm == "prompt" and other.stale_basis == "difference in differences"
+    did = other.difference_in_differences
+    assert did["paired"] is True and did["significant"] and did["delta_points"] == pytest.approx(
+        -100.0 - other.prompt_only_change["delta_points"])
+    assert other.primary_range == [0.0, 1.0]  # a run without primary_range: a 0-1 score
     on_disk = json.loads((Path(other.folder) / "drift.json").read_text())
     assert on_disk["stale"] is True and Path(other.folder).parent == parent.root / "drift"
 

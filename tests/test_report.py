@@ -320,6 +320,27 @@ def test_report_shows_the_runs_numbers(run_dir):
         assert f"<td>{slice_name}</td>" in html
 
 
+def test_the_overfitting_badge_follows_the_judgement_against_noise(run_dir):
+    """The log holds a training-time event at step 40 (any rise between two evaluations); metrics.json
+    judges the whole curve against its noise, and the badge follows that judgement."""
+    metrics_path = run_dir / "eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    rise = {"rising": False, "best_step": 30, "rise": 0.03, "tolerance": 0.05, "noise_sd": 0.0125,
+            "rise_step": None, "evaluated_step": 30, "evaluated_checkpoint": None}
+    metrics["overfitting"].update(val_rise=rise, val_rising_while_train_falls=False)
+    metrics_path.write_text(json.dumps(metrics))
+    html = write_report(run_dir).read_text()
+    training = html[html.index('id="training"'):html.index('id="arms"')]
+    assert "overfitting signal at step" not in training and "no overfitting signal" in training
+    assert "a rise counts beyond 0.05 (the validation loss&#39;s own noise)" in html
+    metrics["overfitting"].update(val_rise={**rise, "rising": True, "rise_step": 40, "evaluated_checkpoint": "before the rise"},
+                                  val_rising_while_train_falls=True)
+    metrics_path.write_text(json.dumps(metrics))
+    html = write_report(run_dir).read_text()
+    assert "overfitting signal at step 40" in html
+    assert "it began at step 40; the evaluated weights (step 30) come before the rise" in html
+
+
 def test_report_escapes_user_text(run_dir):
     html = write_report(run_dir).read_text()
     assert HOSTILE not in html

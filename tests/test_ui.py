@@ -29,8 +29,14 @@ LOCAL = "http://127.0.0.1:7860"
 HTML = {"accept": "text/html"}
 
 
-def client(runs: Path, **kwargs) -> TestClient:
-    return TestClient(create_app(runs, **kwargs), base_url=kwargs.pop("base_url", LOCAL))
+def client(runs: Path, api_key: str | None = None, login: bool = True) -> TestClient:
+    """A client of a new UI server; logged in (the cookie set by the address `tunelab ui` prints) unless
+    asked not to, or when an API key is given."""
+    app = create_app(runs, api_key=api_key)
+    c = TestClient(app, base_url=LOCAL)
+    if login and api_key is None:
+        assert c.get("/", params={"token": app.state.ui.key}, follow_redirects=False).status_code == 303
+    return c
 
 
 def append_log(run: Path, records: list[dict]) -> None:
@@ -369,12 +375,18 @@ def test_a_missing_runs_folder_is_shown_not_an_error(tmp_path):
 def test_stop_sends_sigterm_to_the_run_the_ui_started(tmp_path):
     runs = tmp_path / "runs"
     write_recipe(runs / "going")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
+    app = create_app(runs)
+    c = TestClient(app, base_url=LOCAL)
+    c.get("/", params={"token": app.state.ui.key})
+    started = app.state.ui.launcher.spawn("going", [sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
     try:
-        write_process(runs, "going", pid=sleeper.pid, exit_code=None)
-        c = client(runs)
         assert 'action="/runs/going/stop"' in c.get("/runs/going").text
         assert c.post("/runs/going/stop", follow_redirects=False).status_code == 303
-        assert sleeper.wait(timeout=10) == -15  # SIGTERM: what makes training checkpoint and exit 75
+        assert started.process.wait(timeout=10) == -15  # SIGTERM: what makes training checkpoint and exit 75
+        deadline = time.time() + 10
+        while json.loads((runs / ".ui" / "going" / "process.json").read_text())["exit_code"] is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert 'action="/runs/going/stop"' not in c.get("/runs/going").text  # ended: nothing left to stop
     finally:
-        sleeper.kill()
+        started.process.kill()

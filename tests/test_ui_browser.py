@@ -55,22 +55,28 @@ def runs(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(runs):
+def server_and_token(runs):
     # from the runs folder's parent, so pages (and screenshots) name it "runs"
     python_path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
     process = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--out-dir", "runs", "--port", "0"],
                                cwd=runs.parent, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": python_path})
     line = process.stderr.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", line)
     assert match, line + process.stderr.read() if process.poll() is not None else line
-    yield f"http://127.0.0.1:{match[1]}"
+    yield f"http://127.0.0.1:{match[1]}", match[2]
     process.terminate()
     process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def server(server_and_token):
+    return server_and_token[0]
+
+
+@pytest.fixture(scope="module")
+def page(server_and_token):
+    server, token = server_and_token
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 1280, "height": 860})
@@ -78,6 +84,8 @@ def page(server):
         context.on("request", lambda request: requests.append(request.url))
         tab = context.new_page()
         tab.set_default_timeout(20_000)
+        tab.goto(f"{server}/?token={token}")  # the address `tunelab ui` printed: its key goes into a cookie
+        assert "?token=" not in tab.url
         yield tab
         browser.close()
         outside = [url for url in requests if not url.startswith(server)]

@@ -23,6 +23,7 @@ from tunelab.ui.app import (
     start_from_form,
     start_overrides,
 )
+from tunelab.ui.launch import Launcher
 from tunelab.ui.predictions import PredictionFilter
 
 # ---------------------------------------------------------------------------------------------- guard
@@ -56,27 +57,42 @@ def test_the_key_presented_is_the_bearer_token_else_the_cookie(authorization, co
 LOCAL = {"host": "127.0.0.1:7860"}
 
 
-@pytest.mark.parametrize("method, path, headers, cookie, api_key, verdict", [
-    ("GET", "/", LOCAL, "", None, None),
-    ("GET", "/", {"host": "attacker.example:7860"}, "", None, "loopback-only"),
-    ("GET", "/", {}, "", None, "loopback-only"),
-    ("GET", "/", {"host": "ui.example"}, "", "k", "api-key"),
-    ("GET", "/", {"host": "ui.example", "authorization": "Bearer k"}, "", "k", None),
-    ("GET", "/", {"host": "ui.example"}, "k", "k", None),
-    ("GET", "/", {"host": "ui.example", "authorization": "Bearer wrong"}, "k", "k", "api-key"),
-    ("GET", "/runs/a", {"host": "ui.example", "accept": "text/html,*/*"}, "", "k", "login"),
-    ("POST", "/start", {"host": "ui.example", "accept": "text/html"}, "", "k", "api-key"),
-    ("GET", "/login", {"host": "ui.example"}, "", "k", None),
-    ("POST", "/login", {"host": "ui.example"}, "", "k", None),
-    ("GET", "/static/ui.css", {"host": "ui.example"}, "", "k", None),
-    ("GET", "/static/ui.js", {"host": "ui.example"}, "", "k", "api-key"),
-    ("POST", "/runs/a/stop", {**LOCAL, "origin": "http://attacker.example"}, "", None, "cross-site"),
-    ("POST", "/runs/a/stop", {**LOCAL, "origin": "http://127.0.0.1:7860"}, "", None, None),
-    ("POST", "/runs/a/stop", LOCAL, "", None, None),
-    ("POST", "/login", {"host": "ui.example", "origin": "http://attacker.example"}, "", "k", "cross-site"),
+# any_host: the UI was started with --api-key (else: loopback only, the key is the token it printed)
+@pytest.mark.parametrize("method, path, headers, cookie, any_host, verdict", [
+    ("GET", "/", LOCAL, "k", False, None),
+    ("GET", "/", LOCAL, "", False, "api-key"),  # loopback is not a user: no key, no page
+    ("GET", "/", {**LOCAL, "accept": "text/html"}, "", False, "login"),
+    ("GET", "/api/playground/stream", LOCAL, "", False, "api-key"),
+    ("POST", "/start", LOCAL, "", False, "api-key"),  # a local process posting without the key
+    ("POST", "/runs/a/stop", LOCAL, "wrong", False, "api-key"),
+    ("GET", "/", {"host": "attacker.example:7860"}, "k", False, "loopback-only"),
+    ("GET", "/", {}, "k", False, "loopback-only"),
+    ("GET", "/", {"host": "ui.example"}, "", True, "api-key"),
+    ("GET", "/", {"host": "ui.example", "authorization": "Bearer k"}, "", True, None),
+    ("GET", "/", {"host": "ui.example"}, "k", True, None),
+    ("GET", "/", {"host": "ui.example", "authorization": "Bearer wrong"}, "k", True, "api-key"),
+    ("GET", "/runs/a", {"host": "ui.example", "accept": "text/html,*/*"}, "", True, "login"),
+    ("POST", "/start", {"host": "ui.example", "accept": "text/html"}, "", True, "api-key"),
+    ("GET", "/login", {"host": "ui.example"}, "", True, None),
+    ("POST", "/login", {"host": "ui.example"}, "", True, None),
+    ("POST", "/login", LOCAL, "", False, None),
+    ("GET", "/static/ui.css", {"host": "ui.example"}, "", True, None),
+    ("GET", "/static/ui.js", {"host": "ui.example"}, "", True, "api-key"),
+    ("POST", "/runs/a/stop", {**LOCAL, "origin": "http://attacker.example"}, "k", False, "cross-site"),
+    ("POST", "/runs/a/stop", {**LOCAL, "origin": "http://127.0.0.1:7860"}, "k", False, None),
+    ("POST", "/runs/a/stop", LOCAL, "k", False, None),
+    ("POST", "/login", {"host": "ui.example", "origin": "http://attacker.example"}, "", True, "cross-site"),
+    # a page of another site, or of another port of this host (same-site: the cookie goes with it)
+    ("GET", "/api/playground/stream", {**LOCAL, "sec-fetch-site": "cross-site"}, "k", False, "cross-site"),
+    ("GET", "/api/playground/stream", {**LOCAL, "sec-fetch-site": "same-site"}, "k", False, "cross-site"),
+    ("GET", "/api/runs/a/state", {**LOCAL, "sec-fetch-site": "same-site"}, "k", False, "cross-site"),
+    ("POST", "/runs/a/stop", {**LOCAL, "sec-fetch-site": "same-site"}, "k", False, "cross-site"),
+    ("GET", "/api/playground/stream", {**LOCAL, "sec-fetch-site": "same-origin"}, "k", False, None),
+    ("GET", "/runs/a", {**LOCAL, "sec-fetch-site": "cross-site"}, "k", False, None),  # a link to a page: shows it
+    ("GET", "/runs/a", {**LOCAL, "sec-fetch-site": "none"}, "k", False, None),
 ])
-def test_the_guard_refuses_exactly_these_requests(method, path, headers, cookie, api_key, verdict):
-    assert refusal(method, path, headers, cookie, api_key) == verdict
+def test_the_guard_refuses_exactly_these_requests(method, path, headers, cookie, any_host, verdict):
+    assert refusal(method, path, headers, cookie, "k", any_host) == verdict
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -178,6 +194,6 @@ def test_start_overrides_take_the_filled_named_fields_in_order_then_the_free_lin
 @pytest.mark.parametrize("recipe", ["", "../../etc/passwd", "missing.yaml", "secret/recipe.yaml"])
 def test_starting_from_a_recipe_not_listed_is_refused_and_starts_nothing(runs, recipe):
     with pytest.raises(TunelabError) as caught:
-        start_from_form(runs, {"recipe": recipe, "name": "n1"})
+        start_from_form(Launcher(runs), {"recipe": recipe, "name": "n1"})
     assert str(caught.value) == f"recipe '{recipe}': choose one of the recipes listed"
     assert not (runs / "n1").exists() and not (runs / ".ui").exists()

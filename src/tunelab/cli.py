@@ -39,7 +39,7 @@ TrustOpt = Annotated[bool, typer.Option(
     "recipe.yaml never turns this on")]
 TrustRunCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="run Python code shipped with the model (its auto_map) and the run's python "
-    "graders; a run folder's recipe.yaml never turns this on")]
+    "graders, and send the API keys its judges name (api_key_env); a run folder's recipe.yaml never turns this on")]
 
 
 def _finite(value: float | None) -> float | None:
@@ -257,12 +257,25 @@ def eval_(
     test: Annotated[Path | None, typer.Option(help="test file instead of the run's test split")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N test examples")] = None,
     trust_remote_code: TrustRunCodeOpt = False,
+    external: Annotated[Path | None, typer.Option(
+        help="YAML list of external arms (hosted endpoint, local model, recorded outputs) added to the run's "
+             "evaluation; the other arms' results are reused, not regenerated")] = None,
 ) -> None:
     """Fine-tuned vs prompt engineering vs RAG on the held-out set."""
-    from tunelab.eval.run import evaluate
+    from tunelab.eval.run import add_external_arms, evaluate
 
-    evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code,
-             python_graders=trust_remote_code)
+    if external is not None:
+        from tunelab.errors import ConfigError
+        from tunelab.eval.external import read_external_file
+
+        if arms or test or limit:
+            raise ConfigError("--external adds arms to the run's evaluation as it is: leave out --arms, --test "
+                              "and --limit (or run `tunelab eval` with them first)")
+        add_external_arms(run, read_external_file(external), trust_remote_code=trust_remote_code,
+                          python_graders=trust_remote_code)
+    else:
+        evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code,
+                 python_graders=trust_remote_code)
     typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
 
 
@@ -588,7 +601,7 @@ def main() -> None:
     except BrokenPipeError:
         sys.exit(0)
     except OSError as err:  # the file system said no (permission, not a folder, disk full): the user's to fix
-        where = f"{err.filename}: " if err.filename else ""
+        where = f"{os.fsdecode(err.filename)}: " if isinstance(err.filename, str | bytes) and err.filename else ""
         typer.echo(f"error: {where}{err.strerror or err}", err=True)
         sys.exit(2)
 

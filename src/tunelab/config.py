@@ -8,17 +8,20 @@ as one ConfigError naming the file, the line and the field. Each default is writ
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PositiveFloat,
     PositiveInt,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,6 +40,9 @@ from tunelab.specs.graders import key_lines as _key_lines
 
 # Learning rates that keep general ability: far below pre-training's; LoRA tolerates 10-20x more.
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
+# DPO moves a model that already answers well: a smaller step than supervised tuning (TRL: 1e-6 full;
+# LoRA tolerates more), by the weights it trains (dpo.weights)
+DEFAULT_DPO_LR = {"lora": 5.0e-5, "dora": 5.0e-5, "full": 1.0e-6}
 # train.budget: auto, by the device the run trains on (a CPU run must leave time for evaluation)
 DEFAULT_BUDGET = {"cpu": "10m", "cuda": "60m"}
 # The evaluation's arms, in the order they run and are shown (base-model arms first). The one
@@ -189,7 +195,22 @@ class TrainConfig(_Section):
         "fsdp = method full only: weights, gradients and AdamW state sharded over ranks (FSDP2), for a model "
         "that does not fit one GPU with them; auto = none for one process, else ddp (less communication)",
     )
+    replay: str | None = Field(
+        None, description="JSONL of your own general chat examples mixed into training; default: the base model's "
+        "own answers to general prompts shipped with tunelab (self-replay, generated once per model)",
+    )
+    replay_share: float | Literal["auto"] = Field(
+        "auto", description="share of training examples that are replay (never in valid/test); 0 = none; auto: "
+        "0.1, decided in train/plan.json with its reason",
+    )
     seed: int = 0
+
+    @field_validator("replay_share")
+    @classmethod
+    def _share_below_one(cls, share: float | str) -> float | str:
+        if share != "auto" and not 0.0 <= float(share) < 0.9:
+            raise ValueError("give a share from 0 (no replay) to below 0.9, or auto")
+        return share
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -207,6 +228,84 @@ class TrainConfig(_Section):
         return parse_duration(DEFAULT_BUDGET["cuda" if device_type == "cuda" else "cpu"] if self.budget == "auto" else self.budget)
 
 
+# ---------------------------------------------------------------------------------------------- external arms
+# eval.external: models the team would really use instead of a fine-tune, scored on the same test set
+# through the same graders (eval/external.py runs them; docs/evaluation.md).
+EXTERNAL_PROMPTS = {"short": "base", "prompt": "prompt", "rag": "rag"}  # -> the built-in arm whose prompt it gets
+
+
+class _ExternalArm(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="the arm's name in "
+                      "eval/metrics.json and the report; letters, digits, '.', '_', '-' (a file name in eval/external/)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_builtin_arm(cls, name: str) -> str:
+        if name in ARMS:
+            raise ValueError(f"'{name}' is a built-in arm; give the external arm another name")
+        return name
+
+
+class EndpointArm(_ExternalArm):
+    """An OpenAI-compatible chat completions endpoint (hosted API, vLLM, `tunelab serve` ...)."""
+
+    kind: ClassVar[str] = "endpoint"
+    base_url: str = Field(pattern=r"^https?://[^\s]+$", description="the API root, e.g. https://api.openai.com/v1")
+    model: str = Field(min_length=1, description="the model id the endpoint serves")
+    api_key_env: str | None = Field(None, description="the NAME of the environment variable holding the key "
+                                    "(never the key); none: no key sent")
+    prompt: Literal["short", "prompt", "rag"] = Field("prompt", description="which tunelab prompt it receives: "
+                                                      "short = the example's own messages (like base)")
+    price_per_m_input_tokens: float = Field(ge=0.0, description="USD per 1M prompt tokens (required: a price of 0 is written out)")
+    price_per_m_output_tokens: float = Field(ge=0.0, description="USD per 1M completion tokens")
+    concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="per request")
+    max_retries: int = Field(4, ge=0, le=20, description="retries of a request (429, 5xx, timeouts, connection errors)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_not_a_key(cls, data: Any) -> Any:
+        # checked on the whole mapping, so that the error never echoes a pasted key
+        value = data.get("api_key_env") if isinstance(data, dict) else None
+        if value is not None and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value)):
+            raise ValueError("api_key_env is the NAME of an environment variable holding the key (e.g. "
+                             "OPENAI_API_KEY), not the key itself")
+        return data
+
+
+class LocalArm(_ExternalArm):
+    """A local model (alias, HF folder or hub id) through tunelab's generation engine and prompt builder."""
+
+    kind: ClassVar[str] = "local"
+    model: str = Field(min_length=1, description="alias | local HF folder | hub id | file.gguf")
+    prompt: Literal["short", "prompt", "rag"] = "prompt"
+    price_per_m_input_tokens: float | None = Field(None, ge=0.0, description="default: eval.price_per_m_input_tokens")
+    price_per_m_output_tokens: float | None = Field(None, ge=0.0, description="default: eval.price_per_m_output_tokens")
+
+
+class RecordedArm(_ExternalArm):
+    """Outputs recorded elsewhere (production): JSONL, one {"id" or "line", "output"} per test example."""
+
+    kind: ClassVar[str] = "recorded"
+    predictions: str = Field(min_length=1, description="JSONL file of recorded outputs")
+    price_per_m_input_tokens: float | None = Field(None, ge=0.0, description="default: eval.price_per_m_input_tokens")
+    price_per_m_output_tokens: float | None = Field(None, ge=0.0, description="default: eval.price_per_m_output_tokens")
+
+
+def _external_kind(value: Any) -> str:
+    """base_url -> endpoint, predictions -> recorded, else a local model."""
+    if isinstance(value, dict):
+        return "endpoint" if "base_url" in value else "recorded" if "predictions" in value else "local"
+    return getattr(value, "kind", "local")
+
+
+EXTERNAL_KINDS = ("endpoint", "local", "recorded")
+ExternalArm = Annotated[
+    Annotated[EndpointArm, Tag("endpoint")] | Annotated[LocalArm, Tag("local")] | Annotated[RecordedArm, Tag("recorded")],
+    Discriminator(_external_kind),
+]
+
+
 class EvalConfig(_Section):
     arms: list[str] = Field(default_factory=lambda: list(ARMS))
     shots: int = Field(5, ge=0, description="few-shot examples in the prompt arm")
@@ -219,6 +318,15 @@ class EvalConfig(_Section):
     schema_file: str | None = Field(None, description="JSON schema the outputs must conform to")
     forgetting: bool = True
     forgetting_threshold: float = Field(0.05, ge=0.0, description="flag a relative drop in general ability beyond this")
+    forgetting_policy: Literal["balance", "task", "report"] = Field(
+        "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
+        "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
+        "stay within eval.forgetting_threshold; task = the best task score; report = measure them all, keep 1.0",
+    )
+    adapter_scales: list[float] = Field(
+        default_factory=lambda: [1.0, 0.75, 0.5],
+        description="LoRA adapter scales tried (1 = the fine-tune as trained, 0 = the base model; WiSE-FT)",
+    )
     price_per_m_input_tokens: float = Field(0.15, ge=0.0, description="USD per 1M prompt tokens, for cost projection")
     price_per_m_output_tokens: float = Field(0.60, ge=0.0, description="USD per 1M completion tokens")
     gpu_price_per_hour: float = Field(2.5, ge=0.0, description="USD, for the training cost estimate")
@@ -248,6 +356,18 @@ class EvalConfig(_Section):
                                                        "scores -> judge/human agreement and Cohen's kappa")
     pairwise: PairwiseJudge | None = Field(None, description="a judge comparing the verdict's two arms output by "
                                                              "output, in both orders (disagreement = tie)")
+    external: list[ExternalArm] = Field(
+        default_factory=list, description="more arms on the same test set: an OpenAI-compatible endpoint {name, "
+        "base_url, model, api_key_env, prompt, prices}, a local model {name, model, prompt} or recorded outputs "
+        "{name, predictions}; see docs/evaluation.md",
+    )
+
+    @field_validator("adapter_scales")
+    @classmethod
+    def _scales_in_range(cls, scales: list[float]) -> list[float]:
+        if not scales or any(not 0.0 <= s <= 2.0 for s in scales):
+            raise ValueError("give one or more scales between 0 and 2, e.g. [1.0, 0.75, 0.5]")
+        return sorted(set(scales), reverse=True)
 
     @field_validator("arms")
     @classmethod
@@ -257,13 +377,37 @@ class EvalConfig(_Section):
             raise ValueError(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
         return arms
 
+    @field_validator("external")
+    @classmethod
+    def _unique_external_names(cls, arms: list[Any]) -> list[Any]:
+        names = [a.name for a in arms]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"external arm name(s) {twice} given more than once")
+        return arms
+
+
+class DpoConfig(_Section):
+    # method: dpo (train/preference.py, docs/training.md): preference pairs, the reference is the model
+    # as training starts (the base, or model.adapter's supervised run), its log-probs computed once
+    beta: float = Field(0.1, gt=0, description="how far the tuned model may move from the reference: the "
+                                               "scale of the implicit reward (smaller: further)")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid = DPO's -log sigmoid(beta x margin); ipo = (margin - 1/(2 beta))^2, "
+        "which stops pushing once the margin is reached (less overfitting on small or noisy pairs)",
+    )
+    weights: Literal["lora", "dora", "full"] = Field(
+        "lora", description="which weights DPO trains: a LoRA (or DoRA) adapter with the lora section, or all of them",
+    )
+
 
 class Recipe(_Section):
     name: str = Field("run", description="run folder name under out_dir")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["lora", "dora", "qlora", "full"] = "lora"
+    method: Literal["lora", "dora", "qlora", "full", "dpo"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     out_dir: str = "runs"
@@ -279,7 +423,7 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _method_defaults(self) -> Recipe:
         if self.train.lr is None:
-            self.train.lr = DEFAULT_LR[self.method]
+            self.train.lr = DEFAULT_DPO_LR[self.dpo.weights] if self.method == "dpo" else DEFAULT_LR[self.method]
         return self
 
     @property
@@ -327,6 +471,7 @@ def _describe(errors: list[dict[str, Any]], source: str, key_lines: dict[tuple[s
         # a value checked against each member of a union (e.g. a number or 'auto') fails once per
         # member: one line for the key, its messages joined
         loc = strip_union_tags(tuple(str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p))))
+        loc = tuple(p for i, p in enumerate(loc) if not (p in EXTERNAL_KINDS and i > 1 and loc[i - 2] == "external"))
         dotted = ".".join(loc) if loc else "(recipe)"
         line = key_lines.get(loc) or key_lines.get(loc[:-1]) or line_of(loc, key_lines)
         where = f"{source}:{line}" if line else source
@@ -446,7 +591,9 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Defaults < file < overrides. Relative data paths in the file are resolved against its folder."""
+    """Defaults < file < overrides. Relative data paths in the file are resolved against its folder, and
+    those in overrides against the working directory; either way they are made absolute, so the run's
+    stored recipe.yaml names the user's files from anywhere (--resume, the report's reproduce command)."""
     data: dict[str, Any] = {}
     text = ""
     source = "<overrides>"
@@ -461,14 +608,20 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 if isinstance(value, str) and not Path(value).is_absolute():
                     resolved = path.parent / value
                     # keep paths the user wrote relative to the working directory working too
-                    section[key] = value if Path(value).exists() and not resolved.exists() else str(resolved)
+                    section[key] = os.path.abspath(value if Path(value).exists() and not resolved.exists() else resolved)
         section = data.get("eval")
         if isinstance(section, dict):
             for key in ("graders_file", "human_labels"):
                 value = section.get(key)
                 if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
                     section[key] = str((path.parent / value).resolve())  # the run's recipe.yaml finds it anywhere
+            resolve_external_paths(section.get("external"), path.parent)
     data = apply_overrides(data, list(overrides))
+    section = data.get("data")
+    if isinstance(section, dict):  # data paths given as overrides: relative to the working directory
+        for key in ("train", "valid", "test"):
+            if isinstance(section.get(key), str) and section[key] and not Path(section[key]).is_absolute():
+                section[key] = os.path.abspath(section[key])
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -476,6 +629,16 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError("\n".join(problems)) from None
     _check_graders(recipe.eval, source, _key_lines(text))
     return recipe
+
+
+def resolve_external_paths(arms: Any, folder: Path) -> None:
+    """eval.external: a recorded arm's predictions file, and a local arm's model folder, relative to the
+    file that names them (so the run's recipe.yaml finds them from anywhere)."""
+    for arm in arms if isinstance(arms, list) else ():
+        for key in ("predictions", "model"):
+            value = arm.get(key) if isinstance(arm, dict) and "base_url" not in arm else None
+            if isinstance(value, str) and not Path(value).is_absolute() and (folder / value).exists():
+                arm[key] = str((folder / value).resolve())
 
 
 def _check_graders(cfg: EvalConfig, source: str, key_lines: dict[tuple[str, ...], int]) -> None:

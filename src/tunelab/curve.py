@@ -14,8 +14,15 @@ Reads a recipe. Writes `<out_dir>/<name>-curve/`:
 The projection fits the tuned score against log2(examples) by least squares: the slope is the gain
 from doubling the data. Its 95% interval comes from a bootstrap over test examples (the test set is
 the same for every point, so each resample is applied to all points at once). The verdict is "flat"
-when that interval reaches 0, the gain is under FLAT_GAIN, or the curve levelled off (its last step is
-under FLAT_GAIN and clearly below the fit); docs/curve.md states the rule for users.
+when that interval reaches 0, the gain is under FLAT_GAIN_POINTS, or the curve levelled off (its last
+step is under FLAT_GAIN_POINTS and clearly below the fit); docs/curve.md states the rule for users.
+Points are of the primary's declared range (eval/metrics.json `primary_range`, [0, 1] when absent), so
+a 1-10 judge is judged on the same scale as a 0-1 metric.
+
+Each point also says whether its own verdict was provisional (the tuned model still learning at that
+size, eval/undertrained.py) and how it was trained per example (train/plan.json: passes over its
+examples and what limited them); the curve says whether every point got the same training per example
+(`training_policy`), since a budget that cuts the larger points' passes bends the curve down.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from tunelab.console import say
-from tunelab.contract import Metrics, TrainSummary
+from tunelab.contract import Metrics, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
 
@@ -45,7 +52,8 @@ if TYPE_CHECKING:  # the CLI imports this module for its defaults: keep it light
     from tunelab.runs import RunPaths
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
-FLAT_GAIN = 0.01  # a doubling that buys less than one point (of a 0-1 score) is not worth collecting data for
+FLAT_GAIN_POINTS = 1.0  # a doubling that buys less than one point of the primary's range is not worth collecting data for
+SAME_PASSES = 0.05  # points whose passes over their examples differ by under 5% got the same training per example
 CURVE_VERSION = 1
 _TURN = "/turn-"  # prepare's per-turn fallback ids: "<example id>/turn-<k>"
 
@@ -60,6 +68,11 @@ class CurvePoint(BaseModel):
     train_steps: int
     train_time_s: float
     seconds: float  # training and evaluation of this point, wall clock
+    provisional: bool | None = None  # its verdict was provisional: the tuned model was still learning at this size
+    provisional_reason: str | None = None
+    epochs: float | None = None  # passes over its examples (train/plan.json)
+    limited_by: str | None = None  # what decided its length: data, budget or max_steps (train/plan.json)
+    budget_reached: bool | None = None  # the budget's hard stop ended its training before the plan did
 
 
 class Reference(BaseModel):
@@ -75,13 +88,13 @@ class Reference(BaseModel):
 class Projection(BaseModel):
     from_examples: int
     to_examples: int  # twice from_examples
-    gain: float  # fitted slope per doubling of the examples, in score units (0.01 = one point)
+    gain: float  # fitted slope per doubling of the examples, in score units (0.01 = one point of a 0-1 score)
     gain_ci95: tuple[float, float]
     projected: float  # fitted score at to_examples
     projected_ci95: tuple[float, float]
     last_gain: float  # slope per doubling between the two largest points alone
     last_gain_ci95: tuple[float, float]
-    levelled_off: bool  # the last step is under FLAT_GAIN and clearly below the fit: the fit overstates
+    levelled_off: bool  # the last step is under FLAT_GAIN_POINTS and clearly below the fit: the fit overstates
     flat: bool
     text: str
 
@@ -98,6 +111,9 @@ class Curve(BaseModel):
     points: list[CurvePoint]
     reference: Reference | None
     projection: Projection
+    primary_range: tuple[float, float] = (0.0, 1.0)  # the primary's declared range; points are of it
+    same_training_policy: bool | None = None  # every point got the same passes per example, none cut by the budget
+    training_policy: str | None = None  # that, or how the points differ, in words
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -144,15 +160,17 @@ def nested_subsets(pool_size: int, fractions: Sequence[float], seed: int) -> lis
 # ---------------------------------------------------------------------------------------------- projection
 
 
-def project_doubling(examples: Sequence[int], scores: np.ndarray, seed: int = 0, resamples: int | None = None) -> Projection:
+def project_doubling(examples: Sequence[int], scores: np.ndarray, seed: int = 0, resamples: int | None = None,
+                     score_range: Sequence[float] | None = None) -> Projection:
     """Least-squares fit of the mean score against log2(examples); the slope is the gain per doubling.
 
     `scores` holds per-example test scores, one row per point, the same test examples in the same
     order in every row. The intervals resample test examples (the same resample for every point).
+    `score_range` is the primary's declared range (None: 0-1); the texts and the flat rule use its points.
     """
     import numpy as np
 
-    from tunelab.eval.metrics import BOOTSTRAP_RESAMPLES
+    from tunelab.eval.metrics import BOOTSTRAP_RESAMPLES, delta_points, to_points
 
     scores = np.asarray(scores, dtype=np.float64)
     x = np.log2(np.asarray(examples, dtype=np.float64))
@@ -185,23 +203,28 @@ def project_doubling(examples: Sequence[int], scores: np.ndarray, seed: int = 0,
     gain_ci, projected_ci, last_ci = interval(boot_gain), interval(boot_projected), interval(boot_last)
     # Learning curves bend: a straight fit over all points can promise a gain the last step no longer
     # shows. The last step overrides the fit when it is small and clearly below it (paired resamples).
-    levelled_off = bool(len(x) > 2 and last_gain < FLAT_GAIN and interval(boot_gain - boot_last)[0] > 0)
+    def points(value: float) -> float:
+        return delta_points(value, score_range)
+
+    levelled_off = bool(len(x) > 2 and points(last_gain) < FLAT_GAIN_POINTS and interval(boot_gain - boot_last)[0] > 0)
     largest = int(max(examples))
-    flat = bool(gain_ci[0] <= 0.0 or gain < FLAT_GAIN or levelled_off)
+    flat = bool(gain_ci[0] <= 0.0 or points(gain) < FLAT_GAIN_POINTS or levelled_off)
 
     def shown(value: float, ci: tuple[float, float]) -> str:
-        return f"{100 * value:+.1f} points per doubling of the examples, 95% CI [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+        return (f"{points(value):+.1f} points per doubling of the examples, 95% CI [{points(ci[0]):+.1f}, "
+                f"{points(ci[1]):+.1f}]")
 
     if levelled_off:
         text = (f"flat: more of the same data will not help (the curve has levelled off: the last step gained "
-                f"{shown(last_gain, last_ci)}, below the fit over all points, {100 * gain:+.1f})")
+                f"{shown(last_gain, last_ci)}, below the fit over all points, {points(gain):+.1f})")
     elif flat:
         text = f"flat: more of the same data will not help ({shown(gain, gain_ci)})"
     else:
-        # a log-linear fit does not know scores end at 1: past it, say so instead of printing 104%
-        to = f"to about {100 * projected:.1f}" if projected <= 1.0 else "the fit reaches the top of the scale"
+        # a log-linear fit does not know scores end at the top: past it, say so instead of printing 104%
+        top = to_points(projected, score_range)
+        to = f"to about {top:.1f}" if top <= 100.0 else "the fit reaches the top of the scale"
         text = (f"doubling the training data ({largest} -> {2 * largest} examples) is projected to gain "
-                f"{100 * gain:+.1f} points, 95% CI [{100 * gain_ci[0]:+.1f}, {100 * gain_ci[1]:+.1f}] ({to})")
+                f"{points(gain):+.1f} points, 95% CI [{points(gain_ci[0]):+.1f}, {points(gain_ci[1]):+.1f}] ({to})")
     return Projection(
         from_examples=largest, to_examples=2 * largest, gain=float(gain), gain_ci95=gain_ci,
         projected=float(projected), projected_ci95=projected_ci, last_gain=float(last_gain), last_gain_ci95=last_ci,
@@ -270,10 +293,13 @@ def _run_point(
     evaluate(paths.root, arms=["tuned"], echo=False, python_graders=True)  # the user's own recipe
 
 
-def _read_point(paths: RunPaths, fraction: float, examples: int) -> tuple[CurvePoint, str, list[str], list[float]]:
-    """A finished point from its files -> (point, primary metric, test ids, per-example scores)."""
+def _read_point(paths: RunPaths, fraction: float, examples: int
+                ) -> tuple[CurvePoint, str, list[str], list[float], tuple[float, float]]:
+    """A finished point from its files -> (point, primary metric, test ids, per-example scores, the
+    primary's declared range)."""
     summary = TrainSummary.from_file(paths.train_summary)
     metrics = Metrics.from_file(paths.metrics)
+    plan = TrainPlan.from_file(paths.plan) if paths.plan.is_file() else None
     tuned = metrics.arms["tuned"]
     ids, scores = _arm_scores(paths, "tuned")
     point = CurvePoint(
@@ -281,8 +307,33 @@ def _read_point(paths: RunPaths, fraction: float, examples: int) -> tuple[CurveP
         ci95=tuple(tuned.ci95), train_sample=metrics.overfitting.get("task_metric", {}).get("train_sample"),
         train_steps=summary.steps, train_time_s=round(summary.train_time_s, 1),
         seconds=round(summary.train_time_s + metrics.elapsed_s, 1),
+        provisional=metrics.verdict.provisional, provisional_reason=metrics.verdict.provisional_reason,
+        epochs=plan.epochs if plan else None, limited_by=plan.limited_by if plan else None,
+        budget_reached=summary.budget_reached,
     )
-    return point, metrics.primary_metric, ids, scores
+    score_range = getattr(metrics, "primary_range", None) or (0.0, 1.0)  # absent in older runs
+    return point, metrics.primary_metric, ids, scores, (float(score_range[0]), float(score_range[1]))
+
+
+def describe_training_policy(points: Sequence[CurvePoint]) -> tuple[bool | None, str]:
+    """Whether every point got the same training per example (the same passes over its examples, none
+    cut by the budget), and in words how they differ when not."""
+    if any(p.epochs is None for p in points):
+        return None, "the training plan of some points is missing (train/plan.json): their training per example is unknown"
+    cut = [p for p in points if p.limited_by == "budget" or p.budget_reached]
+    passes = [p.epochs for p in points]
+    same = not cut and max(passes) <= min(passes) * (1 + SAME_PASSES)
+    if same:
+        return True, (f"every point trained {points[0].epochs:.3g} passes over its examples: the same training per "
+                      "example, so the curve shows the data's effect")
+
+    def one(p: CurvePoint) -> str:
+        why = " (cut by the budget)" if p in cut else f" ({p.limited_by})" if p.limited_by != "data" else ""
+        return f"{p.examples} examples {p.epochs:.3g} passes{why}"
+
+    text = ("the points differ in training per example: " + ", ".join(one(p) for p in points)
+            + "; a point with fewer passes than the others shows less than its data can give")
+    return False, text
 
 
 def _reference(paths: RunPaths, arms: list[str], resume: bool) -> Reference:
@@ -327,8 +378,8 @@ def build_curve(
     kept (a fraction's subset depends only on the data, data.seed and the fraction), training
     continues from its newest complete checkpoint. `resume_command` is what an interrupted training
     tells the user to run."""
+    from tunelab.config import TUNED_ARMS
     from tunelab.data.prepare import data_fingerprint, prepare_data
-    from tunelab.eval.metrics import TUNED_ARMS
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
     from tunelab.train.run import start_run_dir, write_manifest
@@ -367,13 +418,14 @@ def build_curve(
     points: list[CurvePoint] = []
     rows: list[list[float]] = []
     first: tuple[str, list[str]] | None = None  # the first point's primary metric and test ids
+    score_range: tuple[float, float] = (0.0, 1.0)
     for number, (fraction, subset) in enumerate(zip(fractions, subsets, strict=True), start=1):
         name = f"fraction-{fraction:g}"
         say(f"[{number}/{len(fractions)}] {name}: {len(subset)} of {len(pool)} training examples")
         paths = RunPaths(root / name)
         _run_point(_folder_recipe(recipe, root, name), paths, tokenizer, prepared, {pool[i] for i in subset}, resume,
                    resume_command)
-        point, metric, ids, scores = _read_point(paths, fraction, len(subset))
+        point, metric, ids, scores, score_range = _read_point(paths, fraction, len(subset))
         if first is not None and ids != first[1]:
             raise DataError(f"{paths.predictions}: tested on other examples than {points[0].run_dir}")
         if first is not None and metric != first[0]:
@@ -385,11 +437,14 @@ def build_curve(
 
     import numpy as np
 
-    projection = project_doubling([p.examples for p in points], np.array(rows), seed=recipe.eval.seed)
+    projection = project_doubling([p.examples for p in points], np.array(rows), seed=recipe.eval.seed,
+                                  score_range=score_range)
+    same_policy, policy = describe_training_policy(points)
     curve = Curve(
         name=recipe.name, model=recipe.model.name, primary_metric=first[0] if first else "", train_pool=len(pool),
         seed=recipe.data.seed, test_file=str(prepared.path("test")), test_examples=len(rows[0]),
-        points=points, reference=reference, projection=projection,
+        points=points, reference=reference, projection=projection, primary_range=score_range,
+        same_training_policy=same_policy, training_policy=policy,
     )
     write_curve(curve, root)
     return curve
@@ -398,65 +453,87 @@ def build_curve(
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
+def _pct(value: float, score_range: Sequence[float] = (0.0, 1.0)) -> str:
+    """A score as points of its range (0-100)."""
+    from tunelab.eval.metrics import to_points
+
+    return f"{to_points(value, score_range):.1f}"
 
 
-def _pct_ci(value: float, ci: Sequence[float]) -> str:
-    return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]"
+def _pct_ci(value: float, ci: Sequence[float], score_range: Sequence[float] = (0.0, 1.0)) -> str:
+    return f"{_pct(value, score_range)} [{_pct(ci[0], score_range)}, {_pct(ci[1], score_range)}]"
+
+
+def _mark(point: CurvePoint) -> str:
+    """' (provisional)' after a point whose tuned model was still learning."""
+    return " (provisional)" if point.provisional else ""
 
 
 def format_table(curve: Curve) -> str:
     """The console table: one line per point, the reference, then the projection sentence."""
+    r = curve.primary_range
     score = f"tuned {curve.primary_metric} (%) [95% CI]"
     width = max(len(score), 20)
     header = f"{'examples':>8}  {score:<{width}}  {'train steps':>11}  {'seconds':>8}"
     lines = [header, "-" * len(header)]
     for p in curve.points:
-        lines.append(f"{p.examples:>8}  {_pct_ci(p.primary, p.ci95):<{width}}  {p.train_steps:>11}  {p.seconds:>8.0f}")
+        lines.append(f"{p.examples:>8}  {_pct_ci(p.primary, p.ci95, r):<{width}}  {p.train_steps:>11}  {p.seconds:>8.0f}"
+                     f"{_mark(p)}")
     if curve.reference is not None:
         ref = curve.reference
-        lines.append(f"reference: {ref.arm} (no training, all {curve.train_pool} examples) {_pct_ci(ref.primary, ref.ci95)}")
+        lines.append(f"reference: {ref.arm} (no training, all {curve.train_pool} examples) "
+                     f"{_pct_ci(ref.primary, ref.ci95, r)}")
     lines.append(f"(n = {curve.test_examples} test examples, the same for every point)")
+    if curve.training_policy:
+        lines.append(f"training: {curve.training_policy}")
     lines.append(curve.projection.text)
     return "\n".join(lines)
 
 
 def _figure(curve: Curve) -> Any:
+    from tunelab.eval.metrics import delta_points, to_points
     from tunelab.report.plots import arm_color, new_figure, style_axes
 
     fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
     style_axes(ax)
+    r = curve.primary_range
+
+    def pt(value: float) -> float:
+        return to_points(value, r)
+
+    def dp(difference: float) -> float:
+        return delta_points(difference, r)
+
     xs = [p.examples for p in curve.points]
-    ys = [100 * p.primary for p in curve.points]
-    low = [max(y - 100 * p.ci95[0], 0.0) for y, p in zip(ys, curve.points, strict=True)]
-    high = [max(100 * p.ci95[1] - y, 0.0) for y, p in zip(ys, curve.points, strict=True)]
+    ys = [pt(p.primary) for p in curve.points]
+    low = [max(y - pt(p.ci95[0]), 0.0) for y, p in zip(ys, curve.points, strict=True)]
+    high = [max(pt(p.ci95[1]) - y, 0.0) for y, p in zip(ys, curve.points, strict=True)]
     ax.errorbar(xs, ys, yerr=[low, high], color=arm_color("tuned"), marker="o", markersize=5, linewidth=1.6,
                 capsize=3, label="tuned (95% interval)")
     proj = curve.projection
     tuned = arm_color("tuned")
     # the fitted line over the points, and one doubling past the largest unless the curve levelled off
     x_fit = [min(xs), max(xs) if proj.levelled_off else proj.to_examples]
-    y_fit = [100 * (proj.projected - proj.gain * (math.log2(proj.to_examples) - math.log2(x))) for x in x_fit]
+    y_fit = [pt(proj.projected) - dp(proj.gain) * (math.log2(proj.to_examples) - math.log2(x)) for x in x_fit]
     ax.plot(x_fit, y_fit, color=tuned, linestyle="--", linewidth=1.0, label="fit on log2(examples)")
     if proj.levelled_off:
         # the last step, extended one doubling: what the verdict rests on
-        y_end = ys[-1] + 100 * proj.last_gain * (math.log2(proj.to_examples) - math.log2(xs[-1]))
+        y_end = ys[-1] + dp(proj.last_gain) * (math.log2(proj.to_examples) - math.log2(xs[-1]))
         ax.plot([xs[-1], proj.to_examples], [ys[-1], y_end], color=tuned, linestyle=":", linewidth=1.2)
         ax.plot([proj.to_examples], [y_end], "D", color="#ffffff", markeredgecolor=tuned,
                 label="levelled off: the last step extended")
     else:
-        ax.errorbar([proj.to_examples], [100 * proj.projected],
-                    yerr=[[max(100 * (proj.projected - proj.projected_ci95[0]), 0.0)],
-                          [max(100 * (proj.projected_ci95[1] - proj.projected), 0.0)]],
+        ax.errorbar([proj.to_examples], [pt(proj.projected)],
+                    yerr=[[max(dp(proj.projected - proj.projected_ci95[0]), 0.0)],
+                          [max(dp(proj.projected_ci95[1] - proj.projected), 0.0)]],
                     fmt="D", color="#ffffff", markeredgecolor=tuned, ecolor=tuned, capsize=3,
                     label=f"projected at {proj.to_examples:,}" + (" (flat)" if proj.flat else ""))
     if curve.reference is not None:
         ref = curve.reference
         color = arm_color(ref.arm)
-        ax.axhline(100 * ref.primary, color=color, linewidth=1.4, label=f"{ref.arm}, no training")
-        ax.axhspan(100 * ref.ci95[0], 100 * ref.ci95[1], color=color, alpha=0.12, linewidth=0)
+        ax.axhline(pt(ref.primary), color=color, linewidth=1.4, label=f"{ref.arm}, no training")
+        ax.axhspan(pt(ref.ci95[0]), pt(ref.ci95[1]), color=color, alpha=0.12, linewidth=0)
     ax.set_xscale("log", base=2)
     ticks = [*xs, proj.to_examples]
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
@@ -468,34 +545,49 @@ def _figure(curve: Curve) -> Any:
     return fig
 
 
+def _provisional_lines(curve: Curve) -> list[str]:
+    """Why each provisional point was provisional, and the training policy, as sentences."""
+    lines = [f"Provisional at {p.examples} examples: {p.provisional_reason}" for p in curve.points
+             if p.provisional and p.provisional_reason]
+    if curve.training_policy:
+        lines.append(f"Training: {curve.training_policy}.")
+    return lines
+
+
 def _markdown(curve: Curve) -> str:
+    r = curve.primary_range
     lines = [f"# Learning curve: {curve.name}", "", f"**{curve.projection.text}**", "",
              f"Model {curve.model}; {curve.test_examples} test examples (the same for every point); "
              f"primary metric {curve.primary_metric}.", "",
              f"| examples | tuned {curve.primary_metric} (%) [95% CI] | train on own examples (%) | train steps | seconds |",
              "|---:|---|---:|---:|---:|"]
     for p in curve.points:
-        sample = _pct(p.train_sample) if p.train_sample is not None else "—"
-        lines.append(f"| {p.examples} | {_pct_ci(p.primary, p.ci95)} | {sample} | {p.train_steps} | {p.seconds:.0f} |")
+        sample = _pct(p.train_sample, r) if p.train_sample is not None else "—"
+        lines.append(f"| {p.examples} | {_pct_ci(p.primary, p.ci95, r)}{_mark(p)} | {sample} | {p.train_steps} | "
+                     f"{p.seconds:.0f} |")
     if curve.reference is not None:
         ref = curve.reference
-        others = ", ".join(f"{arm} {_pct(value)}" for arm, value in ref.arms.items())
+        others = ", ".join(f"{arm} {_pct(value, r)}" for arm, value in ref.arms.items())
         lines += ["", f"Reference without training, all {curve.train_pool} examples as its pool: best {ref.arm} "
-                      f"{_pct_ci(ref.primary, ref.ci95)}, {ref.prompt_tokens_mean:.0f} prompt tokens a query ({others})."]
+                      f"{_pct_ci(ref.primary, ref.ci95, r)}, {ref.prompt_tokens_mean:.0f} prompt tokens a query ({others})."]
+    for sentence in _provisional_lines(curve):
+        lines += ["", sentence]
     lines += ["", "The projection fits the score against log2(examples) and resamples the test examples for its "
                   "interval; it does not include the spread between training runs. See docs/curve.md.", ""]
     return "\n".join(lines)
 
 
 def _html(curve: Curve, svg: str) -> str:
+    r = curve.primary_range
+    notes = "".join(f"<p>{html.escape(sentence)}</p>" for sentence in _provisional_lines(curve))
     table = "".join(
-        f"<tr><td>{p.examples}</td><td>{_pct_ci(p.primary, p.ci95)}</td><td>{p.train_steps}</td>"
+        f"<tr><td>{p.examples}</td><td>{_pct_ci(p.primary, p.ci95, r)}{_mark(p)}</td><td>{p.train_steps}</td>"
         f"<td>{p.seconds:.0f}</td><td>{html.escape(p.run_dir)}/</td></tr>" for p in curve.points
     )
     reference = ""
     if curve.reference is not None:
         ref = curve.reference
-        reference = (f"<p>Reference without training: {html.escape(ref.arm)} {_pct_ci(ref.primary, ref.ci95)} with all "
+        reference = (f"<p>Reference without training: {html.escape(ref.arm)} {_pct_ci(ref.primary, ref.ci95, r)} with all "
                      f"{curve.train_pool} training examples as its pool.</p>")
     title = html.escape(f"Learning curve: {curve.name}")
     return (
@@ -504,7 +596,7 @@ def _html(curve: Curve, svg: str) -> str:
         "table{border-collapse:collapse}td,th{padding:.25rem .7rem;border-bottom:1px solid #ddd;text-align:right}"
         f"</style></head><body><h1>{title}</h1><p><strong>{html.escape(curve.projection.text)}</strong></p>{svg}"
         f"<table><tr><th>examples</th><th>tuned {html.escape(curve.primary_metric)} (%) [95% CI]</th>"
-        f"<th>train steps</th><th>seconds</th><th>run</th></tr>{table}</table>{reference}"
+        f"<th>train steps</th><th>seconds</th><th>run</th></tr>{table}</table>{reference}{notes}"
         f"<p>Model {html.escape(curve.model)}; {curve.test_examples} test examples, the same for every point. The "
         "projection fits the score against log2(examples); its interval resamples the test examples and does not "
         "include the spread between training runs.</p></body></html>\n"

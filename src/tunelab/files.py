@@ -5,7 +5,7 @@ One place for what the model cache, checkpoints, prepared data, exports and the 
 JSON files need to write files that survive a crash and to recognise a damaged one (a file written
 through AtomicTextFile or write_text_atomic is either the old one or the whole new one, never half),
 and for the one decision of whether an output folder may be replaced (check_output_dir) and the
-swap that replaces it (replace_dir).
+swap that replaces it (replace_dir); and one writer per run folder (hold_dir_lock).
 """
 
 from __future__ import annotations
@@ -17,6 +17,30 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+_HELD_LOCKS: dict[Path, int] = {}  # folders this process holds the lock of -> the open folder's fd
+
+
+class FolderBusy(OSError):
+    """Another process holds the folder's lock."""
+
+
+def hold_dir_lock(folder: Path) -> None:
+    """Take an exclusive lock on `folder` itself (flock on the folder, so no file is added to it) and hold
+    it until this process exits; FolderBusy at once when another process holds it. Taken again in the
+    same process, it is already held (a pipeline's stages share it)."""
+    import fcntl
+
+    key = folder.resolve()
+    if key in _HELD_LOCKS:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(f"{folder}: another process is writing it") from None
+    _HELD_LOCKS[key] = fd
 
 
 def sha256_file(path: Path) -> str:

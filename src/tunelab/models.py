@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,16 @@ def announce_remote_code(name: str) -> None:
         say(f"trust_remote_code is on: Python code shipped with model '{name}' may run on this machine")
 
 
+# what transformers raises for model files it cannot read: missing (OSError), not the format it expected
+# (ValueError, KeyError, TypeError: an unrecognised config, no tokenizer files), a truncated GGUF (struct.error)
+UNREADABLE_MODEL = (OSError, ValueError, KeyError, TypeError, struct.error)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -232,8 +243,8 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         tokenizer = AutoTokenizer.from_pretrained(
             ref.path, gguf_file=ref.gguf_file, revision=revision, trust_remote_code=trust_remote_code
         )
-    except OSError as err:
-        raise ModelError(f"model '{name}': cannot load its tokenizer ({err})") from None
+    except UNREADABLE_MODEL as err:  # no files, or files transformers cannot read (a broken GGUF, a folder of config.json only)
+        raise ModelError(f"model '{name}': cannot load its tokenizer ({_first_line(err)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -283,9 +294,9 @@ def load_model(
         kwargs["revision"] = revision
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
-    except OSError as err:
+    except UNREADABLE_MODEL as err:
         raise ModelError(
-            f"model '{name}': cannot load ({str(err).splitlines()[0]}). tunelab loads safetensors weights only."
+            f"model '{name}': cannot load ({_first_line(err)}). tunelab loads safetensors weights only."
         ) from None
     model.to(device)
     model.eval()

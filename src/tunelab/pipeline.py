@@ -17,7 +17,7 @@ from tunelab.config import Recipe
 from tunelab.console import say
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
-from tunelab.runs import RunPaths
+from tunelab.runs import RunPaths, removed_unless_trained
 
 STAGES = ("check", "prepare", "train", "eval", "audit", "report")
 
@@ -66,17 +66,16 @@ def _check(recipe: Recipe, paths: RunPaths) -> None:
 def _prepare(recipe: Recipe, paths: RunPaths) -> None:
     from tunelab.data.prepare import prepare_data
     from tunelab.models import load_tokenizer
+    from tunelab.train.run import replay_file_for
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    prepared = prepare_data(recipe, tokenizer, paths.data)
+    prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
     counts = json.loads((prepared.out_dir / "stats.json").read_text()).get("counts", {})
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
     """All stages for one recipe; returns the run directory."""
-    from tunelab.train.run import start_run_dir
-
     paths = RunPaths(recipe.run_dir)
     stages = StageLog(paths.root / "stages.json")
     if not resume:
@@ -85,6 +84,16 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
                 f"{paths.root} already exists; continue it with --resume, or start a new run with name=NEW"
             )
         stages.reset(STAGES)
+        if not paths.root.exists():
+            # a new run that fails before training (bad data, a model that does not load) leaves no folder behind
+            with removed_unless_trained(paths):
+                return _run_stages(recipe, paths, stages, resume, resume_command)
+    return _run_stages(recipe, paths, stages, resume, resume_command)
+
+
+def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool, resume_command: str | None) -> Path:
+    from tunelab.train.run import start_run_dir
+
     start_run_dir(paths, recipe, resume)
 
     def train_stage(recipe: Recipe, paths: RunPaths) -> None:
@@ -103,6 +112,9 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
         from tunelab.eval.audit import MIN_PASSES, audit_run, fewest_passes
 
         # the training examples most likely wrong (audit/): only with dynamics of two passes or more
+        if recipe.method == "dpo":  # pairs have no single answer to doubt: no per-example dynamics are recorded
+            say("audit: skipped (a preference run records no per-example answer losses)")
+            return
         if fewest_passes(paths.root) < MIN_PASSES:
             say(f"audit: skipped (training saw some examples fewer than {MIN_PASSES} times)")
             return

@@ -6,9 +6,11 @@ and the tuned model (base + PEFT adapter, or a full model folder).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +21,7 @@ from tunelab.contract import Lineage
 from tunelab.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -73,6 +76,10 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "eval" / "metrics.json"
+
+    @property
+    def adapter_scale(self) -> Path:
+        return self.root / "eval" / "adapter_scale.json"
 
     @property
     def predictions(self) -> Path:
@@ -137,8 +144,27 @@ def load_run_model(
     )
     model = PeftModel.from_pretrained(base, str(paths.adapter))
     model.eval()
+    if paths.adapter_scale.is_file():
+        from tunelab.contract import AdapterScale
+
+        set_adapter_scale(model, AdapterScale.from_file(paths.adapter_scale).scale)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     return model, tokenizer
+
+
+def set_adapter_scale(model: nn.Module, scale: float) -> int:
+    """Scale every LoRA layer's update to `scale` times what training left, in place (WiSE-FT: 0 is the
+    base model, 1 the fine-tune as trained); merging afterwards merges at that scale. Relative to the
+    trained scaling, so calling it again never compounds. Returns the number of LoRA layers scaled."""
+    layers = 0
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+            trained = module.__dict__.setdefault("_tunelab_trained_scaling", dict(scaling))
+            for adapter, value in trained.items():
+                scaling[adapter] = value * scale
+            layers += 1
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------- lineage
@@ -175,3 +201,16 @@ def parent_paths(child: RunPaths, parent: Mapping[str, Any]) -> RunPaths:
     this holds wherever the two are moved together), else the path recorded at creation."""
     sibling = child.root.parent / str(parent.get("name") or "")
     return RunPaths(sibling if parent.get("name") and (sibling / "recipe.yaml").is_file() else Path(str(parent.get("path"))))
+
+
+@contextlib.contextmanager
+def removed_unless_trained(paths: RunPaths) -> Iterator[None]:
+    """Remove the run folder this command just made (tunelab run, update, rebase) when what runs inside
+    fails before training logged a step or wrote a checkpoint (a base model that does not load, bad
+    data), so a retry with the same name starts clean; a run with training progress is kept for --resume."""
+    try:
+        yield
+    except BaseException:
+        if not paths.train_log.exists() and not any(paths.checkpoints.glob("step-*")):
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise

@@ -48,7 +48,9 @@ from tunelab.eval.arms import (
 )
 from tunelab.eval.cost import amortised_training_per_query, compare_cost, training_cost, usd_per_query
 from tunelab.eval.decision import ArmFacts, decide_verdict
+from tunelab.eval.external import Answer, ExternalRun
 from tunelab.eval.graders.evaluation import (
+    CONSENT,
     Primary,
     grader_summary,
     prepare_graders,
@@ -64,6 +66,7 @@ from tunelab.eval.metrics import (
     summarize_scores,
 )
 from tunelab.eval.overfitting import measure_overfitting, task_metric
+from tunelab.eval.scale_search import SEARCH_MAX_EXAMPLES
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
@@ -142,15 +145,23 @@ def _parse_arms(arms: str | Sequence[str] | None, recipe: Recipe) -> list[str]:
 class _Models:
     """The base and tuned models of a run, each loaded at most once.
 
-    LoRA run: one PeftModel; `base` is the same object under `disable_adapter()`. Full fine-tune: two
-    models, the one not in use released first (two 135M copies fit, larger models may not).
+    LoRA run: one PeftModel; `base` is the same object under `disable_adapter()`, and for the tuned
+    arms the adapter is merged into the base weights in place, as it would be deployed (no extra
+    matmuls a token; the base arms and forgetting's base measurement run first, so nothing needs the
+    unmerged weights again). Full fine-tune: two models, the one not in use released first (two 135M
+    copies fit, larger models may not).
     """
 
     def __init__(self, paths: RunPaths, recipe: Recipe) -> None:
         self.paths, self.recipe = paths, recipe
         self._peft: Any = None
+        self._merged = False
         self._loaded: tuple[str, Any] | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    def release(self) -> None:
+        """Drop the loaded weights (the tokenizer stays): another model is about to be loaded."""
+        self._peft, self._loaded = None, None
 
     @property
     def tuned_kind(self) -> str | None:
@@ -168,6 +179,14 @@ class _Models:
         self.tokenizer = self.tokenizer or load_tokenizer(m.name, m.revision, m.trust_remote_code)
         return model
 
+    def merged(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The tuned model as it would be deployed: a LoRA adapter merged into the base weights (at the scale
+        it is set to), after which the base arms can no longer run on this object."""
+        if self.tuned_kind == "adapter" and not self._merged:
+            self._peft, self._merged = self._peft.merge_and_unload(), True
+            return self._peft
+        return model
+
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[PreTrainedModel]:
         from tunelab.runs import load_run_model
@@ -177,6 +196,8 @@ class _Models:
             if self._peft is None:
                 self._peft, self.tokenizer = load_run_model(self.paths, self.recipe)
             if which == "base":
+                if self._merged:
+                    raise RuntimeError("the adapter is merged into the base weights: run the base arms first")
                 with self._peft.disable_adapter():
                     yield self._peft
             else:
@@ -194,6 +215,13 @@ class _Models:
 
 def _arm_model(arm: str) -> str:
     return "tuned" if arm in TUNED_ARMS else "base"
+
+
+def _served(arm: str, tuned_kind: str | None) -> str:
+    """How an arm's model was served while it was timed (metrics.json arms.<arm>.served)."""
+    if _arm_model(arm) == "base":
+        return "base model"
+    return "adapter merged into the base weights" if tuned_kind == "adapter" else "fine-tuned weights"
 
 
 # ---------------------------------------------------------------------------------------------- summaries
@@ -229,6 +257,11 @@ def format_table(metrics: dict[str, Any]) -> str:
             failed = f" ({column['failed']} failed)" if column["failed"] else ""
             cells.append(f"{arm} {'—' if column['mean'] is None else format(column['mean'], '.3f')}{failed}")
         lines.append(f"grader {name}: " + ", ".join(cells))
+    for arm, row in metrics["arms"].items():
+        if "external" in row:  # eval.external: what it was compared on, and against the fine-tune
+            compared = f"{row['failures']} failed, scored on {row['n_scored']} of {row['n_examples']}"
+            lines.append(f"external {arm} ({row['external']['kind']}): {compared}"
+                         + (f"; {row['vs_tuned']['text']}" if row.get("vs_tuned") else ""))
     lines.append(f"verdict: {metrics['verdict']['text']}")
     if metrics["cost"].get("text"):
         lines.append(f"cost: {metrics['cost']['text']}")
@@ -242,10 +275,14 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 def _verdict_on_scored(inputs: _Inputs, scored: _Scored, training: dict[str, Any] | None) -> dict[str, Any]:
     """The verdict on the examples every arm's primary scored: a grader failure drops that example
-    from the paired comparison (counted), never scores it 0. Fine-tuned arms carry the training cost
-    spread over eval.requests_per_month when it is given."""
+    from the paired comparison (counted), never scores it 0, and so does an example an external arm
+    did not answer (eval.external). Fine-tuned arms carry the training cost spread over
+    eval.requests_per_month when it is given."""
     cfg = inputs.cfg
-    per_example = scored.per_example
+    # an external arm that answered nothing has nothing to compare: left out (named) rather than emptying
+    # the comparison of every other arm
+    silent = [arm for arm, missing in scored.unanswered.items() if len(missing) == len(scored.per_example[arm])]
+    per_example = {arm: scores for arm, scores in scored.per_example.items() if arm not in silent}
     n = len(next(iter(per_example.values()), []))
     kept = [i for i in range(n) if all(scores[i] is not None for scores in per_example.values())]
     amortised = amortised_training_per_query(training, cfg)
@@ -253,9 +290,11 @@ def _verdict_on_scored(inputs: _Inputs, scored: _Scored, training: dict[str, Any
     for arm, scores in per_example.items():
         tuned = is_tuned_arm(arm)
         row = scored.arms[arm]
+        measured = row.get("latency_measured", True)  # recorded outputs without latency_ms: unknown, not 0
         facts[arm] = ArmFacts(
             scores=[scores[i] for i in kept], usd_per_query=scored.usd_per_query[arm] + (amortised if tuned else 0.0),
-            tuned=tuned, latency_ms_p50=row["latency_ms_p50"], latency_ms_p95=row["latency_ms_p95"],
+            tuned=tuned, latency_ms_p50=row["latency_ms_p50"] if measured else None,
+            latency_ms_p95=row["latency_ms_p95"] if measured else None,
             prompt_tokens_mean=row["prompt_tokens_mean"],
         )
     score_range, range_source = inputs.primary.score_range([s for scores in per_example.values() for s in scores])
@@ -265,8 +304,15 @@ def _verdict_on_scored(inputs: _Inputs, scored: _Scored, training: dict[str, Any
     verdict["training_amortised_usd_per_query"] = amortised
     if len(kept) < n:
         verdict["excluded_failed"] = n - len(kept)
-        verdict["text"] += (f" ({n - len(kept)} of {n} examples left out: the primary grader failed on them "
-                            "in at least one arm; see eval/metrics.json graders.failures)")
+        unanswered = {i for arm, missing in scored.unanswered.items() if arm not in silent for i in missing}
+        reasons = [f"{len(unanswered)} an external arm did not answer (arms.<name>.failed_examples)"] if unanswered else []
+        if n - len(kept) > len(unanswered):
+            reasons.append(f"{n - len(kept) - len(unanswered)} the primary grader failed on in at least one arm "
+                           "(graders.failures)")
+        verdict["text"] += f" ({n - len(kept)} of {n} examples left out: {'; '.join(reasons)})"
+    if silent:
+        verdict["external_left_out"] = silent
+        verdict["text"] += f" ({', '.join(silent)}: answered no example, left out)"
     return verdict
 
 
@@ -294,6 +340,10 @@ class _Inputs:
     run_forgetting: bool
     train_sample: list[EvalExample]  # train examples the tuned model re-answers (train-vs-test gap)
     train_sample_items: list[dict[str, Any]]
+    scale_search: str | None = None  # why the adapter scales are not searched; None: they are
+    valid: list[EvalExample] = dataclasses.field(default_factory=list)  # the scale search's examples
+    external: list[Any] = dataclasses.field(default_factory=list)  # eval.external (+ --external): other models
+    recorded: dict[str, list[Answer]] = dataclasses.field(default_factory=dict)  # recorded arms' answers, checked
 
     @property
     def cfg(self) -> EvalConfig:
@@ -313,6 +363,8 @@ class _Generated:
     wall_s: dict[str, float]  # arm -> seconds its generate call took
     train_sample_outputs: list[str]
     abilities: dict[str, Any]  # "base"/"tuned" -> forgetting.GeneralAbility, when forgetting runs
+    external: dict[str, ExternalRun] = dataclasses.field(default_factory=dict)  # eval/external.py
+    adapter_scale: Any = None  # contract.AdapterScale, when the scale search ran
 
     def texts(self, arm: str) -> list[str]:
         return [g.text for g in self.generations[arm]]
@@ -327,6 +379,7 @@ class _Scored:
     usd_per_query: dict[str, float] = dataclasses.field(default_factory=dict)
     prompt_tokens_mean: dict[str, float] = dataclasses.field(default_factory=dict)
     prediction_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    unanswered: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # external arm -> examples it failed
 
 
 def evaluate(
@@ -341,24 +394,35 @@ def evaluate(
     recipe: Recipe | None = None,
     train_file: str | Path | None = None,
     out_dir: str | Path | None = None,
+    external: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Evaluate the arms of a run on its test split; returns what it writes to eval/metrics.json.
     `trust_remote_code` comes from the caller, never from the run's recipe.yaml (runs.open_run), and
-    so does `python_graders`: a python grader in a run folder's recipe is code, run only when the
-    caller says the recipe is the user's own (tunelab run, curve) or the user asked for it.
+    so does `python_graders`: a python grader in a run folder's recipe is code, and a judge there with an
+    API key would be sent the user's secret, both only when the caller says the recipe is the user's
+    own (tunelab run, curve) or the user asked for it.
     For `tunelab drift` and `update` (tunelab.lifecycle), which score a run on other data without
     touching its own results: `recipe` replaces the run's recipe.yaml settings, `train_file` its
-    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder."""
+    data/train.jsonl (the few-shot and retrieval pool), and `out_dir` its eval/ folder. The recipe's
+    eval.external arms run with the recipe's arms (`arms` None: tunelab run, tunelab eval without --arms),
+    not when a caller picks arms for a purpose of its own (curve, drift, update: no request is paid for
+    there); `external` arms (config.EndpointArm | LocalArm | RecordedArm) always run."""
     started = time.perf_counter()
     inputs = _load_inputs(run_dir, arms, test_file, limit, trust_remote_code=trust_remote_code,
-                          python_graders=python_graders, recipe=recipe, train_file=train_file)
+                          python_graders=python_graders, recipe=recipe, train_file=train_file, external=external,
+                          recipe_external=arms is None, out_dir=out_dir)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
-    columns, sample_columns = _grade_arms(inputs, generated)
+    if inputs.recipe.method == "dpo":  # the supervised parent answers too, as the arm `sft` (eval/preference.py)
+        from tunelab.eval.preference import add_parent_arm
+
+        inputs, generated = add_parent_arm(inputs, generated)
+    columns, sample_columns, external_columns = _grade_arms(inputs, generated)
 
     # --- quality per arm, and the verdict on the primary metric
     metrics = _header(inputs)
     scored = _score_arms(inputs, generated, columns)
+    _score_external_arms(inputs, generated, external_columns, scored)
     metrics["arms"] = scored.arms
     summary = _read_summary(inputs.paths)
     metrics["verdict"] = _verdict_on_scored(inputs, scored, training_cost(summary, cfg.gpu_price_per_hour))
@@ -374,9 +438,17 @@ def evaluate(
     metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean, tokens_per_s, metrics["verdict"],
                                    summary, cfg)
     metrics["overfitting"] = _overfitting(inputs, generated, sample_columns, scored.arms)
-    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"])
+    metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"],
+                                                 metrics.get("primary_range"))
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
+    if inputs.run_forgetting:
+        metrics["forgetting"]["adapter_scale"] = (generated.adapter_scale.model_dump(mode="json") if generated.adapter_scale
+                                                  else {"skipped": inputs.scale_search})
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
+    if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
+        from tunelab.eval.preference import preference_section
+
+        metrics["preference"] = preference_section(inputs, generated, scored)
 
     # --- what the arms saw, so a reader can check the comparison was fair
     metrics["prompts"] = _prompts_seen(inputs, generated.prompts)
@@ -385,6 +457,8 @@ def evaluate(
     metrics["elapsed_s"] = time.perf_counter() - started
 
     _write_results(inputs, metrics, scored.prediction_rows, out_dir)
+    if generated.adapter_scale is not None:
+        generated.adapter_scale.write(inputs.paths.adapter_scale)
     if echo:
         print(format_table(metrics))
     return metrics
@@ -395,7 +469,8 @@ def evaluate(
 
 def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_file: str | Path | None,
                  limit: int | None, *, trust_remote_code: bool, python_graders: bool, recipe: Recipe | None,
-                 train_file: str | Path | None) -> _Inputs:
+                 train_file: str | Path | None, external: Sequence[Any] = (),
+                 recipe_external: bool = True, out_dir: str | Path | None = None) -> _Inputs:
     """The run's settings, test and train examples, graders and prompts; every check that can fail runs
     here, before the base arms spend minutes generating."""
     paths, run_recipe = open_run(run_dir, trust_remote_code)
@@ -412,12 +487,19 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     test = all_test[:limit] if limit else all_test
     train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
-    if not train and any(a in chosen for a in ("prompt", *RAG_ARMS)):
+    from tunelab.eval.external import builtin_arm, check_external, refuse_secret_bearing_arms
+
+    if recipe_external and not python_graders:  # a run folder's recipe, without the caller's consent
+        refuse_secret_bearing_arms(cfg.external, paths.recipe, CONSENT)
+    external_arms = [*(cfg.external if recipe_external else ()), *external]
+    recorded = check_external(external_arms, all_test, len(test), chosen, test_path)
+    prompted = [*chosen, *(builtin_arm(a) for a in external_arms)]  # the built-in prompts the arms need
+    if not train and any(a in prompted for a in ("prompt", *RAG_ARMS)):
         raise DataError(f"{train_path}: not found or empty; the prompt and rag arms draw their examples from it")
     kind = detect_output_kind([ex.reference for ex in test], [ex.reference for ex in train])
     schema = _read_schema(cfg.schema_file, paths)
     graders, primary = prepare_graders(cfg, kind, schema is not None, paths, python_graders)
-    builder = _prompt_builder(cfg, chosen, train, all_test, kind)
+    builder = _prompt_builder(cfg, prompted, train, all_test, kind)
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
     models = _Models(paths, recipe)
@@ -426,6 +508,11 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
         raise ModelError(f"{paths.root}: has neither adapter/ nor model/ for the tuned arms; has its training "
                          "finished? (evaluate prompt-only arms with --arms base,prompt,rag)")
     run_forgetting = cfg.forgetting and any(a in chosen for a in TUNED_ARMS) and models.tuned_kind is not None
+    scale_search = _why_no_scale_search(run_forgetting, recipe, models.tuned_kind, out_dir)
+    valid_path = paths.data / "valid.jsonl"
+    valid = read_examples(valid_path) if scale_search is None and valid_path.is_file() else []
+    if scale_search is None and not valid:
+        scale_search = f"no validation examples ({valid_path}) to compare the scales on"
     rng = random.Random(cfg.seed)
     # positions, not examples: the same draw as sampling the examples, and their items come along
     picked = rng.sample(range(len(train)), min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
@@ -434,7 +521,22 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
         train=train, kind=kind, schema=schema, graders=graders, primary=primary, builder=builder,
         settings=settings, models=models, run_forgetting=run_forgetting,
         train_sample=[train[i] for i in picked], train_sample_items=[train_items[i] for i in picked],
+        external=external_arms, recorded=recorded, scale_search=scale_search, valid=valid,
     )
+
+
+def _why_no_scale_search(run_forgetting: bool, recipe: Recipe, tuned_kind: str | None,
+                         out_dir: str | Path | None) -> str | None:
+    """Why the adapter scales are not compared (eval/scale_search.py), or None when they are."""
+    from tunelab.eval.scale_search import SCALED_METHODS
+
+    if not run_forgetting:
+        return "general ability is not measured (eval.forgetting off, or no tuned arm)"
+    if tuned_kind != "adapter" or recipe.method not in SCALED_METHODS:
+        return f"method {recipe.method}: only a LoRA adapter's update is scaled"
+    if out_dir is not None:
+        return "scoring other data: the run's chosen scale is kept"
+    return None
 
 
 def _prompt_builder(cfg: EvalConfig, chosen: Sequence[str], train: Sequence[EvalExample],
@@ -463,26 +565,35 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     from tunelab.eval.forgetting import general_probes
 
     cfg, models = inputs.cfg, inputs.models
-    total = (len(inputs.test) * len(inputs.chosen) + len(inputs.train_sample)
-             + (2 * len(general_probes(cfg.seed)) if inputs.run_forgetting else 0))
+    scales = 0 if inputs.scale_search else len(cfg.adapter_scales)  # the search measures the tuned probes too
+    total = (len(inputs.test) * (len(inputs.chosen) + len(inputs.external)) + len(inputs.train_sample)
+             + (2 * len(general_probes()) if inputs.run_forgetting else 0)
+             + scales * min(len(inputs.valid), SEARCH_MAX_EXAMPLES) + max(scales - 1, 0) * len(general_probes()))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
     prompts = {arm: [inputs.builder.build(arm, ex) for ex in inputs.test] for arm in inputs.chosen}
     generations: dict[str, list[Generation]] = {}
     wall_s: dict[str, float] = {}
     abilities: dict[str, Any] = {}
     train_sample_outputs: list[str] = []
+    adapter_scale = None
     for which in ("base", "tuned"):
         phase_arms = [a for a in inputs.chosen if _arm_model(a) == which]
         if not phase_arms and not (inputs.run_forgetting and which == "base"):
             continue
         with models.use(which) as model:
+            if which == "tuned" and inputs.scale_search is None:
+                bar.set_description("adapter scales")
+                search = _search_scale(inputs, model, abilities["base"], bar)
+                adapter_scale, abilities["tuned"] = search.record, search.ability
+            if which == "tuned":
+                model = models.merged(model)  # timed as deployed; the scale search needed the adapter apart
             for arm in phase_arms:
                 generations[arm], wall_s[arm] = _timed_generate(inputs, bar, arm, model, prompts[arm])
             if which == "tuned" and inputs.train_sample:
                 conversations = [inputs.builder.build("tuned", ex) for ex in inputs.train_sample]
                 sample_gens, _ = _timed_generate(inputs, bar, "tuned:train-sample", model, conversations)
                 train_sample_outputs = [g.text for g in sample_gens]
-            if inputs.run_forgetting:
+            if inputs.run_forgetting and which not in abilities:
                 from tunelab.eval.forgetting import measure_general_ability
 
                 bar.set_description(f"forgetting:{which}")
@@ -490,8 +601,55 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
                     model, models.tokenizer, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar.update
                 )
         del model  # a full fine-tune's other model can then be released before the next phase loads
+    external = _run_external_arms(inputs, bar, prompts)
     bar.close()
-    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities)
+    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities, external,
+                      adapter_scale=adapter_scale)
+
+
+def _search_scale(inputs: _Inputs, model: Any, base_ability: Any, bar: Any) -> Any:
+    """The tuned model at every eval.adapter_scales on the validation split; leaves it at the chosen one."""
+    from tunelab.eval.scale_search import search_adapter_scale
+
+    cfg = inputs.cfg
+    metric = inputs.kind.primary if inputs.primary.grader else inputs.primary.name
+    return search_adapter_scale(
+        model, inputs.models.tokenizer, valid=inputs.valid, builder=inputs.builder, kind=inputs.kind, metric=metric,
+        schema=inputs.schema, settings=inputs.settings, base=base_ability, scales=cfg.adapter_scales,
+        policy=cfg.forgetting_policy, threshold=cfg.forgetting_threshold, seed=cfg.seed, batch_size=cfg.batch_size,
+        progress=bar.update,
+    )
+
+
+def _run_external_arms(inputs: _Inputs, bar: Any, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, ExternalRun]:
+    """eval.external: endpoints (cached in eval/external/<name>.jsonl), local models, recorded outputs; token
+    counts an arm did not report are counted with the run's tokenizer."""
+    from tunelab.config import EndpointArm, LocalArm
+    from tunelab.eval import external as ext
+
+    runs: dict[str, ExternalRun] = {}
+    for arm in inputs.external:
+        bar.set_description(f"external:{arm.name}")
+        conversations = [inputs.builder.build(ext.builtin_arm(arm), ex) for ex in inputs.test]
+        prompts[arm.name] = conversations
+        if isinstance(arm, EndpointArm):
+            run = ext.run_endpoint_arm(arm, conversations, inputs.settings,
+                                       inputs.paths.eval / "external" / f"{arm.name}.jsonl", progress=bar.update)
+        elif isinstance(arm, LocalArm):
+            inputs.models.release()  # the run's own models are done: one model in memory at a time
+            run = ext.run_local_arm(arm, conversations, inputs.settings, inputs.cfg.batch_size, progress=bar.update)
+        else:
+            run = ExternalRun(arm, [dataclasses.replace(a) for a in inputs.recorded[arm.name]])
+            bar.update(len(inputs.test))
+        if any(a.text is not None and (a.prompt_tokens is None or a.completion_tokens is None) for a in run.answers):
+            if inputs.models.tokenizer is None:
+                from tunelab.models import load_tokenizer
+
+                m = inputs.recipe.model
+                inputs.models.tokenizer = load_tokenizer(m.name, m.revision, m.trust_remote_code)
+            ext.fill_token_counts(run, conversations, inputs.models.tokenizer)
+        runs[arm.name] = run
+    return runs
 
 
 def _timed_generate(inputs: _Inputs, bar: Any, label: str, model: Any,
@@ -504,7 +662,8 @@ def _timed_generate(inputs: _Inputs, bar: Any, label: str, model: Any,
     return result, time.perf_counter() - t0
 
 
-def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
+                                                                 dict[str, dict[str, Any]]]:
     """Every grader's column for every arm, and for the train sample when the verdict is a grader's
     (judge replies cached in the run's eval/judge_cache.jsonl)."""
     from tunelab.eval.graders.grade import Grading
@@ -515,7 +674,12 @@ def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[
             columns[arm] = grading.grade(generated.texts(arm), inputs.items)
         sample_columns = (grading.grade(generated.train_sample_outputs, inputs.train_sample_items)
                           if generated.train_sample_outputs and inputs.primary.grader else {})
-    return columns, sample_columns
+        # an external arm is graded on the examples it answered (its columns are over those only)
+        external_columns = {name: grading.grade([a.text for a in run.answers if a.text is not None],
+                                                [item for item, a in zip(inputs.items, run.answers, strict=True)
+                                                 if a.text is not None])
+                            for name, run in generated.external.items()} if inputs.graders else {}
+    return columns, sample_columns, external_columns
 
 
 # ---------------------------------------------------------------------------------------------- evaluate: scores
@@ -562,6 +726,58 @@ def _score_arms(inputs: _Inputs, generated: _Generated, columns: dict[str, dict[
     return scored
 
 
+def _score_external_arms(inputs: _Inputs, generated: _Generated, columns: dict[str, dict[str, Any]],
+                         scored: _Scored) -> None:
+    """External arms into `scored`, scored on the examples each answered (a failed request is neither a wrong
+    answer nor dropped silently: `failures` and `n_scored` say what was compared), then each against the
+    best fine-tuned arm on the examples both scored."""
+    from tunelab.eval import external as ext
+
+    cfg, n = inputs.cfg, len(inputs.test)
+    for name, run in generated.external.items():
+        answered = ext.answered_indices(run)
+        texts = [run.answers[i].text or "" for i in answered]
+        scores = score_outputs(texts, [inputs.references[i] for i in answered], inputs.kind, inputs.schema)
+        arm_columns = columns.get(name, {})
+        primary_scores = ext.expand(_primary_scores(inputs.primary, scores, arm_columns), answered, n)
+        builtin = ext.builtin_arm(run.arm)
+        shots = [len(inputs.builder.shots_for(builtin, ex)) for ex in inputs.test]
+        summaries = ({g.name: summarize_scores(arm_columns[g.name].scores, seed=cfg.seed,
+                                               pass_threshold=getattr(g, "pass_threshold", None))
+                      for g in inputs.graders} if inputs.graders else None)
+        # no answer at all: no metric (a mean over nothing is not 0)
+        means = {**scores.means(), **{g: summarize_scores(c.scores)["mean"] for g, c in arm_columns.items()}}
+        result = ext.arm_record(
+            run, primary_scores, means if answered else {},
+            summaries, [ex.id for ex in inputs.test], float(np.mean(shots)) if shots else 0.0,
+            {**dataclasses.asdict(inputs.settings), "batch_size": cfg.batch_size},
+            (cfg.price_per_m_input_tokens, cfg.price_per_m_output_tokens), cfg.seed)
+        scored.arms[name] = result
+        scored.per_example[name] = primary_scores
+        scored.unanswered[name] = [i for i, a in enumerate(run.answers) if a.text is None]
+        scored.usd_per_query[name] = result["usd_per_1m_queries"] / 1e6
+        scored.prompt_tokens_mean[name] = result["prompt_tokens_mean"]
+        position_of = {i: position for position, i in enumerate(answered)}
+        for i, (ex, answer) in enumerate(zip(inputs.test, run.answers, strict=True)):
+            position = position_of.get(i)
+            row = {"id": ex.id, "arm": name, "prompt_tokens": answer.prompt_tokens,
+                   "completion_tokens": answer.completion_tokens, "output": answer.text, "reference": ex.reference,
+                   "score": primary_scores[i], "latency_ms": answer.latency_s * 1000,
+                   "finish_reason": answer.finish_reason if answer.text is not None else "failed",
+                   "shot_ids": [s.id for s in inputs.builder.shots_for(builtin, ex)]}
+            if answer.text is None:
+                row["error"] = answer.error
+            if answer.tokens_counted:
+                row["tokens_counted"] = True
+            if inputs.graders and position is not None:
+                row["scores"] = {g: c.scores[position] for g, c in arm_columns.items()}
+            scored.prediction_rows.append(row)
+    for name in generated.external:
+        comparison = ext.compare_with_tuned(name, scored.per_example, scored.arms, TUNED_ARMS, cfg.seed)
+        if comparison is not None:
+            scored.arms[name]["vs_tuned"] = comparison
+
+
 def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: float,
                 primary_scores: Sequence[float | None], scores: Scores, arm_columns: dict[str, Any]) -> dict[str, Any]:
     """eval/metrics.json arms.<arm> (contract.ArmResult)."""
@@ -582,6 +798,7 @@ def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: f
         "tokens_per_s": sum(g.completion_tokens for g in gens) / wall_s if wall_s > 0 else 0.0,
         "usd_per_1m_queries": usd_per_query(prompt_mean, completion_mean, cfg, tuned=is_tuned_arm(arm)) * 1e6,
         "model": _arm_model(arm),
+        "served": _served(arm, inputs.models.tuned_kind),
         "shots_mean": float(np.mean(shot_counts)),
         "finish_reasons": dict(Counter(g.finish_reason for g in gens)),
         "decoding": dataclasses.asdict(inputs.settings),
@@ -646,15 +863,19 @@ def _overfitting(inputs: _Inputs, generated: _Generated, sample_columns: dict[st
         tuned = arms["tuned"]
         task = task_metric(inputs.primary.name, _primary_scores(inputs.primary, scores, sample_columns),
                            tuned["primary"], tuned["ci95"], inputs.cfg.seed)
+    summary = _read_summary(inputs.paths)  # output_step: the weights the tuned arms ran
     return measure_overfitting(inputs.paths.train_log, inputs.references, [ex.reference for ex in inputs.train],
-                               {arm: generated.texts(arm) for arm in inputs.chosen}, task)
+                               {arm: generated.texts(arm) for arm in inputs.chosen}, task,
+                               summary.output_step if summary else None)
 
 
-def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any]) -> dict[str, Any]:
+def _check_training(inputs: _Inputs, overfitting: dict[str, Any], verdict: dict[str, Any],
+                    score_range: Sequence[float] | None) -> dict[str, Any]:
     """A verdict on a model that is still learning is provisional, and says what to run (the verdict is
     updated in place)."""
     task = overfitting.get("task_metric") or {}
-    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name)
+    check = (assess_training(inputs.paths, task.get("train_sample"), task.get("test"), inputs.primary.name,
+                             score_range)
              if "tuned" in inputs.chosen else {"provisional": False, "reason": None, "suggestion": None, "signals": {}})
     verdict.update(provisional=check["provisional"], provisional_reason=check["reason"])
     if check["provisional"]:
@@ -716,3 +937,70 @@ def _write_results(inputs: _Inputs, metrics: dict[str, Any], prediction_rows: Se
     if inputs.graders and out_dir is None:
         record_graders_in_manifest(paths, inputs.graders)
     Metrics.model_validate(metrics).write(out / paths.metrics.name)
+
+
+# ---------------------------------------------------------------------------------------------- adding external arms
+
+
+def add_external_arms(run_dir: str | Path, external: Sequence[Any], *, echo: bool = True,
+                      trust_remote_code: bool = False, python_graders: bool = False) -> dict[str, Any]:
+    """`tunelab eval RUN --external FILE`: score more arms on a run already evaluated, without retraining or
+    regenerating: the other arms' rows of eval/predictions.jsonl and records of eval/metrics.json are reused,
+    the new arms answer the same test examples (the same --test file and --limit), and the verdict and cost
+    are recomputed with them; overfitting, forgetting and the training check are kept as they were. An arm
+    of the same name is replaced. Without an earlier evaluation, this is `evaluate` with the arms added."""
+    paths = RunPaths(Path(run_dir))
+    if not paths.metrics.is_file():
+        return evaluate(run_dir, echo=echo, trust_remote_code=trust_remote_code, python_graders=python_graders,
+                        external=external)
+    started = time.perf_counter()
+    previous = json.loads(paths.metrics.read_text(encoding="utf-8"))
+    Metrics.model_validate(previous)  # a damaged file is an error here, not a guess
+    names = {arm.name for arm in external}
+    kept_arms = {arm: row for arm, row in previous["arms"].items() if arm not in names}
+    builtin = [arm for arm in ARMS if arm in kept_arms]
+    test_path = Path(previous["test_file"])
+    inputs = _load_inputs(run_dir, builtin or None, test_path, previous["n_examples"],
+                          trust_remote_code=trust_remote_code, python_graders=python_graders, recipe=None,
+                          train_file=None, external=external, recipe_external=False)
+    rows = [json.loads(line) for line in paths.predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    scored = _Scored(prediction_rows=[r for r in rows if r.get("arm") not in names])
+    ids = [ex.id for ex in inputs.test]
+    for arm, record in kept_arms.items():
+        by_id = {r["id"]: r for r in rows if r.get("arm") == arm}
+        if set(by_id) != set(ids):
+            raise DataError(f"{paths.predictions}: the rows of arm '{arm}' are not the {len(ids)} examples of "
+                            f"{test_path}; run `tunelab eval {run_dir}` again to evaluate every arm anew")
+        scored.arms[arm] = record
+        scored.per_example[arm] = [by_id[i]["score"] for i in ids]
+        if "external" in record:  # an external arm added before: the examples it did not answer
+            scored.unanswered[arm] = [n for n, i in enumerate(ids) if by_id[i].get("output") is None]
+        scored.usd_per_query[arm] = record["usd_per_1m_queries"] / 1e6
+        scored.prompt_tokens_mean[arm] = record["prompt_tokens_mean"]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(inputs.test) * len(external), desc="external", unit="gen", file=sys.stderr, dynamic_ncols=True)
+    prompts: dict[str, list[list[dict[str, str]]]] = {}
+    generated = _Generated(prompts, {}, {}, [], {}, _run_external_arms(inputs, bar, prompts))
+    bar.close()
+    _, _, external_columns = _grade_arms(dataclasses.replace(inputs, chosen=[]), generated)
+    _score_external_arms(inputs, generated, external_columns, scored)
+
+    metrics = {**previous, "arms": scored.arms}
+    summary = _read_summary(paths)
+    metrics["verdict"] = _verdict_on_scored(inputs, scored, training_cost(summary, inputs.cfg.gpu_price_per_hour))
+    metrics["primary_range"] = metrics["verdict"]["score_range"]
+    check = previous.get("training_check") or {}
+    metrics["verdict"].update(provisional=bool(check.get("provisional")), provisional_reason=check.get("reason"))
+    if check.get("provisional"):
+        metrics["verdict"]["text"] = f"provisional, {check['reason']}. {metrics['verdict']['text']}"
+    metrics["cost"] = compare_cost(scored.usd_per_query, scored.prompt_tokens_mean,
+                                   {arm: row["tokens_per_s"] for arm, row in scored.arms.items()}, metrics["verdict"],
+                                   summary, inputs.cfg)
+    metrics["elapsed_s"] = previous["elapsed_s"] + time.perf_counter() - started
+    write_text_atomic(paths.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored.prediction_rows))
+    Metrics.model_validate(metrics).write(paths.metrics)
+    if echo:
+        print(format_table(metrics))
+    return metrics

@@ -61,12 +61,17 @@ def evaluated_metrics(paths: RunPaths) -> dict[str, Any]:
 
 def refuse_untrusted_graders(paths: RunPaths, recipe: Recipe, trust_remote_code: bool) -> None:
     """drift, update and rebase score with the run's eval section, whose python graders are a run
-    folder's code: refused here, before anything is trained or written, unless the user trusts the run."""
-    from tunelab.eval.graders.evaluation import refuse_python_graders
+    folder's code and whose judges would be sent the user's API keys: refused here, before anything is
+    trained or written, unless the user trusts the run."""
+    from tunelab.eval.external import refuse_secret_bearing_arms
+    from tunelab.eval.graders.evaluation import CONSENT, refuse_python_graders, refuse_secret_bearing
     from tunelab.specs.graders import recipe_graders
 
     if not trust_remote_code:
-        refuse_python_graders(recipe_graders(recipe.eval), paths)
+        graders = recipe_graders(recipe.eval)
+        refuse_python_graders(graders, paths)
+        refuse_secret_bearing(graders, recipe.eval.pairwise, paths)
+        refuse_secret_bearing_arms(recipe.eval.external, paths.recipe, CONSENT)
 
 
 def arm_scores(eval_dir: Path, arm: str) -> dict[str, float]:

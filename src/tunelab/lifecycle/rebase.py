@@ -29,7 +29,7 @@ from tunelab.lifecycle.lineage import (
     write_lineage,
 )
 from tunelab.lifecycle.new_data import read_rows
-from tunelab.runs import RunPaths, open_run
+from tunelab.runs import RunPaths, open_run, removed_unless_trained
 
 
 def _slug(model: str) -> str:
@@ -90,7 +90,8 @@ def rebase(run_dir: str | Path, model: str, *, name: str | None = None, carry_ad
     child_recipe, child = create_child_run(parent, recipe, name or f"{parent.root.name}-on-{_slug(model)}", "rebase",
                                            inputs, changes)
     say(f"{child.root}: the recipe and data of {parent.root} on {model}")
-    train(child_recipe)
+    with removed_unless_trained(child):  # a failed start leaves no folder behind
+        train(child_recipe)
     child_metrics = evaluate(child.root, trust_remote_code=trust_remote_code, python_graders=trust_remote_code)
     lineage = migration_verdict(parent, recipe, child, parent_metrics, child_metrics)
     write_lineage(child, lineage)

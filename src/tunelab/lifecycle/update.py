@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.console import say
 from tunelab.errors import ConfigError, DataError
-from tunelab.runs import open_run
+from tunelab.runs import open_run, removed_unless_trained
 
 if TYPE_CHECKING:
     from tunelab.lifecycle.lineage import Lineage
@@ -103,7 +103,8 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
     say(f"{child.root}: training from {start} on {len(parts['train'])} new + {len(replayed)} replayed examples; "
         f"{len(parts['test'])} new examples held out")
 
-    train(child_recipe)
+    with removed_unless_trained(child):  # a failed start leaves no folder behind
+        train(child_recipe)
     trusted = {"trust_remote_code": trust_remote_code, "python_graders": trust_remote_code}
     evaluate(child.root, **trusted)
     new_test = child.root / INPUTS / f"{NEW_TEST}.jsonl"

@@ -226,7 +226,8 @@ def compare_runs(run_dirs: list[str | Path], arm: str = "tuned", seed: int = 0) 
             return fmt(getattr(row, field_name))
         raise ValueError(what)
 
-    arm_names = [a for a in ARMS if any(a in r.metrics.arms for r in runs)]
+    extra = sorted({a for r in runs for a in r.metrics.arms if a not in ARMS})  # eval.external arms
+    arm_names = [a for a in ARMS if any(a in r.metrics.arms for r in runs)] + extra
     wanted = [("model", "model"), ("method", "method"), ("data fingerprint", "data fingerprint")]
     wanted += [(f"{a}: {primary} (%, 95% CI)", f"arm:{a}|primary") for a in arm_names]
     wanted += [(f"{arm}: prompt tokens / query", f"arm:{arm}|prompt_tokens_mean"),

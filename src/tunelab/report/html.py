@@ -27,6 +27,7 @@ from tunelab.config import ARMS, PROMPT_ONLY_ARMS
 from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
 from tunelab.eval.metrics import to_fraction, to_points
 from tunelab.files import write_text_atomic
+from tunelab.report.preference import describe_preference
 from tunelab.runs import RunPaths
 
 MAX_DISAGREEMENTS = 8
@@ -68,7 +69,7 @@ def read_json(path: Path) -> RunFile:
         return RunFile(path, problem="missing")
     try:
         return RunFile(path, json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: nested too deeply
         return RunFile(path, problem=f"not valid JSON ({err})")
 
 
@@ -263,6 +264,10 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
     facts += [row["text"] for row in human.values() if isinstance(row, dict) and isinstance(row.get("text"), str)]
     if isinstance((data.pairwise or {}).get("text"), str):
         facts.append(data.pairwise["text"])
+    for row in arms.values():  # eval.external arms, each against the best fine-tuned arm
+        comparison = (row.model_extra or {}).get("vs_tuned")
+        if isinstance(comparison, dict) and isinstance(comparison.get("text"), str):
+            facts.append(comparison["text"])
     headline = verdict.headline or verdict.text
     detail = verdict.text[len(headline):].strip() if verdict.text.startswith(headline) else verdict.text
     return {
@@ -329,7 +334,9 @@ def _audit(root: Path) -> dict[str, Any]:
             "total": len(rows), "flagged": summary["flagged"]}
 
 
-def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
+def _training(log: RunFile, summary: RunFile, root: Path, rise: Any = None) -> dict[str, Any]:
+    """`rise`: eval/metrics.json overfitting.val_rise, the judgement against the curve's noise; without
+    it (older runs) the badge shows the events training wrote."""
     out: dict[str, Any] = {"available": log.ok or summary.ok, "notes": [], "plots": {}}
     for f in (log, summary):
         if not f.ok:
@@ -349,6 +356,8 @@ def _training(log: RunFile, summary: RunFile, root: Path) -> dict[str, Any]:
     stop_steps = [r.get("step") for r in events if r.get("event") == "early_stop"]
     stop_step = stop_steps[0] if stop_steps else None
     overfit_steps = [r.get("step") for r in events if r.get("event") == "overfitting" and r.get("step") is not None]
+    if isinstance(rise, dict) and "rising" in rise:
+        overfit_steps = [rise["rise_step"]] if rise["rising"] and rise.get("rise_step") is not None else []
     out.update(
         best_step=best_step, stop_step=stop_step, overfit_steps=overfit_steps,
         stopped_early=summary_value.get("stopped_early", stop_step is not None),
@@ -461,6 +470,14 @@ def _overfitting(value: Any, metrics: RunFile, training: Mapping[str, Any], root
             f"to {fmt(value.get('final_val_loss'))} while train loss kept falling" if rising else
             f"validation loss did not rise while train loss fell (best at step {fmt(value.get('best_step'))}, "
             f"final {fmt(value.get('final_val_loss'))})")
+    rise = value.get("val_rise")
+    if isinstance(rise, dict) and isinstance(rise.get("tolerance"), int | float):
+        where = {"before the rise": "come before the rise", "after the rise": "come after the rise"}.get(
+            rise.get("evaluated_checkpoint") or "", "")
+        out["findings"].append(
+            f"a rise counts beyond {fmt(rise['tolerance'])} (the validation loss's own noise)"
+            + (f"; it began at step {fmt(rise.get('rise_step'))}" if rise.get("rise_step") is not None else "")
+            + (f"; the evaluated weights (step {fmt(rise.get('evaluated_step'))}) {where}" if where else ""))
     copies = value.get("reference_is_train_answer")
     if isinstance(copies, int | float):
         out["findings"].append(f"{pct(copies)}% of test references are word for word a training answer "
@@ -611,14 +628,16 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
     inputs = test_inputs(test)
     preds = predictions.value if predictions.ok else []
     model = (recipe.get("model") or {}).get("name") if isinstance(recipe.get("model"), dict) else None
-    training = _training(log, summary, root)
-    arms = _arms(metrics, root)
     overfitting_value = metrics.value.overfitting if metrics.ok else None
+    training = _training(log, summary, root,
+                         overfitting_value.get("val_rise") if isinstance(overfitting_value, dict) else None)
+    arms = _arms(metrics, root)
     forgetting_value = metrics.value.forgetting if metrics.ok else None
     return {
         "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,
         "method": recipe.get("method"), "sections": SECTIONS,
         "verdict": _verdict(metrics, root),
+        "preference": describe_preference(getattr(metrics.value, "preference", None) if metrics.ok else None),
         "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
         "audit": _audit(root),
@@ -633,6 +652,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
                 metrics.note(root) if not metrics.ok else "eval/metrics.json has no forgetting results "
                 "(eval.forgetting: false, or the tuned arm was not evaluated)"),
             "details": describe_mapping(forgetting_value) if forgetting_value is not None else None,
+            "plots": _scale_plot(forgetting_value),
         },
         "examples": {"available": predictions.ok, "note": None if predictions.ok else predictions.note(root),
                      "bad_lines": predictions.bad_lines, **_disagreements(preds, inputs)},
@@ -642,6 +662,20 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def _scale_plot(forgetting: Mapping[str, Any] | None) -> dict[str, str]:
+    """Task score against retention across the adapter scales tried (eval/adapter_scale.json), if any."""
+    scale = (forgetting or {}).get("adapter_scale")
+    if not isinstance(scale, dict) or not isinstance(scale.get("candidates"), list) or not scale["candidates"]:
+        return {}
+    from tunelab.report import plots
+
+    try:
+        return {"plot-scales": plots.scale_tradeoff(scale["candidates"], scale.get("scale"), str(scale.get("metric")),
+                                                    float(scale.get("threshold") or 0.05), "plot-scales")}
+    except (KeyError, TypeError, ValueError):  # a damaged file: the details table still shows what is there
+        return {}
+
+
 def render_html(context: Mapping[str, Any]) -> str:
     import jinja2
 
@@ -649,7 +683,8 @@ def render_html(context: Mapping[str, Any]) -> str:
         loader=jinja2.PackageLoader("tunelab", "report"), autoescape=True,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
-    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {})}
+    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {}),
+             **context["forgetting"].get("plots", {})}
     safe_plots = {name: jinja2.utils.markupsafe.Markup(svg) for name, svg in plots.items()}
     return env.get_template("report.html.jinja").render(**context, plots=safe_plots)
 
@@ -680,6 +715,10 @@ def render_markdown(context: Mapping[str, Any]) -> str:
         lines += [f"## Parent ({lineage['kind']} of {lineage['parent_name']}, report: {lineage['parent_report']})", "",
                   f"**{lineage['text']}**", "", "| arm | parent | this run |", "|---|---|---|"]
         lines += [f"| {row['arm']} | {row['parent']} | {row['own']} |" for row in lineage["rows"]] + [""]
+    if context.get("preference"):  # a dpo run: what preference tuning changed
+        lines += ["## What DPO changed", "", context["preference"]["text"], ""]
+        lines += [f"- {_md_escape(ex['prompt'])}: sft `{_md_escape(ex['sft'])}` -> tuned `{_md_escape(ex['tuned'])}`"
+                  for ex in context["preference"]["examples"]] + [""]
     arms = context["arms"]
     lines += ["## Arms", ""]
     if arms["available"]:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -120,6 +120,24 @@ class StepResult:
 # outputs
 
 
+def _quiet_tensorboard_writer_thread() -> None:
+    """TensorBoard writes events from a thread of its own: when the run folder goes away mid-training,
+    that thread's OSError is not printed as a traceback; the loop's next write raises the same error,
+    which the CLI reports in one line."""
+    default = threading.excepthook
+    if getattr(default, "tunelab_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and args.exc_type is not None and issubclass(
+                args.exc_type, OSError):
+            return
+        default(args)
+
+    hook.tunelab_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class _RunLog:
     """Everything the loop reports, in one place: train/log.jsonl (truncated on resume to the
     checkpoint's offset, so every step appears once), TensorBoard scalars, MLflow metrics when
@@ -145,6 +163,7 @@ class _RunLog:
 
         # purge_step drops events an interrupted run wrote after the step we continue from
         self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=state.step + 1)
+        _quiet_tensorboard_writer_thread()
         if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow"):
             import mlflow
 
@@ -205,9 +224,12 @@ class _RunLog:
 
     def evaluation(self, step: int, val: tuple[float, float], train: tuple[float, float], verdict: Verdict) -> None:
         """An eval line ((loss, token accuracy) of the validation set and the train sample), then its events."""
-        self.write({"kind": "eval", "step": step, "val_loss": finite_or_none(val[0]),
-                    "val_token_acc": finite_or_none(val[1]), "train_loss": finite_or_none(train[0]),
-                    "train_token_acc": finite_or_none(train[1]), "is_best": verdict.is_best})
+        record = {"kind": "eval", "step": step, "val_loss": finite_or_none(val[0]),
+                  "val_token_acc": finite_or_none(val[1]), "train_loss": finite_or_none(train[0]),
+                  "train_token_acc": finite_or_none(train[1]), "is_best": verdict.is_best}
+        if isinstance(val, Evaluation) and not math.isnan(val.reward_margin):  # preference tuning
+            record.update(val_preference_acc=val.token_acc, val_reward_margin=val.reward_margin)
+        self.write(record)
         self.scalars({"val/loss": val[0], "val/token_acc": val[1], "train_sample/loss": train[0],
                       "train_sample/token_acc": train[1]}, step)
         for event in verdict.events:
@@ -310,6 +332,8 @@ VARLEN_PAD_MULTIPLE = 64
 
 def batch_builder(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int) -> Callable[[Sequence[Row]], Batch]:
     """rows -> a micro-batch on the setup's device, in the layout its attention takes."""
+    if setup.make_batches is not None:  # a loss of its own (preference tuning) builds its own batches
+        return setup.make_batches(examples, pad_id)
     if setup.attention != "varlen":
         return lambda rows: collate(examples, rows, pad_id).to(setup.device)
     # a fixed bound on sequence length: the kernel's grid, so compiled graphs do not specialise on it
@@ -332,25 +356,35 @@ def autocast(setup: TrainSetup) -> torch.autocast:
                           enabled=setup.autocast_dtype is not None)
 
 
-def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext = SINGLE_PROCESS) -> tuple[float, float]:
-    """(mean loss, token accuracy) over every trainable token of the set, dropout off."""
+class Evaluation(NamedTuple):
+    loss: float
+    token_acc: float  # preference tuning: the share of pairs whose preferred answer the model ranks higher
+    reward_margin: float = math.nan  # preference tuning: the mean reward margin (preferred - rejected)
+
+
+def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext = SINGLE_PROCESS) -> Evaluation:
+    """(mean loss, token accuracy[, reward margin]) over every trainable token (or pair) of the set, dropout off."""
     model = setup.model
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=setup.device)
+    margins = False
     make_batch = batch_builder(setup, eval_set.examples, pad_id)
     with torch.no_grad(), autocast(setup), attention_layout(setup):
         passes, real = ctx.lockstep_shard(eval_set.micro_batches)
         for index, micro in enumerate(passes):
             out = setup.loss_module(**make_batch(micro).model_inputs())
+            margin = out.reward_margin_sum
+            margins = margin is not None
             if index < real:
-                sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
+                sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double(),
+                                     margin.double() if margins else sums.new_zeros(())])
     ctx.all_reduce_sum(sums)
     model.train(was_training)
-    loss_sum, count, correct = sums.tolist()
+    loss_sum, count, correct, margin_sum = sums.tolist()
     if count == 0:
-        return math.nan, math.nan
-    return loss_sum / count, correct / count
+        return Evaluation(math.nan, math.nan)
+    return Evaluation(loss_sum / count, correct / count, margin_sum / count if margins else math.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +485,7 @@ def train_loop(
                     log.event(_skipped_event(state, result))
                     if state.nonfinite_streak >= cfg.max_nonfinite_steps:
                         raise _diverged(state)
+                    check_weights_finite(setup, ctx, state.step)  # skipping cannot mend weights already lost
                 else:
                     state.nonfinite_streak = 0
                 if dynamics is not None:  # a skipped step changed nothing: its losses are not kept
@@ -523,6 +558,21 @@ def _diverged(state: TrainState) -> NonFiniteTraining:
         f"{state.nonfinite_streak} consecutive steps had a non-finite loss or gradient (last: step "
         f"{state.step}); training diverged. Lower train.lr, check the data, or use model.dtype=float32"
     )
+
+
+def check_weights_finite(setup: TrainSetup, ctx: DistContext, step: int) -> None:
+    """NonFiniteTraining when a trainable weight holds inf or NaN (a step with a finite loss and
+    gradient can still overflow them, e.g. train.lr=1e300): such weights are never saved or evaluated."""
+    named = [(name, p) for name, p in setup.model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        bad = next((name for name, p in named
+                    if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    if _agreed(ctx, bad is not None, setup.device):
+        where = f" ({bad} holds inf or NaN)" if bad else " (on another rank)"
+        raise NonFiniteTraining(
+            f"the weights are not finite after step {step}{where}; training diverged, nothing was saved. "
+            "Lower train.lr, check the data, or use model.dtype=float32"
+        )
 
 
 def _past(deadline: float | None, ctx: DistContext, device: torch.device) -> bool:

@@ -34,10 +34,11 @@ LOGITS_PER_CHUNK_GPU = 1 << 26
 
 class LossSums(NamedTuple):
     loss_sum: torch.Tensor  # 0-d float32, differentiable
-    count: torch.Tensor  # 0-d int64: trainable tokens
-    correct: torch.Tensor  # 0-d int64: trainable tokens whose argmax prediction is the label
+    count: torch.Tensor  # 0-d int64: trainable tokens (preference tuning: pairs)
+    correct: torch.Tensor  # 0-d int64: trainable tokens whose argmax prediction is the label (pairs ranked right)
     # (trainable tokens,) float32, no gradient: each token's loss, row-major (row by row, left to right)
     token_losses: torch.Tensor | None = None
+    reward_margin_sum: torch.Tensor | None = None  # preference tuning: the pairs' reward margins, summed
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -181,6 +182,27 @@ class CausalLMLoss(nn.Module):
     ) -> LossSums:
         """`cu_seqlens` (collate_varlen's layout): the row holds several examples end to end, and
         the model's attention must be tunelab's varlen attention (train/attention.py)."""
+        hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
+        targets = labels[:, 1:]
+        trainable = targets != IGNORE_INDEX
+        selected = hidden[:, :-1][trainable]
+        loss_sum, correct, token_losses = linear_cross_entropy(
+            selected, head.weight, targets[trainable], bias=getattr(head, "bias", None), softcap=self.softcap,
+            chunk_rows=self.chunk_rows, compute_dtype=self.compute_dtype(hidden, head), token_losses=True,
+        )
+        return LossSums(loss_sum, trainable.sum(), correct, token_losses)
+
+    def compute_dtype(self, hidden: torch.Tensor, head: nn.Module) -> torch.dtype:
+        """The LM head's dtype, or autocast's when it is on."""
+        if torch.is_autocast_enabled(hidden.device.type):
+            return torch.get_autocast_dtype(hidden.device.type)
+        return head.weight.dtype
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None, max_seqlen: int,
+    ) -> tuple[torch.Tensor, nn.Module]:
+        """(the decoder's last hidden states, the LM head): everything before the loss."""
         decoder, head = causal_lm_parts(self.model)
         varlen = {}
         if cu_seqlens is not None:
@@ -196,17 +218,7 @@ class CausalLMLoss(nn.Module):
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
         ).last_hidden_state
-        targets = labels[:, 1:]
-        trainable = targets != IGNORE_INDEX
-        selected = hidden[:, :-1][trainable]
-        compute_dtype = head.weight.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-        loss_sum, correct, token_losses = linear_cross_entropy(
-            selected, head.weight, targets[trainable], bias=getattr(head, "bias", None), softcap=self.softcap,
-            chunk_rows=self.chunk_rows, compute_dtype=compute_dtype, token_losses=True,
-        )
-        return LossSums(loss_sum, trainable.sum(), correct, token_losses)
+        return hidden, head
 
     def forward_batch(self, batch: Batch) -> LossSums:
         return self(**batch.model_inputs())

@@ -30,7 +30,7 @@ from tunelab.config import Recipe, TrainConfig, load_recipe
 from tunelab.console import say
 from tunelab.contract import Manifest, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError
-from tunelab.files import replace_dir
+from tunelab.files import FolderBusy, hold_dir_lock, replace_dir
 from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
@@ -103,6 +103,11 @@ def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
         raise ConfigError(f"{paths.root} exists and holds files tunelab did not write; choose another name=NEW "
                           "or out_dir=DIR")
     paths.root.mkdir(parents=True, exist_ok=True)
+    try:  # one writer per run: a second --resume (or update, rebase, UI start) of it is refused, not mixed in
+        hold_dir_lock(paths.root)
+    except FolderBusy:
+        raise ConfigError(f"{paths.root}: another tunelab process is writing this run; wait for it to end, or stop "
+                          "it (Ctrl-C checkpoints a training), then --resume") from None
     paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
 
 
@@ -291,6 +296,15 @@ def _with_compiled(planned: TrainPlan, compiled: bool) -> TrainPlan:
     return planned
 
 
+def _with_replay(planned: TrainPlan, paths: RunPaths) -> TrainPlan:
+    """The replay share the data stage applied, and why (data/stats.json "replay"), in the plan."""
+    try:
+        replay = json.loads((paths.data / "stats.json").read_text(encoding="utf-8")).get("replay")
+    except (OSError, ValueError):
+        return planned
+    return planned.model_copy(update={"replay": replay}) if replay else planned
+
+
 def _more_epochs(recipe: Recipe, planned: TrainPlan, budget_started: float) -> float | None:
     """More passes when auto passes end well inside an automatic or set budget, else None."""
     from tunelab.train.plan import more_epochs_for_budget
@@ -348,6 +362,10 @@ def train_on_examples(
 
     ctx = ctx or SINGLE_PROCESS
     budget_started = time.monotonic() if budget_started is None else budget_started
+    if recipe.method == "dpo" or any("loss_units" in e for e in train_examples[:1]):  # preference pairs
+        from tunelab.train.preference import rows_for_pairs
+
+        recipe = rows_for_pairs(recipe, train_examples)
     faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
 
     # ---- plan the data: rows, then steps (a resumed run keeps the plan it started with)
@@ -358,6 +376,11 @@ def train_on_examples(
     # ---- set up the model, loss and optimizer (FSDP shards them here); one GPU probes the micro-batch size
     resolved = recipe.train.model_copy(update={"tokens_per_step": packing.tokens_per_step})
     setup, steps, layout = _set_up(recipe, resolved, packing, steps, device, ctx)
+    if recipe.method == "dpo":  # the preference loss and batches; the reference's log-probs, once (train/preference.py)
+        from tunelab.train.preference import attach_reference, preference_setup
+
+        preference_setup(setup, recipe.dpo)
+        attach_reference(setup, recipe, paths.root, (train_examples, valid_examples), tokenizer.pad_token_id, ctx.is_main)
 
     # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit
     planned = packing.saved or _fit_plan(
@@ -403,6 +426,7 @@ def train_on_examples(
         "eval_max_examples": planned.eval_max_examples,
     })
     if ctx.is_main:
+        planned = _with_replay(planned, paths)
         planned.write(paths.plan)
         say(f"plan: {planned.reason}")
     deadline = None
@@ -551,9 +575,12 @@ def _save_run(
 ) -> Path:
     """The run's output is the best checkpoint (by validation loss), else the last weights; then
     train/summary.json. Returns the output folder (adapter/ or model/)."""
+    from tunelab.train.loop import check_weights_finite
+
     state = result.state
     if result.best_checkpoint is not None and state.best_step != state.step:
         ctx.load_weights(setup, result.best_checkpoint)
+    check_weights_finite(setup, ctx, state.best_step if state.best_step is not None else state.step)
     output_dir = paths.adapter if recipe.method != "full" else paths.model
     full_weights = ctx.full_state_dict(setup)
     if ctx.is_main:
@@ -571,6 +598,23 @@ def _save_run(
         say(f"trained {state.step} steps; {output_dir} holds the weights of step {summary.output_step}")
     ctx.barrier()
     return output_dir
+
+
+def replay_file_for(recipe: Recipe) -> Path | None:
+    """The general examples mixed into training (data/replay.py): train.replay, else the base model's own
+    answers (generated once per model); None with train.replay_share 0 and for preference tuning (replay
+    examples are supervised answers). `tunelab run`'s prepare stage calls it too, so the train stage finds
+    the data prepared."""
+    from tunelab.train.self_replay import build_self_replay
+
+    if recipe.train.replay_share == 0 or recipe.method == "dpo":
+        return None
+    if recipe.train.replay:
+        path = Path(recipe.train.replay)
+        if not path.is_file():
+            raise ConfigError(f"train.replay: {path}: file not found")
+        return path
+    return build_self_replay(recipe.model)
 
 
 def train(
@@ -598,19 +642,23 @@ def train(
             device = device or ctx.device()
         paths = RunPaths(recipe.run_dir)
 
-        def prepare() -> tuple[PreTrainedTokenizerBase, PreparedData]:
+        def prepare() -> tuple[PreTrainedTokenizerBase, PreparedData, float]:
             start_run_dir(paths, recipe, resume)
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-            prepared = prepare_data(recipe, tokenizer, paths.data)
+            replay_started = time.monotonic()
+            replay_file = replay_file_for(recipe)
+            replay_s = time.monotonic() - replay_started  # the base model answering, once per model: not training
+            prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file)
             write_manifest(paths, recipe, tokenizer, prepared.out_dir)
-            return tokenizer, prepared
+            return tokenizer, prepared, replay_s
 
         done = main_first(ctx, prepare, "preparing the run directory and data")
         if done is None:  # another rank: read what rank 0 wrote
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
             prepared = PreparedData(paths.data, {})
         else:
-            tokenizer, prepared = done
+            tokenizer, prepared, replay_s = done
+            budget_started += replay_s
         return train_on_examples(
             recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
             device=device, ctx=ctx, resume_command=resume_command, progress=progress, budget_started=budget_started,

@@ -6,17 +6,22 @@ status, evaluation progress, report, predictions), `/compare`, `/playground`, `/
 
 Security: every response is built from the runs folder or from this package; a run name in a URL
 must be a plain folder name whose real path (symlinks resolved) lies directly in the runs folder, and
-a file served must resolve inside it. With an API key, every request must carry it (header
-`Authorization: Bearer KEY`, or the cookie set by /login), compared in constant time. Without one
-(loopback only), requests must name a loopback host (no DNS rebinding). Form posts from another site
-are refused. All user text goes through Jinja's autoescape.
+a file served must resolve inside it. Every request must carry the server's key (header
+`Authorization: Bearer KEY`, or the cookie set by /login or by opening a page with `?token=KEY`),
+compared in constant time: the --api-key, else a random token made when the server starts and printed
+in its address (a process on the same machine is not a user; only the one who reads the terminal
+is). Without --api-key (loopback only), requests must also name a loopback host (no DNS rebinding).
+Form posts from another site are refused, and the cookie is SameSite=Strict, so no other site's page
+can start, stop or load anything. All user text goes through Jinja's autoescape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import secrets
 import threading
 import time
 import urllib.parse
@@ -36,10 +41,11 @@ from tunelab.ui import launch, status
 from tunelab.ui.playground import Playground
 from tunelab.ui.predictions import OUTCOMES, PredictionFilter, browse_predictions
 
-COOKIE = "tunelab_ui_key"
+COOKIE = "tunelab_ui_key"  # + a digest of the key: two UIs on one host (other ports) keep their own cookie
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 STATIC = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
 CONSOLE_LINES_SHOWN = 200
+MAX_FORM_BYTES = 64 * 1024  # the login and start forms are a few hundred bytes; nothing larger is read
 PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                "frame-ancestors 'self'; form-action 'self'; base-uri 'none'")
 REPORT_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
@@ -49,6 +55,10 @@ START_KEYS = (("train.budget", "budget, e.g. 90s, 5m, 2h"), ("train.max_steps", 
 
 
 class NotFound(Exception):
+    pass
+
+
+class TooLarge(Exception):
     pass
 
 
@@ -89,25 +99,33 @@ def key_matches(given: str, api_key: str | None) -> bool:
     return api_key is not None and hmac.compare_digest(given.encode(), api_key.encode())
 
 
+def cookie_name(key: str) -> str:
+    return f"{COOKIE}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def presented_key(authorization: str, cookie: str) -> str:
     """The key a request carries: `Authorization: Bearer KEY`, else the login cookie."""
     return authorization[7:].strip() if authorization.lower().startswith("bearer ") else cookie
 
 
-def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, api_key: str | None) -> str | None:
+def refusal(method: str, path: str, headers: Mapping[str, str], cookie: str, key: str, any_host: bool) -> str | None:
     """Why the guard refuses a request, or None to let it through:
-    'loopback-only' (no key and a Host header that is not loopback: DNS rebinding), 'login' (no or a
-    wrong key from a browser asking for a page), 'api-key' (no or a wrong key otherwise), 'cross-site'
-    (a POST whose Origin is not this host). /login and the stylesheet it uses need no key."""
-    if api_key is None and not host_is_loopback(headers.get("host", "")):
+    'loopback-only' (not `any_host` (no --api-key) and a Host header that is not loopback: DNS rebinding),
+    'login' (no or a wrong key from a browser asking for a page), 'api-key' (no or a wrong key otherwise),
+    'cross-site' (a POST whose Origin is not this host, or a POST or /api/ request a browser marks as
+    coming from another site or port: Sec-Fetch-Site). /login and the stylesheet it uses need no key."""
+    if not any_host and not host_is_loopback(headers.get("host", "")):
         return "loopback-only"
-    needs_key = api_key is not None and path not in ("/login", "/static/ui.css")
-    if needs_key and not key_matches(presented_key(headers.get("authorization", ""), cookie), api_key):
+    needs_key = path not in ("/login", "/static/ui.css")
+    if needs_key and not key_matches(presented_key(headers.get("authorization", ""), cookie), key):
         return "login" if method == "GET" and "text/html" in headers.get("accept", "") else "api-key"
     if method == "POST":
         origin = headers.get("origin")
         if origin and urllib.parse.urlsplit(origin).netloc != headers.get("host"):
             return "cross-site"
+    # a page on another port of this host is "same-site" and would carry the SameSite cookie
+    if headers.get("sec-fetch-site") in ("cross-site", "same-site") and (method != "GET" or path.startswith("/api/")):
+        return "cross-site"
     return None
 
 
@@ -125,12 +143,7 @@ def run_folder(out: Path, root: Path, name: str) -> Path:
     if not (folder / "recipe.yaml").is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
         raise NotFound(name)
     # the files pages show or render: a symlink out of the runs folder makes the whole run unavailable
-    paths, sidecar = RunPaths(folder), status.sidecar_dir(out, name)
-    shown = (paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
-             paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
-             paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
-             paths.report_html, sidecar / "process.json", sidecar / "console.log")
-    if any(path.exists() and not path.resolve().is_relative_to(root) for path in shown):
+    if status.links_out(out, name) is not None:
         raise NotFound(name)
     return folder
 
@@ -141,6 +154,20 @@ def file_inside(root: Path, path: Path) -> Path:
     if not resolved.is_relative_to(root) or not resolved.is_file():
         raise NotFound(str(path))
     return resolved
+
+
+async def read_form(request: Request) -> dict[str, list[str]]:
+    """The posted form, read up to MAX_FORM_BYTES (TooLarge past it: refused by Content-Length before
+    reading, or as soon as a body without one grows past it)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
+        raise TooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise TooLarge
+    return parse_form(bytes(body))
 
 
 def parse_form(body: bytes) -> dict[str, list[str]]:
@@ -189,13 +216,14 @@ def recipe_choices(out: Path) -> list[str]:
     return [str(p.relative_to(out)) for p in launch.recipe_files(out)]
 
 
-def start_from_form(out: Path, fields: dict[str, str]) -> None:
+def start_from_form(launcher: launch.Launcher, fields: dict[str, str]) -> None:
     """Start the run the form describes; TunelabError (shown on the form) for a recipe not listed or
-    anything launch.start_run refuses."""
+    anything Launcher.start refuses."""
+    out = launcher.out_dir
     recipe = fields.get("recipe", "")
     if recipe not in recipe_choices(out):
         raise TunelabError(f"recipe '{recipe}': choose one of the recipes listed")
-    launch.start_run(out, out / recipe, fields.get("name", ""), start_overrides(fields))
+    launcher.start(out / recipe, fields.get("name", ""), start_overrides(fields), trusted=fields.get("trust") == "yes")
 
 
 async def playground_events(playground: Playground, folder: Path, prompt: str, system: str | None,
@@ -237,14 +265,18 @@ async def playground_events(playground: Playground, folder: Path, prompt: str, s
 
 
 class UiState:
-    """What the handlers share: the runs folder (and its real path), the templates, the playground, the key."""
+    """What the handlers share: the runs folder (and its real path), the templates, the playground, the
+    key (the --api-key, else a token made for this server's lifetime) and the processes started."""
 
     def __init__(self, out_dir: str | Path, api_key: str | None) -> None:
         self.out = Path(out_dir)
         self.root = self.out.resolve()
         self.api_key = api_key
+        self.key = api_key or secrets.token_urlsafe(32)
+        self.cookie = cookie_name(self.key)
         self.templates = _templates()
         self.playground = Playground()
+        self.launcher = launch.Launcher(self.out)
 
     def page(self, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         html = self.templates.get_template(template).render(out_dir=str(self.out),
@@ -253,6 +285,10 @@ class UiState:
 
     def run_path(self, name: str) -> Path:
         return run_folder(self.out, self.root, name)
+
+    def readable_names(self) -> list[str]:
+        """Runs that may be offered for choosing (none that links out of the runs folder)."""
+        return [n for n in status.run_names(self.out) if status.links_out(self.out, n) is None]
 
     def start_form(self, values: dict[str, str] | None = None, problem: str | None = None) -> HTMLResponse:
         return self.page("start.html.jinja", 400 if problem else 200, title="Start a run",
@@ -271,6 +307,7 @@ def create_app(out_dir: str | Path, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = UiState(out_dir, api_key)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(TooLarge, _too_large)
     app.add_exception_handler(TunelabError, _user_error)
     app.middleware("http")(_guard)
     app.include_router(router)
@@ -282,22 +319,39 @@ async def _not_found(request: Request, err: Exception) -> HTMLResponse:
                              message="No such run or file in this runs folder.")
 
 
+async def _too_large(request: Request, err: Exception) -> Response:
+    return Response(f"request body over {MAX_FORM_BYTES} bytes refused\n", status_code=413, media_type="text/plain")
+
+
 async def _user_error(request: Request, err: Exception) -> HTMLResponse:
     return _ui(request).page("error.html.jinja", 400, title="Cannot do that", message=str(err))
 
 
+def _log_in(ui: UiState, key: str, to: str) -> Response:
+    response = RedirectResponse(to, status_code=303)
+    response.set_cookie(ui.cookie, key, httponly=True, samesite="strict")
+    return response
+
+
 async def _guard(request: Request, call_next: Any) -> Any:
     ui = _ui(request)
-    refused = refusal(request.method, request.url.path, request.headers, request.cookies.get(COOKIE, ""), ui.api_key)
+    token = request.query_params.get("token")
+    if request.method == "GET" and token is not None and key_matches(token, ui.key) and (
+            ui.api_key is not None or host_is_loopback(request.headers.get("host", ""))):
+        # the address `tunelab ui` printed: keep the key in a cookie, show the page without it in the URL
+        rest = urllib.parse.urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+        return _log_in(ui, token, request.url.path + (f"?{rest}" if rest else ""))
+    refused = refusal(request.method, request.url.path, request.headers, request.cookies.get(ui.cookie, ""), ui.key,
+                      any_host=ui.api_key is not None)
     if refused == "loopback-only":
         return Response("this UI answers on a loopback address only (start it with --api-key to serve others)\n",
                         status_code=421, media_type="text/plain")
     if refused == "login":
-        return ui.page("login.html.jinja", 401, title="API key", failed=False)
+        return ui.page("login.html.jinja", 401, title="Key", failed=False)
     if refused == "api-key":
         return JSONResponse({"error": "missing or wrong API key"}, status_code=401)
     if refused == "cross-site":
-        return Response("cross-site form post refused\n", status_code=403, media_type="text/plain")
+        return Response("cross-site request refused\n", status_code=403, media_type="text/plain")
     response = await call_next(request)
     response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -318,17 +372,15 @@ def static(name: str) -> Response:
 
 @router.get("/login")
 def login_page(ui: Ui) -> HTMLResponse:
-    return ui.page("login.html.jinja", title="API key", failed=False)
+    return ui.page("login.html.jinja", title="Key", failed=False)
 
 
 @router.post("/login")
 async def login(request: Request, ui: Ui) -> Response:
-    given = parse_form(await request.body()).get("key", [""])[0]
-    if not key_matches(given, ui.api_key):
-        return ui.page("login.html.jinja", 401, title="API key", failed=ui.api_key is not None)
-    response = RedirectResponse("/", status_code=303)
-    response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
-    return response
+    given = (await read_form(request)).get("key", [""])[0]
+    if not key_matches(given, ui.key):
+        return ui.page("login.html.jinja", 401, title="Key", failed=True)
+    return _log_in(ui, given, "/")
 
 
 @router.get("/")
@@ -346,7 +398,8 @@ def run_page(name: str, ui: Ui) -> HTMLResponse:
     return ui.page("run.html.jinja", title=name, run=state,
                    report=(folder / "eval" / "metrics.json").is_file(),
                    console=None if console is None else status.console_lines(console)[-CONSOLE_LINES_SHOWN:],
-                   command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None)
+                   command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None,
+                   can_stop=ui.launcher.can_stop(name))
 
 
 @router.get("/api/runs/{name}/state")
@@ -387,7 +440,7 @@ def predictions(name: str, ui: Ui, arm: str = "", slice: str = "", outcome: str 
 @router.post("/runs/{name}/stop")
 def stop(name: str, ui: Ui) -> Response:
     ui.run_path(name)
-    launch.stop_run(ui.out, name)
+    ui.launcher.stop(name)
     return RedirectResponse(f"/runs/{urllib.parse.quote(name)}", status_code=303)
 
 
@@ -395,7 +448,7 @@ def stop(name: str, ui: Ui) -> Response:
 def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
     from tunelab.report.compare import compare_runs
 
-    names = [n for n in status.run_names(ui.out) if (ui.out / n / "eval" / "metrics.json").is_file()]
+    names = [n for n in ui.readable_names() if (ui.out / n / "eval" / "metrics.json").is_file()]
     chosen = [n for n in request.query_params.getlist("run") if n in names]
     comparison, problem = None, None
     if len(chosen) >= 2:
@@ -410,9 +463,12 @@ def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
 @router.get("/playground")
 def playground_page(ui: Ui, run: str = "") -> HTMLResponse:
     out = ui.out
-    names = [n for n in status.run_names(out) if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
+    names = [n for n in ui.readable_names() if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
     chosen = run if run in names else (names[0] if names else "")
-    system = ui.playground.system_prompt(ui.run_path(chosen)) if chosen else None
+    try:
+        system = ui.playground.system_prompt(ui.run_path(chosen)) if chosen else None
+    except TunelabError:  # the run's train split is unreadable: the page still works, without its prompt
+        system = None
     return ui.page("playground.html.jinja", title="Playground", names=names, chosen=chosen, system=system or "",
                    arms=ARMS)
 
@@ -433,9 +489,9 @@ def start_page(ui: Ui) -> HTMLResponse:
 
 @router.post("/start")
 async def start(request: Request, ui: Ui) -> Response:
-    fields = {key: values[0].strip() for key, values in parse_form(await request.body()).items()}
+    fields = {key: values[0].strip() for key, values in (await read_form(request)).items()}
     try:
-        start_from_form(ui.out, fields)
+        start_from_form(ui.launcher, fields)
     except TunelabError as err:
         return ui.start_form(fields, str(err))
     return RedirectResponse(f"/runs/{urllib.parse.quote(fields['name'])}", status_code=303)
@@ -455,7 +511,9 @@ def serve_ui(out_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, api
     app = create_app(out_dir, api_key=api_key)
     sock = bind_socket(host, port)
     shown_host = f"[{host}]" if ":" in host else host
-    announce(f"tunelab ui on http://{shown_host}:{sock.getsockname()[1]}/ over {out_dir}"
+    # without --api-key the address carries this server's token: only who reads this terminal gets in
+    token = "" if api_key else f"?token={app.state.ui.key}"
+    announce(f"tunelab ui on http://{shown_host}:{sock.getsockname()[1]}/{token} over {out_dir}"
              f"{' (API key required)' if api_key else ''}; Ctrl-C stops the UI, not the runs it started")
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[sock])

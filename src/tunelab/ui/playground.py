@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import ARMS
+from tunelab.config import ARMS, TUNED_ARMS
 from tunelab.errors import ConfigError
-from tunelab.eval.metrics import TUNED_ARMS
 
 
 @dataclass

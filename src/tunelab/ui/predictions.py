@@ -54,7 +54,8 @@ def browse_predictions(paths: RunPaths, wanted: PredictionFilter) -> PredictionP
         if isinstance(row.get("score"), int | float):
             scores[str(row.get("id"))].add(float(row["score"]))
     disagreeing = {example_id for example_id, values in scores.items() if len(values) > 1}
-    arms = [a for a in ARMS if any(r.get("arm") == a for r in predictions.value)]
+    present = {r.get("arm") for r in predictions.value}
+    arms = [a for a in ARMS if a in present] + sorted(a for a in present if isinstance(a, str) and a not in ARMS)
     rows = []
     for row in predictions.value:
         example_id = str(row.get("id"))

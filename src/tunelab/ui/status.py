@@ -16,11 +16,15 @@ How the status is derived (the same rules are in docs/ui.md):
              stopped     exit code 75 (checkpointed on SIGTERM), 130 or a signal; or no exit code and no
                          error in the console log (e.g. a CLI run that was interrupted);
              failed      any other exit code, or an `error:` / traceback line at the end of the console log.
+  unreadable  one of its files does not fit its model (tunelab.contract; process.json here), or the run
+              folder or a file the UI reads is a link out of the runs folder: that run shows only its
+              name and why, the others as usual.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -28,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from tunelab.config import Recipe, load_recipe
+from tunelab.contract import ContractError, Metrics, Stages
 from tunelab.errors import TunelabError
 from tunelab.report.html import read_json
 from tunelab.runs import RunPaths
 
-STATUSES = ("preparing", "training", "evaluating", "done", "failed", "stopped")
+STATUSES = ("preparing", "training", "evaluating", "done", "failed", "stopped", "unreadable")
 ACTIVE_WINDOW_S = 300.0  # a run started elsewhere counts as running while its files changed this recently
 STOPPED_EXIT_CODES = (75, 130)  # checkpointed on SIGTERM / interrupted (tunelab.cli)
 CONSOLE_TAIL_BYTES = 65536
@@ -94,7 +101,10 @@ def sidecar_dir(out_dir: Path, name: str) -> Path:
 
 
 def process_alive(pid: int) -> bool:
-    """A live, non-zombie process whose command line mentions tunelab (guards against a reused pid)."""
+    """A live, non-zombie process whose command line mentions tunelab (guards against a reused pid). For
+    display only: the UI signals only processes it started itself (tunelab.ui.launch.Launcher)."""
+    if pid <= 1:  # -1 and 0 name groups of processes to os.kill, 1 is init: never a run
+        return False
     proc = Path("/proc") / str(pid)
     if proc.is_dir():
         try:
@@ -111,15 +121,56 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class ProcessRecord(BaseModel):
+    """process.json (writer: tunelab.ui.launch)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    pid: int
+    command: list[str]
+    started: float
+    exit_code: int | None = None
+
+
 def read_process(out_dir: Path, name: str) -> ProcessInfo | None:
-    found = read_json(sidecar_dir(out_dir, name) / "process.json")
-    value = found.value if found.ok and isinstance(found.value, dict) else None
-    if value is None or not isinstance(value.get("pid"), int):
+    """The run's process.json, None when there is none; ContractError when it does not fit ProcessRecord."""
+    path = sidecar_dir(out_dir, name) / "process.json"
+    if not path.is_file():
         return None
-    exit_code = value.get("exit_code")
-    return ProcessInfo(value["pid"], list(value.get("command") or []), float(value.get("started") or 0),
-                       exit_code if isinstance(exit_code, int) else None,
-                       exit_code is None and process_alive(value["pid"]))
+    found = read_json(path)
+    if not found.ok:
+        raise ContractError(f"{path}: {found.problem}")
+    try:
+        record = ProcessRecord.model_validate(found.value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ContractError(f"{path}: {'.'.join(map(str, first['loc'])) or '(top level)'}: {first['msg']}") from None
+    return ProcessInfo(record.pid, record.command, record.started, record.exit_code,
+                       record.exit_code is None and process_alive(record.pid))
+
+
+def shown_files(out_dir: Path, name: str) -> list[Path]:
+    """The files of run `name` the UI reads or serves (in the run folder and its sidecar)."""
+    paths, sidecar = RunPaths(out_dir / name), sidecar_dir(out_dir, name)
+    return [paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
+            paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
+            paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
+            paths.report_html, sidecar / "process.json", sidecar / "console.log"]
+
+
+def links_out(out_dir: Path, name: str) -> str | None:
+    """Why run `name` is not shown when its folder, its sidecar, or a file the UI reads resolves outside
+    the runs folder (a symbolic link out of it), else None: links out are never followed."""
+    root = out_dir.resolve()
+    for folder in (out_dir / name, sidecar_dir(out_dir, name)):
+        if folder.exists() and folder.resolve().parent != folder.parent.resolve():
+            return f"{folder}: a link out of the runs folder; not followed"
+    if not (out_dir / ".ui").resolve().is_relative_to(root):
+        return f"{out_dir / '.ui'}: a link out of the runs folder; not followed"
+    for path in shown_files(out_dir, name):
+        if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(root):
+            return f"{path}: a link out of the runs folder; not followed"
+    return None
 
 
 def console_text(out_dir: Path, name: str, max_bytes: int = CONSOLE_TAIL_BYTES) -> str | None:
@@ -257,8 +308,18 @@ def derive_status(*, alive: bool, exit_code: int | None, trained: bool, steps_lo
 
 
 def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunState:
-    """Everything the runs list and a run page show about one run."""
-    now = time.time() if now is None else now
+    """Everything the runs list and a run page show about one run; status "unreadable" (and why) when a
+    file of it does not fit its model or links out of the runs folder."""
+    problem = links_out(out_dir, name)
+    if problem is not None:
+        return RunState(name=name, status="unreadable", detail=problem)
+    try:
+        return _read_run_state(out_dir, name, time.time() if now is None else now)
+    except ContractError as err:
+        return RunState(name=name, status="unreadable", detail=str(err))
+
+
+def _read_run_state(out_dir: Path, name: str, now: float) -> RunState:
     paths = RunPaths(out_dir / name)
     recipe = _recipe(paths)
     process = read_process(out_dir, name)
@@ -266,11 +327,9 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
     lines = console_lines(console) if console is not None else []
     bars = tqdm_bars(console) if console is not None else []
     last_train = _last_train_record(paths)
-    stages = read_json(paths.root / "stages.json")
-    stage_done = stages.value if stages.ok and isinstance(stages.value, dict) else {}
-    trained = bool((stage_done.get("train") or {}).get("done")) or (paths.root / "train" / "summary.json").is_file()
-    metrics_file = read_json(paths.metrics)
-    metrics = metrics_file.value if metrics_file.ok and isinstance(metrics_file.value, dict) else None
+    stages = Stages.from_file(paths.root / "stages.json") if (paths.root / "stages.json").is_file() else None
+    trained = (stages is not None and stages.done("train")) or (paths.root / "train" / "summary.json").is_file()
+    metrics = Metrics.from_file(paths.metrics) if paths.metrics.is_file() else None
     updated = _last_write(paths)
     if process is not None:
         alive = process.alive
@@ -281,37 +340,38 @@ def read_run_state(out_dir: Path, name: str, now: float | None = None) -> RunSta
 
     stats = read_json(paths.data / "stats.json")
     counts = (stats.value or {}).get("counts") if stats.ok and isinstance(stats.value, dict) else None
+    counts = {k: v for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, dict) else {}
     manifest = read_json(paths.manifest)
     state = RunState(
         name=name, status=status, detail=detail, model=recipe.model.name if recipe else None,
         method=recipe.method if recipe else None,
-        train_examples=counts.get("train") if isinstance(counts, dict) else None,
+        train_examples=counts.get("train"),
         parent=_parent_name(manifest.value) if manifest.ok else None,
         started_by_ui=process is not None, updated=updated,
         status_line=next((line for line in reversed(lines) if line.strip()), None),
         has_tuned_model=paths.adapter.is_dir() or paths.model.is_dir(),
     )
     if last_train is not None:
-        state.step = last_train.get("step")
+        state.step = last_train.get("step") if isinstance(last_train.get("step"), int) else None
         state.total_steps = _total_steps(paths, recipe, bars)
         elapsed = last_train.get("elapsed_s")
         if status == "training":
             loss = last_train.get("loss")
             of = f" of {state.total_steps}" if state.total_steps else ""
             state.detail = f"step {state.step}{of}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
-            if state.total_steps and isinstance(elapsed, int | float) and state.step:
+            if state.total_steps and isinstance(elapsed, int | float) and math.isfinite(elapsed) and state.step:
                 state.eta_s = max(0.0, (state.total_steps - state.step) * elapsed / state.step)
     if status == "evaluating" and recipe is not None:
-        test_count = counts.get("test") if isinstance(counts, dict) else None
+        test_count = counts.get("test")
         limit = recipe.eval.limit
         per_arm = min(test_count, limit) if isinstance(test_count, int) and limit else test_count
         state.eval_progress = eval_progress(bars, list(recipe.eval.arms), per_arm)
     if metrics is not None:
-        state.primary_metric = metrics.get("primary_metric")
-        tuned = (metrics.get("arms") or {}).get("tuned") or {}
-        state.tuned_primary, state.tuned_ci95 = tuned.get("primary"), tuned.get("ci95")
-        verdict = metrics.get("verdict") or {}
-        state.best_arm, state.verdict = verdict.get("best_arm"), verdict.get("text")
+        state.primary_metric = metrics.primary_metric
+        tuned = metrics.arms.get("tuned")
+        if tuned is not None:
+            state.tuned_primary, state.tuned_ci95 = tuned.primary, list(tuned.ci95) if tuned.ci95 else None
+        state.best_arm, state.verdict = metrics.verdict.best_arm, metrics.verdict.text
     return state
 
 

@@ -1,7 +1,8 @@
 """Graders in an evaluation: the checks before any generation, and what the evaluation records.
 
 Before generating (eval/run.py), from the recipe's eval section: a python grader in a run folder runs
-only with the caller's consent, every judge's API key variable is set, and eval.primary names a
+only with the caller's consent, every judge's API key variable is set, a run folder's judge is sent
+that key only with the caller's consent, and eval.primary names a
 grader or a built-in metric computed for these references. After grading: eval/metrics.json
 "graders" (configs, failures per grader and arm, judge/human agreement from eval.human_labels, read
 here) and manifest.json "graders" (the configs used; the manifest's other keys kept).
@@ -28,13 +29,16 @@ if TYPE_CHECKING:
 
 def prepare_graders(cfg: EvalConfig, kind: OutputKind, has_schema: bool, paths: RunPaths,
                     python_graders: bool) -> tuple[list[Any], Primary]:
-    """The recipe's graders and the verdict's metric, with python graders refused unless allowed and
+    """The recipe's graders and the verdict's metric, with a run folder's python graders and secret-bearing
+    judges refused unless allowed (`python_graders`: the recipe is the user's own, or they consented), and
     every judge's API key checked."""
     graders = recipe_graders(cfg)
     if not python_graders:
         refuse_python_graders(graders, paths)
     primary = choose_primary(cfg.primary, graders, kind, has_schema, paths)
-    check_api_keys([*graders, *([cfg.pairwise] if cfg.pairwise else [])], paths)
+    check_api_keys(graders, cfg.pairwise, paths)
+    if not python_graders:
+        refuse_secret_bearing(graders, cfg.pairwise, paths)
     return graders, primary
 
 
@@ -88,29 +92,53 @@ def choose_primary(name: str | None, graders: Sequence[Any], kind: OutputKind, h
     return Primary(name, False, f"eval.primary: the verdict is about built-in metric '{name}'")
 
 
-def refuse_python_graders(graders: Sequence[Any], paths: RunPaths) -> None:
+CONSENT = "add --trust-remote-code if you trust this run"
+
+
+def refuse_python_graders(graders: Sequence[Any], paths: RunPaths, consent: str = CONSENT) -> None:
     """Opening someone else's run folder never runs its code: a python grader there needs consent."""
     for grader in graders:
         for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
             if getattr(one, "type", None) == "python":
                 raise ConfigError(
                     f"{paths.recipe}: grader '{one.name}' is Python code from the run folder; tunelab does not run "
-                    "a run folder's code unasked: add --trust-remote-code if you trust this run"
+                    f"a run folder's code unasked: {consent}"
                 )
 
 
-def check_api_keys(graders: Sequence[Any], paths: RunPaths) -> None:
-    """Every judge's API key variable is set, before minutes of generation."""
-    from tunelab.eval.graders.judge import JudgeFailed, api_key
-
+def calling_endpoints(graders: Sequence[Any], pairwise: Any) -> list[tuple[str, Any]]:
+    """(who, endpoint) for every grader (multi's parts included) and the pairwise judge that calls a
+    model endpoint: score_model, label_model, text_similarity with cosine, eval.pairwise."""
+    found = []
     for grader in graders:
         for one in grader.graders.values() if getattr(grader, "type", None) == "multi" else (grader,):
             if hasattr(one, "key_env") and getattr(one, "evaluation_metric", "cosine") == "cosine":
-                try:
-                    api_key(one)
-                except JudgeFailed as err:
-                    who = f"grader '{one.name}'" if hasattr(one, "name") else "eval.pairwise"
-                    raise ConfigError(f"{paths.recipe}: {who}: {err}") from None
+                found.append((f"grader '{one.name}'", one))
+    return found + ([("eval.pairwise", pairwise)] if pairwise is not None else [])
+
+
+def refuse_secret_bearing(graders: Sequence[Any], pairwise: Any, paths: RunPaths, consent: str = CONSENT) -> None:
+    """Opening someone else's run folder never sends your secrets where it says: a judge there that would
+    send an API key from your environment (api_key_env, or OPENAI_API_KEY for api.openai.com) needs
+    consent, like a python grader."""
+    for who, endpoint in calling_endpoints(graders, pairwise):
+        if endpoint.key_env is not None:
+            raise ConfigError(
+                f"{paths.recipe}: {who} would send the API key in ${endpoint.key_env} to {endpoint.base_url}, "
+                "as the run folder's recipe says; tunelab does not send your secrets where a run folder says "
+                f"unasked: {consent}"
+            )
+
+
+def check_api_keys(graders: Sequence[Any], pairwise: Any, paths: RunPaths) -> None:
+    """Every judge's API key variable is set, before minutes of generation."""
+    from tunelab.eval.graders.judge import JudgeFailed, api_key
+
+    for who, endpoint in calling_endpoints(graders, pairwise):
+        try:
+            api_key(endpoint)
+        except JudgeFailed as err:
+            raise ConfigError(f"{paths.recipe}: {who}: {err}") from None
 
 
 def grader_summary(graders: Sequence[Any], columns: dict[str, dict[str, Any]], test: Sequence[EvalExample],

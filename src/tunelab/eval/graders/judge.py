@@ -3,7 +3,9 @@
 Reads the API key from the environment variable a grader names (api_key_env), never from a file;
 POSTs {base_url}/chat/completions (score_model, label_model) or {base_url}/embeddings (cosine).
 Each call has a timeout; 429, 5xx and connection errors are retried with backoff doubling from
-1 s. Replies are cached in a JSONL file (the run's eval/judge_cache.jsonl) keyed by the sha256 of
+1 s. Redirects are not followed (the Authorization header would go wherever one points: an
+endpoint that redirects fails, naming where to), and a reply over MAX_REPLY_BYTES, or nested deeper
+than the parser's limit, fails for that example without being read further. Replies are cached in a JSONL file (the run's eval/judge_cache.jsonl) keyed by the sha256 of
 (endpoint, model, rendered messages, sampling params), so re-running eval never pays twice for the
 same prompt; failed calls are not cached (the next run tries again).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 RETRY_FIRST_WAIT_S = 1.0
+MAX_REPLY_BYTES = 8 * 2**20  # a judge's JSON reply is a few KB; an endless one is never held whole
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -50,7 +54,7 @@ class JudgeCache:
                 try:
                     row = json.loads(line)
                     self.replies[row["key"]] = row["reply"]
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     continue  # a line torn by an interrupted run: that call is simply made again
 
     def fetch(self, key: str, call: Callable[[], Any]) -> Any:
@@ -93,6 +97,31 @@ def api_key(endpoint: Any) -> str | None:
     return value
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: urllib would resend the request, Authorization header included, to any
+    origin the reply names."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # urllib then raises HTTPError with the 3xx status
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def read_reply(response: Any, url: str) -> Any:
+    """The reply body as JSON, read up to MAX_REPLY_BYTES (JudgeFailed past it, or nested too deeply)."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_REPLY_BYTES:
+        raise JudgeFailed(f"{url}: the reply is {int(length)} bytes, over the {MAX_REPLY_BYTES // 2**20} MiB limit")
+    data = response.read(MAX_REPLY_BYTES + 1)
+    if len(data) > MAX_REPLY_BYTES:
+        raise JudgeFailed(f"{url}: the reply is over the {MAX_REPLY_BYTES // 2**20} MiB limit")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise JudgeFailed(f"{url}: the answer is JSON nested too deeply") from None
+
+
 def post_json(endpoint: Any, route: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST with timeout and retries; the parsed JSON answer or JudgeFailed naming the last problem."""
     url = endpoint.base_url.rstrip("/") + route
@@ -107,10 +136,14 @@ def post_json(endpoint: Any, route: str, body: dict[str, Any]) -> dict[str, Any]
             time.sleep(RETRY_FIRST_WAIT_S * 2 ** (attempt - 1))
         request = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=endpoint.timeout_s) as response:
-                return json.loads(response.read().decode("utf-8"))
+            with _OPENER.open(request, timeout=endpoint.timeout_s) as response:
+                return read_reply(response, url)
         except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")[:200]
+            if 300 <= err.code < 400:
+                problem = (f"HTTP {err.code} from {url}: redirected to {err.headers.get('Location', '?')}; a judge's "
+                           "redirects are not followed (its API key would go with them): set base_url to the final address")
+                break
+            detail = err.read(4096).decode("utf-8", "replace")[:200]
             problem = f"HTTP {err.code} from {url}: {detail}"
             if err.code not in _RETRY_STATUS:
                 break
@@ -179,14 +212,21 @@ def label_instruction(labels: list[str]) -> str:
     return f'Reply with JSON only, in this shape: {{"result": <one of {json.dumps(labels)}>}}'
 
 
-def _result(reply: str) -> Any:
-    from tunelab.eval.metrics import lenient_json
+_FLAT_OBJECT = re.compile(r"\{[^{}]*\}")
 
-    value = lenient_json(reply)
-    if isinstance(value, dict):
-        for key in ("result", "score", "label"):
-            if key in value:
-                return value[key]
+
+def _result(reply: str) -> Any:
+    """The reply's "result" (or "score", "label"): the whole reply as JSON, else the first flat {...}
+    in it that parses (the asked-for shape is flat; scanning for it is linear and never recurses)."""
+    for text in itertools.chain([reply.strip()], (m.group() for m in _FLAT_OBJECT.finditer(reply))):
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            for key in ("result", "score", "label"):
+                if key in value:
+                    return value[key]
     return None
 
 

@@ -1,7 +1,11 @@
 """Runs a python grader's grade(sample, item) in a child Python process, with a per-call deadline.
 
-Reads the grader's source; each call sends one JSON line {"sample", "item"} to the child and reads
-back {"score"} or {"error"}. A call past timeout_s kills the child (a new one starts for the next
+Sends the grader's source as the first line of the child's stdin (never on its command line, so no
+size limit of the OS applies), then each call sends one JSON line {"sample", "item"} and reads back
+{"score"} or {"error"}. Requests and answers travel on copies of the child's stdin and stdout made
+before the user's code runs; the code's own fd 0 then reads /dev/null and its fd 1 goes to stderr,
+so print(), os.system, sys.__stdout__ or input() cannot write a score or steal a request, and an
+answer that is not a finite score or an error message fails that call in one line. A call past timeout_s kills the child (a new one starts for the next
 call) and fails for that example; an exception in grade(), or a return value that is not a finite
 number, fails for that example with its message. Nothing fails silently as a 0. The code runs with
 the user's own rights, like the recipe that holds it; the child keeps it out of tunelab's process
@@ -11,6 +15,7 @@ the user's own rights, like the recipe that holds it; the child keeps it out of 
 from __future__ import annotations
 
 import json
+import math
 import queue
 import subprocess
 import sys
@@ -19,16 +24,22 @@ import time
 from collections import deque
 from typing import Any
 
-# The child: exec the source once, then answer one line per call. The user's print() goes to
-# stderr so that stdout carries only answers.
+# The child: keep private copies of stdin and stdout, point fd 0 at /dev/null and fd 1 at stderr (the
+# user's prints, subprocesses and sys.__stdout__ all land there), exec the source once, then answer
+# one line per call on the private copy.
 _CHILD = r"""
-import json, math, sys
-out = sys.stdout
+import json, math, os, sys
+requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+os.dup2(2, 1)
+sys.stdin = open(os.devnull, encoding="utf-8")
 sys.stdout = sys.stderr
 namespace = {"__name__": "tunelab_grader"}
-exec(compile(sys.argv[1], "<grader source>", "exec"), namespace)
+exec(compile(json.loads(requests.readline()), "<grader source>", "exec"), namespace)
 grade = namespace["grade"]
-for line in sys.stdin:
+for line in requests:
     request = json.loads(line)
     try:
         value = grade(request["sample"], request["item"])
@@ -39,7 +50,7 @@ for line in sys.stdin:
         else:
             answer = {"score": float(value)}
     except Exception as err:
-        answer = {"error": f"{type(err).__name__}: {err}"}
+        answer = {"error": f"{type(err).__name__}: {err}"[:500]}
     out.write(json.dumps(answer) + "\n")
     out.flush()
 """
@@ -47,6 +58,21 @@ for line in sys.stdin:
 
 class PythonGraderFailed(RuntimeError):
     """This call of grade() failed (exception, bad return value, timeout, or the child died)."""
+
+
+def read_answer(line: str) -> float:
+    """The score in the child's answer line; PythonGraderFailed with its message, or for an answer that is
+    not {"score": finite number} or {"error": text}."""
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError):
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        raise PythonGraderFailed(answer["error"])
+    score = answer.get("score") if isinstance(answer, dict) else None
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise PythonGraderFailed(f"the grader's process gave an unreadable answer: {line.strip()[:120]!r}")
+    return float(score)
 
 
 class PythonGraderProcess:
@@ -60,9 +86,15 @@ class PythonGraderProcess:
 
     def _start(self) -> subprocess.Popen[str]:
         child = subprocess.Popen(
-            [sys.executable, "-I", "-c", _CHILD, self.source], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-I", "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1,
         )
+        assert child.stdin is not None
+        try:
+            child.stdin.write(json.dumps(self.source) + "\n")  # one line: the source, JSON-encoded
+            child.stdin.flush()
+        except OSError:
+            pass  # the child died at once: the first call reports how
         answers: queue.Queue[str | None] = queue.Queue()
         errors: deque[str] = deque(maxlen=5)
 
@@ -98,10 +130,7 @@ class PythonGraderProcess:
             raise PythonGraderFailed(f"grade() did not return within timeout_s {self.timeout_s:g} s") from None
         if line is None:
             raise PythonGraderFailed(self._death(child))
-        answer = json.loads(line)
-        if "error" in answer:
-            raise PythonGraderFailed(answer["error"])
-        return float(answer["score"])
+        return read_answer(line)
 
     def _death(self, child: subprocess.Popen[str]) -> str:
         child.wait()
