@@ -66,9 +66,10 @@ def _check(recipe: Recipe, paths: RunPaths) -> None:
 def _prepare(recipe: Recipe, paths: RunPaths) -> None:
     from tunelab.data.prepare import prepare_data
     from tunelab.models import load_tokenizer
+    from tunelab.train.run import replay_file_for
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    prepared = prepare_data(recipe, tokenizer, paths.data)
+    prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
     counts = json.loads((prepared.out_dir / "stats.json").read_text()).get("counts", {})
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -652,6 +652,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
                 metrics.note(root) if not metrics.ok else "eval/metrics.json has no forgetting results "
                 "(eval.forgetting: false, or the tuned arm was not evaluated)"),
             "details": describe_mapping(forgetting_value) if forgetting_value is not None else None,
+            "plots": _scale_plot(forgetting_value),
         },
         "examples": {"available": predictions.ok, "note": None if predictions.ok else predictions.note(root),
                      "bad_lines": predictions.bad_lines, **_disagreements(preds, inputs)},
@@ -661,6 +662,20 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def _scale_plot(forgetting: Mapping[str, Any] | None) -> dict[str, str]:
+    """Task score against retention across the adapter scales tried (eval/adapter_scale.json), if any."""
+    scale = (forgetting or {}).get("adapter_scale")
+    if not isinstance(scale, dict) or not isinstance(scale.get("candidates"), list) or not scale["candidates"]:
+        return {}
+    from tunelab.report import plots
+
+    try:
+        return {"plot-scales": plots.scale_tradeoff(scale["candidates"], scale.get("scale"), str(scale.get("metric")),
+                                                    float(scale.get("threshold") or 0.05), "plot-scales")}
+    except (KeyError, TypeError, ValueError):  # a damaged file: the details table still shows what is there
+        return {}
+
+
 def render_html(context: Mapping[str, Any]) -> str:
     import jinja2
 
@@ -668,7 +683,8 @@ def render_html(context: Mapping[str, Any]) -> str:
         loader=jinja2.PackageLoader("tunelab", "report"), autoescape=True,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
-    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {})}
+    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {}),
+             **context["forgetting"].get("plots", {})}
     safe_plots = {name: jinja2.utils.markupsafe.Markup(svg) for name, svg in plots.items()}
     return env.get_template("report.html.jinja").render(**context, plots=safe_plots)
 
