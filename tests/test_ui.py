@@ -381,6 +381,10 @@ def test_stop_sends_sigterm_to_the_run_the_ui_started(tmp_path):
     c.get("/", params={"token": app.state.ui.key})
     started = app.state.ui.launcher.spawn("going", [sys.executable, "-c", "import time; time.sleep(60)", "tunelab"])
     try:
+        deadline = time.time() + 60
+        while not app.state.ui.launcher.can_stop("going"):  # the kernel sets its arguments just after its exec
+            assert time.time() < deadline
+            time.sleep(0.01)
         assert 'action="/runs/going/stop"' in c.get("/runs/going").text
         assert c.post("/runs/going/stop", follow_redirects=False).status_code == 303
         assert started.process.wait(timeout=10) == -15  # SIGTERM: what makes training checkpoint and exit 75

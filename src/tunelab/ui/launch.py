@@ -82,8 +82,8 @@ def proc_identity(pid: int) -> tuple[int, bytes] | None:
 @dataclass
 class Started:
     """A process this server started: the Popen (whose wait thread is the only reaper of its pid), a
-    pidfd where the kernel has them (a signal through it can reach no other process), and /proc's
-    start time and command line taken right after the start."""
+    pidfd where the kernel has them (a signal through it can reach no other process), and its identity:
+    the start time /proc showed right after the start, and the command line it was started with."""
 
     process: subprocess.Popen
     pidfd: int | None
@@ -135,7 +135,10 @@ class Launcher:
             pidfd: int | None = os.pidfd_open(process.pid)
         except (AttributeError, OSError):  # not Linux >= 5.3: the Popen and /proc checks remain
             pidfd = None
-        started = Started(process, pidfd, proc_identity(process.pid))
+        # the command line as given, not as /proc shows it now: just after exec the kernel may not have set it yet
+        seen = proc_identity(process.pid)
+        expected = b"".join(os.fsencode(arg) + b"\0" for arg in command)
+        started = Started(process, pidfd, (seen[0], expected) if seen is not None else None)
         with self._lock:
             self._started[name] = started
         record = {"pid": process.pid, "command": command, "started": time.time(), "exit_code": None}
