@@ -4,60 +4,135 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from tunelab.eval.forgetting import (
+    Probe,
+    ProbeScore,
     compare_general_ability,
+    detectable_drop,
+    detection_rate,
     general_probes,
     general_text,
     measure_general_ability,
+    retention,
+    retention_flagged,
     score_probe,
 )
 
 
 def test_general_text_ships_with_the_package():
     text = general_text()
-    assert 2000 <= len(text.encode("utf-8")) <= 4096
+    assert 15_000 <= len(text.encode("utf-8")) <= 25_000  # about 3.5k tokens: a perplexity interval of about +-2%
     assert text.isascii() and "http" not in text
 
 
-def test_probes_are_seeded_and_cover_three_kinds():
-    probes = general_probes(0)
-    assert len(probes) == 40
-    assert general_probes(0) == probes
-    assert general_probes(1) != probes
-    assert {p.kind for p in probes} == {"arithmetic", "fact", "format"}
-    assert len({p.id for p in probes}) == 40
+def test_probes_are_fixed_and_cover_four_kinds():
+    probes = general_probes()
+    assert len(probes) == 164
+    assert general_probes() == probes
+    assert Counter(p.kind for p in probes) == {"fact": 56, "reasoning": 44, "instruction": 34, "conversation": 30}
+    assert len({p.id for p in probes}) == 164 and len({p.prompt for p in probes}) == 164
+    assert sum(p.format for p in probes) == 42
 
 
 def _canonical_answer(probe) -> str:
     expected = json.loads(probe.answer)
     return {
-        "number": lambda: f"The answer is {expected}.",
+        "number": lambda: str(expected),
         "contains": lambda: f"It is {expected[0].title()}.",
+        "choice": lambda: expected[0],
         "upper_word": lambda: expected,
         "json": lambda: json.dumps(expected),
         "sequence": lambda: ", ".join(str(n) for n in expected),
         "same_text": lambda: expected,
+        "reply": lambda: f"Sure, here is one: {expected[0]}.",
     }[probe.rule]()
 
 
 def test_every_probe_accepts_its_answer_and_rejects_a_wrong_one():
-    for probe in general_probes(0):
-        assert score_probe(probe, _canonical_answer(probe)) == 1.0, probe
-        assert score_probe(probe, "I do not know, sorry") == 0.0, probe
+    for probe in general_probes():
+        right = score_probe(probe, _canonical_answer(probe))
+        assert right.known == 1.0 and right.format in ((1.0,) if probe.format else (None,)), probe
+        wrong = score_probe(probe, "billing_question")  # a labels-only fine-tune's answer to everything
+        assert wrong.known == 0.0 and wrong.format in ((0.0,) if probe.format else (None,)), probe
 
 
-def test_probe_scorers_hand_cases():
-    probes = {p.rule: p for p in general_probes(0)}
-    upper = probes["upper_word"]
-    word = json.loads(upper.answer)
-    assert score_probe(upper, f'"{word}".') == 1.0
-    assert score_probe(upper, word.lower()) == 0.0
-    assert score_probe(probes["json"], "```json\n" + probes["json"].answer + "\n```") == 1.0
-    numbers = json.loads(probes["sequence"].answer)
-    assert score_probe(probes["sequence"], ", ".join(map(str, numbers[:-1]))) == 0.0
+def _probe(rule, answer, form=True):
+    return Probe("p", "reasoning", "?", rule, json.dumps(answer), form)
+
+
+def test_knowledge_is_scored_apart_from_format():
+    # the right number inside a sentence is known, not in the asked-for form
+    assert score_probe(_probe("number", 90), "10 times 9 is 90.") == ProbeScore(1.0, 0.0)
+    assert score_probe(_probe("number", 90), "90") == ProbeScore(1.0, 1.0)
+    assert score_probe(_probe("number", 1200), "It is 1,200.").known == 1.0
+    assert score_probe(_probe("number", 90), "10 times 9 is 19.") == ProbeScore(0.0, 0.0)
+    assert score_probe(_probe("number", 9, form=False), "It is 9") == ProbeScore(1.0, None)
+    # a comparison: the first option named is the answer
+    assert score_probe(_probe("choice", ["71", "17"]), "71 is larger than 17.") == ProbeScore(1.0, 0.0)
+    assert score_probe(_probe("choice", ["71", "17"]), "17 is smaller.").known == 0.0
+    assert score_probe(_probe("choice", ["yes", "no"]), "Yes.") == ProbeScore(1.0, 1.0)
+    # format following: the skill is there inside a sentence, the form only when alone
+    assert score_probe(_probe("upper_word", "RIVER"), 'Here it is: RIVER') == ProbeScore(1.0, 0.0)
+    assert score_probe(_probe("upper_word", "RIVER"), '"RIVER".') == ProbeScore(1.0, 1.0)
+    assert score_probe(_probe("upper_word", "RIVER"), "river").known == 0.0
+    assert score_probe(_probe("json", {"a": "b"}), 'Sure: {"a": "b"}') == ProbeScore(1.0, 0.0)
+    assert score_probe(_probe("json", {"a": "b"}), '```json\n{"a": "b"}\n```') == ProbeScore(1.0, 1.0)
+    assert score_probe(_probe("sequence", [3, 4, 5]), "Counting: 3, 4, 5.") == ProbeScore(1.0, 0.0)
+    assert score_probe(_probe("sequence", [3, 4, 5]), "3, 4").known == 0.0
+    assert score_probe(_probe("same_text", "The cat sat."), "Sure! The cat sat.") == ProbeScore(1.0, 0.0)
+    # a conversation needs a reply of a few words on the subject: a bare label is not one
+    assert score_probe(_probe("reply", ["sunscreen", "towel"], False), "billing").known == 0.0
+    assert score_probe(_probe("reply", ["sunscreen", "towel"], False), "Bring a towel and water.").known == 1.0
+    assert score_probe(_probe("contains", ["cat"], False), "concatenate things").known == 0.0
+
+
+def test_retention_counts_only_what_the_base_model_knew():
+    base = [1, 1, 1, 1, 0, 0]
+    tuned = [1, 1, 1, 0, 1, 1]  # gains on probes the base model missed do not offset a loss
+    result = retention(base, tuned)
+    assert result["value"] == 0.75 and result["n"] == 4
+    lo, hi = result["ci95"]
+    assert 0.0 <= lo <= 0.75 <= hi <= 1.0
+    assert retention([0, 0], [1, 1]) == {"value": None, "ci95": None, "n": 0}
+
+
+# the 135M default model knows this many of the shipped probes (docs/evaluation.md, measured once)
+BASE_CORRECT_135M = 80
+
+
+def _simulated_flags(n: int, keep: float, trials: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    flags = 0
+    for trial in range(trials):
+        tuned = (rng.random(n) < keep).astype(float)
+        flags += retention_flagged(retention([1.0] * n, list(tuned), seed=trial), 0.05)
+    return flags / trials
+
+
+def test_a_planted_fifth_lost_is_detected_at_the_shipped_probe_count():
+    """Seeded simulation: a tuned model that loses 20% of what a harmless fine-tune keeps (97%: some churn
+    happens anyway) is flagged >= 80% of the time; the harmless one rarely; the exact rate agrees."""
+    n = BASE_CORRECT_135M
+    assert _simulated_flags(n, 0.97 * 0.8, trials=300, seed=1) >= 0.8
+    assert detection_rate(n, 1 - 0.97 * 0.8, 0.05) >= 0.8
+    assert _simulated_flags(n, 1.0, trials=50, seed=2) == 0.0
+    assert _simulated_flags(n, 0.99, trials=300, seed=3) <= 0.05
+    simulated = _simulated_flags(n, 0.9, trials=300, seed=4)
+    assert simulated == pytest.approx(detection_rate(n, 0.1, 0.05), abs=0.08)
+
+
+def test_detectable_drop_is_what_the_wording_promises():
+    drop = detectable_drop(BASE_CORRECT_135M, 0.05)
+    assert drop is not None and 0.05 < drop <= 0.2
+    assert detection_rate(BASE_CORRECT_135M, drop, 0.05) >= 0.8 > detection_rate(BASE_CORRECT_135M, drop - 0.01, 0.05)
+    # with 3 probes only losing all three is flagged ((2/3)^3 > 2.5%): that needs a 93% drop to happen 80% of the time
+    assert detectable_drop(3, 0.05) == 0.93
+    assert detectable_drop(0, 0.05) is None
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +175,7 @@ def test_damaged_copy_is_flagged_and_unchanged_model_is_not(trained_tiny):
     assert not unchanged["flagged"]
     assert unchanged["perplexity"]["relative_change"] == pytest.approx(0.0, abs=1e-6)
     assert "no forgetting" in unchanged["text"]
+    assert unchanged["retention"]["value"] in (1.0, None)
 
     barely = compare_general_ability(base, measure_general_ability(_noised(model, 0.01), tokenizer, batch_size=40), 0.05)
     assert not barely["flagged"]  # a tiny change stays under the threshold

@@ -32,7 +32,7 @@ def test_run_with_preference_pairs_from_a_supervised_parent(tmp_path, tiny_model
         "train.max_steps=20", "train.lr=5e-3", "dpo.beta=0.5",
     ]))
     stages = json.loads((dpo / "stages.json").read_text())
-    assert list(stages) == ["check", "prepare", "train", "eval", "report"]
+    assert list(stages) == ["check", "prepare", "train", "eval", "audit", "report"]
     metrics = json.loads((dpo / "eval" / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"base", "tuned", "sft"}
     assert metrics["arms"]["sft"]["model"] == "sft"

@@ -195,7 +195,22 @@ class TrainConfig(_Section):
         "fsdp = method full only: weights, gradients and AdamW state sharded over ranks (FSDP2), for a model "
         "that does not fit one GPU with them; auto = none for one process, else ddp (less communication)",
     )
+    replay: str | None = Field(
+        None, description="JSONL of your own general chat examples mixed into training; default: the base model's "
+        "own answers to general prompts shipped with tunelab (self-replay, generated once per model)",
+    )
+    replay_share: float | Literal["auto"] = Field(
+        "auto", description="share of training examples that are replay (never in valid/test); 0 = none; auto: "
+        "0.1, decided in train/plan.json with its reason",
+    )
     seed: int = 0
+
+    @field_validator("replay_share")
+    @classmethod
+    def _share_below_one(cls, share: float | str) -> float | str:
+        if share != "auto" and not 0.0 <= float(share) < 0.9:
+            raise ValueError("give a share from 0 (no replay) to below 0.9, or auto")
+        return share
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -303,6 +318,15 @@ class EvalConfig(_Section):
     schema_file: str | None = Field(None, description="JSON schema the outputs must conform to")
     forgetting: bool = True
     forgetting_threshold: float = Field(0.05, ge=0.0, description="flag a relative drop in general ability beyond this")
+    forgetting_policy: Literal["balance", "task", "report"] = Field(
+        "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
+        "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
+        "stay within eval.forgetting_threshold; task = the best task score; report = measure them all, keep 1.0",
+    )
+    adapter_scales: list[float] = Field(
+        default_factory=lambda: [1.0, 0.75, 0.5],
+        description="LoRA adapter scales tried (1 = the fine-tune as trained, 0 = the base model; WiSE-FT)",
+    )
     price_per_m_input_tokens: float = Field(0.15, ge=0.0, description="USD per 1M prompt tokens, for cost projection")
     price_per_m_output_tokens: float = Field(0.60, ge=0.0, description="USD per 1M completion tokens")
     gpu_price_per_hour: float = Field(2.5, ge=0.0, description="USD, for the training cost estimate")
@@ -337,6 +361,13 @@ class EvalConfig(_Section):
         "base_url, model, api_key_env, prompt, prices}, a local model {name, model, prompt} or recorded outputs "
         "{name, predictions}; see docs/evaluation.md",
     )
+
+    @field_validator("adapter_scales")
+    @classmethod
+    def _scales_in_range(cls, scales: list[float]) -> list[float]:
+        if not scales or any(not 0.0 <= s <= 2.0 for s in scales):
+            raise ValueError("give one or more scales between 0 and 2, e.g. [1.0, 0.75, 0.5]")
+        return sorted(set(scales), reverse=True)
 
     @field_validator("arms")
     @classmethod

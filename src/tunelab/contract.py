@@ -209,6 +209,9 @@ class TrainPlan(_Record):
     epochs_before_budget: float | None = Field(
         None, description="the data's passes, when the budget had room for more (up to twice as many)"
     )
+    replay: dict[str, Any] | None = Field(
+        None, description="replay examples in training (data/stats.json replay): file, source, share, examples, reason"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- eval/metrics.json
@@ -339,10 +342,36 @@ class Metrics(_Record):
         return {arm: result.usd_per_1m_queries for arm, result in self.arms.items()}
 
 
+# ---------------------------------------------------------------------------------------------- eval/adapter_scale.json
+
+
+class ScaleCandidate(_Record):
+    scale: float
+    task: float | None = Field(description="the task metric on the validation examples at this scale")
+    retention: float | None = Field(description="share of the base model's known general probes still known")
+    retention_ci95: list[float] | None
+    perplexity_change: float | None = Field(description="relative change of perplexity on the general text")
+    within_threshold: bool = Field(description="retention and perplexity within eval.forgetting_threshold")
+
+
+class AdapterScale(_Record):
+    """eval/adapter_scale.json: the LoRA adapter scale chosen by the evaluation (WiSE-FT), read by every
+    loader of the run's tuned model (runs.load_run_model: the tuned arm, chat, serve, export)."""
+
+    scale: float = Field(description="multiplies the update of every LoRA layer (1 = as trained, 0 = base model)")
+    policy: Literal["balance", "task", "report"]
+    reason: str
+    metric: str = Field(description="the task metric compared across scales")
+    split: str = Field(description="the examples it was compared on (the validation split)")
+    n_examples: int
+    threshold: float
+    candidates: list[ScaleCandidate]
+
+
 RUN_FILES: dict[str, type[_FileModel]] = {
     "manifest.json": Manifest,
     "stages.json": Stages,
     "train/summary.json": TrainSummary,
     "train/plan.json": TrainPlan,
     "eval/metrics.json": Metrics,
-}
+}  # files every finished run has; eval/adapter_scale.json (AdapterScale) only where a scale was chosen

@@ -21,6 +21,7 @@ from tunelab.contract import Lineage
 from tunelab.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -75,6 +76,10 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "eval" / "metrics.json"
+
+    @property
+    def adapter_scale(self) -> Path:
+        return self.root / "eval" / "adapter_scale.json"
 
     @property
     def predictions(self) -> Path:
@@ -139,8 +144,27 @@ def load_run_model(
     )
     model = PeftModel.from_pretrained(base, str(paths.adapter))
     model.eval()
+    if paths.adapter_scale.is_file():
+        from tunelab.contract import AdapterScale
+
+        set_adapter_scale(model, AdapterScale.from_file(paths.adapter_scale).scale)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     return model, tokenizer
+
+
+def set_adapter_scale(model: nn.Module, scale: float) -> int:
+    """Scale every LoRA layer's update to `scale` times what training left, in place (WiSE-FT: 0 is the
+    base model, 1 the fine-tune as trained); merging afterwards merges at that scale. Relative to the
+    trained scaling, so calling it again never compounds. Returns the number of LoRA layers scaled."""
+    layers = 0
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+            trained = module.__dict__.setdefault("_tunelab_trained_scaling", dict(scaling))
+            for adapter, value in trained.items():
+                scaling[adapter] = value * scale
+            layers += 1
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------- lineage

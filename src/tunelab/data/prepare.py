@@ -9,6 +9,9 @@ system_prompt) and a tokenizer with a chat template. Writes into out_dir:
   stats.json      counts, issues by code, quality counts, token statistics (keys: see DataStats)
   issues.jsonl    every issue (errors, warnings, quality findings), one per line
   rejected.jsonl  every accepted example that was dropped, with its reason and message
+  replay.jsonl    the replay examples mixed into training (data/replay.py): tokenized into
+                  train.tokens.jsonl only, never split off to valid/test, not in train.jsonl (the few-shot
+                  and retrieval pool stays the task's)
   fingerprint.json  sha256 of the inputs, tokenizer, chat template and settings; written last
 Never writes next to or over the input files (an output path that is an input is refused).
 
@@ -39,6 +42,7 @@ from tunelab.config import DataConfig, Recipe
 from tunelab.data.formats import data_files, dump_json_line
 from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
+from tunelab.data.replay import ReplayPlan, choose_replay, decide_replay_share, replay_count
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
@@ -51,7 +55,7 @@ if TYPE_CHECKING:
 DATA_VERSION = 2  # bump when the outputs change meaning: older fingerprints then never match (2: extra keys kept)
 OUTPUT_FILES = (
     "train.jsonl", "valid.jsonl", "test.jsonl", "train.tokens.jsonl", "valid.tokens.jsonl",
-    "stats.json", "issues.jsonl", "rejected.jsonl",
+    "stats.json", "issues.jsonl", "rejected.jsonl", "replay.jsonl",
 )
 _FILE_LEVEL = ("unreadable_file", "empty_file", "skipped_file")
 _PROGRESS_MIN_EXAMPLES = 2000
@@ -107,10 +111,14 @@ def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     return _sha256_text(vocabulary + "\0" + special)
 
 
-def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """What the prepared folder depends on; equal fingerprints mean equal outputs."""
+def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                     replay: tuple[Path, float] | None = None) -> dict[str, Any]:
+    """What the prepared folder depends on; equal fingerprints mean equal outputs. `replay`: the replay
+    file and its share of training examples."""
     inputs = {role: {"path": str(getattr(data, role)), "sha256": _sha256_input(Path(getattr(data, role)))}
               for role in ("train", "valid", "test") if getattr(data, role) is not None}
+    if replay is not None:
+        inputs["replay"] = {"path": str(replay[0]), "sha256": _sha256_input(replay[0]), "share": replay[1]}
     settings = data.model_dump(mode="json", exclude={"train", "valid", "test"})
     fingerprint = {
         "version": DATA_VERSION,
@@ -120,7 +128,8 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> di
         "settings": settings,
     }
     # paths may be spelt differently between runs; the contents are what matters
-    hashed = {**fingerprint, "inputs": {role: value["sha256"] for role, value in inputs.items()}}
+    hashed = {**fingerprint, "inputs": {role: value["sha256"] + (f"@{value['share']}" if "share" in value else "")
+                                        for role, value in inputs.items()}}
     fingerprint["sha256"] = _sha256_text(json.dumps(hashed, sort_keys=True))
     return fingerprint
 
@@ -198,9 +207,13 @@ class _Member:
     id: str = ""
     rejected: tuple[str, str] | None = None  # (reason code, message)
     token_rows: int = 0  # rows written to <split>.tokens.jsonl (more than 1 for a per-turn fallback)
+    replay: bool = False  # a replay example (data/replay.py): trained on, in no split's own files
 
 
-def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreparedData:
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+                 replay_file: Path | None = None) -> PreparedData:
+    """`replay_file`: general chat examples mixed into training at train.replay_share (tunelab train passes
+    train.replay or the base model's own answers; None: no replay)."""
     data = recipe.data
     if data.train is None:
         raise ConfigError("data.train is not set: give a training file (tunelab data prepare FILE --out DIR)")
@@ -208,7 +221,11 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     _refuse_overwriting_inputs(data, out_dir)
     _refuse_overwriting_foreign_files(out_dir)
     pairs = recipe.method == "dpo" or is_preference_file(data.train)  # preference pairs: data/preference.py
-    fingerprint = data_fingerprint(data, tokenizer)
+    # replay examples are supervised answers: a preference run has no place for them
+    replay = decide_replay_share(recipe.train, replay_file) if replay_file is not None and not pairs else None
+    if replay is not None and replay.share <= 0:
+        replay = None
+    fingerprint = data_fingerprint(data, tokenizer, (replay_file, replay.share) if replay and replay_file else None)
     fingerprint = preference_fingerprint(fingerprint) if pairs else fingerprint
     stats = _reusable(out_dir, fingerprint)
     if stats is not None:
@@ -282,6 +299,9 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
             held = members[held_out]
             members[earlier].rejected = ("leakage", f"the same or nearly the same as {held.split} example {held.example.source}")
 
+    replay_stats = _add_replay(members, replay, replay_file, data, issues) if replay and replay_file else None
+    _raise_on_errors(issues, out_dir)
+
     _assign_ids(members)
     token_issues, prefix_fallbacks, lengths, trainable = _tokenize(members, tokenizer, data.max_seq_len, out_dir)
     issues.extend(token_issues)
@@ -292,10 +312,40 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
                             f"(first: {first}); each trained turn became its own example"))
 
     stats = _stats(members, issues, quality.counts(), records_read, formats, quality.notes, data, token_stats(lengths, trainable))
+    if replay_stats is not None:
+        stats["replay"] = replay_stats
     _write_outputs(out_dir, members, issues, stats)
     _raise_on_errors(issues, out_dir)
     _write_json(out_dir / "fingerprint.json", fingerprint)
     return PreparedData(out_dir, stats)
+
+
+def _add_replay(members: list[_Member], replay: ReplayPlan, replay_file: Path, data: DataConfig,
+                issues: list[Issue]) -> dict[str, Any]:
+    """Replay examples joining the training split at `replay.share` of its kept examples: never one whose
+    prompt is a held-out or training example's (it would leak, or duplicate); problems in the file are issues."""
+    candidates = []
+    empty = not replay_file.read_text(encoding="utf-8").strip()  # e.g. no base-model answer passed the check
+    for example, record_issues in [] if empty else read_examples(replay_file, "auto", data.system_prompt):
+        issues.extend(record_issues)
+        if example is not None:
+            candidates.append(example)
+    taken = {prompt_key(m.example.messages) for m in members}
+    fresh, seen = [], set()
+    for example in candidates:
+        key = prompt_key(example.messages)
+        if key not in taken and key not in seen:
+            seen.add(key)
+            fresh.append(example)
+    task = sum(1 for m in members if m.split == "train" and m.rejected is None)
+    chosen = choose_replay(fresh, replay_count(task, replay.share), data.seed)
+    members.extend(_Member("train", example, replay=True) for example in chosen)
+    stats = replay.to_dict(len(chosen), len(fresh))
+    if len(chosen) < replay_count(task, replay.share):
+        stats["reason"] += (f"; only {len(fresh)} usable replay examples (after the quality check and leaving out "
+                            "prompts of your data), so the share is smaller")
+    stats["share_actual"] = len(chosen) / (task + len(chosen)) if task + len(chosen) else 0.0
+    return stats
 
 
 def _model_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -319,7 +369,7 @@ def _raise_on_errors(issues: list[Issue], out_dir: Path) -> None:
 def _assign_ids(members: list[_Member]) -> None:
     taken: set[str] = set()
     for member in members:
-        base = f"{member.split}-{conversation_id(member.example.messages)}"
+        base = f"{'replay' if member.replay else member.split}-{conversation_id(member.example.messages)}"
         candidate, n = base, 1
         while candidate in taken:  # identical conversations kept with data.dedupe off
             n += 1
@@ -384,6 +434,8 @@ def _tokenize_into(todo: list[_Member], writers: dict[str, AtomicTextFile], toke
 
 def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int], records_read: int,
            formats: Counter[str], notes: list[str], data: DataConfig, tokens: dict[str, float]) -> dict[str, Any]:
+    replayed = [m for m in members if m.replay]
+    members = [m for m in members if not m.replay]  # the counts are the user's data; replay has its own
     kept = Counter(m.split for m in members if m.rejected is None)
     rejected = [m for m in members if m.rejected is not None]
     codes = Counter(issue.code for issue in issues)
@@ -392,6 +444,7 @@ def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int],
             "read": records_read, "accepted": len(members), "rejected": len(rejected),
             "train": kept["train"], "valid": kept["valid"], "test": kept["test"],
             "token_rows": {s: sum(m.token_rows for m in members if m.split == s) for s in ("train", "valid")},
+            "replay": sum(1 for m in replayed if m.rejected is None),
             "by_format": dict(formats),
         },
         "issues": {
@@ -412,8 +465,10 @@ def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int],
 
 
 def _write_outputs(out_dir: Path, members: list[_Member], issues: list[Issue], stats: dict[str, Any]) -> None:
+    _write_lines(out_dir / "replay.jsonl", [{"id": m.id, "source": m.example.source, "messages": m.example.messages}
+                                            for m in members if m.replay and m.rejected is None])
     for split in SPLITS:
-        kept = [m for m in members if m.split == split and m.rejected is None]
+        kept = [m for m in members if m.split == split and m.rejected is None and not m.replay]
         _write_lines(out_dir / f"{split}.jsonl",
                      [{"id": m.id, "source": m.example.source, "messages": m.example.messages, **m.example.extra}
                       for m in kept])

@@ -1,136 +1,126 @@
 """General-ability probe: did fine-tuning cost the model what it knew before? Base vs tuned.
 
-Reads the general English text shipped with tunelab (assets/general_text.txt, written for it) and
-generates a fixed, seeded set of short general probes (arithmetic, well-known facts, following a
-format instruction), each scored by a deterministic rule. Measures per-token perplexity on the text
-and probe accuracy for a model; compares two measurements with paired intervals and flags a drop
-beyond a threshold. Writes nothing (eval/run.py stores the result in eval/metrics.json).
+Reads two files shipped with tunelab, written for it: assets/general_text.txt (plain English prose,
+about 3.5k tokens, so the perplexity change has an interval of about +-2%) and
+assets/general_probes.jsonl (164 fixed probes of four kinds: facts, instruction/format following,
+short reasoning, plain conversation; each with a deterministic rule). Every probe output gets two
+scores: `known` (the knowledge or skill is there: the right number inside a sentence counts) and
+`format` (the output also has the asked-for form, where the probe asks for one). Forgetting is
+measured as *retention*: of the probes the base model knows, the share the tuned model still knows,
+with a bootstrap interval, overall and per kind. Writes nothing (eval/run.py stores the result in
+eval/metrics.json).
 """
 
 from __future__ import annotations
 
 import json
-import random
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tunelab.eval.metrics import bootstrap_ci, normalize_text, paired_comparison, strict_json
+from tunelab.eval.metrics import bootstrap_ci, lenient_json, normalize_text, paired_comparison, strict_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PPL_WINDOW_TOKENS = 512
 PPL_BLOCK_TOKENS = 32  # block bootstrap: neighbouring tokens' losses are correlated
-PROBE_MAX_NEW_TOKENS = 24  # every probe answer is a few words; longer output cannot help the score
-N_ARITHMETIC, N_FACTS, N_FORMAT = 14, 14, 12
-
-_FACTS = (
-    ("What is the capital of France?", ("paris",)),
-    ("What is the capital of Japan?", ("tokyo",)),
-    ("What is the capital of Italy?", ("rome",)),
-    ("What is the capital of Germany?", ("berlin",)),
-    ("What is the capital of Spain?", ("madrid",)),
-    ("How many days are there in a week?", ("7", "seven")),
-    ("How many minutes are there in an hour?", ("60", "sixty")),
-    ("How many legs does a spider have?", ("8", "eight")),
-    ("What is the largest planet in our solar system?", ("jupiter",)),
-    ("What is the chemical formula of water?", ("h2o",)),
-    ("Who wrote the play Romeo and Juliet?", ("shakespeare",)),
-    ("At how many degrees Celsius does water freeze?", ("0", "zero")),
-    ("What colour is the sky on a clear day?", ("blue",)),
-    ("What is the opposite of hot?", ("cold",)),
-    ("What is the first month of the year?", ("january",)),
-    ("On which planet do humans live?", ("earth",)),
-    ("In which direction does the sun rise?", ("east",)),
-    ("How many continents are there on Earth?", ("7", "seven")),
-    ("What gas do plants take in from the air to make food?", ("carbon dioxide", "co2")),
-    ("What is the freezing water called when it is solid?", ("ice",)),
-)
-_WORDS = ("apple", "river", "garden", "window", "yellow", "pencil", "market", "silver", "planet", "forest")
-_KEYS = ("color", "city", "animal", "fruit")
-_VALUES = ("red", "london", "horse", "banana", "green", "paris", "tiger", "cherry")
-_SENTENCES = ("The cat sleeps on the warm mat.", "Green leaves fall in autumn.", "We walked to the old bridge.")
+PROBE_MAX_NEW_TOKENS = 32  # room for a short sentence around the answer; longer output cannot help the score
+PROBES_FILE = "assets/general_probes.jsonl"
+TEXT_FILE = "assets/general_text.txt"
+DETECTION_POWER = 0.8  # "would have been detected": at least this often
+KINDS = ("fact", "instruction", "reasoning", "conversation")
 
 
 @dataclass(frozen=True)
 class Probe:
     id: str
-    kind: str  # arithmetic | fact | format
+    kind: str  # fact | instruction | reasoning | conversation
     prompt: str
-    rule: str  # number | contains | upper_word | json | sequence | same_text
+    rule: str  # number | contains | choice | upper_word | json | sequence | same_text | reply
     answer: str  # JSON-encoded expected value(s) for the rule
+    format: bool  # the prompt asks for a form (only the number, only JSON, ...): scored apart from knowing
 
 
-def general_probes(seed: int = 0) -> list[Probe]:
-    """About 40 short probes; the same seed gives the same probes on every machine."""
-    rng = random.Random(seed)
-    probes: list[Probe] = []
-    for i in range(N_ARITHMETIC):
-        op = ("+", "-", "*")[i % 3]
-        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(10, 60), rng.randint(2, 40))
-        value = {"+": a + b, "-": a - b, "*": a * b}[op]
-        shown = {"*": "times", "+": "plus", "-": "minus"}[op]
-        probes.append(Probe(f"arith-{i}", "arithmetic", f"What is {a} {shown} {b}? Reply with only the number.",
-                            "number", json.dumps(value)))
-    for i, (question, answers) in enumerate(rng.sample(_FACTS, N_FACTS)):
-        probes.append(Probe(f"fact-{i}", "fact", f"{question} Answer in a few words.", "contains", json.dumps(answers)))
-    for i in range(N_FORMAT):
-        style = i % 4
-        if style == 0:
-            word = rng.choice(_WORDS)
-            probes.append(Probe(f"format-{i}", "format",
-                                f'Write the word "{word}" in capital letters. Reply with that one word only.',
-                                "upper_word", json.dumps(word.upper())))
-        elif style == 1:
-            key, value = rng.choice(_KEYS), rng.choice(_VALUES)
-            probes.append(Probe(f"format-{i}", "format",
-                                f'Reply with only a JSON object that has the key "{key}" with the string value '
-                                f'"{value}". No other text.', "json", json.dumps({key: value})))
-        elif style == 2:
-            start = rng.randint(1, 20)
-            stop = start + rng.randint(3, 5)
-            probes.append(Probe(f"format-{i}", "format",
-                                f"Count from {start} to {stop}, separated by commas. Reply with only the numbers.",
-                                "sequence", json.dumps(list(range(start, stop + 1)))))
-        else:
-            sentence = rng.choice(_SENTENCES)
-            probes.append(Probe(f"format-{i}", "format",
-                                f"Repeat this sentence exactly and write nothing else: {sentence}",
-                                "same_text", json.dumps(sentence)))
-    return probes
+@dataclass(frozen=True)
+class ProbeScore:
+    known: float  # 1.0 when the answer (or skill) is in the output, whatever its wrapping
+    format: float | None  # 1.0 when the output is also in the asked-for form; None when no form is asked
 
 
-_INT = re.compile(r"-?\d[\d,]*")
+@lru_cache(maxsize=1)
+def _shipped_probes() -> tuple[Probe, ...]:
+    text = resources.files("tunelab").joinpath(PROBES_FILE).read_text(encoding="utf-8")
+    return tuple(Probe(row["id"], row["kind"], row["prompt"], row["rule"], json.dumps(row["answer"]), row["format"])
+                 for row in map(json.loads, text.splitlines()) if row)
 
 
-def score_probe(probe: Probe, output: str) -> float:
+def general_probes() -> list[Probe]:
+    """The shipped probes, in file order: the same on every machine and in every run."""
+    return list(_shipped_probes())
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*")
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n.replace(",", "")) for n in _NUMBER.findall(text) if n.replace(",", "").lstrip("-")]
+
+
+def _has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def _bare(text: str) -> str:
+    return text.strip().strip(" .!\"'`*").strip()
+
+
+def score_probe(probe: Probe, output: str) -> ProbeScore:
     expected = json.loads(probe.answer)
     text = output.strip()
+    lowered = text.lower()
+    known: bool
+    form: bool
     if probe.rule == "number":
-        found = _INT.search(text)
-        return float(found is not None and int(found.group().replace(",", "")) == expected)
-    if probe.rule == "contains":
-        lowered = text.lower()
-        return float(any(re.search(rf"\b{re.escape(answer)}\b", lowered) for answer in expected))
-    if probe.rule == "upper_word":
-        return float(text.strip(" .!\"'`*") == expected)
-    if probe.rule == "json":
+        known = expected in _numbers(text)
+        form = _bare(text).replace(",", "") == str(expected)
+    elif probe.rule == "contains":
+        known = any(_has_word(lowered, answer) for answer in expected)
+        form = known
+    elif probe.rule == "choice":  # the first option named is the answer ("71 is larger than 17" is right)
+        found = [(m.start(), option) for option in expected for m in [re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", lowered)] if m]
+        known = bool(found) and min(found)[1] == expected[0]
+        form = normalize_text(text) == expected[0]
+    elif probe.rule == "upper_word":
+        known = _has_word(text, expected)
+        form = _bare(text) == expected
+    elif probe.rule == "json":
         valid, value = strict_json(text)
-        return float(valid and value == expected)
-    if probe.rule == "sequence":
-        return float([int(n) for n in re.findall(r"-?\d+", text)] == expected)
-    if probe.rule == "same_text":
-        return float(normalize_text(text) == normalize_text(expected))
-    raise ValueError(f"unknown probe rule {probe.rule!r}")
+        known = lenient_json(text) == expected
+        form = valid and value == expected
+    elif probe.rule == "sequence":
+        numbers, n = _numbers(text), len(expected)
+        known = any(numbers[i : i + n] == expected for i in range(len(numbers) - n + 1))
+        form = known and re.fullmatch(r"[\d,\s.]*", text) is not None and numbers == expected
+    elif probe.rule == "same_text":
+        known = normalize_text(expected) in normalize_text(text)
+        form = normalize_text(text) == normalize_text(expected)
+    elif probe.rule == "reply":  # a conversational reply: a few words that touch the subject
+        known = len(text.split()) >= 3 and any(_has_word(lowered, word) for word in expected)
+        form = known
+    else:
+        raise ValueError(f"unknown probe rule {probe.rule!r}")
+    return ProbeScore(float(known), float(form) if probe.format else None)
 
 
 def general_text() -> str:
-    return resources.files("tunelab").joinpath("assets/general_text.txt").read_text(encoding="utf-8")
+    return resources.files("tunelab").joinpath(TEXT_FILE).read_text(encoding="utf-8")
 
 
 def token_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
@@ -160,9 +150,10 @@ def token_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: 
 @dataclass
 class GeneralAbility:
     nll: np.ndarray  # per token of the general text
-    probe_scores: list[float]
+    probe_scores: list[float]  # known, per probe
     probe_outputs: list[str]
     probes: list[Probe]
+    format_scores: list[float | None]  # per probe; None where the probe asks for no form
 
     @property
     def perplexity(self) -> float:
@@ -178,15 +169,17 @@ def measure_general_ability(
 ) -> GeneralAbility:
     from tunelab.engine.generate import DecodingSettings, generate
 
-    probes = general_probes(seed)
+    probes = general_probes()
     conversations = [[{"role": "user", "content": p.prompt}] for p in probes]
     settings = DecodingSettings(max_new_tokens=PROBE_MAX_NEW_TOKENS, seed=seed)
     outputs = [g.text for g in generate(model, tokenizer, conversations, settings, batch_size, progress=progress)]
+    scores = [score_probe(p, o) for p, o in zip(probes, outputs, strict=True)]
     return GeneralAbility(
         nll=token_nll(model, tokenizer, general_text()),
-        probe_scores=[score_probe(p, o) for p, o in zip(probes, outputs, strict=True)],
+        probe_scores=[s.known for s in scores],
         probe_outputs=outputs,
         probes=probes,
+        format_scores=[s.format for s in scores],
     )
 
 
@@ -197,11 +190,70 @@ def _blocks(nll: np.ndarray) -> np.ndarray:
     return nll[:usable].reshape(-1, PPL_BLOCK_TOKENS).mean(axis=1)
 
 
+# ---------------------------------------------------------------------------------------------- retention
+
+
+def retention(base_known: Sequence[float], tuned_known: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """Of the probes the base model knows, the share the tuned model still knows: {value, ci95, n}
+    (n = the base-correct probes; value None when there are none)."""
+    kept = [t for b, t in zip(base_known, tuned_known, strict=True) if b >= 1.0]
+    if not kept:
+        return {"value": None, "ci95": None, "n": 0}
+    return {"value": float(np.mean(kept)), "ci95": list(bootstrap_ci(kept, seed)), "n": len(kept)}
+
+
+def retention_flagged(summary: dict[str, Any], threshold: float) -> bool:
+    """A loss beyond `threshold` (relative to what the base knew) whose interval excludes no loss."""
+    return summary["n"] > 0 and 1 - summary["value"] > threshold and summary["ci95"][1] < 1.0
+
+
+def detection_rate(n: int, drop: float, threshold: float, level: float = 0.95) -> float:
+    """How often retention_flagged fires when each of `n` base-correct probes is lost with probability
+    `drop`, computed exactly: with k of n kept the percentile bootstrap's upper bound is below 1 when a
+    resample keeps everything less often than the upper tail, (k/n)^n < (1 - level) / 2."""
+    if n == 0:
+        return 0.0
+    tail = (1 - level) / 2
+    rate = 0.0
+    for k in range(n + 1):
+        if 1 - k / n > threshold and (k / n) ** n < tail:
+            rate += math.comb(n, k) * (1 - drop) ** k * drop ** (n - k)
+    return rate
+
+
+def detectable_drop(n: int, threshold: float, power: float = DETECTION_POWER) -> float | None:
+    """The smallest loss of retained probes (in whole points) flagged at least `power` of the time with
+    `n` base-correct probes; None when even losing all of them would not be."""
+    for points in range(1, 101):
+        if detection_rate(n, points / 100, threshold) >= power:
+            return points / 100
+    return None
+
+
+def _retention_by_kind(base: GeneralAbility, tuned: GeneralAbility, seed: int) -> dict[str, dict[str, Any]]:
+    by_kind: dict[str, dict[str, Any]] = {}
+    for kind in [k for k in KINDS if any(p.kind == k for p in base.probes)]:
+        rows = [i for i, p in enumerate(base.probes) if p.kind == kind]
+        formatted = [i for i in rows if base.format_scores[i] is not None]
+        by_kind[kind] = {
+            "n": len(rows), "base": float(np.mean([base.probe_scores[i] for i in rows])),
+            "tuned": float(np.mean([tuned.probe_scores[i] for i in rows])),
+            "retention": retention([base.probe_scores[i] for i in rows], [tuned.probe_scores[i] for i in rows], seed),
+            "format": None if not formatted else {
+                "n": len(formatted),
+                "base": float(np.mean([base.format_scores[i] for i in formatted])),
+                "tuned": float(np.mean([tuned.format_scores[i] for i in formatted])),
+            },
+        }
+    return by_kind
+
+
 def compare_general_ability(
     base: GeneralAbility, tuned: GeneralAbility, threshold: float, seed: int = 0
 ) -> dict[str, Any]:
     """Deltas with 95% intervals. A drop is flagged when its point estimate is beyond `threshold`
-    (relative) AND its interval excludes no change, so noise on 40 probes does not raise alarms."""
+    (relative) AND its interval excludes no change: for the probes, retention of the base model's
+    known probes; for the text, perplexity."""
     nll_diff = paired_comparison(_blocks(tuned.nll), _blocks(base.nll), seed=seed)
     ppl_change = float(np.exp(tuned.nll.mean() - base.nll.mean()) - 1) if base.nll.size else 0.0
     ppl_ci = [float(np.exp(nll_diff.ci95[0]) - 1), float(np.exp(nll_diff.ci95[1]) - 1)]
@@ -210,36 +262,44 @@ def compare_general_ability(
     probe_diff = paired_comparison(tuned.probe_scores, base.probe_scores, seed=seed)
     base_acc, tuned_acc = float(np.mean(base.probe_scores)), float(np.mean(tuned.probe_scores))
     relative_drop = (base_acc - tuned_acc) / base_acc if base_acc > 0 else 0.0
-    probe_flag = relative_drop > threshold and probe_diff.ci95[1] < 0
+    kept = retention(base.probe_scores, tuned.probe_scores, seed)
+    probe_flag = retention_flagged(kept, threshold)
+    detectable = detectable_drop(kept["n"], threshold)
+    gained = sum(1 for b, t in zip(base.probe_scores, tuned.probe_scores, strict=True) if b < 1.0 <= t)
+    kept.update(flagged=probe_flag, detectable_drop=detectable, gained=gained,
+                by_kind={kind: row["retention"] for kind, row in _retention_by_kind(base, tuned, seed).items()})
 
-    by_kind: dict[str, dict[str, float]] = {}
-    for kind in sorted({p.kind for p in base.probes}):
-        rows = [i for i, p in enumerate(base.probes) if p.kind == kind]
-        by_kind[kind] = {"n": len(rows), "base": float(np.mean([base.probe_scores[i] for i in rows])),
-                         "tuned": float(np.mean([tuned.probe_scores[i] for i in rows]))}
+    ppl_part = f"perplexity on general text {ppl_change:+.1%} (95% CI {ppl_ci[0]:+.1%} .. {ppl_ci[1]:+.1%})"
+    if kept["n"]:
+        lo, hi = kept["ci95"]
+        probe_part = (f"the tuned model still knows {kept['value']:.0%} of the {kept['n']} general probes the base "
+                      f"model knew (95% CI {lo:.0%} .. {hi:.0%})")
+    else:
+        probe_part = "the base model knew none of the general probes, so no loss there can be seen"
     flagged = ppl_flag or probe_flag
     if flagged:
-        parts = []
-        if ppl_flag:
-            parts.append(f"perplexity on general text rose {ppl_change:+.1%} (95% CI {ppl_ci[0]:+.1%} .. {ppl_ci[1]:+.1%})")
-        if probe_flag:
-            parts.append(f"general probes fell from {base_acc:.0%} to {tuned_acc:.0%}")
+        parts = ([f"perplexity on general text rose {ppl_change:+.1%} (95% CI {ppl_ci[0]:+.1%} .. {ppl_ci[1]:+.1%})"]
+                 if ppl_flag else [])
+        parts += [probe_part] if probe_flag else []
         text = "flagged: " + "; ".join(parts) + f" (threshold {threshold:.0%})"
     else:
-        text = (f"no forgetting beyond {threshold:.0%}: perplexity {ppl_change:+.1%}, general probes "
-                f"{base_acc:.0%} -> {tuned_acc:.0%}")
+        seen = (f"; a drop of {detectable * 100:.0f} points or more would have been detected"
+                if detectable is not None and kept["n"] else "")
+        text = f"no forgetting beyond {threshold:.0%} detected: {probe_part}{seen}; {ppl_part}"
     return {
         "threshold": threshold,
         "flagged": flagged,
         "text": text,
+        "retention": kept,
         "perplexity": {"base": base.perplexity, "tuned": tuned.perplexity, "relative_change": ppl_change,
                        "ci95": ppl_ci, "flagged": ppl_flag, "tokens": int(base.nll.size),
-                       "block_tokens": PPL_BLOCK_TOKENS, "text_file": "tunelab/assets/general_text.txt"},
+                       "block_tokens": PPL_BLOCK_TOKENS, "text_file": f"tunelab/{TEXT_FILE}"},
         "probes": {"n": len(base.probes), "base_accuracy": base_acc, "tuned_accuracy": tuned_acc,
                    "delta": probe_diff.delta, "ci95": list(probe_diff.ci95), "p_value": probe_diff.p_value,
                    "relative_drop": relative_drop, "flagged": probe_flag,
                    "base_ci95": list(bootstrap_ci(base.probe_scores, seed)),
-                   "tuned_ci95": list(bootstrap_ci(tuned.probe_scores, seed)), "by_kind": by_kind},
+                   "tuned_ci95": list(bootstrap_ci(tuned.probe_scores, seed)),
+                   "by_kind": _retention_by_kind(base, tuned, seed), "probes_file": f"tunelab/{PROBES_FILE}"},
     }
 
 
@@ -247,8 +307,7 @@ def probe_records(base: GeneralAbility, tuned: GeneralAbility) -> list[dict[str,
     """Per probe: prompt, both outputs and scores (for the report's side-by-side view)."""
     return [
         {"id": p.id, "kind": p.kind, "prompt": p.prompt, "base_output": bo, "base_score": bs,
-         "tuned_output": to, "tuned_score": ts}
-        for p, bo, bs, to, ts in zip(base.probes, base.probe_outputs, base.probe_scores,
-                                     tuned.probe_outputs, tuned.probe_scores, strict=True)
+         "tuned_output": to, "tuned_score": ts, "base_format": bf, "tuned_format": tf}
+        for p, bo, bs, to, ts, bf, tf in zip(base.probes, base.probe_outputs, base.probe_scores, tuned.probe_outputs,
+                                             tuned.probe_scores, base.format_scores, tuned.format_scores, strict=True)
     ]
-

@@ -66,6 +66,7 @@ from tunelab.eval.metrics import (
     summarize_scores,
 )
 from tunelab.eval.overfitting import measure_overfitting, task_metric
+from tunelab.eval.scale_search import SEARCH_MAX_EXAMPLES
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, open_run
@@ -178,6 +179,14 @@ class _Models:
         self.tokenizer = self.tokenizer or load_tokenizer(m.name, m.revision, m.trust_remote_code)
         return model
 
+    def merged(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The tuned model as it would be deployed: a LoRA adapter merged into the base weights (at the scale
+        it is set to), after which the base arms can no longer run on this object."""
+        if self.tuned_kind == "adapter" and not self._merged:
+            self._peft, self._merged = self._peft.merge_and_unload(), True
+            return self._peft
+        return model
+
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[PreTrainedModel]:
         from tunelab.runs import load_run_model
@@ -192,8 +201,6 @@ class _Models:
                 with self._peft.disable_adapter():
                     yield self._peft
             else:
-                if not self._merged:
-                    self._peft, self._merged = self._peft.merge_and_unload(), True
                 yield self._peft
             return
         if self._loaded is None or self._loaded[0] != which:
@@ -333,6 +340,8 @@ class _Inputs:
     run_forgetting: bool
     train_sample: list[EvalExample]  # train examples the tuned model re-answers (train-vs-test gap)
     train_sample_items: list[dict[str, Any]]
+    scale_search: str | None = None  # why the adapter scales are not searched; None: they are
+    valid: list[EvalExample] = dataclasses.field(default_factory=list)  # the scale search's examples
     external: list[Any] = dataclasses.field(default_factory=list)  # eval.external (+ --external): other models
     recorded: dict[str, list[Answer]] = dataclasses.field(default_factory=dict)  # recorded arms' answers, checked
 
@@ -355,6 +364,7 @@ class _Generated:
     train_sample_outputs: list[str]
     abilities: dict[str, Any]  # "base"/"tuned" -> forgetting.GeneralAbility, when forgetting runs
     external: dict[str, ExternalRun] = dataclasses.field(default_factory=dict)  # eval/external.py
+    adapter_scale: Any = None  # contract.AdapterScale, when the scale search ran
 
     def texts(self, arm: str) -> list[str]:
         return [g.text for g in self.generations[arm]]
@@ -400,7 +410,7 @@ def evaluate(
     started = time.perf_counter()
     inputs = _load_inputs(run_dir, arms, test_file, limit, trust_remote_code=trust_remote_code,
                           python_graders=python_graders, recipe=recipe, train_file=train_file, external=external,
-                          recipe_external=arms is None)
+                          recipe_external=arms is None, out_dir=out_dir)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
     if inputs.recipe.method == "dpo":  # the supervised parent answers too, as the arm `sft` (eval/preference.py)
@@ -431,6 +441,9 @@ def evaluate(
     metrics["training_check"] = _check_training(inputs, metrics["overfitting"], metrics["verdict"],
                                                  metrics.get("primary_range"))
     metrics["forgetting"] = _forgetting(inputs, generated.abilities)
+    if inputs.run_forgetting:
+        metrics["forgetting"]["adapter_scale"] = (generated.adapter_scale.model_dump(mode="json") if generated.adapter_scale
+                                                  else {"skipped": inputs.scale_search})
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
     if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
         from tunelab.eval.preference import preference_section
@@ -444,6 +457,8 @@ def evaluate(
     metrics["elapsed_s"] = time.perf_counter() - started
 
     _write_results(inputs, metrics, scored.prediction_rows, out_dir)
+    if generated.adapter_scale is not None:
+        generated.adapter_scale.write(inputs.paths.adapter_scale)
     if echo:
         print(format_table(metrics))
     return metrics
@@ -455,7 +470,7 @@ def evaluate(
 def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_file: str | Path | None,
                  limit: int | None, *, trust_remote_code: bool, python_graders: bool, recipe: Recipe | None,
                  train_file: str | Path | None, external: Sequence[Any] = (),
-                 recipe_external: bool = True) -> _Inputs:
+                 recipe_external: bool = True, out_dir: str | Path | None = None) -> _Inputs:
     """The run's settings, test and train examples, graders and prompts; every check that can fail runs
     here, before the base arms spend minutes generating."""
     paths, run_recipe = open_run(run_dir, trust_remote_code)
@@ -493,6 +508,11 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
         raise ModelError(f"{paths.root}: has neither adapter/ nor model/ for the tuned arms; has its training "
                          "finished? (evaluate prompt-only arms with --arms base,prompt,rag)")
     run_forgetting = cfg.forgetting and any(a in chosen for a in TUNED_ARMS) and models.tuned_kind is not None
+    scale_search = _why_no_scale_search(run_forgetting, recipe, models.tuned_kind, out_dir)
+    valid_path = paths.data / "valid.jsonl"
+    valid = read_examples(valid_path) if scale_search is None and valid_path.is_file() else []
+    if scale_search is None and not valid:
+        scale_search = f"no validation examples ({valid_path}) to compare the scales on"
     rng = random.Random(cfg.seed)
     # positions, not examples: the same draw as sampling the examples, and their items come along
     picked = rng.sample(range(len(train)), min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
@@ -501,8 +521,22 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
         train=train, kind=kind, schema=schema, graders=graders, primary=primary, builder=builder,
         settings=settings, models=models, run_forgetting=run_forgetting,
         train_sample=[train[i] for i in picked], train_sample_items=[train_items[i] for i in picked],
-        external=external_arms, recorded=recorded,
+        external=external_arms, recorded=recorded, scale_search=scale_search, valid=valid,
     )
+
+
+def _why_no_scale_search(run_forgetting: bool, recipe: Recipe, tuned_kind: str | None,
+                         out_dir: str | Path | None) -> str | None:
+    """Why the adapter scales are not compared (eval/scale_search.py), or None when they are."""
+    from tunelab.eval.scale_search import SCALED_METHODS
+
+    if not run_forgetting:
+        return "general ability is not measured (eval.forgetting off, or no tuned arm)"
+    if tuned_kind != "adapter" or recipe.method not in SCALED_METHODS:
+        return f"method {recipe.method}: only a LoRA adapter's update is scaled"
+    if out_dir is not None:
+        return "scoring other data: the run's chosen scale is kept"
+    return None
 
 
 def _prompt_builder(cfg: EvalConfig, chosen: Sequence[str], train: Sequence[EvalExample],
@@ -531,26 +565,35 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     from tunelab.eval.forgetting import general_probes
 
     cfg, models = inputs.cfg, inputs.models
+    scales = 0 if inputs.scale_search else len(cfg.adapter_scales)  # the search measures the tuned probes too
     total = (len(inputs.test) * (len(inputs.chosen) + len(inputs.external)) + len(inputs.train_sample)
-             + (2 * len(general_probes(cfg.seed)) if inputs.run_forgetting else 0))
+             + (2 * len(general_probes()) if inputs.run_forgetting else 0)
+             + scales * min(len(inputs.valid), SEARCH_MAX_EXAMPLES) + max(scales - 1, 0) * len(general_probes()))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
     prompts = {arm: [inputs.builder.build(arm, ex) for ex in inputs.test] for arm in inputs.chosen}
     generations: dict[str, list[Generation]] = {}
     wall_s: dict[str, float] = {}
     abilities: dict[str, Any] = {}
     train_sample_outputs: list[str] = []
+    adapter_scale = None
     for which in ("base", "tuned"):
         phase_arms = [a for a in inputs.chosen if _arm_model(a) == which]
         if not phase_arms and not (inputs.run_forgetting and which == "base"):
             continue
         with models.use(which) as model:
+            if which == "tuned" and inputs.scale_search is None:
+                bar.set_description("adapter scales")
+                search = _search_scale(inputs, model, abilities["base"], bar)
+                adapter_scale, abilities["tuned"] = search.record, search.ability
+            if which == "tuned":
+                model = models.merged(model)  # timed as deployed; the scale search needed the adapter apart
             for arm in phase_arms:
                 generations[arm], wall_s[arm] = _timed_generate(inputs, bar, arm, model, prompts[arm])
             if which == "tuned" and inputs.train_sample:
                 conversations = [inputs.builder.build("tuned", ex) for ex in inputs.train_sample]
                 sample_gens, _ = _timed_generate(inputs, bar, "tuned:train-sample", model, conversations)
                 train_sample_outputs = [g.text for g in sample_gens]
-            if inputs.run_forgetting:
+            if inputs.run_forgetting and which not in abilities:
                 from tunelab.eval.forgetting import measure_general_ability
 
                 bar.set_description(f"forgetting:{which}")
@@ -560,7 +603,22 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
         del model  # a full fine-tune's other model can then be released before the next phase loads
     external = _run_external_arms(inputs, bar, prompts)
     bar.close()
-    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities, external)
+    return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities, external,
+                      adapter_scale=adapter_scale)
+
+
+def _search_scale(inputs: _Inputs, model: Any, base_ability: Any, bar: Any) -> Any:
+    """The tuned model at every eval.adapter_scales on the validation split; leaves it at the chosen one."""
+    from tunelab.eval.scale_search import search_adapter_scale
+
+    cfg = inputs.cfg
+    metric = inputs.kind.primary if inputs.primary.grader else inputs.primary.name
+    return search_adapter_scale(
+        model, inputs.models.tokenizer, valid=inputs.valid, builder=inputs.builder, kind=inputs.kind, metric=metric,
+        schema=inputs.schema, settings=inputs.settings, base=base_ability, scales=cfg.adapter_scales,
+        policy=cfg.forgetting_policy, threshold=cfg.forgetting_threshold, seed=cfg.seed, batch_size=cfg.batch_size,
+        progress=bar.update,
+    )
 
 
 def _run_external_arms(inputs: _Inputs, bar: Any, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, ExternalRun]:

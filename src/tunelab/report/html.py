@@ -32,6 +32,7 @@ from tunelab.runs import RunPaths
 
 MAX_DISAGREEMENTS = 8
 MAX_ISSUES_SHOWN = 20
+MAX_AUDIT_SHOWN = 20
 SECTIONS = (
     ("verdict", "Verdict"), ("data", "Data"), ("training", "Training"), ("arms", "Arms"),
     ("overfitting", "Overfitting"), ("forgetting", "Forgetting"), ("examples", "Where the arms disagree"),
@@ -315,6 +316,22 @@ def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
         "issues": issue_rows, "issues_total": len(issues.value) if issues.ok else None,
         "issues_note": None if issues.ok else issues.note(root),
     }
+
+
+def _audit(root: Path) -> dict[str, Any]:
+    """The top of RUN/audit/ (eval/audit.py), shown under Data; absent when the run has no audit."""
+    from tunelab.eval.audit import read_audit
+
+    found = read_audit(root)
+    if found is None:
+        return {"available": False}
+    rows, summary = found
+    shown = [{"where": f"{r['file']}:{r['line']}", "suspicion": f"{r['suspicion']:.1f}", "answer": r["answer"],
+              "model_answer": "—" if r["model_answer"] is None else r["model_answer"], "flagged": r["flagged"]}
+             for r in rows[:MAX_AUDIT_SHOWN]]
+    title = "Suspect training examples" if summary["claims_errors"] else "Hardest training examples (no error claimed)"
+    return {"available": True, "title": title, "how_to_read": summary["how_to_read"], "rows": shown,
+            "total": len(rows), "flagged": summary["flagged"]}
 
 
 def _training(log: RunFile, summary: RunFile, root: Path, rise: Any = None) -> dict[str, Any]:
@@ -623,6 +640,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "preference": describe_preference(getattr(metrics.value, "preference", None) if metrics.ok else None),
         "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
+        "audit": _audit(root),
         "training": training,
         "arms": arms,
         "overfitting": {**_overfitting(overfitting_value, metrics, training, root),
@@ -634,6 +652,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
                 metrics.note(root) if not metrics.ok else "eval/metrics.json has no forgetting results "
                 "(eval.forgetting: false, or the tuned arm was not evaluated)"),
             "details": describe_mapping(forgetting_value) if forgetting_value is not None else None,
+            "plots": _scale_plot(forgetting_value),
         },
         "examples": {"available": predictions.ok, "note": None if predictions.ok else predictions.note(root),
                      "bad_lines": predictions.bad_lines, **_disagreements(preds, inputs)},
@@ -643,6 +662,20 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def _scale_plot(forgetting: Mapping[str, Any] | None) -> dict[str, str]:
+    """Task score against retention across the adapter scales tried (eval/adapter_scale.json), if any."""
+    scale = (forgetting or {}).get("adapter_scale")
+    if not isinstance(scale, dict) or not isinstance(scale.get("candidates"), list) or not scale["candidates"]:
+        return {}
+    from tunelab.report import plots
+
+    try:
+        return {"plot-scales": plots.scale_tradeoff(scale["candidates"], scale.get("scale"), str(scale.get("metric")),
+                                                    float(scale.get("threshold") or 0.05), "plot-scales")}
+    except (KeyError, TypeError, ValueError):  # a damaged file: the details table still shows what is there
+        return {}
+
+
 def render_html(context: Mapping[str, Any]) -> str:
     import jinja2
 
@@ -650,7 +683,8 @@ def render_html(context: Mapping[str, Any]) -> str:
         loader=jinja2.PackageLoader("tunelab", "report"), autoescape=True,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
-    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {})}
+    plots = {**context["training"].get("plots", {}), **context["arms"].get("plots", {}),
+             **context["forgetting"].get("plots", {})}
     safe_plots = {name: jinja2.utils.markupsafe.Markup(svg) for name, svg in plots.items()}
     return env.get_template("report.html.jinja").render(**context, plots=safe_plots)
 
@@ -713,6 +747,12 @@ def render_markdown(context: Mapping[str, Any]) -> str:
         lines.append("")
     else:
         lines += [data["note"], ""]
+    audit = context["audit"]
+    if audit["available"]:
+        lines += [f"### {audit['title']} (audit/audit.jsonl)", "", audit["how_to_read"], "",
+                  "| where | suspicion | answer | model answer |", "|---|---|---|---|"]
+        lines += [f"| {_md_escape(r['where'])} | {r['suspicion']}{' flagged' if r['flagged'] else ''} | "
+                  f"{_md_escape(r['answer'])} | {_md_escape(r['model_answer'])} |" for r in audit["rows"]] + [""]
     training = context["training"]
     lines += ["## Training", ""]
     if training["available"]:

@@ -154,3 +154,29 @@ def tradeoff_scatter(arms: Mapping[str, Mapping[str, Any]], metric_name: str, na
     ax.set_ylim(-5, 110)
     ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
     return to_svg(fig, name)
+
+
+def scale_tradeoff(candidates: Sequence[Mapping[str, Any]], chosen: float | None, metric_name: str,
+                   threshold: float, name: str) -> str:
+    """Validation task score (y) against retention of the base model's general probes (x), one point per
+    LoRA adapter scale (eval/adapter_scale.json candidates), the chosen scale ringed, the threshold shaded."""
+    fig = new_figure(6.0, 3.6)
+    ax = fig.add_subplot()
+    style_axes(ax)
+    points = [(float(c["retention"]) * 100, float(c["task"]) * 100, float(c["scale"])) for c in candidates
+              if c.get("retention") is not None and c.get("task") is not None]
+    ax.axvspan(100 * (1 - threshold), 101, color="#2a9d5c", alpha=0.08, label=f"retention within {threshold:.0%}")
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], color="#1f77b4", linewidth=1, alpha=0.6)
+    for x, y, scale in points:
+        picked = chosen is not None and abs(scale - chosen) < 1e-9
+        ax.scatter([x], [y], s=140 if picked else 50, color="#1f77b4", edgecolors="#d62728" if picked else "white",
+                   linewidths=2.5 if picked else 1, zorder=3, label=f"chosen: scale {scale:g}" if picked else None)
+        ax.annotate(f"{scale:g}", (x, y), xytext=(7, 5), textcoords="offset points", fontsize=9)
+    xs = [p[0] for p in points] or [100.0]
+    ax.set_xlim(min(min(xs) - 5, 100 * (1 - threshold) - 5), 101)
+    ax.set_ylim(-5, 110)
+    ax.set_xlabel("retention of general probes the base model knew (%)")
+    ax.set_ylabel(f"validation {metric_name} (%)")
+    ax.legend(fontsize=8, frameon=False, loc="lower left")
+    return to_svg(fig, name)

@@ -47,6 +47,7 @@ from tunelab.train.checkpoint import (
     restore_rng,
 )
 from tunelab.train.distributed import SINGLE_PROCESS, DistContext
+from tunelab.train.dynamics import DynamicsRecorder
 from tunelab.train.events import Event, Verdict, finite_or_none, judge_evaluation
 from tunelab.train.setup import TrainSetup
 
@@ -92,6 +93,7 @@ class LoopOptions:
     write_checkpoints: bool = True  # False (benchmarks): no checkpoint but the one a signal asks for
     deadline: float | None = None  # time.monotonic() of train.budget's hard stop: the step crossing it is the last
     on_step_end: Callable[[TrainState, TrainSetup], None] | None = None  # tests record weights, benchmarks time steps
+    record_dynamics: bool = True  # train/dynamics.jsonl: each example's loss every step (train/dynamics.py)
 
 
 @dataclass
@@ -391,7 +393,7 @@ def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext
 
 def train_step(
     setup: TrainSetup, step: Step, index: int, make_batch: Callable[[Sequence[Row]], Batch], ctx: DistContext,
-    stop: _StopSignals, grad_clip: float,
+    stop: _StopSignals, grad_clip: float, dynamics: DynamicsRecorder | None = None,
 ) -> StepResult:
     """Optimizer step `index` (0-based) of the plan, which is `step`. A signal (`stop`) drops a
     half-accumulated step: the parameters and generator states stay those of the last step."""
@@ -416,10 +418,14 @@ def train_step(
             (out.loss_sum * (scale if pass_index < real else 0.0)).backward()
         if pass_index < real:
             sums += torch.stack([out.loss_sum.detach().double(), out.count.double(), out.correct.double()])
+            if dynamics is not None:
+                dynamics.add(micro, out.token_losses)
     stopped_by = stop.received
     if _agreed(ctx, bool(stopped_by), setup.device) and not stopped_by:
         stopped_by = "a signal to another rank"  # every rank stops at the same step
     if stopped_by:
+        if dynamics is not None:
+            dynamics.discard()
         setup.optimizer.zero_grad(set_to_none=True)
         restore_rng(rng_at_start)
         return StepResult(lr, stopped_by=stopped_by)
@@ -458,6 +464,7 @@ def train_loop(
         log.event(Event(state.step, "resume", f"resumed from {resume.path}"), say=False)
     checkpoints = _Checkpoints(run_root / "checkpoints", setup, ctx, log, cfg.keep_checkpoints, state, resume)
     make_batch = batch_builder(setup, examples, pad_id)
+    dynamics = DynamicsRecorder.open(run_root / "train", examples, state.step, ctx.rank) if options.record_dynamics else None
     finished = state.step >= len(plan) or state.stopped_early
     stopped_by: str | None = None
     setup.model.train()
@@ -466,7 +473,7 @@ def train_loop(
             while not finished:
                 # ---- one optimizer step: plan -> micro-batches -> loss -> step (or a skip)
                 step = plan[state.step]
-                result = train_step(setup, step, state.step, make_batch, ctx, stop, cfg.grad_clip)
+                result = train_step(setup, step, state.step, make_batch, ctx, stop, cfg.grad_clip, dynamics)
                 stopped_by = result.stopped_by
                 if stopped_by:
                     break
@@ -481,6 +488,8 @@ def train_loop(
                     check_weights_finite(setup, ctx, state.step)  # skipping cannot mend weights already lost
                 else:
                     state.nonfinite_streak = 0
+                if dynamics is not None:  # a skipped step changed nothing: its losses are not kept
+                    dynamics.write_step(state.step, step.epoch, keep=not result.skipped)
                 log.step(state, step, result)
                 finished = state.step >= len(plan)
                 if not finished and _past(options.deadline, ctx, setup.device):
@@ -506,6 +515,8 @@ def train_loop(
                 raise _interrupted(reason, state, checkpoints, log, options.resume_command)
     finally:
         log.close()
+        if dynamics is not None:
+            dynamics.close()
     return LoopResult(state, checkpoints.best, checkpoints.last)
 
 

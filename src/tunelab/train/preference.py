@@ -208,7 +208,7 @@ class PreferenceLoss(CausalLMLoss):
                                      cu_seqlens, max_seqlen)
         losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss)
         pairs = torch.tensor(n_sequences // 2, device=policy.device)
-        return LossSums(losses.sum(), pairs, (margins > 0).sum(), margins.detach().sum())
+        return LossSums(losses.sum(), pairs, (margins > 0).sum(), reward_margin_sum=margins.detach().sum())
 
 
 def rows_for_pairs(recipe: Recipe, examples: Sequence[dict[str, Any]]) -> Recipe:

@@ -296,6 +296,15 @@ def _with_compiled(planned: TrainPlan, compiled: bool) -> TrainPlan:
     return planned
 
 
+def _with_replay(planned: TrainPlan, paths: RunPaths) -> TrainPlan:
+    """The replay share the data stage applied, and why (data/stats.json "replay"), in the plan."""
+    try:
+        replay = json.loads((paths.data / "stats.json").read_text(encoding="utf-8")).get("replay")
+    except (OSError, ValueError):
+        return planned
+    return planned.model_copy(update={"replay": replay}) if replay else planned
+
+
 def _more_epochs(recipe: Recipe, planned: TrainPlan, budget_started: float) -> float | None:
     """More passes when auto passes end well inside an automatic or set budget, else None."""
     from tunelab.train.plan import more_epochs_for_budget
@@ -417,6 +426,7 @@ def train_on_examples(
         "eval_max_examples": planned.eval_max_examples,
     })
     if ctx.is_main:
+        planned = _with_replay(planned, paths)
         planned.write(paths.plan)
         say(f"plan: {planned.reason}")
     deadline = None
@@ -590,6 +600,23 @@ def _save_run(
     return output_dir
 
 
+def replay_file_for(recipe: Recipe) -> Path | None:
+    """The general examples mixed into training (data/replay.py): train.replay, else the base model's own
+    answers (generated once per model); None with train.replay_share 0 and for preference tuning (replay
+    examples are supervised answers). `tunelab run`'s prepare stage calls it too, so the train stage finds
+    the data prepared."""
+    from tunelab.train.self_replay import build_self_replay
+
+    if recipe.train.replay_share == 0 or recipe.method == "dpo":
+        return None
+    if recipe.train.replay:
+        path = Path(recipe.train.replay)
+        if not path.is_file():
+            raise ConfigError(f"train.replay: {path}: file not found")
+        return path
+    return build_self_replay(recipe.model)
+
+
 def train(
     recipe: Recipe, resume: bool = False, *, resume_command: str | None = None, device: str | None = None,
     progress: bool = True,
@@ -615,19 +642,23 @@ def train(
             device = device or ctx.device()
         paths = RunPaths(recipe.run_dir)
 
-        def prepare() -> tuple[PreTrainedTokenizerBase, PreparedData]:
+        def prepare() -> tuple[PreTrainedTokenizerBase, PreparedData, float]:
             start_run_dir(paths, recipe, resume)
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-            prepared = prepare_data(recipe, tokenizer, paths.data)
+            replay_started = time.monotonic()
+            replay_file = replay_file_for(recipe)
+            replay_s = time.monotonic() - replay_started  # the base model answering, once per model: not training
+            prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file)
             write_manifest(paths, recipe, tokenizer, prepared.out_dir)
-            return tokenizer, prepared
+            return tokenizer, prepared, replay_s
 
         done = main_first(ctx, prepare, "preparing the run directory and data")
         if done is None:  # another rank: read what rank 0 wrote
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
             prepared = PreparedData(paths.data, {})
         else:
-            tokenizer, prepared = done
+            tokenizer, prepared, replay_s = done
+            budget_started += replay_s
         return train_on_examples(
             recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
             device=device, ctx=ctx, resume_command=resume_command, progress=progress, budget_started=budget_started,

@@ -9,6 +9,8 @@ folder with files tunelab did not write; `--force` replaces an earlier export on
   merged    model.safetensors + config.json (AutoModelForCausalLM.from_pretrained loads it) + tokenizer
   gguf      model-f16.gguf (llama architecture, tokenizer and chat template inside)
 and export.json (what was exported, from which run, each file's sha256 and the checks' numbers).
+Every kind is at the run's chosen LoRA adapter scale (eval/adapter_scale.json; 1 without it): merged
+weights are merged at that scale, an exported adapter carries it in lora_alpha.
 
 Checks: every exported tensor is finite; merged weights reloaded from disk give the adapter model's
 logits (max abs diff <= 1e-4 in fp32); the GGUF file, loaded back through transformers' GGUF loader,
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.console import say
+from tunelab.contract import AdapterScale
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.files import check_output_dir, replace_dir, sha256_file
 
@@ -86,8 +89,10 @@ def _logits(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
 # adapter only
 
 
-def _export_adapter(adapter_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp: Path) -> dict[str, Any]:
-    """Copy the PEFT adapter byte for byte (safetensors only) after checking its tensors."""
+def _export_adapter(adapter_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp: Path, scale: float = 1.0) -> dict[str, Any]:
+    """Copy the PEFT adapter byte for byte (safetensors only) after checking its tensors. At an adapter
+    scale other than 1 (eval/adapter_scale.json) the config's lora_alpha (and alpha_pattern) carry it:
+    LoRA's update is (alpha / r) * B A, so alpha * scale is the same model for any PEFT loader."""
     from safetensors import safe_open
 
     config = adapter_dir / "adapter_config.json"
@@ -98,12 +103,17 @@ def _export_adapter(adapter_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp: 
     for path in weights:
         with safe_open(str(path), framework="pt") as f:
             checked += _check_finite(((k, f.get_tensor(k)) for k in f.keys()), str(path))  # noqa: SIM118
-    for path in [config, *weights]:
+    for path in [config, *weights] if scale == 1.0 else weights:
         shutil.copy2(path, tmp / path.name)
         if sha256_file(tmp / path.name) != sha256_file(path):
             raise ExportError(f"{path}: copy does not match the original")
+    if scale != 1.0:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        settings["lora_alpha"] = settings["lora_alpha"] * scale
+        settings["alpha_pattern"] = {k: v * scale for k, v in (settings.get("alpha_pattern") or {}).items()}
+        (tmp / config.name).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(tmp)
-    return {"tensors_checked_finite": checked}
+    return {"tensors_checked_finite": checked, "adapter_scale": scale}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,12 +363,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
         say(f"{run_dir} is a full fine-tune (model/): exporting the whole model")
     result = ExportResult(out_dir=out_dir, kind=kind)
 
+    # the evaluation's chosen LoRA scale (eval/adapter_scale.json): load_run_model applies it before a merge
+    scale = AdapterScale.from_file(paths.adapter_scale).scale if paths.adapter.is_dir() and paths.adapter_scale.is_file() else 1.0
+
     def build(tmp: Path) -> None:
         if kind == "adapter":
             from tunelab.models import load_tokenizer
 
             tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-            result.checks = _export_adapter(paths.adapter, tokenizer, tmp)
+            result.checks = _export_adapter(paths.adapter, tokenizer, tmp, scale)
         else:
             model, tokenizer = load_run_model(paths, recipe, device="cpu", dtype="float32")
             probe = _probe_ids(tokenizer)
@@ -377,7 +390,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge: bool = False, fm
                 result.checks = _verify_gguf(gguf_path, merged, tokenizer, gguf_type, probe, reference)
         result.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"kind": kind, "format": fmt, "run": str(run_dir), "run_name": recipe.name,
-                    "base_model": recipe.model.name, "method": recipe.method, "files": result.files,
+                    "base_model": recipe.model.name, "method": recipe.method, "adapter_scale": scale, "files": result.files,
                     "checks": result.checks}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -1,0 +1,115 @@
+"""Adapter scale (WiSE-FT): the tuned LoRA model at several scales on the validation split, and the one
+the run keeps.
+
+Scaling a LoRA adapter's update between 0 (the base model) and 1 (the fine-tune as trained) trades task
+score against general ability along one curve. For each scale of eval.adapter_scales the tuned model
+answers the validation examples (scored with the task metric) and the general probes and text
+(eval/forgetting.py: retention and perplexity against the base model); the scale is set in place on the
+one loaded model (runs.set_adapter_scale), nothing is reloaded. eval.forgetting_policy picks one
+(`choose_scale`, a pure function). Reads data/valid.jsonl of the run; writes nothing (eval/run.py writes
+eval/adapter_scale.json, which runs.load_run_model applies for the tuned arm, chat, serve and export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tunelab.contract import AdapterScale, ScaleCandidate
+from tunelab.engine.generate import DecodingSettings, generate
+from tunelab.eval.arms import EvalExample, PromptBuilder
+from tunelab.eval.forgetting import GeneralAbility, compare_general_ability, measure_general_ability
+from tunelab.eval.metrics import OutputKind, score_outputs
+from tunelab.runs import set_adapter_scale
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SEARCH_MAX_EXAMPLES = 64  # validation examples answered per scale: enough to rank scales, cheap beside the test set
+SCALED_METHODS = ("lora", "qlora")  # DoRA's magnitude vector is not interpolated by scaling; full has no adapter
+
+
+def within_threshold(retention: float | None, perplexity_change: float | None, threshold: float) -> bool:
+    """General ability kept: retention of the base model's known probes and perplexity within the threshold."""
+    tolerance = 1e-9  # 1 - 0.95 is 0.0500000000000000444 in floats: exactly at the threshold is within it
+    return ((retention is None or 1 - retention <= threshold + tolerance)
+            and (perplexity_change is None or perplexity_change <= threshold + tolerance))
+
+
+def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: float, metric: str) -> tuple[float, str]:
+    """The scale eval.forgetting_policy keeps, and why in one sentence. Ties on the task score go to the
+    scale that kept more general ability, then to the larger scale (closer to the fine-tune as trained)."""
+    def task(c: ScaleCandidate) -> float:
+        return c.task if c.task is not None else float("-inf")
+
+    def kept(c: ScaleCandidate) -> float:
+        return c.retention if c.retention is not None else 1.0
+
+    if policy == "report":
+        chosen = max(candidates, key=lambda c: (c.scale == 1.0, c.scale))
+        return chosen.scale, (f"eval.forgetting_policy report: scales measured, the adapter kept at {chosen.scale:g}")
+    if policy == "task":
+        chosen = max(candidates, key=lambda c: (task(c), kept(c), c.scale))
+        return chosen.scale, f"eval.forgetting_policy task: the best validation {metric} ({_pct(chosen.task)})"
+    acceptable = [c for c in candidates if c.within_threshold]
+    if acceptable:
+        chosen = max(acceptable, key=lambda c: (task(c), kept(c), c.scale))
+        return chosen.scale, (f"the best validation {metric} ({_pct(chosen.task)}) among the scales that keep general "
+                              f"ability within {threshold:.0%} ({_ability(chosen)})")
+    # none is within: a smaller scale would give up task score for a loss that stays flagged anyway (measured
+    # on routing: 0.5 kept 79% instead of 65% of the probes and cost half the validation score)
+    chosen = max(candidates, key=lambda c: (task(c), kept(c), c.scale))
+    return chosen.scale, (f"no scale kept general ability within {threshold:.0%}, so the best validation {metric} "
+                          f"({_pct(chosen.task)}; {_ability(chosen)}); the loss is flagged")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f}"
+
+
+def _ability(c: ScaleCandidate) -> str:
+    retention = "retention n/a" if c.retention is None else f"retention {c.retention:.0%}"
+    ppl = "" if c.perplexity_change is None else f", perplexity {c.perplexity_change:+.1%}"
+    return retention + ppl
+
+
+@dataclass
+class ScaleSearch:
+    """What the search measured: the chosen scale's file content and the tuned general ability at it."""
+
+    record: AdapterScale
+    ability: GeneralAbility  # at the chosen scale: the forgetting result of the run
+
+
+def search_adapter_scale(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, valid: Sequence[EvalExample],
+    builder: PromptBuilder, kind: OutputKind, metric: str, schema: dict[str, Any] | None, settings: DecodingSettings,
+    base: GeneralAbility, scales: Sequence[float], policy: str, threshold: float, seed: int, batch_size: int,
+    progress: Callable[[int], Any] | None = None,
+) -> ScaleSearch:
+    """Every scale on the validation examples and the general probes; leaves the model at the chosen scale."""
+    valid = list(valid)[:SEARCH_MAX_EXAMPLES]
+    conversations = [builder.build("tuned", ex) for ex in valid]
+    references = [ex.reference for ex in valid]
+    candidates: list[ScaleCandidate] = []
+    abilities: dict[float, GeneralAbility] = {}
+    for scale in scales:
+        set_adapter_scale(model, scale)
+        task = None
+        if valid:
+            texts = [g.text for g in generate(model, tokenizer, conversations, settings, batch_size, progress=progress)]
+            per_example = score_outputs(texts, references, kind, schema).per_example[metric]
+            task = sum(per_example) / len(per_example)
+        abilities[scale] = measure_general_ability(model, tokenizer, seed=seed, batch_size=batch_size, progress=progress)
+        compared = compare_general_ability(base, abilities[scale], threshold, seed=seed)
+        kept, ppl = compared["retention"], compared["perplexity"]["relative_change"]
+        candidates.append(ScaleCandidate(
+            scale=scale, task=task, retention=kept["value"], retention_ci95=kept["ci95"], perplexity_change=ppl,
+            within_threshold=within_threshold(kept["value"], ppl, threshold),
+        ))
+    chosen, reason = choose_scale(candidates, policy, threshold, metric)
+    set_adapter_scale(model, chosen)
+    record = AdapterScale(scale=chosen, policy=policy, reason=reason, metric=metric, split="valid",
+                          n_examples=len(valid), threshold=threshold, candidates=candidates)
+    return ScaleSearch(record, abilities[chosen])

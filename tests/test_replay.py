@@ -1,0 +1,131 @@
+"""Replay: general examples mixed into training at an exact share, never in validation or test, part of
+the data fingerprint; the base model's own answers are generated once per model and quality-checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_data_prepare import _chat, _many, _write
+from tunelab.config import DataConfig, Recipe, TrainConfig
+from tunelab.data.prepare import prepare_data
+from tunelab.data.replay import AUTO_SHARE, decide_replay_share, replay_count, replay_prompts
+from tunelab.errors import DataError
+
+
+def _recipe(share, replay=None, **data) -> Recipe:
+    return Recipe(model={"name": "tiny-test"}, data=DataConfig(**data),
+                  train=TrainConfig(replay=replay, replay_share=share))
+
+
+def _general(n: int) -> list[dict]:
+    return [_chat(f"General question {i}: tell me about colour {i}.", f"Colour {i} is a fine colour.") for i in range(n)]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5])
+def test_replay_share_is_exact_and_replay_never_reaches_valid_or_test(tmp_path, tokenizer, share):
+    train = _write(tmp_path / "train.jsonl", _many(120))
+    general = _general(200)
+    general.append(_many(120)[0])  # a replay prompt equal to one of the user's examples is never used
+    replay = _write(tmp_path / "general.jsonl", general)
+    prepared = prepare_data(_recipe(share, str(replay), train=str(train)), tokenizer, tmp_path / "out",
+                            replay_file=replay)
+
+    task_train = prepared.stats["counts"]["train"]
+    replayed = _lines(prepared.path("replay"))
+    assert len(replayed) == prepared.stats["counts"]["replay"] == replay_count(task_train, share)
+    assert abs(len(replayed) / (task_train + len(replayed)) - share) <= 0.5 / (task_train + len(replayed))
+    assert all(r["id"].startswith("replay-") and r["source"].startswith(str(replay)) for r in replayed)
+    assert all("General question" in r["messages"][0]["content"] for r in replayed)
+    replay_ids = {r["id"] for r in replayed}
+    # trained on, and nowhere else: not in valid/test, not in the few-shot/retrieval pool (train.jsonl)
+    trained = {row["id"] for row in prepared.tokenized("train")}
+    assert replay_ids <= trained and len(trained) == task_train + len(replayed)
+    for split in ("train", "valid", "test"):
+        assert not replay_ids & {r["id"] for r in prepared.conversations(split)}
+        assert not any("General question" in r["messages"][0]["content"] for r in prepared.conversations(split))
+    assert not replay_ids & {row["id"] for row in prepared.tokenized("valid")}
+    stats = prepared.stats["replay"]
+    assert stats["share"] == share and stats["examples"] == len(replayed) and stats["available"] == 200
+
+
+def test_the_fingerprint_includes_the_replay_file_and_share(tmp_path, tokenizer):
+    train = _write(tmp_path / "train.jsonl", _many(60))
+    replay = _write(tmp_path / "general.jsonl", _general(50))
+    out = tmp_path / "out"
+    first = prepare_data(_recipe(0.2, str(replay), train=str(train)), tokenizer, out, replay_file=replay)
+    assert prepare_data(_recipe(0.2, str(replay), train=str(train)), tokenizer, out, replay_file=replay).reused
+    assert not prepare_data(_recipe(0.3, str(replay), train=str(train)), tokenizer, out, replay_file=replay).reused
+    _write(replay, _general(51))
+    again = prepare_data(_recipe(0.3, str(replay), train=str(train)), tokenizer, out, replay_file=replay)
+    assert not again.reused
+    without = prepare_data(_recipe(0.0, str(replay), train=str(train)), tokenizer, out, replay_file=replay)
+    assert not without.reused and without.stats["counts"]["replay"] == 0 and "replay" not in without.stats
+    assert _lines(without.path("replay")) == []
+    assert first.stats["counts"]["train"] == without.stats["counts"]["train"]  # the user's split is untouched
+
+
+def test_a_bad_replay_file_names_its_line(tmp_path, tokenizer):
+    train = _write(tmp_path / "train.jsonl", _many(30))
+    replay = tmp_path / "general.jsonl"
+    replay.write_text(json.dumps(_general(1)[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match="general.jsonl:2"):
+        prepare_data(_recipe(0.2, str(replay), train=str(train)), tokenizer, tmp_path / "out", replay_file=replay)
+
+
+def test_auto_share_and_its_reason():
+    plan = decide_replay_share(TrainConfig(), Path("answers.jsonl"))
+    assert plan.share == AUTO_SHARE and plan.share_source == "auto" and plan.source == "self"
+    assert "base model's own answers" in plan.reason
+    mine = decide_replay_share(TrainConfig(replay="mine.jsonl", replay_share=0.3), Path("mine.jsonl"))
+    assert (mine.share, mine.share_source, mine.source) == (0.3, "recipe", "recipe")
+    assert replay_count(90, 0.1) == 10 and replay_count(0, 0.5) == 0 and replay_count(10, 0.0) == 0
+
+
+def test_replay_prompts_are_not_forgetting_probes():
+    from tunelab.eval.forgetting import general_probes
+
+    prompts = {p.lower() for p in replay_prompts()}
+    assert len(prompts) == 64
+    assert not prompts & {p.prompt.lower() for p in general_probes()}
+
+
+def test_self_replay_is_generated_once_per_model_and_quality_checked(tmp_path, monkeypatch, tiny_model_dir):
+    from tunelab.config import ModelConfig
+    from tunelab.data.replay import self_replay_path
+    from tunelab.engine import generate as generate_module
+    from tunelab.engine.generate import Generation
+    from tunelab.train.self_replay import build_self_replay
+
+    calls = []
+
+    def fake_generate(model, tokenizer, conversations, settings, batch_size=16, progress=None):
+        calls.append(len(conversations))
+        return [Generation("A complete short answer." if i % 3 else "Too short", 5, 5, 0.0, 1,
+                           "length" if i % 3 == 1 else "stop") for i in range(len(conversations))]
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(generate_module, "generate", fake_generate)
+    path = build_self_replay(ModelConfig(name="tiny-test"))
+    assert path.is_relative_to(tmp_path / "home")
+    rows = _lines(path)
+    # kept: ended by itself (stop) with a few words; i % 3 == 0 is too short, i % 3 == 1 was cut off
+    assert len(rows) == sum(1 for i in range(64) if i % 3 == 2)
+    assert all(r["messages"][1]["content"] == "A complete short answer." for r in rows)
+    assert build_self_replay(ModelConfig(name="tiny-test")) == path and calls == [64]
+    assert self_replay_path(ModelConfig(name="tiny-test", revision="other")) != path
+
+
+def test_no_usable_replay_examples_trains_on_the_task_alone_and_says_so(tmp_path, tokenizer):
+    train = _write(tmp_path / "train.jsonl", _many(40))
+    empty = tmp_path / "answers.jsonl"
+    empty.write_text("")  # no base-model answer passed the quality check
+    prepared = prepare_data(_recipe("auto", train=str(train)), tokenizer, tmp_path / "out", replay_file=empty)
+    assert prepared.stats["counts"]["replay"] == 0
+    assert prepared.stats["replay"]["examples"] == 0 and "only 0 usable replay examples" in prepared.stats["replay"]["reason"]

@@ -1,0 +1,192 @@
+"""Adapter scale (WiSE-FT): the policy's choice among measured scales, scaling in place, the run's chosen
+scale used by the tuned arm, chat and export (merged weights at that scale give the adapter model's
+logits at that scale)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from test_eval_run import _conversation, build_fake_run
+from test_export import logits_of, make_fake_run, prompt_ids
+from tunelab.contract import AdapterScale, ScaleCandidate
+from tunelab.eval.scale_search import choose_scale, within_threshold
+
+
+def _candidate(scale, task, retention, ppl):
+    return ScaleCandidate(scale=scale, task=task, retention=retention, retention_ci95=None, perplexity_change=ppl,
+                          within_threshold=within_threshold(retention, ppl, 0.05))
+
+
+# the usual shape: the fine-tune as trained scores best and forgets most
+CURVE = [_candidate(1.0, 0.96, 0.70, 0.11), _candidate(0.75, 0.95, 0.96, 0.04), _candidate(0.5, 0.80, 1.0, 0.01)]
+
+
+def test_balance_keeps_the_best_task_score_within_the_threshold():
+    scale, reason = choose_scale(CURVE, "balance", 0.05, "label_accuracy")
+    assert scale == 0.75
+    assert reason.startswith("the best validation label_accuracy (95.0) among the scales that keep general ability "
+                             "within 5% (retention 96%, perplexity +4.0%)")
+
+
+def test_task_and_report_policies():
+    assert choose_scale(CURVE, "task", 0.05, "m")[0] == 1.0
+    scale, reason = choose_scale(CURVE, "report", 0.05, "m")
+    assert scale == 1.0 and "report" in reason
+
+
+def test_balance_when_no_scale_keeps_general_ability_keeps_the_task_score():
+    # the routing run: no scale within 5%; halving the adapter kept 79% instead of 65% and lost half the score
+    worse = [_candidate(1.0, 0.6, 0.65, 0.02), _candidate(0.75, 0.5, 0.76, 0.005), _candidate(0.5, 0.3, 0.79, 0.0)]
+    scale, reason = choose_scale(worse, "balance", 0.05, "m")
+    assert scale == 1.0 and reason.startswith("no scale kept general ability within 5%, so the best validation m (60.0")
+
+
+def test_balance_ties_go_to_more_general_ability_then_the_larger_scale():
+    tied = [_candidate(1.0, 0.9, 0.97, 0.02), _candidate(0.75, 0.9, 1.0, 0.01), _candidate(0.5, 0.9, 1.0, 0.0)]
+    assert choose_scale(tied, "balance", 0.05, "m")[0] == 0.75
+    # perplexity alone can rule a scale out
+    assert not within_threshold(1.0, 0.051, 0.05) and within_threshold(0.95, 0.05, 0.05)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    return make_fake_run(tmp_path_factory.mktemp("runs") / "x")
+
+
+def _write_scale(run_dir, scale):
+    AdapterScale(scale=scale, policy="balance", reason="test", metric="m", split="valid", n_examples=0,
+                 threshold=0.05, candidates=[]).write(run_dir / "eval" / "adapter_scale.json")
+
+
+def test_scaling_in_place_interpolates_between_base_and_fine_tune(run_dir):
+    from tunelab.models import load_model
+    from tunelab.runs import load_tuned_model, set_adapter_scale
+
+    model, tokenizer = load_tuned_model(run_dir, device="cpu", dtype="float32")
+    ids = prompt_ids(tokenizer)
+    tuned = logits_of(model, ids)
+    base = logits_of(load_model("tiny-test", dtype="float32", device="cpu"), ids)
+    assert set_adapter_scale(model, 0.0) > 0
+    assert torch.allclose(logits_of(model, ids), base, atol=1e-5)
+    set_adapter_scale(model, 0.5)
+    half = logits_of(model, ids)
+    assert (half - tuned).abs().max() > 1e-3 and (half - base).abs().max() > 1e-3
+    set_adapter_scale(model, 0.5)  # relative to the trained scaling: never compounds
+    assert torch.equal(logits_of(model, ids), half)
+    set_adapter_scale(model, 1.0)
+    assert torch.equal(logits_of(model, ids), tuned)
+
+
+def test_export_and_chat_use_the_runs_chosen_scale(run_dir, tmp_path):
+    from peft import PeftModel
+
+    from tunelab.models import load_model
+    from tunelab.runs import load_tuned_model, set_adapter_scale
+    from tunelab.use.chat import load_for_use
+    from tunelab.use.export import export_run
+
+    model, tokenizer = load_tuned_model(run_dir, device="cpu", dtype="float32")
+    ids = prompt_ids(tokenizer)
+    set_adapter_scale(model, 0.5)
+    at_half = logits_of(model, ids)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    _write_scale(run_dir, 0.5)
+    try:
+        reloaded, _ = load_tuned_model(run_dir, device="cpu", dtype="float32")
+        assert torch.equal(logits_of(reloaded, ids), at_half)
+
+        from transformers import AutoModelForCausalLM
+
+        merged = export_run(run_dir, tmp_path / "merged", merge=True)
+        assert json.loads((tmp_path / "merged" / "export.json").read_text())["adapter_scale"] == 0.5
+        assert merged.checks["max_abs_logit_diff_vs_adapter_model"] <= 1e-4
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        assert (logits_of(exported, ids) - at_half).abs().max() <= 1e-4
+
+        export_run(run_dir, tmp_path / "adapter")
+        adapter = PeftModel.from_pretrained(load_model("tiny-test", dtype="float32", device="cpu"),
+                                            str(tmp_path / "adapter"))
+        assert (logits_of(adapter, ids) - at_half).abs().max() <= 1e-5
+
+        served = load_for_use(str(run_dir), device="cpu", dtype="float32")  # chat and serve: merged in memory
+        assert (logits_of(served.model, ids) - at_half).abs().max() <= 1e-4
+    finally:
+        (run_dir / "eval" / "adapter_scale.json").unlink()
+
+
+@pytest.fixture
+def few_probes(monkeypatch):
+    """Eight of the shipped probes, so the tiny model answers them in seconds at each scale."""
+    from tunelab.eval import forgetting
+
+    probes = forgetting._shipped_probes()
+    monkeypatch.setattr(forgetting, "_shipped_probes", lambda: probes[::20])
+
+
+def test_evaluate_searches_the_scales_and_the_tuned_arm_runs_at_the_chosen_one(tmp_path, tiny_model_dir, few_probes):
+    from tunelab.eval.run import evaluate
+    from tunelab.models import load_model
+    from tunelab.runs import load_tuned_model
+
+    run_dir = build_fake_run(tmp_path / "fake", load_model("tiny-test", device="cpu"))
+    rng = random.Random(5)
+    valid = [_conversation(i, "valid", rng) for i in range(200, 205)]
+    (run_dir / "data" / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in valid))
+    metrics = evaluate(run_dir, arms="base,tuned", limit=3, echo=False)
+
+    record = AdapterScale.from_file(run_dir / "eval" / "adapter_scale.json")
+    assert [c.scale for c in record.candidates] == [1.0, 0.75, 0.5]
+    assert record.policy == "balance" and record.split == "valid" and record.n_examples == 5
+    assert record.metric == "json_field_accuracy"
+    assert (record.scale, record.reason) == choose_scale(record.candidates, "balance", 0.05, record.metric)
+    assert metrics["forgetting"]["adapter_scale"] == json.loads(record.model_dump_json())
+    chosen = next(c for c in record.candidates if c.scale == record.scale)
+    assert metrics["forgetting"]["retention"]["value"] == chosen.retention
+    assert metrics["forgetting"]["perplexity"]["relative_change"] == pytest.approx(chosen.perplexity_change)
+
+    # the tuned arm's outputs are the model's at the chosen scale, as every later loader gets it
+    from tunelab.engine.generate import DecodingSettings, generate
+    from tunelab.eval.arms import to_eval_example
+
+    model, tokenizer = load_tuned_model(run_dir, device="cpu")
+    test = [json.loads(line) for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()][:3]
+    conversations = [[m for m in row["messages"] if m["role"] != "assistant"] for row in test]
+    assert all(to_eval_example(row, "t").reference for row in test)
+    settings = DecodingSettings(**metrics["arms"]["tuned"]["decoding"])
+    expected = [g.text for g in generate(model, tokenizer, conversations, settings, 4)]
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows if r["arm"] == "tuned"] == expected
+
+
+def test_no_validation_split_skips_the_search(tmp_path, tiny_model_dir, few_probes):
+    from tunelab.eval.run import evaluate
+    from tunelab.models import load_model
+
+    run_dir = build_fake_run(tmp_path / "fake", load_model("tiny-test", device="cpu"))
+    metrics = evaluate(run_dir, arms="base,tuned", limit=2, echo=False)
+    assert metrics["forgetting"]["adapter_scale"]["skipped"].startswith("no validation examples")
+    assert not (run_dir / "eval" / "adapter_scale.json").exists()
+
+
+def test_report_plots_task_score_against_retention_with_the_chosen_scale(tmp_path):
+    from test_report import make_run, parse
+    from tunelab.report.html import write_report
+
+    run = make_run(tmp_path / "r")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    record = AdapterScale(scale=0.75, policy="balance", reason="r", metric="json_field_accuracy", split="valid",
+                          n_examples=12, threshold=0.05, candidates=CURVE)
+    metrics["forgetting"]["adapter_scale"] = json.loads(record.model_dump_json())
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    html = write_report(run).read_text()
+    page = parse(html)
+    assert page.ids.get("plot-scales") == "figure" and page.figures_with_svg.get("plot-scales", 0) > 10
+    assert "chosen: scale 0.75" in html and "retention within 5%" in html
+
+    del metrics["forgetting"]["adapter_scale"]  # a run without a scale search has no such plot
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    assert "plot-scales" not in parse(write_report(run).read_text()).ids
