@@ -24,7 +24,9 @@ def test_run_writes_every_stage_and_resume_skips_finished_stages(tmp_path):
                  "eval/predictions.jsonl", "report.html", "report.md"):
         assert (run / name).is_file(), name
     stages = json.loads((run / "stages.json").read_text())
-    assert list(stages) == ["check", "prepare", "train", "eval", "report"]
+    assert list(stages) == ["check", "prepare", "train", "eval", "audit", "report"]
+    # two steps did not show every example twice: no audit, and the report claims nothing about the data
+    assert "audit: skipped" in result.stderr and not (run / "audit").exists()
     assert set(json.loads((run / "eval" / "metrics.json").read_text())["arms"]) == {"base", "rag", "tuned"}
     assert "# " in result.stdout  # the markdown report is printed at the end
 

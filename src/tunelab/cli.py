@@ -179,6 +179,31 @@ def data_prepare(
     )
 
 
+@data_app.command("audit")
+def data_audit(
+    run_dir: RunDir,
+    top: Annotated[int, typer.Option(min=0, help="print this many of the most suspect examples")] = 20,
+    answers: Annotated[int, typer.Option(min=0, help="the tuned model answers this many of the top examples")] = 40,
+    write_clean: Annotated[Path | None, typer.Option(help="write a copy of the training file without the --drop-top most suspect examples")] = None,
+    drop_top: Annotated[int, typer.Option(min=0, help="with --write-clean: how many of the most suspect to leave out")] = 0,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Rank a trained run's examples, most likely wrong first (RUN/audit/audit.jsonl), from its training dynamics
+    and the tuned model's answers; print the top as `file:line: suspicion: answer -> model answer`."""
+    from tunelab.eval.audit import audit_run, format_row
+    from tunelab.eval.audit import write_clean as write_clean_copy
+
+    if drop_top and write_clean is None:
+        raise TunelabError("--drop-top N needs --write-clean OUT.jsonl (the copy to write)")
+    rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
+    for row in rows[:top]:
+        typer.echo(format_row(row))
+    typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {run_dir / 'audit' / 'audit.jsonl'}")
+    if write_clean is not None:
+        source, dropped = write_clean_copy(rows, drop_top, write_clean)
+        typer.echo(f"{write_clean}: {source} without {len(dropped)} line(s): {', '.join(map(str, dropped)) or 'none'}")
+
+
 # ---------------------------------------------------------------------------------------------- stages
 
 

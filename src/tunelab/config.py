@@ -40,6 +40,9 @@ from tunelab.specs.graders import key_lines as _key_lines
 
 # Learning rates that keep general ability: far below pre-training's; LoRA tolerates 10-20x more.
 DEFAULT_LR = {"lora": 2.0e-4, "dora": 2.0e-4, "qlora": 2.0e-4, "full": 1.0e-5}
+# DPO moves a model that already answers well: a smaller step than supervised tuning (TRL: 1e-6 full;
+# LoRA tolerates more), by the weights it trains (dpo.weights)
+DEFAULT_DPO_LR = {"lora": 5.0e-5, "dora": 5.0e-5, "full": 1.0e-6}
 # train.budget: auto, by the device the run trains on (a CPU run must leave time for evaluation)
 DEFAULT_BUDGET = {"cpu": "10m", "cuda": "60m"}
 # The evaluation's arms, in the order they run and are shown (base-model arms first). The one
@@ -384,12 +387,27 @@ class EvalConfig(_Section):
         return arms
 
 
+class DpoConfig(_Section):
+    # method: dpo (train/preference.py, docs/training.md): preference pairs, the reference is the model
+    # as training starts (the base, or model.adapter's supervised run), its log-probs computed once
+    beta: float = Field(0.1, gt=0, description="how far the tuned model may move from the reference: the "
+                                               "scale of the implicit reward (smaller: further)")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid = DPO's -log sigmoid(beta x margin); ipo = (margin - 1/(2 beta))^2, "
+        "which stops pushing once the margin is reached (less overfitting on small or noisy pairs)",
+    )
+    weights: Literal["lora", "dora", "full"] = Field(
+        "lora", description="which weights DPO trains: a LoRA (or DoRA) adapter with the lora section, or all of them",
+    )
+
+
 class Recipe(_Section):
     name: str = Field("run", description="run folder name under out_dir")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["lora", "dora", "qlora", "full"] = "lora"
+    method: Literal["lora", "dora", "qlora", "full", "dpo"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     out_dir: str = "runs"
@@ -405,7 +423,7 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _method_defaults(self) -> Recipe:
         if self.train.lr is None:
-            self.train.lr = DEFAULT_LR[self.method]
+            self.train.lr = DEFAULT_DPO_LR[self.dpo.weights] if self.method == "dpo" else DEFAULT_LR[self.method]
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""`tunelab run`: check -> prepare -> train -> eval -> report, each stage writing into the run directory.
+"""`tunelab run`: check -> prepare -> train -> eval -> audit -> report, each stage writing into the run directory.
 
 Reads a Recipe; writes everything the stages write, plus `stages.json` (which stages finished, and
 how long each took). A stage that finds a blocking problem stops the run with its message. With
@@ -19,7 +19,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, removed_unless_trained
 
-STAGES = ("check", "prepare", "train", "eval", "report")
+STAGES = ("check", "prepare", "train", "eval", "audit", "report")
 
 
 class StageLog:
@@ -108,6 +108,19 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
         # the user's own recipe: its model code setting and its python graders hold
         evaluate(paths.root, trust_remote_code=recipe.model.trust_remote_code, python_graders=True)
 
+    def audit_stage(recipe: Recipe, paths: RunPaths) -> None:
+        from tunelab.eval.audit import MIN_PASSES, audit_run, fewest_passes
+
+        # the training examples most likely wrong (audit/): only with dynamics of two passes or more
+        if recipe.method == "dpo":  # pairs have no single answer to doubt: no per-example dynamics are recorded
+            say("audit: skipped (a preference run records no per-example answer losses)")
+            return
+        if fewest_passes(paths.root) < MIN_PASSES:
+            say(f"audit: skipped (training saw some examples fewer than {MIN_PASSES} times)")
+            return
+        _, summary = audit_run(paths.root, trust_remote_code=recipe.model.trust_remote_code)
+        say(f"audit: {summary.flagged} of {summary.examples} training examples flagged; {paths.root / 'audit'}")
+
     def report_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.report.html import write_report
 
@@ -116,7 +129,8 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
         say(f"report: {html}")
 
     actions: dict[str, Callable[[Recipe, RunPaths], None]] = {
-        "check": _check, "prepare": _prepare, "train": train_stage, "eval": eval_stage, "report": report_stage,
+        "check": _check, "prepare": _prepare, "train": train_stage, "eval": eval_stage, "audit": audit_stage,
+        "report": report_stage,
     }
     for number, stage in enumerate(STAGES, start=1):
         if stages.done(stage):

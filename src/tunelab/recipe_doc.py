@@ -26,7 +26,8 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
 # Meanings of keys whose Field has no description yet. A description in config.py wins; move these
 # there when a section is next edited (config.py is the one home of a key's default and meaning).
 _MEANINGS = {
-    "method": "lora (default), dora, qlora (4-bit base, CUDA only) or full fine-tuning",
+    "method": "lora (default), dora, qlora (4-bit base, CUDA only) or full fine-tuning; dpo: preference "
+              "tuning on pairs (the dpo section)",
     "out_dir": "folder that holds the run folders",
     "lora.rank": "rank r of the LoRA matrices",
     "lora.alpha": "LoRA scaling numerator: updates are scaled by alpha / rank",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.config import DataConfig, EvalConfig
 from tunelab.console import format_duration
 from tunelab.data.formats import data_files
+from tunelab.data.preference import check_preferences, is_preference_file
 from tunelab.data.quality import NEAR_DUP_MAX_EXAMPLES, QualityIndex
 from tunelab.data.validate import ERROR, WARNING, Issue, read_examples
 
@@ -150,6 +151,11 @@ def check_data(
         report.issues.append(issue)
         if on_issue is not None:
             on_issue(issue)
+
+    if fmt == "auto" and is_preference_file(train):  # preference pairs (method: dpo) have their own checks
+        check_preferences(report, inputs, model=model, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                          system_prompt=system_prompt, add=add)
+        return report
 
     # structure, and fingerprints for the quality checks (no torch here)
     index = QualityIndex(near_dup_max_examples=near_dup_max_examples)

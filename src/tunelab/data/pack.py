@@ -43,7 +43,11 @@ def example_length(example: dict[str, Any]) -> int:
 
 def trainable_count(example: dict[str, Any]) -> int:
     """Tokens whose prediction is trained. The first token of an example has nothing before it to
-    predict it from, so it never counts (the same as running the example alone)."""
+    predict it from, so it never counts (the same as running the example alone). A preference pair
+    (data/preference.py) says its own count, `loss_units`: its loss is a mean over pairs."""
+    units = example.get("loss_units")
+    if units is not None:
+        return units
     return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
 
 

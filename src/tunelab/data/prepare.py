@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, Recipe
 from tunelab.data.formats import data_files, dump_json_line
+from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
 from tunelab.data.replay import ReplayPlan, choose_replay, decide_replay_share, replay_count
 from tunelab.data.split import assign_splits
@@ -219,15 +220,22 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     out_dir = Path(out_dir)
     _refuse_overwriting_inputs(data, out_dir)
     _refuse_overwriting_foreign_files(out_dir)
-    replay = decide_replay_share(recipe.train, replay_file) if replay_file is not None else None
+    pairs = recipe.method == "dpo" or is_preference_file(data.train)  # preference pairs: data/preference.py
+    replay = decide_replay_share(recipe.train, replay_file) if replay_file is not None and not pairs else None
     if replay is not None and replay.share <= 0:
         replay = None
     fingerprint = data_fingerprint(data, tokenizer, (replay_file, replay.share) if replay and replay_file else None)
+    fingerprint = preference_fingerprint(fingerprint) if pairs else fingerprint
     stats = _reusable(out_dir, fingerprint)
     if stats is not None:
         return PreparedData(out_dir, stats, reused=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fingerprint.json").unlink(missing_ok=True)  # a half-written folder must never look reusable
+    if pairs:  # their own rules, the same files
+        stats = prepare_preferences(data, tokenizer, out_dir, lambda issues: _raise_on_errors(issues, out_dir))
+        _write_lines(out_dir / "replay.jsonl", [])  # no replay for pairs: a dpo run learns a preference
+        _write_json(out_dir / "fingerprint.json", fingerprint)
+        return PreparedData(out_dir, stats)
 
     # read and validate every input
     issues: list[Issue] = []

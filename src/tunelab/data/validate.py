@@ -73,6 +73,13 @@ CODES: dict[str, tuple[str, str]] = {
     "leakage_exact": (WARNING, "a held-out example has the same prompt as a training example (prepare drops the latter)"),
     "leakage_near": (WARNING, "a held-out example is a near-duplicate of a training example (prepare drops the latter)"),
     "length_outlier": (WARNING, "far shorter or longer than the rest of the data"),
+    # preference pairs (data/preference.py)
+    "not_a_pair": (ERROR, "a record of a preference file is not a pair (input + preferred_output + non_preferred_output, or prompt + chosen + rejected)"),
+    "bad_side": (ERROR, "an answer of a pair is not text, an assistant message, or a list of one assistant message"),
+    "empty_side": (ERROR, "the preferred or the rejected answer is missing or empty"),
+    "identical_pair": (ERROR, "the preferred and rejected answers are the same: nothing to learn"),
+    "prompt_not_user": (ERROR, "a pair's prompt does not end with a user message (the answers must reply to one)"),
+    "duplicate_pair": (WARNING, "the same prompt and answers appear earlier (prepare drops it when data.dedupe)"),
 }
 
 ROLES = frozenset(("system", "user", "assistant", "tool"))

@@ -407,6 +407,10 @@ def evaluate(
                           recipe_external=arms is None, out_dir=out_dir)
     cfg = inputs.cfg
     generated = _generate_arms(inputs)
+    if inputs.recipe.method == "dpo":  # the supervised parent answers too, as the arm `sft` (eval/preference.py)
+        from tunelab.eval.preference import add_parent_arm
+
+        inputs, generated = add_parent_arm(inputs, generated)
     columns, sample_columns, external_columns = _grade_arms(inputs, generated)
 
     # --- quality per arm, and the verdict on the primary metric
@@ -435,6 +439,10 @@ def evaluate(
         metrics["forgetting"]["adapter_scale"] = (generated.adapter_scale.model_dump(mode="json") if generated.adapter_scale
                                                   else {"skipped": inputs.scale_search})
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
+    if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
+        from tunelab.eval.preference import preference_section
+
+        metrics["preference"] = preference_section(inputs, generated, scored)
 
     # --- what the arms saw, so a reader can check the comparison was fair
     metrics["prompts"] = _prompts_seen(inputs, generated.prompts)

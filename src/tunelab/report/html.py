@@ -27,10 +27,12 @@ from tunelab.config import ARMS, PROMPT_ONLY_ARMS
 from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
 from tunelab.eval.metrics import to_fraction, to_points
 from tunelab.files import write_text_atomic
+from tunelab.report.preference import describe_preference
 from tunelab.runs import RunPaths
 
 MAX_DISAGREEMENTS = 8
 MAX_ISSUES_SHOWN = 20
+MAX_AUDIT_SHOWN = 20
 SECTIONS = (
     ("verdict", "Verdict"), ("data", "Data"), ("training", "Training"), ("arms", "Arms"),
     ("overfitting", "Overfitting"), ("forgetting", "Forgetting"), ("examples", "Where the arms disagree"),
@@ -314,6 +316,22 @@ def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
         "issues": issue_rows, "issues_total": len(issues.value) if issues.ok else None,
         "issues_note": None if issues.ok else issues.note(root),
     }
+
+
+def _audit(root: Path) -> dict[str, Any]:
+    """The top of RUN/audit/ (eval/audit.py), shown under Data; absent when the run has no audit."""
+    from tunelab.eval.audit import read_audit
+
+    found = read_audit(root)
+    if found is None:
+        return {"available": False}
+    rows, summary = found
+    shown = [{"where": f"{r['file']}:{r['line']}", "suspicion": f"{r['suspicion']:.1f}", "answer": r["answer"],
+              "model_answer": "—" if r["model_answer"] is None else r["model_answer"], "flagged": r["flagged"]}
+             for r in rows[:MAX_AUDIT_SHOWN]]
+    title = "Suspect training examples" if summary["claims_errors"] else "Hardest training examples (no error claimed)"
+    return {"available": True, "title": title, "how_to_read": summary["how_to_read"], "rows": shown,
+            "total": len(rows), "flagged": summary["flagged"]}
 
 
 def _training(log: RunFile, summary: RunFile, root: Path, rise: Any = None) -> dict[str, Any]:
@@ -619,8 +637,10 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "name": recipe.get("name") or root.name, "run_dir": str(root), "model": model,
         "method": recipe.get("method"), "sections": SECTIONS,
         "verdict": _verdict(metrics, root),
+        "preference": describe_preference(getattr(metrics.value, "preference", None) if metrics.ok else None),
         "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
+        "audit": _audit(root),
         "training": training,
         "arms": arms,
         "overfitting": {**_overfitting(overfitting_value, metrics, training, root),
@@ -695,6 +715,10 @@ def render_markdown(context: Mapping[str, Any]) -> str:
         lines += [f"## Parent ({lineage['kind']} of {lineage['parent_name']}, report: {lineage['parent_report']})", "",
                   f"**{lineage['text']}**", "", "| arm | parent | this run |", "|---|---|---|"]
         lines += [f"| {row['arm']} | {row['parent']} | {row['own']} |" for row in lineage["rows"]] + [""]
+    if context.get("preference"):  # a dpo run: what preference tuning changed
+        lines += ["## What DPO changed", "", context["preference"]["text"], ""]
+        lines += [f"- {_md_escape(ex['prompt'])}: sft `{_md_escape(ex['sft'])}` -> tuned `{_md_escape(ex['tuned'])}`"
+                  for ex in context["preference"]["examples"]] + [""]
     arms = context["arms"]
     lines += ["## Arms", ""]
     if arms["available"]:
@@ -723,6 +747,12 @@ def render_markdown(context: Mapping[str, Any]) -> str:
         lines.append("")
     else:
         lines += [data["note"], ""]
+    audit = context["audit"]
+    if audit["available"]:
+        lines += [f"### {audit['title']} (audit/audit.jsonl)", "", audit["how_to_read"], "",
+                  "| where | suspicion | answer | model answer |", "|---|---|---|---|"]
+        lines += [f"| {_md_escape(r['where'])} | {r['suspicion']}{' flagged' if r['flagged'] else ''} | "
+                  f"{_md_escape(r['answer'])} | {_md_escape(r['model_answer'])} |" for r in audit["rows"]] + [""]
     training = context["training"]
     lines += ["## Training", ""]
     if training["available"]:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,6 +47,7 @@ from tunelab.train.checkpoint import (
     restore_rng,
 )
 from tunelab.train.distributed import SINGLE_PROCESS, DistContext
+from tunelab.train.dynamics import DynamicsRecorder
 from tunelab.train.events import Event, Verdict, finite_or_none, judge_evaluation
 from tunelab.train.setup import TrainSetup
 
@@ -92,6 +93,7 @@ class LoopOptions:
     write_checkpoints: bool = True  # False (benchmarks): no checkpoint but the one a signal asks for
     deadline: float | None = None  # time.monotonic() of train.budget's hard stop: the step crossing it is the last
     on_step_end: Callable[[TrainState, TrainSetup], None] | None = None  # tests record weights, benchmarks time steps
+    record_dynamics: bool = True  # train/dynamics.jsonl: each example's loss every step (train/dynamics.py)
 
 
 @dataclass
@@ -222,9 +224,12 @@ class _RunLog:
 
     def evaluation(self, step: int, val: tuple[float, float], train: tuple[float, float], verdict: Verdict) -> None:
         """An eval line ((loss, token accuracy) of the validation set and the train sample), then its events."""
-        self.write({"kind": "eval", "step": step, "val_loss": finite_or_none(val[0]),
-                    "val_token_acc": finite_or_none(val[1]), "train_loss": finite_or_none(train[0]),
-                    "train_token_acc": finite_or_none(train[1]), "is_best": verdict.is_best})
+        record = {"kind": "eval", "step": step, "val_loss": finite_or_none(val[0]),
+                  "val_token_acc": finite_or_none(val[1]), "train_loss": finite_or_none(train[0]),
+                  "train_token_acc": finite_or_none(train[1]), "is_best": verdict.is_best}
+        if isinstance(val, Evaluation) and not math.isnan(val.reward_margin):  # preference tuning
+            record.update(val_preference_acc=val.token_acc, val_reward_margin=val.reward_margin)
+        self.write(record)
         self.scalars({"val/loss": val[0], "val/token_acc": val[1], "train_sample/loss": train[0],
                       "train_sample/token_acc": train[1]}, step)
         for event in verdict.events:
@@ -327,6 +332,8 @@ VARLEN_PAD_MULTIPLE = 64
 
 def batch_builder(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int) -> Callable[[Sequence[Row]], Batch]:
     """rows -> a micro-batch on the setup's device, in the layout its attention takes."""
+    if setup.make_batches is not None:  # a loss of its own (preference tuning) builds its own batches
+        return setup.make_batches(examples, pad_id)
     if setup.attention != "varlen":
         return lambda rows: collate(examples, rows, pad_id).to(setup.device)
     # a fixed bound on sequence length: the kernel's grid, so compiled graphs do not specialise on it
@@ -349,25 +356,35 @@ def autocast(setup: TrainSetup) -> torch.autocast:
                           enabled=setup.autocast_dtype is not None)
 
 
-def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext = SINGLE_PROCESS) -> tuple[float, float]:
-    """(mean loss, token accuracy) over every trainable token of the set, dropout off."""
+class Evaluation(NamedTuple):
+    loss: float
+    token_acc: float  # preference tuning: the share of pairs whose preferred answer the model ranks higher
+    reward_margin: float = math.nan  # preference tuning: the mean reward margin (preferred - rejected)
+
+
+def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext = SINGLE_PROCESS) -> Evaluation:
+    """(mean loss, token accuracy[, reward margin]) over every trainable token (or pair) of the set, dropout off."""
     model = setup.model
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=setup.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=setup.device)
+    margins = False
     make_batch = batch_builder(setup, eval_set.examples, pad_id)
     with torch.no_grad(), autocast(setup), attention_layout(setup):
         passes, real = ctx.lockstep_shard(eval_set.micro_batches)
         for index, micro in enumerate(passes):
             out = setup.loss_module(**make_batch(micro).model_inputs())
+            margin = out.reward_margin_sum
+            margins = margin is not None
             if index < real:
-                sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
+                sums += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double(),
+                                     margin.double() if margins else sums.new_zeros(())])
     ctx.all_reduce_sum(sums)
     model.train(was_training)
-    loss_sum, count, correct = sums.tolist()
+    loss_sum, count, correct, margin_sum = sums.tolist()
     if count == 0:
-        return math.nan, math.nan
-    return loss_sum / count, correct / count
+        return Evaluation(math.nan, math.nan)
+    return Evaluation(loss_sum / count, correct / count, margin_sum / count if margins else math.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +393,7 @@ def evaluate(setup: TrainSetup, eval_set: EvalSet, pad_id: int, ctx: DistContext
 
 def train_step(
     setup: TrainSetup, step: Step, index: int, make_batch: Callable[[Sequence[Row]], Batch], ctx: DistContext,
-    stop: _StopSignals, grad_clip: float,
+    stop: _StopSignals, grad_clip: float, dynamics: DynamicsRecorder | None = None,
 ) -> StepResult:
     """Optimizer step `index` (0-based) of the plan, which is `step`. A signal (`stop`) drops a
     half-accumulated step: the parameters and generator states stay those of the last step."""
@@ -401,10 +418,14 @@ def train_step(
             (out.loss_sum * (scale if pass_index < real else 0.0)).backward()
         if pass_index < real:
             sums += torch.stack([out.loss_sum.detach().double(), out.count.double(), out.correct.double()])
+            if dynamics is not None:
+                dynamics.add(micro, out.token_losses)
     stopped_by = stop.received
     if _agreed(ctx, bool(stopped_by), setup.device) and not stopped_by:
         stopped_by = "a signal to another rank"  # every rank stops at the same step
     if stopped_by:
+        if dynamics is not None:
+            dynamics.discard()
         setup.optimizer.zero_grad(set_to_none=True)
         restore_rng(rng_at_start)
         return StepResult(lr, stopped_by=stopped_by)
@@ -443,6 +464,7 @@ def train_loop(
         log.event(Event(state.step, "resume", f"resumed from {resume.path}"), say=False)
     checkpoints = _Checkpoints(run_root / "checkpoints", setup, ctx, log, cfg.keep_checkpoints, state, resume)
     make_batch = batch_builder(setup, examples, pad_id)
+    dynamics = DynamicsRecorder.open(run_root / "train", examples, state.step, ctx.rank) if options.record_dynamics else None
     finished = state.step >= len(plan) or state.stopped_early
     stopped_by: str | None = None
     setup.model.train()
@@ -451,7 +473,7 @@ def train_loop(
             while not finished:
                 # ---- one optimizer step: plan -> micro-batches -> loss -> step (or a skip)
                 step = plan[state.step]
-                result = train_step(setup, step, state.step, make_batch, ctx, stop, cfg.grad_clip)
+                result = train_step(setup, step, state.step, make_batch, ctx, stop, cfg.grad_clip, dynamics)
                 stopped_by = result.stopped_by
                 if stopped_by:
                     break
@@ -466,6 +488,8 @@ def train_loop(
                     check_weights_finite(setup, ctx, state.step)  # skipping cannot mend weights already lost
                 else:
                     state.nonfinite_streak = 0
+                if dynamics is not None:  # a skipped step changed nothing: its losses are not kept
+                    dynamics.write_step(state.step, step.epoch, keep=not result.skipped)
                 log.step(state, step, result)
                 finished = state.step >= len(plan)
                 if not finished and _past(options.deadline, ctx, setup.device):
@@ -491,6 +515,8 @@ def train_loop(
                 raise _interrupted(reason, state, checkpoints, log, options.resume_command)
     finally:
         log.close()
+        if dynamics is not None:
+            dynamics.close()
     return LoopResult(state, checkpoints.best, checkpoints.last)
 
 

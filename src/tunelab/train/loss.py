@@ -2,7 +2,8 @@
 
 Reads a micro-batch (pack.Batch tensors) and a causal LM (plain or PEFT-wrapped); returns summed
 sums, not means: the loss summed over trainable tokens, their count and how many were predicted
-right (token accuracy). The training loop divides the summed loss of a whole optimizer step by the
+right (token accuracy), plus each trainable token's loss (detached; the training dynamics that
+train/dynamics.py reduces per example). The training loop divides the summed loss of a whole optimizer step by the
 step's trainable-token count, so every trainable token weighs the same whatever the micro-batching.
 
 Why: an LM head of 49152 x 576 makes logits for every token the largest tensor of a step.
@@ -33,8 +34,11 @@ LOGITS_PER_CHUNK_GPU = 1 << 26
 
 class LossSums(NamedTuple):
     loss_sum: torch.Tensor  # 0-d float32, differentiable
-    count: torch.Tensor  # 0-d int64: trainable tokens
-    correct: torch.Tensor  # 0-d int64: trainable tokens whose argmax prediction is the label
+    count: torch.Tensor  # 0-d int64: trainable tokens (preference tuning: pairs)
+    correct: torch.Tensor  # 0-d int64: trainable tokens whose argmax prediction is the label (pairs ranked right)
+    # (trainable tokens,) float32, no gradient: each token's loss, row-major (row by row, left to right)
+    token_losses: torch.Tensor | None = None
+    reward_margin_sum: torch.Tensor | None = None  # preference tuning: the pairs' reward margins, summed
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -50,6 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        token_losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(compute_dtype)
             t = targets[start : start + chunk_rows]
@@ -61,7 +66,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, t[:, None]).squeeze(1)
-            loss_sum += (lse - picked).sum()
+            losses = lse - picked
+            token_losses[start : start + chunk_rows] = losses
+            loss_sum += losses.sum()
             correct += (logits.argmax(dim=-1) == t).sum()
             if need_hidden or need_weight or need_bias:
                 # d loss / d logits = softmax - one_hot(target)
@@ -81,11 +88,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
         ctx.has = (need_hidden, need_weight, need_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(correct)
-        return loss_sum, correct
+        ctx.mark_non_differentiable(correct, token_losses)
+        return loss_sum, correct, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_correct, _grad_token_losses):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         has_hidden, has_weight, has_bias = ctx.has
         weight_dtype, bias_dtype = ctx.dtypes
@@ -105,19 +112,24 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_rows: int | None = None,
     compute_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    token_losses: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """(summed cross-entropy, correct count) of hidden (N, H) projected by weight (V, H) against
-    targets (N,). Gradients flow to hidden, weight and bias as needed."""
+    targets (N,), and with `token_losses` each row's cross-entropy (N,) as well (no gradient).
+    Gradients flow to hidden, weight and bias as needed."""
     per_chunk = LOGITS_PER_CHUNK_GPU if hidden.is_cuda else LOGITS_PER_CHUNK
     chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     compute_dtype = compute_dtype or weight.dtype
     if hidden.shape[0] == 0:
         zero = (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()
-        return zero, torch.zeros((), dtype=torch.long, device=hidden.device)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype)
-    with torch.no_grad():
-        return _LinearCrossEntropy.forward(_NoGradContext(), hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype)
+        out = (zero, torch.zeros((), dtype=torch.long, device=hidden.device), torch.zeros(0, device=hidden.device))
+    elif torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        out = _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype)
+    else:
+        with torch.no_grad():
+            out = _LinearCrossEntropy.forward(_NoGradContext(), hidden, weight, bias, targets, chunk_rows, softcap,
+                                              compute_dtype)
+    return out if token_losses else out[:2]
 
 
 class _NoGradContext:
@@ -170,6 +182,27 @@ class CausalLMLoss(nn.Module):
     ) -> LossSums:
         """`cu_seqlens` (collate_varlen's layout): the row holds several examples end to end, and
         the model's attention must be tunelab's varlen attention (train/attention.py)."""
+        hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
+        targets = labels[:, 1:]
+        trainable = targets != IGNORE_INDEX
+        selected = hidden[:, :-1][trainable]
+        loss_sum, correct, token_losses = linear_cross_entropy(
+            selected, head.weight, targets[trainable], bias=getattr(head, "bias", None), softcap=self.softcap,
+            chunk_rows=self.chunk_rows, compute_dtype=self.compute_dtype(hidden, head), token_losses=True,
+        )
+        return LossSums(loss_sum, trainable.sum(), correct, token_losses)
+
+    def compute_dtype(self, hidden: torch.Tensor, head: nn.Module) -> torch.dtype:
+        """The LM head's dtype, or autocast's when it is on."""
+        if torch.is_autocast_enabled(hidden.device.type):
+            return torch.get_autocast_dtype(hidden.device.type)
+        return head.weight.dtype
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None, max_seqlen: int,
+    ) -> tuple[torch.Tensor, nn.Module]:
+        """(the decoder's last hidden states, the LM head): everything before the loss."""
         decoder, head = causal_lm_parts(self.model)
         varlen = {}
         if cu_seqlens is not None:
@@ -185,17 +218,7 @@ class CausalLMLoss(nn.Module):
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **varlen
         ).last_hidden_state
-        targets = labels[:, 1:]
-        trainable = targets != IGNORE_INDEX
-        selected = hidden[:, :-1][trainable]
-        compute_dtype = head.weight.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            compute_dtype = torch.get_autocast_dtype(hidden.device.type)
-        loss_sum, correct = linear_cross_entropy(
-            selected, head.weight, targets[trainable], bias=getattr(head, "bias", None), softcap=self.softcap,
-            chunk_rows=self.chunk_rows, compute_dtype=compute_dtype,
-        )
-        return LossSums(loss_sum, trainable.sum(), correct)
+        return hidden, head
 
     def forward_batch(self, batch: Batch) -> LossSums:
         return self(**batch.model_inputs())

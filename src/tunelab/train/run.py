@@ -362,6 +362,10 @@ def train_on_examples(
 
     ctx = ctx or SINGLE_PROCESS
     budget_started = time.monotonic() if budget_started is None else budget_started
+    if recipe.method == "dpo" or any("loss_units" in e for e in train_examples[:1]):  # preference pairs
+        from tunelab.train.preference import rows_for_pairs
+
+        recipe = rows_for_pairs(recipe, train_examples)
     faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
 
     # ---- plan the data: rows, then steps (a resumed run keeps the plan it started with)
@@ -372,6 +376,11 @@ def train_on_examples(
     # ---- set up the model, loss and optimizer (FSDP shards them here); one GPU probes the micro-batch size
     resolved = recipe.train.model_copy(update={"tokens_per_step": packing.tokens_per_step})
     setup, steps, layout = _set_up(recipe, resolved, packing, steps, device, ctx)
+    if recipe.method == "dpo":  # the preference loss and batches; the reference's log-probs, once (train/preference.py)
+        from tunelab.train.preference import attach_reference, preference_setup
+
+        preference_setup(setup, recipe.dpo)
+        attach_reference(setup, recipe, paths.root, (train_examples, valid_examples), tokenizer.pad_token_id, ctx.is_main)
 
     # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit
     planned = packing.saved or _fit_plan(
@@ -597,7 +606,7 @@ def replay_file_for(recipe: Recipe) -> Path | None:
     calls it too, so the train stage finds the data prepared."""
     from tunelab.train.self_replay import build_self_replay
 
-    if recipe.train.replay_share == 0:
+    if recipe.train.replay_share == 0 or recipe.method == "dpo":  # a dpo run learns from pairs, no replay
         return None
     if recipe.train.replay:
         path = Path(recipe.train.replay)

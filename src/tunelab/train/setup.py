@@ -9,6 +9,7 @@ bfloat16 frozen base for the LoRA family and float32 master weights for full fin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from tunelab.train.loss import CausalLMLoss
 
 if TYPE_CHECKING:
     from tunelab.config import Recipe, TrainConfig
+    from tunelab.data.pack import Row
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
 
@@ -69,6 +71,9 @@ class TrainSetup:
     total_params: int
     attention: str = "mask"  # how packed examples are kept apart: "varlen" (train/attention.py) or "mask"
     compiled: bool = False  # decoder layers compiled (compile_layers)
+    # (examples, pad_id) -> (rows -> micro-batch) for a loss_module that is not CausalLMLoss's
+    # (preference tuning, train/preference.py); None: the packed rows of data/pack.py
+    make_batches: Callable[[Sequence[dict[str, Any]], int], Callable[[Sequence[Row]], Any]] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -264,6 +269,8 @@ def setup_training(
     recipe: Recipe, total_steps: int, device: str | torch.device | None = None, base: nn.Module | None = None
 ) -> TrainSetup:
     """Model, loss, optimizer and schedule for a run of `total_steps` optimizer steps. `base`: see build_model."""
+    if recipe.method == "dpo":  # the setup of the weights it trains (its loss and batches: train/preference.py)
+        recipe = recipe.model_copy(update={"method": recipe.dpo.weights})
     device = device if isinstance(device, torch.device) else resolve_device(device)
     model, autocast = build_model(recipe, device, base)
     loss_module = CausalLMLoss(model)

@@ -1,0 +1,305 @@
+"""Preference tuning (`method: dpo`): the DPO (or IPO) loss over both answers of each pair in one
+batch, and the reference model's log-probs, computed once for the whole run.
+
+Reads pair examples (data/preference.py's *.tokens.jsonl rows: `input_ids` = the chosen side's ids
+then the rejected side's, `labels`, `chosen_tokens`, `loss_units` 1) and the TrainSetup of the
+weights DPO trains (dpo.weights: a LoRA/DoRA adapter or all of them). Writes
+train/reference_logps.json: the reference's sequence log-probs of every train and valid pair, so a
+resumed run skips that pass. The training loop stays train/loop.py's: this module passes in its
+loss module (PreferenceLoss as setup.loss_module) and its batches (setup.make_batches).
+
+Per pair, with sequence log-probs over the answer tokens only (the prompt is never scored; the
+answer's end-of-turn token is), and the reference ref = the model as training starts:
+  log_ratio = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
+  reward margin = beta * log_ratio       (the implicit rewards' difference; > 0: ranked right)
+  sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * log_ratio)
+  ipo (Azar et al. 2023):               (log_ratio - 1 / (2 beta))^2
+The loss of a step is the mean over its pairs. Both answers of a pair are packed into the same row
+(each attends only to itself: data/pack.py's block-diagonal mask, or varlen attention on a GPU).
+
+The reference is the model as set up, before any step (and before a resumed run loads its
+checkpoint): the base with a fresh adapter switched off, or the supervised parent when model.adapter
+names one (then the parent's adapter is the starting point, so it stays on). No second model is held:
+the reference's log-probs are one forward pass without gradients over the pairs, before step 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tunelab.data.pack import (
+    Batch,
+    Row,
+    collate,
+    collate_varlen,
+    example_length,
+    group_micro_batches,
+    pack_rows,
+)
+from tunelab.files import write_text_atomic
+from tunelab.train.loop import VARLEN_PAD_MULTIPLE, attention_layout, autocast
+from tunelab.train.loss import LOGITS_PER_CHUNK, LOGITS_PER_CHUNK_GPU, CausalLMLoss, LossSums
+
+if TYPE_CHECKING:
+    from tunelab.config import DpoConfig, Recipe
+    from tunelab.train.setup import TrainSetup
+
+REFERENCE_FILE = "reference_logps.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+@dataclass
+class PairBatch:
+    """Both answers of every pair of a micro-batch as packed sequences: pair k's chosen side is
+    sequence 2k, its rejected side 2k + 1."""
+
+    batch: Batch
+    sequence_ids: torch.Tensor  # (rows, length) int64: the sequence of each position, -1 for padding
+    reference_logps: torch.Tensor | None  # (2 x pairs,) float32; None while the reference is computed
+    pairs: int
+
+    def to(self, device: Any) -> PairBatch:
+        reference = None if self.reference_logps is None else self.reference_logps.to(device)
+        return PairBatch(self.batch.to(device), self.sequence_ids.to(device), reference, self.pairs)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for PreferenceLoss."""
+        return {**self.batch.model_inputs(), "sequence_ids": self.sequence_ids,
+                "reference_logps": self.reference_logps, "n_sequences": 2 * self.pairs}
+
+
+def _sides(example: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(chosen, rejected) of a pair example. An example that is not a pair (the GPU memory probe's
+    random rows) is cut in half: the same tokens and the same work."""
+    ids, labels = example["input_ids"], example["labels"]
+    n = example.get("chosen_tokens", len(ids) // 2)
+    return {"input_ids": ids[:n], "labels": labels[:n]}, {"input_ids": ids[n:], "labels": labels[n:]}
+
+
+def pair_batches(
+    setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int
+) -> Callable[[Sequence[Row]], PairBatch]:
+    """rows of pairs -> a PairBatch on the setup's device, in the layout its attention takes."""
+    varlen = setup.attention == "varlen"
+    longest = max((example_length(e) for e in examples), default=1)
+    multiple = VARLEN_PAD_MULTIPLE if setup.device.type == "cuda" else 1
+
+    def build(rows: Sequence[Row]) -> PairBatch:
+        sequences: list[dict[str, Any]] = []
+        sequence_rows: list[Row] = []
+        reference: list[float] | None = []
+        for row in rows:
+            local = []
+            for index in row:
+                example = examples[index]
+                local += [len(sequences), len(sequences) + 1]
+                sequences.extend(_sides(example))
+                logps = example.get("reference_logps")
+                if logps is None and "chosen_tokens" not in example:
+                    logps = (0.0, 0.0)  # not a pair (memory probe): any reference does the same work
+                reference = None if logps is None or reference is None else [*reference, *logps]
+            sequence_rows.append(tuple(local))
+        if varlen:
+            batch = collate_varlen(sequences, sequence_rows, pad_id, pad_to_multiple=multiple, max_seqlen=longest)
+            layout = [[i for row in sequence_rows for i in row]]
+        else:
+            batch = collate(sequences, sequence_rows, pad_id)
+            layout = [list(row) for row in sequence_rows]
+        sequence_ids = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+        for r, row in enumerate(layout):
+            at = 0
+            for s in row:
+                n = example_length(sequences[s])
+                sequence_ids[r, at : at + n] = s
+                at += n
+        pairs = len(sequences) // 2
+        reference_logps = None if reference is None else torch.tensor(reference, dtype=torch.float32)
+        return PairBatch(batch, sequence_ids, reference_logps, pairs).to(setup.device)
+
+    return build
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 softcap: float | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    logits = (hidden.to(compute_dtype) @ weight.to(compute_dtype).T).float()
+    if bias is not None:
+        logits = logits + bias.float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+                softcap: float | None = None, compute_dtype: torch.dtype | None = None,
+                chunk_rows: int | None = None) -> torch.Tensor:
+    """log p(target) of each row of hidden (N, H) under the LM head weight (V, H): (N,) float32.
+    Chunked like loss.py, and each chunk's logits are recomputed in the backward pass instead of
+    kept (activation checkpointing), so no (tokens x vocab) tensor outlives its chunk."""
+    per_chunk = LOGITS_PER_CHUNK_GPU if hidden.is_cuda else LOGITS_PER_CHUNK
+    chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
+    compute_dtype = compute_dtype or weight.dtype
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        args = (hidden[start : start + chunk_rows], weight, bias, targets[start : start + chunk_rows], softcap, compute_dtype)
+        parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if grad else _chunk_logps(*args))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def preference_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reward margin) per pair from sequence log-probs laid out chosen, rejected, chosen, ..."""
+    log_ratio = (policy[0::2] - reference[0::2]) - (policy[1::2] - reference[1::2])
+    margin = beta * log_ratio
+    if loss == "ipo":
+        return (log_ratio - 1.0 / (2.0 * beta)) ** 2, margin
+    return -F.logsigmoid(margin), margin
+
+
+class PreferenceLoss(CausalLMLoss):
+    """The model plus the preference loss, as one module (the seam DDP wraps, like CausalLMLoss):
+    forward(PairBatch.model_inputs()) -> LossSums(loss summed over pairs, pairs, pairs ranked
+    right, reward margins summed)."""
+
+    def __init__(self, model: nn.Module, beta: float, loss: str = "sigmoid", chunk_rows: int | None = None) -> None:
+        super().__init__(model, chunk_rows)
+        self.beta, self.loss = beta, loss
+
+    def sequence_logps(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,
+        position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, **_: Any,
+    ) -> torch.Tensor:
+        """(n_sequences,) float32: each sequence's summed log-prob of its labelled (answer) tokens."""
+        hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
+        targets = labels[:, 1:]
+        trainable = targets != -100
+        logps = token_logps(hidden[:, :-1][trainable], head.weight, targets[trainable], getattr(head, "bias", None),
+                            self.softcap, self.compute_dtype(hidden, head), self.chunk_rows)
+        owner = sequence_ids[:, 1:][trainable]
+        return logps.new_zeros(n_sequences).index_add(0, owner, logps)
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor,
+        reference_logps: torch.Tensor | None, n_sequences: int, position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
+    ) -> LossSums:
+        if reference_logps is None:
+            raise RuntimeError("preference batch without reference log-probs: attach_reference runs before training")
+        policy = self.sequence_logps(input_ids, labels, sequence_ids, n_sequences, position_ids, attention_mask,
+                                     cu_seqlens, max_seqlen)
+        losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss)
+        pairs = torch.tensor(n_sequences // 2, device=policy.device)
+        return LossSums(losses.sum(), pairs, (margins > 0).sum(), reward_margin_sum=margins.detach().sum())
+
+
+def rows_for_pairs(recipe: Recipe, examples: Sequence[dict[str, Any]]) -> Recipe:
+    """The recipe the training stage sizes its rows and micro-batches by: data.max_seq_len bounds
+    each side of a pair, so a pair (never split across rows) is up to twice as long. Refuses pairs
+    without `method: dpo`, and chat examples with it."""
+    from tunelab.errors import ConfigError
+
+    pairs = any("loss_units" in e for e in examples[:1])
+    if pairs and recipe.method != "dpo":
+        raise ConfigError(f"data.train ({recipe.data.train}) holds preference pairs: train on them with method: dpo "
+                          "(or give chat examples)")
+    if not pairs and examples:
+        raise ConfigError(f"method: dpo trains on preference pairs, but data.train ({recipe.data.train}) holds chat "
+                          "examples (see docs/data-checks.md for the pair formats)")
+    data = recipe.data.model_copy(update={"max_seq_len": 2 * recipe.data.max_seq_len})
+    return recipe.model_copy(update={"data": data})
+
+
+def preference_setup(setup: TrainSetup, cfg: DpoConfig) -> TrainSetup:
+    """The setup of the weights DPO trains, with the preference loss and its batches passed in."""
+    setup.loss_module = PreferenceLoss(setup.model, cfg.beta, cfg.loss)
+    setup.make_batches = lambda examples, pad_id: pair_batches(setup, examples, pad_id)
+    return setup
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference
+
+
+def reference_logps(
+    setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int, micro_batch_tokens: int, adapter_off: bool,
+) -> list[tuple[float, float]]:
+    """(chosen, rejected) sequence log-probs of each pair under the model as it stands (dropout off),
+    with the PEFT adapter switched off when `adapter_off`."""
+    if not examples:
+        return []
+    lengths = [example_length(e) for e in examples]
+    width = max(micro_batch_tokens, max(lengths))
+    rows = pack_rows(lengths, width)
+    micro_batches = group_micro_batches(rows, [sum(lengths[i] for i in row) for row in rows], width)
+    build = pair_batches(setup, [{k: v for k, v in e.items() if k != "reference_logps"} for e in examples], pad_id)
+    model, module = setup.model, setup.loss_module
+    was_training = model.training
+    model.eval()
+    found: dict[int, tuple[float, float]] = {}
+    switch_off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else nullcontext()
+    with torch.no_grad(), switch_off, autocast(setup), attention_layout(setup):
+        for micro in micro_batches:
+            batch = build(micro)
+            logps = module.sequence_logps(**batch.model_inputs()).tolist()
+            for k, index in enumerate(i for row in micro for i in row):
+                found[index] = (logps[2 * k], logps[2 * k + 1])
+    model.train(was_training)
+    return [found[i] for i in range(len(examples))]
+
+
+def _cache_key(recipe: Recipe, data_dir: Path) -> str:
+    fingerprint = data_dir / "fingerprint.json"
+    data_sha = json.loads(fingerprint.read_text())["sha256"] if fingerprint.is_file() else "none"
+    what = {"data": data_sha, "model": recipe.model.model_dump(mode="json"), "weights": recipe.dpo.weights,
+            "lora": recipe.lora.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def attach_reference(
+    setup: TrainSetup, recipe: Recipe, run_root: Path, splits: Sequence[Sequence[dict[str, Any]]], pad_id: int,
+    write: bool = True,
+) -> int:
+    """Sets `reference_logps` on every pair of `splits` (train, valid): from train/reference_logps.json
+    when it was written for this data, model and adapter settings, else computed now (and written
+    when `write`). Returns how many pairs were computed."""
+    path = run_root / "train" / REFERENCE_FILE
+    key = _cache_key(recipe, run_root / "data")
+    cached: dict[str, list[float]] = {}
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            cached = saved["logps"]
+    missing = [e for split in splits for e in split if e["id"] not in cached]
+    if missing:
+        micro = recipe.train.micro_batch_tokens or recipe.data.max_seq_len
+        adapter_off = recipe.dpo.weights != "full" and not recipe.model.adapter
+        for example, logps in zip(missing, reference_logps(setup, missing, pad_id, micro, adapter_off), strict=True):
+            if not all(math.isfinite(v) for v in logps):
+                raise RuntimeError(f"pair {example['id']}: the reference log-prob is not finite")
+            cached[example["id"]] = list(logps)
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({"key": key, "logps": cached}) + "\n")
+    for split in splits:
+        for example in split:
+            example["reference_logps"] = tuple(cached[example["id"]])
+    return len(missing)

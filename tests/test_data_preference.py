@@ -1,0 +1,171 @@
+"""Preference pairs: the three input shapes read to the same pair, every defect class with its
+file:line and code, and the prepared folder (labels on the answers only, leakage dropped)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.config import load_recipe
+from tunelab.data.check import check_data
+from tunelab.data.preference import is_preference_file, read_pairs
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def openai_pair(prompt, good, bad, system=None):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return {"input": {"messages": messages}, "preferred_output": [{"role": "assistant", "content": good}],
+            "non_preferred_output": [{"role": "assistant", "content": bad}]}
+
+
+def test_openai_trl_and_sharegpt_pairs_read_to_the_same_pair(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        openai_pair("Hi there", "Hello!", "What do you want?"),
+        {"prompt": "Hi there", "chosen": "Hello!", "rejected": "What do you want?"},
+        {"prompt": [{"role": "user", "content": "Hi there"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "What do you want?"}]},
+        # TRL's implicit prompt: whole conversations sharing their beginning
+        {"chosen": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "What do you want?"}]},
+        {"conversations": [{"from": "human", "value": "Hi there"}], "chosen": {"from": "gpt", "value": "Hello!"},
+         "rejected": {"from": "gpt", "value": "What do you want?"}, "topic": "greeting"},
+    ])
+    assert is_preference_file(path)
+    read = list(read_pairs(path))
+    assert [issues for _, issues in read] == [[]] * 5
+    pairs = [pair for pair, _ in read]
+    assert [p.format for p in pairs] == ["openai_dpo", "trl", "trl", "trl", "sharegpt_pair"]
+    for pair in pairs:
+        assert pair.prompt == [{"role": "user", "content": "Hi there"}]
+        assert (pair.chosen, pair.rejected) == ("Hello!", "What do you want?")
+    assert [p.line for p in pairs] == [1, 2, 3, 4, 5]
+    assert pairs[4].extra == {"topic": "greeting"}
+
+
+def test_every_pair_defect_is_reported_with_its_line_and_code(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        openai_pair("Q1", "good", "bad"),                                                  # 1 fine
+        openai_pair("Q2", "same answer", "same answer"),                                   # 2 identical
+        openai_pair("Q3", "", "bad"),                                                      # 3 empty preferred
+        {"prompt": "Q4", "chosen": "good"},                                                # 4 rejected missing
+        {"prompt": [{"role": "user", "content": "Q5"}, {"role": "assistant", "content": "A"}],
+         "chosen": "good", "rejected": "bad"},                                             # 5 prompt ends with assistant
+        {"prompt": "Q6", "chosen": 42, "rejected": "bad"},                                 # 6 answer not text
+        {"messages": [{"role": "user", "content": "Q7"}, {"role": "assistant", "content": "A"}]},  # 7 chat record
+        openai_pair("Q1", "good", "bad"),                                                  # 8 duplicate of 1
+        {"prompt": [{"role": "system", "content": 9}, {"role": "user", "content": "Q9"}],
+         "chosen": "good", "rejected": "bad"},                                             # 9 a chat rule
+    ])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [openai_pair("q1 ", "other", "answers")])  # leaks train line 1's prompt
+    report = check_data(train, valid, measure_speed=False)
+    found = {(issue.path.rsplit("/", 1)[-1], issue.line, issue.code) for issue in report.issues}
+    assert found == {
+        ("train.jsonl", 2, "identical_pair"), ("train.jsonl", 3, "empty_side"), ("train.jsonl", 4, "empty_side"),
+        ("train.jsonl", 5, "prompt_not_user"), ("train.jsonl", 6, "bad_side"), ("train.jsonl", 7, "not_a_pair"),
+        ("train.jsonl", 8, "duplicate_pair"), ("train.jsonl", 9, "content_not_string"), ("valid.jsonl", 1, "leakage_exact"),
+    }
+    assert report.exit_code == 1
+    assert (report.records, report.examples) == (10, 3)
+    duplicate = next(i for i in report.issues if i.code == "duplicate_pair")
+    assert duplicate.related == (f"{train}:1",)
+
+
+def test_a_side_over_max_seq_len_after_the_template_is_too_long(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        openai_pair("short", "fine", "also fine"),
+        openai_pair("short", "fine", "word " * 200),
+    ])
+    report = check_data(train, tokenizer=tokenizer, max_seq_len=64, measure_speed=False)
+    assert [(i.line, i.code) for i in report.issues] == [(2, "too_long")]
+    assert "rejected answer" in report.issues[0].message
+    assert report.quality["too_long"] == 1
+
+
+def test_data_check_cli_lists_pair_problems_and_exits_1(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    train = write_jsonl(tmp_path / "train.jsonl", [openai_pair("Q", "x", "x")])
+    result = CliRunner().invoke(app, ["data", "check", str(train), "--no-tokens"])
+    assert result.exit_code == 1
+    assert f"{train}:1: identical_pair:" in result.output
+
+
+def _prepare(tmp_path, tokenizer, records, test=None):
+    from tunelab.data.prepare import prepare_data
+
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    overrides = [f"data.train={train}", "method=dpo", "model.name=tiny-test", "data.max_seq_len=128"]
+    if test is not None:
+        overrides.append(f"data.test={write_jsonl(tmp_path / 'test.jsonl', test)}")
+    return prepare_data(load_recipe(None, overrides), tokenizer, tmp_path / "out")
+
+
+def test_prepare_writes_pairs_with_labels_on_each_answer_only(tmp_path, tokenizer):
+    records = [openai_pair(f"Question {i}?", f"Good answer {i}.", f"bad {i}") for i in range(30)]
+    records.append(openai_pair("Question 0?", "Another good one.", "another bad"))  # same prompt as line 1
+    prepared = _prepare(tmp_path, tokenizer, records)
+    counts = prepared.stats["counts"]
+    assert counts["train"] + counts["valid"] + counts["test"] + counts["rejected"] == 31
+    assert prepared.stats["kind"] == "preference"
+    rows = {row["id"]: row for row in prepared.conversations("train")}
+    for token_row in prepared.tokenized("train"):
+        row = rows[token_row["id"]]
+        n = token_row["chosen_tokens"]
+        assert token_row["loss_units"] == 1
+        chosen = [t for t in token_row["labels"][:n] if t != -100]
+        rejected = [t for t in token_row["labels"][n:] if t != -100]
+        assert tokenizer.decode(chosen) == row["messages"][-1]["content"] + "<|im_end|>"
+        assert tokenizer.decode(rejected) == row["rejected"] + "<|im_end|>"
+        # both sides start with the same prompt tokens
+        prompt_len = token_row["labels"].index(chosen[0])
+        assert token_row["input_ids"][:prompt_len] == token_row["input_ids"][n : n + prompt_len]
+    # the two pairs of "Question 0?" share a split
+    splits = {}
+    for split in ("train", "valid", "test"):
+        for row in prepared.conversations(split):
+            if row["messages"][-2]["content"] == "Question 0?":
+                splits[row["rejected"]] = split
+    assert len(set(splits.values())) == 1 and len(splits) == 2
+
+
+def test_prepare_drops_training_pairs_leaking_into_a_chat_test_file(tmp_path, tokenizer):
+    records = [openai_pair(f"Question {i}?", f"Good answer {i}.", f"bad {i}") for i in range(12)]
+    test = [{"messages": [{"role": "user", "content": "Question 3?"}, {"role": "assistant", "content": "Good answer 3."}]}]
+    prepared = _prepare(tmp_path, tokenizer, records, test=test)
+    rejected = [json.loads(line) for line in (prepared.out_dir / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rejected] == [("train.jsonl:4", "leakage")]
+    test_rows = prepared.conversations("test")
+    assert test_rows[0]["messages"][-1]["content"] == "Good answer 3." and "rejected" not in test_rows[0]
+
+
+def test_prepare_refuses_pairs_with_errors(tmp_path, tokenizer):
+    from tunelab.errors import DataError
+
+    with pytest.raises(DataError, match=r"identical_pair 1.*train.jsonl:2"):
+        _prepare(tmp_path, tokenizer, [openai_pair("a", "b", "c"), openai_pair("d", "e", "e")])
+
+
+def test_a_file_of_pairs_is_prepared_as_pairs_whatever_the_method_and_sft_refuses_them(tmp_path, tokenizer):
+    from tunelab.data.prepare import prepare_data
+    from tunelab.errors import ConfigError
+    from tunelab.train.preference import rows_for_pairs
+
+    train = write_jsonl(tmp_path / "train.jsonl", [openai_pair(f"Q{i}", f"good {i}", f"bad {i}") for i in range(10)])
+    recipe = load_recipe(None, [f"data.train={train}", "model.name=tiny-test"])  # method lora: `data prepare`'s recipe
+    prepared = prepare_data(recipe, tokenizer, tmp_path / "out")
+    assert prepared.stats["kind"] == "preference"
+    rows = prepared.tokenized("train")
+    with pytest.raises(ConfigError, match="holds preference pairs: train on them with method: dpo"):
+        rows_for_pairs(recipe, rows)
+    chat = [{"input_ids": [1, 2], "labels": [-100, 2]}]
+    with pytest.raises(ConfigError, match="method: dpo trains on preference pairs, but data.train"):
+        rows_for_pairs(load_recipe(None, ["method=dpo"]), chat)
+    doubled = rows_for_pairs(load_recipe(None, ["method=dpo", "data.max_seq_len=100"]), rows)
+    assert doubled.data.max_seq_len == 200
