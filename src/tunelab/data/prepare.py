@@ -221,6 +221,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     _refuse_overwriting_inputs(data, out_dir)
     _refuse_overwriting_foreign_files(out_dir)
     pairs = recipe.method == "dpo" or is_preference_file(data.train)  # preference pairs: data/preference.py
+    # replay examples are supervised answers: a preference run has no place for them
     replay = decide_replay_share(recipe.train, replay_file) if replay_file is not None and not pairs else None
     if replay is not None and replay.share <= 0:
         replay = None

@@ -179,6 +179,14 @@ class _Models:
         self.tokenizer = self.tokenizer or load_tokenizer(m.name, m.revision, m.trust_remote_code)
         return model
 
+    def merged(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The tuned model as it would be deployed: a LoRA adapter merged into the base weights (at the scale
+        it is set to), after which the base arms can no longer run on this object."""
+        if self.tuned_kind == "adapter" and not self._merged:
+            self._peft, self._merged = self._peft.merge_and_unload(), True
+            return self._peft
+        return model
+
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[PreTrainedModel]:
         from tunelab.runs import load_run_model
@@ -193,8 +201,6 @@ class _Models:
                 with self._peft.disable_adapter():
                     yield self._peft
             else:
-                if not self._merged:
-                    self._peft, self._merged = self._peft.merge_and_unload(), True
                 yield self._peft
             return
         if self._loaded is None or self._loaded[0] != which:
@@ -579,6 +585,8 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
                 bar.set_description("adapter scales")
                 search = _search_scale(inputs, model, abilities["base"], bar)
                 adapter_scale, abilities["tuned"] = search.record, search.ability
+            if which == "tuned":
+                model = models.merged(model)  # timed as deployed; the scale search needed the adapter apart
             for arm in phase_arms:
                 generations[arm], wall_s[arm] = _timed_generate(inputs, bar, arm, model, prompts[arm])
             if which == "tuned" and inputs.train_sample:

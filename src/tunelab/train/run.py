@@ -602,11 +602,12 @@ def _save_run(
 
 def replay_file_for(recipe: Recipe) -> Path | None:
     """The general examples mixed into training (data/replay.py): train.replay, else the base model's own
-    answers (generated once per model); None with train.replay_share 0. `tunelab run`'s prepare stage
-    calls it too, so the train stage finds the data prepared."""
+    answers (generated once per model); None with train.replay_share 0 and for preference tuning (replay
+    examples are supervised answers). `tunelab run`'s prepare stage calls it too, so the train stage finds
+    the data prepared."""
     from tunelab.train.self_replay import build_self_replay
 
-    if recipe.train.replay_share == 0 or recipe.method == "dpo":  # a dpo run learns from pairs, no replay
+    if recipe.train.replay_share == 0 or recipe.method == "dpo":
         return None
     if recipe.train.replay:
         path = Path(recipe.train.replay)
