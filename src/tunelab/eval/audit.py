@@ -304,7 +304,7 @@ def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str
 def fewest_passes(run_dir: str | Path) -> int:
     """How many times training saw the example it saw least (0: some example never, or no dynamics)."""
     paths = RunPaths(Path(run_dir))
-    if not any((paths.root / "train").glob("dynamics*.jsonl")):
+    if not read_dynamics(paths.root / "train"):  # none recorded (an older run, or preference tuning)
         return 0
     return min((len(e.losses) for e in load_examples(paths)), default=0)
 
