@@ -43,6 +43,7 @@ def test_run_with_preference_pairs_from_a_supervised_parent(tmp_path, tiny_model
     assert preference["accuracy"]["tuned"] == 1.0
     assert preference["log_prob_margin"]["tuned"] > preference["log_prob_margin"]["sft"]
     assert preference["vs_sft"]["n"] == metrics["n_examples"]
+    assert preference["reward_reference"] == "sft" and preference["reward_accuracy"] == 1.0
     log = [json.loads(line) for line in (dpo / "train" / "log.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "eval" and "val_reward_margin" in r for r in log)
     # the dpo run continued the parent's adapter; the parent's own files are untouched

@@ -129,3 +129,15 @@ def test_no_usable_replay_examples_trains_on_the_task_alone_and_says_so(tmp_path
     prepared = prepare_data(_recipe("auto", train=str(train)), tokenizer, tmp_path / "out", replay_file=empty)
     assert prepared.stats["counts"]["replay"] == 0
     assert prepared.stats["replay"]["examples"] == 0 and "only 0 usable replay examples" in prepared.stats["replay"]["reason"]
+
+
+def test_preference_pairs_take_no_replay_and_their_folder_is_reused(tmp_path, tokenizer):
+    pairs = [{"prompt": f"Say something kind about number {i}.", "chosen": f"{i} is a fine number.",
+              "rejected": f"{i} is dull."} for i in range(30)]
+    train = _write(tmp_path / "pairs.jsonl", pairs)
+    replay = _write(tmp_path / "general.jsonl", _general(20))
+    recipe = Recipe(model={"name": "tiny-test"}, method="dpo", data=DataConfig(train=str(train)),
+                    train=TrainConfig(replay=str(replay), replay_share=0.5))
+    first = prepare_data(recipe, tokenizer, tmp_path / "out", replay_file=replay)
+    assert _lines(first.path("replay")) == [] and "replay" not in first.stats
+    assert prepare_data(recipe, tokenizer, tmp_path / "out", replay_file=replay).reused

@@ -234,6 +234,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     (out_dir / "fingerprint.json").unlink(missing_ok=True)  # a half-written folder must never look reusable
     if pairs:  # their own rules, the same files
         stats = prepare_preferences(data, tokenizer, out_dir, lambda issues: _raise_on_errors(issues, out_dir))
+        _write_lines(out_dir / "replay.jsonl", [])  # no replay for pairs: a dpo run learns a preference
         _write_json(out_dir / "fingerprint.json", fingerprint)
         return PreparedData(out_dir, stats)
 

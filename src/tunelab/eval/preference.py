@@ -9,7 +9,10 @@ and `preference` into eval/metrics.json:
 
   preference: {"n", "split", "accuracy": {arm: share of pairs whose preferred answer that model
                gives the higher log-probability per answer token}, "log_prob_margin": {arm: the mean
-               over pairs of that per-token log-prob, preferred minus rejected},
+               over pairs of that per-token log-prob, preferred minus rejected}, "reward_accuracy":
+               DPO's measure: the share of pairs whose tuned-vs-reference log-ratio (summed log-probs;
+               the reference is the parent, else the base, named in "reward_reference") favours the
+               preferred answer,
                "vs_sft": tuned vs sft on the primary metric, paired (delta, ci95, p_value, text),
                "disagreements": up to 5 test prompts where sft and tuned answered differently}
 
@@ -105,9 +108,10 @@ def _parent_on(model: Any, folder: Path) -> Iterator[Any]:
             model.set_adapter(previous)
 
 
-def sequence_logps(model: Any, tokenizer: Any, pairs: list[Pair]) -> list[tuple[float, float]]:
+def sequence_logps(model: Any, tokenizer: Any, pairs: list[Pair], per_token: bool = True) -> list[tuple[float, float]]:
     """(log p(preferred), log p(rejected)) of each pair under `model`, per answer token (the mean over
-    the answer's tokens: a summed log-prob would favour the shorter answer whatever its content)."""
+    the answer's tokens: a summed log-prob would favour the shorter answer whatever its content), or
+    summed over them (`per_token` False: DPO's sequence log-probs)."""
     import torch
 
     sides = []
@@ -127,17 +131,18 @@ def sequence_logps(model: Any, tokenizer: Any, pairs: list[Pair]) -> list[tuple[
                 n = len(side.input_ids)
                 ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(side.input_ids), torch.tensor(side.labels), 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            out.extend(_label_logps(logits, labels.to(device)).tolist())
+            out.extend(_label_logps(logits, labels.to(device), per_token).tolist())
     return [(out[2 * i], out[2 * i + 1]) for i in range(len(pairs))]
 
 
-def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _label_logps(logits: torch.Tensor, labels: torch.Tensor, per_token: bool) -> torch.Tensor:
     import torch
 
     targets = labels[:, 1:]
     keep = targets != -100
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-    return (logp * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+    summed = (logp * keep).sum(dim=1)
+    return summed / keep.sum(dim=1).clamp(min=1) if per_token else summed
 
 
 def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) -> dict[str, Any]:
@@ -160,7 +165,19 @@ def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) 
             with _parent_on(model, parent):
                 arms[SFT_ARM] = sequence_logps(model, tokenizer, pairs)
         arms["tuned"] = sequence_logps(model, tokenizer, pairs)
+        # DPO's own measure: the tuned model's log-ratio to its reference (the parent, else the base)
+        # favours the preferred answer (what train/log.jsonl's val_preference_acc counts)
+        tuned_sums = sequence_logps(model, tokenizer, pairs, per_token=False)
+        if parent is not None:
+            with _parent_on(model, parent):
+                reference_sums = sequence_logps(model, tokenizer, pairs, per_token=False)
+        else:
+            with model.disable_adapter():
+                reference_sums = sequence_logps(model, tokenizer, pairs, per_token=False)
         del model
+        section["reward_accuracy"] = sum((tc - rc) - (tr - rr) > 0 for (tc, tr), (rc, rr)
+                                         in zip(tuned_sums, reference_sums, strict=True)) / len(pairs)
+        section["reward_reference"] = SFT_ARM if parent is not None else "base"
         for arm, logps in arms.items():
             section["accuracy"][arm] = sum(c > r for c, r in logps) / len(logps)
             section["log_prob_margin"][arm] = sum(c - r for c, r in logps) / len(logps)

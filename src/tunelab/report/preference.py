@@ -29,6 +29,9 @@ def describe_preference(section: Mapping[str, Any] | None) -> dict[str, Any] | N
                 + (f" ({others})." if others else "."))
     else:
         text = "Preference tuning (DPO): no held-out pairs to measure preference accuracy on."
+    if isinstance(section.get("reward_accuracy"), int | float):
+        text += (f" Against its reference ({'the supervised parent' if section.get('reward_reference') == 'sft' else 'the base'}),"
+                 f" DPO moved the likelihood toward the preferred answer in {_pct(section['reward_accuracy'])} of them.")
     if section.get("vs_sft"):
         text += f" {section['vs_sft']['text']}."
     examples = list(section.get("disagreements") or [])
