@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -183,6 +184,13 @@ def test_keep_set_is_answered_like_the_arms_and_scored_exactly(fake_run, tmp_pat
     assert keep["delta_points"] == pytest.approx(100 * (by_hand["tuned"] - by_hand["base"]))
     on_disk = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert on_disk["forgetting"]["keep"]["n"] == 6
+    # the report's Forgetting section says it in one line
+    from tunelab.report.html import write_report
+
+    write_report(run_dir)
+    line = f"Must-keep set (eval.keep, keep.jsonl): {keep['text']}"
+    assert f"- {line}" in (run_dir / "report.md").read_text()
+    assert html.escape(line, quote=False) in (run_dir / "report.html").read_text()
 
 
 def test_without_keep_nothing_changes(fake_run, tmp_path):
@@ -191,6 +199,10 @@ def test_without_keep_nothing_changes(fake_run, tmp_path):
     metrics, calls = _evaluate(run_dir, None)
     assert "keep" not in metrics["forgetting"]
     assert len(calls) == 3  # base arm, tuned arm, the tuned model's train sample: nothing more
+    from tunelab.report.html import write_report
+
+    write_report(run_dir)
+    assert "Must-keep set" not in (run_dir / "report.md").read_text()
 
 
 def test_a_flagged_keep_set_is_in_the_verdict_sentence():
