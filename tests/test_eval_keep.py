@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,16 @@ def test_recipe_keep_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_recipe(folder / "recipe.yaml").eval.keep == str((folder / "keep.jsonl").resolve())
     assert load_recipe(None).eval.keep is None
+
+
+def test_a_bad_keep_file_stops_tunelab_run_before_training(tmp_path):
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text(json.dumps(_example("Hello?", "Hi.")) + "\nnot json\n")
+    example = Path(__file__).resolve().parents[1] / "examples" / "triage" / "recipe.yaml"
+    result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(example), "model.name=tiny-test",
+                             f"out_dir={tmp_path}", f"eval.keep={keep}"], capture_output=True, text=True)
+    assert result.returncode == 1 and f"{keep}:2: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "triage" / "train").exists()
 
 
 # ---------------------------------------------------------------------------------------------- the comparison
