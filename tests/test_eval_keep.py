@@ -42,6 +42,15 @@ def test_keep_file_errors_name_every_bad_line(tmp_path):
     assert "assistant answer" in lines[3]
 
 
+def test_a_file_of_bad_rows_shows_the_first_twenty(tmp_path):
+    path = tmp_path / "keep.jsonl"
+    path.write_text("not json\n" * 25)
+    with pytest.raises(DataError) as err:
+        read_keep(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 21 and lines[19].startswith(f"{path}:20: ") and lines[20] == "... and 5 more"
+
+
 def test_keep_file_missing_or_empty_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match=r"keep\.jsonl: eval\.keep: file not found"):
         read_keep(tmp_path / "keep.jsonl")

@@ -29,6 +29,7 @@ from tunelab.eval.metrics import (
 )
 
 ROLES = ("system", "user", "assistant")
+MAX_PROBLEMS_SHOWN = 20  # a file of nothing but bad rows: the first ones say what is wrong
 
 
 def read_keep(path: str | Path) -> list[EvalExample]:
@@ -39,33 +40,37 @@ def read_keep(path: str | Path) -> list[EvalExample]:
         raise DataError(f"{path}: eval.keep: file not found (a JSONL file of chat examples with references)")
     problems: list[str] = []
     examples: list[EvalExample] = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                problems.append(f"{where}: not valid JSON ({err.msg})")
-                continue
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not messages:
-                problems.append(f'{where}: messages: expected {{"messages": [{{role, content}}, ...]}}')
-                continue
-            bad = next((i for i, m in enumerate(messages) if not isinstance(m, dict) or m.get("role") not in ROLES
-                        or not isinstance(m.get("content"), str)), None)
-            if bad is not None:
-                problems.append(f"{where}: messages[{bad}]: expected {{role: {'|'.join(ROLES)}, content: text}}")
-                continue
-            try:
-                examples.append(to_eval_example({**row, "source": where}, f"keep:{line_number}"))
-            except DataError as err:
-                problems.append(str(err))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON string
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: eval.keep: not a UTF-8 text file") from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            problems.append(f"{where}: not valid JSON ({err.msg})")
+            continue
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            problems.append(f'{where}: messages: expected {{"messages": [{{role, content}}, ...]}}')
+            continue
+        bad = next((i for i, m in enumerate(messages) if not isinstance(m, dict) or m.get("role") not in ROLES
+                    or not isinstance(m.get("content"), str)), None)
+        if bad is not None:
+            problems.append(f"{where}: messages[{bad}]: expected {{role: {'|'.join(ROLES)}, content: text}}")
+            continue
+        try:
+            examples.append(to_eval_example({**row, "source": where}, f"keep:{line_number}"))
+        except DataError as err:
+            problems.append(str(err))
     if not problems and not examples:
         problems.append(f"{path}: eval.keep: no examples")
     if problems:
-        raise DataError("\n".join(problems))
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        raise DataError("\n".join([*problems[:MAX_PROBLEMS_SHOWN], *([f"... and {more} more"] if more > 0 else [])]))
     return examples
 
 
