@@ -318,6 +318,11 @@ class EvalConfig(_Section):
     schema_file: str | None = Field(None, description="JSON schema the outputs must conform to")
     forgetting: bool = True
     forgetting_threshold: float = Field(0.05, ge=0.0, description="flag a relative drop in general ability beyond this")
+    keep: str | None = Field(
+        None, description="JSONL of chat examples with references (the test set's format) the fine-tune must not "
+        "break, e.g. other tasks the same model serves: base and tuned answer them, scored and compared in "
+        "forgetting.keep, flagged beyond eval.forgetting_threshold; relative to the recipe file",
+    )
     forgetting_policy: Literal["balance", "task", "report"] = Field(
         "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
         "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
@@ -611,7 +616,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                     section[key] = os.path.abspath(value if Path(value).exists() and not resolved.exists() else resolved)
         section = data.get("eval")
         if isinstance(section, dict):
-            for key in ("graders_file", "human_labels"):
+            for key in ("graders_file", "human_labels", "keep"):
                 value = section.get(key)
                 if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
                     section[key] = str((path.parent / value).resolve())  # the run's recipe.yaml finds it anywhere

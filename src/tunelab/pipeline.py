@@ -52,6 +52,10 @@ def _check(recipe: Recipe, paths: RunPaths) -> None:
         data.train, data.valid, fmt=data.format, max_seq_len=data.max_seq_len, system_prompt=data.system_prompt,
         measure_speed=False,
     )
+    if recipe.eval.keep:  # a bad must-keep file fails now, not after training
+        from tunelab.eval.keep import read_keep
+
+        read_keep(recipe.eval.keep)
     for line in report.summary_lines():
         say(line)
     if report.errors:

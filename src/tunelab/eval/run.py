@@ -57,6 +57,7 @@ from tunelab.eval.graders.evaluation import (
     record_graders_in_manifest,
 )
 from tunelab.eval.graders.samples import make_item
+from tunelab.eval.keep import compare_keep, keep_conversations, read_keep
 from tunelab.eval.metrics import (
     OutputKind,
     Scores,
@@ -267,6 +268,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(f"cost: {metrics['cost']['text']}")
     if metrics["forgetting"].get("text"):
         lines.append(f"forgetting: {metrics['forgetting']['text']}")
+    if (metrics["forgetting"].get("keep") or {}).get("text"):
+        lines.append(f"must keep: {metrics['forgetting']['keep']['text']}")
     return "\n".join(lines)
 
 
@@ -344,6 +347,7 @@ class _Inputs:
     valid: list[EvalExample] = dataclasses.field(default_factory=list)  # the scale search's examples
     external: list[Any] = dataclasses.field(default_factory=list)  # eval.external (+ --external): other models
     recorded: dict[str, list[Answer]] = dataclasses.field(default_factory=dict)  # recorded arms' answers, checked
+    keep: list[EvalExample] = dataclasses.field(default_factory=list)  # eval.keep (eval/keep.py), with a tuned arm
 
     @property
     def cfg(self) -> EvalConfig:
@@ -365,6 +369,7 @@ class _Generated:
     abilities: dict[str, Any]  # "base"/"tuned" -> forgetting.GeneralAbility, when forgetting runs
     external: dict[str, ExternalRun] = dataclasses.field(default_factory=dict)  # eval/external.py
     adapter_scale: Any = None  # contract.AdapterScale, when the scale search ran
+    keep_outputs: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # "base"/"tuned" -> eval.keep answers
 
     def texts(self, arm: str) -> list[str]:
         return [g.text for g in self.generations[arm]]
@@ -444,6 +449,10 @@ def evaluate(
     if inputs.run_forgetting:
         metrics["forgetting"]["adapter_scale"] = (generated.adapter_scale.model_dump(mode="json") if generated.adapter_scale
                                                   else {"skipped": inputs.scale_search})
+    if generated.keep_outputs:
+        metrics["forgetting"]["keep"] = compare_keep(inputs.keep, generated.keep_outputs["base"],
+                                                     generated.keep_outputs["tuned"], cfg.forgetting_threshold,
+                                                     seed=cfg.seed, file=cfg.keep)
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
     if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
         from tunelab.eval.preference import preference_section
@@ -513,6 +522,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     valid = read_examples(valid_path) if scale_search is None and valid_path.is_file() else []
     if scale_search is None and not valid:
         scale_search = f"no validation examples ({valid_path}) to compare the scales on"
+    keep = read_keep(cfg.keep) if cfg.keep and models.tuned_kind and any(a in chosen for a in TUNED_ARMS) else []
     rng = random.Random(cfg.seed)
     # positions, not examples: the same draw as sampling the examples, and their items come along
     picked = rng.sample(range(len(train)), min(len(train), len(test), TRAIN_SAMPLE_MAX)) if "tuned" in chosen else []
@@ -521,7 +531,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
         train=train, kind=kind, schema=schema, graders=graders, primary=primary, builder=builder,
         settings=settings, models=models, run_forgetting=run_forgetting,
         train_sample=[train[i] for i in picked], train_sample_items=[train_items[i] for i in picked],
-        external=external_arms, recorded=recorded, scale_search=scale_search, valid=valid,
+        external=external_arms, recorded=recorded, scale_search=scale_search, valid=valid, keep=keep,
     )
 
 
@@ -568,7 +578,8 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     scales = 0 if inputs.scale_search else len(cfg.adapter_scales)  # the search measures the tuned probes too
     total = (len(inputs.test) * (len(inputs.chosen) + len(inputs.external)) + len(inputs.train_sample)
              + (2 * len(general_probes()) if inputs.run_forgetting else 0)
-             + scales * min(len(inputs.valid), SEARCH_MAX_EXAMPLES) + max(scales - 1, 0) * len(general_probes()))
+             + scales * min(len(inputs.valid), SEARCH_MAX_EXAMPLES) + max(scales - 1, 0) * len(general_probes())
+             + 2 * len(inputs.keep))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
     prompts = {arm: [inputs.builder.build(arm, ex) for ex in inputs.test] for arm in inputs.chosen}
     generations: dict[str, list[Generation]] = {}
@@ -576,9 +587,10 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     abilities: dict[str, Any] = {}
     train_sample_outputs: list[str] = []
     adapter_scale = None
+    keep_outputs: dict[str, list[str]] = {}
     for which in ("base", "tuned"):
         phase_arms = [a for a in inputs.chosen if _arm_model(a) == which]
-        if not phase_arms and not (inputs.run_forgetting and which == "base"):
+        if not phase_arms and not ((inputs.run_forgetting or inputs.keep) and which == "base"):
             continue
         with models.use(which) as model:
             if which == "tuned" and inputs.scale_search is None:
@@ -593,6 +605,9 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
                 conversations = [inputs.builder.build("tuned", ex) for ex in inputs.train_sample]
                 sample_gens, _ = _timed_generate(inputs, bar, "tuned:train-sample", model, conversations)
                 train_sample_outputs = [g.text for g in sample_gens]
+            if inputs.keep:  # the user's must-keep examples, as the base and tuned arms are asked
+                keep_gens, _ = _timed_generate(inputs, bar, f"keep:{which}", model, keep_conversations(inputs.keep))
+                keep_outputs[which] = [g.text for g in keep_gens]
             if inputs.run_forgetting and which not in abilities:
                 from tunelab.eval.forgetting import measure_general_ability
 
@@ -604,7 +619,7 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     external = _run_external_arms(inputs, bar, prompts)
     bar.close()
     return _Generated(prompts, generations, wall_s, train_sample_outputs, abilities, external,
-                      adapter_scale=adapter_scale)
+                      adapter_scale=adapter_scale, keep_outputs=keep_outputs)
 
 
 def _search_scale(inputs: _Inputs, model: Any, base_ability: Any, bar: Any) -> Any:
@@ -896,10 +911,18 @@ def _forgetting(inputs: _Inputs, abilities: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mention_forgetting(verdict: dict[str, Any], forgetting: dict[str, Any]) -> None:
-    """A fine-tuned arm recommended at a measured cost in general ability says so in its first sentence."""
+    """A fine-tuned arm recommended at a measured cost in general ability, or on the user's must-keep set
+    (eval.keep), says so in its first sentence."""
     recommended = verdict.get("recommended")
-    if recommended and is_tuned_arm(recommended) and forgetting.get("flagged") and forgetting.get("text"):
-        note = f" It costs general ability: {forgetting['text']}."
+    if not recommended or not is_tuned_arm(recommended):
+        return
+    note = ""
+    if forgetting.get("flagged") and forgetting.get("text"):
+        note += f" It costs general ability: {forgetting['text']}."
+    keep = forgetting.get("keep") or {}
+    if keep.get("flagged") and keep.get("text"):
+        note += f" It breaks what must keep working: {keep['text']}."
+    if note:
         verdict["text"] = verdict["text"].replace(verdict["headline"], verdict["headline"] + note, 1)
         verdict["headline"] += note
 

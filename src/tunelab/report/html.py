@@ -653,6 +653,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
                 "(eval.forgetting: false, or the tuned arm was not evaluated)"),
             "details": describe_mapping(forgetting_value) if forgetting_value is not None else None,
             "plots": _scale_plot(forgetting_value),
+            "findings": _keep_line(forgetting_value),
         },
         "examples": {"available": predictions.ok, "note": None if predictions.ok else predictions.note(root),
                      "bad_lines": predictions.bad_lines, **_disagreements(preds, inputs)},
@@ -660,6 +661,15 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
                      "details": describe_mapping(manifest.value.model_dump(mode="json")) if manifest.ok else None,
                      "recipe_text": recipe_text, "command": f"tunelab run {paths.recipe}"},
     }
+
+
+def _keep_line(forgetting: Mapping[str, Any] | None) -> list[str]:
+    """The must-keep set (eval.keep) in one line, flagged or not; nothing without one."""
+    keep = (forgetting or {}).get("keep") if isinstance(forgetting, Mapping) else None
+    if not isinstance(keep, Mapping) or not keep.get("text"):
+        return []
+    name = Path(str(keep["file"])).name if keep.get("file") else "—"
+    return [f"Must-keep set (eval.keep, {name}): {keep['text']}"]
 
 
 def _scale_plot(forgetting: Mapping[str, Any] | None) -> dict[str, str]:
