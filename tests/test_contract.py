@@ -89,3 +89,29 @@ def test_a_file_that_breaks_its_model_is_named_with_the_field(tmp_path):
     path.write_text("{half")
     with pytest.raises(ContractError, match="not valid JSON"):
         TrainSummary.from_file(path)
+
+
+def test_stages_is_the_one_reader_and_writer_of_stages_json(tmp_path):
+    path = tmp_path / "stages.json"
+    stages = Stages.load(path)  # a new run: no file yet, nothing done
+    assert stages.root == {} and not stages.done("check")
+    stages.record("check", 1.26, path)
+    stages.record("prepare", 12.0, path)
+    # the same bytes pipeline.py always wrote: json.dumps(indent=1), no trailing newline
+    expected = {"check": {"done": True, "seconds": 1.3}, "prepare": {"done": True, "seconds": 12.0}}
+    assert path.read_text() == json.dumps(expected, indent=1)
+    again = Stages.load(path)
+    assert again.done("check") and again.done("prepare") and not again.done("train")
+    assert again.total_seconds() == pytest.approx(13.3) and again.seconds("prepare") == 12.0
+    again.reset(("prepare", "train"))  # in memory only, until the next record
+    assert list(again.root) == ["check"] and Stages.load(path).done("prepare")
+    # a stage recorded again keeps its place and its record is replaced whole; other stages' records are kept
+    path.write_text(json.dumps({"check": {"done": False, "seconds": 0.5, "note": "x"},
+                                "train": {"done": True, "seconds": 3.0, "note": "y"}}))
+    later = Stages.load(path)
+    later.record("check", 4.0, path)
+    assert json.loads(path.read_text()) == {"check": {"done": True, "seconds": 4.0},
+                                            "train": {"done": True, "seconds": 3.0, "note": "y"}}
+    path.write_text(json.dumps({"check": {"done": "maybe"}}))
+    with pytest.raises(ContractError, match=r"stages.json: check.done"):
+        Stages.load(path)

@@ -144,11 +144,34 @@ class StageRecord(BaseModel):
 
 
 class Stages(_FileModel, RootModel[dict[str, StageRecord]]):
-    """stages.json: {stage: {"done", "seconds"}} (writer: pipeline.py, after each stage)."""
+    """stages.json: {stage: {"done", "seconds"}} (writer: pipeline.py through `record`, after each stage)."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Stages:
+        """The stages a run has finished so far (none where the file does not exist yet)."""
+        return cls.from_file(path) if Path(path).is_file() else cls({})
 
     def done(self, stage: str) -> bool:
         record = self.root.get(stage)
         return record is not None and record.done
+
+    def seconds(self, stage: str) -> float:
+        return self.root[stage].seconds
+
+    def total_seconds(self) -> float:
+        return sum(record.seconds for record in self.root.values())
+
+    def reset(self, stages: tuple[str, ...]) -> None:
+        """Forget these stages (in memory; the next `record` writes the file)."""
+        for stage in stages:
+            self.root.pop(stage, None)
+
+    def record(self, stage: str, seconds: float, path: str | Path) -> None:
+        """Mark `stage` done after `seconds` (rounded to 0.1 s) and rewrite the file atomically. The text is
+        json.dumps(indent=1) without a trailing newline, as stages.json has always been written."""
+        self.root[stage] = StageRecord(done=True, seconds=round(seconds, 1))
+        text = json.dumps(self.model_dump(mode="json"), indent=1)
+        write_text_atomic(Path(path), text)
 
 
 # ---------------------------------------------------------------------------------------------- train/summary.json

@@ -11,34 +11,14 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tunelab.config import Recipe
 from tunelab.console import say
+from tunelab.contract import Stages
 from tunelab.errors import ConfigError, DataError
-from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths, removed_unless_trained
 
 STAGES = ("check", "prepare", "train", "eval", "audit", "report")
-
-
-class StageLog:
-    """stages.json: {stage: {"done": bool, "seconds": float}}, rewritten atomically after each stage."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.state: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def done(self, stage: str) -> bool:
-        return bool(self.state.get(stage, {}).get("done"))
-
-    def record(self, stage: str, seconds: float) -> None:
-        self.state[stage] = {"done": True, "seconds": round(seconds, 1)}
-        write_text_atomic(self.path, json.dumps(self.state, indent=1))
-
-    def reset(self, stages: tuple[str, ...]) -> None:
-        for stage in stages:
-            self.state.pop(stage, None)
 
 
 def _check(recipe: Recipe, paths: RunPaths) -> None:
@@ -77,7 +57,7 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
 def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
     """All stages for one recipe; returns the run directory."""
     paths = RunPaths(recipe.run_dir)
-    stages = StageLog(paths.root / "stages.json")
+    stages = Stages.load(paths.stages)
     if not resume:
         if paths.root.exists() and any(paths.root.iterdir()):
             raise ConfigError(
@@ -91,7 +71,7 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
     return _run_stages(recipe, paths, stages, resume, resume_command)
 
 
-def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool, resume_command: str | None) -> Path:
+def _run_stages(recipe: Recipe, paths: RunPaths, stages: Stages, resume: bool, resume_command: str | None) -> Path:
     from tunelab.train.run import start_run_dir
 
     start_run_dir(paths, recipe, resume)
@@ -139,8 +119,8 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
         say(f"[{number}/{len(STAGES)}] {stage}")
         started = time.perf_counter()
         actions[stage](recipe, paths)
-        stages.record(stage, time.perf_counter() - started)
-    total = sum(entry["seconds"] for entry in stages.state.values())
-    timing = ", ".join(f"{stage} {stages.state[stage]['seconds']:.0f} s" for stage in STAGES if stage in stages.state)
+        stages.record(stage, time.perf_counter() - started, paths.stages)
+    total = stages.total_seconds()
+    timing = ", ".join(f"{stage} {stages.seconds(stage):.0f} s" for stage in STAGES if stage in stages.root)
     say(f"done in {total / 60:.1f} min ({timing}); run directory {paths.root}")
     return paths.root
