@@ -207,14 +207,24 @@ def data_audit(
 # ---------------------------------------------------------------------------------------------- stages
 
 
+NprocOpt = Annotated[
+    int | None, typer.Option(min=1, help="processes on this machine (one per GPU): re-launches under torchrun")
+]
+
+
+def _torchrun_train(recipe: Path, overrides: list[str] | None, nproc: int, resume: bool) -> list[str]:
+    """`tunelab train` under torchrun, `nproc` processes on this machine (--standalone: a rendezvous on a free
+    local port, so several jobs can share the machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "tunelab", "train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
-    nproc: Annotated[
-        int | None, typer.Option(min=1, help="processes on this machine (one per GPU): re-launches under torchrun")
-    ] = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """Fine-tune (LoRA by default) -> run directory. SIGTERM/Ctrl-C checkpoint and exit 75."""
     import shlex
@@ -224,10 +234,7 @@ def train(
 
     loaded = load_recipe(recipe, overrides or [])  # a bad recipe fails here, before any process starts
     if nproc is not None and "RANK" not in os.environ:
-        # --standalone: a rendezvous on a free local port, so several jobs can share the machine
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   "-m", "tunelab", "train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]
-        code = subprocess.run(command, check=False).returncode
+        code = subprocess.run(_torchrun_train(recipe, overrides, nproc, resume), check=False).returncode
         if code != 0:
             again = shlex.join(["tunelab", "train", str(recipe), *(overrides or []), "--resume", f"--nproc={nproc}"])
             typer.echo(f"error: training under torchrun stopped (exit code {code}); torchrun's report above names the "
@@ -294,9 +301,11 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """check -> prepare -> train -> eval -> report, in one command. --resume continues an
-    interrupted run from its last finished stage (and training from its newest checkpoint)."""
+    interrupted run from its last finished stage (and training from its newest checkpoint).
+    --nproc N trains under torchrun as `tunelab train --nproc N` does; the other stages run once."""
     import shlex
 
     from tunelab.config import load_recipe
@@ -304,9 +313,11 @@ def run(
     from tunelab.train.loop import TrainingInterrupted
 
     loaded = load_recipe(recipe, overrides or [])
-    again = shlex.join(["tunelab", "run", str(recipe), *(overrides or []), "--resume"])
+    again = shlex.join(["tunelab", "run", str(recipe), *(overrides or []), "--resume",
+                        *([f"--nproc={nproc}"] if nproc else [])])
+    command = _torchrun_train(recipe, overrides, nproc, resume) if nproc is not None else None
     try:
-        run_pipeline(loaded, resume=resume, resume_command=again)
+        run_pipeline(loaded, resume=resume, resume_command=again, train_command=command)
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(err.exit_code) from None

@@ -8,14 +8,16 @@ how long each took). A stage that finds a blocking problem stops the run with it
 from __future__ import annotations
 
 import json
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tunelab.config import Recipe
 from tunelab.console import say
 from tunelab.contract import Stages
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
+from tunelab.files import lend_dir_lock
 from tunelab.runs import RunPaths, removed_unless_trained
 
 STAGES = ("check", "prepare", "train", "eval", "audit", "report")
@@ -54,8 +56,26 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
-def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
-    """All stages for one recipe; returns the run directory."""
+class TrainingFailed(TunelabError):
+    """The training stage's child processes (tunelab run --nproc) stopped with an error."""
+
+    exit_code = 1
+
+
+def _train_in_children(command: Sequence[str], paths: RunPaths, resume_command: str | None) -> None:
+    """The training stage as `command` (`tunelab train` under torchrun); this process keeps the run folder's
+    lock and lends it to them while it waits."""
+    code = subprocess.run(list(command), check=False, env=lend_dir_lock(paths.root)).returncode
+    if code != 0:
+        raise TrainingFailed(f"training under torchrun stopped (exit code {code}); torchrun's report above names "
+                             f"the rank that failed first (Root Cause). Resume with: {resume_command}")
+
+
+def run_pipeline(
+    recipe: Recipe, resume: bool = False, resume_command: str | None = None, train_command: Sequence[str] | None = None
+) -> Path:
+    """All stages for one recipe; returns the run directory. With `train_command` (tunelab run --nproc), the
+    training stage runs as that command (`tunelab train` of the same recipe under torchrun)."""
     paths = RunPaths(recipe.run_dir)
     stages = Stages.load(paths.stages)
     if not resume:
@@ -67,11 +87,14 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
         if not paths.root.exists():
             # a new run that fails before training (bad data, a model that does not load) leaves no folder behind
             with removed_unless_trained(paths):
-                return _run_stages(recipe, paths, stages, resume, resume_command)
-    return _run_stages(recipe, paths, stages, resume, resume_command)
+                return _run_stages(recipe, paths, stages, resume, resume_command, train_command)
+    return _run_stages(recipe, paths, stages, resume, resume_command, train_command)
 
 
-def _run_stages(recipe: Recipe, paths: RunPaths, stages: Stages, resume: bool, resume_command: str | None) -> Path:
+def _run_stages(
+    recipe: Recipe, paths: RunPaths, stages: Stages, resume: bool, resume_command: str | None,
+    train_command: Sequence[str] | None,
+) -> Path:
     from tunelab.train.run import start_run_dir
 
     start_run_dir(paths, recipe, resume)
@@ -79,6 +102,9 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: Stages, resume: bool, r
     def train_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.train.run import train
 
+        if train_command is not None:
+            _train_in_children(train_command, paths, resume_command)
+            return
         # with resume, a run stopped during training continues from its newest complete checkpoint
         train(recipe, resume=resume, resume_command=resume_command)
 
