@@ -15,6 +15,7 @@ import typer
 from tunelab.config import ARMS  # light (pydantic, yaml): the arm names feed `eval --help`
 from tunelab.errors import TunelabError
 from tunelab.lifecycle.update import UpdateSettings  # light: its defaults feed `update --help`
+from tunelab.runs import RunPaths
 from tunelab.use.serve import ServeSettings  # light: its defaults feed `serve --help`
 
 app = typer.Typer(
@@ -198,7 +199,7 @@ def data_audit(
     rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
     for row in rows[:top]:
         typer.echo(format_row(row))
-    typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {run_dir / 'audit' / 'audit.jsonl'}")
+    typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {RunPaths(run_dir).audit / 'audit.jsonl'}")
     if write_clean is not None:
         source, dropped = write_clean_copy(rows, drop_top, write_clean)
         typer.echo(f"{write_clean}: {source} without {len(dropped)} line(s): {', '.join(map(str, dropped)) or 'none'}")
@@ -283,7 +284,7 @@ def eval_(
     else:
         evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code,
                  python_graders=trust_remote_code)
-    typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
+    typer.echo(f"wrote {RunPaths(run).metrics} and {RunPaths(run).predictions}")
 
 
 @app.command()
@@ -292,8 +293,9 @@ def report(run: RunDir) -> None:
     from tunelab.report.html import write_report
 
     html = write_report(run)
-    typer.echo(html.with_name("report.md").read_text(encoding="utf-8"), nl=False)
-    typer.echo(f"wrote {html} and {html.with_name('report.md')}", err=True)
+    markdown = RunPaths(run).report_md
+    typer.echo(markdown.read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"wrote {html} and {markdown}", err=True)
 
 
 @app.command()

@@ -21,7 +21,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
-from tunelab.errors import TunelabError
+from tunelab.errors import DataError, TunelabError
 from tunelab.files import write_text_atomic
 
 
@@ -52,6 +52,33 @@ class _FileModel:
             return cls.model_validate(data)  # type: ignore[attr-defined]
         except ValidationError as err:
             raise ContractError(f"{path}: {_first_problem(err)}") from None
+
+    @classmethod
+    def read_keys(cls, path: str | Path) -> dict[str, Any]:
+        """The file's keys as found, not checked against the model: for readers that take partial or older
+        files (a run evaluated without its training, a folder from another version). {} when the file is
+        missing; ContractError when it is not a JSON object."""
+        path = Path(path)
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ContractError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ContractError(f"{path}: not a JSON object")
+        return data
+
+    @classmethod
+    def update_keys(cls, path: str | Path, keys: dict[str, Any]) -> None:
+        """Set these top-level keys of the file atomically, keeping every other key as found (a second writer
+        of a file whose owner wrote the rest, or a partial file: nothing is checked against the model)."""
+        path = Path(path)
+        try:
+            data = cls.read_keys(path)
+        except ContractError:
+            raise DataError(f"{path}: not valid JSON; it is not rewritten") from None
+        write_text_atomic(path, json.dumps({**data, **keys}, indent=1) + "\n")
 
     def write(self, path: str | Path) -> None:
         """Atomically, with the keys the writer set (a field left at its default, e.g. `parent` of a run

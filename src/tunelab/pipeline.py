@@ -51,8 +51,8 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
     from tunelab.train.run import replay_file_for
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
-    counts = json.loads((prepared.out_dir / "stats.json").read_text()).get("counts", {})
+    prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
+    counts = json.loads(paths.data_stats.read_text()).get("counts", {})
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
