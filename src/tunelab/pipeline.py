@@ -125,7 +125,7 @@ def _run_stages(
             say(f"audit: skipped (training saw some examples fewer than {MIN_PASSES} times)")
             return
         _, summary = audit_run(paths.root, trust_remote_code=recipe.model.trust_remote_code)
-        say(f"audit: {summary.flagged} of {summary.examples} training examples flagged; {paths.root / 'audit'}")
+        say(f"audit: {summary.flagged} of {summary.examples} training examples flagged; {paths.audit}")
 
     def report_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.report.html import write_report
