@@ -89,3 +89,68 @@ def test_a_file_that_breaks_its_model_is_named_with_the_field(tmp_path):
     path.write_text("{half")
     with pytest.raises(ContractError, match="not valid JSON"):
         TrainSummary.from_file(path)
+
+
+def test_stages_is_the_one_reader_and_writer_of_stages_json(tmp_path):
+    path = tmp_path / "stages.json"
+    stages = Stages.load(path)  # a new run: no file yet, nothing done
+    assert stages.root == {} and not stages.done("check")
+    stages.record("check", 1.26, path)
+    stages.record("prepare", 12.0, path)
+    # the same bytes pipeline.py always wrote: json.dumps(indent=1), no trailing newline
+    expected = {"check": {"done": True, "seconds": 1.3}, "prepare": {"done": True, "seconds": 12.0}}
+    assert path.read_text() == json.dumps(expected, indent=1)
+    again = Stages.load(path)
+    assert again.done("check") and again.done("prepare") and not again.done("train")
+    assert again.total_seconds() == pytest.approx(13.3) and again.seconds("prepare") == 12.0
+    again.reset(("prepare", "train"))  # in memory only, until the next record
+    assert list(again.root) == ["check"] and Stages.load(path).done("prepare")
+    # a stage recorded again keeps its place and its record is replaced whole; other stages' records are kept
+    path.write_text(json.dumps({"check": {"done": False, "seconds": 0.5, "note": "x"},
+                                "train": {"done": True, "seconds": 3.0, "note": "y"}}))
+    later = Stages.load(path)
+    later.record("check", 4.0, path)
+    assert json.loads(path.read_text()) == {"check": {"done": True, "seconds": 4.0},
+                                            "train": {"done": True, "seconds": 3.0, "note": "y"}}
+    path.write_text(json.dumps({"check": {"done": "maybe"}}))
+    with pytest.raises(ContractError, match=r"stages.json: check.done"):
+        Stages.load(path)
+
+
+def test_a_second_writer_sets_its_keys_and_keeps_the_owners(tmp_path):
+    from tunelab.errors import DataError
+
+    path = tmp_path / "manifest.json"
+    assert Manifest.read_keys(path) == {}  # missing: nothing yet
+    Manifest.update_keys(path, {"parent": {"name": "p"}})  # lifecycle: before training writes the rest
+    path.write_text(json.dumps({"model": "m", "parent": {"name": "p"}, "graders": [1]}))
+    Manifest.update_keys(path, {"graders": [{"type": "exact"}]})  # eval: only its own key changes
+    assert path.read_text() == json.dumps({"model": "m", "parent": {"name": "p"}, "graders": [{"type": "exact"}]},
+                                          indent=1) + "\n"
+    assert Manifest.read_keys(path)["model"] == "m"  # partial: read as found, not checked against the model
+    path.write_text("{half")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON; it is not rewritten"):
+        Manifest.update_keys(path, {"graders": []})
+    assert path.read_text() == "{half"
+    with pytest.raises(ContractError, match="not valid JSON"):
+        Manifest.read_keys(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ContractError, match="manifest.json: not a JSON object"):
+        Manifest.read_keys(path)
+
+
+def test_run_paths_name_every_run_file_once(tmp_path):
+    from tunelab.runs import RunPaths
+
+    paths = RunPaths(tmp_path)
+    named = [
+        (paths.recipe, "recipe.yaml"), (paths.manifest, "manifest.json"), (paths.stages, "stages.json"),
+        (paths.data_stats, "data/stats.json"), (paths.data_fingerprint, "data/fingerprint.json"),
+        (paths.data_split("test"), "data/test.jsonl"), (paths.train_dir, "train"), (paths.train_log, "train/log.jsonl"),
+        (paths.plan, "train/plan.json"), (paths.train_summary, "train/summary.json"),
+        (paths.metrics, "eval/metrics.json"), (paths.predictions, "eval/predictions.jsonl"),
+        (paths.judge_cache, "eval/judge_cache.jsonl"), (paths.adapter_scale, "eval/adapter_scale.json"),
+        (paths.audit, "audit"), (paths.drift, "drift"),
+    ]
+    assert [path.relative_to(tmp_path).as_posix() for path, _ in named] == [name for _, name in named]
+    assert set(RUN_FILES) <= {name for _, name in named}  # every file of the contract has its path here

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "triage" / "recipe.yaml"
 FAST = ["model.name=tiny-test", "train.max_steps=2", "train.eval_every_steps=1", "train.eval_max_examples=4",
         "eval.limit=3", "eval.forgetting=false", "eval.arms=[base,rag,tuned]"]
@@ -56,3 +58,20 @@ def test_data_errors_stop_the_run_before_training(tmp_path):
     assert f"{bad}:1: no_assistant_message" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "triage" / "train").exists()
+
+
+def test_training_in_child_processes_borrows_the_run_folders_lock(tmp_path):
+    from tunelab.files import hold_dir_lock
+    from tunelab.pipeline import TrainingFailed, _train_in_children
+    from tunelab.runs import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir()
+    hold_dir_lock(paths.root)  # as start_run_dir does
+    take = "import sys; from pathlib import Path; from tunelab.files import hold_dir_lock; hold_dir_lock(Path(sys.argv[1]))"
+    _train_in_children([sys.executable, "-c", take, str(paths.root)], paths, "tunelab run r.yaml --resume --nproc=2")
+    # a process not started by the holder is refused; a failing child stops the run with how to resume
+    refused = subprocess.run([sys.executable, "-c", take, str(paths.root)], capture_output=True, text=True)
+    assert refused.returncode == 1 and "FolderBusy" in refused.stderr
+    with pytest.raises(TrainingFailed, match=r"exit code 3\).*Resume with: tunelab run r.yaml --resume --nproc=2$"):
+        _train_in_children([sys.executable, "-c", "raise SystemExit(3)"], paths, "tunelab run r.yaml --resume --nproc=2")

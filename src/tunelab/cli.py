@@ -3,8 +3,11 @@ transformers) happen inside commands so that `--help` and data format errors ans
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -12,10 +15,16 @@ from typing import Annotated
 
 import typer
 
-from tunelab.config import ARMS  # light (pydantic, yaml): the arm names feed `eval --help`
-from tunelab.errors import TunelabError
-from tunelab.lifecycle.update import UpdateSettings  # light: its defaults feed `update --help`
-from tunelab.use.serve import ServeSettings  # light: its defaults feed `serve --help`
+# modules `tunelab --help` loads anyway: the others (torch, transformers, peft, fastapi, numpy and the
+# modules that import them, and data formats and models, which cost it time) stay inside their commands
+from tunelab.config import ARMS, ModelConfig, Recipe, load_recipe  # ARMS feeds `eval --help`
+from tunelab.curve import DEFAULT_FRACTIONS, build_curve, curve_dir, format_table, parse_fractions
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.lifecycle.update import UpdateSettings  # its defaults feed `update --help`
+from tunelab.pipeline import run_pipeline
+from tunelab.runs import RunPaths
+from tunelab.specs.graders import read_graders_file
+from tunelab.use.serve import MIN_TEMPERATURE, ServeSettings  # ServeSettings' defaults feed `serve --help`
 
 app = typer.Typer(
     help="Fine-tune a language model on your own examples, then prove with numbers whether it was worth it.",
@@ -50,8 +59,6 @@ def _finite(value: float | None) -> float | None:
 
 
 def _temperature(value: float) -> float:
-    from tunelab.use.serve import MIN_TEMPERATURE
-
     if not (value == 0 or MIN_TEMPERATURE <= value <= 2):
         raise typer.BadParameter(f"0 (greedy) or from {MIN_TEMPERATURE:g} to 2")
     return value
@@ -65,8 +72,6 @@ def config_show(
     recipe: Annotated[Path, typer.Argument(help="a recipe YAML file")], overrides: Overrides = None
 ) -> None:
     """Print the resolved recipe with every default written out (and what each `auto` means)."""
-    from tunelab.config import load_recipe
-
     typer.echo(load_recipe(recipe, overrides or []).to_yaml(explain_auto=True), nl=False)
 
 
@@ -110,9 +115,6 @@ def data_check(
     near_dup_max: Annotated[int, typer.Option(help="near-duplicate checks cover this many examples per file; -1: all")] = 100_000,
 ) -> None:
     """Every problem in the data, with file:line, before any training. Exit 1 when any error."""
-    import json
-
-    from tunelab.config import ModelConfig
     from tunelab.data.check import check_data
     from tunelab.data.formats import FORMATS
 
@@ -151,9 +153,6 @@ def data_prepare(
 ) -> None:
     """Normalise, dedupe, split, tokenize; write stats and the rejected examples. Exit 1 on data errors."""
     from pydantic import ValidationError
-
-    from tunelab.config import Recipe
-    from tunelab.errors import ConfigError
 
     settings = {"train": str(train), "valid": str(valid) if valid else None, "test": str(test) if test else None,
                 "max_seq_len": max_seq_len, "format": fmt, "seed": seed, "dedupe": dedupe, "system_prompt": system_prompt}
@@ -198,7 +197,7 @@ def data_audit(
     rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
     for row in rows[:top]:
         typer.echo(format_row(row))
-    typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {run_dir / 'audit' / 'audit.jsonl'}")
+    typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {RunPaths(run_dir).audit / 'audit.jsonl'}")
     if write_clean is not None:
         source, dropped = write_clean_copy(rows, drop_top, write_clean)
         typer.echo(f"{write_clean}: {source} without {len(dropped)} line(s): {', '.join(map(str, dropped)) or 'none'}")
@@ -207,27 +206,29 @@ def data_audit(
 # ---------------------------------------------------------------------------------------------- stages
 
 
+NprocOpt = Annotated[
+    int | None, typer.Option(min=1, help="processes on this machine (one per GPU): re-launches under torchrun")
+]
+
+
+def _torchrun_train(recipe: Path, overrides: list[str] | None, nproc: int, resume: bool) -> list[str]:
+    """`tunelab train` under torchrun, `nproc` processes on this machine (--standalone: a rendezvous on a free
+    local port, so several jobs can share the machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "tunelab", "train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint")] = False,
-    nproc: Annotated[
-        int | None, typer.Option(min=1, help="processes on this machine (one per GPU): re-launches under torchrun")
-    ] = None,
+    nproc: NprocOpt = None,
 ) -> None:
     """Fine-tune (LoRA by default) -> run directory. SIGTERM/Ctrl-C checkpoint and exit 75."""
-    import shlex
-    import subprocess
-
-    from tunelab.config import load_recipe
-
     loaded = load_recipe(recipe, overrides or [])  # a bad recipe fails here, before any process starts
     if nproc is not None and "RANK" not in os.environ:
-        # --standalone: a rendezvous on a free local port, so several jobs can share the machine
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   "-m", "tunelab", "train", str(recipe), *(overrides or []), *(["--resume"] if resume else [])]
-        code = subprocess.run(command, check=False).returncode
+        code = subprocess.run(_torchrun_train(recipe, overrides, nproc, resume), check=False).returncode
         if code != 0:
             again = shlex.join(["tunelab", "train", str(recipe), *(overrides or []), "--resume", f"--nproc={nproc}"])
             typer.echo(f"error: training under torchrun stopped (exit code {code}); torchrun's report above names the "
@@ -265,7 +266,6 @@ def eval_(
     from tunelab.eval.run import add_external_arms, evaluate
 
     if external is not None:
-        from tunelab.errors import ConfigError
         from tunelab.eval.external import read_external_file
 
         if arms or test or limit:
@@ -276,7 +276,7 @@ def eval_(
     else:
         evaluate(run, arms=arms, test_file=test, limit=limit, trust_remote_code=trust_remote_code,
                  python_graders=trust_remote_code)
-    typer.echo(f"wrote {run / 'eval' / 'metrics.json'} and {run / 'eval' / 'predictions.jsonl'}")
+    typer.echo(f"wrote {RunPaths(run).metrics} and {RunPaths(run).predictions}")
 
 
 @app.command()
@@ -285,8 +285,9 @@ def report(run: RunDir) -> None:
     from tunelab.report.html import write_report
 
     html = write_report(run)
-    typer.echo(html.with_name("report.md").read_text(encoding="utf-8"), nl=False)
-    typer.echo(f"wrote {html} and {html.with_name('report.md')}", err=True)
+    markdown = RunPaths(run).report_md
+    typer.echo(markdown.read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"wrote {html} and {markdown}", err=True)
 
 
 @app.command()
@@ -294,19 +295,19 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="a recipe YAML file (docs/recipe.md)")],
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    nproc: NprocOpt = None,
 ) -> None:
     """check -> prepare -> train -> eval -> report, in one command. --resume continues an
-    interrupted run from its last finished stage (and training from its newest checkpoint)."""
-    import shlex
-
-    from tunelab.config import load_recipe
-    from tunelab.pipeline import run_pipeline
+    interrupted run from its last finished stage (and training from its newest checkpoint).
+    --nproc N trains under torchrun as `tunelab train --nproc N` does; the other stages run once."""
     from tunelab.train.loop import TrainingInterrupted
 
     loaded = load_recipe(recipe, overrides or [])
-    again = shlex.join(["tunelab", "run", str(recipe), *(overrides or []), "--resume"])
+    again = shlex.join(["tunelab", "run", str(recipe), *(overrides or []), "--resume",
+                        *([f"--nproc={nproc}"] if nproc else [])])
+    command = _torchrun_train(recipe, overrides, nproc, resume) if nproc is not None else None
     try:
-        run_pipeline(loaded, resume=resume, resume_command=again)
+        run_pipeline(loaded, resume=resume, resume_command=again, train_command=command)
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(err.exit_code) from None
@@ -316,8 +317,6 @@ def run(
 
 
 def _default_fractions() -> str:
-    from tunelab.curve import DEFAULT_FRACTIONS  # light: its default feeds `curve --help`
-
     return ",".join(f"{f:g}" for f in DEFAULT_FRACTIONS)
 
 
@@ -331,11 +330,6 @@ def curve(
 ) -> None:
     """Learning curve: train on nested fractions of the training data, evaluate each on the same
     test set, and project the gain from doubling the data (or say it is flat)."""
-    import shlex
-
-    from tunelab.config import load_recipe
-    from tunelab.curve import build_curve, curve_dir, format_table, parse_fractions
-
     chosen = parse_fractions(fractions)  # a bad list fails before the recipe, torch or any model loads
     loaded = load_recipe(recipe, overrides or [])
     from tunelab.train.loop import TrainingInterrupted
@@ -465,11 +459,8 @@ def grade(
 ) -> None:
     """Try graders before a run: one {"scores": {name: score}} line per input line on stdout (null and
     "errors" where a grader failed), a summary on stderr."""
-    import json
-
     from tunelab.eval.graders.grade import Grading, read_samples
     from tunelab.eval.metrics import summarize_scores
-    from tunelab.specs.graders import read_graders_file
 
     specs = read_graders_file(graders)
     outputs, items = read_samples(samples)

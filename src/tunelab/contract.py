@@ -21,7 +21,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
-from tunelab.errors import TunelabError
+from tunelab.errors import DataError, TunelabError
 from tunelab.files import write_text_atomic
 
 
@@ -52,6 +52,33 @@ class _FileModel:
             return cls.model_validate(data)  # type: ignore[attr-defined]
         except ValidationError as err:
             raise ContractError(f"{path}: {_first_problem(err)}") from None
+
+    @classmethod
+    def read_keys(cls, path: str | Path) -> dict[str, Any]:
+        """The file's keys as found, not checked against the model: for readers that take partial or older
+        files (a run evaluated without its training, a folder from another version). {} when the file is
+        missing; ContractError when it is not a JSON object."""
+        path = Path(path)
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ContractError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ContractError(f"{path}: not a JSON object")
+        return data
+
+    @classmethod
+    def update_keys(cls, path: str | Path, keys: dict[str, Any]) -> None:
+        """Set these top-level keys of the file atomically, keeping every other key as found (a second writer
+        of a file whose owner wrote the rest, or a partial file: nothing is checked against the model)."""
+        path = Path(path)
+        try:
+            data = cls.read_keys(path)
+        except ContractError:
+            raise DataError(f"{path}: not valid JSON; it is not rewritten") from None
+        write_text_atomic(path, json.dumps({**data, **keys}, indent=1) + "\n")
 
     def write(self, path: str | Path) -> None:
         """Atomically, with the keys the writer set (a field left at its default, e.g. `parent` of a run
@@ -144,11 +171,34 @@ class StageRecord(BaseModel):
 
 
 class Stages(_FileModel, RootModel[dict[str, StageRecord]]):
-    """stages.json: {stage: {"done", "seconds"}} (writer: pipeline.py, after each stage)."""
+    """stages.json: {stage: {"done", "seconds"}} (writer: pipeline.py through `record`, after each stage)."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Stages:
+        """The stages a run has finished so far (none where the file does not exist yet)."""
+        return cls.from_file(path) if Path(path).is_file() else cls({})
 
     def done(self, stage: str) -> bool:
         record = self.root.get(stage)
         return record is not None and record.done
+
+    def seconds(self, stage: str) -> float:
+        return self.root[stage].seconds
+
+    def total_seconds(self) -> float:
+        return sum(record.seconds for record in self.root.values())
+
+    def reset(self, stages: tuple[str, ...]) -> None:
+        """Forget these stages (in memory; the next `record` writes the file)."""
+        for stage in stages:
+            self.root.pop(stage, None)
+
+    def record(self, stage: str, seconds: float, path: str | Path) -> None:
+        """Mark `stage` done after `seconds` (rounded to 0.1 s) and rewrite the file atomically. The text is
+        json.dumps(indent=1) without a trailing newline, as stages.json has always been written."""
+        self.root[stage] = StageRecord(done=True, seconds=round(seconds, 1))
+        text = json.dumps(self.model_dump(mode="json"), indent=1)
+        write_text_atomic(Path(path), text)
 
 
 # ---------------------------------------------------------------------------------------------- train/summary.json

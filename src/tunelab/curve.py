@@ -396,8 +396,8 @@ def build_curve(
     reference_recipe = _folder_recipe(recipe, root, "reference")
     start_run_dir(reference_paths, reference_recipe, resume)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    if resume and (reference_paths.data / "fingerprint.json").is_file():
-        earlier = json.loads((reference_paths.data / "fingerprint.json").read_text(encoding="utf-8"))["sha256"]
+    if resume and reference_paths.data_fingerprint.is_file():
+        earlier = json.loads(reference_paths.data_fingerprint.read_text(encoding="utf-8"))["sha256"]
         if earlier != data_fingerprint(reference_recipe.data, tokenizer)["sha256"]:
             raise ConfigError(f"{root}: the data or the data settings changed since this curve started, so its points "
                               "would not share a training pool; start a new curve with name=NEW")

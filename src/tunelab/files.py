@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 _HELD_LOCKS: dict[Path, int] = {}  # folders this process holds the lock of -> the open folder's fd
+LENT_LOCK_ENV = "TUNELAB_LENT_LOCK"  # a folder whose lock the parent process holds for this one (lend_dir_lock)
 
 
 class FolderBusy(OSError):
@@ -28,11 +29,12 @@ class FolderBusy(OSError):
 def hold_dir_lock(folder: Path) -> None:
     """Take an exclusive lock on `folder` itself (flock on the folder, so no file is added to it) and hold
     it until this process exits; FolderBusy at once when another process holds it. Taken again in the
-    same process, it is already held (a pipeline's stages share it)."""
+    same process, it is already held (a pipeline's stages share it); in a child the holder started with
+    lend_dir_lock's environment, too."""
     import fcntl
 
     key = folder.resolve()
-    if key in _HELD_LOCKS:
+    if key in _HELD_LOCKS or os.environ.get(LENT_LOCK_ENV) == str(key):
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -41,6 +43,15 @@ def hold_dir_lock(folder: Path) -> None:
         os.close(fd)
         raise FolderBusy(f"{folder}: another process is writing it") from None
     _HELD_LOCKS[key] = fd
+
+
+def lend_dir_lock(folder: Path) -> dict[str, str]:
+    """The environment for child processes that write `folder` while this process holds its lock and waits
+    for them (tunelab run --nproc: the training stage under torchrun)."""
+    key = folder.resolve()
+    if key not in _HELD_LOCKS:
+        raise RuntimeError(f"{folder}: lend_dir_lock needs the lock held by this process")
+    return {**os.environ, LENT_LOCK_ENV: str(key)}
 
 
 def sha256_file(path: Path) -> str:

@@ -8,37 +8,19 @@ how long each took). A stage that finds a blocking problem stops the run with it
 from __future__ import annotations
 
 import json
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from tunelab.config import Recipe
 from tunelab.console import say
-from tunelab.errors import ConfigError, DataError
-from tunelab.files import write_text_atomic
+from tunelab.contract import Stages
+from tunelab.errors import ConfigError, DataError, TunelabError
+from tunelab.files import lend_dir_lock
 from tunelab.runs import RunPaths, removed_unless_trained
 
 STAGES = ("check", "prepare", "train", "eval", "audit", "report")
-
-
-class StageLog:
-    """stages.json: {stage: {"done": bool, "seconds": float}}, rewritten atomically after each stage."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.state: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def done(self, stage: str) -> bool:
-        return bool(self.state.get(stage, {}).get("done"))
-
-    def record(self, stage: str, seconds: float) -> None:
-        self.state[stage] = {"done": True, "seconds": round(seconds, 1)}
-        write_text_atomic(self.path, json.dumps(self.state, indent=1))
-
-    def reset(self, stages: tuple[str, ...]) -> None:
-        for stage in stages:
-            self.state.pop(stage, None)
 
 
 def _check(recipe: Recipe, paths: RunPaths) -> None:
@@ -73,15 +55,33 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
     from tunelab.train.run import replay_file_for
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
-    counts = json.loads((prepared.out_dir / "stats.json").read_text()).get("counts", {})
+    prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
+    counts = json.loads(paths.data_stats.read_text()).get("counts", {})
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
-def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | None = None) -> Path:
-    """All stages for one recipe; returns the run directory."""
+class TrainingFailed(TunelabError):
+    """The training stage's child processes (tunelab run --nproc) stopped with an error."""
+
+    exit_code = 1
+
+
+def _train_in_children(command: Sequence[str], paths: RunPaths, resume_command: str | None) -> None:
+    """The training stage as `command` (`tunelab train` under torchrun); this process keeps the run folder's
+    lock and lends it to them while it waits."""
+    code = subprocess.run(list(command), check=False, env=lend_dir_lock(paths.root)).returncode
+    if code != 0:
+        raise TrainingFailed(f"training under torchrun stopped (exit code {code}); torchrun's report above names "
+                             f"the rank that failed first (Root Cause). Resume with: {resume_command}")
+
+
+def run_pipeline(
+    recipe: Recipe, resume: bool = False, resume_command: str | None = None, train_command: Sequence[str] | None = None
+) -> Path:
+    """All stages for one recipe; returns the run directory. With `train_command` (tunelab run --nproc), the
+    training stage runs as that command (`tunelab train` of the same recipe under torchrun)."""
     paths = RunPaths(recipe.run_dir)
-    stages = StageLog(paths.root / "stages.json")
+    stages = Stages.load(paths.stages)
     if not resume:
         if paths.root.exists() and any(paths.root.iterdir()):
             raise ConfigError(
@@ -91,11 +91,14 @@ def run_pipeline(recipe: Recipe, resume: bool = False, resume_command: str | Non
         if not paths.root.exists():
             # a new run that fails before training (bad data, a model that does not load) leaves no folder behind
             with removed_unless_trained(paths):
-                return _run_stages(recipe, paths, stages, resume, resume_command)
-    return _run_stages(recipe, paths, stages, resume, resume_command)
+                return _run_stages(recipe, paths, stages, resume, resume_command, train_command)
+    return _run_stages(recipe, paths, stages, resume, resume_command, train_command)
 
 
-def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool, resume_command: str | None) -> Path:
+def _run_stages(
+    recipe: Recipe, paths: RunPaths, stages: Stages, resume: bool, resume_command: str | None,
+    train_command: Sequence[str] | None,
+) -> Path:
     from tunelab.train.run import start_run_dir
 
     start_run_dir(paths, recipe, resume)
@@ -103,6 +106,9 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
     def train_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.train.run import train
 
+        if train_command is not None:
+            _train_in_children(train_command, paths, resume_command)
+            return
         # with resume, a run stopped during training continues from its newest complete checkpoint
         train(recipe, resume=resume, resume_command=resume_command)
 
@@ -123,7 +129,7 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
             say(f"audit: skipped (training saw some examples fewer than {MIN_PASSES} times)")
             return
         _, summary = audit_run(paths.root, trust_remote_code=recipe.model.trust_remote_code)
-        say(f"audit: {summary.flagged} of {summary.examples} training examples flagged; {paths.root / 'audit'}")
+        say(f"audit: {summary.flagged} of {summary.examples} training examples flagged; {paths.audit}")
 
     def report_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.report.html import write_report
@@ -143,8 +149,8 @@ def _run_stages(recipe: Recipe, paths: RunPaths, stages: StageLog, resume: bool,
         say(f"[{number}/{len(STAGES)}] {stage}")
         started = time.perf_counter()
         actions[stage](recipe, paths)
-        stages.record(stage, time.perf_counter() - started)
-    total = sum(entry["seconds"] for entry in stages.state.values())
-    timing = ", ".join(f"{stage} {stages.state[stage]['seconds']:.0f} s" for stage in STAGES if stage in stages.state)
+        stages.record(stage, time.perf_counter() - started, paths.stages)
+    total = stages.total_seconds()
+    timing = ", ".join(f"{stage} {stages.seconds(stage):.0f} s" for stage in STAGES if stage in stages.root)
     say(f"done in {total / 60:.1f} min ({timing}); run directory {paths.root}")
     return paths.root

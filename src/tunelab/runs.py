@@ -42,16 +42,32 @@ class RunPaths:
         return self.root / "data"
 
     @property
+    def data_stats(self) -> Path:
+        return self.data / "stats.json"
+
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.data / "fingerprint.json"
+
+    def data_split(self, split: str) -> Path:
+        """data/<split>.jsonl: the prepared examples of "train", "valid" or "test"."""
+        return self.data / f"{split}.jsonl"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
     def train_log(self) -> Path:
-        return self.root / "train" / "log.jsonl"
+        return self.train_dir / "log.jsonl"
 
     @property
     def plan(self) -> Path:
-        return self.root / "train" / "plan.json"
+        return self.train_dir / "plan.json"
 
     @property
     def train_summary(self) -> Path:
-        return self.root / "train" / "summary.json"
+        return self.train_dir / "summary.json"
 
     @property
     def stages(self) -> Path:
@@ -75,15 +91,27 @@ class RunPaths:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "eval" / "metrics.json"
+        return self.eval / "metrics.json"
 
     @property
     def adapter_scale(self) -> Path:
-        return self.root / "eval" / "adapter_scale.json"
+        return self.eval / "adapter_scale.json"
 
     @property
     def predictions(self) -> Path:
-        return self.root / "eval" / "predictions.jsonl"
+        return self.eval / "predictions.jsonl"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.eval / "judge_cache.jsonl"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def drift(self) -> Path:
+        return self.root / "drift"
 
     @property
     def report_html(self) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ConfigError
+from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +31,8 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "adapter" / ADAPTER_CONFIG).is_file():
-        folder = folder / "adapter"  # a run folder (runs/NAME): its adapter
+    if not (folder / ADAPTER_CONFIG).is_file() and (RunPaths(folder).adapter / ADAPTER_CONFIG).is_file():
+        folder = RunPaths(folder).adapter  # a run folder (runs/NAME): its adapter
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():

@@ -55,7 +55,6 @@ from tunelab.files import write_text_atomic
 from tunelab.runs import RunPaths
 from tunelab.train.dynamics import read_dynamics
 
-AUDIT_DIR = "audit"
 MIN_PASSES = 2  # dynamics need at least two looks at an example
 RANK_SIGNAL = "final_loss"  # the best of the dynamics alone on planted errors (docs/audit.md)
 DISAGREEMENT_WEIGHT = 10.0  # = Z_CAP: an answer the model contradicts outranks any loss alone (measured: better)
@@ -134,13 +133,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_examples(paths: RunPaths) -> list[_Example]:
     """The run's train examples with their losses per pass (an example split into per-turn rows:
     its rows' losses pooled, pass by pass)."""
-    train_file, tokens_file = paths.data / "train.jsonl", paths.data / "train.tokens.jsonl"
+    train_file, tokens_file = paths.data_split("train"), paths.data / "train.tokens.jsonl"
     for needed in (train_file, tokens_file):
         if not needed.is_file():
             raise ConfigError(f"{needed}: not found; is {paths.root} a run that `tunelab train` finished?")
-    dynamics = read_dynamics(paths.root / "train")
+    dynamics = read_dynamics(paths.train_dir)
     if not dynamics:
-        raise ConfigError(f"{paths.root / 'train'}: no dynamics.jsonl; the run was trained before tunelab recorded "
+        raise ConfigError(f"{paths.train_dir}: no dynamics.jsonl; the run was trained before tunelab recorded "
                           "training dynamics: train it again to audit its data")
     examples = {}
     for record in _read_jsonl(train_file):
@@ -304,7 +303,7 @@ def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str
 def fewest_passes(run_dir: str | Path) -> int:
     """How many times training saw the example it saw least (0: some example never, or no dynamics)."""
     paths = RunPaths(Path(run_dir))
-    if not read_dynamics(paths.root / "train"):  # none recorded (an older run, or preference tuning)
+    if not read_dynamics(paths.train_dir):  # none recorded (an older run, or preference tuning)
         return 0
     return min((len(e.losses) for e in load_examples(paths)), default=0)
 
@@ -345,7 +344,7 @@ def audit_run(run_dir: str | Path, *, answers: int = DEFAULT_ANSWERS, device: st
         signal=RANK_SIGNAL, flagged=flagged, decoded=len(model_answers), claims_errors=flagged > 0,
         how_to_read=how_to_read(flagged, len(model_answers)), unseen=unseen,
     )
-    out = paths.root / AUDIT_DIR
+    out = paths.audit
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "audit.jsonl", "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rows))
     write_text_atomic(out / "summary.json", json.dumps(asdict(summary), indent=1) + "\n")
@@ -410,7 +409,7 @@ def answer_confidences(model: Any, tokenizer: Any, contexts: Sequence[Sequence[d
 
 def read_audit(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """(rows, summary) of RUN/audit/, or None when the run has no audit."""
-    folder = Path(run_dir) / AUDIT_DIR
+    folder = RunPaths(Path(run_dir)).audit
     if not (folder / "summary.json").is_file() or not (folder / "audit.jsonl").is_file():
         return None
     return _read_jsonl(folder / "audit.jsonl"), json.loads((folder / "summary.json").read_text())

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.data.preference import Pair, tokenize_pair
+from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,8 @@ def parent_adapter(recipe: Recipe) -> Path | None:
     if recipe.method != "dpo" or not recipe.model.adapter:
         return None
     folder = Path(recipe.model.adapter)
-    return folder / "adapter" if (folder / "adapter" / "adapter_config.json").is_file() else folder
+    run = RunPaths(folder)  # a run folder: its adapter
+    return run.adapter if (run.adapter / "adapter_config.json").is_file() else folder
 
 
 def held_out_pairs(data_dir: Path, limit: int | None = None) -> tuple[str, list[Pair]]:

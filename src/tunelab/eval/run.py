@@ -489,12 +489,12 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
     limit = limit or cfg.limit
 
     # --- data: test set, train pool (leak-checked against the whole test file), output kind
-    test_path = Path(test_file) if test_file else paths.data / "test.jsonl"
+    test_path = Path(test_file) if test_file else paths.data_split("test")
     all_test, all_items = read_examples_and_items(test_path)
     if not all_test:
         raise DataError(f"{test_path}: no test examples")
     test = all_test[:limit] if limit else all_test
-    train_path = Path(train_file) if train_file else paths.data / "train.jsonl"
+    train_path = Path(train_file) if train_file else paths.data_split("train")
     train, train_items = read_examples_and_items(train_path) if train_path.is_file() else ([], [])
     from tunelab.eval.external import builtin_arm, check_external, refuse_secret_bearing_arms
 
@@ -518,7 +518,7 @@ def _load_inputs(run_dir: str | Path, arms: str | Sequence[str] | None, test_fil
                          "finished? (evaluate prompt-only arms with --arms base,prompt,rag)")
     run_forgetting = cfg.forgetting and any(a in chosen for a in TUNED_ARMS) and models.tuned_kind is not None
     scale_search = _why_no_scale_search(run_forgetting, recipe, models.tuned_kind, out_dir)
-    valid_path = paths.data / "valid.jsonl"
+    valid_path = paths.data_split("valid")
     valid = read_examples(valid_path) if scale_search is None and valid_path.is_file() else []
     if scale_search is None and not valid:
         scale_search = f"no validation examples ({valid_path}) to compare the scales on"
@@ -684,7 +684,7 @@ def _grade_arms(inputs: _Inputs, generated: _Generated) -> tuple[dict[str, dict[
     from tunelab.eval.graders.grade import Grading
 
     columns: dict[str, dict[str, Any]] = {}
-    with Grading(inputs.graders, inputs.paths.eval / "judge_cache.jsonl") as grading:
+    with Grading(inputs.graders, inputs.paths.judge_cache) as grading:
         for arm in inputs.chosen if inputs.graders else ():
             columns[arm] = grading.grade(generated.texts(arm), inputs.items)
         sample_columns = (grading.grade(generated.train_sample_outputs, inputs.train_sample_items)
@@ -861,7 +861,7 @@ def _compare_pairwise(inputs: _Inputs, generated: _Generated, verdict: dict[str,
 
     return compare_pairwise(
         inputs.cfg.pairwise, best, vs, generated.texts(best), generated.texts(vs), inputs.items,
-        JudgeCache(inputs.paths.eval / "judge_cache.jsonl"), seed=inputs.cfg.seed,
+        JudgeCache(inputs.paths.judge_cache), seed=inputs.cfg.seed,
     )
 
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tunelab.contract import TrainPlan, TrainSummary
 from tunelab.eval.metrics import delta_points, to_points
 from tunelab.runs import RunPaths
 
@@ -42,10 +43,6 @@ TREND_WINDOW = 0.4  # the trend is fitted to the evaluations of the last 40% of 
 TREND_EVALS = 4  # ... at least this many (the last ones); fewer evaluations in all: no noise estimate
 TRAIN_TEST_GAP_POINTS = 10.0  # a model that scores its train examples this much above held-out ones learned them,
 HEADROOM_SHARE = 0.5  # ... as did one that closes half the room its held-out score leaves (95 vs 90)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def read_validation_losses(log_path: Path) -> list[tuple[int, float]]:
@@ -154,8 +151,8 @@ def judge_training(trend: dict[str, Any] | None, summary: dict[str, Any], train_
 def assess_training(paths: RunPaths, train_sample_score: float | None, test_score: float | None,
                     metric: str, score_range: Sequence[float] | None = None) -> dict[str, Any]:
     """{"provisional": bool, "reason": str | None, "suggestion": str | None, "signals": {...}}."""
-    plan = _read_json(paths.plan) or {}
-    summary = _read_json(paths.train_summary) or {}
+    plan = TrainPlan.read_keys(paths.plan)  # as found: a run evaluated without its training has neither
+    summary = TrainSummary.read_keys(paths.train_summary)
     reasons, signals = judge_training(validation_trend(paths.train_log), summary, train_sample_score, test_score,
                                       metric, score_range)
     signals["limited_by"] = plan.get("limited_by")

@@ -162,7 +162,7 @@ def _rag_with_new_pool(paths: RunPaths, out: Path, labelled: list[dict[str, Any]
     order = list(range(len(labelled)))
     random.Random(seed).shuffle(order)
     folds = [[labelled[i] for i in order[::2]], [labelled[i] for i in order[1::2]]]
-    train = read_rows(paths.data / "train.jsonl")
+    train = read_rows(paths.data_split("train"))
     scores: list[float] = []
     for label, scored, pooled in (("a", folds[0], folds[1]), ("b", folds[1], folds[0])):
         folder = out / f"rag-new-{label}"
@@ -184,12 +184,12 @@ def drift(run_dir: str | Path, new_file: str | Path, *, trust_remote_code: bool 
     new = read_new_data(new_file, recipe.data.format, recipe.data.system_prompt)
     seed = recipe.eval.seed
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = paths.root / "drift" / stamp
+    out = paths.drift / stamp
     for again in range(2, 100):  # two checks within one second keep both
         if not out.exists():
             break
-        out = paths.root / "drift" / f"{stamp}-{again}"
-    train_rows = read_rows(paths.data / "train.jsonl")
+        out = paths.drift / f"{stamp}-{again}"
+    train_rows = read_rows(paths.data_split("train"))
     shift = measure_input_shift([user_text(r) for r in train_rows], [user_text(r) for r in new.all_rows], seed=seed)
     result: dict[str, Any] = {"run": str(paths.root), "new_file": str(new_file), "time_utc": stamp, "folder": str(out),
                               "n_labelled": len(new.labelled), "n_unlabelled": len(new.unlabelled),

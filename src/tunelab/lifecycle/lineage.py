@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Recipe
-from tunelab.contract import Lineage, PairedResult
+from tunelab.contract import ContractError, Lineage, Manifest, Metrics, PairedResult
 from tunelab.errors import ConfigError
+from tunelab.files import write_text_atomic
 from tunelab.lifecycle.new_data import write_rows
 from tunelab.runs import RunPaths, data_fingerprint_id, lineage_path
 
@@ -27,22 +28,21 @@ SIGNIFICANCE = 0.05  # a difference counts when its 95% interval excludes 0 AND 
 def write_lineage(paths: RunPaths, lineage: Lineage) -> Path:
     path = lineage_path(paths)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(lineage.model_dump_json(indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, lineage.model_dump_json(indent=1))
     return path
 
 
-def read_json_file(path: Path) -> dict[str, Any]:
+def _keys_or_nothing(model: type[Manifest] | type[Metrics], path: Path) -> dict[str, Any]:
+    """The file's keys as found; {} when it is missing or broken (the parent's manifest and results are
+    optional to these commands: they say what to run when they are missing)."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return model.read_keys(path)
+    except ContractError:
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 def parent_record(parent: RunPaths, recipe: Recipe, kind: str) -> dict[str, Any]:
-    manifest = read_json_file(parent.manifest)
+    manifest = _keys_or_nothing(Manifest, parent.manifest)
     return {"kind": kind, "path": str(parent.root), "name": parent.root.name, "model": recipe.model.name,
             "method": recipe.method, "data_fingerprint": data_fingerprint_id(manifest)}
 
@@ -52,7 +52,7 @@ def parent_record(parent: RunPaths, recipe: Recipe, kind: str) -> dict[str, Any]
 
 def evaluated_metrics(paths: RunPaths) -> dict[str, Any]:
     """The run's eval/metrics.json with a tuned arm, or a ConfigError saying how to get one."""
-    metrics = read_json_file(paths.metrics)
+    metrics = _keys_or_nothing(Metrics, paths.metrics)
     if "tuned" not in (metrics.get("arms") or {}) or not paths.predictions.is_file():
         raise ConfigError(f"{paths.root}: not evaluated with the tuned arm (no {paths.metrics} with arms.tuned "
                           f"and {paths.predictions}); run: tunelab eval {paths.root}")
@@ -141,7 +141,7 @@ def create_child_run(parent: RunPaths, recipe: Recipe, name: str, kind: str,
     for split, rows in inputs.items():
         if rows:
             write_rows(child.root / INPUTS / f"{split}.jsonl", rows)
-    child.manifest.write_text(json.dumps({"parent": parent_record(parent, recipe, kind)}, indent=1))
+    Manifest.update_keys(child.manifest, {"parent": parent_record(parent, recipe, kind)})  # training adds the rest
     return child_recipe, child
 
 

@@ -60,7 +60,7 @@ def run_status(paths: RunPaths) -> str:
         return "trained"
     if paths.train_log.is_file():
         return "training (or stopped)"
-    if (paths.data / "stats.json").is_file():
+    if paths.data_stats.is_file():
         return "prepared"
     return "created"
 
@@ -70,7 +70,7 @@ def list_runs(out_dir: str | Path) -> list[RunRow]:
     if not out.is_dir():
         raise ConfigError(f"{out}: no such folder (runs live under the recipe's out_dir, default runs/)")
     rows = []
-    for folder in sorted(p for p in out.iterdir() if (p / "recipe.yaml").is_file()):
+    for folder in sorted(p for p in out.iterdir() if RunPaths(p).recipe.is_file()):
         paths = RunPaths(folder)
         recipe = _recipe_fields(paths)
         model = recipe.get("model")

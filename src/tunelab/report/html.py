@@ -617,9 +617,9 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         except yaml.YAMLError:
             recipe = {}
     manifest = read_model(paths.manifest, Manifest)
-    stats = read_json(paths.data / "stats.json")
+    stats = read_json(paths.data_stats)
     issues = read_jsonl(paths.data / "issues.jsonl")
-    test = read_jsonl(paths.data / "test.jsonl")
+    test = read_jsonl(paths.data_split("test"))
     log = read_jsonl(paths.train_log)
     summary = read_model(paths.train_summary, TrainSummary)
     metrics = read_model(paths.metrics, Metrics)

@@ -38,6 +38,7 @@ import torch
 
 from tunelab.data.pack import Batch, Row, Step, collate, collate_varlen, example_length
 from tunelab.errors import TunelabError
+from tunelab.runs import RunPaths
 from tunelab.train.checkpoint import (
     Checkpoint,
     TrainState,
@@ -459,12 +460,13 @@ def train_loop(
     """Run the optimizer steps of `plan` from step 0 (or from `resume`), evaluating `evals` every
     cfg.eval_every_steps and at the end. `cfg` is a TrainConfig."""
     state = _resumed_state(setup, plan, resume, ctx)
-    log = _RunLog(run_root / "train", state, len(plan), setup.device, ctx.is_main, options)
+    paths = RunPaths(run_root)
+    log = _RunLog(paths.train_dir, state, len(plan), setup.device, ctx.is_main, options)
     if resume is not None:
         log.event(Event(state.step, "resume", f"resumed from {resume.path}"), say=False)
-    checkpoints = _Checkpoints(run_root / "checkpoints", setup, ctx, log, cfg.keep_checkpoints, state, resume)
+    checkpoints = _Checkpoints(paths.checkpoints, setup, ctx, log, cfg.keep_checkpoints, state, resume)
     make_batch = batch_builder(setup, examples, pad_id)
-    dynamics = DynamicsRecorder.open(run_root / "train", examples, state.step, ctx.rank) if options.record_dynamics else None
+    dynamics = DynamicsRecorder.open(paths.train_dir, examples, state.step, ctx.rank) if options.record_dynamics else None
     finished = state.step >= len(plan) or state.stopped_early
     stopped_by: str | None = None
     setup.model.train()

@@ -49,6 +49,7 @@ from tunelab.data.pack import (
     pack_rows,
 )
 from tunelab.files import write_text_atomic
+from tunelab.runs import RunPaths
 from tunelab.train.loop import VARLEN_PAD_MULTIPLE, attention_layout, autocast
 from tunelab.train.loss import LOGITS_PER_CHUNK, LOGITS_PER_CHUNK_GPU, CausalLMLoss, LossSums
 
@@ -266,8 +267,8 @@ def reference_logps(
     return [found[i] for i in range(len(examples))]
 
 
-def _cache_key(recipe: Recipe, data_dir: Path) -> str:
-    fingerprint = data_dir / "fingerprint.json"
+def _cache_key(recipe: Recipe, paths: RunPaths) -> str:
+    fingerprint = paths.data_fingerprint
     data_sha = json.loads(fingerprint.read_text())["sha256"] if fingerprint.is_file() else "none"
     what = {"data": data_sha, "model": recipe.model.model_dump(mode="json"), "weights": recipe.dpo.weights,
             "lora": recipe.lora.model_dump(mode="json")}
@@ -281,8 +282,9 @@ def attach_reference(
     """Sets `reference_logps` on every pair of `splits` (train, valid): from train/reference_logps.json
     when it was written for this data, model and adapter settings, else computed now (and written
     when `write`). Returns how many pairs were computed."""
-    path = run_root / "train" / REFERENCE_FILE
-    key = _cache_key(recipe, run_root / "data")
+    paths = RunPaths(run_root)
+    path = paths.train_dir / REFERENCE_FILE
+    key = _cache_key(recipe, paths)
     cached: dict[str, list[float]] = {}
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))

@@ -80,7 +80,7 @@ def _written_by_tunelab(paths: RunPaths) -> bool:
     """An empty folder, or one that tunelab started (its recipe, stages, manifest — update and rebase
     write it first, with the parent — or prepared data)."""
     return (not any(paths.root.iterdir()) or paths.recipe.is_file() or paths.stages.is_file()
-            or paths.manifest.is_file() or (paths.data / "fingerprint.json").is_file())
+            or paths.manifest.is_file() or paths.data_fingerprint.is_file())
 
 
 def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
@@ -137,7 +137,7 @@ def write_manifest(paths: RunPaths, recipe: Recipe, tokenizer: PreTrainedTokeniz
 
     import tunelab
 
-    manifest: dict[str, Any] = json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else {}
+    manifest = Manifest.read_keys(paths.manifest)
     fingerprint = None
     if data_dir is not None and (data_dir / "fingerprint.json").is_file():
         fingerprint = json.loads((data_dir / "fingerprint.json").read_text())
@@ -299,7 +299,7 @@ def _with_compiled(planned: TrainPlan, compiled: bool) -> TrainPlan:
 def _with_replay(planned: TrainPlan, paths: RunPaths) -> TrainPlan:
     """The replay share the data stage applied, and why (data/stats.json "replay"), in the plan."""
     try:
-        replay = json.loads((paths.data / "stats.json").read_text(encoding="utf-8")).get("replay")
+        replay = json.loads(paths.data_stats.read_text(encoding="utf-8")).get("replay")
     except (OSError, ValueError):
         return planned
     return planned.model_copy(update={"replay": replay}) if replay else planned

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
+from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,7 +46,7 @@ class LoadedModel:
 
 
 def is_run_dir(reference: str | Path) -> bool:
-    return (Path(reference) / "recipe.yaml").is_file()
+    return RunPaths(Path(reference)).recipe.is_file()
 
 
 def load_for_use(reference: str, device: str | None = None, dtype: str | None = None, merge: bool = True,

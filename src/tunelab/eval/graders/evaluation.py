@@ -11,13 +11,12 @@ here) and manifest.json "graders" (the configs used; the manifest's other keys k
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tunelab.errors import ConfigError, DataError
+from tunelab.contract import Manifest
+from tunelab.errors import ConfigError
 from tunelab.eval.metrics import UNIT_RANGE
-from tunelab.files import write_text_atomic
 from tunelab.specs.graders import MODEL_GRADER_TYPES, grader_config, recipe_graders
 
 if TYPE_CHECKING:
@@ -148,7 +147,7 @@ def grader_summary(graders: Sequence[Any], columns: dict[str, dict[str, Any]], t
     ids = [ex.id for ex in test]
     summary: dict[str, Any] = {
         "configs": [grader_config(g) for g in graders],
-        "judge_cache": str(paths.eval / "judge_cache.jsonl") if any(isinstance(g, MODEL_GRADER_TYPES) for g in graders) else None,
+        "judge_cache": str(paths.judge_cache) if any(isinstance(g, MODEL_GRADER_TYPES) for g in graders) else None,
         "failures": {g.name: {arm: {"failed": by_name[g.name].failed, "first": by_name[g.name].first_errors(ids)}
                               for arm, by_name in columns.items() if by_name[g.name].failed}
                      for g in graders},
@@ -163,13 +162,6 @@ def grader_summary(graders: Sequence[Any], columns: dict[str, dict[str, Any]], t
 
 
 def record_graders_in_manifest(paths: RunPaths, graders: Sequence[Any]) -> None:
-    """manifest.json "graders": the configs this evaluation used (other keys kept)."""
-    manifest: dict[str, Any] = {}
-    if paths.manifest.is_file():
-        try:
-            manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-        except ValueError:
-            raise DataError(f"{paths.manifest}: not valid JSON; it is not rewritten") from None
-    manifest["graders"] = [grader_config(g) for g in graders]
-    # a run evaluated without its training (tests, copied folders) may have no full manifest: keys kept as found
-    write_text_atomic(paths.manifest, json.dumps(manifest, indent=1) + "\n")
+    """manifest.json "graders": the configs this evaluation used (other keys kept: a run evaluated without its
+    training, as in tests or a copied folder, may have no full manifest)."""
+    Manifest.update_keys(paths.manifest, {"graders": [grader_config(g) for g in graders]})
