@@ -91,6 +91,16 @@ def test_a_cheaper_arm_that_is_worse_is_not_recommended_on_a_tie():
     assert "tuned is cheaper ($0.02 per 1k) but not shown to be as good as rag (-8.0, 95% CI [" in verdict["headline"]
 
 
+def test_when_nothing_can_be_recommended_it_says_so_and_how_many_examples_would_settle_it():
+    prompt, tuned = [1.0, 0.0] * 20, [0.0, 1.0] * 20  # the same mean, opposite answers: nothing is shown
+    verdict = decide_verdict(facts({"prompt": prompt, "tuned": tuned}))
+    assert verdict["recommended"] is None and verdict["winner"] is None
+    assert verdict["headline"].startswith("No arm can be recommended yet: no arm is shown to be within 2 points of "
+                                          f"every other arm; about {verdict['n_needed']} test examples would settle it.")
+    assert "tuned ($0.02 per 1k) is not shown to be as good as prompt (+0.0, 95% CI [" in verdict["headline"]
+    assert verdict["n_needed"] > 40
+
+
 def test_within_a_side_the_cheaper_fine_tuned_arm_wins_a_tie():
     rng = np.random.default_rng(3)
     tuned = (rng.random(200) < 0.95).astype(float)

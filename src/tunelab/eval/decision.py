@@ -266,7 +266,9 @@ def decide_verdict(
         headline = f"No arm can be recommended yet: {reason}"
         headline += f"; about {n_needed} test examples would settle it." if n_needed else "."
     for arm, worst, need in shortfalls[:2]:
-        headline += (f" {arm} is cheaper ({price(arm)} per 1k) but not shown to be as good as {worst.b} "
+        # cheaper than the recommendation, or (none recommended) simply the cheapest arms still open
+        status = f"is cheaper ({price(arm)} per 1k) but" if recommended else f"({price(arm)} per 1k) is"
+        headline += (f" {arm} {status} not shown to be as good as {worst.b} "
                      f"({points(worst.delta):+.1f}, 95% CI [{points(worst.ci95[0]):.1f}, {points(worst.ci95[1]):.1f}])"
                      + (f"; about {need} test examples would settle it." if need else "."))
     if too_slow:
