@@ -292,5 +292,6 @@ def test_tuned_beats_base_on_the_real_model(tmp_path):
     assert metrics["primary_metric"] == "label_accuracy"
     base, tuned = metrics["arms"]["base"]["primary"], metrics["arms"]["tuned"]["primary"]
     assert tuned >= base + 0.3, (base, tuned)
-    assert metrics["verdict"]["winner"] == "tuned"
-    assert metrics["verdict"]["text"].startswith("fine-tuning beats the best prompt-only approach by")
+    assert metrics["verdict"]["winner"] == metrics["verdict"]["recommended"] == "tuned"
+    assert metrics["verdict"]["headline"].startswith("Use tuned:")
+    assert "Fine-tuning beats the best prompt-only approach by" in metrics["verdict"]["text"]

@@ -31,11 +31,13 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from tunelab.files import AtomicTextFile
 
 FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -499,3 +501,11 @@ def describe_type(value: Any) -> str:
 def dump_json_line(value: Any) -> str:
     """One JSON line as tunelab writes them (UTF-8 text, no ASCII escaping)."""
     return json.dumps(value, ensure_ascii=False) + "\n"
+
+
+def write_json_lines(path: Path, rows: Iterable[Any]) -> None:
+    """A JSONL file of `rows`, written atomically (a reader never sees half of it)."""
+    out = AtomicTextFile(path)
+    for row in rows:
+        out.write(dump_json_line(row))
+    out.commit()

@@ -45,13 +45,13 @@ from tunelab.data.formats import (
     RawRecord,
     data_files,
     describe_type,
-    dump_json_line,
     iter_file,
     to_draft,
+    write_json_lines,
 )
 from tunelab.data.quality import SPLITS, prompt_key
-from tunelab.data.validate import Issue, check_messages, excerpt
-from tunelab.files import AtomicTextFile, write_text_atomic
+from tunelab.data.validate import Issue, check_messages, excerpt, iter_raw_records
+from tunelab.files import write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -121,25 +121,14 @@ def is_preference_file(path: str | Path) -> bool:
 
 def read_pairs(path: str | Path, system_prompt: str | None = None) -> Iterator[tuple[Pair | None, list[Issue]]]:
     """Every record of a file or folder, validated, in order: (Pair, []) or (None, issues)."""
-    path = Path(path)
-    if not path.exists():
-        yield None, [Issue(str(path), 0, "unreadable_file", "no such file or folder")]
-        return
-    files, skipped = data_files(path)
-    for entry in skipped:
-        yield None, [Issue(str(entry.path), 0, entry.code, entry.reason)]
-    if path.is_dir() and not files:
-        yield None, [Issue(str(path), 0, "unreadable_file", "the folder has no .jsonl/.json/.csv/.parquet files")]
-    for file in files:
-        seen = False
-        for raw in iter_file(file):
-            seen = True
-            pair, issues = validate_pair(raw)
-            if pair is not None and system_prompt and pair.prompt[0]["role"] != "system":
-                pair.prompt.insert(0, {"role": "system", "content": system_prompt})
-            yield pair, issues
-        if not seen:
-            yield None, [Issue(str(file), 0, "empty_file", "the file has no records")]
+    for raw, problems in iter_raw_records(path):
+        if raw is None:
+            yield None, problems
+            continue
+        pair, issues = validate_pair(raw)
+        if pair is not None and system_prompt and pair.prompt[0]["role"] != "system":
+            pair.prompt.insert(0, {"role": "system", "content": system_prompt})
+        yield pair, issues
 
 
 def validate_pair(raw: RawRecord) -> tuple[Pair | None, list[Issue]]:
@@ -520,20 +509,20 @@ def prepare_preferences(
 
     # outputs
     for split in SPLITS:
-        _write_lines(out_dir / f"{split}.jsonl", [
+        write_json_lines(out_dir / f"{split}.jsonl", [
             {"id": m.id, "source": m.pair.source, "messages": m.pair.messages("chosen"),
              **({} if m.pair.rejected is None else {"rejected": m.pair.rejected}), **m.pair.extra}
             for m in members if m.split == split and m.rejected is None
         ])
     for split, split_rows in rows.items():
-        _write_lines(out_dir / f"{split}.tokens.jsonl", split_rows)
+        write_json_lines(out_dir / f"{split}.tokens.jsonl", split_rows)
     dropped = [m for m in members if m.rejected is not None]
-    _write_lines(out_dir / "rejected.jsonl", [
+    write_json_lines(out_dir / "rejected.jsonl", [
         {"id": m.id, "source": m.pair.source, "split": m.split, "reason": m.rejected[0], "message": m.rejected[1],
          "messages": m.pair.messages("chosen"), "rejected": m.pair.rejected}
         for m in dropped
     ])
-    _write_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
+    write_json_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
     kept = Counter(m.split for m in members if m.rejected is None)
     codes = Counter(issue.code for issue in issues)
     stats = {
@@ -557,9 +546,3 @@ def prepare_preferences(
     raise_on_errors(issues)
     return stats
 
-
-def _write_lines(path: Path, rows: list[Any]) -> None:
-    out = AtomicTextFile(path)
-    for row in rows:
-        out.write(dump_json_line(row))
-    out.commit()

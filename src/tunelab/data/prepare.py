@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, Recipe
-from tunelab.data.formats import data_files, dump_json_line
+from tunelab.data.formats import data_files, dump_json_line, write_json_lines
 from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
 from tunelab.data.replay import ReplayPlan, choose_replay, decide_replay_share, replay_count
@@ -149,12 +149,6 @@ def _reusable(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | No
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _write_lines(path: Path, rows: list[Any]) -> None:
-    out = AtomicTextFile(path)
-    for row in rows:
-        out.write(dump_json_line(row))
-    out.commit()
-
 
 def _write_json(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
@@ -234,7 +228,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     (out_dir / "fingerprint.json").unlink(missing_ok=True)  # a half-written folder must never look reusable
     if pairs:  # their own rules, the same files
         stats = prepare_preferences(data, tokenizer, out_dir, lambda issues: _raise_on_errors(issues, out_dir))
-        _write_lines(out_dir / "replay.jsonl", [])  # no replay for pairs: a dpo run learns a preference
+        write_json_lines(out_dir / "replay.jsonl", [])  # no replay for pairs: a dpo run learns a preference
         _write_json(out_dir / "fingerprint.json", fingerprint)
         return PreparedData(out_dir, stats)
 
@@ -358,7 +352,7 @@ def _raise_on_errors(issues: list[Issue], out_dir: Path) -> None:
     if not errors:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
+    write_json_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
     codes = Counter(issue.code for issue in errors)
     by_code = ", ".join(f"{code} {n}" for code, n in codes.most_common())
     raise DataError(
@@ -466,17 +460,17 @@ def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int],
 
 
 def _write_outputs(out_dir: Path, members: list[_Member], issues: list[Issue], stats: dict[str, Any]) -> None:
-    _write_lines(out_dir / "replay.jsonl", [{"id": m.id, "source": m.example.source, "messages": m.example.messages}
+    write_json_lines(out_dir / "replay.jsonl", [{"id": m.id, "source": m.example.source, "messages": m.example.messages}
                                             for m in members if m.replay and m.rejected is None])
     for split in SPLITS:
         kept = [m for m in members if m.split == split and m.rejected is None and not m.replay]
-        _write_lines(out_dir / f"{split}.jsonl",
+        write_json_lines(out_dir / f"{split}.jsonl",
                      [{"id": m.id, "source": m.example.source, "messages": m.example.messages, **m.example.extra}
                       for m in kept])
-    _write_lines(out_dir / "rejected.jsonl", [
+    write_json_lines(out_dir / "rejected.jsonl", [
         {"id": m.id, "source": m.example.source, "split": m.split, "reason": m.rejected[0], "message": m.rejected[1],
          "messages": m.example.messages}
         for m in members if m.rejected is not None
     ])
-    _write_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
+    write_json_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
     _write_json(out_dir / "stats.json", stats)

@@ -148,6 +148,20 @@ def read_examples(
     Yields (Example, warnings) for a valid record and (None, issues) for an invalid one."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from auto, {', '.join(FORMATS)}")
+    for raw, problems in iter_raw_records(path):
+        if raw is None:
+            yield None, problems
+            continue
+        example, issues = validate_record(raw, fmt)
+        if example is not None and system_prompt and example.messages[0]["role"] != "system":
+            example.messages.insert(0, {"role": "system", "content": system_prompt})
+        yield example, issues
+
+
+def iter_raw_records(path: str | Path) -> Iterator[tuple[RawRecord | None, list[Issue]]]:
+    """Every raw record of a file or folder, in order, as (record, []); a missing path, a skipped or empty
+    file and a folder without data files each as (None, [its issue]). Chat records and preference pairs
+    are read through this one walk."""
     path = Path(path)
     if not path.exists():
         yield None, [Issue(str(path), 0, "unreadable_file", "no such file or folder")]
@@ -161,10 +175,7 @@ def read_examples(
         seen = False
         for raw in iter_file(file):
             seen = True
-            example, issues = validate_record(raw, fmt)
-            if example is not None and system_prompt and example.messages[0]["role"] != "system":
-                example.messages.insert(0, {"role": "system", "content": system_prompt})
-            yield example, issues
+            yield raw, []
         if not seen:
             yield None, [Issue(str(file), 0, "empty_file", "the file has no records")]
 
