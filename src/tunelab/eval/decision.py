@@ -237,7 +237,7 @@ def decide_verdict(
                    significant=winner is not None, n_needed=n_needed)
 
     usd_1k = verdict["usd_per_1k_requests"]
-    price = lambda arm: _usd(usd_1k[arm])  # noqa: E731
+    price = lambda arm: format_usd(usd_1k[arm])  # noqa: E731
     if recommended is not None:
         best_overall = max(names, key=lambda a: (means[a], -names.index(a)))
         if by_side:
@@ -277,8 +277,8 @@ def decide_verdict(
     return verdict
 
 
-def _usd(value: float) -> str:
-    """$12.35, $0.095, $0.0021: two significant digits below a dollar."""
+def format_usd(value: float) -> str:
+    """$12.35, $0.095, $0.0021: two significant digits below a dollar (the verdict and the report)."""
     return f"${value:,.2f}" if value >= 1 else f"${value:.2g}"
 
 

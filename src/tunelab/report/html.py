@@ -25,6 +25,7 @@ from typing import Any
 
 from tunelab.config import ARMS, PROMPT_ONLY_ARMS
 from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
+from tunelab.eval.decision import format_usd
 from tunelab.eval.metrics import to_fraction, to_points
 from tunelab.files import write_text_atomic
 from tunelab.report.preference import describe_preference
@@ -282,9 +283,7 @@ def _verdict(metrics: RunFile, root: Path) -> dict[str, Any]:
 
 
 def _usd_text(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"${value:,.2f}" if value >= 1 else f"${value:.2g}"
+    return "—" if value is None else format_usd(value)
 
 
 def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
