@@ -75,6 +75,48 @@ def test_every_pair_defect_is_reported_with_its_line_and_code(tmp_path):
     assert duplicate.related == (f"{train}:1",)
 
 
+LATE = ("My order 48213 with the blue kettle was supposed to arrive last Tuesday and it still has not shown up at "
+        "my door. Can you tell me where it is and when I will finally get it?")
+REFUND = ("I returned the yoga mat from order 77120 two weeks ago using your prepaid label and I have still not "
+          "received my refund. Please check what happened to my money.")
+
+
+def test_near_duplicate_pairs_and_prompts_near_a_held_out_prompt_are_reported_with_file_line(tmp_path):
+    calm = "Hi Anna, the tracking link for your kettle is in your inbox; it arrives on Friday. Warm regards."
+    shout = "Sorry!!! We are very sorry about the delay, it will come ASAP!!! Sorry again."
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        openai_pair(LATE, calm, shout),                                                          # 1
+        openai_pair(REFUND, "Hi Ben, your refund was sent today. Warm regards.", "Refunds take time!!!"),  # 2
+        openai_pair(LATE.replace("last Tuesday", "last Thursday"), calm.replace("Friday", "Friday morning"),
+                    shout + " Really."),                                                         # 3 nearly line 1
+        openai_pair(REFUND, "Hello Ben, we found the mat and your money is on its way back to you.",
+                    "Please wait for our warehouse to process returns, there is nothing we can do."),  # 4 line 2's prompt, other answers
+        openai_pair(LATE, "Hello, which order do you mean? Please send me the number.", "No idea."),  # 5 line 1's prompt, other answers
+    ])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [
+        openai_pair(REFUND.replace("two weeks ago", "three weeks ago"), "other", "answers"),    # 1 nearly line 2's prompt
+        openai_pair("What are your opening hours on public holidays in December?", "9 to 5.", "Dunno."),  # 2 unrelated
+    ])
+    report = check_data(train, valid, measure_speed=False)
+    found = [(issue.path.rsplit("/", 1)[-1], issue.line, issue.code, tuple(r.rsplit("/", 1)[-1] for r in issue.related))
+             for issue in report.issues]
+    assert found == [
+        ("train.jsonl", 3, "near_duplicate", ("train.jsonl:1",)),
+        ("valid.jsonl", 1, "leakage_near", ("train.jsonl:2", "train.jsonl:4")),
+    ]
+    assert report.exit_code == 0  # warnings: prepare acts on them
+    assert report.quality == {"duplicate_pairs": 0, "leakage": 1, "near_duplicates": 1}
+    assert "similar to train pair" in report.issues[1].message
+
+
+def test_near_duplicate_checks_can_be_capped(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [openai_pair(REFUND, "good", "bad")])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [openai_pair(REFUND + " Thanks.", "x", "y")])
+    assert [i.code for i in check_data(train, valid, measure_speed=False).issues] == ["leakage_near"]
+    capped = check_data(train, valid, measure_speed=False, near_dup_max_examples=0)
+    assert capped.issues == [] and capped.quality["leakage"] == 0
+
+
 def test_a_side_over_max_seq_len_after_the_template_is_too_long(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [
         openai_pair("short", "fine", "also fine"),
@@ -143,6 +185,18 @@ def test_prepare_drops_training_pairs_leaking_into_a_chat_test_file(tmp_path, to
     assert [(r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rejected] == [("train.jsonl:4", "leakage")]
     test_rows = prepared.conversations("test")
     assert test_rows[0]["messages"][-1]["content"] == "Good answer 3." and "rejected" not in test_rows[0]
+
+
+def test_prepare_drops_training_pairs_whose_prompt_nearly_equals_a_test_prompt(tmp_path, tokenizer):
+    records = [openai_pair(f"{REFUND} (ticket {i}{i}{i}{i})" if i == 5 else f"Question number {i} about something "
+                           f"else entirely: {'abcdefghijklmnop'[i] * 12}?", f"Good answer {i}.", f"bad {i}") for i in range(12)]
+    test = [{"messages": [{"role": "user", "content": REFUND}, {"role": "assistant", "content": "Your refund is on its way."}]}]
+    prepared = _prepare(tmp_path, tokenizer, records, test=test)
+    rejected = [json.loads(line) for line in (prepared.out_dir / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["source"].rsplit("/", 1)[-1], r["reason"]) for r in rejected] == [("train.jsonl:6", "leakage")]
+    issues = [json.loads(line) for line in (prepared.out_dir / "issues.jsonl").read_text().splitlines()]
+    assert [(i["code"], i["line"]) for i in issues] == [("leakage_near", 1)]
+    assert prepared.stats["quality"]["leakage"] == 1
 
 
 def test_prepare_refuses_pairs_with_errors(tmp_path, tokenizer):

@@ -93,6 +93,77 @@ def test_dpo_loss_equals_a_hand_computation_from_the_models_logits(tokenizer, ti
     assert float(out.reward_margin_sum) == pytest.approx(expected_margin, rel=1e-5, abs=1e-6)
 
 
+def _log1mexp(x):
+    return math.log(-math.expm1(x))
+
+
+def test_orpo_loss_equals_a_hand_computation_without_a_reference(tokenizer, tiny_model):
+    """ORPO (TRL's ORPOTrainer.odds_ratio_loss, the supervised term per answer token): no reference
+    log-probs in the batch, the loss and margin from the model's own logits."""
+    examples = [sides(tokenizer, "Say hi", "Hello there.", "Go away!"),
+                sides(tokenizer, "Count to two", "One, two, three, four.", "no")]
+    recipe = load_recipe(None, ["method=full", "model.name=tiny-test"])
+    setup = setup_training(recipe, 1, "cpu", base=tiny_model)
+    setup.loss_module = PreferenceLoss(setup.model, beta=0.1, loss="orpo", orpo_lambda=0.25)
+    setup.model.eval()
+    batch = pair_batches(setup, examples, tokenizer.pad_token_id)([(0, 1)])
+    assert batch.reference_logps is None
+    out = setup.loss_module(**batch.model_inputs())
+
+    expected_loss, expected_margin, right = 0.0, 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            n = example["chosen_tokens"]
+            labels = example["labels"]
+            tokens_c = sum(t != -100 for t in labels[:n][1:])
+            tokens_r = sum(t != -100 for t in labels[n:][1:])
+            chosen = float(_answer_logp(tiny_model, example["input_ids"][:n], labels[:n])) / tokens_c
+            rejected = float(_answer_logp(tiny_model, example["input_ids"][n:], labels[n:])) / tokens_r
+            log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+            expected_loss += -chosen + 0.25 * math.log1p(math.exp(-log_odds))  # - lambda * log sigmoid(log_odds)
+            expected_margin += 0.25 * (chosen - rejected)
+            right += chosen > rejected
+    assert int(out.count) == 2 and int(out.correct) == right
+    assert float(out.loss_sum.detach()) == pytest.approx(expected_loss, rel=1e-5)
+    assert float(out.reward_margin_sum) == pytest.approx(expected_margin, rel=1e-5, abs=1e-6)
+
+
+def test_orpo_log_odds_match_trl_on_both_sides_of_ln2():
+    """The odds term from mean log-probs on both branches of log(1 - exp x), and a certain answer (0)
+    stays finite."""
+    from tunelab.train.preference import orpo_losses
+
+    policy = torch.tensor([-0.2 * 4, -3.0 * 5, -0.0, -1.5 * 2])  # means -0.2 / -3.0, then 0.0 / -1.5
+    tokens = torch.tensor([4, 5, 3, 2])
+    losses, margins = orpo_losses(policy, tokens, 0.1)
+    for k, (c, r) in enumerate([(-0.2, -3.0), (-1e-7, -1.5)]):
+        log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+        assert float(losses[k]) == pytest.approx(-c + 0.1 * math.log1p(math.exp(-log_odds)), rel=1e-5, abs=1e-6)
+        assert float(margins[k]) == pytest.approx(0.1 * (c - r), rel=1e-5, abs=1e-6)
+    assert torch.isfinite(losses).all()
+
+
+def test_orpo_run_computes_no_reference_and_learns_the_preference(tmp_path, tiny_model_dir):
+    from tunelab.train.run import train
+
+    recipe = dpo_recipe(tmp_path, "name=orpo", "dpo.loss=orpo", "dpo.orpo_lambda=0.5", "train.max_steps=20",
+                        "train.eval_every_steps=10", "train.tokens_per_step=512")
+    assert recipe.train.lr == 2.0e-4  # ORPO is mostly supervised: the supervised default, not DPO's 5e-5
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"lr": 5e-3})})
+    result = train(recipe, progress=False)
+    run = result.run_dir
+    assert not (run / "train" / "reference_logps.json").exists()
+    records = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[-1]["val_preference_acc"] == 1.0 and evals[-1]["val_reward_margin"] > 0
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < losses[0] - 0.5  # the supervised term falls: one stage learns the answers too
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    plan = json.loads((run / "train" / "plan.json").read_text())
+    assert plan["steps"] == 20
+
+
 def test_dpo_gradient_equals_full_logits_autograd(tokenizer, tiny_model):
     example = sides(tokenizer, "Say hi", "Hello there.", "Go away!")
     example["reference_logps"] = (-30.0, -31.0)
@@ -174,14 +245,14 @@ model: {{name: tiny-test}}
 method: dpo
 data: {{train: train.jsonl, valid: valid.jsonl, max_seq_len: 64, test_fraction: 0}}
 lora: {{dropout: 0.1}}
-dpo: {{beta: 0.2}}
+dpo: {{beta: 0.2, loss: {loss}}}
 train: {{max_steps: 8, tokens_per_step: 256, micro_batch_tokens: 128, lr: 2.0e-3, eval_every_steps: 4,
          checkpoint_every_steps: 2, early_stop_patience: null, budget: null}}
 """
 
 
-def _run_cli(folder, name, *, env=None, resume=False):
-    (folder / f"{name}.yaml").write_text(RESUME_RECIPE.format(name=name))
+def _run_cli(folder, name, *, env=None, resume=False, loss="sigmoid"):
+    (folder / f"{name}.yaml").write_text(RESUME_RECIPE.format(name=name, loss=loss))
     command = [sys.executable, "-m", "tunelab", "train", f"{name}.yaml"] + (["--resume"] if resume else [])
     import tunelab
 
@@ -197,14 +268,15 @@ def _losses(run):
 
 
 @pytest.mark.slow
-def test_dpo_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("loss", ["sigmoid", "orpo"])
+def test_dpo_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model_dir, loss):
     write_pairs(tmp_path / "train.jsonl", 16, seed=1)
     write_pairs(tmp_path / "valid.jsonl", 4, seed=2, start=100)
-    straight = _run_cli(tmp_path, "straight")
+    straight = _run_cli(tmp_path, "straight", loss=loss)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _run_cli(tmp_path, "killed", env={"TUNELAB_TEST_KILL_AT_STEP": "4"})
+    killed = _run_cli(tmp_path, "killed", env={"TUNELAB_TEST_KILL_AT_STEP": "4"}, loss=loss)
     assert killed.returncode != 0
-    resumed = _run_cli(tmp_path, "killed", resume=True)
+    resumed = _run_cli(tmp_path, "killed", resume=True, loss=loss)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
     expected, got = _losses(tmp_path / "runs" / "straight"), _losses(tmp_path / "runs" / "killed")

@@ -397,10 +397,14 @@ class DpoConfig(_Section):
     # as training starts (the base, or model.adapter's supervised run), its log-probs computed once
     beta: float = Field(0.1, gt=0, description="how far the tuned model may move from the reference: the "
                                                "scale of the implicit reward (smaller: further)")
-    loss: Literal["sigmoid", "ipo"] = Field(
+    loss: Literal["sigmoid", "ipo", "orpo"] = Field(
         "sigmoid", description="sigmoid = DPO's -log sigmoid(beta x margin); ipo = (margin - 1/(2 beta))^2, "
-        "which stops pushing once the margin is reached (less overfitting on small or noisy pairs)",
+        "which stops pushing once the margin is reached (less overfitting on small or noisy pairs); orpo = "
+        "one stage, no reference: the supervised loss on the preferred answer plus dpo.orpo_lambda x ORPO's "
+        "log odds-ratio term (Hong et al. 2024; dpo.beta is not used)",
     )
+    orpo_lambda: float = Field(0.1, gt=0, description="loss orpo: the weight of the odds-ratio term beside the "
+                                                      "supervised loss (TRL's ORPOConfig.beta, the paper's lambda)")
     weights: Literal["lora", "dora", "full"] = Field(
         "lora", description="which weights DPO trains: a LoRA (or DoRA) adapter with the lora section, or all of them",
     )
@@ -428,7 +432,12 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _method_defaults(self) -> Recipe:
         if self.train.lr is None:
-            self.train.lr = DEFAULT_DPO_LR[self.dpo.weights] if self.method == "dpo" else DEFAULT_LR[self.method]
+            if self.method != "dpo":
+                self.train.lr = DEFAULT_LR[self.method]
+            elif self.dpo.loss == "orpo":  # mostly supervised learning (one stage, from the base): its rates
+                self.train.lr = DEFAULT_LR[self.dpo.weights]
+            else:
+                self.train.lr = DEFAULT_DPO_LR[self.dpo.weights]
         return self
 
     @property

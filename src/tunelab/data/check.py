@@ -154,7 +154,7 @@ def check_data(
 
     if fmt == "auto" and is_preference_file(train):  # preference pairs (method: dpo) have their own checks
         check_preferences(report, inputs, model=model, tokenizer=tokenizer, max_seq_len=max_seq_len,
-                          system_prompt=system_prompt, add=add)
+                          system_prompt=system_prompt, near_dup_max_examples=near_dup_max_examples, add=add)
         return report
 
     # structure, and fingerprints for the quality checks (no torch here)

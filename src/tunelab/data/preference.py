@@ -49,7 +49,13 @@ from tunelab.data.formats import (
     to_draft,
     write_json_lines,
 )
-from tunelab.data.quality import SPLITS, prompt_key
+from tunelab.data.quality import (
+    NEAR_DUP_MAX_EXAMPLES,
+    NEAR_DUP_THRESHOLD,
+    SPLITS,
+    near_duplicate_texts,
+    prompt_key,
+)
 from tunelab.data.validate import Issue, check_messages, excerpt, iter_raw_records
 from tunelab.files import write_text_atomic
 
@@ -270,15 +276,30 @@ def pair_key(pair: Pair) -> bytes:
 class PairQuality:
     issues: list[Issue]
     duplicates: list[tuple[int, int]]  # (later, first) within a split
-    leaks: list[tuple[int, int]]  # (earlier-split pair, held-out pair) sharing a prompt
+    leaks: list[tuple[int, int]]  # (earlier-split pair, held-out pair) sharing a prompt, or nearly
+    near_duplicates: list[tuple[int, int]] = field(default_factory=list)  # (later, earlier) within a split
+    notes: list[str] = field(default_factory=list)
 
 
-def pair_quality(splits: list[str], pairs: list[Pair]) -> PairQuality:
-    """Duplicated pairs within a split, and held-out pairs whose prompt is in an earlier split (the
-    same prompt with other answers still teaches the held-out answer)."""
+def _prompt_text(pair: Pair) -> str:
+    """What the near-duplicate checks compare of a prompt: its user (and earlier assistant) texts,
+    as the chat data's near_duplicate check does (a shared system prompt is left out)."""
+    return " ".join(m["content"] for m in pair.prompt if m["role"] != "system")
+
+
+def pair_quality(splits: list[str], pairs: list[Pair], near_dup_threshold: float = NEAR_DUP_THRESHOLD,
+                 near_dup_max_examples: int | None = NEAR_DUP_MAX_EXAMPLES) -> PairQuality:
+    """Duplicated pairs within a split; held-out pairs whose prompt is in an earlier split (the
+    same prompt with other answers still teaches the held-out answer: leakage_exact), or nearly is
+    (estimated Jaccard similarity of the prompts' character 5-grams >= near_dup_threshold, data/quality.py's
+    MinHash: leakage_near); and near-duplicate pairs within a split (the prompts nearly or exactly
+    the same, and the answers, preferred and rejected together, nearly the same: near_duplicate).
+    Pairs are in split order (train, valid, test). The near-duplicate checks cover the first
+    `near_dup_max_examples` pairs of each split (None: all; 0: off)."""
     result = PairQuality([], [], [])
     first_of: dict[tuple[str, bytes], int] = {}
     prompts: dict[bytes, list[int]] = {}
+    keys = [prompt_key(pair.messages()) for pair in pairs]
     for index, (split, pair) in enumerate(zip(splits, pairs, strict=True)):
         key = (split, pair_key(pair))
         if key in first_of:
@@ -288,20 +309,80 @@ def pair_quality(splits: list[str], pairs: list[Pair]) -> PairQuality:
                                        related=(pairs[first].source,)))
         else:
             first_of[key] = index
-        prompts.setdefault(prompt_key(pair.messages()), []).append(index)
+        prompts.setdefault(keys[index], []).append(index)
+    exact_leaks: set[int] = set()
     for group in prompts.values():
         for held_out in group:
             split_id = SPLITS.index(splits[held_out])
             earlier = [i for i in group if SPLITS.index(splits[i]) < split_id]
             if not earlier:
                 continue
+            exact_leaks.add(held_out)
             result.leaks.extend((i, held_out) for i in earlier)
             pair = pairs[held_out]
             result.issues.append(Issue(pair.path, pair.line, "leakage_exact",
                                        f"the same prompt as {splits[earlier[0]]} pair {pairs[earlier[0]].source}",
                                        related=tuple(pairs[i].source for i in earlier[:5])))
+    if near_dup_max_examples != 0:
+        _near_pair_findings(result, splits, pairs, keys, prompts, exact_leaks, near_dup_threshold, near_dup_max_examples)
     result.issues.sort(key=lambda issue: (issue.path, issue.line, issue.code))
     return result
+
+
+def _near_pair_findings(result: PairQuality, splits: list[str], pairs: list[Pair], keys: list[bytes],
+                        prompts: dict[bytes, list[int]], exact_leaks: set[int], threshold: float, cap: int | None) -> None:
+    covered: list[int] = []
+    seen: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    for index, split in enumerate(splits):
+        if cap is None or seen[split] < cap:
+            seen[split] += 1
+            covered.append(index)
+        else:
+            skipped[split] += 1
+    # prompts: one text per distinct prompt (its first pair stands for all pairs of that prompt)
+    firsts = [i for i in covered if prompts[keys[i]][0] == i]
+    near_prompts: dict[int, dict[int, float]] = {}  # first pair of a prompt -> {first pair of a near prompt: similarity}
+    for later, earlier, similarity in near_duplicate_texts(((i, _prompt_text(pairs[i])) for i in firsts), threshold):
+        near_prompts.setdefault(later, {})[earlier] = similarity
+        near_prompts.setdefault(earlier, {})[later] = similarity
+    # leakage_near: a held-out pair whose prompt nearly equals an earlier split's prompt
+    for index in covered:
+        if index in exact_leaks:
+            continue
+        split_id = SPLITS.index(splits[index])
+        found: list[tuple[int, float]] = []
+        for other_first, similarity in sorted(near_prompts.get(prompts[keys[index]][0], {}).items()):
+            found += [(i, similarity) for i in prompts[keys[other_first]] if SPLITS.index(splits[i]) < split_id]
+        if not found:
+            continue
+        result.leaks.extend((i, index) for i, _ in found)
+        pair, best = pairs[index], max(similarity for _, similarity in found)
+        first = pairs[found[0][0]]
+        result.issues.append(Issue(pair.path, pair.line, "leakage_near",
+                                   f"the prompt is ~{best:.0%} similar to {splits[found[0][0]]} pair {first.source}'s",
+                                   related=tuple(pairs[i].source for i, _ in found[:5])))
+    # near_duplicate: the same split, the prompts the same or nearly, the answers nearly the same
+    duplicates = {later for later, _ in result.duplicates}
+    answers = ((i, f"{pairs[i].chosen} {pairs[i].rejected or ''}") for i in covered if i not in duplicates)
+    matches: dict[int, list[tuple[int, float]]] = {}
+    for later, earlier, similarity in near_duplicate_texts(answers, threshold):
+        if splits[later] != splits[earlier] or pair_key(pairs[later]) == pair_key(pairs[earlier]):
+            continue
+        later_first, earlier_first = prompts[keys[later]][0], prompts[keys[earlier]][0]
+        if later_first == earlier_first or earlier_first in near_prompts.get(later_first, {}):
+            matches.setdefault(later, []).append((earlier, similarity))
+    for later in sorted(matches):
+        found = sorted(matches[later])
+        result.near_duplicates.extend((later, i) for i, _ in found)
+        pair = pairs[later]
+        result.issues.append(Issue(pair.path, pair.line, "near_duplicate",
+                                   f"nearly the same pair as {pairs[found[0][0]].source} (the same or a near prompt, "
+                                   f"answers ~{max(s for _, s in found):.0%} similar)",
+                                   related=tuple(pairs[i].source for i, _ in found[:5])))
+    for split, count in skipped.items():
+        result.notes.append(f"near-duplicate checks covered the first {cap} {split} pairs; {count} more were not "
+                            "compared (raise the cap with --near-dup-max)")
 
 
 # ---------------------------------------------------------------------------------------------- tokens
@@ -338,7 +419,7 @@ def _too_long(pair: Pair, chosen: TokenizedExample, rejected: TokenizedExample, 
 def check_preferences(
     report: Any, inputs: list[tuple[str, Path]], *, model: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None, max_seq_len: int = 512, system_prompt: str | None = None,
-    add: Callable[[Issue], None],
+    near_dup_max_examples: int | None = NEAR_DUP_MAX_EXAMPLES, add: Callable[[Issue], None],
 ) -> None:
     """`tunelab data check` on pair files: fills data/check.py's CheckReport (`report`) with the
     records, quality and (with a model or tokenizer) token counts; `add` reports each issue."""
@@ -357,10 +438,12 @@ def check_preferences(
             if pair is not None or any(issue.code not in _FILE_LEVEL for issue in issues):
                 report.records += 1
     report.examples = len(pairs)
-    quality = pair_quality(splits, pairs)
+    quality = pair_quality(splits, pairs, near_dup_max_examples=near_dup_max_examples)
     for issue in quality.issues:
         add(issue)
-    report.quality = {"duplicate_pairs": len(quality.duplicates), "leakage": len({h for _, h in quality.leaks})}
+    report.quality = {"duplicate_pairs": len(quality.duplicates), "leakage": len({h for _, h in quality.leaks}),
+                      "near_duplicates": len({later for later, _ in quality.near_duplicates})}
+    report.notes.extend(quality.notes)
     if (tokenizer is None and model is None) or not pairs:
         return
     from tunelab.data.tokenize import TemplateProblem, token_stats
@@ -475,7 +558,8 @@ def prepare_preferences(
     for earlier, held_out in quality.leaks:
         if members[earlier].rejected is None:
             held = members[held_out]
-            members[earlier].rejected = ("leakage", f"the same prompt as {held.split} pair {held.pair.source}")
+            members[earlier].rejected = ("leakage", f"the same or nearly the same prompt as {held.split} pair "
+                                                    f"{held.pair.source}")
     taken: set[str] = set()
     for member in members:
         base = f"{member.split}-{pair_key(member.pair).hex()[:12]}"
@@ -534,13 +618,13 @@ def prepare_preferences(
         "issues": {"errors": sum(1 for i in issues if i.severity == "error"),
                    "warnings": sum(1 for i in issues if i.severity == "warning"), "by_code": dict(sorted(codes.items()))},
         "quality": {"duplicate_pairs": len(quality.duplicates), "leakage": len({h for _, h in quality.leaks}),
-                    "too_long": codes["too_long"]},
+                    "near_duplicates": len({later for later, _ in quality.near_duplicates}), "too_long": codes["too_long"]},
         "tokens": token_stats(lengths, trainable),
         "rejected_by_reason": dict(Counter(m.rejected[0] for m in dropped)),
         "split": {"seed": data.seed,
                   "valid": "file" if data.valid is not None else f"{data.valid_fraction:g} of train (max {data.valid_max})",
                   "test": "file" if data.test is not None else f"{data.test_fraction:g} of train (max {data.test_max})"},
-        "notes": [],
+        "notes": quality.notes,
     }
     write_text_atomic(out_dir / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
     raise_on_errors(issues)

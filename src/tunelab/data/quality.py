@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import string
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,7 +321,9 @@ class _NearDuplicates:
         self._indices = array("q")
 
     def add(self, index: int, messages: list[dict[str, Any]]) -> None:
-        text = " ".join([_text(m) for m in messages if m["role"] != "system"])
+        self.add_text(index, " ".join([_text(m) for m in messages if m["role"] != "system"]))
+
+    def add_text(self, index: int, text: str) -> None:
         encoded = text.encode("utf-8", "surrogatepass")
         self._pending.append(encoded)
         self._pending_index.append(index)
@@ -364,6 +367,16 @@ class _NearDuplicates:
             keep = agreement >= self.threshold
             found.extend(zip(indices[later[keep]].tolist(), indices[earlier[keep]].tolist(), agreement[keep].tolist(), strict=True))
         return found
+
+
+def near_duplicate_texts(texts: Iterable[tuple[int, str]], threshold: float = NEAR_DUP_THRESHOLD) -> list[tuple[int, int, float]]:
+    """(later, earlier, estimated Jaccard similarity >= threshold) among (index, text) items, later >
+    earlier: the near_duplicate check's MinHash/LSH on texts of the caller's choosing (preference
+    pairs compare prompts and answers apart, data/preference.py)."""
+    finder = _NearDuplicates(threshold)
+    for index, text in texts:
+        finder.add_text(index, text)
+    return finder.pairs()
 
 
 def _bucket_pairs(keys: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

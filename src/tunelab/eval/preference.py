@@ -7,7 +7,7 @@ run's own PeftModel, loaded here (the parent's adapter beside the tuned one on i
 itself; eval/run.py puts `arms.sft` (generated on the tuned arm's prompts, scored like every arm)
 and `preference` into eval/metrics.json:
 
-  preference: {"n", "split", "accuracy": {arm: share of pairs whose preferred answer that model
+  preference: {"n", "split", "loss": dpo.loss (sigmoid, ipo or orpo), "accuracy": {arm: share of pairs whose preferred answer that model
                gives the higher log-probability per answer token}, "log_prob_margin": {arm: the mean
                over pairs of that per-token log-prob, preferred minus rejected}, "reward_accuracy":
                DPO's measure: the share of pairs whose tuned-vs-reference log-ratio (summed log-probs;
@@ -152,7 +152,8 @@ def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) 
     from tunelab.eval.metrics import paired_comparison
 
     split, pairs = held_out_pairs(inputs.paths.data, inputs.cfg.limit)
-    section: dict[str, Any] = {"n": len(pairs), "split": split, "accuracy": {}, "log_prob_margin": {}}
+    section: dict[str, Any] = {"n": len(pairs), "split": split, "loss": inputs.recipe.dpo.loss, "accuracy": {},
+                               "log_prob_margin": {}}
     parent = parent_adapter(inputs.recipe)
     if pairs and inputs.models.tuned_kind == "adapter":
         from tunelab.runs import load_run_model

@@ -20,18 +20,19 @@ def describe_preference(section: Mapping[str, Any] | None) -> dict[str, Any] | N
     if not section:
         return None
     accuracy = section.get("accuracy") or {}
+    name = {"orpo": "ORPO", "ipo": "IPO"}.get(section.get("loss"), "DPO")
     n, split = section.get("n", 0), section.get("split", "held-out")
     if accuracy:
         others = ", ".join(f"{'the supervised parent' if arm == 'sft' else arm} {_pct(accuracy[arm])}"
                            for arm in ("sft", "base") if arm in accuracy)
-        text = (f"Preference tuning (DPO): on {n} held-out pairs ({split} split), the tuned model gives the "
+        text = (f"Preference tuning ({name}): on {n} held-out pairs ({split} split), the tuned model gives the "
                 f"preferred answer the higher likelihood (per token) in {_pct(accuracy.get('tuned'))} of them"
                 + (f" ({others})." if others else "."))
     else:
-        text = "Preference tuning (DPO): no held-out pairs to measure preference accuracy on."
+        text = f"Preference tuning ({name}): no held-out pairs to measure preference accuracy on."
     if isinstance(section.get("reward_accuracy"), int | float):
         text += (f" Against its reference ({'the supervised parent' if section.get('reward_reference') == 'sft' else 'the base'}),"
-                 f" DPO moved the likelihood toward the preferred answer in {_pct(section['reward_accuracy'])} of them.")
+                 f" {name} moved the likelihood toward the preferred answer in {_pct(section['reward_accuracy'])} of them.")
     if section.get("vs_sft"):
         text += f" {section['vs_sft']['text']}."
     examples = list(section.get("disagreements") or [])

@@ -1,11 +1,12 @@
-"""Preference tuning (`method: dpo`): the DPO (or IPO) loss over both answers of each pair in one
-batch, and the reference model's log-probs, computed once for the whole run.
+"""Preference tuning (`method: dpo`): the DPO (IPO, or one-stage ORPO) loss over both answers of
+each pair in one batch, and the reference model's log-probs, computed once for the whole run (ORPO
+has no reference).
 
 Reads pair examples (data/preference.py's *.tokens.jsonl rows: `input_ids` = the chosen side's ids
 then the rejected side's, `labels`, `chosen_tokens`, `loss_units` 1) and the TrainSetup of the
 weights DPO trains (dpo.weights: a LoRA/DoRA adapter or all of them). Writes
-train/reference_logps.json: the reference's sequence log-probs of every train and valid pair, so a
-resumed run skips that pass. The training loop stays train/loop.py's: this module passes in its
+train/reference_logps.json (not for orpo): the reference's sequence log-probs of every train and
+valid pair, so a resumed run skips that pass. The training loop stays train/loop.py's: this module passes in its
 loss module (PreferenceLoss as setup.loss_module) and its batches (setup.make_batches).
 
 Per pair, with sequence log-probs over the answer tokens only (the prompt is never scored; the
@@ -14,6 +15,14 @@ answer's end-of-turn token is), and the reference ref = the model as training st
   reward margin = beta * log_ratio       (the implicit rewards' difference; > 0: ranked right)
   sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * log_ratio)
   ipo (Azar et al. 2023):               (log_ratio - 1 / (2 beta))^2
+  orpo (Hong et al. 2024; one stage, no reference: nothing is computed before step 1), with
+  lambda = dpo.orpo_lambda and the mean log-prob per answer token a = log pi(answer) / its tokens:
+                                        -a(chosen) - lambda * log sigmoid(log_odds), where
+      log_odds = (a(chosen) - a(rejected)) - (log(1 - exp a(chosen)) - log(1 - exp a(rejected)))
+      reward margin = lambda * (a(chosen) - a(rejected))     (TRL's ORPOTrainer's rewards)
+    as TRL's ORPOTrainer (odds_ratio_loss) computes it, except that its supervised term is here the
+    mean over each preferred answer's tokens (TRL: over the batch's prompt and answer tokens; the
+    prompt is never trained here, as in supervised runs).
 The loss of a step is the mean over its pairs. Both answers of a pair are packed into the same row
 (each attends only to itself: data/pack.py's block-diagonal mask, or varlen attention on a GPU).
 
@@ -166,6 +175,21 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2 (as TRL computes it)."""
+    x = x.clamp(max=-1e-7)  # an answer the model is certain of (mean log-prob 0): odds stay finite
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_losses(policy: torch.Tensor, tokens: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reward margin) per pair (the module docstring's orpo) from summed log-probs and answer
+    token counts laid out chosen, rejected, chosen, ..."""
+    mean = policy / tokens.clamp(min=1)
+    chosen, rejected = mean[0::2], mean[1::2]
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    return -chosen - lam * F.logsigmoid(log_odds), lam * (chosen - rejected)
+
+
 def preference_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reward margin) per pair from sequence log-probs laid out chosen, rejected, chosen, ..."""
     log_ratio = (policy[0::2] - reference[0::2]) - (policy[1::2] - reference[1::2])
@@ -180,9 +204,14 @@ class PreferenceLoss(CausalLMLoss):
     forward(PairBatch.model_inputs()) -> LossSums(loss summed over pairs, pairs, pairs ranked
     right, reward margins summed)."""
 
-    def __init__(self, model: nn.Module, beta: float, loss: str = "sigmoid", chunk_rows: int | None = None) -> None:
+    def __init__(self, model: nn.Module, beta: float, loss: str = "sigmoid", chunk_rows: int | None = None,
+                 orpo_lambda: float = 0.1) -> None:
         super().__init__(model, chunk_rows)
-        self.beta, self.loss = beta, loss
+        self.beta, self.loss, self.orpo_lambda = beta, loss, orpo_lambda
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss != "orpo"
 
     def sequence_logps(
         self, input_ids: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,
@@ -190,24 +219,36 @@ class PreferenceLoss(CausalLMLoss):
         cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, **_: Any,
     ) -> torch.Tensor:
         """(n_sequences,) float32: each sequence's summed log-prob of its labelled (answer) tokens."""
+        return self._sequence_logps(input_ids, labels, sequence_ids, n_sequences, position_ids, attention_mask,
+                                    cu_seqlens, max_seqlen)[0]
+
+    def _sequence_logps(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,
+        position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+        max_seqlen: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probs, labelled token counts), each (n_sequences,)."""
         hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
         targets = labels[:, 1:]
         trainable = targets != -100
         logps = token_logps(hidden[:, :-1][trainable], head.weight, targets[trainable], getattr(head, "bias", None),
                             self.softcap, self.compute_dtype(hidden, head), self.chunk_rows)
         owner = sequence_ids[:, 1:][trainable]
-        return logps.new_zeros(n_sequences).index_add(0, owner, logps)
+        return logps.new_zeros(n_sequences).index_add(0, owner, logps), torch.bincount(owner, minlength=n_sequences)
 
     def forward(  # type: ignore[override]
         self, input_ids: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor,
         reference_logps: torch.Tensor | None, n_sequences: int, position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
     ) -> LossSums:
-        if reference_logps is None:
+        if reference_logps is None and self.needs_reference:
             raise RuntimeError("preference batch without reference log-probs: attach_reference runs before training")
-        policy = self.sequence_logps(input_ids, labels, sequence_ids, n_sequences, position_ids, attention_mask,
-                                     cu_seqlens, max_seqlen)
-        losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss)
+        policy, tokens = self._sequence_logps(input_ids, labels, sequence_ids, n_sequences, position_ids,
+                                              attention_mask, cu_seqlens, max_seqlen)
+        if self.loss == "orpo":
+            losses, margins = orpo_losses(policy, tokens, self.orpo_lambda)
+        else:
+            losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss)
         pairs = torch.tensor(n_sequences // 2, device=policy.device)
         return LossSums(losses.sum(), pairs, (margins > 0).sum(), reward_margin_sum=margins.detach().sum())
 
@@ -231,7 +272,7 @@ def rows_for_pairs(recipe: Recipe, examples: Sequence[dict[str, Any]]) -> Recipe
 
 def preference_setup(setup: TrainSetup, cfg: DpoConfig) -> TrainSetup:
     """The setup of the weights DPO trains, with the preference loss and its batches passed in."""
-    setup.loss_module = PreferenceLoss(setup.model, cfg.beta, cfg.loss)
+    setup.loss_module = PreferenceLoss(setup.model, cfg.beta, cfg.loss, orpo_lambda=cfg.orpo_lambda)
     setup.make_batches = lambda examples, pad_id: pair_batches(setup, examples, pad_id)
     return setup
 
@@ -281,7 +322,10 @@ def attach_reference(
 ) -> int:
     """Sets `reference_logps` on every pair of `splits` (train, valid): from train/reference_logps.json
     when it was written for this data, model and adapter settings, else computed now (and written
-    when `write`). Returns how many pairs were computed."""
+    when `write`). Returns how many pairs were computed: none for dpo.loss orpo, which has no
+    reference (its pairs get none, and no file is written)."""
+    if recipe.dpo.loss == "orpo":
+        return 0
     paths = RunPaths(run_root)
     path = paths.train_dir / REFERENCE_FILE
     key = _cache_key(recipe, paths)
