@@ -223,3 +223,79 @@ def test_a_file_of_pairs_is_prepared_as_pairs_whatever_the_method_and_sft_refuse
         rows_for_pairs(load_recipe(None, ["method=dpo"]), chat)
     doubled = rows_for_pairs(load_recipe(None, ["method=dpo", "data.max_seq_len=100"]), rows)
     assert doubled.data.max_seq_len == 200
+
+
+# ---------------------------------------------------------------------------------------------- unpaired (kto)
+
+
+def kto(prompt, completion, label, **extra):
+    return {"prompt": prompt, "completion": completion, "label": label, **extra}
+
+
+def test_unpaired_examples_and_their_defects_are_reported_with_file_line(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        kto("Q1", "good", True),                                                   # 1 fine
+        kto("Q2", "bad answer", False),                                            # 2 fine
+        kto("Q3", "x", "yes"),                                                     # 3 label not a boolean
+        kto("Q4", "", True),                                                       # 4 empty completion
+        kto([{"role": "user", "content": "Q5"}, {"role": "assistant", "content": "A"}], "x", True),  # 5 prompt ends with assistant
+        kto("Q1", "good", False),                                                  # 6 line 1 with the other label
+        kto("Q2", "bad answer", False),                                            # 7 duplicate of 2
+        openai_pair("Q8", "good", "bad"),                                          # 8 a pair among unpaired examples
+        kto([{"role": "user", "content": "Q9"}], [{"role": "assistant", "content": "fine"}], True, topic="t"),  # 9 messages
+    ])
+    assert is_preference_file(train)
+    report = check_data(train, measure_speed=False)
+    found = [(issue.line, issue.code) for issue in report.issues]
+    assert sorted(found) == [(3, "bad_label"), (4, "empty_side"), (5, "prompt_not_user"), (6, "conflicting_label"),
+                             (7, "duplicate_pair"), (8, "not_a_pair")]
+    by_code = {issue.code: issue for issue in report.issues}
+    assert "'completion' is empty" in by_code["empty_side"].message
+    assert by_code["conflicting_label"].related == (f"{train}:1",)
+    assert "among unpaired" in by_code["not_a_pair"].message
+    assert report.formats["kto"] == 5 and report.exit_code == 1
+    pairs = [pair for pair, _ in read_pairs(train) if pair is not None]
+    assert [(p.line, p.label, p.rejected) for p in pairs if p.format == "kto"] == [
+        (1, True, None), (2, False, None), (6, False, None), (7, False, None), (9, True, None)]
+    assert pairs[-1].chosen == "fine" and pairs[-1].extra == {"topic": "t"}
+
+
+def test_prepare_writes_unpaired_rows_with_a_mismatched_kl_side(tmp_path, tokenizer):
+    from tunelab.data.prepare import prepare_data
+
+    records = [kto(f"Question {i}?", f"Answer number {i}.", i % 3 != 0) for i in range(9)]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [kto("Held out?", "Held answer.", True),
+                                                   kto("Held out two?", "Bad held answer.", False)])
+    recipe = load_recipe(None, [f"data.train={train}", f"data.valid={valid}", "data.test_fraction=0", "method=dpo",
+                                "dpo.loss=kto", "model.name=tiny-test", "data.max_seq_len=128"])
+    prepared = prepare_data(recipe, tokenizer, tmp_path / "out")
+    assert prepared.stats["counts"]["labels"] == {"desirable": 7, "undesirable": 4}
+    rows = {row["id"]: row for split in ("train", "valid") for row in prepared.conversations(split)}
+    for split in ("train", "valid"):
+        tokens = prepared.tokenized(split)
+        completions = [rows[t["id"]]["messages"][-1]["content"] for t in tokens]
+        for k, token_row in enumerate(tokens):
+            row = rows[token_row["id"]]
+            n = token_row["chosen_tokens"]
+            assert token_row["kto_label"] == int(row["label"]) and "rejected" not in row
+            completion = tokenizer.decode([t for t in token_row["labels"][:n] if t != -100])
+            kl_side = tokenizer.decode([t for t in token_row["labels"][n:] if t != -100])
+            assert completion == row["messages"][-1]["content"] + "<|im_end|>"
+            # the KL side: the same prompt, the previous example's completion (the first takes the last's)
+            assert kl_side == completions[k - 1] + "<|im_end|>"
+            prompt_len = token_row["labels"].index(next(t for t in token_row["labels"] if t != -100))
+            assert token_row["input_ids"][:prompt_len] == token_row["input_ids"][n : n + prompt_len]
+
+
+def test_kto_examples_with_a_pair_loss_are_refused_and_pairs_with_kto(tmp_path):
+    from tunelab.errors import ConfigError
+    from tunelab.train.preference import rows_for_pairs
+
+    unpaired = [{"id": "a", "input_ids": [1, 2], "labels": [1, 2], "chosen_tokens": 1, "loss_units": 1, "kto_label": 1}]
+    pairs = [{"id": "a", "input_ids": [1, 2], "labels": [1, 2], "chosen_tokens": 1, "loss_units": 1}]
+    with pytest.raises(ConfigError, match="train on them with dpo.loss: kto"):
+        rows_for_pairs(load_recipe(None, ["method=dpo"]), unpaired)
+    with pytest.raises(ConfigError, match="holds pairs"):
+        rows_for_pairs(load_recipe(None, ["method=dpo", "dpo.loss=kto"]), pairs)
+    assert rows_for_pairs(load_recipe(None, ["method=dpo", "dpo.loss=kto"]), unpaired).data.max_seq_len == 1024

@@ -164,6 +164,80 @@ def test_orpo_run_computes_no_reference_and_learns_the_preference(tmp_path, tiny
     assert plan["steps"] == 20
 
 
+def test_kto_loss_equals_a_hand_computation_with_the_batchs_kl_estimate(tokenizer, tiny_model):
+    """KTO (TRL's KTOTrainer, loss_type kto): each row's second sequence is its KL side; z = the batch's
+    mean KL-side log-ratio (no gradient, at least 0), weights 1.5 desirable / 0.5 undesirable."""
+    examples = [sides(tokenizer, "Say hi", "Hello there.", "One, two."),       # completion, then its KL side
+                sides(tokenizer, "Count to two", "Go away!", "Hello there."),
+                sides(tokenizer, "Greet me", "Hi, nice to meet you.", "Go away!")]
+    labels = [1, 0, 1]
+    reference = [(-40.0, -80.0), (-20.25, -70.0), (-35.0, -60.5)]
+    for example, label, ref in zip(examples, labels, reference, strict=True):
+        example["kto_label"], example["reference_logps"] = label, ref
+    recipe = load_recipe(None, ["method=full", "model.name=tiny-test"])
+    setup = setup_training(recipe, 1, "cpu", base=tiny_model)
+    setup.loss_module = PreferenceLoss(setup.model, beta=0.1, loss="kto", kto_weights=(1.5, 0.5))
+    setup.model.eval()
+    batch = pair_batches(setup, examples, tokenizer.pad_token_id)([(0, 1), (2,)])
+    assert batch.kto_labels.tolist() == [True, False, True]
+    out = setup.loss_module(**batch.model_inputs())
+
+    with torch.no_grad():
+        ratios, kl_ratios = [], []
+        for example, (ref, ref_kl) in zip(examples, reference, strict=True):
+            n = example["chosen_tokens"]
+            ratios.append(float(_answer_logp(tiny_model, example["input_ids"][:n], example["labels"][:n])) - ref)
+            kl_ratios.append(float(_answer_logp(tiny_model, example["input_ids"][n:], example["labels"][n:])) - ref_kl)
+    z = max(0.0, sum(kl_ratios) / 3)
+    assert z > 0  # the reference values above make the KL term count
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    expected = sum(1.5 * (1 - sigmoid(0.1 * (r - z))) if label else 0.5 * (1 - sigmoid(0.1 * (z - r)))
+                   for r, label in zip(ratios, labels, strict=True))
+    margins = [0.1 * r if label else -0.1 * r for r, label in zip(ratios, labels, strict=True)]
+    assert int(out.count) == 3 and int(out.correct) == sum(m > 0 for m in margins)
+    assert float(out.loss_sum.detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(out.reward_margin_sum) == pytest.approx(sum(margins), rel=1e-5, abs=1e-6)
+
+
+def write_unpaired(path, count, seed=0, start=0):
+    """The calm answers labelled desirable, the shouting ones undesirable, on separate prompts."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(start, start + count):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        good = i % 2 == 0
+        lines.append(json.dumps({"prompt": f"What is {a} plus {b}? ({i})", "label": good,
+                                 "completion": f"It is {a + b}." if good else f"{a + b}!!! OBVIOUSLY!!!"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_kto_run_caches_the_reference_of_both_sides_and_learns_the_labels(tmp_path, tiny_model_dir):
+    from tunelab.train.run import train
+
+    train_file = write_unpaired(tmp_path / "train.jsonl", 32, seed=1)
+    valid_file = write_unpaired(tmp_path / "valid.jsonl", 8, seed=2, start=100)
+    recipe = load_recipe(None, [
+        "method=dpo", "dpo.loss=kto", "dpo.beta=0.5", "model.name=tiny-test", f"data.train={train_file}",
+        f"data.valid={valid_file}", "data.test_fraction=0", "data.max_seq_len=64", f"out_dir={tmp_path / 'runs'}",
+        "train.budget=null", "lora.dropout=0", "name=kto", "train.max_steps=30", "train.lr=5e-3",
+        "train.eval_every_steps=15", "train.tokens_per_step=512"])
+    result = train(recipe, progress=False)
+    run = result.run_dir
+    cache = json.loads((run / "train" / "reference_logps.json").read_text())["logps"]
+    assert len(cache) == 40 and all(len(v) == 2 for v in cache.values())  # the completion and the KL side
+    records = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert evals[-1]["val_preference_acc"] >= 0.875 and evals[-1]["val_reward_margin"] > 0
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < 0.5  # 0.5: every example at its reference
+
+
 def test_dpo_gradient_equals_full_logits_autograd(tokenizer, tiny_model):
     example = sides(tokenizer, "Say hi", "Hello there.", "Go away!")
     example["reference_logps"] = (-30.0, -31.0)

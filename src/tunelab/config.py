@@ -397,14 +397,18 @@ class DpoConfig(_Section):
     # as training starts (the base, or model.adapter's supervised run), its log-probs computed once
     beta: float = Field(0.1, gt=0, description="how far the tuned model may move from the reference: the "
                                                "scale of the implicit reward (smaller: further)")
-    loss: Literal["sigmoid", "ipo", "orpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "orpo", "kto"] = Field(
         "sigmoid", description="sigmoid = DPO's -log sigmoid(beta x margin); ipo = (margin - 1/(2 beta))^2, "
         "which stops pushing once the margin is reached (less overfitting on small or noisy pairs); orpo = "
         "one stage, no reference: the supervised loss on the preferred answer plus dpo.orpo_lambda x ORPO's "
-        "log odds-ratio term (Hong et al. 2024; dpo.beta is not used)",
+        "log odds-ratio term (Hong et al. 2024; dpo.beta is not used); kto = unpaired thumbs up/down "
+        "examples {prompt, completion, label} (Ethayarajh et al. 2024, as TRL's KTOTrainer)",
     )
     orpo_lambda: float = Field(0.1, gt=0, description="loss orpo: the weight of the odds-ratio term beside the "
                                                       "supervised loss (TRL's ORPOConfig.beta, the paper's lambda)")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="loss kto: the weight of desirable examples' losses "
+                                                               "(raise it when they are the fewer)")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="loss kto: the weight of undesirable examples' losses")
     weights: Literal["lora", "dora", "full"] = Field(
         "lora", description="which weights DPO trains: a LoRA (or DoRA) adapter with the lora section, or all of them",
     )

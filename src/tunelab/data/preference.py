@@ -8,6 +8,9 @@ detected per record:
                   "system"?}   (TRL; without "prompt", chosen and rejected are whole conversations
                   whose shared beginning is the prompt)
   sharegpt_pair  {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}
+  kto            {"prompt": str | messages, "completion": str | messages, "label": true | false, "system"?}
+                  (TRL's unpaired preference: a thumbs up or down on one answer; dpo.loss: kto; a file
+                  holds pairs or unpaired examples, not both)
 Every problem is an Issue with file:line and a validate.CODES code; the prompt's messages obey the
 chat rules of validate.check_messages. Writes (prepare_preferences, called by data.prepare for
 `method: dpo`) the data stage's folder with the same file names as for chat data:
@@ -18,6 +21,12 @@ chat rules of validate.check_messages. Writes (prepare_preferences, called by da
   train.tokens.jsonl valid.tokens.jsonl {"id", "input_ids": chosen ids + rejected ids, "labels",
                                       "chosen_tokens": where the rejected sequence starts,
                                       "loss_units": 1 (the loss is a mean over pairs, not tokens)}
+                                      unpaired (kto) rows: the completion's ids, then the KL side's (the
+                                      same prompt with the previous example's completion of the split,
+                                      cycled: KTO's mismatched pair for its KL estimate), and
+                                      "kto_label": 1 desirable | 0 undesirable; the split files hold
+                                      "label" instead of "rejected", and test.jsonl the desirable ones
+                                      only (an undesirable answer is no reference)
   stats.json issues.jsonl rejected.jsonl fingerprint.json  as data/prepare.py writes them.
 Only the final answer is trained and scored: earlier assistant turns of a prompt get weight 0.
 
@@ -65,10 +74,11 @@ if TYPE_CHECKING:
     from tunelab.config import DataConfig
     from tunelab.data.tokenize import TokenizedExample
 
-PAIR_FORMATS = ("openai_dpo", "trl", "sharegpt_pair")
+PAIR_FORMATS = ("openai_dpo", "trl", "sharegpt_pair", "kto")
 _PAIR_KEYS = {"openai_dpo": ("input", "preferred_output", "non_preferred_output"),
               "trl": ("prompt", "chosen", "rejected", "system"),
-              "sharegpt_pair": ("conversations", "chosen", "rejected", "system")}
+              "sharegpt_pair": ("conversations", "chosen", "rejected", "system"),
+              "kto": ("prompt", "completion", "label", "system")}
 _FILE_LEVEL = ("unreadable_file", "empty_file", "skipped_file")
 _SNIFF_RECORDS = 20
 
@@ -82,8 +92,9 @@ class Pair:
     format: str
     prompt: list[dict[str, Any]]
     chosen: str
-    rejected: str | None  # None: a chat example of a test file (a reference answer, no pair)
+    rejected: str | None  # None: a chat example of a test file (a reference answer, no pair), or unpaired
     extra: dict[str, Any] = field(default_factory=dict)
+    label: bool | None = None  # unpaired (kto): `chosen` is the completion, True desirable, False undesirable
 
     @property
     def source(self) -> str:
@@ -101,6 +112,8 @@ def detect_pair_format(value: Any) -> str | None:
         return "openai_dpo"
     if "chosen" in value or "rejected" in value:
         return "sharegpt_pair" if "conversations" in value else "trl"
+    if "label" in value and "completion" in value:
+        return "kto"
     return None
 
 
@@ -164,6 +177,12 @@ def validate_pair(raw: RawRecord) -> tuple[Pair | None, list[Issue]]:
             problems.append(("messages_not_a_list", f"'conversations' is {describe_type(value['conversations'])}, expected a list"))
         chosen = _side(value, "chosen", problems)
         rejected = _side(value, "rejected", problems)
+    elif fmt == "kto":
+        prompt, container, chosen, rejected = _trl(
+            {"prompt": value.get("prompt", MISSING), "completion": value["completion"]}, problems, sides=("completion",))
+        if type(value["label"]) is not bool:
+            problems.append(("bad_label", f"'label' is {excerpt(value['label'])}; expected true (a desirable answer) "
+                                          "or false (an undesirable one)"))
     else:
         prompt, container, chosen, rejected = _trl(value, problems)
     if problems:
@@ -175,7 +194,7 @@ def validate_pair(raw: RawRecord) -> tuple[Pair | None, list[Issue]]:
         return None, issues(problems)
     used = (*_PAIR_KEYS[fmt], "id", "source", "messages")
     extra = {key: item for key, item in value.items() if isinstance(key, str) and key not in used}
-    return Pair(raw.path, raw.line, fmt, normalised, chosen, rejected, extra), []
+    return Pair(raw.path, raw.line, fmt, normalised, chosen, rejected, extra, value["label"] if fmt == "kto" else None), []
 
 
 def _openai_prompt(value: dict[str, Any], problems: list[tuple[str, str]]) -> tuple[list[Any] | None, str]:
@@ -215,8 +234,10 @@ def _side(value: dict[str, Any], key: str, problems: list[tuple[str, str]]) -> s
     return side
 
 
-def _trl(value: dict[str, Any], problems: list[tuple[str, str]]) -> tuple[list[Any] | None, str, str | None, str | None]:
-    """TRL's standard (prompt given) and implicit-prompt (whole conversations) shapes."""
+def _trl(value: dict[str, Any], problems: list[tuple[str, str]], sides: tuple[str, ...] = ("chosen", "rejected"),
+         ) -> tuple[list[Any] | None, str, str | None, str | None]:
+    """TRL's standard (prompt given) and implicit-prompt (whole conversations) shapes; `sides` the
+    answers the record has (kto: one)."""
     prompt = value.get("prompt", MISSING)
     chosen, rejected = value.get("chosen", MISSING), value.get("rejected", MISSING)
     if prompt is MISSING and type(chosen) is list and type(rejected) is list and len(chosen) > 1:
@@ -236,10 +257,11 @@ def _trl(value: dict[str, Any], problems: list[tuple[str, str]]) -> tuple[list[A
     elif type(prompt) is not list:
         problems.append(("messages_not_a_list", f"'prompt' is {describe_type(prompt)}, expected text or a list of messages"))
         return None, "prompt", None, None
-    return prompt, "prompt", _side(value, "chosen", problems), _side(value, "rejected", problems)
+    answers = [_side(value, side, problems) for side in sides]
+    return prompt, "prompt", answers[0], answers[1] if len(answers) > 1 else None
 
 
-def _check_prompt(prompt: list[Any], container: str, chosen: str, rejected: str,
+def _check_prompt(prompt: list[Any], container: str, chosen: str, rejected: str | None,
                   problems: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """The prompt's messages by the chat rules (with the preferred answer after them), then: it ends
     with a user turn, and the answers differ. Earlier assistant turns get weight 0 (never trained)."""
@@ -253,7 +275,7 @@ def _check_prompt(prompt: list[Any], container: str, chosen: str, rejected: str,
     messages = check_messages(Draft([*prompt, {"role": "assistant", "content": chosen}], container, labels), problems, warnings)
     if messages is None:
         return []
-    if chosen.strip() == rejected.strip():
+    if rejected is not None and chosen.strip() == rejected.strip():
         problems.append(("identical_pair", f"the preferred and rejected answers are the same ({excerpt(chosen)}): nothing to learn"))
         return []
     prompt_messages = messages[:-1]
@@ -267,8 +289,11 @@ def _check_prompt(prompt: list[Any], container: str, chosen: str, rejected: str,
 
 
 def pair_key(pair: Pair) -> bytes:
-    """The same for pairs with the same prompt and the same two answers, in every process."""
+    """The same for pairs with the same prompt and the same two answers (unpaired: the same completion
+    and label), in every process."""
     text = prompt_key(pair.messages()).hex() + "\x1f" + pair.chosen.strip() + "\x1f" + (pair.rejected or "").strip()
+    if pair.label is not None:
+        text += f"\x1f{pair.label}"
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
@@ -300,6 +325,7 @@ def pair_quality(splits: list[str], pairs: list[Pair], near_dup_threshold: float
     first_of: dict[tuple[str, bytes], int] = {}
     prompts: dict[bytes, list[int]] = {}
     keys = [prompt_key(pair.messages()) for pair in pairs]
+    labelled: dict[tuple[str, bytes, str], int] = {}  # unpaired: (split, prompt, completion) -> first index
     for index, (split, pair) in enumerate(zip(splits, pairs, strict=True)):
         key = (split, pair_key(pair))
         if key in first_of:
@@ -309,6 +335,12 @@ def pair_quality(splits: list[str], pairs: list[Pair], near_dup_threshold: float
                                        related=(pairs[first].source,)))
         else:
             first_of[key] = index
+        if pair.label is not None:
+            first = labelled.setdefault((split, keys[index], pair.chosen.strip()), index)
+            if pairs[first].label != pair.label:
+                result.issues.append(Issue(pair.path, pair.line, "conflicting_label",
+                                           f"the same prompt and completion as {pairs[first].source}, labelled "
+                                           f"{str(pairs[first].label).lower()} there", related=(pairs[first].source,)))
         prompts.setdefault(keys[index], []).append(index)
     exact_leaks: set[int] = set()
     for group in prompts.values():
@@ -367,8 +399,10 @@ def _near_pair_findings(result: PairQuality, splits: list[str], pairs: list[Pair
     answers = ((i, f"{pairs[i].chosen} {pairs[i].rejected or ''}") for i in covered if i not in duplicates)
     matches: dict[int, list[tuple[int, float]]] = {}
     for later, earlier, similarity in near_duplicate_texts(answers, threshold):
-        if splits[later] != splits[earlier] or pair_key(pairs[later]) == pair_key(pairs[earlier]):
-            continue
+        a, b = pairs[later], pairs[earlier]
+        if splits[later] != splits[earlier] or (keys[later] == keys[earlier] and a.chosen.strip() == b.chosen.strip()
+                                                and (a.rejected or "").strip() == (b.rejected or "").strip()):
+            continue  # an exact duplicate (or the same example with the other label): reported as such
         later_first, earlier_first = prompts[keys[later]][0], prompts[keys[earlier]][0]
         if later_first == earlier_first or earlier_first in near_prompts.get(later_first, {}):
             matches.setdefault(later, []).append((earlier, similarity))
@@ -390,13 +424,14 @@ def _near_pair_findings(result: PairQuality, splits: list[str], pairs: list[Pair
 
 def tokenize_pair(
     tokenizer: PreTrainedTokenizerBase, pair: Pair, max_seq_len: int | None = None
-) -> tuple[TokenizedExample, TokenizedExample]:
+) -> tuple[TokenizedExample, TokenizedExample | None]:
     """(chosen, rejected): the prompt and each answer through the chat template, labels on that
-    answer only (its end-of-turn token included). Raises TemplateProblem."""
+    answer only (its end-of-turn token included); rejected None for an unpaired example. Raises
+    TemplateProblem."""
     from tunelab.data.tokenize import tokenize_conversation
 
     return (tokenize_conversation(tokenizer, pair.messages("chosen"), max_seq_len),
-            tokenize_conversation(tokenizer, pair.messages("rejected"), max_seq_len))
+            None if pair.rejected is None else tokenize_conversation(tokenizer, pair.messages("rejected"), max_seq_len))
 
 
 def pair_row(pair_id: str, chosen: TokenizedExample, rejected: TokenizedExample) -> dict[str, Any]:
@@ -405,7 +440,10 @@ def pair_row(pair_id: str, chosen: TokenizedExample, rejected: TokenizedExample)
             "chosen_tokens": len(chosen.input_ids), "loss_units": 1}
 
 
-def _too_long(pair: Pair, chosen: TokenizedExample, rejected: TokenizedExample, max_seq_len: int) -> Issue | None:
+def _too_long(pair: Pair, chosen: TokenizedExample, rejected: TokenizedExample | None, max_seq_len: int) -> Issue | None:
+    if rejected is None:  # unpaired: the completion only
+        return None if not chosen.truncated else Issue(
+            pair.path, pair.line, "too_long", f"prompt + completion is {chosen.length} tokens > max_seq_len {max_seq_len}")
     if not (chosen.truncated or rejected.truncated):
         return None
     side = "preferred" if chosen.length >= rejected.length else "rejected"
@@ -414,6 +452,19 @@ def _too_long(pair: Pair, chosen: TokenizedExample, rejected: TokenizedExample, 
 
 
 # ---------------------------------------------------------------------------------------------- data check
+
+
+def other_kind(pairs: list[Pair]) -> dict[int, Issue]:
+    """{index: not_a_pair issue} of the records whose kind (pairs, or unpaired kto examples) is not the
+    first record's: preference data is one or the other."""
+    if not pairs:
+        return {}
+    unpaired = pairs[0].label is not None
+    what = "unpaired {prompt, completion, label} examples" if unpaired else "pairs"
+    return {i: Issue(p.path, p.line, "not_a_pair",
+                     f"{'a pair' if p.label is None else 'an unpaired example'} among {what} (the first: {pairs[0].source}): "
+                     "the data is pairs (dpo.loss sigmoid, ipo, orpo) or unpaired examples (kto), not both")
+            for i, p in enumerate(pairs) if (p.label is not None) != unpaired}
 
 
 def check_preferences(
@@ -437,6 +488,11 @@ def check_preferences(
                 report.formats[pair.format] += 1
             if pair is not None or any(issue.code not in _FILE_LEVEL for issue in issues):
                 report.records += 1
+    mixed = other_kind(pairs)
+    for issue in mixed.values():
+        add(issue)
+    splits = [s for i, s in enumerate(splits) if i not in mixed]
+    pairs = [p for i, p in enumerate(pairs) if i not in mixed]
     report.examples = len(pairs)
     quality = pair_quality(splits, pairs, near_dup_max_examples=near_dup_max_examples)
     for issue in quality.issues:
@@ -461,16 +517,21 @@ def check_preferences(
         except TemplateProblem as err:
             add(Issue(pair.path, pair.line, err.code, str(err)))
             continue
-        lengths.append(chosen.length + rejected.length)
-        trainable.append(chosen.trainable_tokens + rejected.trainable_tokens)
+        lengths.append(chosen.length + (rejected.length if rejected else 0))
+        trainable.append(chosen.trainable_tokens + (rejected.trainable_tokens if rejected else 0))
         issue = _too_long(pair, chosen, rejected, max_seq_len)
         if issue is not None:
             too_long += 1
             add(issue)
     report.quality["too_long"] = too_long
     report.tokens = token_stats(lengths, trainable)
-    report.notes.append("preference pairs: tokens count the prompt twice (once with each answer); "
-                        "trainable tokens are the two answers")
+    if pairs[0].label is None:
+        report.notes.append("preference pairs: tokens count the prompt twice (once with each answer); "
+                            "trainable tokens are the two answers")
+    else:
+        report.notes.append("unpaired examples (dpo.loss: kto): tokens are the prompt and the completion; training "
+                            "adds as many for KTO's mismatched (KL) side; "
+                            f"{sum(1 for p in pairs if p.label)} desirable, {sum(1 for p in pairs if not p.label)} undesirable")
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -502,6 +563,18 @@ def _read_chat_test(path: str, data: Any, into: list[Pair], issues: list[Issue])
     return read
 
 
+def _kl_completions(members: list[_Member]) -> dict[int, str]:
+    """{member index: the completion of its KL side} for unpaired train and valid examples: the previous
+    example's of the same split, the first taking the last's (TRL's KTOTrainer: a mismatched prompt and
+    completion, whose log-ratio to the reference estimates the KL term)."""
+    out: dict[int, str] = {}
+    for split in ("train", "valid"):
+        group = [i for i, m in enumerate(members) if m.split == split and m.rejected is None]
+        for k, index in enumerate(group):
+            out[index] = members[group[k - 1]].pair.chosen
+    return out
+
+
 @dataclass
 class _Member:
     split: str
@@ -518,18 +591,20 @@ def prepare_preferences(
     files of the module docstring into `out_dir`. `raise_on_errors(issues)` raises when any is an
     error. Returns stats.json's content."""
     from tunelab.data.split import assign_splits
-    from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats
+    from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_conversation
 
     # read and validate; any error blocks
     issues: list[Issue] = []
     by_role: dict[str, list[Pair]] = {"train": [], "valid": [], "test": []}
     records_read = 0
+    chat_test = False
     for role in ("train", "valid", "test"):
         path = getattr(data, role)
         if path is None:
             continue
         if role == "test" and not is_preference_file(path):  # chat examples: the arms answer them as for any run
             records_read += _read_chat_test(path, data, by_role["test"], issues)
+            chat_test = True
             continue
         for pair, record_issues in read_pairs(path, data.system_prompt):
             issues.extend(record_issues)
@@ -541,6 +616,9 @@ def prepare_preferences(
     if problem:
         issues.append(Issue(f"chat template of {getattr(tokenizer, 'name_or_path', '') or 'the model'}", 0,
                             "end_of_turn_not_trained", problem))
+    labelled = [*by_role["train"], *by_role["valid"], *([] if chat_test else by_role["test"])]
+    issues.extend(other_kind(labelled).values())
+    unpaired = bool(labelled) and labelled[0].label is not None  # kto: {prompt, completion, label} examples
     raise_on_errors(issues)
 
     # split by prompt (all pairs of a prompt share a split), then duplicates and leakage
@@ -560,6 +638,11 @@ def prepare_preferences(
             held = members[held_out]
             members[earlier].rejected = ("leakage", f"the same or nearly the same prompt as {held.split} pair "
                                                     f"{held.pair.source}")
+    if unpaired:  # an undesirable answer is no reference for the evaluation's arms
+        for member in members:
+            if member.split == "test" and member.pair.label is False and member.rejected is None:
+                member.rejected = ("undesirable_test", "an undesirable completion is no reference answer for the test set")
+    kl_completion = _kl_completions(members) if unpaired else {}
     taken: set[str] = set()
     for member in members:
         base = f"{member.split}-{pair_key(member.pair).hex()[:12]}"
@@ -573,21 +656,25 @@ def prepare_preferences(
     # tokenize train and valid (test pairs are tokenized by the evaluation)
     lengths, trainable = array("q"), array("q")
     rows: dict[str, list[dict[str, Any]]] = {"train": [], "valid": []}
-    for member in members:
+    for index, member in enumerate(members):
         if member.split not in rows or member.rejected is not None:
             continue
         pair = member.pair
         try:
             chosen, rejected = tokenize_pair(tokenizer, pair, data.max_seq_len)
+            if unpaired:  # the second side: the same prompt with another example's completion (KTO's KL estimate)
+                rejected = tokenize_conversation(
+                    tokenizer, [*pair.prompt, {"role": "assistant", "content": kl_completion[index]}], data.max_seq_len)
         except TemplateProblem as err:
             issues.append(Issue(pair.path, pair.line, err.code, str(err)))
             continue
-        issue = _too_long(pair, chosen, rejected, data.max_seq_len)
+        issue = _too_long(pair, chosen, None if unpaired else rejected, data.max_seq_len)
         if issue is not None:
             issues.append(issue)
             member.rejected = ("too_long", issue.message)
             continue
-        rows[member.split].append(pair_row(member.id, chosen, rejected))
+        row = pair_row(member.id, chosen, rejected)
+        rows[member.split].append(row if not unpaired else {**row, "kto_label": int(pair.label)})
         lengths.append(len(chosen.input_ids) + len(rejected.input_ids))
         trainable.append(chosen.trainable_tokens + rejected.trainable_tokens)
 
@@ -595,7 +682,8 @@ def prepare_preferences(
     for split in SPLITS:
         write_json_lines(out_dir / f"{split}.jsonl", [
             {"id": m.id, "source": m.pair.source, "messages": m.pair.messages("chosen"),
-             **({} if m.pair.rejected is None else {"rejected": m.pair.rejected}), **m.pair.extra}
+             **({} if m.pair.rejected is None else {"rejected": m.pair.rejected}),
+             **({} if m.pair.label is None else {"label": m.pair.label}), **m.pair.extra}
             for m in members if m.split == split and m.rejected is None
         ])
     for split, split_rows in rows.items():
@@ -603,7 +691,8 @@ def prepare_preferences(
     dropped = [m for m in members if m.rejected is not None]
     write_json_lines(out_dir / "rejected.jsonl", [
         {"id": m.id, "source": m.pair.source, "split": m.split, "reason": m.rejected[0], "message": m.rejected[1],
-         "messages": m.pair.messages("chosen"), "rejected": m.pair.rejected}
+         "messages": m.pair.messages("chosen"), "rejected": m.pair.rejected,
+         **({} if m.pair.label is None else {"label": m.pair.label})}
         for m in dropped
     ])
     write_json_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
@@ -614,7 +703,10 @@ def prepare_preferences(
         "counts": {"read": records_read, "accepted": len(members), "rejected": len(dropped), "train": kept["train"],
                    "valid": kept["valid"], "test": kept["test"],
                    "token_rows": {s: len(r) for s, r in rows.items()},
-                   "by_format": dict(Counter(m.pair.format for m in members))},
+                   "by_format": dict(Counter(m.pair.format for m in members)),
+                   **({} if not unpaired else {"labels": {
+                       "desirable": sum(1 for m in members if m.rejected is None and m.pair.label),
+                       "undesirable": sum(1 for m in members if m.rejected is None and m.pair.label is False)}})},
         "issues": {"errors": sum(1 for i in issues if i.severity == "error"),
                    "warnings": sum(1 for i in issues if i.severity == "warning"), "by_code": dict(sorted(codes.items()))},
         "quality": {"duplicate_pairs": len(quality.duplicates), "leakage": len({h for _, h in quality.leaks}),

@@ -80,6 +80,9 @@ CODES: dict[str, tuple[str, str]] = {
     "identical_pair": (ERROR, "the preferred and rejected answers are the same: nothing to learn"),
     "prompt_not_user": (ERROR, "a pair's prompt does not end with a user message (the answers must reply to one)"),
     "duplicate_pair": (WARNING, "the same prompt and answers appear earlier (prepare drops it when data.dedupe)"),
+    # unpaired thumbs up/down examples (dpo.loss: kto)
+    "bad_label": (ERROR, "an unpaired example's label is not true (desirable) or false (undesirable)"),
+    "conflicting_label": (WARNING, "the same prompt and completion appear earlier with the other label"),
 }
 
 ROLES = frozenset(("system", "user", "assistant", "tool"))

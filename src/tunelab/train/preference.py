@@ -23,6 +23,15 @@ answer's end-of-turn token is), and the reference ref = the model as training st
     as TRL's ORPOTrainer (odds_ratio_loss) computes it, except that its supervised term is here the
     mean over each preferred answer's tokens (TRL: over the batch's prompt and answer tokens; the
     prompt is never trained here, as in supervised runs).
+  kto (Ethayarajh et al. 2024; unpaired examples, a row's second sequence is its KL side: the same
+    prompt with another example's completion), as TRL's KTOTrainer: with r = log pi(completion) -
+    log ref(completion) and z = the micro-batch's mean of log pi(KL side) - log ref(KL side), no
+    gradient, at least 0:
+      desirable:    w_d * (1 - sigmoid(beta * (r - z)))
+      undesirable:  w_u * (1 - sigmoid(beta * (z - r)))
+      reward margin = beta * r, negated for undesirable examples (> 0: moved the right way)
+    (TRL estimates z over the device batch; here over the micro-batch, each example's KL side fixed
+    when the data is prepared.)
 The loss of a step is the mean over its pairs. Both answers of a pair are packed into the same row
 (each attends only to itself: data/pack.py's block-diagonal mask, or varlen attention on a GPU).
 
@@ -82,15 +91,18 @@ class PairBatch:
     sequence_ids: torch.Tensor  # (rows, length) int64: the sequence of each position, -1 for padding
     reference_logps: torch.Tensor | None  # (2 x pairs,) float32; None while the reference is computed
     pairs: int
+    kto_labels: torch.Tensor | None = None  # (pairs,) bool: unpaired examples' labels (True desirable)
 
     def to(self, device: Any) -> PairBatch:
         reference = None if self.reference_logps is None else self.reference_logps.to(device)
-        return PairBatch(self.batch.to(device), self.sequence_ids.to(device), reference, self.pairs)
+        labels = None if self.kto_labels is None else self.kto_labels.to(device)
+        return PairBatch(self.batch.to(device), self.sequence_ids.to(device), reference, self.pairs, labels)
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for PreferenceLoss."""
         return {**self.batch.model_inputs(), "sequence_ids": self.sequence_ids,
-                "reference_logps": self.reference_logps, "n_sequences": 2 * self.pairs}
+                "reference_logps": self.reference_logps, "n_sequences": 2 * self.pairs,
+                **({} if self.kto_labels is None else {"kto_labels": self.kto_labels})}
 
 
 def _sides(example: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,18 +119,21 @@ def pair_batches(
     """rows of pairs -> a PairBatch on the setup's device, in the layout its attention takes."""
     varlen = setup.attention == "varlen"
     longest = max((example_length(e) for e in examples), default=1)
+    unpaired = any("kto_label" in e for e in examples[:1]) or getattr(setup.loss_module, "loss", None) == "kto"
     multiple = VARLEN_PAD_MULTIPLE if setup.device.type == "cuda" else 1
 
     def build(rows: Sequence[Row]) -> PairBatch:
         sequences: list[dict[str, Any]] = []
         sequence_rows: list[Row] = []
         reference: list[float] | None = []
+        labels: list[bool] = []
         for row in rows:
             local = []
             for index in row:
                 example = examples[index]
                 local += [len(sequences), len(sequences) + 1]
                 sequences.extend(_sides(example))
+                labels.append(bool(example.get("kto_label", 1)))  # the memory probe's rows: any label
                 logps = example.get("reference_logps")
                 if logps is None and "chosen_tokens" not in example:
                     logps = (0.0, 0.0)  # not a pair (memory probe): any reference does the same work
@@ -139,7 +154,8 @@ def pair_batches(
                 at += n
         pairs = len(sequences) // 2
         reference_logps = None if reference is None else torch.tensor(reference, dtype=torch.float32)
-        return PairBatch(batch, sequence_ids, reference_logps, pairs).to(setup.device)
+        kto_labels = torch.tensor(labels, dtype=torch.bool) if unpaired else None
+        return PairBatch(batch, sequence_ids, reference_logps, pairs, kto_labels).to(setup.device)
 
     return build
 
@@ -190,6 +206,17 @@ def orpo_losses(policy: torch.Tensor, tokens: torch.Tensor, lam: float) -> tuple
     return -chosen - lam * F.logsigmoid(log_odds), lam * (chosen - rejected)
 
 
+def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, beta: float,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reward margin) per unpaired example (the module docstring's kto) from sequence log-probs
+    laid out completion, KL side, completion, ..."""
+    log_ratio = policy[0::2] - reference[0::2]
+    kl = (policy[1::2] - reference[1::2]).mean().detach().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - log_ratio))))
+    return losses, torch.where(desirable, beta * log_ratio, -beta * log_ratio)
+
+
 def preference_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reward margin) per pair from sequence log-probs laid out chosen, rejected, chosen, ..."""
     log_ratio = (policy[0::2] - reference[0::2]) - (policy[1::2] - reference[1::2])
@@ -205,9 +232,9 @@ class PreferenceLoss(CausalLMLoss):
     right, reward margins summed)."""
 
     def __init__(self, model: nn.Module, beta: float, loss: str = "sigmoid", chunk_rows: int | None = None,
-                 orpo_lambda: float = 0.1) -> None:
+                 orpo_lambda: float = 0.1, kto_weights: tuple[float, float] = (1.0, 1.0)) -> None:
         super().__init__(model, chunk_rows)
-        self.beta, self.loss, self.orpo_lambda = beta, loss, orpo_lambda
+        self.beta, self.loss, self.orpo_lambda, self.kto_weights = beta, loss, orpo_lambda, kto_weights
 
     @property
     def needs_reference(self) -> bool:
@@ -240,6 +267,7 @@ class PreferenceLoss(CausalLMLoss):
         self, input_ids: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor,
         reference_logps: torch.Tensor | None, n_sequences: int, position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
+        kto_labels: torch.Tensor | None = None,
     ) -> LossSums:
         if reference_logps is None and self.needs_reference:
             raise RuntimeError("preference batch without reference log-probs: attach_reference runs before training")
@@ -247,6 +275,10 @@ class PreferenceLoss(CausalLMLoss):
                                               attention_mask, cu_seqlens, max_seqlen)
         if self.loss == "orpo":
             losses, margins = orpo_losses(policy, tokens, self.orpo_lambda)
+        elif self.loss == "kto":
+            if kto_labels is None:
+                raise RuntimeError("dpo.loss kto needs unpaired examples (kto_label in the rows)")
+            losses, margins = kto_losses(policy, reference_logps, kto_labels, self.beta, *self.kto_weights)
         else:
             losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss)
         pairs = torch.tensor(n_sequences // 2, device=policy.device)
@@ -266,13 +298,21 @@ def rows_for_pairs(recipe: Recipe, examples: Sequence[dict[str, Any]]) -> Recipe
     if not pairs and examples:
         raise ConfigError(f"method: dpo trains on preference pairs, but data.train ({recipe.data.train}) holds chat "
                           "examples (see docs/data-checks.md for the pair formats)")
+    unpaired = any("kto_label" in e for e in examples[:1])
+    if unpaired != (recipe.dpo.loss == "kto"):
+        raise ConfigError(
+            f"data.train ({recipe.data.train}) holds unpaired {{prompt, completion, label}} examples: train on them "
+            "with dpo.loss: kto" if unpaired else
+            f"dpo.loss: kto trains on unpaired {{prompt, completion, label}} examples, but data.train "
+            f"({recipe.data.train}) holds pairs: choose dpo.loss sigmoid, ipo or orpo")
     data = recipe.data.model_copy(update={"max_seq_len": 2 * recipe.data.max_seq_len})
     return recipe.model_copy(update={"data": data})
 
 
 def preference_setup(setup: TrainSetup, cfg: DpoConfig) -> TrainSetup:
     """The setup of the weights DPO trains, with the preference loss and its batches passed in."""
-    setup.loss_module = PreferenceLoss(setup.model, cfg.beta, cfg.loss, orpo_lambda=cfg.orpo_lambda)
+    setup.loss_module = PreferenceLoss(setup.model, cfg.beta, cfg.loss, orpo_lambda=cfg.orpo_lambda,
+                                       kto_weights=(cfg.kto_desirable_weight, cfg.kto_undesirable_weight))
     setup.make_batches = lambda examples, pad_id: pair_batches(setup, examples, pad_id)
     return setup
 
