@@ -70,3 +70,25 @@ def test_arm_preference_uses_the_log_prob_per_answer_token(tokenizer, tiny_model
                 keep = targets != -100
                 logp = torch.log_softmax(logits, -1)[keep].gather(1, targets[keep][:, None])
                 assert value == pytest.approx(float(logp.mean()), abs=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["orpo", "kto"])
+def test_run_with_orpo_from_the_base_and_kto_on_unpaired_examples(tmp_path, tiny_model_dir, loss):
+    data = tmp_path / "data.jsonl"
+    if loss == "orpo":
+        rows = [{"prompt": q, "chosen": good, "rejected": bad} for q, good, bad in _questions(40)]
+    else:  # thumbs up on the calm answers, down on the shouting ones, one per prompt
+        rows = [{"prompt": q, "completion": good if i % 2 else bad, "label": bool(i % 2)}
+                for i, (q, good, bad) in enumerate(_questions(40))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_pipeline(load_recipe(None, [*FAST, "name=one", "method=dpo", f"dpo.loss={loss}", f"data.train={data}",
+                                          f"out_dir={tmp_path / 'runs'}", "train.max_steps=6", "train.lr=5e-3"]))
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "train" / "reference_logps.json").is_file() == (loss == "kto")  # ORPO has no reference
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics["arms"]) == {"base", "tuned"}  # no parent: no arm sft
+    assert metrics["preference"]["loss"] == loss
+    test_rows = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
+    assert test_rows and all(row.get("label", True) for row in test_rows)  # kto: the desirable examples only
+    report = (run / "report.md").read_text()
+    assert f"Preference tuning ({loss.upper()})" in report

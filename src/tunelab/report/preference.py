@@ -20,7 +20,7 @@ def describe_preference(section: Mapping[str, Any] | None) -> dict[str, Any] | N
     if not section:
         return None
     accuracy = section.get("accuracy") or {}
-    name = {"orpo": "ORPO", "ipo": "IPO"}.get(section.get("loss"), "DPO")
+    name = {"orpo": "ORPO", "ipo": "IPO", "kto": "KTO"}.get(section.get("loss"), "DPO")
     n, split = section.get("n", 0), section.get("split", "held-out")
     if accuracy:
         others = ", ".join(f"{'the supervised parent' if arm == 'sft' else arm} {_pct(accuracy[arm])}"
