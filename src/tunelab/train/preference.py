@@ -1,6 +1,6 @@
 """Preference tuning (`method: dpo`): the DPO (IPO, or one-stage ORPO) loss over both answers of
-each pair in one batch, and the reference model's log-probs, computed once for the whole run (ORPO
-has no reference).
+each pair in one batch, or KTO's over unpaired examples and their mismatched KL sides, and the
+reference model's log-probs, computed once for the whole run (ORPO has no reference).
 
 Reads pair examples (data/preference.py's *.tokens.jsonl rows: `input_ids` = the chosen side's ids
 then the rejected side's, `labels`, `chosen_tokens`, `loss_units` 1) and the TrainSetup of the
