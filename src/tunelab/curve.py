@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from tunelab.console import say
-from tunelab.contract import Metrics, TrainPlan, TrainSummary
+from tunelab.contract import DataFingerprint, Metrics, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
 
@@ -397,7 +397,7 @@ def build_curve(
     start_run_dir(reference_paths, reference_recipe, resume)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     if resume and reference_paths.data_fingerprint.is_file():
-        earlier = json.loads(reference_paths.data_fingerprint.read_text(encoding="utf-8"))["sha256"]
+        earlier = DataFingerprint.from_file(reference_paths.data_fingerprint).sha256
         if earlier != data_fingerprint(reference_recipe.data, tokenizer)["sha256"]:
             raise ConfigError(f"{root}: the data or the data settings changed since this curve started, so its points "
                               "would not share a training pool; start a new curve with name=NEW")

@@ -7,7 +7,6 @@ how long each took). A stage that finds a blocking problem stops the run with it
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from tunelab.config import Recipe
 from tunelab.console import say
-from tunelab.contract import Stages
+from tunelab.contract import DataStats, Stages
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.files import lend_dir_lock
 from tunelab.runs import RunPaths, removed_unless_trained
@@ -56,7 +55,7 @@ def _prepare(recipe: Recipe, paths: RunPaths) -> None:
 
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
-    counts = json.loads(paths.data_stats.read_text()).get("counts", {})
+    counts = DataStats.from_file(paths.data_stats).counts
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

@@ -49,6 +49,10 @@ class RunPaths:
     def data_fingerprint(self) -> Path:
         return self.data / "fingerprint.json"
 
+    @property
+    def data_issues(self) -> Path:
+        return self.data / "issues.jsonl"
+
     def data_split(self, split: str) -> Path:
         """data/<split>.jsonl: the prepared examples of "train", "valid" or "test"."""
         return self.data / f"{split}.jsonl"

@@ -15,7 +15,6 @@ of an uninterrupted run. Under torchrun (tunelab.train.distributed) rank 0 write
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import random
 import subprocess
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Recipe, TrainConfig, load_recipe
 from tunelab.console import say
-from tunelab.contract import Manifest, TrainPlan, TrainSummary
+from tunelab.contract import DataFingerprint, DataStats, Manifest, TrainPlan, TrainSummary
 from tunelab.data.pack import Row, example_length, group_micro_batches, pack_rows, plan_steps, single_rows
 from tunelab.errors import ConfigError
 from tunelab.files import FolderBusy, hold_dir_lock, replace_dir
@@ -139,9 +138,8 @@ def write_manifest(paths: RunPaths, recipe: Recipe, tokenizer: PreTrainedTokeniz
     import tunelab
 
     manifest = Manifest.read_keys(paths.manifest)
-    fingerprint = None
-    if data_dir is not None and (data_dir / "fingerprint.json").is_file():
-        fingerprint = json.loads((data_dir / "fingerprint.json").read_text())
+    # the prepared folder's data/fingerprint.json (a curve's points share their reference run's)
+    fingerprint = DataFingerprint.read_keys(data_dir / "fingerprint.json") or None if data_dir is not None else None
     manifest.update({
         "tunelab": tunelab.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "git_sha": _git_sha(),
@@ -354,7 +352,7 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
     data stage applied in it (data/stats.json), and the learning-rate schedule ending where it does."""
     from tunelab.train.setup import LrSchedule
 
-    replay = _replay_in_data(paths) if ctx.is_main else None
+    replay = DataStats.read_keys(paths.data_stats).get("replay") if ctx.is_main else None
     planned = plan_training(
         examples.lengths, [example_length(e) for e in examples.valid], examples.recipe.train,
         lambda cut: examples.steps(cut, layout), _machine(setup, examples, pad_id, ctx, budget_started),
@@ -365,14 +363,6 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
         planned.plan.write(paths.plan)
         say(f"plan: {planned.plan.reason}")
     return planned
-
-
-def _replay_in_data(paths: RunPaths) -> dict[str, Any] | None:
-    """The replay share the data stage applied, and why (data/stats.json "replay")."""
-    try:
-        return json.loads(paths.data_stats.read_text(encoding="utf-8")).get("replay")
-    except (OSError, ValueError):
-        return None
 
 
 def _last_evaluation_s(planned: TrainPlan, has_valid: bool) -> float:

@@ -392,7 +392,7 @@ def build_retriever(rag: str, loaded: "LoadedModel", k: int) -> Callable[[Messag
             raise ConfigError("--rag train: needs a run directory (its data/train.jsonl); give a document folder instead")
         from tunelab.runs import RunPaths
 
-        train_file = RunPaths(loaded.run_dir).data / "train.jsonl"
+        train_file = RunPaths(loaded.run_dir).data_split("train")
         if not train_file.is_file():
             raise ConfigError(f"--rag train: {train_file} not found; give a document folder instead")
         with train_file.open(encoding="utf-8") as f:
