@@ -459,12 +459,10 @@ def train_on_examples(
     benchmarks call it directly. `budget_started`: the time.monotonic() from which train.budget
     counts (default: now). `on_step_end` is called after every step (tests record parameters with it)."""
     from tunelab.train.distributed import SINGLE_PROCESS
-    from tunelab.train.faults import Faults
     from tunelab.train.loop import LoopOptions, train_loop
 
     ctx, pad_id = ctx or SINGLE_PROCESS, tokenizer.pad_token_id
     budget_started = time.monotonic() if budget_started is None else budget_started
-    faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
 
     # ---- prepare: the data's steps before any measurement (a resumed run keeps its plan), the checkpoint
     examples = _Examples.prepare(recipe, paths, train_examples, valid_examples, resume)
@@ -480,15 +478,13 @@ def train_on_examples(
     run_cfg, evals, options = _loop_inputs(examples, planned, setup, ctx, budget_started, LoopOptions(
         resume_command=resume_command or f"tunelab train {paths.recipe} --resume",
         params=_flat(examples.recipe.model_dump(mode="json")), progress=progress,
-        on_step_end=faults.install(setup, checkpoint.step if checkpoint else 0, on_step_end),
+        on_step_end=on_step_end,
     ))
     result = train_loop(setup, examples.train, planned.steps, run_cfg, paths.root, pad_id=pad_id, evals=evals,
                         resume=checkpoint, ctx=ctx, options=options)
 
     # ---- save the output (the best checkpoint's weights) and train/summary.json
-    trained = _save_run(examples.recipe, paths, tokenizer, setup, result, len(planned.steps), budget_started, ctx)
-    faults.dump(setup.model, ctx.rank)
-    return trained
+    return _save_run(examples.recipe, paths, tokenizer, setup, result, len(planned.steps), budget_started, ctx)
 
 
 def replay_file_for(recipe: Recipe) -> Path | None:
