@@ -379,8 +379,9 @@ def plan_training(
     if compiled:
         # compiled layers run at another speed: measure and fit again (the compiling is time the budget spent);
         # the passes stay those chosen above, and so does why
+        more_passes = {"epochs_before_budget": planned.epochs_before_budget} if more is not None else {}
         planned = _fit(cfg, wanted, steps, valid_lengths, machine, None, planned.examples_per_step_before_budget
-                       ).model_copy(update={"epochs_before_budget": planned.epochs_before_budget})
+                       ).model_copy(update=more_passes)
     return Planned(_finished(planned, compiled or machine.compiled, replay), list(steps[: planned.steps]))
 
 
