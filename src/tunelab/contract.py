@@ -170,7 +170,7 @@ class Parent(_Record):
 
 
 class Manifest(_Record):
-    """manifest.json: what produced the run (writer: train/run.py write_manifest)."""
+    """manifest.json: what produced the run (writer: train/start.py write_manifest)."""
 
     tunelab: str
     python: str

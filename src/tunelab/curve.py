@@ -275,7 +275,8 @@ def _run_point(
     """One point: its data subset, training, the tuned arm's evaluation. With `resume`, what its
     folder already holds is kept: a finished evaluation, a finished training, complete checkpoints."""
     from tunelab.eval.run import evaluate
-    from tunelab.train.run import start_run_dir, train_on_examples, write_manifest
+    from tunelab.train.run import train_on_examples
+    from tunelab.train.start import start_run_dir, write_manifest
 
     resume = resume and paths.root.is_dir()  # a point new to this curve starts fresh
     start_run_dir(paths, recipe, resume)  # with resume: refuses a recipe that changed since
@@ -382,7 +383,7 @@ def build_curve(
     from tunelab.data.prepare import data_fingerprint, prepare_data
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
-    from tunelab.train.run import start_run_dir, write_manifest
+    from tunelab.train.start import start_run_dir, write_manifest
 
     root = curve_dir(recipe)
     if not resume and root.exists() and any(root.iterdir()):
