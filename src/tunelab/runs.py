@@ -114,6 +114,20 @@ class RunPaths:
         return self.root / "audit"
 
     @property
+    def eval_new(self) -> Path:
+        """eval/new/: a run made by `tunelab update`, scored on its held-out new examples."""
+        return self.eval / "new"
+
+    @property
+    def eval_parent_on_new(self) -> Path:
+        """eval/parent-on-new/: the parent of a run made by `tunelab update`, on the same new examples."""
+        return self.eval / "parent-on-new"
+
+    def inputs_file(self, split: str) -> Path:
+        """inputs/<split>.jsonl: the examples a run made by `update` or `rebase` was given (lifecycle/lineage.py)."""
+        return self.root / "inputs" / f"{split}.jsonl"
+
+    @property
     def drift(self) -> Path:
         return self.root / "drift"
 
