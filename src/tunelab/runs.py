@@ -74,6 +74,11 @@ class RunPaths:
         return self.train_dir / "summary.json"
 
     @property
+    def reference_logps(self) -> Path:
+        """train/reference_logps.json (method: dpo): the reference model's log-probs of every pair, once per run."""
+        return self.train_dir / "reference_logps.json"
+
+    @property
     def stages(self) -> Path:
         return self.root / "stages.json"
 
