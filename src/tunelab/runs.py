@@ -66,6 +66,11 @@ class RunPaths:
         return self.train_dir / "log.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        """train/tb/: TensorBoard event files."""
+        return self.train_dir / "tb"
+
+    @property
     def plan(self) -> Path:
         return self.train_dir / "plan.json"
 
