@@ -119,6 +119,10 @@ class RunPaths:
     def judge_cache(self) -> Path:
         return self.eval / "judge_cache.jsonl"
 
+    def external_cache(self, arm: str) -> Path:
+        """eval/external/<arm>.jsonl: an endpoint arm's cached replies (eval/external.py)."""
+        return self.eval / "external" / f"{arm}.jsonl"
+
     @property
     def audit(self) -> Path:
         return self.root / "audit"
