@@ -139,7 +139,16 @@ def test_compiling_measures_and_fits_again_at_the_compiled_speed():
     assert len(measured) == 2 and plan.train_tokens_per_s == 600.0 and plan.compiled
     assert plan.steps > before.plan.steps  # twice the speed: more of the same small steps fit
     assert plan.examples_per_step_before_budget == 16.0 and "measured, compiled layers" in plan.reason
-    assert not before.plan.compiled
+    assert not before.plan.compiled and "epochs_before_budget" not in plan.model_dump(exclude_unset=True)
+
+
+def test_a_compiled_run_with_more_passes_still_says_why_it_has_them():
+    lengths = [MEAN] * 40
+    cut, _ = _cutter(lengths)
+    machine, measured = _machine(speeds=(300.0, 600.0), compile=lambda planned_tokens: True)
+    plan = plan_training(lengths, [MEAN] * 8, TrainConfig(budget="200s"), cut, machine).plan
+    assert (plan.epochs_before_budget, plan.epochs_target, plan.epochs, plan.compiled) == (3.0, 6.0, 6.0, True)
+    assert "room for 6 epochs instead of 3" in plan.reason and "compiled layers" in plan.reason and len(measured) == 2
 
 
 @pytest.mark.parametrize("replay", [None, {"share": 0.1, "examples": 4, "source": "self"}])

@@ -49,6 +49,10 @@ class RunPaths:
     def data_fingerprint(self) -> Path:
         return self.data / "fingerprint.json"
 
+    @property
+    def data_issues(self) -> Path:
+        return self.data / "issues.jsonl"
+
     def data_split(self, split: str) -> Path:
         """data/<split>.jsonl: the prepared examples of "train", "valid" or "test"."""
         return self.data / f"{split}.jsonl"
@@ -62,12 +66,22 @@ class RunPaths:
         return self.train_dir / "log.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        """train/tb/: TensorBoard event files."""
+        return self.train_dir / "tb"
+
+    @property
     def plan(self) -> Path:
         return self.train_dir / "plan.json"
 
     @property
     def train_summary(self) -> Path:
         return self.train_dir / "summary.json"
+
+    @property
+    def reference_logps(self) -> Path:
+        """train/reference_logps.json (method: dpo): the reference model's log-probs of every pair, once per run."""
+        return self.train_dir / "reference_logps.json"
 
     @property
     def stages(self) -> Path:
@@ -105,13 +119,35 @@ class RunPaths:
     def judge_cache(self) -> Path:
         return self.eval / "judge_cache.jsonl"
 
+    def external_cache(self, arm: str) -> Path:
+        """eval/external/<arm>.jsonl: an endpoint arm's cached replies (eval/external.py)."""
+        return self.eval / "external" / f"{arm}.jsonl"
+
     @property
     def audit(self) -> Path:
         return self.root / "audit"
 
     @property
+    def eval_new(self) -> Path:
+        """eval/new/: a run made by `tunelab update`, scored on its held-out new examples."""
+        return self.eval / "new"
+
+    @property
+    def eval_parent_on_new(self) -> Path:
+        """eval/parent-on-new/: the parent of a run made by `tunelab update`, on the same new examples."""
+        return self.eval / "parent-on-new"
+
+    def inputs_file(self, split: str) -> Path:
+        """inputs/<split>.jsonl: the examples a run made by `update` or `rebase` was given (lifecycle/lineage.py)."""
+        return self.root / "inputs" / f"{split}.jsonl"
+
+    @property
     def drift(self) -> Path:
         return self.root / "drift"
+
+    def drift_check(self, name: str) -> DriftPaths:
+        """drift/<name>/: one `tunelab drift` check (named by its UTC time)."""
+        return DriftPaths(self.drift / name)
 
     @property
     def report_html(self) -> Path:
@@ -120,6 +156,31 @@ class RunPaths:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+
+@dataclass(frozen=True)
+class DriftPaths:
+    """One drift check's folder, RUN/drift/<UTC time>/ (writer: lifecycle/drift.py)."""
+
+    root: Path
+
+    @property
+    def new_examples(self) -> Path:
+        """The new labelled examples, as scored."""
+        return self.root / "new.jsonl"
+
+    @property
+    def eval(self) -> Path:
+        """The run's arms scored on the new examples (an evaluation's folder: metrics.json, predictions.jsonl)."""
+        return self.root / "eval"
+
+    def rag_fold(self, label: str) -> Path:
+        """The rag arm with half of the new examples in its pool, scored on the other half (fold a or b)."""
+        return self.root / f"rag-new-{label}"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "drift.json"
 
 
 def open_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunPaths, Recipe]:

@@ -649,7 +649,7 @@ def _run_external_arms(inputs: _Inputs, bar: Any, prompts: dict[str, list[list[d
         prompts[arm.name] = conversations
         if isinstance(arm, EndpointArm):
             run = ext.run_endpoint_arm(arm, conversations, inputs.settings,
-                                       inputs.paths.eval / "external" / f"{arm.name}.jsonl", progress=bar.update)
+                                       inputs.paths.external_cache(arm.name), progress=bar.update)
         elif isinstance(arm, LocalArm):
             inputs.models.release()  # the run's own models are done: one model in memory at a time
             run = ext.run_local_arm(arm, conversations, inputs.settings, inputs.cfg.batch_size, progress=bar.update)
@@ -977,8 +977,8 @@ def add_external_arms(run_dir: str | Path, external: Sequence[Any], *, echo: boo
         return evaluate(run_dir, echo=echo, trust_remote_code=trust_remote_code, python_graders=python_graders,
                         external=external)
     started = time.perf_counter()
-    previous = json.loads(paths.metrics.read_text(encoding="utf-8"))
-    Metrics.model_validate(previous)  # a damaged file is an error here, not a guess
+    Metrics.from_file(paths.metrics)  # a damaged file is an error here (one line naming it), not a guess
+    previous = Metrics.read_keys(paths.metrics)  # its keys as they are: written back with the arms added
     names = {arm.name for arm in external}
     kept_arms = {arm: row for arm, row in previous["arms"].items() if arm not in names}
     builtin = [arm for arm in ARMS if arm in kept_arms]

@@ -377,8 +377,11 @@ def plan_training(
                            update={"epochs_before_budget": planned.epochs_target})
     compiled = machine.compile(sum(s.tokens for s in steps[: planned.steps]))
     if compiled:
-        # compiled layers run at another speed: measure and fit again (the compiling is time the budget spent)
-        planned = _fit(cfg, wanted, steps, valid_lengths, machine, None, planned.examples_per_step_before_budget)
+        # compiled layers run at another speed: measure and fit again (the compiling is time the budget spent);
+        # the passes stay those chosen above, and so does why
+        more_passes = {"epochs_before_budget": planned.epochs_before_budget} if more is not None else {}
+        planned = _fit(cfg, wanted, steps, valid_lengths, machine, None, planned.examples_per_step_before_budget
+                       ).model_copy(update=more_passes)
     return Planned(_finished(planned, compiled or machine.compiled, replay), list(steps[: planned.steps]))
 
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.contract import DataFingerprint
 from tunelab.data.pack import (
     Batch,
     Row,
@@ -74,8 +75,6 @@ from tunelab.train.loss import LOGITS_PER_CHUNK, LOGITS_PER_CHUNK_GPU, CausalLML
 if TYPE_CHECKING:
     from tunelab.config import DpoConfig, Recipe
     from tunelab.train.setup import TrainSetup
-
-REFERENCE_FILE = "reference_logps.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,8 +348,7 @@ def reference_logps(
 
 
 def _cache_key(recipe: Recipe, paths: RunPaths) -> str:
-    fingerprint = paths.data_fingerprint
-    data_sha = json.loads(fingerprint.read_text())["sha256"] if fingerprint.is_file() else "none"
+    data_sha = DataFingerprint.read_keys(paths.data_fingerprint).get("sha256", "none")
     what = {"data": data_sha, "model": recipe.model.model_dump(mode="json"), "weights": recipe.dpo.weights,
             "lora": recipe.lora.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
@@ -367,7 +365,7 @@ def attach_reference(
     if recipe.dpo.loss == "orpo":
         return 0
     paths = RunPaths(run_root)
-    path = paths.train_dir / REFERENCE_FILE
+    path = paths.reference_logps
     key = _cache_key(recipe, paths)
     cached: dict[str, list[float]] = {}
     if path.is_file():

@@ -1,8 +1,7 @@
 """`tunelab train`: recipe -> run directory (docs/run-directory.md).
 
-Reads the recipe and the user's data (through tunelab.data.prepare); writes under runs/<name>/:
-recipe.yaml (every default written out), manifest.json (versions, seed, git sha, data fingerprint,
-tokenizer and chat template sha256), data/ (the data stage), train/plan.json (train/plan.py),
+Reads the recipe and the user's data; writes under runs/<name>/: recipe.yaml, data/ and manifest.json
+(train/start.py: the run folder started, the data stage), train/plan.json (train/plan.py),
 train/log.jsonl + train/tb/ and checkpoints/step-N/ (train/loop.py), then the best weights as
 adapter/ (PEFT format, LoRA family) or model/ (a transformers folder with its tokenizer, full
 fine-tuning), and train/summary.json.
@@ -14,25 +13,22 @@ of an uninterrupted run. Under torchrun (tunelab.train.distributed) rank 0 write
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
 import random
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import Recipe, TrainConfig, load_recipe
+from tunelab.config import Recipe, TrainConfig
 from tunelab.console import say
-from tunelab.contract import Manifest, TrainPlan, TrainSummary
+from tunelab.contract import DataStats, TrainPlan, TrainSummary
 from tunelab.data.pack import Row, example_length, group_micro_batches, pack_rows, plan_steps, single_rows
-from tunelab.errors import ConfigError
-from tunelab.files import FolderBusy, hold_dir_lock, replace_dir
+from tunelab.files import replace_dir
+from tunelab.models import load_tokenizer
 from tunelab.runs import RunPaths
 from tunelab.train.plan import Cut, Machine, Planned, first_cut, plan_training
+from tunelab.train.start import StartedRun, prepare_run, start_run_dir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,95 +56,6 @@ class TrainResult:
     trainable_params: int
     total_params: int
     model: nn.Module | None = field(default=None, repr=False)  # in memory, holding the saved weights
-
-
-# ----------------------------------------------------------------------------------------------
-# run directory
-
-
-def _recipe_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    found = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _recipe_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key} ({a!r} -> {b!r})")
-    return found
-
-
-def _written_by_tunelab(paths: RunPaths) -> bool:
-    """An empty folder, or one that tunelab started (its recipe, stages, manifest — update and rebase
-    write it first, with the parent — or prepared data)."""
-    return (not any(paths.root.iterdir()) or paths.recipe.is_file() or paths.stages.is_file()
-            or paths.manifest.is_file() or paths.data_fingerprint.is_file())
-
-
-def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
-    """Create runs/<name>/ and write recipe.yaml; refuse to mix two trainings in one folder."""
-    started = paths.train_log.exists() or any(paths.checkpoints.glob("step-*"))
-    if resume and paths.recipe.is_file():
-        old = load_recipe(paths.recipe).model_dump(mode="json")
-        changed = _recipe_differences(old, recipe.model_dump(mode="json"))
-        if changed:
-            raise ConfigError(
-                f"{paths.recipe}: --resume needs the recipe the run started with; changed: {', '.join(changed)}. "
-                f"Undo the change, or start a new run with name=NEW"
-            )
-    elif started and not resume:
-        raise ConfigError(
-            f"{paths.root} already holds a training run; continue it with --resume, or start a new one with name=NEW"
-        )
-    if paths.root.is_dir() and not _written_by_tunelab(paths):
-        # training writes adapter/, model/ and checkpoints/ here: never into a folder of the user's
-        raise ConfigError(f"{paths.root} exists and holds files tunelab did not write; choose another name=NEW "
-                          "or out_dir=DIR")
-    paths.root.mkdir(parents=True, exist_ok=True)
-    try:  # one writer per run: a second --resume (or update, rebase, UI start) of it is refused, not mixed in
-        hold_dir_lock(paths.root)
-    except FolderBusy:
-        raise ConfigError(f"{paths.root}: another tunelab process is writing this run; wait for it to end, or stop "
-                          "it (Ctrl-C checkpoints a training), then --resume") from None
-    paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
-
-
-def _git_sha() -> str | None:
-    source = Path(__file__).resolve().parent
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    from tunelab.data.prepare import tokenizer_sha256
-
-    template = (tokenizer.chat_template or "").encode("utf-8", "surrogatepass")
-    return {"tokenizer_sha256": tokenizer_sha256(tokenizer), "chat_template_sha256": hashlib.sha256(template).hexdigest()}
-
-
-def write_manifest(paths: RunPaths, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, data_dir: Path | None) -> None:
-    """manifest.json: what produced this run. Keys other stages added are kept."""
-    import peft
-    import torch
-    import transformers
-
-    import tunelab
-
-    manifest = Manifest.read_keys(paths.manifest)
-    fingerprint = None
-    if data_dir is not None and (data_dir / "fingerprint.json").is_file():
-        fingerprint = json.loads((data_dir / "fingerprint.json").read_text())
-    manifest.update({
-        "tunelab": tunelab.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "git_sha": _git_sha(),
-        "model": recipe.model.name, "method": recipe.method, "seed": recipe.train.seed, "data_seed": recipe.data.seed,
-        "data_fingerprint": fingerprint, **tokenizer_fingerprint(tokenizer),
-    })
-    Manifest.model_validate(manifest).write(paths.manifest)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -354,7 +261,7 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
     data stage applied in it (data/stats.json), and the learning-rate schedule ending where it does."""
     from tunelab.train.setup import LrSchedule
 
-    replay = _replay_in_data(paths) if ctx.is_main else None
+    replay = DataStats.read_keys(paths.data_stats).get("replay") if ctx.is_main else None
     planned = plan_training(
         examples.lengths, [example_length(e) for e in examples.valid], examples.recipe.train,
         lambda cut: examples.steps(cut, layout), _machine(setup, examples, pad_id, ctx, budget_started),
@@ -365,14 +272,6 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
         planned.plan.write(paths.plan)
         say(f"plan: {planned.plan.reason}")
     return planned
-
-
-def _replay_in_data(paths: RunPaths) -> dict[str, Any] | None:
-    """The replay share the data stage applied, and why (data/stats.json "replay")."""
-    try:
-        return json.loads(paths.data_stats.read_text(encoding="utf-8")).get("replay")
-    except (OSError, ValueError):
-        return None
 
 
 def _last_evaluation_s(planned: TrainPlan, has_valid: bool) -> float:
@@ -469,12 +368,10 @@ def train_on_examples(
     benchmarks call it directly. `budget_started`: the time.monotonic() from which train.budget
     counts (default: now). `on_step_end` is called after every step (tests record parameters with it)."""
     from tunelab.train.distributed import SINGLE_PROCESS
-    from tunelab.train.faults import Faults
     from tunelab.train.loop import LoopOptions, train_loop
 
     ctx, pad_id = ctx or SINGLE_PROCESS, tokenizer.pad_token_id
     budget_started = time.monotonic() if budget_started is None else budget_started
-    faults = Faults.from_environment(ctx.rank)  # tests only (train/faults.py); nothing unless asked for
 
     # ---- prepare: the data's steps before any measurement (a resumed run keeps its plan), the checkpoint
     examples = _Examples.prepare(recipe, paths, train_examples, valid_examples, resume)
@@ -490,42 +387,24 @@ def train_on_examples(
     run_cfg, evals, options = _loop_inputs(examples, planned, setup, ctx, budget_started, LoopOptions(
         resume_command=resume_command or f"tunelab train {paths.recipe} --resume",
         params=_flat(examples.recipe.model_dump(mode="json")), progress=progress,
-        on_step_end=faults.install(setup, checkpoint.step if checkpoint else 0, on_step_end),
+        on_step_end=on_step_end,
     ))
     result = train_loop(setup, examples.train, planned.steps, run_cfg, paths.root, pad_id=pad_id, evals=evals,
                         resume=checkpoint, ctx=ctx, options=options)
 
     # ---- save the output (the best checkpoint's weights) and train/summary.json
-    trained = _save_run(examples.recipe, paths, tokenizer, setup, result, len(planned.steps), budget_started, ctx)
-    faults.dump(setup.model, ctx.rank)
-    return trained
-
-
-def replay_file_for(recipe: Recipe) -> Path | None:
-    """The general examples mixed into training (data/replay.py): train.replay, else the base model's own
-    answers (generated once per model); None with train.replay_share 0 and for preference tuning (replay
-    examples are supervised answers). `tunelab run`'s prepare stage calls it too, so the train stage finds
-    the data prepared."""
-    from tunelab.train.self_replay import build_self_replay
-
-    if recipe.train.replay_share == 0 or recipe.method == "dpo":
-        return None
-    if recipe.train.replay:
-        path = Path(recipe.train.replay)
-        if not path.is_file():
-            raise ConfigError(f"train.replay: {path}: file not found")
-        return path
-    return build_self_replay(recipe.model)
+    return _save_run(examples.recipe, paths, tokenizer, setup, result, len(planned.steps), budget_started, ctx)
 
 
 def train(
     recipe: Recipe, resume: bool = False, *, resume_command: str | None = None, device: str | None = None,
-    progress: bool = True,
+    progress: bool = True, started: StartedRun | None = None,
 ) -> TrainResult:
     """Data stage, then training, into runs/<name>/ (see the module docstring). Under torchrun rank 0
-    prepares the run directory and the data while the other ranks wait, then every rank trains."""
-    from tunelab.data.prepare import PreparedData, prepare_data
-    from tunelab.models import load_tokenizer
+    starts the run directory and prepares the data while the other ranks wait, then every rank trains.
+    `started`: the run directory started and its data prepared already (`tunelab run`'s own stages, in
+    this process); train.budget then counts from this call."""
+    from tunelab.data.prepare import PreparedData
     from tunelab.train.distributed import (
         ProcessGroupContext,
         init_distributed,
@@ -542,27 +421,21 @@ def train(
         if isinstance(ctx, ProcessGroupContext):
             device = device or ctx.device()
         paths = RunPaths(recipe.run_dir)
+        if started is None:
 
-        def prepare() -> tuple[PreTrainedTokenizerBase, PreparedData, float]:
-            start_run_dir(paths, recipe, resume)
-            tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-            replay_started = time.monotonic()
-            replay_file = replay_file_for(recipe)
-            replay_s = time.monotonic() - replay_started  # the base model answering, once per model: not training
-            prepared = prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file)
-            write_manifest(paths, recipe, tokenizer, prepared.out_dir)
-            return tokenizer, prepared, replay_s
+            def start() -> StartedRun:
+                start_run_dir(paths, recipe, resume)
+                return prepare_run(recipe, paths)
 
-        done = main_first(ctx, prepare, "preparing the run directory and data")
-        if done is None:  # another rank: read what rank 0 wrote
-            tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-            prepared = PreparedData(paths.data, {})
-        else:
-            tokenizer, prepared, replay_s = done
-            budget_started += replay_s
+            started = main_first(ctx, start, "preparing the run directory and data")
+            if started is None:  # another rank: read what rank 0 wrote
+                tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+                started = StartedRun(tokenizer, PreparedData(paths.data, {}))
+            budget_started += started.replay_s  # the base model answering, once per model: not training
         return train_on_examples(
-            recipe, paths, tokenizer, prepared.tokenized("train"), prepared.tokenized("valid"), resume=resume,
-            device=device, ctx=ctx, resume_command=resume_command, progress=progress, budget_started=budget_started,
+            recipe, paths, started.tokenizer, started.data.tokenized("train"), started.data.tokenized("valid"),
+            resume=resume, device=device, ctx=ctx, resume_command=resume_command, progress=progress,
+            budget_started=budget_started,
         )
     finally:
         shutdown(ctx)
