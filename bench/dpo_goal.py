@@ -18,6 +18,11 @@ can be split over several calls):
                compared with the parent as the baseline (what the tuned model lost of what the parent
                knew): flagged beyond --threshold (eval.forgetting_threshold's default, 0.05).
 The goal (issue 26): tuned above sft with p < 0.05, reward accuracy >= 0.9, forgetting not flagged.
+How long (SmolLM2-135M, 2 CPU cores, from this morning's eval speeds: ~30 tokens/s per arm at batch
+16 under a load of 8-12, ~64 at batch 64 on a quiet machine): quality at --limit 120 generates up
+to 2 x 120 x 72 tokens, 5-10 min, preference 1-2 min; forgetting 2 x (164 probes x 32 tokens + the
+general text), 3-6 min. A run folder moved from elsewhere must have its recipe.yaml's paths
+(eval.graders_file, data.*) pointing at files that exist: open_run checks the graders file.
 """
 
 from __future__ import annotations
