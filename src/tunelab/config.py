@@ -201,7 +201,13 @@ class TrainConfig(_Section):
     )
     replay_share: float | Literal["auto"] = Field(
         "auto", description="share of training examples that are replay (never in valid/test); 0 = none; auto: "
-        "0.1, decided in train/plan.json with its reason",
+        "0.1, raised until 48 different general prompts are rehearsed beside a small task (at most 0.3), "
+        "decided in train/plan.json with its reason",
+    )
+    anchor: float = Field(
+        1.0, ge=0.0, description="weight of a KL term toward the base model on replay examples' answer tokens "
+        "(the base model's top-16 next-token distribution, computed once before training with the adapter "
+        "off); 0 = off; nothing without replay",
     )
     seed: int = 0
 

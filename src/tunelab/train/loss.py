@@ -179,9 +179,13 @@ class CausalLMLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int = 0,
+        anchor_ids: torch.Tensor | None = None,
+        anchor_logp: torch.Tensor | None = None,
+        anchor_coef: torch.Tensor | None = None,
     ) -> LossSums:
         """`cu_seqlens` (collate_varlen's layout): the row holds several examples end to end, and
-        the model's attention must be tunelab's varlen attention (train/attention.py)."""
+        the model's attention must be tunelab's varlen attention (train/attention.py). `anchor_*`
+        (train/anchor.py): the KL anchor's targets, added to the summed loss (anchor_kl)."""
         hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
         targets = labels[:, 1:]
         trainable = targets != IGNORE_INDEX
@@ -190,6 +194,9 @@ class CausalLMLoss(nn.Module):
             selected, head.weight, targets[trainable], bias=getattr(head, "bias", None), softcap=self.softcap,
             chunk_rows=self.chunk_rows, compute_dtype=self.compute_dtype(hidden, head), token_losses=True,
         )
+        if anchor_coef is not None and anchor_ids is not None and anchor_logp is not None:
+            loss_sum = loss_sum + anchor_kl(selected, head, anchor_ids[:, 1:][trainable], anchor_logp[:, 1:][trainable],
+                                            anchor_coef[:, 1:][trainable], self.softcap)
         return LossSums(loss_sum, trainable.sum(), correct, token_losses)
 
     def compute_dtype(self, hidden: torch.Tensor, head: nn.Module) -> torch.dtype:
@@ -222,6 +229,24 @@ class CausalLMLoss(nn.Module):
 
     def forward_batch(self, batch: Batch) -> LossSums:
         return self(**batch.model_inputs())
+
+
+def anchor_kl(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor, logp: torch.Tensor, coef: torch.Tensor,
+              softcap: float | None = None) -> torch.Tensor:
+    """sum over positions of sum_j coef_j * (logp_j - log q(ids_j)): with coef = weight x p_base, the
+    weighted KL(p_base || q) over the base model's top-k tokens (p_base renormalised over them), q the
+    model's full softmax. Only rows with an anchor (coef > 0) are projected onto the vocabulary."""
+    rows = coef.sum(-1) > 0
+    if not bool(rows.any()):
+        return hidden.new_zeros((), dtype=torch.float32)
+    h = hidden[rows]
+    logits = (h.to(head.weight.dtype) @ head.weight.T).float()
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias.float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    log_q = torch.log_softmax(logits, dim=-1).gather(1, ids[rows])
+    return (coef[rows] * (logp[rows] - log_q)).sum()
 
 
 def reference_loss_sums(model: Any, batch: Batch) -> LossSums:

@@ -296,13 +296,14 @@ def _with_compiled(planned: TrainPlan, compiled: bool) -> TrainPlan:
     return planned
 
 
-def _with_replay(planned: TrainPlan, paths: RunPaths) -> TrainPlan:
-    """The replay share the data stage applied, and why (data/stats.json "replay"), in the plan."""
+def _with_replay(planned: TrainPlan, paths: RunPaths, anchor: dict[str, Any] | None = None) -> TrainPlan:
+    """The replay share the data stage applied, and why (data/stats.json "replay"), in the plan, with the
+    KL anchor on its rows (train/anchor.py) when there is one."""
     try:
         replay = json.loads(paths.data_stats.read_text(encoding="utf-8")).get("replay")
     except (OSError, ValueError):
         return planned
-    return planned.model_copy(update={"replay": replay}) if replay else planned
+    return planned.model_copy(update={"replay": {**replay, "anchor": anchor}}) if replay else planned
 
 
 def _more_epochs(recipe: Recipe, planned: TrainPlan, budget_started: float) -> float | None:
@@ -381,6 +382,9 @@ def train_on_examples(
 
         preference_setup(setup, recipe.dpo)
         attach_reference(setup, recipe, paths.root, (train_examples, valid_examples), tokenizer.pad_token_id, ctx.is_main)
+    from tunelab.train.anchor import attach_anchor  # the KL anchor's base targets on replay rows, once
+
+    anchor = attach_anchor(setup, recipe, train_examples, tokenizer.pad_token_id)
 
     # ---- fit the budget: measure this machine's speed on the first micro-batches, keep the steps that fit
     planned = packing.saved or _fit_plan(
@@ -426,7 +430,7 @@ def train_on_examples(
         "eval_max_examples": planned.eval_max_examples,
     })
     if ctx.is_main:
-        planned = _with_replay(planned, paths)
+        planned = _with_replay(planned, paths, anchor)
         planned.write(paths.plan)
         say(f"plan: {planned.reason}")
     deadline = None
