@@ -110,3 +110,15 @@ def test_no_anchor_without_replay_or_with_weight_zero(tiny_model_dir, tokenizer)
     assert attach_anchor(setup, Recipe(model={"name": "tiny-test"}), [task], tokenizer.pad_token_id) is None
     off = Recipe(model={"name": "tiny-test"}, train=TrainConfig(anchor=0))
     assert attach_anchor(setup, off, [task, replay], tokenizer.pad_token_id) is None and "anchor_ids" not in replay
+
+
+def test_targets_of_examples_packed_in_one_row_equal_each_computed_alone(tiny_model_dir, tokenizer):
+    setup = _setup(tiny_model_dir)
+    examples = [_replay_example(tokenizer, text) for text in
+                ("Blue is a colour.", "Green leaves and a long answer about trees in the park.", "Red.")]
+    packed = base_top_k(setup, examples, tokenizer.pad_token_id, row_tokens=512)
+    alone = base_top_k(setup, examples, tokenizer.pad_token_id, row_tokens=1)  # a row holds its one example
+    for (ids, logp), (ids_alone, logp_alone), example in zip(packed, alone, examples, strict=True):
+        assert len(ids) == len(trained_positions(example["labels"]))
+        assert ids == ids_alone
+        assert torch.tensor(logp) == pytest.approx(torch.tensor(logp_alone), abs=1e-4)

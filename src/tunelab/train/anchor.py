@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tunelab.data.pack import IGNORE_INDEX
+from tunelab.data.pack import IGNORE_INDEX, example_length, pack_rows
 from tunelab.train.loop import attention_layout, autocast, batch_builder
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 ANCHOR_TOP_K = 16  # the base model's most likely tokens kept per position (most of its mass on its own answers)
 REPLAY_ID_PREFIX = "replay-"
+ROW_TOKENS = 512  # examples packed per forward pass when computing the targets
 
 
 def is_replay(example: dict[str, Any]) -> bool:
@@ -50,34 +51,40 @@ def top_k_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def base_top_k(setup: TrainSetup, examples: Sequence[dict[str, Any]], pad_id: int, k: int = ANCHOR_TOP_K,
-               adapter_off: bool = True) -> list[tuple[list[list[int]], list[list[float]]]]:
+               adapter_off: bool = True, row_tokens: int = ROW_TOKENS) -> list[tuple[list[list[int]], list[list[float]]]]:
     """Per example, per trained token: the base model's top-k (ids, renormalised log-probs) of that token,
-    computed with dropout off and the PEFT adapter switched off (`adapter_off`), one example at a time."""
+    computed with dropout off and the PEFT adapter switched off (`adapter_off`); examples packed into rows
+    of `row_tokens` (each attends to itself only), one row a forward pass."""
     if not examples:
         return []
     model = setup.model
     module = getattr(setup.loss_module, "module", setup.loss_module)  # DDP wraps the loss module
     build = batch_builder(setup, examples, pad_id)
+    lengths = [example_length(e) for e in examples]
+    rows = pack_rows(lengths, max(row_tokens, max(lengths)))
+    softcap = getattr(module, "softcap", None)
     was_training = model.training
     model.eval()
-    found: list[tuple[list[list[int]], list[list[float]]]] = []
+    found: dict[int, tuple[list[list[int]], list[list[float]]]] = {}
     switch_off = model.disable_adapter() if adapter_off and hasattr(model, "disable_adapter") else nullcontext()
     try:
         with torch.no_grad(), switch_off, autocast(setup), attention_layout(setup):
-            for index, example in enumerate(examples):
-                batch = build([(index,)])
+            for row in rows:
+                batch = build([row])
                 hidden, head = module.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask,
                                                     batch.cu_seqlens, batch.max_seqlen)
-                positions = trained_positions(example["labels"])
-                logits = head(hidden[0, [t - 1 for t in positions]])
-                softcap = getattr(module, "softcap", None)
-                if softcap is not None:
-                    logits = torch.tanh(logits.float() / softcap) * softcap
-                ids, logp = top_k_targets(logits, k)
-                found.append((ids.tolist(), logp.float().tolist()))
+                at = 0
+                for index in row:  # both layouts place a row's examples end to end from offset 0
+                    positions = [at + t - 1 for t in trained_positions(examples[index]["labels"])]
+                    logits = head(hidden[0, positions])
+                    if softcap is not None:
+                        logits = torch.tanh(logits.float() / softcap) * softcap
+                    ids, logp = top_k_targets(logits, k)
+                    found[index] = (ids.tolist(), logp.float().tolist())
+                    at += lengths[index]
     finally:
         model.train(was_training)
-    return found
+    return [found[i] for i in range(len(examples))]
 
 
 def attach_anchor(setup: TrainSetup, recipe: Recipe, train_examples: Sequence[dict[str, Any]],
