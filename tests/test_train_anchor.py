@@ -122,3 +122,33 @@ def test_targets_of_examples_packed_in_one_row_equal_each_computed_alone(tiny_mo
         assert len(ids) == len(trained_positions(example["labels"]))
         assert ids == ids_alone
         assert torch.tensor(logp) == pytest.approx(torch.tensor(logp_alone), abs=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_the_fused_term_in_the_chunked_loss_equals_the_reference_in_value_and_gradient(softcap):
+    from tunelab.train.loss import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    n, width, vocab, k = 7, 6, 11, 3
+    head = nn.Linear(width, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, width, generator=gen))
+        head.bias.copy_(torch.randn(vocab, generator=gen))
+    hidden = torch.randn(n, width, generator=gen)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    logp = torch.log_softmax(torch.randn(n, k, generator=gen), dim=-1)
+    coef = 1.5 * logp.exp() * torch.tensor([1.0, 0, 1, 1, 0, 1, 1])[:, None]  # rows 1 and 4: no anchor
+
+    def loss(with_anchor: bool, fused: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        ce, _ = linear_cross_entropy(h, head.weight, targets, head.bias, softcap, chunk_rows=2,
+                                     anchor=(ids, logp, coef) if with_anchor and fused else None)
+        total = ce + (anchor_kl(h, head, ids, logp, coef, softcap) if with_anchor and not fused else 0.0)
+        total.backward()
+        return total.item(), h.grad.clone(), head.weight.grad.clone()
+
+    fused, reference, plain = loss(True, True), loss(True, False), loss(False, True)
+    assert fused[0] == pytest.approx(reference[0], rel=1e-5) and fused[0] > plain[0]
+    assert torch.allclose(fused[1], reference[1], atol=1e-5) and torch.allclose(fused[2], reference[2], atol=1e-5)
