@@ -13,10 +13,23 @@ from torch import nn
 from tunelab.config import Recipe, TrainConfig
 from tunelab.data.pack import IGNORE_INDEX, collate
 from tunelab.train.anchor import ANCHOR_TOP_K, attach_anchor, base_top_k, top_k_targets, trained_positions
-from tunelab.train.loss import anchor_kl
+
+
+def anchor_kl(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor, logp: torch.Tensor, coef: torch.Tensor,
+              softcap: float | None = None) -> torch.Tensor:
+    """The reference of the anchor's term, with autograd over full logits: sum over positions of
+    sum_j coef_j * (logp_j - log q(ids_j)), q the model's full softmax."""
+    logits = (hidden @ head.weight.T).float()
+    if head.bias is not None:
+        logits = logits + head.bias.float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return (coef * (logp - torch.log_softmax(logits, dim=-1).gather(1, ids))).sum()
 
 
 def test_anchor_kl_is_the_weighted_kl_to_the_base_top_k_by_hand():
+    from tunelab.train.loss import linear_cross_entropy
+
     # a vocabulary of 3, the identity as LM head: logits = hidden = [0, ln 2, 0] -> q = [1/4, 1/2, 1/4]
     head = nn.Linear(3, 3, bias=False)
     with torch.no_grad():
@@ -26,9 +39,13 @@ def test_anchor_kl_is_the_weighted_kl_to_the_base_top_k_by_hand():
     ids = torch.tensor([[1, 0], [0, 0]])
     logp = torch.tensor([[math.log(2 / 3), math.log(1 / 3)], [0.0, 0.0]])
     coef = torch.tensor([[2 * 2 / 3, 2 * 1 / 3], [0.0, 0.0]])
-    value = anchor_kl(hidden, head, ids, logp, coef)
+    targets = torch.tensor([1, 0])
+    with_anchor, _ = linear_cross_entropy(hidden, head.weight, targets, anchor=(ids, logp, coef))
+    without, _ = linear_cross_entropy(hidden, head.weight, targets)
     # 2 x [2/3 ln((2/3)/(1/2)) + 1/3 ln((1/3)/(1/4))] = 2 x ln(4/3)
-    assert value.item() == pytest.approx(2 * math.log(4 / 3), rel=1e-6)
+    assert (with_anchor - without).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-5)
+    assert anchor_kl(hidden, head, ids, logp, coef).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-6)
+    value = anchor_kl(hidden, head, ids, logp, coef)
     value.backward()
     assert hidden.grad[1].abs().sum().item() == 0.0  # a row without an anchor gets no gradient from it
     assert anchor_kl(hidden, head, ids, logp, torch.zeros_like(coef)).item() == 0.0

@@ -8,8 +8,9 @@ over the base model's ANCHOR_TOP_K most likely tokens (renormalised): the KL ter
 
 The base model's top-k log-probs are computed ONCE, before step 1, with the PEFT adapter switched off (the
 same weights the run starts from, so no second model is held), and kept on the examples in memory
-(`anchor_ids`, `anchor_logp`); a resumed run computes them again, equal. Each step then costs one extra
-LM-head projection over the replay tokens (train/loss.py: anchor_kl), no extra forward pass. Replay
+(`anchor_ids`, `anchor_logp`); a resumed run computes them again, equal. Each step computes the term
+inside the loss's chunked cross-entropy on the logits it already has (train/loss.py,
+linear_cross_entropy's `anchor`): no extra forward pass, no extra projection. Replay
 examples are the training rows whose id starts with `replay-` (data/prepare.py).
 """
 

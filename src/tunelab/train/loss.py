@@ -13,7 +13,7 @@ of each chunk is computed in the forward pass, so no (tokens x vocab) tensor is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype, anchor=None):
-        # anchor: (ids, logp, coef), each (N, k), or None: adds sum coef * (logp - log q[ids]) (anchor_kl)
+        # anchor: (ids, logp, coef), each (N, k), or None: adds sum coef * (logp - log q[ids]), the weighted
+        # KL(p_base || q) over the base's top-k when coef = weight x p_base (train/anchor.py)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -127,7 +128,8 @@ def linear_cross_entropy(
     """(summed cross-entropy, correct count) of hidden (N, H) projected by weight (V, H) against
     targets (N,), and with `token_losses` each row's cross-entropy (N,) as well (no gradient).
     Gradients flow to hidden, weight and bias as needed. `anchor` (ids, logp, coef), each (N, k): the
-    KL anchor's term (anchor_kl) added to the summed loss, computed on the same logits chunks."""
+    KL anchor's term (sum of coef * (logp - log q[ids]); train/anchor.py) added to the summed loss,
+    computed on the same logits chunks."""
     per_chunk = LOGITS_PER_CHUNK_GPU if hidden.is_cuda else LOGITS_PER_CHUNK
     chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     compute_dtype = compute_dtype or weight.dtype
@@ -196,7 +198,7 @@ class CausalLMLoss(nn.Module):
     ) -> LossSums:
         """`cu_seqlens` (collate_varlen's layout): the row holds several examples end to end, and
         the model's attention must be tunelab's varlen attention (train/attention.py). `anchor_*`
-        (train/anchor.py): the KL anchor's targets, added to the summed loss (anchor_kl)."""
+        (train/anchor.py): the KL anchor's targets, its term added to the summed loss."""
         hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
         targets = labels[:, 1:]
         trainable = targets != IGNORE_INDEX
@@ -241,37 +243,3 @@ class CausalLMLoss(nn.Module):
 
     def forward_batch(self, batch: Batch) -> LossSums:
         return self(**batch.model_inputs())
-
-
-def anchor_kl(hidden: torch.Tensor, head: nn.Module, ids: torch.Tensor, logp: torch.Tensor, coef: torch.Tensor,
-              softcap: float | None = None) -> torch.Tensor:
-    """sum over positions of sum_j coef_j * (logp_j - log q(ids_j)): with coef = weight x p_base, the
-    weighted KL(p_base || q) over the base model's top-k tokens (p_base renormalised over them), q the
-    model's full softmax. The reference of the term the training loss computes inside its chunks
-    (linear_cross_entropy's `anchor`), with autograd; only rows with an anchor are projected."""
-    rows = coef.sum(-1) > 0
-    if not bool(rows.any()):
-        return hidden.new_zeros((), dtype=torch.float32)
-    h = hidden[rows]
-    logits = (h.to(head.weight.dtype) @ head.weight.T).float()
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias.float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    log_q = torch.log_softmax(logits, dim=-1).gather(1, ids[rows])
-    return (coef[rows] * (logp[rows] - log_q)).sum()
-
-
-def reference_loss_sums(model: Any, batch: Batch) -> LossSums:
-    """The same sums through the model's own full-logits forward (for tests and benchmarks)."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    ).logits.float()
-    targets = batch.labels[:, 1:]
-    logits = logits[:, :-1]
-    trainable = targets != IGNORE_INDEX
-    loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    correct = ((logits.argmax(-1) == targets) & trainable).sum()
-    return LossSums(loss_sum, trainable.sum(), correct)
