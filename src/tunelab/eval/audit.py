@@ -431,9 +431,14 @@ def _one_line(text: str, width: int = 80) -> str:
 # ---------------------------------------------------------------------------------------------- clean copy
 
 
-def write_clean(rows: Sequence[AuditRow | dict[str, Any]], drop_top: int, out: Path) -> tuple[Path, list[int]]:
-    """A copy of the training file without the `drop_top` most suspect examples' lines; the user's
-    file is never modified. Returns (the source file, the dropped 1-based lines)."""
+def write_clean(rows: Sequence[AuditRow | dict[str, Any]], drop_top: int, out: Path, *, drop_flagged: bool = False,
+                run_dir: str | Path | None = None) -> tuple[Path, list[int]]:
+    """A copy of the training file without the `drop_top` most suspect examples' lines (or, with
+    `drop_flagged`, without the flagged ones); the user's file is never modified. With `run_dir` (the
+    audited run), OUT.cleaned-from records where the copy came from (eval/cleaned.py), so that a run
+    trained on OUT is compared with that run. Returns (the source file, the dropped 1-based lines)."""
+    from tunelab.eval.cleaned import provenance_path, write_provenance
+
     rows = [asdict(r) if isinstance(r, AuditRow) else r for r in rows]
     files = sorted({r["file"] for r in rows})
     if len(files) != 1:
@@ -444,12 +449,22 @@ def write_clean(rows: Sequence[AuditRow | dict[str, Any]], drop_top: int, out: P
         raise ConfigError(f"--write-clean: {source} is not a JSONL file; it copies JSONL files line by line")
     if not source.is_file():
         raise ConfigError(f"--write-clean: {source} (the training file the run read) is not found from here")
-    if out.resolve() == source.resolve():
+    if out.resolve() == source.resolve() or provenance_path(out).resolve() == source.resolve():
         raise ConfigError(f"--write-clean {out}: is the training file itself; tunelab never modifies your data")
-    dropped = sorted(r["line"] for r in sorted(rows, key=lambda r: r["rank"])[:drop_top])
+    ranked = sorted(rows, key=lambda r: r["rank"])
+    if drop_flagged:
+        chosen = [r for r in ranked if r["flagged"]]
+        if not chosen:
+            raise ConfigError("--drop-flagged: the audit flags no example (it claims no error; the ranking is only an "
+                              "order of difficulty): nothing to leave out. --drop-top N leaves out the N hardest anyway")
+    else:
+        chosen = ranked[:drop_top]
+    dropped = sorted(r["line"] for r in chosen)
     drop = set(dropped)
     with source.open(encoding="utf-8", newline="") as f:
         kept = [line for number, line in enumerate(f, start=1) if number not in drop]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(kept))
+    if run_dir is not None:
+        write_provenance(out, Path(run_dir), source, chosen, "flagged" if drop_flagged else f"top {drop_top}")
     return source, dropped
