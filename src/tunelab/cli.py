@@ -186,6 +186,7 @@ def data_audit(
     write_clean: Annotated[Path | None, typer.Option(help="write a copy of the training file without the --drop-top most suspect examples")] = None,
     drop_top: Annotated[int, typer.Option(min=0, help="with --write-clean: how many of the most suspect to leave out")] = 0,
     drop_flagged: Annotated[bool, typer.Option(help="with --write-clean: leave out the examples the audit flags")] = False,
+    folds: Annotated[int, typer.Option(min=0, help="score each example by a model trained without it: K more trainings")] = 0,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Rank a trained run's examples, most likely wrong first (RUN/audit/audit.jsonl), from its training dynamics
@@ -197,7 +198,14 @@ def data_audit(
         raise TunelabError(f"{'--drop-top N' if drop_top else '--drop-flagged'} needs --write-clean OUT.jsonl (the copy to write)")
     if drop_top and drop_flagged:
         raise TunelabError("--drop-top N and --drop-flagged: choose one (the flagged, or the N most suspect)")
-    rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
+    if folds:
+        from tunelab.eval.folds import audit_with_folds
+
+        rows, summary, trained = audit_with_folds(run_dir, folds, trust_remote_code=trust_remote_code)
+        typer.echo(f"out of fold: {folds} trainings on {min(trained.trained_on)}-{max(trained.trained_on)} rows "
+                   f"({sum(trained.train_time_s) / 60:.1f} min); {RunPaths(run_dir).audit / 'folds'}")
+    else:
+        rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
     for row in rows[:top]:
         typer.echo(format_row(row))
     typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {RunPaths(run_dir).audit / 'audit.jsonl'}")
