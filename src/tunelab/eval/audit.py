@@ -330,7 +330,7 @@ def fewest_passes(run_dir: str | Path) -> int:
 
 
 def how_to_read(flagged: int, decoded: int, folds: int = 0) -> str:
-    model = f"the model trained without it ({folds} folds)" if folds else "the tuned model"
+    model = f"the model that never trained on the example ({folds} folds)" if folds else "the tuned model"
     if flagged:
         loss = "out-of-fold loss" if folds else "last pass's loss"
         return (f"{flagged} example(s) are flagged: {model} answers otherwise, and is as sure of its own answer "
