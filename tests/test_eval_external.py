@@ -10,12 +10,13 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
+from stand_in import QuietHandler, base_url, serving
 from test_eval_run import build_fake_run
 from tunelab.errors import ConfigError, DataError
 
@@ -38,30 +39,17 @@ class StandIn(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}/v1"
+        return base_url(self)
 
     def count(self, ticket: int) -> int:
         return sum(1 for r in self.requests if r["ticket"] == ticket)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: StandIn
 
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         number, city = TICKET.search(body["messages"][-1]["content"]).groups()
         ticket = int(number)
         with self.server.lock:
@@ -71,25 +59,22 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.delay_s:
             time.sleep(self.server.delay_s)
         if ticket == 100 and seen == 0:
-            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+            return self.reply_json(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
         if (ticket == 101 and seen < 2) or ticket == 102:
-            return self._send(500, {"error": {"message": "boom"}})
+            return self.reply_json(500, {"error": {"message": "boom"}})
         if ticket == 103 and seen == 0:
             time.sleep(1.5)  # past the client's timeout_s
         answer = json.dumps({"city": "Nowhere" if ticket == 105 else city})
         reply = {"choices": [{"message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]}
         if ticket != 104:
             reply["usage"] = {"prompt_tokens": 50 + ticket - 100, "completion_tokens": 7}
-        self._send(200, reply)
+        self.reply_json(200, reply)
 
 
 @pytest.fixture
 def stand_in():
-    server = StandIn()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(StandIn()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -216,23 +201,15 @@ def test_a_run_folders_endpoint_gets_a_key_from_the_environment_only_with_consen
     assert "--trust-remote-code" in message and KEY not in message
 
 
-def _serve_once(status: int, headers: dict, body: bytes = b"{}"):
-    class Once(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
+def _answering(status: int, headers: dict, body: bytes = b"{}") -> ThreadingHTTPServer:
+    """A server that answers every POST with this reply and records the Authorization header it got."""
+    class Once(QuietHandler):
         def do_POST(self) -> None:
             self.server.hits.append(self.headers.get("Authorization"))
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.reply(status, body, headers)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Once)
     server.hits = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
@@ -242,18 +219,15 @@ def test_a_redirect_is_refused_and_the_key_never_reaches_the_other_location(tmp_
     from tunelab.eval.external import run_endpoint_arm
 
     monkeypatch.setenv("STANDIN_KEY", KEY)
-    elsewhere = _serve_once(200, {}, b'{"choices": [{"message": {"content": "stolen"}}]}')
-    redirecting = _serve_once(307, {"Location": f"http://127.0.0.1:{elsewhere.server_port}/v1/chat/completions"})
-    arm = EndpointArm(name="h", base_url=f"http://127.0.0.1:{redirecting.server_port}/v1", model="m",
-                      api_key_env="STANDIN_KEY", price_per_m_input_tokens=0, price_per_m_output_tokens=0)
-    result = run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(), tmp_path / "c.jsonl")
+    with (serving(_answering(200, {}, b'{"choices": [{"message": {"content": "stolen"}}]}')) as elsewhere,
+          serving(_answering(307, {"Location": f"{base_url(elsewhere)}/chat/completions"})) as redirecting):
+        arm = EndpointArm(name="h", base_url=base_url(redirecting), model="m",
+                          api_key_env="STANDIN_KEY", price_per_m_input_tokens=0, price_per_m_output_tokens=0)
+        result = run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(), tmp_path / "c.jsonl")
     [answer] = result.answers
     assert answer.text is None and "redirect, refused" in answer.error and answer.attempts == 1
     assert redirecting.hits == [f"Bearer {KEY}"] and elsewhere.hits == []
     assert not (tmp_path / "c.jsonl").exists()  # failures are not cached
-    for server in (elsewhere, redirecting):
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("body, problem", [
@@ -270,14 +244,12 @@ def test_a_broken_reply_fails_that_example_with_its_reason(tmp_path, monkeypatch
     from tunelab.eval import external as ext
 
     monkeypatch.setattr(ext, "MAX_REPLY_BYTES", 4096)
-    server = _serve_once(200, {"Content-Type": "application/json"}, body)
-    arm = EndpointArm(name="h", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m",
-                      price_per_m_input_tokens=0, price_per_m_output_tokens=0)
-    [answer] = ext.run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(),
-                                    tmp_path / "c.jsonl").answers
+    with serving(_answering(200, {"Content-Type": "application/json"}, body)) as server:
+        arm = EndpointArm(name="h", base_url=base_url(server), model="m",
+                          price_per_m_input_tokens=0, price_per_m_output_tokens=0)
+        [answer] = ext.run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(),
+                                        tmp_path / "c.jsonl").answers
     assert answer.text is None and problem in answer.error and len(server.hits) == 1  # not retried
-    server.shutdown()
-    server.server_close()
 
 
 def test_retry_after_reads_seconds_and_dates_and_is_capped():
@@ -546,10 +518,7 @@ def test_a_reply_trickling_in_past_timeout_s_is_a_timeout(tmp_path):
     from tunelab.engine.generate import DecodingSettings
     from tunelab.eval.external import run_endpoint_arm
 
-    class Trickle(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
+    class Trickle(QuietHandler):
         def do_POST(self) -> None:
             self.server.hits += 1
             body = b'{"choices": [{"message": {"content": "slow"}}]}' + b" " * 40
@@ -563,10 +532,9 @@ def test_a_reply_trickling_in_past_timeout_s_is_a_timeout(tmp_path):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
     server.hits = 0
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    arm = EndpointArm(name="h", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout_s=0.5,
-                      max_retries=1, price_per_m_input_tokens=0, price_per_m_output_tokens=0)
-    [answer] = run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(), tmp_path / "c.jsonl").answers
+    with serving(server):
+        arm = EndpointArm(name="h", base_url=base_url(server), model="m", timeout_s=0.5,
+                          max_retries=1, price_per_m_input_tokens=0, price_per_m_output_tokens=0)
+        [answer] = run_endpoint_arm(arm, [[{"role": "user", "content": "hi"}]], DecodingSettings(),
+                                    tmp_path / "c.jsonl").answers
     assert answer.text is None and "timed out" in answer.error and answer.attempts == 2 and server.hits == 2
-    server.shutdown()
-    server.server_close()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from stand_in import serving
 from test_eval_run import build_fake_run
 from test_graders_judge import FakeJudge
 from tunelab.config import DataConfig, Recipe
@@ -47,13 +48,8 @@ def test_prepare_keeps_extra_keys_and_offers_reference(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def judge_server():
-    import threading
-
-    server = FakeJudge()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FakeJudge()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

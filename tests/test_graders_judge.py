@@ -8,10 +8,11 @@ import json
 import re
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
+from stand_in import QuietHandler, base_url, serving
 from tunelab.eval.graders.grade import Grading
 from tunelab.eval.graders.judge import JudgeCache
 from tunelab.eval.graders.pairwise import compare_pairwise
@@ -31,48 +32,37 @@ class FakeJudge(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+        return base_url(self)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: FakeJudge
 
-    def log_message(self, *_):  # keep test output clean
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         with self.server.lock:
             self.server.requests.append({"path": self.path, **body})
             self.server.headers_seen.append(self.headers.get("Authorization"))
         if self.path == "/v1/embeddings":
             text = body["input"].lower()
-            self._send(200, {"data": [{"embedding": [text.count(c) for c in "abcdefghijklmnopqrstuvwxyz"]}]})
+            self.reply_json(200, {"data": [{"embedding": [text.count(c) for c in "abcdefghijklmnopqrstuvwxyz"]}]})
             return
         prompt = body["messages"][-1]["content"]
         if "PAIR" in prompt:  # pairwise: the longer reply wins; a "biased" judge always says A
             a, b = (re.search(rf"{x}<(.*?)>", prompt, re.DOTALL).group(1) for x in ("A", "B"))
             choice = "A" if "biased" in prompt else "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": choice}}]})
+            self.reply_json(200, {"choices": [{"message": {"role": "assistant", "content": choice}}]})
             return
         answer = re.search(r"ANSWER<(.*?)>", prompt, re.DOTALL).group(1)
         if "crash" in answer:
-            self._send(500, {"error": {"message": "boom"}})
+            self.reply_json(500, {"error": {"message": "boom"}})
             return
         if "flaky" in answer:
             with self.server.lock:
                 first = answer not in self.server.failed_once
                 self.server.failed_once.add(answer)
             if first:
-                self._send(503, {"error": {"message": "busy"}})
+                self.reply_json(503, {"error": {"message": "busy"}})
                 return
         if "labels" in prompt:
             content = "polite" if "please" in answer else '{"result": "rude"}'
@@ -84,17 +74,13 @@ class _Handler(BaseHTTPRequestHandler):
             content = '{"result": 7}'
         else:
             content = "I would give this a 0.5 overall."
-        self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+        self.reply_json(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
 
 @pytest.fixture()
 def judge_server():
-    server = FakeJudge()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FakeJudge()) as server:
+        yield server
 
 
 def score_grader(server: FakeJudge, **extra) -> dict:

@@ -6,12 +6,13 @@ RecursionError); the judge cache survives a planted deep line."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
+from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
 
+from stand_in import QuietHandler, base_url, serving
 from tunelab.eval.graders import judge
 from tunelab.eval.graders.judge import JudgeCache, JudgeFailed, chat_reply, post_json, read_score
 
@@ -28,14 +29,11 @@ class Recorder(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+        return base_url(self)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: Recorder
-
-    def log_message(self, *_):
-        pass
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -44,13 +42,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST
 
-    def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
 
 def answer(content: str) -> bytes:
     return json.dumps({"choices": [{"message": {"content": content}}]}).encode()
@@ -58,18 +49,8 @@ def answer(content: str) -> bytes:
 
 @pytest.fixture
 def serve():
-    servers = []
-
-    def start(behaviour) -> Recorder:
-        server = Recorder(behaviour)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with ExitStack() as running:
+        yield lambda behaviour: running.enter_context(serving(Recorder(behaviour)))
 
 
 def endpoint(base_url: str) -> SimpleNamespace:

@@ -6,11 +6,11 @@ like a run folder's python grader."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import yaml
 
+from stand_in import serving
 from test_eval_run import build_fake_run
 from test_graders_judge import FakeJudge
 from tunelab.errors import ConfigError
@@ -21,11 +21,8 @@ JUDGE_INPUT = [{"role": "user", "content": "rate {{ sample.output_text }}"}]
 
 @pytest.fixture(scope="module")
 def judge():
-    server = FakeJudge()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FakeJudge()) as server:
+        yield server
 
 
 @pytest.fixture
