@@ -32,6 +32,8 @@ audit flags (`--write-clean --drop-flagged`, the default advice), and the cleane
 eval/metrics.json `cleaned` holds its paired comparison with the planted run. Reported: each run's
 test score, the paired differences (cleaned - planted, clean - planted, clean - cleaned: 95% CI and
 p) and the share of the loss recovered with a paired bootstrap interval.
+`--recovery --folds K` (after the planted run) audits the planted run out of fold and scores that
+ranking's detection beside the run's own (its own audit/ is put back afterwards).
 """
 
 from __future__ import annotations
@@ -298,6 +300,38 @@ def recovery_summary(folder: Path, seed: int = 0) -> dict:
     return out
 
 
+def folds_measurement(folder: Path, k: int, planted_lines: list[int]) -> dict:
+    """The planted run audited out of fold (`--folds k`) against its own-model audit: the same
+    detection numbers. The run's own audit/ is put back afterwards (the cleaned copy is written from it)."""
+    import shutil
+
+    from tunelab.eval.folds import audit_with_folds
+
+    run = folder / "planted"
+    saved = folder / "planted-audit-own-model"
+    if saved.exists():
+        shutil.rmtree(saved)
+    shutil.copytree(run / "audit", saved, ignore=shutil.ignore_patterns("folds"))
+    started = time.perf_counter()
+    try:
+        rows, summary, trained = audit_with_folds(run, k)
+    finally:
+        for name in ("audit.jsonl", "summary.json"):
+            shutil.copy2(saved / name, run / "audit" / name)
+    rows = [r.__dict__ for r in rows]
+    planted = set(planted_lines) & {r["line"] for r in rows}
+    p = len(planted)
+    lines = [r["line"] for r in rows]
+    flagged = {r["line"] for r in rows if r["flagged"]}
+    own = detection(run, planted_lines)
+    return {"folds": k, "seconds": round(time.perf_counter() - started, 1), "steps": trained.steps,
+            "train_time_s": trained.train_time_s, "planted": p,
+            "out_of_fold": {"recall_at_2p": round(len(planted & set(lines[: 2 * p])) / max(1, p), 3),
+                            "precision_at_p": round(len(planted & set(lines[:p])) / max(1, p), 3),
+                            "flagged": len(flagged), "flagged_planted": len(planted & flagged)},
+            "own_model": {**own["shipped"], "flagged": own["flagged"], "flagged_planted": own["flagged_planted"]}}
+
+
 def recovery(args: argparse.Namespace) -> None:
     folder = args.out / f"{args.task}-recovery"
     meta = json.loads((folder / "recovery.json").read_text()) if (folder / "recovery.json").is_file() else \
@@ -308,6 +342,12 @@ def recovery(args: argparse.Namespace) -> None:
         "planted": len(meta["planted_lines"]), "epochs": args.epochs, "budget": args.budget,
         "model": args.model or "smollm2-135m-instruct (default)",
         "command": f"python bench/audit_planted.py --task {args.task} --recovery"}
+    if args.folds:  # after --variant planted (and cleaned, which reads the planted run's own audit)
+        section["folds"] = folds_measurement(folder, args.folds, meta["planted_lines"])
+        section["folds"]["command"] = f"python bench/audit_planted.py --task {args.task} --recovery --folds {args.folds}"
+        RESULTS.write_text(json.dumps(previous, indent=1) + "\n")
+        print(json.dumps(section["folds"], indent=1))
+        return
     for variant in ([args.variant] if args.variant else RECOVERY_VARIANTS):
         result = run_recovery_variant(folder, variant, args, meta)
         section["runs"][variant] = result
@@ -322,12 +362,13 @@ def main() -> None:
     parser.add_argument("--task", choices=["routing", "orders"], required=True)
     parser.add_argument("--variant", choices=["planted", "clean", "cleaned"])
     parser.add_argument("--recovery", action="store_true", help="the recovery measurement (module docstring)")
-    parser.add_argument("--train", type=int, default=None, help="training examples (200; --recovery: 100)")
+    parser.add_argument("--train", type=int, default=None, help="training examples (200; --recovery: 80)")
     parser.add_argument("--valid", type=int, default=20, help="--recovery: clean validation examples")
     parser.add_argument("--test", type=int, default=300, help="--recovery: test examples")
+    parser.add_argument("--folds", type=int, default=0, help="--recovery: audit the planted run out of fold (K trainings)")
     parser.add_argument("--model", default=None, help="model.name (default: the recipe's default model)")
     parser.add_argument("--budget", default=None, help="train.budget: an upper bound on a loaded machine (20m; "
-                        "--recovery: 10m)")
+                        "--recovery: 15m)")
     parser.add_argument("--epochs", default="3", help="train.epochs: the audit needs every example seen twice")
     parser.add_argument("--out", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test set")
@@ -335,7 +376,7 @@ def main() -> None:
     parser.add_argument("--rerank", action="store_true", help="an audited run: rank it again, score the detection only")
     args = parser.parse_args()
     if args.recovery:
-        args.train, args.budget = args.train or 100, args.budget or "10m"
+        args.train, args.budget = args.train or 80, args.budget or "15m"
         recovery(args)
         return
     if args.variant is None:

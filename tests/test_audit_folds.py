@@ -104,3 +104,19 @@ def test_out_of_fold_scores_from_the_fold_models(small_run):
     messages = train[row.id]["messages"]
     [p] = answer_confidences(model, tokenizer, [messages[:-1]], [messages[-1]["content"]])
     assert row.reason.startswith(f"out of fold: loss {-math.log(p):.2f} nats/token")
+
+
+def test_cli_folds_option_audits_out_of_fold_and_says_what_it_trained(small_run):
+    from typer.testing import CliRunner
+
+    from tunelab import cli
+
+    run, _ = small_run
+    result = CliRunner().invoke(cli.app, ["data", "audit", str(run), "--folds", "2", "--top", "2"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if line.startswith("out of fold: ")]
+    assert len(said) == 1 and said[0].startswith("out of fold: 2 trainings on 6-6 rows (")
+    summary = json.loads((run / "audit" / "summary.json").read_text())
+    assert summary["folds"] == 2 and summary["signal"] == "held_out_loss" and summary["decoded"] == 12
+    bad = CliRunner().invoke(cli.app, ["data", "audit", str(run), "--folds", "13"])
+    assert bad.exit_code != 0 and "at most one fold per example" in str(bad.exception) + bad.output

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Recipe
-from tunelab.contract import ContractError, Lineage, Manifest, Metrics
+from tunelab.contract import ContractError, Lineage, Manifest, Metrics, PairedResult  # noqa: F401 (imported from here)
 from tunelab.errors import ConfigError
 from tunelab.eval.paired import SIGNIFICANCE, arm_scores, compare_paired  # noqa: F401 (this module's names before)
 from tunelab.files import write_text_atomic
