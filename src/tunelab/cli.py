@@ -212,8 +212,8 @@ def data_audit(
     if write_clean is not None:
         source, dropped = write_clean_copy(rows, drop_top, write_clean, drop_flagged=drop_flagged, run_dir=run_dir)
         typer.echo(f"{write_clean}: {source} without {len(dropped)} line(s): {', '.join(map(str, dropped)) or 'none'}"
-                   + ("" if summary.claims_errors or not dropped else
-                      " (the hardest examples: the audit claims none of them wrong)")
+                   + ("" if not dropped else f" ({sum(r.flagged for r in rows if r.line in dropped)} of them flagged)"
+                      if summary.claims_errors else " (the hardest examples: the audit claims none of them wrong)")
                    + f"\n`tunelab run` with data.train={write_clean} compares itself with {run_dir} (paired, same test set)")
 
 
