@@ -142,6 +142,10 @@ def test_no_comparison_for_an_edited_copy_a_missing_parent_or_another_metric(tmp
     edited = compare_cleaned(recipe, child)
     assert edited["comparison"] is None and "changed after" in edited["note"] and edited["dropped_lines"] == [11, 12]
     assert json.loads(child.metrics.read_text())["cleaned"] == edited
+    from tunelab.report.html import build_report_context
+
+    shown = build_report_context(child.root)["cleaned"]  # the report says why nothing was compared
+    assert shown["available"] and shown["text"] == edited["text"] and shown["dropped"].startswith("2 line(s) of ")
 
     plain = load_recipe(None, [f"data.train={tmp_path / 'user' / 'train.jsonl'}"])
     assert compare_cleaned(plain, child) is None  # not a cleaned copy: nothing written

@@ -333,9 +333,11 @@ def _audit(root: Path) -> dict[str, Any]:
             "total": len(rows), "flagged": summary["flagged"]}
 
 
-def _cleaned(metrics: Any) -> dict[str, Any]:
-    """eval/metrics.json `cleaned` (eval/cleaned.py): trained on a cleaned copy of another run's data."""
-    value = getattr(metrics.value, "cleaned", None) if metrics.ok else None
+def _cleaned(paths: RunPaths) -> dict[str, Any]:
+    """eval/metrics.json `cleaned` (eval/cleaned.py): trained on a cleaned copy of another run's data (read
+    as found: shown even when another part of the file does not check)."""
+    metrics = read_json(paths.metrics)
+    value = (metrics.value or {}).get("cleaned") if metrics.ok and isinstance(metrics.value, dict) else None
     if not isinstance(value, dict) or not value.get("text"):
         return {"available": False}
     lines = value.get("dropped_lines") or []
@@ -651,7 +653,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
         "audit": _audit(root),
-        "cleaned": _cleaned(metrics),
+        "cleaned": _cleaned(paths),
         "training": training,
         "arms": arms,
         "overfitting": {**_overfitting(overfitting_value, metrics, training, root),
