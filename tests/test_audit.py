@@ -379,10 +379,10 @@ def test_a_run_without_dynamics_gets_a_one_line_error(audited_run, tmp_path):
 def test_answer_confidence_scores_only_the_answer_after_its_context(tiny_model, tokenizer):
     import math
 
+    from train_examples import reference_loss_sums
     from tunelab.data.pack import collate
     from tunelab.data.tokenize import tokenize_conversation
     from tunelab.eval.audit import answer_confidences
-    from tunelab.train.loss import reference_loss_sums
 
     context = [{"role": "user", "content": "Route: my wifi drops"}, {"role": "assistant", "content": "NET"},
                {"role": "user", "content": "Route: I was charged twice"}]

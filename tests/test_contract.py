@@ -11,7 +11,15 @@ import pytest
 from pydantic import BaseModel
 
 from tunelab.config import ARMS, load_recipe
-from tunelab.contract import RUN_FILES, ContractError, Manifest, Metrics, Stages, TrainSummary
+from tunelab.contract import (
+    RUN_FILES,
+    ContractError,
+    DataFingerprint,
+    Manifest,
+    Metrics,
+    Stages,
+    TrainSummary,
+)
 from tunelab.pipeline import STAGES
 from tunelab.report.html import build_report_context
 
@@ -59,8 +67,8 @@ def test_the_files_say_what_the_run_did(run_dir):
     recipe = load_recipe(run_dir / "recipe.yaml")
     manifest = Manifest.from_file(run_dir / "manifest.json")
     assert (manifest.model, manifest.method, manifest.seed) == ("tiny-test", "lora", recipe.train.seed)
-    fingerprint = json.loads((run_dir / "data" / "fingerprint.json").read_text())
-    assert manifest.data_sha256 == fingerprint["sha256"]
+    fingerprint = DataFingerprint.from_file(run_dir / "data" / "fingerprint.json")
+    assert manifest.data_sha256 == fingerprint.sha256 and manifest.data_fingerprint == fingerprint.model_dump(exclude_unset=True)
     summary = TrainSummary.from_file(run_dir / "train" / "summary.json")
     assert summary.steps == 2 and summary.output == "adapter" and (run_dir / summary.output).is_dir()
     stages = Stages.from_file(run_dir / "stages.json")
@@ -146,6 +154,7 @@ def test_run_paths_name_every_run_file_once(tmp_path):
     named = [
         (paths.recipe, "recipe.yaml"), (paths.manifest, "manifest.json"), (paths.stages, "stages.json"),
         (paths.data_stats, "data/stats.json"), (paths.data_fingerprint, "data/fingerprint.json"),
+        (paths.data_issues, "data/issues.jsonl"),
         (paths.data_split("test"), "data/test.jsonl"), (paths.train_dir, "train"), (paths.train_log, "train/log.jsonl"),
         (paths.plan, "train/plan.json"), (paths.train_summary, "train/summary.json"),
         (paths.metrics, "eval/metrics.json"), (paths.predictions, "eval/predictions.jsonl"),

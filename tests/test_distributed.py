@@ -21,11 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import faults
+from faults import DUMP_ENV, KILL_ENV, NAN_ENV, step_for_rank
 from train_examples import reverse_pairs, write_chat_jsonl
 from tunelab.config import Recipe
 from tunelab.errors import ConfigError
 from tunelab.train.distributed import FullyShardedContext, resolve_strategy
-from tunelab.train.faults import DUMP_ENV, KILL_ENV, NAN_ENV, step_for_rank
 
 STEPS = 6
 # 11 examples (~48 tokens) pack into 6 rows of <= 128 tokens, read as steps of 3, 2 and 1 rows (one
@@ -73,6 +74,8 @@ def _start(
     command = [sys.executable, "-m", "tunelab", "train", "recipe.yaml", f"name={name}", *overrides]
     command += [f"--nproc={nproc}"] if nproc else []
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    if extra_env:  # faults asked for: every process of the run loads them (tests/faults.py)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(faults.SITE), env.get("PYTHONPATH")]))
     return subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 

@@ -439,6 +439,13 @@ def test_eval_external_adds_arms_to_a_finished_run_without_regenerating(fake_run
     shutil.copytree(run, tmp_path / "copy")
     comparison = compare_runs([run, tmp_path / "copy"], arm="prod")
     assert dict(comparison.rows)[f"prod: {comparison.primary_metric} (%, 95% CI)"] == ["100.0 [100.0, 100.0]"] * 2
+    # a damaged eval/metrics.json stops it with one line naming the file, before anything is generated
+    from tunelab.contract import ContractError
+    from tunelab.eval.external import read_external_file
+
+    (run / "eval" / "metrics.json").write_text('{"arms": ')
+    with pytest.raises(ContractError, match=r"eval/metrics.json: not valid JSON"):
+        run_module.add_external_arms(run, read_external_file(arms_file))
 
 
 def test_external_arms_run_with_the_recipes_arms_only(fake_run_template, tmp_path):

@@ -95,6 +95,7 @@ def parent(data, tmp_path_factory, tiny_model_dir) -> RunPaths:
 
 def test_drift_flags_data_of_another_task_and_not_of_its_own(parent, data):
     from tunelab.lifecycle.drift import drift
+    from tunelab.runs import DriftPaths
 
     own_results = parent.metrics.read_text()
     other = drift(parent.root, data["other_new"])
@@ -112,6 +113,11 @@ def test_drift_flags_data_of_another_task_and_not_of_its_own(parent, data):
     assert other.primary_range == [0.0, 1.0]  # a run without primary_range: a 0-1 score
     on_disk = json.loads((Path(other.folder) / "drift.json").read_text())
     assert on_disk["stale"] is True and Path(other.folder).parent == parent.root / "drift"
+    # the check's folder (runs.DriftPaths): the new examples, the arms scored on them, rag's two folds
+    check = DriftPaths(Path(other.folder))
+    assert len(check.new_examples.read_text().splitlines()) == 24 and check.result.is_file()
+    assert set(json.loads((check.eval / "metrics.json").read_text())["arms"]) == {"tuned", "prompt"}
+    assert (check.rag_fold("a") / "metrics.json").is_file() and (check.rag_fold("b") / "metrics.json").is_file()
 
     same = drift(parent.root, data["own_new"])
     assert not same.stale and same.new["tuned"]["primary"] == 1.0

@@ -75,3 +75,43 @@ def test_training_in_child_processes_borrows_the_run_folders_lock(tmp_path):
     assert refused.returncode == 1 and "FolderBusy" in refused.stderr
     with pytest.raises(TrainingFailed, match=r"exit code 3\).*Resume with: tunelab run r.yaml --resume --nproc=2$"):
         _train_in_children([sys.executable, "-c", "raise SystemExit(3)"], paths, "tunelab run r.yaml --resume --nproc=2")
+
+
+def test_the_training_stage_trains_on_the_data_the_prepare_stage_made(tmp_path, monkeypatch):
+    """`tunelab run` prepares once: its training stage is handed what the prepare stage made. Resumed with
+    the prepare stage finished, the training stage runs the data stage itself, which reuses data/ as it is."""
+    import tunelab.eval.run as evaluation
+    import tunelab.train.run as training
+    import tunelab.train.start as start
+    from tunelab.config import load_recipe
+    from tunelab.pipeline import run_pipeline
+    from tunelab.runs import RunPaths
+
+    class Stop(Exception):
+        pass
+
+    prepared, trained_on = [], []
+    prepare_run = start.prepare_run
+    monkeypatch.setattr(start, "prepare_run", lambda recipe, paths: prepared.append(prepare_run(recipe, paths))
+                        or prepared[-1])
+
+    def train(recipe, **kwargs):
+        trained_on.append(kwargs["started"])
+        RunPaths(recipe.run_dir).train_log.parent.mkdir(parents=True, exist_ok=True)
+        RunPaths(recipe.run_dir).train_log.touch()  # training began: the folder is kept for --resume
+
+    monkeypatch.setattr(training, "train", train)
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: (_ for _ in ()).throw(Stop()))
+    recipe = load_recipe(EXAMPLE, [*FAST, f"out_dir={tmp_path}"])
+    with pytest.raises(Stop):
+        run_pipeline(recipe)
+    assert len(prepared) == 1 and trained_on == prepared and not prepared[0].data.reused
+    assert RunPaths(recipe.run_dir).manifest.is_file()  # written by the prepare stage, with data/
+
+    stages = json.loads(RunPaths(recipe.run_dir).stages.read_text())
+    assert list(stages) == ["check", "prepare", "train"]  # eval stopped the run
+    stages.pop("train")
+    RunPaths(recipe.run_dir).stages.write_text(json.dumps(stages))
+    with pytest.raises(Stop):
+        run_pipeline(recipe, resume=True)
+    assert len(prepared) == 2 and trained_on[1] is prepared[1] and prepared[1].data.reused

@@ -397,6 +397,23 @@ def test_damaged_files_are_reported(run_dir):
     assert "plot-loss" in parse(html).ids  # the rest of the report is still there
 
 
+@pytest.mark.parametrize(("content", "note"), [
+    ("{not json", "data/stats.json could not be read: not valid JSON"),
+    ("[1, 2]", "data/stats.json could not be read: not a JSON object"),
+])
+def test_a_damaged_stats_file_is_named_and_the_rest_of_the_report_stays(run_dir, content, note):
+    (run_dir / "data" / "stats.json").write_text(content)
+    html = write_report(run_dir).read_text()
+    assert note in html and "1,097" not in html
+    assert "plot-loss" in parse(html).ids
+
+
+def test_older_stats_show_the_keys_they_have(run_dir):
+    # the fixture's stats.json has counts, issues, quality and tokens only (no split, notes, ...): shown as found
+    html = write_report(run_dir).read_text()
+    assert "data/stats.json could not be read" not in html and "1,097" in html and "61,209" in html
+
+
 @pytest.mark.parametrize("odd", [None, 3.5, "text", [1, 2], {"a": {"b": {"c": [1, {"d": 2}]}}}, {"arms": []}])
 def test_unexpected_result_shapes_render(run_dir, odd):
     metrics_path = run_dir / "eval" / "metrics.json"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults import NAN_ENV, patch
 from train_examples import qa_pairs, tokenized
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError
 from tunelab.runs import RunPaths
-from tunelab.train.faults import NAN_ENV
 from tunelab.train.loop import NonFiniteTraining
 from tunelab.train.run import start_run_dir, train_on_examples
 from tunelab.train.setup import LrSchedule, setup_training
@@ -100,6 +100,7 @@ def test_lora_keeps_base_bitwise_trains_the_adapter_and_peft_loads_it(train_run,
 
 def test_injected_nan_is_skipped_with_parameters_unchanged_and_logged(train_run, monkeypatch):
     monkeypatch.setenv(NAN_ENV, "3")
+    patch(monkeypatch.setattr)
     snapshots = {}
 
     def record(state, setup):
@@ -117,6 +118,7 @@ def test_injected_nan_is_skipped_with_parameters_unchanged_and_logged(train_run,
 
 def test_consecutive_non_finite_steps_abort_with_a_clear_message(train_run, monkeypatch):
     monkeypatch.setenv(NAN_ENV, "2")
+    patch(monkeypatch.setattr)
     with pytest.raises(NonFiniteTraining, match="consecutive steps had a non-finite loss"):
         train_run(["name=abort", "train.max_steps=5", "train.max_nonfinite_steps=1"])
 

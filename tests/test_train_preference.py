@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import faults
 from tunelab.config import load_recipe
 from tunelab.train.preference import PreferenceLoss, attach_reference, pair_batches, reference_logps
 from tunelab.train.setup import setup_training
@@ -186,8 +187,9 @@ def _run_cli(folder, name, *, env=None, resume=False):
     import tunelab
 
     source = str(Path(tunelab.__file__).resolve().parents[1])  # this checkout's tunelab, whatever the cwd
+    site = [str(faults.SITE)] if env else []  # faults asked for: the run loads them (tests/faults.py)
     environment = {**os.environ, "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {}),
-                   "PYTHONPATH": os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])}
+                   "PYTHONPATH": os.pathsep.join([source, *site, *filter(None, [os.environ.get("PYTHONPATH")])])}
     return subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
 
 

@@ -68,3 +68,23 @@ def random_examples(lengths: list[int], seed: int = 0, prompt_fraction: float = 
         cut = int(n * prompt_fraction)
         out.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
     return out
+
+
+def reference_loss_sums(model: Any, batch: Any) -> Any:
+    """CausalLMLoss's sums through the model's own full-logits forward: what the chunked loss must equal."""
+    import torch
+
+    from tunelab.data.pack import IGNORE_INDEX
+    from tunelab.train.loss import LossSums
+
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    ).logits.float()
+    targets = batch.labels[:, 1:]
+    logits = logits[:, :-1]
+    trainable = targets != IGNORE_INDEX
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    correct = ((logits.argmax(-1) == targets) & trainable).sum()
+    return LossSums(loss_sum, trainable.sum(), correct)

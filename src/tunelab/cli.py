@@ -22,7 +22,7 @@ from tunelab.curve import DEFAULT_FRACTIONS, build_curve, curve_dir, format_tabl
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.lifecycle.update import UpdateSettings  # its defaults feed `update --help`
 from tunelab.pipeline import run_pipeline
-from tunelab.runs import RunPaths
+from tunelab.runs import DriftPaths, RunPaths
 from tunelab.specs.graders import read_graders_file
 from tunelab.use.serve import MIN_TEMPERATURE, ServeSettings  # ServeSettings' defaults feed `serve --help`
 
@@ -511,7 +511,7 @@ def drift(
 
     result = check_drift(run, new, trust_remote_code=trust_remote_code)
     typer.echo(result.text)
-    typer.echo(f"wrote {Path(result.folder) / 'drift.json'}", err=True)
+    typer.echo(f"wrote {DriftPaths(Path(result.folder)).result}", err=True)
 
 
 @app.command()

@@ -124,6 +124,41 @@ class Lineage(BaseModel):
     details: dict[str, Any] = {}
 
 
+# ---------------------------------------------------------------------------------------------- data/stats.json
+# data/fingerprint.json (writer: data/prepare.py prepare_data, or data/preference.py for `method: dpo`)
+
+
+class DataStats(_Record):
+    """data/stats.json: what the data stage read, kept and dropped, and why. Readers: the plan (its
+    replay), `tunelab run`, the report, the UI, `runs list`."""
+
+    counts: dict[str, Any] = Field(description="read, accepted, rejected, train, valid, test, token_rows, "
+                                   "by_format; replay (replay examples, counted apart)")
+    issues: dict[str, Any] = Field(description="errors, warnings, by_code")
+    quality: dict[str, Any] = Field(description="counts per quality finding")
+    tokens: dict[str, Any] = Field(description="min, median, p95, max, total, trainable_total per example")
+    rejected_by_reason: dict[str, int]
+    split: dict[str, Any] = Field(description="seed, how valid and test were made")
+    notes: list[str]
+    replay: dict[str, Any] | None = Field(None, description="replay examples in training: file, source, share, "
+                                          "share_source, examples, available, share_actual, reason")
+    kind: Literal["preference"] | None = Field(None, description="'preference' for `method: dpo` (pairs)")
+
+
+class DataFingerprint(_Record):
+    """data/fingerprint.json: what the prepared folder depends on, written last (an unchanged fingerprint
+    reuses the folder). Readers: prepare itself, the manifest (its data_fingerprint is this content),
+    `tunelab curve`, the preference reference's cache key."""
+
+    version: int
+    inputs: dict[str, dict[str, Any]] = Field(description="{role: {path, sha256}}; replay also has share")
+    tokenizer_sha256: str
+    chat_template_sha256: str
+    settings: dict[str, Any] = Field(description="the recipe's data keys")
+    sha256: str = Field(description="of all of the above (input paths left out)")
+    kind: Literal["preference"] | None = Field(None, description="'preference' for `method: dpo` (pairs)")
+
+
 # ---------------------------------------------------------------------------------------------- manifest.json
 
 
@@ -135,7 +170,7 @@ class Parent(_Record):
 
 
 class Manifest(_Record):
-    """manifest.json: what produced the run (writer: train/run.py write_manifest)."""
+    """manifest.json: what produced the run (writer: train/start.py write_manifest)."""
 
     tunelab: str
     python: str
@@ -424,6 +459,8 @@ class AdapterScale(_Record):
 RUN_FILES: dict[str, type[_FileModel]] = {
     "manifest.json": Manifest,
     "stages.json": Stages,
+    "data/stats.json": DataStats,
+    "data/fingerprint.json": DataFingerprint,
     "train/summary.json": TrainSummary,
     "train/plan.json": TrainPlan,
     "eval/metrics.json": Metrics,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from tunelab.console import say
-from tunelab.contract import Metrics, TrainPlan, TrainSummary
+from tunelab.contract import DataFingerprint, Metrics, TrainPlan, TrainSummary
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import write_text_atomic
 
@@ -275,7 +275,8 @@ def _run_point(
     """One point: its data subset, training, the tuned arm's evaluation. With `resume`, what its
     folder already holds is kept: a finished evaluation, a finished training, complete checkpoints."""
     from tunelab.eval.run import evaluate
-    from tunelab.train.run import start_run_dir, train_on_examples, write_manifest
+    from tunelab.train.run import train_on_examples
+    from tunelab.train.start import start_run_dir, write_manifest
 
     resume = resume and paths.root.is_dir()  # a point new to this curve starts fresh
     start_run_dir(paths, recipe, resume)  # with resume: refuses a recipe that changed since
@@ -382,7 +383,7 @@ def build_curve(
     from tunelab.data.prepare import data_fingerprint, prepare_data
     from tunelab.models import load_tokenizer
     from tunelab.runs import RunPaths
-    from tunelab.train.run import start_run_dir, write_manifest
+    from tunelab.train.start import start_run_dir, write_manifest
 
     root = curve_dir(recipe)
     if not resume and root.exists() and any(root.iterdir()):
@@ -397,7 +398,7 @@ def build_curve(
     start_run_dir(reference_paths, reference_recipe, resume)
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
     if resume and reference_paths.data_fingerprint.is_file():
-        earlier = json.loads(reference_paths.data_fingerprint.read_text(encoding="utf-8"))["sha256"]
+        earlier = DataFingerprint.from_file(reference_paths.data_fingerprint).sha256
         if earlier != data_fingerprint(reference_recipe.data, tokenizer)["sha256"]:
             raise ConfigError(f"{root}: the data or the data settings changed since this curve started, so its points "
                               "would not share a training pool; start a new curve with name=NEW")

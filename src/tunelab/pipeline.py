@@ -7,18 +7,21 @@ how long each took). A stage that finds a blocking problem stops the run with it
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.config import Recipe
 from tunelab.console import say
-from tunelab.contract import Stages
+from tunelab.contract import DataStats, Stages
 from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.files import lend_dir_lock
 from tunelab.runs import RunPaths, removed_unless_trained
+
+if TYPE_CHECKING:
+    from tunelab.train.start import StartedRun
 
 STAGES = ("check", "prepare", "train", "eval", "audit", "report")
 
@@ -49,15 +52,15 @@ def _check(recipe: Recipe, paths: RunPaths) -> None:
         )
 
 
-def _prepare(recipe: Recipe, paths: RunPaths) -> None:
-    from tunelab.data.prepare import prepare_data
-    from tunelab.models import load_tokenizer
-    from tunelab.train.run import replay_file_for
+def _prepare(recipe: Recipe, paths: RunPaths) -> StartedRun:
+    """The data stage into the started run folder (train/start.py prepare_run: tokenizer, replay file,
+    data/, manifest.json); the training stage trains on what it returns."""
+    from tunelab.train.start import prepare_run
 
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
-    prepare_data(recipe, tokenizer, paths.data, replay_file=replay_file_for(recipe))
-    counts = json.loads(paths.data_stats.read_text()).get("counts", {})
+    started = prepare_run(recipe, paths)
+    counts = DataStats.from_file(paths.data_stats).counts
     say("prepared " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return started
 
 
 class TrainingFailed(TunelabError):
@@ -99,18 +102,24 @@ def _run_stages(
     recipe: Recipe, paths: RunPaths, stages: Stages, resume: bool, resume_command: str | None,
     train_command: Sequence[str] | None,
 ) -> Path:
-    from tunelab.train.run import start_run_dir
+    from tunelab.train.start import start_run_dir
 
     start_run_dir(paths, recipe, resume)
+    prepared: list[StartedRun] = []  # the prepare stage's, in this process
+
+    def prepare_stage(recipe: Recipe, paths: RunPaths) -> None:
+        prepared.append(_prepare(recipe, paths))
 
     def train_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.train.run import train
 
-        if train_command is not None:
+        if train_command is not None:  # `tunelab train` under torchrun: its rank 0 finds data/ prepared
             _train_in_children(train_command, paths, resume_command)
             return
-        # with resume, a run stopped during training continues from its newest complete checkpoint
-        train(recipe, resume=resume, resume_command=resume_command)
+        # the data prepared once; with resume (prepare finished earlier) the data stage again, which reuses
+        # data/ as it is, and training continues from its newest complete checkpoint
+        started = prepared[-1] if prepared else _prepare(recipe, paths)
+        train(recipe, resume=resume, resume_command=resume_command, started=started)
 
     def eval_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.eval.cleaned import compare_cleaned
@@ -144,7 +153,7 @@ def _run_stages(
         say(f"report: {html}")
 
     actions: dict[str, Callable[[Recipe, RunPaths], None]] = {
-        "check": _check, "prepare": _prepare, "train": train_stage, "eval": eval_stage, "audit": audit_stage,
+        "check": _check, "prepare": prepare_stage, "train": train_stage, "eval": eval_stage, "audit": audit_stage,
         "report": report_stage,
     }
     for number, stage in enumerate(STAGES, start=1):

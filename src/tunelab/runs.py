@@ -49,6 +49,10 @@ class RunPaths:
     def data_fingerprint(self) -> Path:
         return self.data / "fingerprint.json"
 
+    @property
+    def data_issues(self) -> Path:
+        return self.data / "issues.jsonl"
+
     def data_split(self, split: str) -> Path:
         """data/<split>.jsonl: the prepared examples of "train", "valid" or "test"."""
         return self.data / f"{split}.jsonl"
@@ -113,6 +117,10 @@ class RunPaths:
     def drift(self) -> Path:
         return self.root / "drift"
 
+    def drift_check(self, name: str) -> DriftPaths:
+        """drift/<name>/: one `tunelab drift` check (named by its UTC time)."""
+        return DriftPaths(self.drift / name)
+
     @property
     def report_html(self) -> Path:
         return self.root / "report.html"
@@ -120,6 +128,31 @@ class RunPaths:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+
+@dataclass(frozen=True)
+class DriftPaths:
+    """One drift check's folder, RUN/drift/<UTC time>/ (writer: lifecycle/drift.py)."""
+
+    root: Path
+
+    @property
+    def new_examples(self) -> Path:
+        """The new labelled examples, as scored."""
+        return self.root / "new.jsonl"
+
+    @property
+    def eval(self) -> Path:
+        """The run's arms scored on the new examples (an evaluation's folder: metrics.json, predictions.jsonl)."""
+        return self.root / "eval"
+
+    def rag_fold(self, label: str) -> Path:
+        """The rag arm with half of the new examples in its pool, scored on the other half (fold a or b)."""
+        return self.root / f"rag-new-{label}"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "drift.json"
 
 
 def open_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunPaths, Recipe]:

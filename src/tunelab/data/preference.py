@@ -31,7 +31,6 @@ Public API:
 from __future__ import annotations
 
 import hashlib
-import json
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.contract import DataStats
 from tunelab.data.formats import (
     MISSING,
     Draft,
@@ -51,7 +51,6 @@ from tunelab.data.formats import (
 )
 from tunelab.data.quality import SPLITS, prompt_key
 from tunelab.data.validate import Issue, check_messages, excerpt, iter_raw_records
-from tunelab.files import write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -542,7 +541,7 @@ def prepare_preferences(
                   "test": "file" if data.test is not None else f"{data.test_fraction:g} of train (max {data.test_max})"},
         "notes": [],
     }
-    write_text_atomic(out_dir / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+    DataStats.model_validate(stats).write(out_dir / "stats.json")
     raise_on_errors(issues)
     return stats
 

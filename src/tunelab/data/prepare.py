@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import DataConfig, Recipe
+from tunelab.contract import ContractError, DataFingerprint, DataStats
 from tunelab.data.formats import data_files, dump_json_line, write_json_lines
 from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
@@ -47,7 +48,7 @@ from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
 from tunelab.errors import ConfigError, DataError
-from tunelab.files import AtomicTextFile, sha256_file, write_text_atomic
+from tunelab.files import AtomicTextFile, sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,9 +138,9 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase,
 def _reusable(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """stats.json of a previous preparation with the same fingerprint, or None."""
     try:
-        previous = json.loads((out_dir / "fingerprint.json").read_text())
-        stats = json.loads((out_dir / "stats.json").read_text())
-    except (OSError, ValueError):
+        previous = DataFingerprint.read_keys(out_dir / "fingerprint.json")
+        stats = DataStats.read_keys(out_dir / "stats.json")
+    except (OSError, ContractError):
         return None
     if previous.get("sha256") != fingerprint["sha256"] or not all((out_dir / name).is_file() for name in OUTPUT_FILES):
         return None
@@ -147,11 +148,6 @@ def _reusable(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | No
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-
-def _write_json(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
 
 
 def _refuse_overwriting_inputs(data: DataConfig, out_dir: Path) -> None:
@@ -229,7 +225,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     if pairs:  # their own rules, the same files
         stats = prepare_preferences(data, tokenizer, out_dir, lambda issues: _raise_on_errors(issues, out_dir))
         write_json_lines(out_dir / "replay.jsonl", [])  # no replay for pairs: a dpo run learns a preference
-        _write_json(out_dir / "fingerprint.json", fingerprint)
+        DataFingerprint.model_validate(fingerprint).write(out_dir / "fingerprint.json")
         return PreparedData(out_dir, stats)
 
     # read and validate every input
@@ -311,7 +307,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
         stats["replay"] = replay_stats
     _write_outputs(out_dir, members, issues, stats)
     _raise_on_errors(issues, out_dir)
-    _write_json(out_dir / "fingerprint.json", fingerprint)
+    DataFingerprint.model_validate(fingerprint).write(out_dir / "fingerprint.json")
     return PreparedData(out_dir, stats)
 
 
@@ -473,4 +469,4 @@ def _write_outputs(out_dir: Path, members: list[_Member], issues: list[Issue], s
         for m in members if m.rejected is not None
     ])
     write_json_lines(out_dir / "issues.jsonl", [issue.to_dict() for issue in issues])
-    _write_json(out_dir / "stats.json", stats)
+    DataStats.model_validate(stats).write(out_dir / "stats.json")

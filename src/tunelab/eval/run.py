@@ -977,8 +977,8 @@ def add_external_arms(run_dir: str | Path, external: Sequence[Any], *, echo: boo
         return evaluate(run_dir, echo=echo, trust_remote_code=trust_remote_code, python_graders=python_graders,
                         external=external)
     started = time.perf_counter()
-    previous = json.loads(paths.metrics.read_text(encoding="utf-8"))
-    Metrics.model_validate(previous)  # a damaged file is an error here, not a guess
+    Metrics.from_file(paths.metrics)  # a damaged file is an error here (one line naming it), not a guess
+    previous = Metrics.read_keys(paths.metrics)  # its keys as they are: written back with the arms added
     names = {arm.name for arm in external}
     kept_arms = {arm: row for arm, row in previous["arms"].items() if arm not in names}
     builtin = [arm for arm in ARMS if arm in kept_arms]

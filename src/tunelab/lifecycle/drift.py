@@ -44,7 +44,7 @@ from tunelab.lifecycle.lineage import (
 )
 from tunelab.lifecycle.new_data import read_new_data, read_rows, user_text, write_rows
 from tunelab.lifecycle.shift import measure_input_shift
-from tunelab.runs import RunPaths, open_run
+from tunelab.runs import DriftPaths, RunPaths, open_run
 
 MIN_FOLD_EXAMPLES = 2  # the rag-with-new-examples arm needs two folds of at least this many
 
@@ -154,7 +154,7 @@ def _pct(summary: dict[str, Any], score_range: Sequence[float] | None = None) ->
     return f"{to_points(summary['primary'], score_range):.1f}% [{lo:.1f}, {hi:.1f}]"
 
 
-def _rag_with_new_pool(paths: RunPaths, out: Path, labelled: list[dict[str, Any]], settings: Any, seed: int,
+def _rag_with_new_pool(paths: RunPaths, check: DriftPaths, labelled: list[dict[str, Any]], settings: Any, seed: int,
                        trust_remote_code: bool) -> list[float]:
     """The rag arm with the new examples in its pool: two seeded folds, each scored with the other in the pool."""
     from tunelab.eval.run import evaluate
@@ -165,7 +165,7 @@ def _rag_with_new_pool(paths: RunPaths, out: Path, labelled: list[dict[str, Any]
     train = read_rows(paths.data_split("train"))
     scores: list[float] = []
     for label, scored, pooled in (("a", folds[0], folds[1]), ("b", folds[1], folds[0])):
-        folder = out / f"rag-new-{label}"
+        folder = check.rag_fold(label)
         test_file = write_rows(folder / "test.jsonl", scored)
         pool_file = write_rows(folder / "pool.jsonl", train + pooled)
         evaluate(paths.root, arms=["rag"], test_file=test_file, recipe=settings, train_file=pool_file,
@@ -184,40 +184,40 @@ def drift(run_dir: str | Path, new_file: str | Path, *, trust_remote_code: bool 
     new = read_new_data(new_file, recipe.data.format, recipe.data.system_prompt)
     seed = recipe.eval.seed
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = paths.drift / stamp
+    check = paths.drift_check(stamp)
     for again in range(2, 100):  # two checks within one second keep both
-        if not out.exists():
+        if not check.root.exists():
             break
-        out = paths.drift / f"{stamp}-{again}"
+        check = paths.drift_check(f"{stamp}-{again}")
     train_rows = read_rows(paths.data_split("train"))
     shift = measure_input_shift([user_text(r) for r in train_rows], [user_text(r) for r in new.all_rows], seed=seed)
-    result: dict[str, Any] = {"run": str(paths.root), "new_file": str(new_file), "time_utc": stamp, "folder": str(out),
+    result: dict[str, Any] = {"run": str(paths.root), "new_file": str(new_file), "time_utc": stamp, "folder": str(check.root),
                               "n_labelled": len(new.labelled), "n_unlabelled": len(new.unlabelled),
                               "input_shift": shift.to_dict()}
     if not new.labelled:
         say(f"{new_file}: no labelled examples (no final assistant message): measuring input shift only")
         drift_result = Drift(**result, stale=shift.shifted, basis="inputs",
                              text=("stale: " if shift.shifted else "not stale: ") + shift.text)
-        return _write(out, drift_result)
+        return _write(check, drift_result)
 
     metrics = evaluated_metrics(paths)
     refuse_untrusted_graders(paths, recipe, trust_remote_code)
     best_prompt_only = (metrics.get("verdict") or {}).get("vs")
     arms = ["tuned"] + ([best_prompt_only] if best_prompt_only else [])
     settings = without_extras(recipe)
-    new_file_rows = write_rows(out / "new.jsonl", new.labelled)
+    new_file_rows = write_rows(check.new_examples, new.labelled)
     say(f"scoring {', '.join(arms)} on {len(new.labelled)} new examples")
-    new_metrics = evaluate(paths.root, arms=arms, test_file=new_file_rows, recipe=settings, out_dir=out / "eval", echo=False,
+    new_metrics = evaluate(paths.root, arms=arms, test_file=new_file_rows, recipe=settings, out_dir=check.eval, echo=False,
                            trust_remote_code=trust_remote_code, python_graders=trust_remote_code)
-    new_scores = {arm: list(arm_scores(out / "eval", arm).values()) for arm in arms}
+    new_scores = {arm: list(arm_scores(check.eval, arm).values()) for arm in arms}
     if len(new.labelled) >= 2 * MIN_FOLD_EXAMPLES:
         say("scoring rag with the new examples in its pool (two folds)")
-        new_scores["rag+new"] = _rag_with_new_pool(paths, out, new.labelled, settings, seed, trust_remote_code)
+        new_scores["rag+new"] = _rag_with_new_pool(paths, check, new.labelled, settings, seed, trust_remote_code)
     score_range = metrics.get("primary_range")  # absent in older runs: [0, 1]
     old_tuned = arm_scores(paths.eval, "tuned")
-    new_tuned = arm_scores(out / "eval", "tuned")
+    new_tuned = arm_scores(check.eval, "tuned")
     old_other = arm_scores(paths.eval, best_prompt_only) if best_prompt_only else None
-    new_other = arm_scores(out / "eval", best_prompt_only) if best_prompt_only else None
+    new_other = arm_scores(check.eval, best_prompt_only) if best_prompt_only else None
     judged = judge_staleness(new_tuned, old_tuned, new_other, old_other, seed=seed)
     change, stale = judged["tuned"], judged["stale"]
     summaries = {arm: _summary(scores, seed) for arm, scores in new_scores.items()}
@@ -255,12 +255,12 @@ def drift(run_dir: str | Path, new_file: str | Path, *, trust_remote_code: bool 
     text += f". Inputs: {shift.text}"
     drift_result = Drift(**result, stale=stale, basis="labels", primary_metric=primary, run_test=run_test,
                          new=summaries, text=text, tuned_change=tuned_change, **extra)
-    return _write(out, drift_result)
+    return _write(check, drift_result)
 
 
-def _write(out: Path, result: Drift) -> Drift:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "drift.json"
+def _write(check: DriftPaths, result: Drift) -> Drift:
+    check.root.mkdir(parents=True, exist_ok=True)
+    path = check.result
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(result.model_dump_json(indent=1), encoding="utf-8")
     tmp.replace(path)

@@ -93,7 +93,7 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
     if not parts["train"] or not parts["test"]:
         raise DataError(f"{new_file}: {len(new.labelled)} examples split into {len(parts['train'])} to train on and "
                         f"{len(parts['test'])} to test on: give more new examples (both parts need at least one)")
-    old_train = read_rows(parent.data / "train.jsonl")
+    old_train = read_rows(parent.data_split("train"))
     replayed = random.Random(recipe.train.seed).sample(old_train, round(replay * len(old_train)))
     old_valid = read_rows(parent.data / "valid.jsonl") if (parent.data / "valid.jsonl").is_file() else []
     inputs = {"train": parts["train"] + replayed, "valid": parts["valid"] + old_valid,

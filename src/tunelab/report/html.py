@@ -4,7 +4,8 @@ Reads (each optional; a missing or unreadable file makes its section say so):
   recipe.yaml, manifest.json, data/stats.json, data/issues.jsonl, data/test.jsonl, train/log.jsonl,
   train/summary.json, eval/metrics.json, eval/predictions.jsonl (manifest, summary and metrics
   through their typed models in tunelab.contract; a file that does not fit its model is reported as
-  unreadable, never guessed at), and a test file's sibling
+  unreadable, never guessed at; data/stats.json through its model's partial reader, so older stats show
+  the keys they have), and a test file's sibling
   `<stem>.slices.jsonl` ({"line", "slice"} per test line, e.g. examples/triage/data/) when present.
 Writes report.html (self-contained: CSS and SVG charts inline, no URL of any kind, user text escaped
 by Jinja's autoescape) and report.md (the summary printed at the end of `tunelab run`).
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import ARMS, PROMPT_ONLY_ARMS
-from tunelab.contract import ContractError, Manifest, Metrics, TrainSummary
+from tunelab.contract import ContractError, DataStats, Manifest, Metrics, TrainSummary
 from tunelab.eval.decision import format_usd
 from tunelab.eval.metrics import to_fraction, to_points
 from tunelab.files import write_text_atomic
@@ -80,6 +81,17 @@ def read_model(path: Path, model: type[Manifest] | type[Metrics] | type[TrainSum
         return RunFile(path, problem="missing")
     try:
         return RunFile(path, model.from_file(path))
+    except ContractError as err:
+        return RunFile(path, problem=str(err).removeprefix(f"{path}: "))
+
+
+def read_keys(path: Path, model: type[DataStats] | type[Metrics]) -> RunFile:
+    """A run file's keys as found, read through its contract model's partial reader (RunFile.value is a
+    dict): for files whose older or partial versions are shown as they are."""
+    if not path.is_file():
+        return RunFile(path, problem="missing")
+    try:
+        return RunFile(path, model.read_keys(path))
     except ContractError as err:
         return RunFile(path, problem=str(err).removeprefix(f"{path}: "))
 
@@ -289,7 +301,7 @@ def _usd_text(value: float | None) -> str:
 def _data(stats: RunFile, issues: RunFile, root: Path) -> dict[str, Any]:
     if not stats.ok:
         return {"available": False, "note": f"{stats.note(root)}: data preparation has not run or failed."}
-    value = stats.value if isinstance(stats.value, dict) else {}
+    value = stats.value
     groups = []
     for key, title in (("counts", "Examples"), ("issues", "Problems found"), ("quality", "Quality findings"),
                        ("tokens", "Tokens per example (chat template applied)")):
@@ -598,8 +610,8 @@ def _lineage(paths: RunPaths) -> dict[str, Any]:
     if lineage is None:
         return {"available": False}
     parent = parent_paths(paths, lineage.parent)
-    parent_metrics = read_json(parent.metrics)
-    own_metrics = read_json(paths.metrics)
+    parent_metrics = read_keys(parent.metrics, Metrics)
+    own_metrics = read_keys(paths.metrics, Metrics)
     parent_arms = (parent_metrics.value or {}).get("arms", {}) if parent_metrics.ok else {}
     own_arms = (own_metrics.value or {}).get("arms", {}) if own_metrics.ok else {}
     rows = [{"arm": arm, "parent": pct_ci((parent_arms.get(arm) or {}).get("primary"), (parent_arms.get(arm) or {}).get("ci95")),
@@ -629,7 +641,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         except yaml.YAMLError:
             recipe = {}
     manifest = read_model(paths.manifest, Manifest)
-    stats = read_json(paths.data_stats)
+    stats = read_keys(paths.data_stats, DataStats)
     issues = read_jsonl(paths.data / "issues.jsonl")
     test = read_jsonl(paths.data_split("test"))
     log = read_jsonl(paths.train_log)

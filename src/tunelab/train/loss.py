@@ -13,7 +13,7 @@ of each chunk is computed in the forward pass, so no (tokens x vocab) tensor is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -222,18 +222,3 @@ class CausalLMLoss(nn.Module):
 
     def forward_batch(self, batch: Batch) -> LossSums:
         return self(**batch.model_inputs())
-
-
-def reference_loss_sums(model: Any, batch: Batch) -> LossSums:
-    """The same sums through the model's own full-logits forward (for tests and benchmarks)."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    ).logits.float()
-    targets = batch.labels[:, 1:]
-    logits = logits[:, :-1]
-    trainable = targets != IGNORE_INDEX
-    loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    correct = ((logits.argmax(-1) == targets) & trainable).sum()
-    return LossSums(loss_sum, trainable.sum(), correct)

@@ -6,6 +6,11 @@ backward of the run's own first micro-batches). Writes train/plan.json (TrainPla
 values, where each came from, the estimate, and the sentence printed before training. A resumed run
 reads the plan back instead of measuring again, so its steps are the ones the checkpoint counted.
 
+One function makes the plan: `plan_training` returns the final TrainPlan and its steps with every
+refinement below inside it. It is pure given what it is passed: the example lengths, the recipe's
+train keys, how the rows are cut into steps, and the machine (its measuring, its clock, torchrun's
+agreement and compiling, as functions: train/run.py passes the real ones, tests fixed ones).
+
 The policy (docs/training.md):
 - examples a step: about 2% of the examples, a power of two from 4 to 256 (in the spirit of
   OpenAI's "about 0.2% of the examples"; small sets get small steps, so a few hundred examples make
@@ -14,15 +19,18 @@ The policy (docs/training.md):
   ones (at most 25k examples seen) — the heuristic OpenAI published for its fine-tuning defaults;
 - then the budget: the steps that fit the wall-clock budget at the measured speed, with the
   evaluations and a margin counted, and the learning-rate schedule is made for exactly those steps;
-  when the passes take under half the budget, up to twice as many passes (more_epochs_for_budget).
+  when the passes take under half the budget, up to twice as many passes (more_epochs_for_budget);
+  when fewer than 100 steps fit, the same tokens in smaller steps (smaller_step_for_budget);
+- compiled layers (train.compile auto on a CPU, when the plan pays the compiling back) run at another
+  speed: measured and fitted again.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import TrainConfig
@@ -33,6 +41,8 @@ from tunelab.data.passes import auto_epochs
 if TYPE_CHECKING:
     from tunelab.data.pack import Step
     from tunelab.train.setup import TrainSetup
+
+    Cutter = Callable[["Cut"], Sequence[Step]]
 
 AUTO = "auto"
 TARGET_EVALUATIONS = 10  # validation every ~10% of the plan
@@ -279,3 +289,169 @@ def describe(plan: TrainPlan) -> str:
     elif plan.limited_by == "max_steps":
         why = "; train.max_steps sets the length"
     return ", ".join(parts) + why + f"; validation every {plan.eval_every_steps} steps on {plan.eval_max_examples} examples"
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan: every refinement in one place
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How the packed rows are cut into steps (data/pack.py plan_steps): what a plan's steps depend on."""
+
+    tokens_per_step: int
+    epochs: float  # math.inf: max_steps decides the length
+    max_steps: int | None
+
+
+def first_cut(lengths: Sequence[int], cfg: TrainConfig, saved: TrainPlan | None = None) -> Cut:
+    """The steps the data asks for, before any measurement; a resumed run's saved plan (its
+    checkpoints count those steps) instead of the data's."""
+    if saved is not None:
+        return Cut(saved.tokens_per_step, saved.epochs_target or math.inf, saved.steps)
+    wanted = plan_from_data(lengths, cfg)
+    return Cut(wanted.tokens_per_step, wanted.epochs or math.inf, cfg.max_steps)
+
+
+def _same(value: int) -> int:
+    return value
+
+
+def _no_compiling(planned_tokens: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the planner asks of the machine it plans for, passed in as functions so that the plan is
+    pure given them (tests pass fixed ones)."""
+
+    device: str  # "cpu" or "cuda": the automatic budget's size
+    measure: Callable[[Sequence[Step]], Throughput]  # the speed on these steps' first micro-batches
+    seconds_spent: Callable[[], float]  # of train.budget, so far (loading, measuring and compiling count)
+    agree: Callable[[int], int] = _same  # torchrun: every rank takes the smallest value of all ranks
+    compile: Callable[[int], bool] = _no_compiling  # compiles the layers when a plan of this many tokens pays it back
+    compiled: bool = False  # the layers were compiled at set-up already
+    more_passes: bool = True  # may add passes when the budget has room (not under torchrun)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The final plan and the steps it runs."""
+
+    plan: TrainPlan
+    steps: list[Step] = field(repr=False)
+
+
+def plan_training(
+    lengths: Sequence[int], valid_lengths: Sequence[int], cfg: TrainConfig, cut: Cutter, machine: Machine,
+    saved: TrainPlan | None = None, replay: dict[str, Any] | None = None,
+) -> Planned:
+    """The final training plan (train/plan.json) with every refinement: the data's steps and passes,
+    cut to the steps that fit the budget at the measured speed; smaller steps when the budget lets
+    fewer than MIN_STEPS_UNDER_BUDGET run; more passes when auto passes end well inside the budget;
+    a refit after compiling the layers (the speed is theirs); the replay the data stage applied.
+    `lengths`, `valid_lengths`: tokens of each train and validation example; `cut`: the steps of a
+    Cut; `saved`: a resumed run's plan, kept as it was (only `compiled` and `replay` are set again)."""
+    if saved is not None:
+        steps = list(cut(first_cut(lengths, cfg, saved)))[: saved.steps]
+        compiled = machine.compile(sum(s.tokens for s in steps)) or machine.compiled
+        return Planned(_finished(saved, compiled, replay), steps)
+    wanted = plan_from_data(lengths, cfg)
+    steps = cut(first_cut(lengths, cfg))
+    planned = _fit(cfg, wanted, steps, valid_lengths, machine, None, None)
+    smaller = _smaller_step(cfg, wanted, steps, planned)
+    if smaller is not None:
+        # the budget lets few steps run: the same tokens in more, smaller steps (the speed is per token)
+        shrunk_from = wanted.examples_per_step
+        wanted = plan_from_data(lengths, cfg, smaller)
+        steps = cut(Cut(wanted.tokens_per_step, wanted.epochs or math.inf, cfg.max_steps))
+        planned = _fit(cfg, wanted, steps, valid_lengths, machine, _measured(planned), shrunk_from)
+    more = _more_epochs(cfg, planned, machine) if machine.more_passes else None
+    if more is not None:
+        # the data's passes take under half the budget: more passes (early stopping keeps the best step)
+        wanted = plan_from_data(lengths, cfg, smaller, more)
+        steps = cut(Cut(wanted.tokens_per_step, wanted.epochs or math.inf, cfg.max_steps))
+        planned = _fit(cfg, wanted, steps, valid_lengths, machine, _measured(planned),
+                       planned.examples_per_step_before_budget).model_copy(
+                           update={"epochs_before_budget": planned.epochs_target})
+    compiled = machine.compile(sum(s.tokens for s in steps[: planned.steps]))
+    if compiled:
+        # compiled layers run at another speed: measure and fit again (the compiling is time the budget spent);
+        # the passes stay those chosen above, and so does why
+        more_passes = {"epochs_before_budget": planned.epochs_before_budget} if more is not None else {}
+        planned = _fit(cfg, wanted, steps, valid_lengths, machine, None, planned.examples_per_step_before_budget
+                       ).model_copy(update=more_passes)
+    return Planned(_finished(planned, compiled or machine.compiled, replay), list(steps[: planned.steps]))
+
+
+def _measured(planned: TrainPlan) -> Throughput:
+    """The speed the plan was fitted at (as written in it), for a refit that does not measure again."""
+    return Throughput(planned.train_tokens_per_s, planned.eval_tokens_per_s)  # type: ignore[arg-type]
+
+
+def _finished(planned: TrainPlan, compiled: bool, replay: dict[str, Any] | None) -> TrainPlan:
+    planned = planned.model_copy(update={"compiled": compiled})
+    planned.reason = describe(planned)
+    return planned.model_copy(update={"replay": replay}) if replay else planned
+
+
+def _fit(
+    cfg: TrainConfig, wanted: DataPlan, steps: Sequence[Step], valid_lengths: Sequence[int], machine: Machine,
+    throughput: Throughput | None, shrunk_from: float | None,
+) -> TrainPlan:
+    """The data's wish (`wanted`, `steps`) cut to the steps that fit the budget at the speed
+    measured now (or `throughput`, measured already), with the evaluation intervals and sizes that
+    go with it. `shrunk_from`: the examples a step the budget made smaller."""
+    budget_s = cfg.budget_s(machine.device) if budget_binds(cfg) else None
+    mean_tokens = wanted.tokens / max(1, wanted.examples)
+    n_steps, estimated_s = len(steps), None
+    limited_by = "max_steps" if cfg.max_steps is not None else "data"
+    eval_examples = auto_eval_examples(cfg, None, None, mean_tokens)
+    if budget_s is not None:
+        throughput = throughput or machine.measure(steps)
+        available_s = budget_s - machine.seconds_spent()
+        eval_examples = machine.agree(auto_eval_examples(cfg, available_s, throughput, mean_tokens))
+        n_valid = min(eval_examples, len(valid_lengths))
+        eval_tokens = sum(valid_lengths[:n_valid]) + round(n_valid * mean_tokens)
+        fit, estimated_s = steps_that_fit(steps, available_s, throughput, eval_tokens, has_eval=n_valid > 0)
+        fit = machine.agree(fit)
+        if fit < len(steps):
+            n_steps, limited_by = fit, "budget"
+    eval_every, checkpoint_every = eval_interval(cfg, n_steps)
+    # evaluations sized to the training that will run (the budget's size above is an upper bound)
+    sized = auto_eval_examples(cfg, None, throughput, mean_tokens, sum(s.tokens for s in steps[:n_steps]),
+                               math.ceil(n_steps / eval_every))
+    eval_examples = machine.agree(min(eval_examples, sized))
+    first_epoch = [s for s in steps if s.epoch == 0]
+    steps_per_epoch = max(1, round(len(first_epoch) / max(1e-9, first_epoch[-1].progress)))
+    last = steps[n_steps - 1]
+    planned = TrainPlan(
+        examples=wanted.examples, tokens=wanted.tokens, examples_per_step=round(wanted.examples_per_step, 1),
+        tokens_per_step=wanted.tokens_per_step, epochs=round(last.epoch + last.progress, 4),
+        epochs_target=wanted.epochs, max_steps=cfg.max_steps, steps=n_steps, steps_per_epoch=steps_per_epoch,
+        eval_every_steps=eval_every, checkpoint_every_steps=checkpoint_every, eval_max_examples=eval_examples,
+        budget=None if budget_s is None else cfg.budget, budget_s=budget_s, device=machine.device,
+        train_tokens_per_s=None if throughput is None else round(throughput.train_tokens_per_s, 1),
+        eval_tokens_per_s=None if throughput is None else round(throughput.eval_tokens_per_s, 1),
+        estimated_s=None if estimated_s is None else round(estimated_s, 1), limited_by=limited_by,
+        sources=wanted.sources, reason="", examples_per_step_before_budget=shrunk_from,
+    )
+    planned.reason = describe(planned)
+    return planned
+
+
+def _smaller_step(cfg: TrainConfig, wanted: DataPlan, steps: Sequence[Step], planned: TrainPlan) -> int | None:
+    """Examples a step that give the budget's tokens more updates, or None (the step stays)."""
+    if planned.limited_by != "budget" or cfg.tokens_per_step != AUTO:
+        return None
+    mean_tokens = wanted.tokens / max(1, wanted.examples)
+    return smaller_step_for_budget(steps, planned.steps, mean_tokens, wanted.examples_per_step)
+
+
+def _more_epochs(cfg: TrainConfig, planned: TrainPlan, machine: Machine) -> float | None:
+    """More passes when auto passes end well inside an automatic or set budget, else None."""
+    if (cfg.epochs != AUTO or cfg.max_steps is not None or planned.budget_s is None or planned.limited_by != "data"
+            or planned.estimated_s is None or not planned.epochs_target):
+        return None
+    return more_epochs_for_budget(planned.epochs_target, planned.estimated_s, planned.budget_s - machine.seconds_spent())

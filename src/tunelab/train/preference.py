@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.contract import DataFingerprint
 from tunelab.data.pack import (
     Batch,
     Row,
@@ -268,8 +269,7 @@ def reference_logps(
 
 
 def _cache_key(recipe: Recipe, paths: RunPaths) -> str:
-    fingerprint = paths.data_fingerprint
-    data_sha = json.loads(fingerprint.read_text())["sha256"] if fingerprint.is_file() else "none"
+    data_sha = DataFingerprint.read_keys(paths.data_fingerprint).get("sha256", "none")
     what = {"data": data_sha, "model": recipe.model.model_dump(mode="json"), "weights": recipe.dpo.weights,
             "lora": recipe.lora.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()

@@ -139,11 +139,9 @@ def build_model(recipe: Recipe, device: torch.device, base: nn.Module | None = N
     method = recipe.method
     on_gpu = device.type == "cuda"
     autocast = torch.bfloat16 if on_gpu and recipe.model.dtype in ("auto", "bfloat16") else None
-    if base is not None:
-        pass
-    elif method == "qlora":
+    if base is None and method == "qlora":
         base = _load_4bit(recipe, device)
-    else:
+    elif base is None:
         # full fine-tuning keeps float32 master weights on GPU (bf16 AdamW updates lose small steps);
         # the frozen base of LoRA can live in bf16
         dtype = "float32" if (on_gpu and method == "full" and recipe.model.dtype == "auto") else recipe.model.dtype

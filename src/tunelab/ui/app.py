@@ -142,7 +142,7 @@ def run_folder(out: Path, root: Path, name: str) -> Path:
     folder = out / name
     if folder.exists() and folder.resolve().parent != root:
         raise NotFound(name)
-    if not (folder / "recipe.yaml").is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
+    if not RunPaths(folder).recipe.is_file() and not (status.sidecar_dir(out, name) / "process.json").is_file():
         raise NotFound(name)
     # the files pages show or render: a symlink out of the runs folder makes the whole run unavailable
     if status.links_out(out, name) is not None:
@@ -405,7 +405,7 @@ def run_page(name: str, ui: Ui) -> HTMLResponse:
     state = status.read_run_state(ui.out, name)
     console = status.console_text(ui.out, name)
     return ui.page("run.html.jinja", title=name, run=state,
-                   report=(folder / "eval" / "metrics.json").is_file(),
+                   report=RunPaths(folder).metrics.is_file(),
                    console=None if console is None else status.console_lines(console)[-CONSOLE_LINES_SHOWN:],
                    command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None,
                    can_stop=ui.launcher.can_stop(name))
@@ -461,7 +461,7 @@ def stop(name: str, ui: Ui) -> Response:
 def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
     from tunelab.report.compare import compare_runs
 
-    names = [n for n in ui.readable_names() if (ui.out / n / "eval" / "metrics.json").is_file()]
+    names = [n for n in ui.readable_names() if RunPaths(ui.out / n).metrics.is_file()]
     chosen = [n for n in request.query_params.getlist("run") if n in names]
     comparison, problem = None, None
     if len(chosen) >= 2:
@@ -476,7 +476,7 @@ def compare(request: Request, ui: Ui, arm: str = "tuned") -> HTMLResponse:
 @router.get("/playground")
 def playground_page(ui: Ui, run: str = "") -> HTMLResponse:
     out = ui.out
-    names = [n for n in ui.readable_names() if (out / n / "adapter").is_dir() or (out / n / "model").is_dir()]
+    names = [n for n in ui.readable_names() if RunPaths(out / n).adapter.is_dir() or RunPaths(out / n).model.is_dir()]
     chosen = run if run in names else (names[0] if names else "")
     try:
         system = ui.playground.system_prompt(ui.run_path(chosen)) if chosen else None

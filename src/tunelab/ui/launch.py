@@ -54,7 +54,7 @@ def recipe_files(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
     top = sorted(p for p in out_dir.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
-    runs = sorted(p / "recipe.yaml" for p in out_dir.iterdir() if (p / "recipe.yaml").is_file()
+    runs = sorted(RunPaths(p).recipe for p in out_dir.iterdir() if RunPaths(p).recipe.is_file()
                   and not p.name.startswith("."))
     return [p for p in top + runs if p.resolve().is_relative_to(out_dir.resolve())]
 

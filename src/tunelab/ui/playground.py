@@ -24,6 +24,7 @@ from typing import Any
 
 from tunelab.config import ARMS, TUNED_ARMS
 from tunelab.errors import ConfigError
+from tunelab.runs import RunPaths
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _load(run_dir: Path) -> _RunModels:
     )
     from tunelab.eval.run import read_examples
     from tunelab.models import load_model
-    from tunelab.runs import RunPaths, load_tuned_model, open_run
+    from tunelab.runs import load_tuned_model, open_run
 
     paths, recipe = open_run(run_dir)
     tuned, tokenizer = load_tuned_model(run_dir)
@@ -65,7 +66,7 @@ def _load(run_dir: Path) -> _RunModels:
         m = recipe.model
         base = load_model(m.name, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
         base.eval()
-    train_path = RunPaths(run_dir).data / "train.jsonl"
+    train_path = RunPaths(run_dir).data_split("train")
     train = read_examples(train_path) if train_path.is_file() else []
     cfg = recipe.eval
     documents = None
@@ -90,7 +91,7 @@ class Playground:
         from tunelab.eval.arms import task_system_prompt
         from tunelab.eval.run import read_examples
 
-        train = run_dir / "data" / "train.jsonl"
+        train = RunPaths(run_dir).data_split("train")
         return task_system_prompt(read_examples(train)) if train.is_file() else None
 
     def stream(self, run_dir: Path, prompt: str, system: str | None, arms: list[str], max_new_tokens: int,

@@ -47,7 +47,7 @@ def browse_predictions(paths: RunPaths, wanted: PredictionFilter) -> PredictionP
     predictions = read_jsonl(paths.predictions)
     if not predictions.ok:
         return PredictionPage([], 0, 0, [], [], 0, 0, note=predictions.note(paths.root))
-    inputs = test_inputs(read_jsonl(paths.data / "test.jsonl"))
+    inputs = test_inputs(read_jsonl(paths.data_split("test")))
     slice_of, _files = example_slices(inputs)
     scores: dict[str, set[float]] = defaultdict(set)
     for row in predictions.value:

@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tunelab.config import Recipe, load_recipe
-from tunelab.contract import ContractError, Metrics, Stages
+from tunelab.contract import ContractError, DataStats, Manifest, Metrics, Stages, TrainPlan
 from tunelab.errors import TunelabError
 from tunelab.report.html import read_json
 from tunelab.runs import RunPaths
@@ -152,10 +152,9 @@ def read_process(out_dir: Path, name: str) -> ProcessInfo | None:
 def shown_files(out_dir: Path, name: str) -> list[Path]:
     """The files of run `name` the UI reads or serves (in the run folder and its sidecar)."""
     paths, sidecar = RunPaths(out_dir / name), sidecar_dir(out_dir, name)
-    return [paths.recipe, paths.manifest, paths.data / "stats.json", paths.data / "issues.jsonl",
-            paths.data / "test.jsonl", paths.data / "train.jsonl", paths.train_log, paths.root / "train" / "summary.json",
-            paths.root / "train" / "plan.json", paths.root / "stages.json", paths.metrics, paths.predictions,
-            paths.report_html, sidecar / "process.json", sidecar / "console.log"]
+    return [paths.recipe, paths.manifest, paths.data_stats, paths.data_issues, paths.data_split("test"),
+            paths.data_split("train"), paths.train_log, paths.train_summary, paths.plan, paths.stages, paths.metrics,
+            paths.predictions, paths.report_html, sidecar / "process.json", sidecar / "console.log"]
 
 
 def links_out(out_dir: Path, name: str) -> str | None:
@@ -217,9 +216,18 @@ def _recipe(paths: RunPaths) -> Recipe | None:
         return None
 
 
+def _keys(model: type[DataStats | Manifest | TrainPlan], path: Path) -> dict[str, Any]:
+    """A file that only adds numbers to the page (its model's keys as found): {} when it is missing or not
+    a JSON object, and the run is shown without them rather than as unreadable."""
+    try:
+        return model.read_keys(path)
+    except ContractError:
+        return {}
+
+
 def _last_write(paths: RunPaths) -> float | None:
-    candidates = [paths.root, paths.root / "stages.json", paths.train_log, paths.root / "train" / "plan.json",
-                  paths.metrics, paths.predictions, paths.report_html, paths.data / "stats.json"]
+    candidates = [paths.root, paths.stages, paths.train_log, paths.plan, paths.metrics, paths.predictions,
+                  paths.report_html, paths.data_stats]
     times = [p.stat().st_mtime for p in candidates if p.exists()]
     return max(times) if times else None
 
@@ -269,9 +277,9 @@ def eval_progress(bars: list[tuple[str, int, int]], arms: list[str], per_arm_tot
 
 
 def _total_steps(paths: RunPaths, recipe: Recipe | None, bars: list[tuple[str, int, int]]) -> int | None:
-    plan = read_json(paths.root / "train" / "plan.json")
-    if plan.ok and isinstance(plan.value, dict) and isinstance(plan.value.get("steps"), int):
-        return plan.value["steps"]  # the planned optimizer steps (tunelab.contract.TrainPlan.steps)
+    steps = _keys(TrainPlan, paths.plan).get("steps")
+    if isinstance(steps, int):
+        return steps  # the planned optimizer steps (TrainPlan.steps)
     train_bars = [total for desc, _n, total in bars if desc == "train"]
     if train_bars:
         return train_bars[-1]
@@ -327,8 +335,8 @@ def _read_run_state(out_dir: Path, name: str, now: float) -> RunState:
     lines = console_lines(console) if console is not None else []
     bars = tqdm_bars(console) if console is not None else []
     last_train = _last_train_record(paths)
-    stages = Stages.from_file(paths.root / "stages.json") if (paths.root / "stages.json").is_file() else None
-    trained = (stages is not None and stages.done("train")) or (paths.root / "train" / "summary.json").is_file()
+    stages = Stages.from_file(paths.stages) if paths.stages.is_file() else None
+    trained = (stages is not None and stages.done("train")) or paths.train_summary.is_file()
     metrics = Metrics.from_file(paths.metrics) if paths.metrics.is_file() else None
     updated = _last_write(paths)
     if process is not None:
@@ -338,15 +346,14 @@ def _read_run_state(out_dir: Path, name: str, now: float) -> RunState:
     status, detail = derive_status(alive=alive, exit_code=process.exit_code if process else None, trained=trained,
                                    steps_logged=int(last_train is not None), evaluated=metrics is not None, console_tail=lines)
 
-    stats = read_json(paths.data / "stats.json")
-    counts = (stats.value or {}).get("counts") if stats.ok and isinstance(stats.value, dict) else None
+    counts = _keys(DataStats, paths.data_stats).get("counts")
     counts = {k: v for k, v in counts.items() if isinstance(v, int)} if isinstance(counts, dict) else {}
-    manifest = read_json(paths.manifest)
+    manifest = _keys(Manifest, paths.manifest)
     state = RunState(
         name=name, status=status, detail=detail, model=recipe.model.name if recipe else None,
         method=recipe.method if recipe else None,
         train_examples=counts.get("train"),
-        parent=_parent_name(manifest.value) if manifest.ok else None,
+        parent=_parent_name(manifest),
         started_by_ui=process is not None, updated=updated,
         status_line=next((line for line in reversed(lines) if line.strip()), None),
         has_tuned_model=paths.adapter.is_dir() or paths.model.is_dir(),
@@ -379,7 +386,7 @@ def run_names(out_dir: Path) -> list[str]:
     """Run folders (with a recipe.yaml) and runs the UI started whose folder is not written yet."""
     if not out_dir.is_dir():
         return []
-    names = {p.name for p in out_dir.iterdir() if (p / "recipe.yaml").is_file() and not p.name.startswith(".")}
+    names = {p.name for p in out_dir.iterdir() if RunPaths(p).recipe.is_file() and not p.name.startswith(".")}
     sidecars = out_dir / ".ui"
     if sidecars.is_dir():
         names |= {p.name for p in sidecars.iterdir() if (p / "process.json").is_file()}

@@ -374,25 +374,22 @@ class Engine:
 def build_retriever(rag: str, loaded: "LoadedModel", k: int) -> Callable[[Messages], Messages]:
     """`rag` is a document folder, or "train" for the run's train split. Returns a function that
     turns a conversation into the `tuned+rag` arm's prompt for it."""
-    try:
-        from tunelab.eval.arms import (
-            EvalExample,
-            Pool,
-            PromptBuilder,
-            build_document_pool,
-            build_pool,
-            to_eval_example,
-        )
-        from tunelab.eval.retrieval import read_document_chunks
-    except ImportError as err:
-        raise ConfigError(f"--rag needs tunelab.eval.retrieval and tunelab.eval.arms ({err})") from None
+    from tunelab.eval.arms import (
+        EvalExample,
+        Pool,
+        PromptBuilder,
+        build_document_pool,
+        build_pool,
+        to_eval_example,
+    )
+    from tunelab.eval.retrieval import read_document_chunks
 
     if rag == "train":
         if loaded.run_dir is None:
             raise ConfigError("--rag train: needs a run directory (its data/train.jsonl); give a document folder instead")
         from tunelab.runs import RunPaths
 
-        train_file = RunPaths(loaded.run_dir).data / "train.jsonl"
+        train_file = RunPaths(loaded.run_dir).data_split("train")
         if not train_file.is_file():
             raise ConfigError(f"--rag train: {train_file} not found; give a document folder instead")
         with train_file.open(encoding="utf-8") as f:

@@ -1,8 +1,9 @@
-"""Test-only fault injection: environment variables that make a real training run fail in a chosen
+"""Fault injection for the tests: environment variables that make a real training run fail in a chosen
 way, so the tests can check what the run does then (tests/test_train_loop.py in process,
-tests/test_distributed.py through `tunelab train --nproc 2`, whose ranks are separate processes).
-Never set them in normal use. train/run.py reads them once and installs them from the outside (a
-forward hook on the loss module, a step callback); the loop knows nothing of them.
+tests/test_distributed.py through `tunelab train --nproc 2`, whose ranks are separate processes and
+load it through tests/faults_site/sitecustomize.py). Nothing of it is in tunelab: `patch` wraps the
+training loop and the saving of the output from the outside (a forward hook on the loss module, a
+step callback, a dump after the output is saved).
 
   TUNELAB_INJECT_NAN_AT_STEP=STEP[@RANK]  the loss of optimizer step STEP (1-based) is NaN, on every
                                           rank or on RANK only: the first micro-batch's loss sum is
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from tunelab.train.checkpoint import TrainState
     from tunelab.train.setup import TrainSetup
 
+SITE = Path(__file__).resolve().parent / "faults_site"  # on PYTHONPATH: every process of a run loads `patch`
 NAN_ENV = "TUNELAB_INJECT_NAN_AT_STEP"
 KILL_ENV = "TUNELAB_TEST_KILL_AT_STEP"
 DUMP_ENV = "TUNELAB_TEST_DUMP_PARAMS"
@@ -99,3 +101,32 @@ class Faults:
         tensors = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
                    for n, p in model.named_parameters() if p.requires_grad}
         save_file(tensors, str(self.dump_dir / f"rank-{rank}.safetensors"))
+
+
+def asked() -> bool:
+    return any(os.environ.get(name) for name in (NAN_ENV, KILL_ENV, DUMP_ENV))
+
+
+def patch(set_attribute: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Wrap tunelab's training loop and output saving with the faults the environment asks for (read when
+    a run starts, per rank). `set_attribute`: pytest's monkeypatch.setattr in process (undone after the
+    test), setattr in a rank of its own."""
+    import tunelab.train.loop as loop
+    import tunelab.train.run as run
+
+    train_loop, save_run = loop.train_loop, run._save_run
+
+    def faulty_loop(setup: TrainSetup, *args: Any, **kwargs: Any) -> Any:
+        ctx, resume, options = kwargs["ctx"], kwargs.get("resume"), kwargs["options"]
+        faults = Faults.from_environment(ctx.rank)
+        on_step_end = faults.install(setup, resume.step if resume else 0, options.on_step_end)
+        return train_loop(setup, *args, **{**kwargs, "options": replace(options, on_step_end=on_step_end)})
+
+    def save_then_dump(*args: Any) -> Any:
+        trained = save_run(*args)
+        setup, ctx = args[3], args[-1]
+        Faults.from_environment(ctx.rank).dump(setup.model, ctx.rank)
+        return trained
+
+    set_attribute(loop, "train_loop", faulty_loop)
+    set_attribute(run, "_save_run", save_then_dump)
