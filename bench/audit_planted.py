@@ -338,6 +338,7 @@ def recovery(args: argparse.Namespace) -> None:
         make_recovery_task(args.task, args.train, args.valid, args.test, folder)
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"results": []}
     section = previous.setdefault("recovery_v2", {}).setdefault(args.task, {"runs": {}})
+    section.pop("status", None)  # "not run" until a run of this script
     section["design"] = {k: meta[k] for k in ("train", "valid", "test")} | {
         "planted": len(meta["planted_lines"]), "epochs": args.epochs, "budget": args.budget,
         "model": args.model or "smollm2-135m-instruct (default)",
