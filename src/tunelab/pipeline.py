@@ -3,6 +3,9 @@
 Reads a Recipe; writes everything the stages write, plus `stages.json` (which stages finished, and
 how long each took). A stage that finds a blocking problem stops the run with its message. With
 `resume`, finished stages are skipped and training continues from its newest complete checkpoint.
+The data is prepared once: the prepare stage starts the run (train/start.py: tokenizer, replay file, data/,
+manifest.json) and the training stage trains on what it returned, in this process (`--nproc`: `tunelab
+train` under torchrun, whose rank 0 finds data/ prepared and reuses it by its fingerprint).
 """
 
 from __future__ import annotations

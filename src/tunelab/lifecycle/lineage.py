@@ -22,8 +22,6 @@ from tunelab.files import write_text_atomic
 from tunelab.lifecycle.new_data import write_rows
 from tunelab.runs import RunPaths, data_fingerprint_id, lineage_path
 
-INPUTS = "inputs"
-
 
 def write_lineage(paths: RunPaths, lineage: Lineage) -> Path:
     path = lineage_path(paths)
@@ -91,13 +89,13 @@ def create_child_run(parent: RunPaths, recipe: Recipe, name: str, kind: str,
     data["name"], data["out_dir"] = name, str(parent.root.parent)
     for split in ("train", "valid", "test"):
         rows = inputs.get(split)
-        data["data"][split] = str(child.root / INPUTS / f"{split}.jsonl") if rows else None
+        data["data"][split] = str(child.inputs_file(split)) if rows else None
     data = apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in changes.items()])
     child_recipe = Recipe.model_validate(data)
     child.root.mkdir(parents=True)
     for split, rows in inputs.items():
         if rows:
-            write_rows(child.root / INPUTS / f"{split}.jsonl", rows)
+            write_rows(child.inputs_file(split), rows)
     Manifest.update_keys(child.manifest, {"parent": parent_record(parent, recipe, kind)})  # training adds the rest
     return child_recipe, child
 

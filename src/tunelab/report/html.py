@@ -642,7 +642,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
             recipe = {}
     manifest = read_model(paths.manifest, Manifest)
     stats = read_keys(paths.data_stats, DataStats)
-    issues = read_jsonl(paths.data / "issues.jsonl")
+    issues = read_jsonl(paths.data_issues)
     test = read_jsonl(paths.data_split("test"))
     log = read_jsonl(paths.train_log)
     summary = read_model(paths.train_summary, TrainSummary)
