@@ -159,7 +159,7 @@ def test_run_paths_name_every_run_file_once(tmp_path):
         (paths.plan, "train/plan.json"), (paths.train_summary, "train/summary.json"),
         (paths.metrics, "eval/metrics.json"), (paths.predictions, "eval/predictions.jsonl"),
         (paths.judge_cache, "eval/judge_cache.jsonl"), (paths.adapter_scale, "eval/adapter_scale.json"),
-        (paths.audit, "audit"), (paths.drift, "drift"),
+        (paths.external_cache("hosted"), "eval/external/hosted.jsonl"), (paths.audit, "audit"), (paths.drift, "drift"),
     ]
     assert [path.relative_to(tmp_path).as_posix() for path, _ in named] == [name for _, name in named]
     assert set(RUN_FILES) <= {name for _, name in named}  # every file of the contract has its path here

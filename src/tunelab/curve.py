@@ -341,7 +341,7 @@ def _reference(paths: RunPaths, arms: list[str], resume: bool) -> Reference:
     """The best prompt-only arm, evaluated once (kept from an earlier evaluation of the same arms with `resume`)."""
     from tunelab.eval.run import evaluate
 
-    earlier = json.loads(paths.metrics.read_text(encoding="utf-8")) if resume and paths.metrics.is_file() else None
+    earlier = Metrics.read_keys(paths.metrics) or None if resume else None  # {} (no file yet): None
     if earlier is not None and set(earlier["arms"]) == set(arms):
         say(f"reference: {', '.join(arms)} evaluated earlier, kept")
         metrics = earlier

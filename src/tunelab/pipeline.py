@@ -3,6 +3,9 @@
 Reads a Recipe; writes everything the stages write, plus `stages.json` (which stages finished, and
 how long each took). A stage that finds a blocking problem stops the run with its message. With
 `resume`, finished stages are skipped and training continues from its newest complete checkpoint.
+The data is prepared once: the prepare stage starts the run (train/start.py: tokenizer, replay file, data/,
+manifest.json) and the training stage trains on what it returned, in this process (`--nproc`: `tunelab
+train` under torchrun, whose rank 0 finds data/ prepared and reuses it by its fingerprint).
 """
 
 from __future__ import annotations
@@ -122,10 +125,15 @@ def _run_stages(
         train(recipe, resume=resume, resume_command=resume_command, started=started)
 
     def eval_stage(recipe: Recipe, paths: RunPaths) -> None:
+        from tunelab.eval.cleaned import compare_cleaned
         from tunelab.eval.run import evaluate
 
         # the user's own recipe: its model code setting and its python graders hold
         evaluate(paths.root, trust_remote_code=recipe.model.trust_remote_code, python_graders=True)
+        # trained on a copy `tunelab data audit --write-clean` wrote: against the run it was cleaned from
+        cleaned = compare_cleaned(recipe, paths, trust_remote_code=recipe.model.trust_remote_code, python_graders=True)
+        if cleaned is not None:
+            say(f"cleaned data: {cleaned['text']}")
 
     def audit_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.eval.audit import MIN_PASSES, audit_run, fewest_passes

@@ -66,12 +66,22 @@ class RunPaths:
         return self.train_dir / "log.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        """train/tb/: TensorBoard event files."""
+        return self.train_dir / "tb"
+
+    @property
     def plan(self) -> Path:
         return self.train_dir / "plan.json"
 
     @property
     def train_summary(self) -> Path:
         return self.train_dir / "summary.json"
+
+    @property
+    def reference_logps(self) -> Path:
+        """train/reference_logps.json (method: dpo): the reference model's log-probs of every pair, once per run."""
+        return self.train_dir / "reference_logps.json"
 
     @property
     def stages(self) -> Path:
@@ -109,9 +119,27 @@ class RunPaths:
     def judge_cache(self) -> Path:
         return self.eval / "judge_cache.jsonl"
 
+    def external_cache(self, arm: str) -> Path:
+        """eval/external/<arm>.jsonl: an endpoint arm's cached replies (eval/external.py)."""
+        return self.eval / "external" / f"{arm}.jsonl"
+
     @property
     def audit(self) -> Path:
         return self.root / "audit"
+
+    @property
+    def eval_new(self) -> Path:
+        """eval/new/: a run made by `tunelab update`, scored on its held-out new examples."""
+        return self.eval / "new"
+
+    @property
+    def eval_parent_on_new(self) -> Path:
+        """eval/parent-on-new/: the parent of a run made by `tunelab update`, on the same new examples."""
+        return self.eval / "parent-on-new"
+
+    def inputs_file(self, split: str) -> Path:
+        """inputs/<split>.jsonl: the examples a run made by `update` or `rebase` was given (lifecycle/lineage.py)."""
+        return self.root / "inputs" / f"{split}.jsonl"
 
     @property
     def drift(self) -> Path:

@@ -649,7 +649,7 @@ def _run_external_arms(inputs: _Inputs, bar: Any, prompts: dict[str, list[list[d
         prompts[arm.name] = conversations
         if isinstance(arm, EndpointArm):
             run = ext.run_endpoint_arm(arm, conversations, inputs.settings,
-                                       inputs.paths.eval / "external" / f"{arm.name}.jsonl", progress=bar.update)
+                                       inputs.paths.external_cache(arm.name), progress=bar.update)
         elif isinstance(arm, LocalArm):
             inputs.models.release()  # the run's own models are done: one model in memory at a time
             run = ext.run_local_arm(arm, conversations, inputs.settings, inputs.cfg.batch_size, progress=bar.update)

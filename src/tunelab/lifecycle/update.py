@@ -54,7 +54,6 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
     lets the parent's model code and python graders run."""
     from tunelab.eval.run import evaluate
     from tunelab.lifecycle.lineage import (
-        INPUTS,
         Lineage,
         arm_scores,
         compare_paired,
@@ -95,9 +94,9 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
                         f"{len(parts['test'])} to test on: give more new examples (both parts need at least one)")
     old_train = read_rows(parent.data_split("train"))
     replayed = random.Random(recipe.train.seed).sample(old_train, round(replay * len(old_train)))
-    old_valid = read_rows(parent.data / "valid.jsonl") if (parent.data / "valid.jsonl").is_file() else []
+    old_valid = read_rows(parent.data_split("valid")) if parent.data_split("valid").is_file() else []
     inputs = {"train": parts["train"] + replayed, "valid": parts["valid"] + old_valid,
-              "test": read_rows(parent.data / "test.jsonl"), NEW_TEST: parts["test"]}
+              "test": read_rows(parent.data_split("test")), NEW_TEST: parts["test"]}
     child_recipe, child = create_child_run(parent, recipe, name or f"{parent.root.name}-update", "update", inputs, changes)
     start = "the base model" if from_scratch else f"the parent's {'model' if recipe.method == 'full' else 'adapter'}"
     say(f"{child.root}: training from {start} on {len(parts['train'])} new + {len(replayed)} replayed examples; "
@@ -107,19 +106,19 @@ def update(run_dir: str | Path, new_file: str | Path, *, replay: float = UpdateS
         train(child_recipe)
     trusted = {"trust_remote_code": trust_remote_code, "python_graders": trust_remote_code}
     evaluate(child.root, **trusted)
-    new_test = child.root / INPUTS / f"{NEW_TEST}.jsonl"
+    new_test = child.inputs_file(NEW_TEST)
     best_prompt_only = (parent_metrics.get("verdict") or {}).get("vs")
     arms = ["tuned"] + ([best_prompt_only] if best_prompt_only else [])
     say(f"scoring the update ({', '.join(arms)}) and the parent (tuned) on the {len(parts['test'])} held-out new examples")
-    evaluate(child.root, arms=arms, test_file=new_test, recipe=without_extras(child_recipe), out_dir=child.eval / "new", echo=False,
+    evaluate(child.root, arms=arms, test_file=new_test, recipe=without_extras(child_recipe), out_dir=child.eval_new, echo=False,
              **trusted)
     evaluate(parent.root, arms=["tuned"], test_file=new_test, recipe=without_extras(recipe),
-             out_dir=child.eval / "parent-on-new", echo=False, **trusted)
+             out_dir=child.eval_parent_on_new, echo=False, **trusted)
 
     seed = recipe.eval.seed
     old = compare_paired("old test", arm_scores(child.eval, "tuned"), arm_scores(parent.eval, "tuned"), seed=seed)
-    fresh = compare_paired("new examples", arm_scores(child.eval / "new", "tuned"),
-                           arm_scores(child.eval / "parent-on-new", "tuned"), seed=seed)
+    fresh = compare_paired("new examples", arm_scores(child.eval_new, "tuned"),
+                           arm_scores(child.eval_parent_on_new, "tuned"), seed=seed)
     lineage = Lineage(
         kind="update", parent=parent_record(parent, recipe, "update"), primary_metric=parent_metrics.get("primary_metric"),
         comparisons=[old, fresh], text=f"{old.text}; {fresh.text}",

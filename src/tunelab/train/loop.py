@@ -144,7 +144,7 @@ class _RunLog:
     checkpoint's offset, so every step appears once), TensorBoard scalars, MLflow metrics when
     configured, and on stderr the progress bar and status lines. Silent on ranks other than 0."""
 
-    def __init__(self, train_dir: Path, state: TrainState, total_steps: int, device: torch.device, enabled: bool,
+    def __init__(self, paths: RunPaths, state: TrainState, total_steps: int, device: torch.device, enabled: bool,
                  options: LoopOptions):
         self.enabled, self.device = enabled, device
         self.file = None
@@ -154,8 +154,8 @@ class _RunLog:
         self.session_tokens, self.session_started = 0, time.perf_counter()
         if not enabled:
             return
-        train_dir.mkdir(parents=True, exist_ok=True)
-        path = train_dir / "log.jsonl"
+        paths.train_dir.mkdir(parents=True, exist_ok=True)
+        path = paths.train_log
         path.touch()
         self.file = path.open("r+", encoding="utf-8")
         self.file.truncate(state.log_offset)
@@ -163,7 +163,7 @@ class _RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events an interrupted run wrote after the step we continue from
-        self.tb = SummaryWriter(str(train_dir / "tb"), purge_step=state.step + 1)
+        self.tb = SummaryWriter(str(paths.tensorboard), purge_step=state.step + 1)
         _quiet_tensorboard_writer_thread()
         if os.environ.get("MLFLOW_TRACKING_URI") and importlib.util.find_spec("mlflow"):
             import mlflow
@@ -461,7 +461,7 @@ def train_loop(
     cfg.eval_every_steps and at the end. `cfg` is a TrainConfig."""
     state = _resumed_state(setup, plan, resume, ctx)
     paths = RunPaths(run_root)
-    log = _RunLog(paths.train_dir, state, len(plan), setup.device, ctx.is_main, options)
+    log = _RunLog(paths, state, len(plan), setup.device, ctx.is_main, options)
     if resume is not None:
         log.event(Event(state.step, "resume", f"resumed from {resume.path}"), say=False)
     checkpoints = _Checkpoints(paths.checkpoints, setup, ctx, log, cfg.keep_checkpoints, state, resume)

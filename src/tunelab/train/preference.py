@@ -58,8 +58,6 @@ if TYPE_CHECKING:
     from tunelab.config import DpoConfig, Recipe
     from tunelab.train.setup import TrainSetup
 
-REFERENCE_FILE = "reference_logps.json"
-
 
 # ----------------------------------------------------------------------------------------------
 # batches
@@ -283,7 +281,7 @@ def attach_reference(
     when it was written for this data, model and adapter settings, else computed now (and written
     when `write`). Returns how many pairs were computed."""
     paths = RunPaths(run_root)
-    path = paths.train_dir / REFERENCE_FILE
+    path = paths.reference_logps
     key = _cache_key(recipe, paths)
     cached: dict[str, list[float]] = {}
     if path.is_file():
