@@ -72,17 +72,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             token_losses[start : start + chunk_rows] = losses
             loss_sum += losses.sum()
             correct += (logits.argmax(dim=-1) == t).sum()
-            if anchor is not None:
+            anchored = None
+            if anchor is not None:  # only the chunk's rows that have an anchor (replay tokens)
                 a_ids, a_logp, a_coef = (x[start : start + chunk_rows] for x in anchor)
-                log_q = logits.gather(1, a_ids) - lse[:, None]
-                loss_sum += (a_coef * (a_logp - log_q)).sum()
+                anchored = (a_coef.sum(-1) > 0).nonzero().squeeze(1)
+                if anchored.numel():
+                    a_ids, a_logp, a_coef = a_ids[anchored], a_logp[anchored], a_coef[anchored]
+                    log_q = logits[anchored].gather(1, a_ids) - lse[anchored, None]
+                    loss_sum += (a_coef * (a_logp - log_q)).sum()
+                else:
+                    anchored = None
             if need_hidden or need_weight or need_bias:
                 # d loss / d logits = softmax - one_hot(target)
                 grad_logits = torch.exp(logits - lse[:, None])
-                if anchor is not None:  # + sum_j coef_j * (softmax - one_hot(id_j))
-                    anchor_grad = grad_logits * a_coef.sum(-1, keepdim=True)
+                if anchored is not None:  # + sum_j coef_j * (softmax - one_hot(id_j)) on those rows
+                    anchor_grad = grad_logits[anchored] * a_coef.sum(-1, keepdim=True)
                     anchor_grad.scatter_add_(1, a_ids, -a_coef)
-                    grad_logits += anchor_grad
+                    grad_logits[anchored] += anchor_grad
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if softcap is not None:
                     grad_logits *= 1.0 - capped * capped
