@@ -144,7 +144,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_examples(paths: RunPaths) -> list[_Example]:
     """The run's train examples with their losses per pass (an example split into per-turn rows:
     its rows' losses pooled, pass by pass)."""
-    train_file, tokens_file = paths.data_split("train"), paths.data / "train.tokens.jsonl"
+    train_file, tokens_file = paths.data_split("train"), paths.data_tokens("train")
     for needed in (train_file, tokens_file):
         if not needed.is_file():
             raise ConfigError(f"{needed}: not found; is {paths.root} a run that `tunelab train` finished?")

@@ -124,7 +124,7 @@ def _compare(record: dict[str, Any], recipe: Recipe, paths: RunPaths, trust_remo
     parent = RunPaths(Path(str(record.get("parent_run"))))
     if parent.root.resolve() == paths.root.resolve():
         raise _NoComparison(f"{paths.root} is the run the copy was cleaned from; train on the copy under another name")
-    if not (parent.eval / "predictions.jsonl").is_file() or not parent.data_split("test").is_file():
+    if not parent.predictions.is_file() or not parent.data_split("test").is_file():
         raise _NoComparison(f"the parent run {parent.root} has no evaluated test set (eval/predictions.jsonl, "
                             "data/test.jsonl) any more")
     primary, parent_primary = _primary(paths), _primary(parent)

@@ -99,10 +99,10 @@ def out_of_fold(run_dir: str | Path, k: int, examples: Sequence[Any], *, device:
     paths, recipe = open_run(run_dir, trust_remote_code)
     if recipe.method == "dpo":
         raise ConfigError(f"--folds: {paths.root} is a preference run; the audit needs one answer per example")
-    rows = _read_jsonl(paths.data / "train.tokens.jsonl")
+    rows = _read_jsonl(paths.data_tokens("train"))
     if not rows:
         raise ConfigError(f"{paths.data / 'train.tokens.jsonl'}: not found or empty; is {paths.root} a trained run?")
-    valid = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in _read_jsonl(paths.data / "valid.tokens.jsonl")]
+    valid = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in _read_jsonl(paths.data_tokens("valid"))]
     assignment = assign_folds([e.id for e in examples], k, recipe.train.seed)
     missing = {_base_id(r["id"]) for r in rows} - set(assignment)
     if missing:
