@@ -332,7 +332,12 @@ class EvalConfig(_Section):
     forgetting_policy: Literal["balance", "task", "report"] = Field(
         "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
         "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
-        "stay within eval.forgetting_threshold; task = the best task score; report = measure them all, keep 1.0",
+        "stay within eval.forgetting_threshold, giving up at most eval.scale_max_task_loss points; task = the best "
+        "task score; report = measure them all, keep 1.0",
+    )
+    scale_max_task_loss: float = Field(
+        3.0, ge=0.0, description="points of validation task score (0-100) eval.forgetting_policy balance may give up "
+        "for general ability; a scale that costs more is not kept and the loss stays flagged",
     )
     adapter_scales: list[float] = Field(
         default_factory=lambda: [1.0, 0.75, 0.5],
