@@ -19,6 +19,21 @@ errors, the share in the top 2P (recall@2P) and the share of the top P that are 
 cleaned): quality(cleaned) - quality(planted) over quality(clean) - quality(planted).
 Writes runs under --out (default /tmp/audit-bench) and merges its numbers into
 bench/results/audit_planted.json.
+
+Recovery, re-planned so that it can show the effect (`--recovery`; one command runs the three runs
+in order, or `--recovery --variant V` one of them, each under the team's real-model lock):
+
+    python bench/audit_planted.py --task routing --recovery [--variant planted|cleaned|clean]
+
+errors planted in the training file only (a separate clean validation file: the best step is chosen
+on right answers; a separate test file of --test examples, default 300), every run `tunelab run` with the
+same recipe and seeds (tuned arm only); the cleaned copy leaves out exactly what the planted run's
+audit flags (`--write-clean --drop-flagged`, the default advice), and the cleaned run's own
+eval/metrics.json `cleaned` holds its paired comparison with the planted run. Reported: each run's
+test score, the paired differences (cleaned - planted, clean - planted, clean - cleaned: 95% CI and
+p) and the share of the loss recovered with a paired bootstrap interval.
+`--recovery --folds K` (after the planted run) audits the planted run out of fold and scores that
+ranking's detection beside the run's own (its own audit/ is put back afterwards).
 """
 
 from __future__ import annotations
@@ -175,18 +190,199 @@ def rerank(run: Path) -> None:
     write_text_atomic(run / "audit" / "audit.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in new))
 
 
+# ---------------------------------------------------------------------------------------------- recovery
+
+
+RECOVERY_VARIANTS = ("planted", "cleaned", "clean")
+
+
+def make_recovery_task(task: str, n_train: int, n_valid: int, n_test: int, folder: Path) -> dict:
+    """train_clean.jsonl, train_planted.jsonl (PLANT_SHARE of its answers planted), valid.jsonl and
+    test.jsonl (both clean), distinct prompts throughout; recovery.json: the planted 1-based lines."""
+    generator = _generator()
+    rng = random.Random(f"{task}-audit-recovery")
+    spec = generator.TASKS[task](rng)
+    seen, rows = set(), []
+    while len(rows) < n_train + n_valid + n_test:
+        prompt, answer = spec["example"]()
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append([{"role": "system", "content": spec["system"]}, {"role": "user", "content": prompt},
+                         {"role": "assistant", "content": answer}])
+    train, valid, test = rows[:n_train], rows[n_train:n_train + n_valid], rows[n_train + n_valid:]
+    planted = sorted(rng.sample(range(n_train), round(PLANT_SHARE * n_train)))
+    wrong = [json.loads(json.dumps(m)) for m in train]
+    for i in planted:
+        wrong[i][-1]["content"] = _plant(task, wrong[i][-1]["content"], rng)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train_clean", train), ("train_planted", wrong), ("valid", valid), ("test", test)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in part))
+    meta = {"task": task, "planted_lines": [i + 1 for i in planted], "max_new_tokens": spec["max_new_tokens"],
+            "train": n_train, "valid": n_valid, "test": n_test}
+    (folder / "recovery.json").write_text(json.dumps(meta))
+    return meta
+
+
+def run_recovery_variant(folder: Path, variant: str, args: argparse.Namespace, meta: dict) -> dict:
+    """One `tunelab run` of the recovery measurement (the cleaned copy written from the planted run's audit)."""
+    from tunelab.config import load_recipe
+    from tunelab.eval.audit import read_audit, write_clean
+    from tunelab.pipeline import run_pipeline
+
+    out = {"variant": variant}
+    if variant == "cleaned":
+        found = read_audit(folder / "planted")
+        if found is None:
+            raise SystemExit(f"{folder / 'planted'}: no audit; run --variant planted first")
+        rows, summary = found
+        if not summary["flagged"]:
+            return {**out, "skipped": "the planted run's audit flags nothing: nothing to leave out"}
+        _, dropped = write_clean(rows, 0, folder / "train_cleaned.jsonl", drop_flagged=True, run_dir=folder / "planted")
+        out.update(dropped=len(dropped), dropped_planted=len(set(dropped) & set(meta["planted_lines"])))
+    train_file = folder / {"planted": "train_planted.jsonl", "cleaned": "train_cleaned.jsonl",
+                           "clean": "train_clean.jsonl"}[variant]
+    overrides = [f"out_dir={folder}", f"name={variant}", f"data.train={train_file}", f"data.valid={folder / 'valid.jsonl'}",
+                 f"data.test={folder / 'test.jsonl'}", f"train.epochs={args.epochs}", f"train.budget={args.budget}",
+                 f"eval.max_new_tokens={meta['max_new_tokens']}", "eval.arms=[tuned]", "eval.forgetting=false",
+                 *([f"model.name={args.model}"] if args.model else [])]
+    recipe = load_recipe(None, overrides)
+    if (folder / variant).exists():
+        import shutil
+
+        shutil.rmtree(folder / variant)  # this script's own run folder: measured again from scratch
+    started = time.perf_counter()
+    run_pipeline(recipe)
+    plan = json.loads((folder / variant / "train" / "plan.json").read_text())
+    stages = json.loads((folder / variant / "stages.json").read_text())
+    out.update(seconds=round(time.perf_counter() - started, 1), steps=plan["steps"], epochs=plan["epochs"],
+               stage_seconds={k: round(v.get("seconds", 0.0), 1) if isinstance(v, dict) else v for k, v in stages.items()},
+               command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if variant == "planted":
+        out["audit"] = detection(folder / "planted", meta["planted_lines"])
+    metrics = json.loads((folder / variant / "eval" / "metrics.json").read_text())
+    out["test_quality"] = round(metrics["arms"]["tuned"]["primary"], 4)
+    if metrics.get("cleaned"):
+        out["cleaned_section"] = {k: metrics["cleaned"].get(k) for k in ("text", "helped", "note", "test")}
+    return out
+
+
+def recovery_summary(folder: Path, seed: int = 0) -> dict:
+    """Paired differences between the runs that exist, and the share of the loss recovered."""
+    import numpy as np
+
+    from tunelab.eval.paired import arm_scores, compare_paired
+
+    scores = {v: arm_scores(folder / v / "eval", "tuned") for v in RECOVERY_VARIANTS
+              if (folder / v / "eval" / "predictions.jsonl").is_file()}
+    out: dict = {"test_quality": {v: round(sum(s.values()) / len(s), 4) for v, s in scores.items()}}
+    for a, b in (("cleaned", "planted"), ("clean", "planted"), ("clean", "cleaned")):
+        if a in scores and b in scores:
+            out[f"{a}_vs_{b}"] = compare_paired(f"{b} -> {a}", scores[a], scores[b], seed=seed).model_dump(mode="json")
+    if len(scores) == 3:
+        ids = sorted(scores["planted"])
+        table = np.array([[scores[v][i] for i in ids] for v in ("planted", "cleaned", "clean")])
+        rng = np.random.default_rng(seed)
+        shares = []
+        for _ in range(2000):
+            means = table[:, rng.integers(0, len(ids), len(ids))].mean(axis=1)
+            lost = means[2] - means[0]
+            if lost > 0:
+                shares.append((means[1] - means[0]) / lost)
+        means = table.mean(axis=1)
+        lost = means[2] - means[0]
+        out["lost_points"] = round(100 * lost, 2)
+        out["regained_points"] = round(100 * (means[1] - means[0]), 2)
+        out["share_recovered"] = round((means[1] - means[0]) / lost, 3) if lost > 0 else None
+        out["share_recovered_ci95"] = ([round(float(np.percentile(shares, q)), 3) for q in (2.5, 97.5)]
+                                       if len(shares) >= 1000 else None)
+        out["share_ci_note"] = (f"paired bootstrap over the {len(ids)} test examples (training-run noise not included: "
+                                "one run each); resamples where nothing was lost are left out")
+    return out
+
+
+def folds_measurement(folder: Path, k: int, planted_lines: list[int]) -> dict:
+    """The planted run audited out of fold (`--folds k`) against its own-model audit: the same
+    detection numbers. The run's own audit/ is put back afterwards (the cleaned copy is written from it)."""
+    import shutil
+
+    from tunelab.eval.folds import audit_with_folds
+
+    run = folder / "planted"
+    saved = folder / "planted-audit-own-model"
+    if saved.exists():
+        shutil.rmtree(saved)
+    shutil.copytree(run / "audit", saved, ignore=shutil.ignore_patterns("folds"))
+    started = time.perf_counter()
+    try:
+        rows, summary, trained = audit_with_folds(run, k)
+    finally:
+        for name in ("audit.jsonl", "summary.json"):
+            shutil.copy2(saved / name, run / "audit" / name)
+    rows = [r.__dict__ for r in rows]
+    planted = set(planted_lines) & {r["line"] for r in rows}
+    p = len(planted)
+    lines = [r["line"] for r in rows]
+    flagged = {r["line"] for r in rows if r["flagged"]}
+    own = detection(run, planted_lines)
+    return {"folds": k, "seconds": round(time.perf_counter() - started, 1), "steps": trained.steps,
+            "train_time_s": trained.train_time_s, "planted": p,
+            "out_of_fold": {"recall_at_2p": round(len(planted & set(lines[: 2 * p])) / max(1, p), 3),
+                            "precision_at_p": round(len(planted & set(lines[:p])) / max(1, p), 3),
+                            "flagged": len(flagged), "flagged_planted": len(planted & flagged)},
+            "own_model": {**own["shipped"], "flagged": own["flagged"], "flagged_planted": own["flagged_planted"]}}
+
+
+def recovery(args: argparse.Namespace) -> None:
+    folder = args.out / f"{args.task}-recovery"
+    meta = json.loads((folder / "recovery.json").read_text()) if (folder / "recovery.json").is_file() else \
+        make_recovery_task(args.task, args.train, args.valid, args.test, folder)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"results": []}
+    section = previous.setdefault("recovery_v2", {}).setdefault(args.task, {"runs": {}})
+    section.pop("status", None)  # "not run" until a run of this script
+    section["design"] = {k: meta[k] for k in ("train", "valid", "test")} | {
+        "planted": len(meta["planted_lines"]), "epochs": args.epochs, "budget": args.budget,
+        "model": args.model or "smollm2-135m-instruct (default)",
+        "command": f"python bench/audit_planted.py --task {args.task} --recovery"}
+    if args.folds:  # after --variant planted (and cleaned, which reads the planted run's own audit)
+        section["folds"] = folds_measurement(folder, args.folds, meta["planted_lines"])
+        section["folds"]["command"] = f"python bench/audit_planted.py --task {args.task} --recovery --folds {args.folds}"
+        RESULTS.write_text(json.dumps(previous, indent=1) + "\n")
+        print(json.dumps(section["folds"], indent=1))
+        return
+    for variant in ([args.variant] if args.variant else RECOVERY_VARIANTS):
+        result = run_recovery_variant(folder, variant, args, meta)
+        section["runs"][variant] = result
+        section["summary"] = recovery_summary(folder)
+        RESULTS.write_text(json.dumps(previous, indent=1) + "\n")
+        print(json.dumps(result, indent=1), flush=True)
+    print(json.dumps(section["summary"], indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["routing", "orders"], required=True)
-    parser.add_argument("--variant", choices=["planted", "clean", "cleaned"], required=True)
-    parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--budget", default="20m", help="train.budget: an upper bound on a loaded machine")
+    parser.add_argument("--variant", choices=["planted", "clean", "cleaned"])
+    parser.add_argument("--recovery", action="store_true", help="the recovery measurement (module docstring)")
+    parser.add_argument("--train", type=int, default=None, help="training examples (200; --recovery: 80)")
+    parser.add_argument("--valid", type=int, default=20, help="--recovery: clean validation examples")
+    parser.add_argument("--test", type=int, default=300, help="--recovery: test examples")
+    parser.add_argument("--folds", type=int, default=0, help="--recovery: audit the planted run out of fold (K trainings)")
+    parser.add_argument("--model", default=None, help="model.name (default: the recipe's default model)")
+    parser.add_argument("--budget", default=None, help="train.budget: an upper bound on a loaded machine (20m; "
+                        "--recovery: 15m)")
     parser.add_argument("--epochs", default="3", help="train.epochs: the audit needs every example seen twice")
     parser.add_argument("--out", type=Path, default=Path("/tmp/audit-bench"))
     parser.add_argument("--no-test", action="store_true", help="skip scoring the test set")
     parser.add_argument("--reuse", action="store_true", help="a run that finished training: audit and score it only")
     parser.add_argument("--rerank", action="store_true", help="an audited run: rank it again, score the detection only")
     args = parser.parse_args()
+    if args.recovery:
+        args.train, args.budget = args.train or 80, args.budget or "15m"
+        recovery(args)
+        return
+    if args.variant is None:
+        parser.error("--variant is required (or --recovery)")
+    args.train, args.budget = args.train or 200, args.budget or "20m"
 
     folder = args.out / args.task
     meta = json.loads((folder / "planted.json").read_text()) if (folder / "planted.json").is_file() else \

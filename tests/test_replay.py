@@ -11,7 +11,16 @@ import pytest
 from test_data_prepare import _chat, _many, _write
 from tunelab.config import DataConfig, Recipe, TrainConfig
 from tunelab.data.prepare import prepare_data
-from tunelab.data.replay import AUTO_SHARE, decide_replay_share, replay_count, replay_prompts
+from tunelab.data.replay import (
+    AUTO_SHARE,
+    MAX_AUTO_SHARE,
+    MIN_REPLAY_EXAMPLES,
+    auto_replay_share,
+    decide_replay_share,
+    replay_count,
+    replay_prompts,
+    replay_share_key,
+)
 from tunelab.errors import DataError
 
 
@@ -80,7 +89,7 @@ def test_a_bad_replay_file_names_its_line(tmp_path, tokenizer):
 
 
 def test_auto_share_and_its_reason():
-    plan = decide_replay_share(TrainConfig(), Path("answers.jsonl"))
+    plan = decide_replay_share(TrainConfig(), Path("answers.jsonl"), task_examples=2000, available=150)
     assert plan.share == AUTO_SHARE and plan.share_source == "auto" and plan.source == "self"
     assert "base model's own answers" in plan.reason
     mine = decide_replay_share(TrainConfig(replay="mine.jsonl", replay_share=0.3), Path("mine.jsonl"))
@@ -88,11 +97,44 @@ def test_auto_share_and_its_reason():
     assert replay_count(90, 0.1) == 10 and replay_count(0, 0.5) == 0 and replay_count(10, 0.0) == 0
 
 
+@pytest.mark.parametrize(("task", "available", "share", "count"), [
+    (2000, 150, 0.1, 222),  # a large set: 10% is already many different prompts
+    (432, 150, 0.1, 48),  # exactly where 10% is 48 replay examples
+    (117, 150, 48 / 165, 48),  # routing's 117: 10% would be 13; raised to 48 different prompts
+    (117, 20, 20 / 137, 20),  # only 20 usable: all of them, no more share than that
+    (60, 150, 0.3, 26),  # 48 / 108 = 44% is more than auto ever takes: 30%
+    (117, 0, 0.1, 13),  # nothing usable: the floor (prepare then says only 0 were usable)
+])
+def test_auto_share_rehearses_enough_different_prompts_beside_a_small_task(task, available, share, count):
+    assert (MIN_REPLAY_EXAMPLES, MAX_AUTO_SHARE) == (48, 0.3)  # the values the rows below were computed for
+    got, reason = auto_replay_share(task, available)
+    assert got == pytest.approx(share, abs=1e-12)
+    assert replay_count(task, got) == count
+    assert reason.startswith(f"auto: {share:.0%} of training examples")
+    if share > AUTO_SHARE:
+        assert f"so that {count} different general prompts are rehearsed beside {task} task examples" in reason
+        assert f"(10% would be {replay_count(task, AUTO_SHARE)}, too few" in reason
+    assert ("(the most auto gives)" in reason) == (share == MAX_AUTO_SHARE)
+
+
+def test_prepare_applies_the_auto_share_to_the_kept_examples_and_fingerprints_the_rule(tmp_path, tokenizer):
+    train = _write(tmp_path / "train.jsonl", _many(120))
+    replay = _write(tmp_path / "general.jsonl", _general(100))
+    prepared = prepare_data(_recipe("auto", str(replay), train=str(train)), tokenizer, tmp_path / "out",
+                            replay_file=replay)
+    task = prepared.stats["counts"]["train"]
+    share, reason = auto_replay_share(task, 100)
+    stats = prepared.stats["replay"]
+    assert stats["share"] == share and stats["share_source"] == "auto" and stats["reason"].startswith(reason)
+    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_count(task, share) > replay_count(task, AUTO_SHARE)
+    assert replay_share_key(TrainConfig()) == "auto-2" and replay_share_key(TrainConfig(replay_share=0.2)) == 0.2
+
+
 def test_replay_prompts_are_not_forgetting_probes():
     from tunelab.eval.forgetting import general_probes
 
     prompts = {p.lower() for p in replay_prompts()}
-    assert len(prompts) == 64
+    assert len(prompts) == 200
     assert not prompts & {p.prompt.lower() for p in general_probes()}
 
 
@@ -116,9 +158,9 @@ def test_self_replay_is_generated_once_per_model_and_quality_checked(tmp_path, m
     assert path.is_relative_to(tmp_path / "home")
     rows = _lines(path)
     # kept: ended by itself (stop) with a few words; i % 3 == 0 is too short, i % 3 == 1 was cut off
-    assert len(rows) == sum(1 for i in range(64) if i % 3 == 2)
+    assert len(rows) == sum(1 for i in range(len(replay_prompts())) if i % 3 == 2)
     assert all(r["messages"][1]["content"] == "A complete short answer." for r in rows)
-    assert build_self_replay(ModelConfig(name="tiny-test")) == path and calls == [64]
+    assert build_self_replay(ModelConfig(name="tiny-test")) == path and calls == [len(replay_prompts())]
     assert self_replay_path(ModelConfig(name="tiny-test", revision="other")) != path
 
 

@@ -190,3 +190,46 @@ def test_report_plots_task_score_against_retention_with_the_chosen_scale(tmp_pat
     del metrics["forgetting"]["adapter_scale"]  # a run without a scale search has no such plot
     (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
     assert "plot-scales" not in parse(write_report(run).read_text()).ids
+
+
+def test_balance_does_not_buy_general_ability_with_the_task():
+    # the routing run with 13 replay examples: only half the adapter kept 96% of the probes, at 40 validation
+    # points instead of 100; the test score fell to 53. balance keeps the best task score (0.75 ties 1.0 and
+    # keeps more) and flags the loss
+    costly = [_candidate(1.0, 1.0, 0.85, 0.047), _candidate(0.75, 1.0, 0.8875, 0.025), _candidate(0.5, 0.4, 0.9625, 0.01)]
+    scale, reason = choose_scale(costly, "balance", 0.05, "label_accuracy")
+    assert scale == 0.75
+    assert reason.startswith("scale 0.5 keeps general ability within 5% but gives up 60.0 points of validation "
+                             "label_accuracy (more than eval.scale_max_task_loss 3)")
+    assert choose_scale(costly, "balance", 0.05, "m", max_task_loss=60)[0] == 0.5
+
+
+def _simulated_choice(rng, n, task_full, task_scaled, discordant) -> float:
+    """One evaluation: n validation examples answered at scale 1 and at 0.75 (which truly keeps general
+    ability); the two answers agree on an example but for a true loss and, with rate `discordant`, a
+    symmetric disagreement either way (noise that cancels out in expectation)."""
+    full = scaled = 0
+    for _ in range(n):
+        u = rng.random()
+        right_full, right_scaled = u < task_full, u < task_scaled
+        if rng.random() < discordant:
+            right_scaled = not right_scaled if rng.random() < 0.5 else right_scaled
+            right_full = not right_full if right_scaled == right_full else right_full
+        full, scaled = full + right_full, scaled + right_scaled
+    curve = [_candidate(1.0, full / n, 0.80, 0.03), _candidate(0.75, scaled / n, 0.97, 0.02)]
+    return choose_scale(curve, "balance", 0.05, "m")[0]
+
+
+@pytest.mark.parametrize("n", [10, 64])
+def test_balance_error_rates_simulated(n):
+    """Seeded simulation of balance's two errors on paired validation scores: taking a scale that truly costs
+    20 points of task score (without the guard: every time), and refusing one that truly costs nothing."""
+    rng = random.Random(7)
+    runs = 2000
+    costly = sum(_simulated_choice(rng, n, 0.9, 0.7, 0.0) == 0.75 for _ in range(runs)) / runs
+    free = sum(_simulated_choice(rng, n, 0.9, 0.9, 0.0) == 0.75 for _ in range(runs)) / runs
+    free_noisy = sum(_simulated_choice(rng, n, 0.9, 0.9, 0.1) == 0.75 for _ in range(runs)) / runs
+    # a 20-point loss slips through only when no costly example is among the n: 0.8^10 = 11% at n=10
+    assert costly <= {10: 0.12, 64: 0.001}[n]  # measured 9.5% and 0%
+    assert free == 1.0  # answers that agree: a scale that costs nothing is always taken
+    assert free_noisy >= 0.65  # 10% noisy disagreements cost some free scales (taken 72% at n=10 and 64)

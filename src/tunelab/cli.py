@@ -185,6 +185,8 @@ def data_audit(
     answers: Annotated[int, typer.Option(min=0, help="the tuned model answers this many of the top examples")] = 40,
     write_clean: Annotated[Path | None, typer.Option(help="write a copy of the training file without the --drop-top most suspect examples")] = None,
     drop_top: Annotated[int, typer.Option(min=0, help="with --write-clean: how many of the most suspect to leave out")] = 0,
+    drop_flagged: Annotated[bool, typer.Option(help="with --write-clean: leave out the examples the audit flags")] = False,
+    folds: Annotated[int, typer.Option(min=0, help="score each example by a model trained without it: K more trainings")] = 0,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Rank a trained run's examples, most likely wrong first (RUN/audit/audit.jsonl), from its training dynamics
@@ -192,15 +194,27 @@ def data_audit(
     from tunelab.eval.audit import audit_run, format_row
     from tunelab.eval.audit import write_clean as write_clean_copy
 
-    if drop_top and write_clean is None:
-        raise TunelabError("--drop-top N needs --write-clean OUT.jsonl (the copy to write)")
-    rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
+    if (drop_top or drop_flagged) and write_clean is None:
+        raise TunelabError(f"{'--drop-top N' if drop_top else '--drop-flagged'} needs --write-clean OUT.jsonl (the copy to write)")
+    if drop_top and drop_flagged:
+        raise TunelabError("--drop-top N and --drop-flagged: choose one (the flagged, or the N most suspect)")
+    if folds:
+        from tunelab.eval.folds import audit_with_folds
+
+        rows, summary, trained = audit_with_folds(run_dir, folds, trust_remote_code=trust_remote_code)
+        typer.echo(f"out of fold: {folds} trainings on {min(trained.trained_on)}-{max(trained.trained_on)} rows "
+                   f"({sum(trained.train_time_s) / 60:.1f} min); {RunPaths(run_dir).audit / 'folds'}")
+    else:
+        rows, summary = audit_run(run_dir, answers=answers, trust_remote_code=trust_remote_code)
     for row in rows[:top]:
         typer.echo(format_row(row))
     typer.echo(f"{summary.how_to_read}\n{len(rows)} examples ranked: {RunPaths(run_dir).audit / 'audit.jsonl'}")
     if write_clean is not None:
-        source, dropped = write_clean_copy(rows, drop_top, write_clean)
-        typer.echo(f"{write_clean}: {source} without {len(dropped)} line(s): {', '.join(map(str, dropped)) or 'none'}")
+        source, dropped = write_clean_copy(rows, drop_top, write_clean, drop_flagged=drop_flagged, run_dir=run_dir)
+        typer.echo(f"{write_clean}: {source} without {len(dropped)} line(s): {', '.join(map(str, dropped)) or 'none'}"
+                   + ("" if not dropped else f" ({sum(r.flagged for r in rows if r.line in dropped)} of them flagged)"
+                      if summary.claims_errors else " (the hardest examples: the audit claims none of them wrong)")
+                   + f"\n`tunelab run` with data.train={write_clean} compares itself with {run_dir} (paired, same test set)")
 
 
 # ---------------------------------------------------------------------------------------------- stages

@@ -201,7 +201,13 @@ class TrainConfig(_Section):
     )
     replay_share: float | Literal["auto"] = Field(
         "auto", description="share of training examples that are replay (never in valid/test); 0 = none; auto: "
-        "0.1, decided in train/plan.json with its reason",
+        "0.1, raised until 48 different general prompts are rehearsed beside a small task (at most 0.3), "
+        "decided in train/plan.json with its reason",
+    )
+    anchor: float = Field(
+        1.0, ge=0.0, description="weight of a KL term toward the base model on replay examples' answer tokens "
+        "(the base model's top-16 next-token distribution, computed once before training with the adapter "
+        "off); 0 = off; nothing without replay",
     )
     seed: int = 0
 
@@ -326,7 +332,12 @@ class EvalConfig(_Section):
     forgetting_policy: Literal["balance", "task", "report"] = Field(
         "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
         "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
-        "stay within eval.forgetting_threshold; task = the best task score; report = measure them all, keep 1.0",
+        "stay within eval.forgetting_threshold, giving up at most eval.scale_max_task_loss points; task = the best "
+        "task score; report = measure them all, keep 1.0",
+    )
+    scale_max_task_loss: float = Field(
+        3.0, ge=0.0, description="points of validation task score (0-100) eval.forgetting_policy balance may give up "
+        "for general ability; a scale that costs more is not kept and the loss stays flagged",
     )
     adapter_scales: list[float] = Field(
         default_factory=lambda: [1.0, 0.75, 0.5],

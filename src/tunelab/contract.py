@@ -420,6 +420,9 @@ class Metrics(_Record):
         None, description="grader configs, failures per grader and arm, judge cache, human agreement"
     )
     pairwise: dict[str, Any] | None = Field(None, description="eval.pairwise: the judge's comparison in both orders")
+    cleaned: dict[str, Any] | None = Field(
+        None, description="eval/cleaned.py: a run trained on a cleaned copy, against the run it was cleaned from"
+    )
     seed: int
     elapsed_s: float
 

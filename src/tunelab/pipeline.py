@@ -125,10 +125,15 @@ def _run_stages(
         train(recipe, resume=resume, resume_command=resume_command, started=started)
 
     def eval_stage(recipe: Recipe, paths: RunPaths) -> None:
+        from tunelab.eval.cleaned import compare_cleaned
         from tunelab.eval.run import evaluate
 
         # the user's own recipe: its model code setting and its python graders hold
         evaluate(paths.root, trust_remote_code=recipe.model.trust_remote_code, python_graders=True)
+        # trained on a copy `tunelab data audit --write-clean` wrote: against the run it was cleaned from
+        cleaned = compare_cleaned(recipe, paths, trust_remote_code=recipe.model.trust_remote_code, python_graders=True)
+        if cleaned is not None:
+            say(f"cleaned data: {cleaned['text']}")
 
     def audit_stage(recipe: Recipe, paths: RunPaths) -> None:
         from tunelab.eval.audit import MIN_PASSES, audit_run, fewest_passes

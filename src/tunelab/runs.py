@@ -57,6 +57,10 @@ class RunPaths:
         """data/<split>.jsonl: the prepared examples of "train", "valid" or "test"."""
         return self.data / f"{split}.jsonl"
 
+    def data_tokens(self, split: str) -> Path:
+        """data/<split>.tokens.jsonl: the tokenized examples of "train" or "valid"."""
+        return self.data / f"{split}.tokens.jsonl"
+
     @property
     def train_dir(self) -> Path:
         return self.root / "train"

@@ -223,12 +223,18 @@ class Batch:
     # variable-length layout (collate_varlen): one row; sequence k spans cu_seqlens[k]:cu_seqlens[k+1]
     cu_seqlens: torch.Tensor | None = None  # (sequences + 1,) int32
     max_seqlen: int = 0  # an upper bound on the longest sequence (a fixed bound avoids recompiles)
+    # the KL anchor (train/anchor.py), aligned with labels, when an example of the batch has one:
+    # (rows, length, k) base top-k ids, their renormalised log-probs, and weight x prob (0 where none)
+    anchor_ids: torch.Tensor | None = None
+    anchor_logp: torch.Tensor | None = None
+    anchor_coef: torch.Tensor | None = None
 
     def to(self, device: Any) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
             move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
             self.tokens, self.trainable_tokens, move(self.cu_seqlens), self.max_seqlen,
+            move(self.anchor_ids), move(self.anchor_logp), move(self.anchor_coef),
         )
 
     def model_inputs(self) -> dict[str, Any]:
@@ -237,7 +243,32 @@ class Batch:
                   "attention_mask": self.attention_mask}
         if self.cu_seqlens is not None:
             inputs.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
+        if self.anchor_coef is not None:
+            inputs.update(anchor_ids=self.anchor_ids, anchor_logp=self.anchor_logp, anchor_coef=self.anchor_coef)
         return inputs
+
+
+def _anchor_tensors(examples: Sequence[dict[str, Any]], placed: Sequence[tuple[int, int, int]],
+                    shape: tuple[int, int]) -> tuple[Any, Any, Any]:
+    """The anchor tensors of a batch whose example `index` sits in row `r` from offset `at` (placed:
+    (index, r, at)); (None, None, None) when none of them has an anchor (train/anchor.py)."""
+    import torch
+
+    anchored = [(i, r, at) for i, r, at in placed if examples[i].get("anchor_ids")]
+    if not anchored:
+        return None, None, None
+    k = len(examples[anchored[0][0]]["anchor_ids"][0])
+    ids = torch.zeros((*shape, k), dtype=torch.long)
+    logp = torch.zeros((*shape, k), dtype=torch.float32)
+    coef = torch.zeros((*shape, k), dtype=torch.float32)
+    for index, r, at in anchored:
+        example = examples[index]
+        positions = [at + t for t in range(1, len(example["labels"])) if example["labels"][t] != IGNORE_INDEX]
+        values = torch.tensor(example["anchor_logp"], dtype=torch.float32)
+        ids[r, positions] = torch.tensor(example["anchor_ids"], dtype=torch.long)
+        logp[r, positions] = values
+        coef[r, positions] = float(example["anchor_weight"]) * values.exp()
+    return ids, logp, coef
 
 
 def _place(example: dict[str, Any], input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, at: int) -> tuple[int, int]:
@@ -271,10 +302,12 @@ def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     segments = torch.full((n_rows, width), -1, dtype=torch.long)
     trainable = 0
+    placed = []
     for r, row in enumerate(rows):
         at = 0
         for segment, index in enumerate(row):
             n, trained = _place(examples[index], input_ids[r], labels[r], position_ids[r], at)
+            placed.append((index, r, at))
             segments[r, at : at + n] = segment
             trainable += trained
             at += n
@@ -286,7 +319,8 @@ def collate(examples: Sequence[dict[str, Any]], rows: Sequence[Row], pad_id: int
     if not single:
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None, :, :]
-    return Batch(input_ids, labels, position_ids, mask, sum(lengths), trainable)
+    anchor = _anchor_tensors(examples, placed, (n_rows, width))
+    return Batch(input_ids, labels, position_ids, mask, sum(lengths), trainable, None, 0, *anchor)
 
 
 def collate_varlen(
@@ -310,8 +344,10 @@ def collate_varlen(
     boundaries = [0]
     trainable = 0
     at = 0
+    placed = []
     for index in order:
         n, trained = _place(examples[index], input_ids[0], labels[0], position_ids[0], at)
+        placed.append((index, 0, at))
         trainable += trained
         at += n
         boundaries.append(at)
@@ -320,4 +356,5 @@ def collate_varlen(
         boundaries.append(width)
     longest = max(lengths + [width - tokens])
     cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
-    return Batch(input_ids, labels, position_ids, None, tokens, trainable, cu_seqlens, max(longest, max_seqlen))
+    anchor = _anchor_tensors(examples, placed, (1, width))
+    return Batch(input_ids, labels, position_ids, None, tokens, trainable, cu_seqlens, max(longest, max_seqlen), *anchor)

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import DataConfig, Recipe
+from tunelab.config import DataConfig, Recipe, TrainConfig
 from tunelab.contract import ContractError, DataFingerprint, DataStats
 from tunelab.data.formats import data_files, dump_json_line, write_json_lines
 from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
-from tunelab.data.replay import ReplayPlan, choose_replay, decide_replay_share, replay_count
+from tunelab.data.replay import choose_replay, decide_replay_share, replay_count, replay_share_key
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
@@ -113,9 +113,9 @@ def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                     replay: tuple[Path, float] | None = None) -> dict[str, Any]:
+                     replay: tuple[Path, float | str] | None = None) -> dict[str, Any]:
     """What the prepared folder depends on; equal fingerprints mean equal outputs. `replay`: the replay
-    file and its share of training examples."""
+    file and its share of training examples (data/replay.py: replay_share_key)."""
     inputs = {role: {"path": str(getattr(data, role)), "sha256": _sha256_input(Path(getattr(data, role)))}
               for role in ("train", "valid", "test") if getattr(data, role) is not None}
     if replay is not None:
@@ -212,10 +212,8 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     _refuse_overwriting_foreign_files(out_dir)
     pairs = recipe.method == "dpo" or is_preference_file(data.train)  # preference pairs: data/preference.py
     # replay examples are supervised answers: a preference run has no place for them
-    replay = decide_replay_share(recipe.train, replay_file) if replay_file is not None and not pairs else None
-    if replay is not None and replay.share <= 0:
-        replay = None
-    fingerprint = data_fingerprint(data, tokenizer, (replay_file, replay.share) if replay and replay_file else None)
+    replay = replay_file if replay_file is not None and not pairs and recipe.train.replay_share != 0 else None
+    fingerprint = data_fingerprint(data, tokenizer, (replay, replay_share_key(recipe.train)) if replay else None)
     fingerprint = preference_fingerprint(fingerprint) if pairs else fingerprint
     stats = _reusable(out_dir, fingerprint)
     if stats is not None:
@@ -290,7 +288,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
             held = members[held_out]
             members[earlier].rejected = ("leakage", f"the same or nearly the same as {held.split} example {held.example.source}")
 
-    replay_stats = _add_replay(members, replay, replay_file, data, issues) if replay and replay_file else None
+    replay_stats = _add_replay(members, recipe.train, replay, data, issues) if replay else None
     _raise_on_errors(issues, out_dir)
 
     _assign_ids(members)
@@ -311,7 +309,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
     return PreparedData(out_dir, stats)
 
 
-def _add_replay(members: list[_Member], replay: ReplayPlan, replay_file: Path, data: DataConfig,
+def _add_replay(members: list[_Member], train: TrainConfig, replay_file: Path, data: DataConfig,
                 issues: list[Issue]) -> dict[str, Any]:
     """Replay examples joining the training split at `replay.share` of its kept examples: never one whose
     prompt is a held-out or training example's (it would leak, or duplicate); problems in the file are issues."""
@@ -329,6 +327,7 @@ def _add_replay(members: list[_Member], replay: ReplayPlan, replay_file: Path, d
             seen.add(key)
             fresh.append(example)
     task = sum(1 for m in members if m.split == "train" and m.rejected is None)
+    replay = decide_replay_share(train, replay_file, task, len(fresh))
     chosen = choose_replay(fresh, replay_count(task, replay.share), data.seed)
     members.extend(_Member("train", example, replay=True) for example in chosen)
     stats = replay.to_dict(len(chosen), len(fresh))

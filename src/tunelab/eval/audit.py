@@ -94,6 +94,16 @@ class ModelAnswer:
     confidence: float | None = None  # its mean per-token probability under the tuned model (None: not scored)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """One training example scored by a model that did not train on it (eval/folds.py)."""
+
+    fold: int
+    loss: float  # nats per answer token of the answer in the file (inf: could not be scored)
+    model_answer: str
+    model_confidence: float | None  # per-token probability of its own answer
+
+
 @dataclass
 class AuditSummary:
     examples: int
@@ -107,6 +117,7 @@ class AuditSummary:
     flag_rule: str = ("the tuned model's answer disagrees with the label and it is at least as sure of its answer as, "
                       "on average, of the training answers of that label (confident learning's per-class threshold)")
     unseen: list[str] = field(default_factory=list)  # example ids training never saw (a budget cut it short)
+    folds: int = 0  # --folds K: ranked by out-of-fold loss and answers (0: by the run's own model)
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -133,7 +144,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def load_examples(paths: RunPaths) -> list[_Example]:
     """The run's train examples with their losses per pass (an example split into per-turn rows:
     its rows' losses pooled, pass by pass)."""
-    train_file, tokens_file = paths.data_split("train"), paths.data / "train.tokens.jsonl"
+    train_file, tokens_file = paths.data_split("train"), paths.data_tokens("train")
     for needed in (train_file, tokens_file):
         if not needed.is_file():
             raise ConfigError(f"{needed}: not found; is {paths.root} a run that `tunelab train` finished?")
@@ -246,10 +257,9 @@ def disagreement(model_answer: str, answer: str, kind: OutputKind) -> tuple[floa
 # ---------------------------------------------------------------------------------------------- ranking
 
 
-def _self_confidence(groups: Sequence[str | None], values: Sequence[dict[str, float]]) -> dict[str | None, float]:
+def _self_confidence(groups: Sequence[str | None], probs: Sequence[float]) -> dict[str | None, float]:
     """Confident learning's per-class threshold: the mean probability the trained model gives the
-    answers of each label (its last pass), and over every example (key None)."""
-    probs = [math.exp(-v["final_loss"]) for v in values]
+    answers of each label (its last pass, or out of fold), and over every example (key None)."""
     out: dict[str | None, float] = {None: statistics.fmean(probs)}
     for group in set(groups) - {None}:
         out[group] = statistics.fmean(p for p, g in zip(probs, groups, strict=True) if g == group)
@@ -257,15 +267,23 @@ def _self_confidence(groups: Sequence[str | None], values: Sequence[dict[str, fl
 
 
 def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str, ModelAnswer],
-         signal: str = RANK_SIGNAL) -> list[AuditRow]:
-    """Every example seen at least once, most suspect first (a pure function of its inputs)."""
+         signal: str = RANK_SIGNAL, held_out: dict[str, float] | None = None) -> list[AuditRow]:
+    """Every example seen at least once, most suspect first (a pure function of its inputs).
+    `held_out`: each example's out-of-fold answer loss (eval/folds.py), ranked by instead of `signal`
+    (an example without a finite one keeps its last pass's loss)."""
     seen = [e for e in examples if e.losses]
     if not seen:
         return []
     values = [signal_values(e.losses) for e in seen]
+    if held_out is not None:
+        for e, v in zip(seen, values, strict=True):
+            loss = held_out.get(e.id)
+            v["held_out_loss"] = loss if loss is not None and math.isfinite(loss) else v["final_loss"]
+        signal = "held_out_loss"
     groups = [normalize_text(e.answer) if kind.kind == "label" else None for e in seen]
     z = z_scores([ranking_score(v, signal) for v in values], groups)
-    thresholds = _self_confidence(groups, values)
+    thresholds = _self_confidence(groups, [math.exp(-v["held_out_loss" if held_out is not None else "final_loss"])
+                                           for v in values])
     rows = []
     for example, value, zi, group in zip(seen, values, z, groups, strict=True):
         path, _, line = example.source.rpartition(":")
@@ -280,8 +298,11 @@ def rank(examples: Sequence[_Example], kind: OutputKind, model_answers: dict[str
             flagged = answered.confidence >= threshold
             why += (f"; it gives its own answer {answered.confidence:.2f} per token, "
                     f"{'above' if flagged else 'below'} the {threshold:.2f} it gives {other or 'the training answers'}")
-        reasons = [f"loss {value['mean_loss']:.2f} nats/token over {len(example.losses)} passes, z {zi:+.1f} "
-                   f"{'within its label' if group is not None and groups.count(group) >= MIN_CLASS_SIZE else 'in the run'}"]
+        where = 'within its label' if group is not None and groups.count(group) >= MIN_CLASS_SIZE else 'in the run'
+        reasons = [f"loss {value['mean_loss']:.2f} nats/token over {len(example.losses)} passes, z {zi:+.1f} {where}"
+                   if held_out is None else
+                   f"out of fold: loss {value['held_out_loss']:.2f} nats/token from a model that never saw it, "
+                   f"z {zi:+.1f} {where}"]
         if why:
             reasons.append(why)
         rows.append(AuditRow(
@@ -308,41 +329,50 @@ def fewest_passes(run_dir: str | Path) -> int:
     return min((len(e.losses) for e in load_examples(paths)), default=0)
 
 
-def how_to_read(flagged: int, decoded: int) -> str:
+def how_to_read(flagged: int, decoded: int, folds: int = 0) -> str:
+    model = f"the model that never trained on the example ({folds} folds)" if folds else "the tuned model"
     if flagged:
-        return (f"{flagged} example(s) are flagged: the tuned model answers otherwise, and is as sure of its own answer "
+        loss = "out-of-fold loss" if folds else "last pass's loss"
+        return (f"{flagged} example(s) are flagged: {model} answers otherwise, and is as sure of its own answer "
                 "as it usually is of that label's training answers. Check them first. Suspicion ranks the rest: the "
-                "last pass's loss as a robust z-score within this run (at most 10), +10 where the model answers otherwise.")
-    return ("No example is flagged: where the tuned model answers otherwise (of the top "
-            f"{decoded} by loss), it is less sure of its answer than it usually is of the training answers: its own "
-            "mistakes, not evidence against the data. The list is only an order of difficulty, hardest first, "
-            "against this run's own losses; it does not claim errors.")
+                f"{loss} as a robust z-score within this run (at most 10), +10 where the model answers otherwise.")
+    which = f"of all {decoded}, each out of fold" if folds else f"of the top {decoded} by loss"
+    return (f"No example is flagged: where {model} answers otherwise ({which}), it is less sure of its answer "
+            "than it usually is of the training answers: its own mistakes, not evidence against the data. The list "
+            "is only an order of difficulty, hardest first, against this run's own losses; it does not claim errors.")
 
 
 def audit_run(run_dir: str | Path, *, answers: int = DEFAULT_ANSWERS, device: str | None = None,
               trust_remote_code: bool = False, decode: Callable[[list[_Example]], list[ModelAnswer]] | None = None,
-              ) -> tuple[list[AuditRow], AuditSummary]:
+              held_out: dict[str, HeldOut] | None = None) -> tuple[list[AuditRow], AuditSummary]:
     """Rank a run's training examples and write RUN/audit/. The model answers the `answers` most
     suspect examples by loss (all: answers >= the number of examples); `decode` replaces the tuned
-    model (tests)."""
+    model (tests). `held_out` (eval/folds.py: every example scored out of fold) replaces both the
+    ranking signal and the tuned model's answers."""
     from tunelab.runs import open_run
 
     paths, recipe = open_run(run_dir, trust_remote_code)
     examples = load_examples(paths)
     kind = detect_output_kind([e.answer for e in examples])
-    by_loss = rank(examples, kind, {})
-    chosen_ids = {row.id for row in by_loss[:answers]}
-    chosen = [e for e in examples if e.id in chosen_ids]
-    if decode is None:
-        decode = _tuned_model_decoder(paths, recipe, device)
-    model_answers = dict(zip([e.id for e in chosen], decode(chosen), strict=True)) if chosen else {}
-    rows = rank(examples, kind, model_answers)
+    if held_out is not None:
+        model_answers = {i: ModelAnswer(h.model_answer, h.model_confidence) for i, h in held_out.items()}
+        rows = rank(examples, kind, model_answers, held_out={i: h.loss for i, h in held_out.items()})
+    else:
+        by_loss = rank(examples, kind, {})
+        chosen_ids = {row.id for row in by_loss[:answers]}
+        chosen = [e for e in examples if e.id in chosen_ids]
+        if decode is None:
+            decode = _tuned_model_decoder(paths, recipe, device)
+        model_answers = dict(zip([e.id for e in chosen], decode(chosen), strict=True)) if chosen else {}
+        rows = rank(examples, kind, model_answers)
     unseen = [e.id for e in examples if not e.losses]
     flagged = sum(r.flagged for r in rows)
+    folds = 1 + max((h.fold for h in held_out.values()), default=0) if held_out else 0
     summary = AuditSummary(
         examples=len(examples), passes_min=min((r.passes for r in rows), default=0), kind=kind.kind,
-        signal=RANK_SIGNAL, flagged=flagged, decoded=len(model_answers), claims_errors=flagged > 0,
-        how_to_read=how_to_read(flagged, len(model_answers)), unseen=unseen,
+        signal="held_out_loss" if held_out is not None else RANK_SIGNAL, flagged=flagged, decoded=len(model_answers),
+        claims_errors=flagged > 0, how_to_read=how_to_read(flagged, len(model_answers), folds), unseen=unseen,
+        folds=folds,
     )
     out = paths.audit
     out.mkdir(parents=True, exist_ok=True)
@@ -431,9 +461,14 @@ def _one_line(text: str, width: int = 80) -> str:
 # ---------------------------------------------------------------------------------------------- clean copy
 
 
-def write_clean(rows: Sequence[AuditRow | dict[str, Any]], drop_top: int, out: Path) -> tuple[Path, list[int]]:
-    """A copy of the training file without the `drop_top` most suspect examples' lines; the user's
-    file is never modified. Returns (the source file, the dropped 1-based lines)."""
+def write_clean(rows: Sequence[AuditRow | dict[str, Any]], drop_top: int, out: Path, *, drop_flagged: bool = False,
+                run_dir: str | Path | None = None) -> tuple[Path, list[int]]:
+    """A copy of the training file without the `drop_top` most suspect examples' lines (or, with
+    `drop_flagged`, without the flagged ones); the user's file is never modified. With `run_dir` (the
+    audited run), OUT.cleaned-from records where the copy came from (eval/cleaned.py), so that a run
+    trained on OUT is compared with that run. Returns (the source file, the dropped 1-based lines)."""
+    from tunelab.eval.cleaned import provenance_path, write_provenance
+
     rows = [asdict(r) if isinstance(r, AuditRow) else r for r in rows]
     files = sorted({r["file"] for r in rows})
     if len(files) != 1:
@@ -444,12 +479,22 @@ def write_clean(rows: Sequence[AuditRow | dict[str, Any]], drop_top: int, out: P
         raise ConfigError(f"--write-clean: {source} is not a JSONL file; it copies JSONL files line by line")
     if not source.is_file():
         raise ConfigError(f"--write-clean: {source} (the training file the run read) is not found from here")
-    if out.resolve() == source.resolve():
+    if out.resolve() == source.resolve() or provenance_path(out).resolve() == source.resolve():
         raise ConfigError(f"--write-clean {out}: is the training file itself; tunelab never modifies your data")
-    dropped = sorted(r["line"] for r in sorted(rows, key=lambda r: r["rank"])[:drop_top])
+    ranked = sorted(rows, key=lambda r: r["rank"])
+    if drop_flagged:
+        chosen = [r for r in ranked if r["flagged"]]
+        if not chosen:
+            raise ConfigError("--drop-flagged: the audit flags no example (it claims no error; the ranking is only an "
+                              "order of difficulty): nothing to leave out. --drop-top N leaves out the N hardest anyway")
+    else:
+        chosen = ranked[:drop_top]
+    dropped = sorted(r["line"] for r in chosen)
     drop = set(dropped)
     with source.open(encoding="utf-8", newline="") as f:
         kept = [line for number, line in enumerate(f, start=1) if number not in drop]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(kept))
+    if run_dir is not None:
+        write_provenance(out, Path(run_dir), source, chosen, "flagged" if drop_flagged else f"top {drop_top}")
     return source, dropped

@@ -632,7 +632,7 @@ def _search_scale(inputs: _Inputs, model: Any, base_ability: Any, bar: Any) -> A
         model, inputs.models.tokenizer, valid=inputs.valid, builder=inputs.builder, kind=inputs.kind, metric=metric,
         schema=inputs.schema, settings=inputs.settings, base=base_ability, scales=cfg.adapter_scales,
         policy=cfg.forgetting_policy, threshold=cfg.forgetting_threshold, seed=cfg.seed, batch_size=cfg.batch_size,
-        progress=bar.update,
+        progress=bar.update, max_task_loss=cfg.scale_max_task_loss,
     )
 
 

@@ -37,9 +37,12 @@ def within_threshold(retention: float | None, perplexity_change: float | None, t
             and (perplexity_change is None or perplexity_change <= threshold + tolerance))
 
 
-def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: float, metric: str) -> tuple[float, str]:
+def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: float, metric: str,
+                 max_task_loss: float = 3.0) -> tuple[float, str]:
     """The scale eval.forgetting_policy keeps, and why in one sentence. Ties on the task score go to the
-    scale that kept more general ability, then to the larger scale (closer to the fine-tune as trained)."""
+    scale that kept more general ability, then to the larger scale (closer to the fine-tune as trained).
+    `max_task_loss`: points (of a 0-1 task metric x 100) of validation score `balance` may give up below the
+    best scale for general ability; a scale that costs more is not taken (the loss stays flagged)."""
     def task(c: ScaleCandidate) -> float:
         return c.task if c.task is not None else float("-inf")
 
@@ -52,14 +55,22 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
     if policy == "task":
         chosen = max(candidates, key=lambda c: (task(c), kept(c), c.scale))
         return chosen.scale, f"eval.forgetting_policy task: the best validation {metric} ({_pct(chosen.task)})"
+    best = max(candidates, key=lambda c: (task(c), kept(c), c.scale))
     acceptable = [c for c in candidates if c.within_threshold]
-    if acceptable:
-        chosen = max(acceptable, key=lambda c: (task(c), kept(c), c.scale))
+    affordable = [c for c in acceptable if task(best) - task(c) <= max_task_loss / 100 + 1e-9]
+    if affordable:
+        chosen = max(affordable, key=lambda c: (task(c), kept(c), c.scale))
         return chosen.scale, (f"the best validation {metric} ({_pct(chosen.task)}) among the scales that keep general "
                               f"ability within {threshold:.0%} ({_ability(chosen)})")
+    if acceptable:
+        kept_best = max(acceptable, key=lambda c: (task(c), kept(c), c.scale))
+        return best.scale, (f"scale {kept_best.scale:g} keeps general ability within {threshold:.0%} but gives up "
+                            f"{(task(best) - task(kept_best)) * 100:.1f} points of validation {metric} (more than "
+                            f"eval.scale_max_task_loss {max_task_loss:g}), so the best validation {metric} "
+                            f"({_pct(best.task)}; {_ability(best)}); the loss is flagged")
     # none is within: a smaller scale would give up task score for a loss that stays flagged anyway (measured
     # on routing: 0.5 kept 79% instead of 65% of the probes and cost half the validation score)
-    chosen = max(candidates, key=lambda c: (task(c), kept(c), c.scale))
+    chosen = best
     return chosen.scale, (f"no scale kept general ability within {threshold:.0%}, so the best validation {metric} "
                           f"({_pct(chosen.task)}; {_ability(chosen)}); the loss is flagged")
 
@@ -86,7 +97,7 @@ def search_adapter_scale(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, valid: Sequence[EvalExample],
     builder: PromptBuilder, kind: OutputKind, metric: str, schema: dict[str, Any] | None, settings: DecodingSettings,
     base: GeneralAbility, scales: Sequence[float], policy: str, threshold: float, seed: int, batch_size: int,
-    progress: Callable[[int], Any] | None = None,
+    progress: Callable[[int], Any] | None = None, max_task_loss: float = 3.0,
 ) -> ScaleSearch:
     """Every scale on the validation examples and the general probes; leaves the model at the chosen scale."""
     valid = list(valid)[:SEARCH_MAX_EXAMPLES]
@@ -108,7 +119,7 @@ def search_adapter_scale(
             scale=scale, task=task, retention=kept["value"], retention_ci95=kept["ci95"], perplexity_change=ppl,
             within_threshold=within_threshold(kept["value"], ppl, threshold),
         ))
-    chosen, reason = choose_scale(candidates, policy, threshold, metric)
+    chosen, reason = choose_scale(candidates, policy, threshold, metric, max_task_loss)
     set_adapter_scale(model, chosen)
     record = AdapterScale(scale=chosen, policy=policy, reason=reason, metric=metric, split="valid",
                           n_examples=len(valid), threshold=threshold, candidates=candidates)

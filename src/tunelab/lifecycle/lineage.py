@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import Recipe
-from tunelab.contract import ContractError, Lineage, Manifest, Metrics, PairedResult
+from tunelab.contract import ContractError, Lineage, Manifest, Metrics, PairedResult  # noqa: F401 (imported from here)
 from tunelab.errors import ConfigError
+from tunelab.eval.paired import SIGNIFICANCE, arm_scores, compare_paired  # noqa: F401 (this module's names before)
 from tunelab.files import write_text_atomic
 from tunelab.lifecycle.new_data import write_rows
 from tunelab.runs import RunPaths, data_fingerprint_id, lineage_path
-
-SIGNIFICANCE = 0.05  # a difference counts when its 95% interval excludes 0 AND its permutation p-value is below this
 
 
 def write_lineage(paths: RunPaths, lineage: Lineage) -> Path:
@@ -71,49 +70,6 @@ def refuse_untrusted_graders(paths: RunPaths, recipe: Recipe, trust_remote_code:
         refuse_python_graders(graders, paths)
         refuse_secret_bearing(graders, recipe.eval.pairwise, paths)
         refuse_secret_bearing_arms(recipe.eval.external, paths.recipe, CONSENT)
-
-
-def arm_scores(eval_dir: Path, arm: str) -> dict[str, float]:
-    """example id -> primary score of `arm`, from eval_dir/predictions.jsonl."""
-    path = eval_dir / "predictions.jsonl"
-    scores = {}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line) if line.strip() else {}
-            if row.get("arm") == arm:
-                scores[str(row["id"])] = float(row["score"])
-    if not scores:
-        raise ConfigError(f"{path}: no predictions of arm '{arm}'")
-    return scores
-
-
-def compare_paired(what: str, child: Mapping[str, float], parent: Mapping[str, float], child_arm: str = "tuned",
-                   parent_arm: str = "tuned", seed: int = 0) -> PairedResult:
-    """Child vs parent on the examples both scored: "old test 91.0 -> 90.5 (-0.5 points, ...: no significant change)".
-    Significant only when the bootstrap interval and the permutation test agree (see SIGNIFICANCE)."""
-    from tunelab.eval.metrics import paired_comparison
-
-    ids = sorted(set(child) & set(parent))
-    if not ids or len(ids) != len(child) or len(ids) != len(parent):
-        raise ConfigError(f"{what}: the child scored {len(child)} examples and the parent {len(parent)}, "
-                          f"{len(ids)} in common: they must be scored on the same examples (same eval.limit)")
-    a, b = [child[i] for i in ids], [parent[i] for i in ids]
-    result = paired_comparison(a, b, seed=seed)
-    child_mean, parent_mean = 100 * sum(a) / len(a), 100 * sum(b) / len(b)
-    lo, hi = (100 * v for v in result.ci95)
-    significant = result.significant and result.p_value < SIGNIFICANCE
-    if significant:
-        change = "significantly better" if result.delta > 0 else "significantly worse"
-    elif result.significant:  # a handful of changed examples: the percentile bootstrap is the bolder of the two
-        change = "no significant change (the interval excludes 0 but the permutation test does not)"
-    else:
-        change = "no significant change"
-    arms = "" if child_arm == parent_arm == "tuned" else f" ({parent_arm} -> {child_arm})"
-    text = (f"{what}{arms} {parent_mean:.1f} -> {child_mean:.1f} ({100 * result.delta:+.1f} points, 95% CI "
-            f"[{lo:+.1f}, {hi:+.1f}], p = {result.p_value:.3g}: {change})")
-    return PairedResult(what=what, child_arm=child_arm, parent_arm=parent_arm, n_examples=len(ids),
-                        child=child_mean / 100, parent=parent_mean / 100, delta_points=100 * result.delta,
-                        ci95_points=[lo, hi], p_value=result.p_value, significant=significant, text=text)
 
 
 # ---------------------------------------------------------------------------------------------- child run

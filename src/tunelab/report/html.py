@@ -345,6 +345,19 @@ def _audit(root: Path) -> dict[str, Any]:
             "total": len(rows), "flagged": summary["flagged"]}
 
 
+def _cleaned(paths: RunPaths) -> dict[str, Any]:
+    """eval/metrics.json `cleaned` (eval/cleaned.py): trained on a cleaned copy of another run's data (read
+    as found: shown even when another part of the file does not check)."""
+    metrics = read_json(paths.metrics)
+    value = (metrics.value or {}).get("cleaned") if metrics.ok and isinstance(metrics.value, dict) else None
+    if not isinstance(value, dict) or not value.get("text"):
+        return {"available": False}
+    lines = value.get("dropped_lines") or []
+    return {"available": True, "text": value["text"], "parent": value.get("parent_run"), "source": value.get("source"),
+            "dropped": f"{len(lines)} line(s) of {value.get('source')}: {', '.join(map(str, lines[:40]))}"
+                       + (" ..." if len(lines) > 40 else "")}
+
+
 def _training(log: RunFile, summary: RunFile, root: Path, rise: Any = None) -> dict[str, Any]:
     """`rise`: eval/metrics.json overfitting.val_rise, the judgement against the curve's noise; without
     it (older runs) the badge shows the events training wrote."""
@@ -652,6 +665,7 @@ def build_report_context(run_dir: str | Path) -> dict[str, Any]:
         "lineage": _lineage(paths),
         "data": _data(stats, issues, root),
         "audit": _audit(root),
+        "cleaned": _cleaned(paths),
         "training": training,
         "arms": arms,
         "overfitting": {**_overfitting(overfitting_value, metrics, training, root),
@@ -774,6 +788,9 @@ def render_markdown(context: Mapping[str, Any]) -> str:
                   "| where | suspicion | answer | model answer |", "|---|---|---|---|"]
         lines += [f"| {_md_escape(r['where'])} | {r['suspicion']}{' flagged' if r['flagged'] else ''} | "
                   f"{_md_escape(r['answer'])} | {_md_escape(r['model_answer'])} |" for r in audit["rows"]] + [""]
+    if context["cleaned"]["available"]:
+        lines += ["### Trained on a cleaned copy", "", f"**{context['cleaned']['text']}**", "",
+                  f"Left out: {context['cleaned']['dropped']}", ""]
     training = context["training"]
     lines += ["## Training", ""]
     if training["available"]:

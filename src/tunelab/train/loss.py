@@ -46,7 +46,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     that the forward already computed (they are linear in the incoming scalar gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype, anchor=None):
+        # anchor: (ids, logp, coef), each (N, k), or None: adds sum coef * (logp - log q[ids]), the weighted
+        # KL(p_base || q) over the base's top-k when coef = weight x p_base (train/anchor.py)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -70,9 +72,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             token_losses[start : start + chunk_rows] = losses
             loss_sum += losses.sum()
             correct += (logits.argmax(dim=-1) == t).sum()
+            anchored = None
+            if anchor is not None:  # only the chunk's rows that have an anchor (replay tokens)
+                a_ids, a_logp, a_coef = (x[start : start + chunk_rows] for x in anchor)
+                anchored = (a_coef.sum(-1) > 0).nonzero().squeeze(1)
+                if anchored.numel():
+                    a_ids, a_logp, a_coef = a_ids[anchored], a_logp[anchored], a_coef[anchored]
+                    log_q = logits[anchored].gather(1, a_ids) - lse[anchored, None]
+                    loss_sum += (a_coef * (a_logp - log_q)).sum()
+                else:
+                    anchored = None
             if need_hidden or need_weight or need_bias:
                 # d loss / d logits = softmax - one_hot(target)
                 grad_logits = torch.exp(logits - lse[:, None])
+                if anchored is not None:  # + sum_j coef_j * (softmax - one_hot(id_j)) on those rows
+                    anchor_grad = grad_logits[anchored] * a_coef.sum(-1, keepdim=True)
+                    anchor_grad.scatter_add_(1, a_ids, -a_coef)
+                    grad_logits[anchored] += anchor_grad
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if softcap is not None:
                     grad_logits *= 1.0 - capped * capped
@@ -100,7 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden * grad_loss.to(grad_hidden.dtype) if has_hidden else None,
             (grad_weight * grad_loss).to(weight_dtype) if has_weight else None,
             (grad_bias * grad_loss).to(bias_dtype) if has_bias else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -113,10 +129,13 @@ def linear_cross_entropy(
     chunk_rows: int | None = None,
     compute_dtype: torch.dtype | None = None,
     token_losses: bool = False,
+    anchor: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(summed cross-entropy, correct count) of hidden (N, H) projected by weight (V, H) against
     targets (N,), and with `token_losses` each row's cross-entropy (N,) as well (no gradient).
-    Gradients flow to hidden, weight and bias as needed."""
+    Gradients flow to hidden, weight and bias as needed. `anchor` (ids, logp, coef), each (N, k): the
+    KL anchor's term (sum of coef * (logp - log q[ids]); train/anchor.py) added to the summed loss,
+    computed on the same logits chunks."""
     per_chunk = LOGITS_PER_CHUNK_GPU if hidden.is_cuda else LOGITS_PER_CHUNK
     chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     compute_dtype = compute_dtype or weight.dtype
@@ -124,11 +143,11 @@ def linear_cross_entropy(
         zero = (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()
         out = (zero, torch.zeros((), dtype=torch.long, device=hidden.device), torch.zeros(0, device=hidden.device))
     elif torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        out = _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype)
+        out = _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, softcap, compute_dtype, anchor)
     else:
         with torch.no_grad():
             out = _LinearCrossEntropy.forward(_NoGradContext(), hidden, weight, bias, targets, chunk_rows, softcap,
-                                              compute_dtype)
+                                              compute_dtype, anchor)
     return out if token_losses else out[:2]
 
 
@@ -179,16 +198,24 @@ class CausalLMLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int = 0,
+        anchor_ids: torch.Tensor | None = None,
+        anchor_logp: torch.Tensor | None = None,
+        anchor_coef: torch.Tensor | None = None,
     ) -> LossSums:
         """`cu_seqlens` (collate_varlen's layout): the row holds several examples end to end, and
-        the model's attention must be tunelab's varlen attention (train/attention.py)."""
+        the model's attention must be tunelab's varlen attention (train/attention.py). `anchor_*`
+        (train/anchor.py): the KL anchor's targets, its term added to the summed loss."""
         hidden, head = self.hidden_states(input_ids, position_ids, attention_mask, cu_seqlens, max_seqlen)
         targets = labels[:, 1:]
         trainable = targets != IGNORE_INDEX
         selected = hidden[:, :-1][trainable]
+        anchor = None
+        if anchor_coef is not None and anchor_ids is not None and anchor_logp is not None:
+            anchor = (anchor_ids[:, 1:][trainable], anchor_logp[:, 1:][trainable], anchor_coef[:, 1:][trainable])
         loss_sum, correct, token_losses = linear_cross_entropy(
             selected, head.weight, targets[trainable], bias=getattr(head, "bias", None), softcap=self.softcap,
             chunk_rows=self.chunk_rows, compute_dtype=self.compute_dtype(hidden, head), token_losses=True,
+            anchor=anchor,
         )
         return LossSums(loss_sum, trainable.sum(), correct, token_losses)
 

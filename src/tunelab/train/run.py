@@ -258,10 +258,15 @@ def _machine(setup: TrainSetup, examples: _Examples, pad_id: int, ctx: DistConte
 def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], paths: RunPaths, pad_id: int,
           ctx: DistContext, budget_started: float) -> Planned:
     """train/plan.py's plan for this run (written to train/plan.json by rank 0), the replay share the
-    data stage applied in it (data/stats.json), and the learning-rate schedule ending where it does."""
+    data stage applied in it (data/stats.json) with the KL anchor on its rows, and the learning-rate
+    schedule ending where it does."""
+    from tunelab.train.anchor import attach_anchor
     from tunelab.train.setup import LrSchedule
 
+    # the KL anchor's base-model targets on the replay rows, once, before the speed is measured (train/anchor.py)
+    anchor = attach_anchor(setup, examples.recipe, examples.train, pad_id)
     replay = DataStats.read_keys(paths.data_stats).get("replay") if ctx.is_main else None
+    replay = {**replay, "anchor": anchor} if replay else replay
     planned = plan_training(
         examples.lengths, [example_length(e) for e in examples.valid], examples.recipe.train,
         lambda cut: examples.steps(cut, layout), _machine(setup, examples, pad_id, ctx, budget_started),

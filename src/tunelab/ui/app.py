@@ -41,6 +41,7 @@ from tunelab.runs import RunPaths
 from tunelab.ui import launch, status
 from tunelab.ui.playground import Playground
 from tunelab.ui.predictions import OUTCOMES, PredictionFilter, browse_predictions
+from tunelab.ui.tradeoff import scale_tradeoff_svg
 
 COOKIE = "tunelab_ui_key"  # + a digest of the key: two UIs on one host (other ports) keep their own cookie
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -405,7 +406,7 @@ def run_page(name: str, ui: Ui) -> HTMLResponse:
     state = status.read_run_state(ui.out, name)
     console = status.console_text(ui.out, name)
     return ui.page("run.html.jinja", title=name, run=state,
-                   report=RunPaths(folder).metrics.is_file(),
+                   report=RunPaths(folder).metrics.is_file(), tradeoff=scale_tradeoff_svg(RunPaths(folder)),
                    console=None if console is None else status.console_lines(console)[-CONSOLE_LINES_SHOWN:],
                    command=" ".join(status.read_process(ui.out, name).command) if state.started_by_ui else None,
                    can_stop=ui.launcher.can_stop(name))
