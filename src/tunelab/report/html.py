@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,25 +75,25 @@ def read_json(path: Path) -> RunFile:
         return RunFile(path, problem=f"not valid JSON ({err})")
 
 
-def read_model(path: Path, model: type[Manifest] | type[Metrics] | type[TrainSummary]) -> RunFile:
-    """A run file parsed into its contract model (RunFile.value is the model)."""
+def _read_through(path: Path, reader: Callable[[Path], Any]) -> RunFile:
+    """A run file read by one of its contract model's readers; a missing or damaged file is named."""
     if not path.is_file():
         return RunFile(path, problem="missing")
     try:
-        return RunFile(path, model.from_file(path))
+        return RunFile(path, reader(path))
     except ContractError as err:
         return RunFile(path, problem=str(err).removeprefix(f"{path}: "))
+
+
+def read_model(path: Path, model: type[Manifest] | type[Metrics] | type[TrainSummary]) -> RunFile:
+    """A run file parsed into its contract model (RunFile.value is the model)."""
+    return _read_through(path, model.from_file)
 
 
 def read_keys(path: Path, model: type[DataStats] | type[Metrics]) -> RunFile:
     """A run file's keys as found, read through its contract model's partial reader (RunFile.value is a
     dict): for files whose older or partial versions are shown as they are."""
-    if not path.is_file():
-        return RunFile(path, problem="missing")
-    try:
-        return RunFile(path, model.read_keys(path))
-    except ContractError as err:
-        return RunFile(path, problem=str(err).removeprefix(f"{path}: "))
+    return _read_through(path, model.read_keys)
 
 
 def read_jsonl(path: Path) -> RunFile:
