@@ -196,19 +196,58 @@ def rerank(run: Path) -> None:
 RECOVERY_VARIANTS = ("planted", "cleaned", "clean")
 
 
+DETAILS = ["My order number is {d}.", "I am on the {plan} plan.", "It started {when}.", "I have been a customer for {y} years.",
+           "My customer id is {d}.", "I use the app on my {device}.", "I already tried {tried}.", "This is urgent for {who}."]
+
+
+def _with_details(task: str, prompt: str, rng: random.Random) -> str:
+    """Routing's messages with one or two context sentences that name no team (order number, plan, when it
+    started...), so that a few hundred messages are not near-duplicates of each other: the team still
+    follows from the complaint alone."""
+    if task != "routing":
+        return prompt
+    fills = {"d": str(rng.randint(10000, 99999)), "plan": rng.choice(["basic", "family", "pro", "student", "business"]),
+             "when": rng.choice(["yesterday", "on Monday", "last week", "two days ago", "after the update", "today"]),
+             "y": str(rng.randint(2, 12)), "device": rng.choice(["phone", "tablet", "laptop", "work computer"]),
+             "tried": rng.choice(["restarting", "the help page", "calling you", "logging out and in"]),
+             "who": rng.choice(["my work", "my family", "my shop", "me"])}
+    extra = " ".join(d.format(**fills) for d in rng.sample(DETAILS, rng.choice([1, 2])))
+    head, sep, tail = prompt.partition(". ")
+    return f"{head}. {extra} {tail}" if sep else f"{prompt} {extra}"
+
+
 def make_recovery_task(task: str, n_train: int, n_valid: int, n_test: int, folder: Path) -> dict:
     """train_clean.jsonl, train_planted.jsonl (PLANT_SHARE of its answers planted), valid.jsonl and
     test.jsonl (both clean), distinct prompts throughout; recovery.json: the planted 1-based lines."""
+    from tunelab.data.quality import near_duplicate_texts
+
     generator = _generator()
     rng = random.Random(f"{task}-audit-recovery")
     spec = generator.TASKS[task](rng)
-    seen, rows = set(), []
-    while len(rows) < n_train + n_valid + n_test:
+    seen, pool = set(), []
+    while len(pool) < 4 * (n_train + n_valid + n_test):
         prompt, answer = spec["example"]()
+        prompt = _with_details(task, prompt, rng)
         if prompt not in seen:
             seen.add(prompt)
-            rows.append([{"role": "system", "content": spec["system"]}, {"role": "user", "content": prompt},
+            pool.append([{"role": "system", "content": spec["system"]}, {"role": "user", "content": prompt},
                          {"role": "assistant", "content": answer}])
+    # no two examples nearly alike (a margin under the data check's 0.8): prepare would drop a training
+    # example that leaks into the test set, and the three runs must train on the same examples
+    near: dict[int, set[int]] = {}
+    for later, earlier, _ in near_duplicate_texts(((i, f"{m[1]['content']} {m[2]['content']}") for i, m in enumerate(pool)),
+                                                  threshold=0.7):
+        near.setdefault(later, set()).add(earlier)
+    kept: set[int] = set()
+    rows = []
+    for i, messages in enumerate(pool):
+        if len(rows) == n_train + n_valid + n_test:
+            break
+        if not near.get(i, set()) & kept:
+            kept.add(i)
+            rows.append(messages)
+    if len(rows) < n_train + n_valid + n_test:
+        raise SystemExit(f"{task}: only {len(rows)} examples unlike each other; ask for fewer")
     train, valid, test = rows[:n_train], rows[n_train:n_train + n_valid], rows[n_train + n_valid:]
     planted = sorted(rng.sample(range(n_train), round(PLANT_SHARE * n_train)))
     wrong = [json.loads(json.dumps(m)) for m in train]
