@@ -120,3 +120,50 @@ def test_cli_folds_option_audits_out_of_fold_and_says_what_it_trained(small_run)
     assert summary["folds"] == 2 and summary["signal"] == "held_out_loss" and summary["decoded"] == 12
     bad = CliRunner().invoke(cli.app, ["data", "audit", str(run), "--folds", "13"])
     assert bad.exit_code != 0 and "at most one fold per example" in str(bad.exception) + bad.output
+
+
+def test_replay_rows_train_every_fold_and_are_never_scored(tmp_path, tiny_model_dir, monkeypatch):
+    """With replay (the default mitigation of forgetting), the general examples are not the user's:
+    each fold trains on all of them, as the run did, ids kept for the anchor; only the user's are scored."""
+    from train_examples import reverse_pairs, write_chat_jsonl
+    from tunelab.eval import folds as folds_module
+    from tunelab.eval.audit import HeldOut
+    from tunelab.train import run as train_run
+    from tunelab.train.run import train
+
+    data = write_chat_jsonl(tmp_path / "train.jsonl", reverse_pairs(12, seed=5))
+    general = write_chat_jsonl(tmp_path / "general.jsonl", [(f"Say {w}.", w) for w in
+                                                             ("yes", "no", "maybe", "hello", "thanks", "bye")])
+    recipe = load_recipe(None, [f"out_dir={tmp_path}", "name=r", "model.name=tiny-test", f"data.train={data}",
+                                "data.valid_fraction=0", "data.test_fraction=0", "train.epochs=2",
+                                f"train.replay={general}", "train.replay_share=0.3",
+                                "train.tokens_per_step=256", "train.budget=null", "lora.dropout=0",
+                                "eval.max_new_tokens=8"])
+    train(recipe, progress=False)
+    run = tmp_path / "r"
+    rows = [json.loads(line) for line in (run / "data" / "train.tokens.jsonl").read_text().splitlines()]
+    replay_ids = {r["id"] for r in rows if r["id"].startswith("replay-")}
+    assert replay_ids  # the run trained on replay
+
+    trained: list[list[dict]] = []
+    real_train = train_run.train_on_examples
+
+    def recording(recipe, paths, tokenizer, train, valid, **kwargs):
+        trained.append(list(train))
+        return real_train(recipe, paths, tokenizer, train, valid, **kwargs)
+
+    scored: list[str] = []
+
+    def score(model, tokenizer, examples):
+        scored.extend(e.id for e in examples)
+        return [HeldOut(-1, 0.5, e.answer, 0.9) for e in examples]
+
+    monkeypatch.setattr(train_run, "train_on_examples", recording)
+    _, summary, folds = folds_module.audit_with_folds(run, 2, score=score)
+    user_ids = {r["id"] for r in rows} - replay_ids
+    assert sorted(scored) == sorted(user_ids) and set(folds.assignment) == user_ids
+    for fold, train_rows in enumerate(trained):
+        ids = [r["id"] for r in train_rows]
+        assert replay_ids <= set(ids)  # every fold rehearses the whole replay, as the run did
+        assert {i for i in ids if i in user_ids} == {i for i, f in folds.assignment.items() if f != fold}
+    assert folds.trained_on == [len(replay_ids) + 6, len(replay_ids) + 6] and summary.folds == 2

@@ -92,6 +92,7 @@ def out_of_fold(run_dir: str | Path, k: int, examples: Sequence[Any], *, device:
     from tunelab.config import Recipe
     from tunelab.models import load_tokenizer
     from tunelab.runs import open_run
+    from tunelab.train.anchor import is_replay
     from tunelab.train.run import start_run_dir, train_on_examples
 
     if not 2 <= k <= MAX_FOLDS:
@@ -104,7 +105,8 @@ def out_of_fold(run_dir: str | Path, k: int, examples: Sequence[Any], *, device:
         raise ConfigError(f"{paths.data / 'train.tokens.jsonl'}: not found or empty; is {paths.root} a trained run?")
     valid = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in _read_jsonl(paths.data_tokens("valid"))]
     assignment = assign_folds([e.id for e in examples], k, recipe.train.seed)
-    missing = {_base_id(r["id"]) for r in rows} - set(assignment)
+    # replay rows (general prompts, not the user's examples: never audited) train every fold, as in the run
+    missing = {_base_id(r["id"]) for r in rows if not is_replay(r)} - set(assignment)
     if missing:
         raise ConfigError(f"{paths.root}: tokenized rows without an example in data/train.jsonl: {sorted(missing)[:3]}")
     tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
@@ -120,8 +122,9 @@ def out_of_fold(run_dir: str | Path, k: int, examples: Sequence[Any], *, device:
         if fold_paths.root.exists():  # an earlier --folds of this run: trained again from scratch
             shutil.rmtree(fold_paths.root)
         start_run_dir(fold_paths, fold_recipe, resume=False)
-        train = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows
-                 if assignment[_base_id(r["id"])] != fold]
+        # ids kept: they mark the replay rows the run's anchor and replay slices read (train/anchor.py)
+        train = [{"id": r["id"], "input_ids": r["input_ids"], "labels": r["labels"]} for r in rows
+                 if is_replay(r) or assignment[_base_id(r["id"])] != fold]
         result = train_on_examples(fold_recipe, fold_paths, tokenizer, train, valid, device=device, progress=False)
         shutil.rmtree(fold_paths.checkpoints, ignore_errors=True)
         summary.trained_on.append(len(train))
