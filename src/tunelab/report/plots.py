@@ -9,6 +9,7 @@ charts on one page never share a marker or clip-path id.
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -99,18 +100,34 @@ def training_curve(
     return to_svg(fig, name)
 
 
+def _number(value: Any) -> float:
+    """A plotted number: a damaged metrics file's inf, nan or non-number draws as 0, never breaks the figure."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _interval(row: Mapping[str, Any]) -> tuple[float, float]:
+    ci = row.get("ci95")
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return _number(row.get("primary")), _number(row.get("primary"))
+    return _number(ci[0]), _number(ci[1])
+
+
 def quality_bars(arms: Mapping[str, Mapping[str, Any]], metric_name: str, name: str) -> str:
     """One horizontal bar per arm: the primary metric with its 95% interval."""
     fig = new_figure(7.0, 0.55 * max(len(arms), 2) + 0.9)
     ax = fig.add_subplot()
     style_axes(ax)
     names = list(arms)
-    values = [100 * float(arms[a].get("primary") or 0.0) for a in names]
+    values = [100 * _number(arms[a].get("primary")) for a in names]
     lows, highs = [], []
     for arm, value in zip(names, values, strict=True):
-        ci = arms[arm].get("ci95") or [arms[arm].get("primary") or 0.0] * 2
-        lows.append(max(value - 100 * float(ci[0]), 0.0))
-        highs.append(max(100 * float(ci[1]) - value, 0.0))
+        low, high = _interval(arms[arm])
+        lows.append(max(value - 100 * low, 0.0))
+        highs.append(max(100 * high - value, 0.0))
     positions = list(range(len(names)))[::-1]
     ax.barh(positions, values, color=[arm_color(a, i) for i, a in enumerate(names)], height=0.6,
             xerr=[lows, highs], error_kw={"ecolor": "#333333", "capsize": 3, "linewidth": 1})
@@ -127,15 +144,15 @@ def tradeoff_scatter(arms: Mapping[str, Mapping[str, Any]], metric_name: str, na
     fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
     style_axes(ax)
-    latencies = [float(a.get("latency_ms_p50") or 0.0) for a in arms.values()]
+    latencies = [_number(a.get("latency_ms_p50")) for a in arms.values()]
     largest = max(latencies, default=0.0) or 1.0
     placed: list[tuple[float, float]] = []  # label anchors so far: a label next to an earlier one moves down
     for i, (arm, row) in enumerate(arms.items()):
-        x = max(float(row.get("prompt_tokens_mean") or 0.0), 1.0)
-        y = 100 * float(row.get("primary") or 0.0)
-        latency = float(row.get("latency_ms_p50") or 0.0)
-        ci = row.get("ci95") or [row.get("primary") or 0.0] * 2
-        ax.errorbar([x], [y], yerr=[[max(y - 100 * ci[0], 0)], [max(100 * ci[1] - y, 0)]], fmt="none",
+        x = max(_number(row.get("prompt_tokens_mean")), 1.0)
+        y = 100 * _number(row.get("primary"))
+        latency = _number(row.get("latency_ms_p50"))
+        low, high = _interval(row)
+        ax.errorbar([x], [y], yerr=[[max(y - 100 * low, 0)], [max(100 * high - y, 0)]], fmt="none",
                     ecolor="#999999", capsize=3, linewidth=1)
         ax.scatter([x], [y], s=60 + 600 * latency / largest, color=arm_color(arm, i), alpha=0.8,
                    edgecolors="white", linewidths=1, label=f"{arm}: p50 {latency:,.0f} ms", zorder=3)
@@ -143,7 +160,7 @@ def tradeoff_scatter(arms: Mapping[str, Mapping[str, Any]], metric_name: str, na
         placed.append((x, y))
         ax.annotate(arm, (x, y), xytext=(9, 6 - 11 * near), textcoords="offset points", fontsize=9)
     ax.set_xscale("log")
-    xs = [max(float(r.get("prompt_tokens_mean") or 0.0), 1.0) for r in arms.values()]
+    xs = [max(_number(r.get("prompt_tokens_mean")), 1.0) for r in arms.values()]
     ax.set_xlim(min(xs, default=10) / 1.6, max(xs, default=1000) * 1.6)
     ticks = [t for t in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
              if min(xs, default=10) / 1.6 <= t <= max(xs, default=1000) * 1.6]
