@@ -421,7 +421,7 @@ class DpoConfig(_Section):
                               "preferred answer (its negative mean log-prob per token) added to each pair's loss, "
                               "as TRL's rpo_alpha and LLaMA-Factory's pref_ftx: it keeps the preferred answers likely, "
                               "which stops DPO's answers degenerating into repeated lines; 0: plain DPO/IPO "
-                              "(default chosen by measurement, docs/measurements.md)")
+                              "(1.0 measured: docs/measurements.md)")
     kto_desirable_weight: float = Field(1.0, gt=0, description="loss kto: the weight of desirable examples' losses "
                                                                "(raise it when they are the fewer)")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="loss kto: the weight of undesirable examples' losses")
