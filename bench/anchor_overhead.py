@@ -7,7 +7,8 @@ A step like routing's with auto replay: 4 rows of packed examples, --replay-shar
 examples (~85 tokens, ~45 of them the answer), the rest short task examples (~37 tokens, 5 trained).
 The same batches go through the loss module's forward and backward, alternating anchor on / off step by
 step (a machine that slows down weighs on both alike); the first --warmup pairs are not timed. Also the
-one-time cost: the base model's top-k targets for --replay-examples replay examples. Writes
+one-time cost: the base model's top-k targets for --replay-examples replay examples, and the chunked loss
+alone on the step's trained positions (the part the anchor changes), anchor off / on. Writes
 bench/results/anchor_overhead.json (one row per model) and prints it.
 """
 
@@ -36,6 +37,31 @@ def _examples(rng: random.Random, vocab: int, replay_share: float, n: int) -> li
         out.append({"id": f"{'replay' if replay else 'train'}-{i}", "input_ids": ids,
                     "labels": [IGNORE] * prompt + ids[prompt:]})
     return out
+
+
+def _loss_only(setup, batch, repeats: int, warmup: int) -> tuple[float, float]:
+    """The chunked loss alone (forward and its gradient) on the step's trained positions, anchor off / on
+    alternating: the part of the step the anchor changes, whatever the model's size."""
+    import torch
+
+    from tunelab.train.loss import linear_cross_entropy
+
+    module = setup.loss_module
+    with torch.no_grad():
+        hidden, head = module.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask, None, 0)
+    trainable = batch.labels[:, 1:] != IGNORE
+    selected, targets = hidden[:, :-1][trainable].float(), batch.labels[:, 1:][trainable]
+    anchor = tuple(t[:, 1:][trainable] for t in (batch.anchor_ids, batch.anchor_logp, batch.anchor_coef))
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats):
+        for on in (False, True):
+            h = selected.clone().requires_grad_(True)
+            started = time.perf_counter()
+            loss, _ = linear_cross_entropy(h, head.weight.float(), targets, anchor=anchor if on else None)
+            loss.backward()
+            if i >= warmup:
+                timings[on].append(time.perf_counter() - started)
+    return statistics.median(timings[False]), statistics.median(timings[True])
 
 
 def main() -> None:
@@ -81,8 +107,11 @@ def main() -> None:
             if step >= args.warmup:
                 timings[which].append(elapsed)
     on, off = statistics.median(timings["on"]), statistics.median(timings["off"])
+    loss_off, loss_on = _loss_only(setup, collate(step_examples, rows, 0), args.warmup + args.steps, args.warmup)
     row = {"model": args.model, "step_s_anchor_off": round(off, 4), "step_s_anchor_on": round(on, 4),
-           "step_time_ratio": round(on / off, 3), "replay_share": args.replay_share, "steps": args.steps,
+           "step_time_ratio": round(on / off, 3), "loss_s_anchor_off": round(loss_off, 4),
+           "loss_s_anchor_on": round(loss_on, 4), "loss_time_ratio": round(loss_on / loss_off, 3),
+           "replay_share": args.replay_share, "steps": args.steps,
            "targets_s": round(targets_s, 2), "targets_examples": args.replay_examples,
            "load_average_1m": round(os.getloadavg()[0], 2), "machine": platform.machine(),
            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -4,12 +4,14 @@ the data fingerprint; the base model's own answers are generated once per model 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from test_data_prepare import _chat, _many, _write
 from tunelab.config import DataConfig, Recipe, TrainConfig
+from tunelab.data.passes import auto_epochs
 from tunelab.data.prepare import prepare_data
 from tunelab.data.replay import (
     AUTO_SHARE,
@@ -18,6 +20,7 @@ from tunelab.data.replay import (
     auto_replay_share,
     decide_replay_share,
     replay_count,
+    replay_pool_size,
     replay_prompts,
     replay_share_key,
 )
@@ -48,8 +51,11 @@ def test_replay_share_is_exact_and_replay_never_reaches_valid_or_test(tmp_path, 
 
     task_train = prepared.stats["counts"]["train"]
     replayed = _lines(prepared.path("replay"))
-    assert len(replayed) == prepared.stats["counts"]["replay"] == replay_count(task_train, share)
-    assert abs(len(replayed) / (task_train + len(replayed)) - share) <= 0.5 / (task_train + len(replayed))
+    # each pass reads replay_count of them (tests/test_replay_passes.py); the pool spreads across the passes
+    per_pass = prepared.stats["replay"]["per_pass"]
+    assert per_pass == replay_count(task_train, share)
+    assert len(replayed) == prepared.stats["counts"]["replay"] == replay_pool_size(task_train, per_pass, 200)
+    assert abs(per_pass / (task_train + per_pass) - share) <= 0.5 / (task_train + per_pass)
     assert all(r["id"].startswith("replay-") and r["source"].startswith(str(replay)) for r in replayed)
     assert all("General question" in r["messages"][0]["content"] for r in replayed)
     replay_ids = {r["id"] for r in replayed}
@@ -97,23 +103,23 @@ def test_auto_share_and_its_reason():
     assert replay_count(90, 0.1) == 10 and replay_count(0, 0.5) == 0 and replay_count(10, 0.0) == 0
 
 
-@pytest.mark.parametrize(("task", "available", "share", "count"), [
-    (2000, 150, 0.1, 222),  # a large set: 10% is already many different prompts
-    (432, 150, 0.1, 48),  # exactly where 10% is 48 replay examples
-    (117, 150, 48 / 165, 48),  # routing's 117: 10% would be 13; raised to 48 different prompts
-    (117, 20, 20 / 137, 20),  # only 20 usable: all of them, no more share than that
-    (60, 150, 0.3, 26),  # 48 / 108 = 44% is more than auto ever takes: 30%
-    (117, 0, 0.1, 13),  # nothing usable: the floor (prepare then says only 0 were usable)
+@pytest.mark.parametrize(("task", "available", "share", "count", "read"), [
+    (2000, 150, 0.1, 222, 0),  # a large set: 10% a pass is already many different prompts
+    (144, 150, 0.1, 16, 0),  # exactly where 10% a pass is 16, 48 over 3 passes
+    (117, 150, 16 / 133, 16, 48),  # routing's 117: 10% would be 13 a pass; raised to 16, 48 over 3 passes
+    (117, 20, 0.1, 13, 0),  # only 20 usable: 7 a pass would read them all; the floor is more
+    (20, 150, 0.3, 9, 45),  # 5 passes: 10 / 30 = 33% a pass is more than auto ever takes: 30%
+    (117, 0, 0.1, 13, 0),  # nothing usable: the floor (prepare then says only 0 were usable)
 ])
-def test_auto_share_rehearses_enough_different_prompts_beside_a_small_task(task, available, share, count):
+def test_auto_share_rehearses_enough_different_prompts_beside_a_small_task(task, available, share, count, read):
     assert (MIN_REPLAY_EXAMPLES, MAX_AUTO_SHARE) == (48, 0.3)  # the values the rows below were computed for
     got, reason = auto_replay_share(task, available)
     assert got == pytest.approx(share, abs=1e-12)
     assert replay_count(task, got) == count
-    assert reason.startswith(f"auto: {share:.0%} of training examples")
+    assert reason.startswith(f"auto: {share:.0%} of each pass's training examples")
     if share > AUTO_SHARE:
-        assert f"so that {count} different general prompts are rehearsed beside {task} task examples" in reason
-        assert f"(10% would be {replay_count(task, AUTO_SHARE)}, too few" in reason
+        assert f"read {read} different general prompts ({count} a pass) beside {task} task examples" in reason
+        assert f"(10% would be {replay_count(task, AUTO_SHARE) * math.ceil(auto_epochs(task))}, too few" in reason
     assert ("(the most auto gives)" in reason) == (share == MAX_AUTO_SHARE)
 
 
@@ -126,8 +132,10 @@ def test_prepare_applies_the_auto_share_to_the_kept_examples_and_fingerprints_th
     share, reason = auto_replay_share(task, 100)
     stats = prepared.stats["replay"]
     assert stats["share"] == share and stats["share_source"] == "auto" and stats["reason"].startswith(reason)
-    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_count(task, share) > replay_count(task, AUTO_SHARE)
-    assert replay_share_key(TrainConfig()) == "auto-2" and replay_share_key(TrainConfig(replay_share=0.2)) == 0.2
+    assert stats["per_pass"] == replay_count(task, share) > replay_count(task, AUTO_SHARE)
+    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_pool_size(task, stats["per_pass"], 100)
+    assert replay_share_key(TrainConfig()) == "auto-3/spread-1"
+    assert replay_share_key(TrainConfig(replay_share=0.2)) == "0.2/spread-1"
 
 
 def test_replay_prompts_are_not_forgetting_probes():

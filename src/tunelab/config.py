@@ -200,9 +200,9 @@ class TrainConfig(_Section):
         "own answers to general prompts shipped with tunelab (self-replay, generated once per model)",
     )
     replay_share: float | Literal["auto"] = Field(
-        "auto", description="share of training examples that are replay (never in valid/test); 0 = none; auto: "
-        "0.1, raised until 48 different general prompts are rehearsed beside a small task (at most 0.3), "
-        "decided in train/plan.json with its reason",
+        "auto", description="share of each pass's training examples that are replay (never in valid/test), each "
+        "pass reading a different slice of the replay pool; 0 = none; auto: 0.1, raised until the data's passes "
+        "read 48 different general prompts beside a small task (at most 0.3), decided in train/plan.json with its reason",
     )
     anchor: float = Field(
         1.0, ge=0.0, description="weight of a KL term toward the base model on replay examples' answer tokens "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -166,20 +166,24 @@ def plan_steps(
     seed: int,
     max_steps: int | None = None,
     padded: bool = True,
+    rows_of_epoch: Callable[[int], Sequence[Row]] | None = None,
 ) -> list[Step]:
     """Every optimizer step of a run, in order. Each epoch shuffles the rows (seeded) and cuts them
     into steps of at most `tokens_per_step` real tokens (at least one row a step). A fractional last
     epoch runs that fraction of its steps (rounded up); `max_steps` caps the total. `padded`: see
-    group_micro_batches."""
+    group_micro_batches. `rows_of_epoch`: the rows epoch e reads instead of `rows` (replay spread
+    across the passes: data/replay.py ReplaySlices)."""
     if not rows:
         raise ConfigError("no training examples to train on (the train split is empty)")
     lengths = [example_length(e) for e in examples]
     trainable = [trainable_count(e) for e in examples]
-    row_lengths = [sum(lengths[i] for i in row) for row in rows]
-    row_trainable = [sum(trainable[i] for i in row) for row in rows]
     steps: list[Step] = []
     epoch = 0
     while epoch < epochs and (max_steps is None or len(steps) < max_steps):
+        if rows_of_epoch is not None:
+            rows = rows_of_epoch(epoch)
+        row_lengths = [sum(lengths[i] for i in row) for row in rows]
+        row_trainable = [sum(trainable[i] for i in row) for row in rows]
         order = epoch_order(len(rows), seed, epoch)
         epoch_steps: list[Step] = []
         start = 0

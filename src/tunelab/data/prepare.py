@@ -43,7 +43,13 @@ from tunelab.contract import ContractError, DataFingerprint, DataStats
 from tunelab.data.formats import data_files, dump_json_line, write_json_lines
 from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
-from tunelab.data.replay import choose_replay, decide_replay_share, replay_count, replay_share_key
+from tunelab.data.replay import (
+    choose_replay,
+    decide_replay_share,
+    replay_count,
+    replay_pool_size,
+    replay_share_key,
+)
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
 from tunelab.data.validate import Example, Issue, read_examples
@@ -328,13 +334,16 @@ def _add_replay(members: list[_Member], train: TrainConfig, replay_file: Path, d
             fresh.append(example)
     task = sum(1 for m in members if m.split == "train" and m.rejected is None)
     replay = decide_replay_share(train, replay_file, task, len(fresh))
-    chosen = choose_replay(fresh, replay_count(task, replay.share), data.seed)
+    wanted = replay_count(task, replay.share)  # a pass's share; the pool is spread across the passes
+    chosen = choose_replay(fresh, replay_pool_size(task, wanted, len(fresh)), data.seed)
     members.extend(_Member("train", example, replay=True) for example in chosen)
     stats = replay.to_dict(len(chosen), len(fresh))
-    if len(chosen) < replay_count(task, replay.share):
+    per_pass = min(wanted, len(chosen))
+    if per_pass < wanted:
         stats["reason"] += (f"; only {len(fresh)} usable replay examples (after the quality check and leaving out "
                             "prompts of your data), so the share is smaller")
-    stats["share_actual"] = len(chosen) / (task + len(chosen)) if task + len(chosen) else 0.0
+    stats["per_pass"] = per_pass
+    stats["share_actual"] = per_pass / (task + per_pass) if task + per_pass else 0.0
     return stats
 
 

@@ -5,21 +5,29 @@ assets/replay_prompts.jsonl (none of them a forgetting probe), generated once pe
 train/self_replay.py and kept in the model cache (<tunelab home>/replay/<model>/<sha256 of model, prompts and settings>.jsonl), with
 a quality check (the answer ended by itself, within REPLAY_MAX_NEW_TOKENS, and has a few words).
 `train.replay: FILE` uses the user's own general chat examples instead. `train.replay_share` is the
-share of training examples that are replay; auto is decided here (`decide_replay_share`) and written
-with its reason to data/stats.json and train/plan.json. Replay examples go to training only, never to
-the validation or test split (data/prepare.py).
+share of each pass's training examples that are replay; auto is decided here (`decide_replay_share`) and
+written with its reason to data/stats.json and train/plan.json. Replay examples go to training only, never
+to the validation or test split (data/prepare.py).
+
+Replay is spread across the passes: the data stage keeps a pool of replay examples (`replay_pool_size`:
+enough for every pass of the data's auto passes to read different ones, at least MIN_REPLAY_EXAMPLES), and
+each pass over the task data reads its own slice of `per_pass` of them (`ReplaySlices`: a seeded order of the
+pool, read on cyclically, so a run with more passes than planned comes round again). Replay then adds a fixed
+share to every pass instead of the whole pool to each, and a small task keeps its passes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.data.passes import auto_epochs
 from tunelab.models import tunelab_home
 
 if TYPE_CHECKING:
@@ -31,7 +39,8 @@ REPLAY_MIN_WORDS = 3
 AUTO_SHARE = 0.1  # one example in ten at least (docs/training.md, Replay)
 MIN_REPLAY_EXAMPLES = 48  # distinct general prompts auto replay rehearses beside a small task
 MAX_AUTO_SHARE = 0.3  # auto replay never takes more of the training examples
-AUTO_RULE = 2  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
+AUTO_RULE = 3  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
+SPREAD_RULE = 1  # how replay is spread across passes (a pool, a slice a pass), in the data fingerprint
 
 
 def replay_prompts() -> list[str]:
@@ -70,29 +79,45 @@ class ReplayPlan:
 
 def replay_share_key(train: TrainConfig) -> float | str:
     """What the replay share depends on beyond the data (for the data fingerprint): the recipe's share,
-    or the auto rule's version (the auto share is a function of the data, which the fingerprint has)."""
-    return f"auto-{AUTO_RULE}" if train.replay_share == "auto" else float(train.replay_share)
+    or the auto rule's version (the auto share is a function of the data, which the fingerprint has), and
+    how replay is spread across passes (SPREAD_RULE: the pool written to replay.jsonl depends on it)."""
+    share = f"auto-{AUTO_RULE}" if train.replay_share == "auto" else f"{float(train.replay_share):g}"
+    return f"{share}/spread-{SPREAD_RULE}"
 
 
 def auto_replay_share(task_examples: int, available: int) -> tuple[float, str]:
-    """The auto share and why: AUTO_SHARE of the training examples, raised until the replay examples are
-    MIN_REPLAY_EXAMPLES distinct prompts (or all the usable ones), at most MAX_AUTO_SHARE.
+    """The auto share of each pass and why: AUTO_SHARE of a pass's training examples, raised until the
+    data's auto passes (data/passes.py) together read MIN_REPLAY_EXAMPLES different replay examples (or
+    all the usable ones), at most MAX_AUTO_SHARE.
 
-    A small task trained for many passes sees its few replay examples many times: they are soon learned
-    by heart and stop holding the model where it was (measured on routing, 117 examples, 6 passes: 13
-    replay examples kept 65% of the general probes the base model knew). What keeps general ability is
-    how many different general prompts training rehearses, not their share alone."""
+    A small task trained for many passes that sees the same few replay examples every pass soon learns them
+    by heart and they stop holding the model where it was (measured on routing, 117 examples, 6 passes: 13
+    replay examples kept 65% of the general probes the base model knew; 48 kept 78%). What keeps general
+    ability is how many different general prompts training rehearses, not their share alone; spreading the
+    pool across the passes (a different slice each) rehearses many of them at a small share a pass."""
     floor = AUTO_SHARE
     wanted = min(available, MIN_REPLAY_EXAMPLES)
-    by_count = wanted / (task_examples + wanted) if task_examples + wanted else 0.0
+    passes = max(1, math.ceil(auto_epochs(task_examples)))
+    per_pass = math.ceil(wanted / passes)
+    by_count = per_pass / (task_examples + per_pass) if task_examples + per_pass else 0.0
     if task_examples <= 0 or by_count <= floor:
-        return floor, f"auto: {floor:.0%} of training examples"
+        return floor, f"auto: {floor:.0%} of each pass's training examples"
     share = min(MAX_AUTO_SHARE, by_count)
     count = replay_count(task_examples, share)
     capped = " (the most auto gives)" if share < by_count else ""
-    return share, (f"auto: {share:.0%} of training examples{capped}, so that {count} different general prompts are "
-                   f"rehearsed beside {task_examples} task examples ({floor:.0%} would be {replay_count(task_examples, floor)}, "
-                   f"too few: a small set's replay is learned by heart and stops holding the model)")
+    return share, (f"auto: {share:.0%} of each pass's training examples{capped}, so that {passes} passes read "
+                   f"{min(wanted, count * passes)} different general prompts ({count} a pass) beside {task_examples} "
+                   f"task examples ({floor:.0%} would be {replay_count(task_examples, floor) * passes}, too few: a small "
+                   "set's replay is learned by heart and stops holding the model)")
+
+
+def replay_pool_size(task_examples: int, per_pass: int, available: int) -> int:
+    """Replay examples kept for the run (data/replay.jsonl): a different slice of `per_pass` for each of the
+    data's auto passes, at least MIN_REPLAY_EXAMPLES, at most the `available` usable ones."""
+    if per_pass <= 0:
+        return 0
+    passes = max(1, math.ceil(auto_epochs(task_examples)))
+    return min(available, max(per_pass, MIN_REPLAY_EXAMPLES, per_pass * passes))
 
 
 def decide_replay_share(train: TrainConfig, replay_file: Path | None, task_examples: int = 0,
@@ -123,3 +148,56 @@ def choose_replay(candidates: list[Any], count: int, seed: int) -> list[Any]:
         return list(candidates)
     picked = sorted(random.Random(seed).sample(range(len(candidates)), count))
     return [candidates[i] for i in picked]
+
+
+@dataclass(frozen=True)
+class ReplaySlices:
+    """Which replay examples each pass reads: `per_pass` of the pool, a different slice each pass.
+
+    The pool (`replay`: indices of the replay examples among the training examples) is put in a seeded order
+    once; pass e reads positions e * per_pass ... (e + 1) * per_pass - 1 of it, cyclically. So every pass reads
+    exactly `per_pass`, consecutive passes read different ones until the pool is used up, and a run of E passes
+    reads min(pool, E x per_pass) different replay examples. A fixed function of (seed, pass): a resumed run
+    reads what the uninterrupted one would."""
+
+    task: tuple[int, ...]  # indices of the task's own training examples (every pass reads them all)
+    replay: tuple[int, ...]  # indices of the replay pool
+    per_pass: int
+    seed: int
+
+    def order(self) -> list[int]:
+        order = list(self.replay)
+        random.Random(self.seed * 7_919 + 17).shuffle(order)
+        return order
+
+    def replay_of_pass(self, epoch: int) -> list[int]:
+        """The replay examples pass `epoch` reads, in index order."""
+        order = self.order()
+        if not order:
+            return []
+        count = min(self.per_pass, len(order))
+        return sorted(order[(epoch * count + j) % len(order)] for j in range(count))
+
+    def examples_of_pass(self, epoch: int) -> list[int]:
+        """Every example pass `epoch` reads: the task's, then its replay slice."""
+        return [*self.task, *self.replay_of_pass(epoch)]
+
+
+def replay_slices(examples: list[dict[str, Any]] | Any, per_pass: int | None, seed: int) -> ReplaySlices | None:
+    """The slices of a run's training examples (replay ones have ids starting `replay-`), or None when every
+    pass reads them all: no replay, no `per_pass` (a data folder prepared before replay was spread), or a pool
+    no larger than a pass's share."""
+    replay = tuple(i for i, e in enumerate(examples) if str(e.get("id", "")).startswith("replay-"))
+    if not replay or per_pass is None or per_pass >= len(replay):
+        return None
+    task = tuple(i for i, e in enumerate(examples) if not str(e.get("id", "")).startswith("replay-"))
+    return ReplaySlices(task, replay, int(per_pass), seed)
+
+
+def replay_read(steps: Any, examples: Any) -> dict[str, int]:
+    """What a run's planned steps (data/pack.py Step) read of the replay examples: `read` different ones,
+    `reads` in all, over `passes` passes (train/plan.json replay.spread)."""
+    seen: list[int] = [i for step in steps for micro in step.micro_batches for row in micro for i in row
+                       if str(examples[i].get("id", "")).startswith("replay-")]
+    passes = len({step.epoch for step in steps})
+    return {"read": len(set(seen)), "reads": len(seen), "passes": passes}

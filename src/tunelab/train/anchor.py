@@ -10,8 +10,10 @@ The base model's top-k log-probs are computed ONCE, before step 1, with the PEFT
 same weights the run starts from, so no second model is held), and kept on the examples in memory
 (`anchor_ids`, `anchor_logp`); a resumed run computes them again, equal. Each step computes the term
 inside the loss's chunked cross-entropy on the logits it already has (train/loss.py,
-linear_cross_entropy's `anchor`): no extra forward pass, no extra projection. Replay
-examples are the training rows whose id starts with `replay-` (data/prepare.py).
+linear_cross_entropy's `anchor`): no extra forward pass, no extra projection, and no extra pass over the
+vocabulary either: the term's gradient, sum_j coef_j x (softmax - one_hot(id_j)), is the softmax scaled by
+1 + sum_j coef_j (folded into the exp the cross-entropy's gradient computes anyway) less coef_j at the k ids.
+Replay examples are the training rows whose id starts with `replay-` (data/prepare.py).
 """
 
 from __future__ import annotations

@@ -73,22 +73,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_sum += losses.sum()
             correct += (logits.argmax(dim=-1) == t).sum()
             anchored = None
+            softmax_shift = lse
             if anchor is not None:  # only the chunk's rows that have an anchor (replay tokens)
                 a_ids, a_logp, a_coef = (x[start : start + chunk_rows] for x in anchor)
-                anchored = (a_coef.sum(-1) > 0).nonzero().squeeze(1)
+                mass = a_coef.sum(-1)
+                anchored = (mass > 0).nonzero().squeeze(1)
                 if anchored.numel():
+                    # only (rows x k) values are read or written: no copy of the anchored rows' logits
                     a_ids, a_logp, a_coef = a_ids[anchored], a_logp[anchored], a_coef[anchored]
-                    log_q = logits[anchored].gather(1, a_ids) - lse[anchored, None]
+                    log_q = logits[anchored[:, None], a_ids] - lse[anchored, None]
                     loss_sum += (a_coef * (a_logp - log_q)).sum()
+                    # the anchor's gradient, sum_j coef_j * (softmax - one_hot(id_j)), is (1 + mass) x softmax
+                    # less coef at the k ids: the scale folds into the softmax's exp (exp(x - lse + log(1 + mass)))
+                    softmax_shift = lse - torch.log1p(mass)
                 else:
                     anchored = None
             if need_hidden or need_weight or need_bias:
-                # d loss / d logits = softmax - one_hot(target)
-                grad_logits = torch.exp(logits - lse[:, None])
-                if anchored is not None:  # + sum_j coef_j * (softmax - one_hot(id_j)) on those rows
-                    anchor_grad = grad_logits[anchored] * a_coef.sum(-1, keepdim=True)
-                    anchor_grad.scatter_add_(1, a_ids, -a_coef)
-                    grad_logits[anchored] += anchor_grad
+                # d loss / d logits = softmax - one_hot(target) (with an anchor: see above)
+                grad_logits = torch.exp(logits - softmax_shift[:, None])
+                if anchored is not None:
+                    grad_logits.index_put_((anchored[:, None].expand_as(a_ids), a_ids), -a_coef, accumulate=True)
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if softcap is not None:
                     grad_logits *= 1.0 - capped * capped

@@ -24,6 +24,7 @@ from tunelab.config import Recipe, TrainConfig
 from tunelab.console import say
 from tunelab.contract import DataStats, TrainPlan, TrainSummary
 from tunelab.data.pack import Row, example_length, group_micro_batches, pack_rows, plan_steps, single_rows
+from tunelab.data.replay import ReplaySlices, replay_read, replay_slices
 from tunelab.files import replace_dir
 from tunelab.models import load_tokenizer
 from tunelab.runs import RunPaths
@@ -142,6 +143,8 @@ class _Examples:
     lengths: list[int]
     first: Cut  # the steps before any measurement (train/plan.py first_cut)
     first_steps: int  # how many, in micro-batches of the recipe's size
+    slices: ReplaySlices | None = None  # replay spread across the passes (data/replay.py); None: all every pass
+    pass_lengths: list[int] = field(default_factory=list)  # the examples one pass reads (the planner's view)
 
     @classmethod
     def prepare(cls, recipe: Recipe, paths: RunPaths, train_examples: Sequence[dict[str, Any]],
@@ -153,8 +156,11 @@ class _Examples:
         # a resumed run keeps the plan it started with (its checkpoints count those steps)
         saved = TrainPlan.from_file(paths.plan) if resume and paths.plan.is_file() else None
         lengths = [example_length(e) for e in train_examples]
-        first = first_cut(lengths, recipe.train, saved)
-        examples = cls(recipe, train_examples, valid_examples, saved, lengths, first, 0)
+        per_pass = (DataStats.read_keys(paths.data_stats).get("replay") or {}).get("per_pass")
+        slices = replay_slices(train_examples, per_pass, recipe.train.seed)
+        pass_lengths = lengths if slices is None else [lengths[i] for i in slices.examples_of_pass(0)]
+        first = first_cut(pass_lengths, recipe.train, saved)
+        examples = cls(recipe, train_examples, valid_examples, saved, lengths, first, 0, slices, pass_lengths)
         return replace(examples, first_steps=len(examples.steps(first, examples.default_layout())))
 
     def default_layout(self) -> tuple[int, bool]:
@@ -171,11 +177,22 @@ class _Examples:
             return single_rows(len(self.lengths))
         return pack_rows(self.lengths, self.row_tokens(tokens_per_step))
 
+    def rows_of_pass(self, tokens_per_step: int, epoch: int) -> list[Row]:
+        """The rows pass `epoch` reads when replay is spread across the passes: the task's examples and
+        that pass's replay slice, packed together."""
+        assert self.slices is not None
+        chosen = self.slices.examples_of_pass(epoch)
+        if not self.recipe.train.packing:
+            return [(i,) for i in chosen]
+        rows = pack_rows([self.lengths[i] for i in chosen], self.row_tokens(tokens_per_step))
+        return [tuple(chosen[j] for j in row) for row in rows]
+
     def steps(self, cut: Cut, layout: tuple[int, bool]) -> list[Step]:
         """`layout`: tokens a micro-batch, padded or not (a GPU probes it at set-up)."""
+        by_pass = None if self.slices is None else (lambda epoch: self.rows_of_pass(cut.tokens_per_step, epoch))
         return plan_steps(self.train, self.rows(cut.tokens_per_step), tokens_per_step=cut.tokens_per_step,
                           micro_batch_tokens=layout[0], padded=layout[1], epochs=cut.epochs,
-                          seed=self.recipe.train.seed, max_steps=cut.max_steps)
+                          seed=self.recipe.train.seed, max_steps=cut.max_steps, rows_of_epoch=by_pass)
 
 
 def _checkpoint_to_resume(paths: RunPaths, ctx: DistContext, resume: bool, planned_steps: int) -> Checkpoint | None:
@@ -260,7 +277,7 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
     """train/plan.py's plan for this run (written to train/plan.json by rank 0), the replay share the
     data stage applied in it (data/stats.json) with the KL anchor on its rows, and the learning-rate
     schedule ending where it does."""
-    from tunelab.train.anchor import attach_anchor
+    from tunelab.train.anchor import attach_anchor, is_replay
     from tunelab.train.setup import LrSchedule
 
     # the KL anchor's base-model targets on the replay rows, once, before the speed is measured (train/anchor.py)
@@ -268,11 +285,15 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
     replay = DataStats.read_keys(paths.data_stats).get("replay") if ctx.is_main else None
     replay = {**replay, "anchor": anchor} if replay else replay
     planned = plan_training(
-        examples.lengths, [example_length(e) for e in examples.valid], examples.recipe.train,
+        examples.pass_lengths, [example_length(e) for e in examples.valid], examples.recipe.train,
         lambda cut: examples.steps(cut, layout), _machine(setup, examples, pad_id, ctx, budget_started),
         examples.saved, replay,
     )
     setup.schedule = LrSchedule.from_config(examples.recipe.train, len(planned.steps))  # it ends where the run does
+    if ctx.is_main and planned.plan.replay:  # how the replay pool is spread across the passes that will run
+        spread = {"per_pass": examples.slices.per_pass if examples.slices else None,
+                  "pool": sum(1 for e in examples.train if is_replay(e)), **replay_read(planned.steps, examples.train)}
+        planned.plan.replay = {**planned.plan.replay, "spread": spread}
     if ctx.is_main:
         planned.plan.write(paths.plan)
         say(f"plan: {planned.plan.reason}")
