@@ -10,14 +10,18 @@ can be split over several calls):
                the evaluation's greedy decoding (eval.max_new_tokens of the dpo recipe), each with its
                adapter merged into the base weights (as the evaluation serves them); the grader
                --grader of --graders scores both; the paired comparison (eval/metrics.py
-               paired_comparison, the test the verdict and `preference.vs_sft` use): tuned - sft.
+               paired_comparison, the test the verdict and `preference.vs_sft` use): tuned - sft; and
+               each arm's answers that repeat a line or loop (eval/repetition.py, as arms.<arm>.repetition)
+               with the evaluation's "clearly more" test of tuned against sft. --answers FILE keeps every
+               answer (jsonl: line, arm, text, score, repeats).
   preference   the held-out pairs of the dpo run (data/test.jsonl pairs, else data/valid.jsonl):
                DPO's measure, the share whose tuned-vs-parent log-ratio favours the preferred answer
                (`preference.reward_accuracy`), and the per-token preference accuracy of both.
   forgetting   the general probes and text (eval/forgetting.py) on the parent and the tuned model,
                compared with the parent as the baseline (what the tuned model lost of what the parent
                knew): flagged beyond --threshold (eval.forgetting_threshold's default, 0.05).
-The goal (issue 26): tuned above sft with p < 0.05, reward accuracy >= 0.9, forgetting not flagged.
+The goal (issue 26): tuned above sft with p < 0.05, reward accuracy >= 0.9, forgetting not flagged,
+and (since dpo.sft_weight) the tuned answers repeating no more often than the parent's.
 How long (SmolLM2-135M, 2 CPU cores, from this morning's eval speeds: ~30 tokens/s per arm at batch
 16 under a load of 8-12, ~64 at batch 64 on a quiet machine): quality at --limit 120 generates up
 to 2 x 120 x 72 tokens, 5-10 min, preference 1-2 min; forgetting 2 x (164 probes x 32 tokens + the
@@ -63,10 +67,12 @@ def _models(dpo_run: Path, parent_run: Path) -> dict[str, Any]:
     return {"load": load, "recipe": recipe, "paths": paths, "parent": parent}
 
 
-def quality(ctx: dict[str, Any], test: Path, limit: int, graders_file: Path, grader: str, batch_size: int) -> dict[str, Any]:
+def quality(ctx: dict[str, Any], test: Path, limit: int, graders_file: Path, grader: str, batch_size: int,
+            answers: Path | None = None) -> dict[str, Any]:
     from tunelab.engine.generate import DecodingSettings, generate
     from tunelab.eval.graders.grade import Grading
     from tunelab.eval.metrics import paired_comparison
+    from tunelab.eval.repetition import arm_repetition, repeats, repeats_clearly_more
     from tunelab.specs.graders import read_graders_file
 
     records = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
@@ -89,7 +95,8 @@ def quality(ctx: dict[str, Any], test: Path, limit: int, graders_file: Path, gra
         valid = [s for s in scores[arm] if s is not None]
         out["arms"][arm] = {"mean": sum(valid) / len(valid), "passed": sum(1 for s in valid if s >= 1.0),
                             "generate_s": round(wall, 1),
-                            "completion_tokens": sum(g.completion_tokens for g in gens)}
+                            "completion_tokens": sum(g.completion_tokens for g in gens),
+                            "repetition": arm_repetition(texts[arm])}
         print(f"quality: {arm} {out['arms'][arm]}", flush=True)
     kept = [i for i in range(len(records)) if scores["tuned"][i] is not None and scores["sft"][i] is not None]
     comparison = paired_comparison([scores["tuned"][i] for i in kept], [scores["sft"][i] for i in kept],
@@ -98,6 +105,16 @@ def quality(ctx: dict[str, Any], test: Path, limit: int, graders_file: Path, gra
                            "significant": comparison.significant, "n": len(kept),
                            "wins": sum(scores["tuned"][i] > scores["sft"][i] for i in kept),
                            "losses": sum(scores["tuned"][i] < scores["sft"][i] for i in kept)}
+    flags = {arm: [repeats(t) for t in texts[arm]] for arm in texts}
+    clearly, share_t, share_s, p = repeats_clearly_more(flags["tuned"], flags["sft"])
+    out["repetition_tuned_vs_sft"] = {"tuned": share_t, "sft": share_s, "p_value": p, "clearly_more": clearly,
+                                      "only_tuned": sum(a and not b for a, b in zip(flags["tuned"], flags["sft"], strict=True)),
+                                      "only_sft": sum(b and not a for a, b in zip(flags["tuned"], flags["sft"], strict=True))}
+    if answers is not None:
+        answers.parent.mkdir(parents=True, exist_ok=True)
+        answers.write_text("".join(json.dumps({"line": i + 1, "arm": arm, "text": texts[arm][i], "score": scores[arm][i],
+                                               "repeats": flags[arm][i]}, ensure_ascii=False) + "\n"
+                                   for arm in texts for i in range(len(records))), encoding="utf-8")
     out["examples"] = [{"line": i + 1, "sft": texts["sft"][i], "tuned": texts["tuned"][i],
                         "sft_score": scores["sft"][i], "tuned_score": scores["tuned"][i]} for i in range(min(3, len(records)))]
     return out
@@ -151,6 +168,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS / "dpo_goal.json")
+    parser.add_argument("--answers", type=Path, default=None, help="quality: write every answer here (jsonl)")
     parser.add_argument("--command", default=None, help="the command line to record (default: this one)")
     args = parser.parse_args()
 
@@ -167,7 +185,7 @@ def main() -> None:
     for part in args.parts.split(","):
         started = time.perf_counter()
         if part == "quality":
-            value = quality(ctx, args.test, args.limit, args.graders, args.grader, args.batch_size)
+            value = quality(ctx, args.test, args.limit, args.graders, args.grader, args.batch_size, args.answers)
             value["test"] = str(args.test)
         elif part == "preference":
             value = preference(ctx)
@@ -186,6 +204,9 @@ def main() -> None:
     if "quality" in result:
         goal["tuned_above_sft_p_lt_0.05"] = result["quality"]["tuned_vs_sft"]["delta"] > 0 and result["quality"]["tuned_vs_sft"]["p_value"] < 0.05
         goal["test_lines"] = result["quality"]["n"]
+        repetition = result["quality"].get("repetition_tuned_vs_sft")
+        if repetition:
+            goal["repetition_tuned_le_sft"] = repetition["tuned"] <= repetition["sft"]
     if "preference" in result:
         goal["reward_accuracy_ge_0.9"] = result["preference"]["reward_accuracy"] >= 0.9
     if "forgetting" in result:

@@ -94,6 +94,50 @@ def test_dpo_loss_equals_a_hand_computation_from_the_models_logits(tokenizer, ti
     assert float(out.reward_margin_sum) == pytest.approx(expected_margin, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_sft_weight_adds_the_preferred_answers_mean_token_nll_by_hand(tokenizer, tiny_model, kind):
+    """dpo.sft_weight (TRL's rpo_alpha): each pair's loss gains weight x (-log p(chosen) / its answer
+    tokens); the reward margin and the ranking are unchanged."""
+    examples = [sides(tokenizer, "Say hi", "Hello there.", "Go away!"),
+                sides(tokenizer, "Count to two", "One, two, three, four.", "no")]
+    reference = [(-40.0, -35.5), (-20.25, -30.0)]
+    for example, ref in zip(examples, reference, strict=True):
+        example["reference_logps"] = ref
+    recipe = load_recipe(None, ["method=full", "model.name=tiny-test"])
+    setup = setup_training(recipe, 1, "cpu", base=tiny_model)
+    setup.model.eval()
+    batch = pair_batches(setup, examples, tokenizer.pad_token_id)([(0, 1)])
+    out = PreferenceLoss(setup.model, beta=0.1, loss=kind, sft_weight=0.7)(**batch.model_inputs())
+    plain = PreferenceLoss(setup.model, beta=0.1, loss=kind)(**batch.model_inputs())
+
+    expected_loss, expected_margin = 0.0, 0.0
+    with torch.no_grad():
+        for example, (ref_chosen, ref_rejected) in zip(examples, reference, strict=True):
+            n, labels = example["chosen_tokens"], example["labels"]
+            chosen = float(_answer_logp(tiny_model, example["input_ids"][:n], labels[:n]))
+            rejected = float(_answer_logp(tiny_model, example["input_ids"][n:], labels[n:]))
+            tokens = sum(t != -100 for t in labels[:n][1:])
+            log_ratio = (chosen - ref_chosen) - (rejected - ref_rejected)
+            preference = math.log1p(math.exp(-0.1 * log_ratio)) if kind == "sigmoid" else (log_ratio - 5.0) ** 2
+            expected_loss += preference + 0.7 * (-chosen / tokens)
+            expected_margin += 0.1 * log_ratio
+    assert tokens > 3  # the mean is over the answer's tokens, not the sequence
+    assert float(out.loss_sum.detach()) == pytest.approx(expected_loss, rel=1e-5)
+    assert float(out.reward_margin_sum) == pytest.approx(expected_margin, rel=1e-5, abs=1e-6)
+    assert float(plain.reward_margin_sum) == pytest.approx(expected_margin, rel=1e-5, abs=1e-6)
+    assert int(out.correct) == int(plain.correct)
+    assert float(out.loss_sum.detach()) > float(plain.loss_sum.detach())
+
+
+def test_sft_weight_reaches_the_loss_from_the_recipe(tmp_path, tiny_model):
+    from tunelab.train.preference import preference_setup
+
+    recipe = dpo_recipe(tmp_path, "dpo.sft_weight=0.25")
+    setup = setup_training(load_recipe(None, ["method=full", "model.name=tiny-test"]), 1, "cpu", base=tiny_model)
+    assert preference_setup(setup, recipe.dpo).loss_module.sft_weight == 0.25
+    assert load_recipe(None, ["method=dpo"]).dpo.sft_weight == 1.0
+
+
 def _log1mexp(x):
     return math.log(-math.expm1(x))
 
@@ -266,7 +310,8 @@ def test_dpo_run_learns_the_preference_and_caches_the_reference(tmp_path, tiny_m
     from tunelab.train.run import train
 
     recipe = dpo_recipe(tmp_path, "name=dpo", "train.max_steps=30", "train.lr=5e-3", "train.eval_every_steps=10",
-                        "train.tokens_per_step=512", "dpo.beta=0.5")
+                        "train.tokens_per_step=512", "dpo.beta=0.5",
+                        "dpo.sft_weight=0")  # plain DPO: its validation loss falls below log 2 / 2
     base_before = {k: v.clone() for k, v in load_model("tiny-test", dtype="float32", device="cpu").state_dict().items()}
     result = train(recipe, progress=False)
     run = result.run_dir

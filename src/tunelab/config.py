@@ -417,6 +417,11 @@ class DpoConfig(_Section):
     )
     orpo_lambda: float = Field(0.1, gt=0, description="loss orpo: the weight of the odds-ratio term beside the "
                                                       "supervised loss (TRL's ORPOConfig.beta, the paper's lambda)")
+    sft_weight: float = Field(1.0, ge=0, description="loss sigmoid or ipo: the weight of a supervised term on the "
+                              "preferred answer (its negative mean log-prob per token) added to each pair's loss, "
+                              "as TRL's rpo_alpha and LLaMA-Factory's pref_ftx: it keeps the preferred answers likely, "
+                              "which stops DPO's answers degenerating into repeated lines; 0: plain DPO/IPO "
+                              "(1.0 measured: docs/measurements.md)")
     kto_desirable_weight: float = Field(1.0, gt=0, description="loss kto: the weight of desirable examples' losses "
                                                                "(raise it when they are the fewer)")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="loss kto: the weight of undesirable examples' losses")

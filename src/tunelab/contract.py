@@ -327,6 +327,10 @@ class ArmResult(_Record):
         None, description="leading prompt tokens shared by all the arm's queries, prefilled once and reused"
     )
     latency_note: str | None = Field(None, description="what the latency figures include")
+    repetition: dict[str, Any] | None = Field(
+        None, description="answers that repeat a line or loop on words (eval/repetition.py): share, n, "
+        "repeated_line, looping_words, definition"
+    )
 
 
 class Verdict(_Record):
@@ -361,6 +365,8 @@ class Verdict(_Record):
                                                            "fine-tuned arm's cost per request (0 without "
                                                            "eval.requests_per_month)")
     selection: str | None = Field(None, description="which arms were compared and how (multiplicity)")
+    repetition_note: str | None = Field(None, description="set when best_arm's answers repeat clearly more "
+                                        "than vs's (eval/repetition.py); also appended to text and headline")
 
 
 class ArmCost(_Record):

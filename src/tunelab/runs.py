@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from tunelab.config import Recipe, load_recipe
 from tunelab.console import say
 from tunelab.contract import Lineage
@@ -90,6 +92,12 @@ class RunPaths:
     @property
     def stages(self) -> Path:
         return self.root / "stages.json"
+
+    @property
+    def graders_copy(self) -> Path:
+        """graders_file.yaml: a copy of eval.graders_file as training started, read when the recipe's path is
+        gone (the run folder moved to another machine, the file moved)."""
+        return self.root / "graders_file.yaml"
 
     @property
     def checkpoints(self) -> Path:
@@ -194,12 +202,26 @@ def open_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunP
     paths = RunPaths(Path(run_dir))
     if not paths.recipe.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no recipe.yaml); runs are made by `tunelab train`")
-    recipe = load_recipe(paths.recipe)
+    recipe = load_recipe(paths.recipe, _graders_file_fallback(paths))
     if recipe.model.trust_remote_code and not trust_remote_code:
         say(f"warning: {paths.recipe} sets model.trust_remote_code: true; ignored (a run folder never runs "
             "a model's code on its own say; pass --trust-remote-code if you trust this model)")
     recipe.model.trust_remote_code = trust_remote_code
     return paths, recipe
+
+
+def _graders_file_fallback(paths: RunPaths) -> list[str]:
+    """The override pointing eval.graders_file at the run's copy when the path its recipe.yaml names is gone."""
+    try:
+        named = (yaml.safe_load(paths.recipe.read_text(encoding="utf-8")) or {}).get("eval", {}).get("graders_file")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return []  # load_recipe names the problem
+    if not isinstance(named, str) or not named or Path(named).is_file() or (paths.root / named).is_file():
+        return []
+    if not paths.graders_copy.is_file():
+        return []  # load_recipe's "graders file not found" names the path
+    say(f"note: {paths.recipe}: eval.graders_file {named} not found; using the run's copy {paths.graders_copy}")
+    return [f"eval.graders_file={paths.graders_copy}"]
 
 
 def load_tuned_model(

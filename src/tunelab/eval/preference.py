@@ -13,7 +13,8 @@ and `preference` into eval/metrics.json:
                DPO's measure: the share of pairs whose tuned-vs-reference log-ratio (summed log-probs;
                the reference is the parent, else the base, named in "reward_reference") favours the
                preferred answer,
-               "vs_sft": tuned vs sft on the primary metric, paired (delta, ci95, p_value, text),
+               "vs_sft": tuned vs sft on the primary metric, paired (delta, ci95, p_value, text; and
+               repetition_note, also in text, when tuned's answers repeat clearly more: eval/repetition.py),
                "disagreements": up to 5 test prompts where sft and tuned answered differently}
 
 Arms: base (the adapter off), sft (the parent's adapter; only with a parent), tuned.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.data.preference import Pair, tokenize_pair
+from tunelab.eval.repetition import repetition_note
 from tunelab.runs import RunPaths
 
 if TYPE_CHECKING:
@@ -198,6 +200,9 @@ def preference_section(inputs: _Inputs, generated: _Generated, scored: _Scored) 
                     f"[{lo:.1f}, {hi:.1f}], p = {comparison.p_value:.4f} (tuned vs sft, {len(kept)} paired examples)",
         }
         tuned_texts, sft_texts = generated.texts("tuned"), generated.texts(SFT_ARM)
+        note = repetition_note("tuned", tuned_texts, SFT_ARM, sft_texts)  # DPO's known failure: looping answers
+        if note:
+            section["vs_sft"].update(repetition_note=note, text=f"{section['vs_sft']['text']}. {note}")
         section["disagreements"] = [
             {"id": ex.id, "prompt": _last_user(ex.context), "sft": sft_texts[i], "tuned": tuned_texts[i],
              "reference": ex.reference}

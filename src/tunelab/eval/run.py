@@ -67,6 +67,7 @@ from tunelab.eval.metrics import (
     summarize_scores,
 )
 from tunelab.eval.overfitting import measure_overfitting, task_metric
+from tunelab.eval.repetition import arm_repetition, repetition_note
 from tunelab.eval.scale_search import SEARCH_MAX_EXAMPLES
 from tunelab.eval.undertrained import assess_training
 from tunelab.files import write_text_atomic
@@ -454,6 +455,7 @@ def evaluate(
                                                      generated.keep_outputs["tuned"], cfg.forgetting_threshold,
                                                      seed=cfg.seed, file=cfg.keep)
     _mention_forgetting(metrics["verdict"], metrics["forgetting"])
+    _mention_repetition(metrics["verdict"], generated)
     if inputs.recipe.method == "dpo":  # preference accuracy of base, sft and tuned on held-out pairs
         from tunelab.eval.preference import preference_section
 
@@ -767,6 +769,7 @@ def _score_external_arms(inputs: _Inputs, generated: _Generated, columns: dict[s
             summaries, [ex.id for ex in inputs.test], float(np.mean(shots)) if shots else 0.0,
             {**dataclasses.asdict(inputs.settings), "batch_size": cfg.batch_size},
             (cfg.price_per_m_input_tokens, cfg.price_per_m_output_tokens), cfg.seed)
+        result["repetition"] = arm_repetition(texts)  # of the answers it gave
         scored.arms[name] = result
         scored.per_example[name] = primary_scores
         scored.unanswered[name] = [i for i, a in enumerate(run.answers) if a.text is None]
@@ -822,6 +825,7 @@ def _arm_result(inputs: _Inputs, arm: str, gens: Sequence[Generation], wall_s: f
         "latency_note": "wall time of the query's batch; a prompt prefix shared by all the arm's queries is "
                         "prefilled once per arm and reused (as servers with prefix caching do), not counted",
         "metrics": {**scores.means(), **{name: summarize_scores(c.scores)["mean"] for name, c in arm_columns.items()}},
+        "repetition": arm_repetition([g.text for g in gens]),  # eval/repetition.py: answers looping on a line
     }
     if inputs.graders:
         result["graders"] = {
@@ -925,6 +929,25 @@ def _mention_forgetting(verdict: dict[str, Any], forgetting: dict[str, Any]) -> 
     if note:
         verdict["text"] = verdict["text"].replace(verdict["headline"], verdict["headline"] + note, 1)
         verdict["headline"] += note
+
+
+def _mention_repetition(verdict: dict[str, Any], generated: _Generated) -> None:
+    """The fine-tuned arm the verdict is about says so when its answers repeat a line or loop clearly more
+    often than those of the arm it is compared with (eval/repetition.py): graders rarely penalise it."""
+    best, vs = verdict.get("best_arm"), verdict.get("vs")
+    if not best or not vs or not is_tuned_arm(best) or not {best, vs} <= generated.generations.keys():
+        return
+    note = repetition_note(best, generated.texts(best), vs, generated.texts(vs))
+    if note is None:
+        return
+    verdict["repetition_note"] = note
+    headline = verdict.get("headline")
+    if headline and headline in verdict["text"]:
+        verdict["text"] = verdict["text"].replace(headline, f"{headline} {note}.", 1)
+    else:
+        verdict["text"] += f" {note}."
+    if headline:
+        verdict["headline"] = f"{headline} {note}."
 
 
 def _prompts_seen(inputs: _Inputs, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, Any]:

@@ -424,6 +424,7 @@ def _arms(metrics: RunFile, root: Path) -> dict[str, Any]:
             "batch_size": fmt(row.batch_size), "cost": fmt(row.usd_per_1m_queries),
             "metrics": [pct(v) if _is_fraction(v) else fmt(v) for v in values],
             "tokens_per_s": fmt(row.tokens_per_s), "hit_limit": fmt(row.finish_reasons.get("length", 0)),
+            "repeats": pct((row.repetition or {}).get("share")),  # eval/repetition.py
         })
     plots_out = {}
     if order:
@@ -765,6 +766,9 @@ def render_markdown(context: Mapping[str, Any]) -> str:
             lines.append(f"| {row['arm']} | {row['quality']} | {row['prompt_tokens']} | {row['completion_tokens']} | "
                          f"{row['latency_p50']} | {row['latency_p95']} |" + (f" {row['cost']} |" if arms["show_cost"] else ""))
         lines.append("")
+        if any(row["repeats"] != "—" for row in arms["rows"]):
+            lines += ["Answers that repeat a line or loop on the same words (%): "
+                      + ", ".join(f"{row['arm']} {row['repeats']}" for row in arms["rows"]), ""]
         if arms["graders"]:
             names = [row["arm"] for row in arms["rows"]]
             lines += ["## Graders", "", "mean [95% interval] over the examples each grader scored", "",

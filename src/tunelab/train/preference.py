@@ -15,6 +15,10 @@ answer's end-of-turn token is), and the reference ref = the model as training st
   reward margin = beta * log_ratio       (the implicit rewards' difference; > 0: ranked right)
   sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * log_ratio)
   ipo (Azar et al. 2023):               (log_ratio - 1 / (2 beta))^2
+  both plus dpo.sft_weight x (-a(chosen)), a = the mean log-prob per answer token (below): supervised
+    learning on the preferred answer beside the preference (TRL's rpo_alpha, LLaMA-Factory's
+    pref_ftx), which keeps DPO from buying its margin by pushing the rejected answer down alone,
+    the likelihood of good text with it (the degenerate repeated lines of a small model).
   orpo (Hong et al. 2024; one stage, no reference: nothing is computed before step 1), with
   lambda = dpo.orpo_lambda and the mean log-prob per answer token a = log pi(answer) / its tokens:
                                         -a(chosen) - lambda * log sigmoid(log_odds), where
@@ -216,13 +220,17 @@ def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.T
     return losses, torch.where(desirable, beta * log_ratio, -beta * log_ratio)
 
 
-def preference_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, reward margin) per pair from sequence log-probs laid out chosen, rejected, chosen, ..."""
+def preference_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss: str,
+                      tokens: torch.Tensor | None = None, sft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reward margin) per pair from sequence log-probs laid out chosen, rejected, chosen, ...;
+    with `sft_weight`, plus that times the preferred answer's negative mean log-prob per token (`tokens`:
+    each sequence's answer token count, same layout)."""
     log_ratio = (policy[0::2] - reference[0::2]) - (policy[1::2] - reference[1::2])
     margin = beta * log_ratio
-    if loss == "ipo":
-        return (log_ratio - 1.0 / (2.0 * beta)) ** 2, margin
-    return -F.logsigmoid(margin), margin
+    losses = (log_ratio - 1.0 / (2.0 * beta)) ** 2 if loss == "ipo" else -F.logsigmoid(margin)
+    if sft_weight and tokens is not None:
+        losses = losses - sft_weight * policy[0::2] / tokens[0::2].clamp(min=1)
+    return losses, margin
 
 
 class PreferenceLoss(CausalLMLoss):
@@ -231,9 +239,10 @@ class PreferenceLoss(CausalLMLoss):
     right, reward margins summed)."""
 
     def __init__(self, model: nn.Module, beta: float, loss: str = "sigmoid", chunk_rows: int | None = None,
-                 orpo_lambda: float = 0.1, kto_weights: tuple[float, float] = (1.0, 1.0)) -> None:
+                 orpo_lambda: float = 0.1, kto_weights: tuple[float, float] = (1.0, 1.0), sft_weight: float = 0.0) -> None:
         super().__init__(model, chunk_rows)
         self.beta, self.loss, self.orpo_lambda, self.kto_weights = beta, loss, orpo_lambda, kto_weights
+        self.sft_weight = sft_weight  # sigmoid and ipo: the supervised term on the preferred answer
 
     @property
     def needs_reference(self) -> bool:
@@ -279,7 +288,7 @@ class PreferenceLoss(CausalLMLoss):
                 raise RuntimeError("dpo.loss kto needs unpaired examples (kto_label in the rows)")
             losses, margins = kto_losses(policy, reference_logps, kto_labels, self.beta, *self.kto_weights)
         else:
-            losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss)
+            losses, margins = preference_losses(policy, reference_logps, self.beta, self.loss, tokens, self.sft_weight)
         pairs = torch.tensor(n_sequences // 2, device=policy.device)
         return LossSums(losses.sum(), pairs, (margins > 0).sum(), reward_margin_sum=margins.detach().sum())
 
@@ -311,7 +320,8 @@ def rows_for_pairs(recipe: Recipe, examples: Sequence[dict[str, Any]]) -> Recipe
 def preference_setup(setup: TrainSetup, cfg: DpoConfig) -> TrainSetup:
     """The setup of the weights DPO trains, with the preference loss and its batches passed in."""
     setup.loss_module = PreferenceLoss(setup.model, cfg.beta, cfg.loss, orpo_lambda=cfg.orpo_lambda,
-                                       kto_weights=(cfg.kto_desirable_weight, cfg.kto_undesirable_weight))
+                                       kto_weights=(cfg.kto_desirable_weight, cfg.kto_undesirable_weight),
+                                       sft_weight=cfg.sft_weight)
     setup.make_batches = lambda examples, pad_id: pair_batches(setup, examples, pad_id)
     return setup
 

@@ -75,6 +75,10 @@ def start_run_dir(paths: RunPaths, recipe: Recipe, resume: bool) -> None:
         raise ConfigError(f"{paths.root}: another tunelab process is writing this run; wait for it to end, or stop "
                           "it (Ctrl-C checkpoints a training), then --resume") from None
     paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
+    graders_file = recipe.eval.graders_file
+    if graders_file and Path(graders_file).is_file() and not (resume and paths.graders_copy.is_file()):
+        # the run keeps its graders when the folder moves (runs.open_run reads the copy if the path is gone)
+        paths.graders_copy.write_bytes(Path(graders_file).read_bytes())
 
 
 def _git_sha() -> str | None:
