@@ -17,6 +17,10 @@ can be split over several calls):
   preference   the held-out pairs of the dpo run (data/test.jsonl pairs, else data/valid.jsonl):
                DPO's measure, the share whose tuned-vs-parent log-ratio favours the preferred answer
                (`preference.reward_accuracy`), and the per-token preference accuracy of both.
+  forgetting_vs_base   the issue's measure: base, parent and tuned on the general probes and text; each
+               tuned model's forgetting against the base, and the dpo run's retention of the base's known
+               probes minus the parent's, paired over those probes (not worse: >= -threshold, and a
+               perplexity change at most threshold above the parent's); 3 x 2-3 min.
   forgetting   the general probes and text (eval/forgetting.py) on the parent and the tuned model,
                compared with the parent as the baseline (what the tuned model lost of what the parent
                knew): flagged beyond --threshold (eval.forgetting_threshold's default, 0.05).
@@ -61,6 +65,8 @@ def _models(dpo_run: Path, parent_run: Path) -> dict[str, Any]:
             model = model.merge_and_unload(adapter_names=[PARENT_ADAPTER])
         elif which == "tuned":
             model = model.merge_and_unload()
+        elif which == "base":
+            model = model.unload()  # the weights without any adapter
         model.eval()
         return model, tokenizer
 
@@ -156,6 +162,41 @@ def forgetting(ctx: dict[str, Any], threshold: float, batch_size: int) -> dict[s
             "perplexity": {k: compared["perplexity"][k] for k in ("base", "tuned", "relative_change", "ci95", "flagged")}}
 
 
+def forgetting_vs_base(ctx: dict[str, Any], threshold: float, batch_size: int) -> dict[str, Any]:
+    """The issue's own measure: each tuned model's forgetting against the base model, the dpo run's beside
+    its parent's; the dpo run is not worse when its retention of the base's known probes is at most
+    `threshold` (absolute) under the parent's, paired over those probes, and its perplexity change is at
+    most `threshold` above the parent's."""
+    from tunelab.eval.forgetting import compare_general_ability, measure_general_ability
+    from tunelab.eval.metrics import paired_comparison
+
+    abilities = {}
+    for arm in ("base", "sft", "tuned"):
+        model, tokenizer = ctx["load"](arm)
+        started = time.perf_counter()
+        abilities[arm] = measure_general_ability(model, tokenizer, seed=ctx["recipe"].eval.seed, batch_size=batch_size)
+        print(f"forgetting_vs_base: {arm} measured in {time.perf_counter() - started:.0f} s", flush=True)
+        del model
+    seed = ctx["recipe"].eval.seed
+    out: dict[str, Any] = {"baseline": "base", "threshold": threshold, "arms": {}}
+    for arm in ("sft", "tuned"):
+        compared = compare_general_ability(abilities["base"], abilities[arm], threshold, seed=seed)
+        out["arms"][arm] = {"flagged": compared["flagged"], "text": compared["text"],
+                            "retention": {k: compared["retention"][k] for k in ("value", "ci95", "n", "gained")},
+                            "probe_accuracy": compared["probes"]["tuned_accuracy"],
+                            "perplexity_change": compared["perplexity"]["relative_change"]}
+    known = [i for i, score in enumerate(abilities["base"].probe_scores) if score >= 1.0]
+    kept = {arm: [abilities[arm].probe_scores[i] for i in known] for arm in ("sft", "tuned")}
+    diff = paired_comparison(kept["tuned"], kept["sft"], seed=seed)
+    out["base_probe_accuracy"] = float(sum(abilities["base"].probe_scores) / len(abilities["base"].probe_scores))
+    out["tuned_minus_sft_retention"] = {"delta": diff.delta, "ci95": list(diff.ci95), "p_value": diff.p_value,
+                                        "n": len(known)}
+    out["not_worse_than_parent"] = bool(
+        diff.delta >= -threshold
+        and out["arms"]["tuned"]["perplexity_change"] <= out["arms"]["sft"]["perplexity_change"] + threshold)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dpo", type=Path, required=True, help="the dpo run folder")
@@ -191,8 +232,10 @@ def main() -> None:
             value = preference(ctx)
         elif part == "forgetting":
             value = forgetting(ctx, args.threshold, args.batch_size)
+        elif part == "forgetting_vs_base":
+            value = forgetting_vs_base(ctx, args.threshold, args.batch_size)
         else:
-            raise SystemExit(f"unknown part {part!r}: quality, preference or forgetting")
+            raise SystemExit(f"unknown part {part!r}: quality, preference, forgetting or forgetting_vs_base")
         value["wall_s"] = round(time.perf_counter() - started, 1)
         value["load_average_1min_at_end"] = os.getloadavg()[0]
         result[part] = value
@@ -211,6 +254,8 @@ def main() -> None:
         goal["reward_accuracy_ge_0.9"] = result["preference"]["reward_accuracy"] >= 0.9
     if "forgetting" in result:
         goal["forgetting_vs_parent_not_flagged"] = not result["forgetting"]["flagged"]
+    if "forgetting_vs_base" in result:
+        goal["forgetting_vs_base_not_worse_than_parent"] = result["forgetting_vs_base"]["not_worse_than_parent"]
     result["goal"] = goal
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(json.dumps({"goal": goal}, indent=1))
