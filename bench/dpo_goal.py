@@ -152,12 +152,14 @@ def forgetting(ctx: dict[str, Any], threshold: float, batch_size: int) -> dict[s
     for arm in ("sft", "tuned"):
         model, tokenizer = ctx["load"](arm)
         started = time.perf_counter()
-        abilities[arm] = measure_general_ability(model, tokenizer, seed=ctx["recipe"].eval.seed, batch_size=batch_size)
+        abilities[arm] = measure_general_ability(model, tokenizer, seed=ctx["recipe"].eval.seed, batch_size=batch_size,
+                                                 stability=arm == "sft")  # the baseline: known in every framing
         print(f"forgetting: {arm} measured in {time.perf_counter() - started:.0f} s", flush=True)
         del model
     compared = compare_general_ability(abilities["sft"], abilities["tuned"], threshold, seed=ctx["recipe"].eval.seed)
     return {"baseline": "sft", "threshold": threshold, "flagged": compared["flagged"], "text": compared["text"],
-            "retention": {k: compared["retention"][k] for k in ("value", "ci95", "n", "flagged", "gained")},
+            "retention": {k: compared["retention"][k]
+                          for k in ("value", "ci95", "n", "flagged", "gained", "definition", "plain")},
             "probes": {k: compared["probes"][k] for k in ("n", "base_accuracy", "tuned_accuracy", "delta", "p_value")},
             "perplexity": {k: compared["perplexity"][k] for k in ("base", "tuned", "relative_change", "ci95", "flagged")}}
 
@@ -174,7 +176,8 @@ def forgetting_vs_base(ctx: dict[str, Any], threshold: float, batch_size: int) -
     for arm in ("base", "sft", "tuned"):
         model, tokenizer = ctx["load"](arm)
         started = time.perf_counter()
-        abilities[arm] = measure_general_ability(model, tokenizer, seed=ctx["recipe"].eval.seed, batch_size=batch_size)
+        abilities[arm] = measure_general_ability(model, tokenizer, seed=ctx["recipe"].eval.seed, batch_size=batch_size,
+                                                 stability=arm == "base")  # the baseline: known in every framing
         print(f"forgetting_vs_base: {arm} measured in {time.perf_counter() - started:.0f} s", flush=True)
         del model
     seed = ctx["recipe"].eval.seed
@@ -182,10 +185,11 @@ def forgetting_vs_base(ctx: dict[str, Any], threshold: float, batch_size: int) -
     for arm in ("sft", "tuned"):
         compared = compare_general_ability(abilities["base"], abilities[arm], threshold, seed=seed)
         out["arms"][arm] = {"flagged": compared["flagged"], "text": compared["text"],
-                            "retention": {k: compared["retention"][k] for k in ("value", "ci95", "n", "gained")},
+                            "retention": {k: compared["retention"][k]
+                                          for k in ("value", "ci95", "n", "gained", "definition", "plain")},
                             "probe_accuracy": compared["probes"]["tuned_accuracy"],
                             "perplexity_change": compared["perplexity"]["relative_change"]}
-    known = [i for i, score in enumerate(abilities["base"].probe_scores) if score >= 1.0]
+    known = [i for i, score in enumerate(abilities["base"].known_for_retention) if score >= 1.0]
     kept = {arm: [abilities[arm].probe_scores[i] for i in known] for arm in ("sft", "tuned")}
     diff = paired_comparison(kept["tuned"], kept["sft"], seed=seed)
     out["base_probe_accuracy"] = float(sum(abilities["base"].probe_scores) / len(abilities["base"].probe_scores))

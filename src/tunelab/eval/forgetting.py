@@ -7,8 +7,11 @@ short reasoning, plain conversation; each with a deterministic rule). Every prob
 scores: `known` (the knowledge or skill is there: the right number inside a sentence counts) and
 `format` (the output also has the asked-for form, where the probe asks for one). Forgetting is
 measured as *retention*: of the probes the base model knows, the share the tuned model still knows,
-with a bootstrap interval, overall and per kind. Writes nothing (eval/run.py stores the result in
-eval/metrics.json).
+with a bootstrap interval, overall and per kind. "Knows" is *stable* knowledge: the base model answers
+right in the plain rendering (a single user turn) AND with each of STABILITY_SYSTEM_PROMPTS added, since a
+probe answered right in one framing only is lost to a harmless change of framing as often as to a fine-tune
+(measured on the 135M default model: a neutral system prompt alone kept 84-89% of its plain right answers).
+Writes nothing (eval/run.py stores the result in eval/metrics.json).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from jinja2 import TemplateError
 
 from tunelab.eval.metrics import bootstrap_ci, lenient_json, normalize_text, paired_comparison, strict_json
 
@@ -36,6 +40,13 @@ PROBES_FILE = "assets/general_probes.jsonl"
 TEXT_FILE = "assets/general_text.txt"
 DETECTION_POWER = 0.8  # "would have been detected": at least this often
 KINDS = ("fact", "instruction", "reasoning", "conversation")
+# Neutral framings the base model must also answer a probe right under for it to count as known: generic
+# (no model's name), so the same on every model; fixed, so "stable" means the same in every run.
+STABILITY_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a knowledgeable assistant. Answer clearly.",
+    "You are a friendly assistant who answers questions.",
+)
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,14 @@ class GeneralAbility:
     probe_outputs: list[str]
     probes: list[Probe]
     format_scores: list[float | None]  # per probe; None where the probe asks for no form
+    # per probe: 1.0 when also known with every STABILITY_SYSTEM_PROMPTS framing; None when not measured
+    stable_known: list[float] | None = None
+    stability_note: str | None = None  # why stable_known is None though it was asked for
+
+    @property
+    def known_for_retention(self) -> list[float]:
+        """What this model counts as known when it is the baseline: the stable set when measured."""
+        return self.stable_known if self.stable_known is not None else self.probe_scores
 
     @property
     def perplexity(self) -> float:
@@ -166,7 +185,11 @@ def measure_general_ability(
     seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int], Any] | None = None,
+    stability: bool = False,
 ) -> GeneralAbility:
+    """The probes (plain rendering) and the general text. `stability` (the base model only): also which of
+    the probes answered right are answered right with every STABILITY_SYSTEM_PROMPTS framing; `progress`
+    then advances by len(STABILITY_SYSTEM_PROMPTS) * probes more, whatever was re-asked."""
     from tunelab.engine.generate import DecodingSettings, generate
 
     probes = general_probes()
@@ -174,13 +197,62 @@ def measure_general_ability(
     settings = DecodingSettings(max_new_tokens=PROBE_MAX_NEW_TOKENS, seed=seed)
     outputs = [g.text for g in generate(model, tokenizer, conversations, settings, batch_size, progress=progress)]
     scores = [score_probe(p, o) for p, o in zip(probes, outputs, strict=True)]
-    return GeneralAbility(
+    ability = GeneralAbility(
         nll=token_nll(model, tokenizer, general_text()),
         probe_scores=[s.known for s in scores],
         probe_outputs=outputs,
         probes=probes,
         format_scores=[s.format for s in scores],
     )
+    if stability:
+        ability.stable_known, ability.stability_note = _stable_known(
+            model, tokenizer, probes, ability.probe_scores, settings, batch_size, progress)
+    return ability
+
+
+def _system_note(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why the chat template cannot frame a probe with a system message, or None when it can."""
+    from tunelab.engine.generate import render_prompt
+
+    user = {"role": "user", "content": "?"}
+    try:
+        framed = render_prompt(tokenizer, [{"role": "system", "content": STABILITY_SYSTEM_PROMPTS[0]}, user])
+        plain = render_prompt(tokenizer, [user])
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        return f"the chat template takes no system message ({reason})"
+    if framed == plain:
+        return "the chat template drops a system message"
+    return None
+
+
+def _stable_known(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probes: Sequence[Probe], known: Sequence[float],
+    settings: Any, batch_size: int, progress: Callable[[int], Any] | None,
+) -> tuple[list[float] | None, str | None]:
+    """Per probe, 1.0 when known in the plain rendering and with every system framing. Only the probes still
+    known are asked under the next framing: an AND needs no more, and the base model's probes cost about
+    1.7 plain passes instead of 4."""
+    from tunelab.engine.generate import generate
+
+    note = _system_note(tokenizer)
+    if note is not None:
+        if progress is not None:
+            progress(len(STABILITY_SYSTEM_PROMPTS) * len(probes))
+        return None, note
+    stable = [1.0 if k >= 1.0 else 0.0 for k in known]
+    for system in STABILITY_SYSTEM_PROMPTS:
+        asked = [i for i, s in enumerate(stable) if s >= 1.0]
+        conversations = [[{"role": "system", "content": system}, {"role": "user", "content": probes[i].prompt}]
+                         for i in asked]
+        if conversations:
+            outputs = [g.text for g in generate(model, tokenizer, conversations, settings, batch_size,
+                                                progress=progress)]
+            for i, output in zip(asked, outputs, strict=True):
+                stable[i] = score_probe(probes[i], output).known
+        if progress is not None and len(probes) > len(asked):
+            progress(len(probes) - len(asked))
+    return stable, None
 
 
 def _blocks(nll: np.ndarray) -> np.ndarray:
@@ -231,6 +303,7 @@ def detectable_drop(n: int, threshold: float, power: float = DETECTION_POWER) ->
 
 
 def _retention_by_kind(base: GeneralAbility, tuned: GeneralAbility, seed: int) -> dict[str, dict[str, Any]]:
+    known = base.known_for_retention
     by_kind: dict[str, dict[str, Any]] = {}
     for kind in [k for k in KINDS if any(p.kind == k for p in base.probes)]:
         rows = [i for i, p in enumerate(base.probes) if p.kind == kind]
@@ -238,7 +311,7 @@ def _retention_by_kind(base: GeneralAbility, tuned: GeneralAbility, seed: int) -
         by_kind[kind] = {
             "n": len(rows), "base": float(np.mean([base.probe_scores[i] for i in rows])),
             "tuned": float(np.mean([tuned.probe_scores[i] for i in rows])),
-            "retention": retention([base.probe_scores[i] for i in rows], [tuned.probe_scores[i] for i in rows], seed),
+            "retention": retention([known[i] for i in rows], [tuned.probe_scores[i] for i in rows], seed),
             "format": None if not formatted else {
                 "n": len(formatted),
                 "base": float(np.mean([base.format_scores[i] for i in formatted])),
@@ -253,7 +326,8 @@ def compare_general_ability(
 ) -> dict[str, Any]:
     """Deltas with 95% intervals. A drop is flagged when its point estimate is beyond `threshold`
     (relative) AND its interval excludes no change: for the probes, retention of the base model's
-    known probes; for the text, perplexity."""
+    known probes (its stable set when `base` measured one; the plain-rendering retention stays beside it
+    as `retention.plain`); for the text, perplexity."""
     nll_diff = paired_comparison(_blocks(tuned.nll), _blocks(base.nll), seed=seed)
     ppl_change = float(np.exp(tuned.nll.mean() - base.nll.mean()) - 1) if base.nll.size else 0.0
     ppl_ci = [float(np.exp(nll_diff.ci95[0]) - 1), float(np.exp(nll_diff.ci95[1]) - 1)]
@@ -262,20 +336,28 @@ def compare_general_ability(
     probe_diff = paired_comparison(tuned.probe_scores, base.probe_scores, seed=seed)
     base_acc, tuned_acc = float(np.mean(base.probe_scores)), float(np.mean(tuned.probe_scores))
     relative_drop = (base_acc - tuned_acc) / base_acc if base_acc > 0 else 0.0
-    kept = retention(base.probe_scores, tuned.probe_scores, seed)
+    stable = base.stable_known is not None
+    kept = retention(base.known_for_retention, tuned.probe_scores, seed)
+    plain = retention(base.probe_scores, tuned.probe_scores, seed)
     probe_flag = retention_flagged(kept, threshold)
     detectable = detectable_drop(kept["n"], threshold)
     gained = sum(1 for b, t in zip(base.probe_scores, tuned.probe_scores, strict=True) if b < 1.0 <= t)
     kept.update(flagged=probe_flag, detectable_drop=detectable, gained=gained,
-                by_kind={kind: row["retention"] for kind, row in _retention_by_kind(base, tuned, seed).items()})
+                by_kind={kind: row["retention"] for kind, row in _retention_by_kind(base, tuned, seed).items()},
+                definition="stable" if stable else "plain",
+                renderings=1 + len(STABILITY_SYSTEM_PROMPTS) if stable else 1,
+                unstable=plain["n"] - kept["n"], plain=plain,
+                definition_note=base.stability_note)
 
     ppl_part = f"perplexity on general text {ppl_change:+.1%} (95% CI {ppl_ci[0]:+.1%} .. {ppl_ci[1]:+.1%})"
     if kept["n"]:
         lo, hi = kept["ci95"]
+        known_how = "knows in every framing" if stable else "knew"
         probe_part = (f"the tuned model still knows {kept['value']:.0%} of the {kept['n']} general probes the base "
-                      f"model knew (95% CI {lo:.0%} .. {hi:.0%})")
+                      f"model {known_how} (95% CI {lo:.0%} .. {hi:.0%})")
     else:
-        probe_part = "the base model knew none of the general probes, so no loss there can be seen"
+        probe_part = (f"the base model knew none of the general probes{' in every framing' if stable else ''}, so no loss "
+                      "there can be seen")
     flagged = ppl_flag or probe_flag
     if flagged:
         parts = ([f"perplexity on general text rose {ppl_change:+.1%} (95% CI {ppl_ci[0]:+.1%} .. {ppl_ci[1]:+.1%})"]
@@ -304,10 +386,13 @@ def compare_general_ability(
 
 
 def probe_records(base: GeneralAbility, tuned: GeneralAbility) -> list[dict[str, Any]]:
-    """Per probe: prompt, both outputs and scores (for the report's side-by-side view)."""
+    """Per probe: prompt, both outputs and scores (for the report's side-by-side view); `base_stable` whether
+    the base model also knew it in every framing (None when that was not measured)."""
+    stable = base.stable_known if base.stable_known is not None else [None] * len(base.probes)
     return [
         {"id": p.id, "kind": p.kind, "prompt": p.prompt, "base_output": bo, "base_score": bs,
-         "tuned_output": to, "tuned_score": ts, "base_format": bf, "tuned_format": tf}
-        for p, bo, bs, to, ts, bf, tf in zip(base.probes, base.probe_outputs, base.probe_scores, tuned.probe_outputs,
-                                             tuned.probe_scores, base.format_scores, tuned.format_scores, strict=True)
+         "tuned_output": to, "tuned_score": ts, "base_format": bf, "tuned_format": tf, "base_stable": st}
+        for p, bo, bs, to, ts, bf, tf, st in zip(base.probes, base.probe_outputs, base.probe_scores,
+                                                 tuned.probe_outputs, tuned.probe_scores, base.format_scores,
+                                                 tuned.format_scores, stable, strict=True)
     ]

@@ -574,12 +574,12 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
     both: base-model arms first, then tuned, so each model is needed in one stretch."""
     from tqdm import tqdm
 
-    from tunelab.eval.forgetting import general_probes
+    from tunelab.eval.forgetting import STABILITY_SYSTEM_PROMPTS, general_probes
 
     cfg, models = inputs.cfg, inputs.models
     scales = 0 if inputs.scale_search else len(cfg.adapter_scales)  # the search measures the tuned probes too
     total = (len(inputs.test) * (len(inputs.chosen) + len(inputs.external)) + len(inputs.train_sample)
-             + (2 * len(general_probes()) if inputs.run_forgetting else 0)
+             + ((2 + len(STABILITY_SYSTEM_PROMPTS)) * len(general_probes()) if inputs.run_forgetting else 0)
              + scales * min(len(inputs.valid), SEARCH_MAX_EXAMPLES) + max(scales - 1, 0) * len(general_probes())
              + 2 * len(inputs.keep))
     bar = tqdm(total=total, desc="eval", unit="gen", file=sys.stderr, dynamic_ncols=True)
@@ -614,8 +614,9 @@ def _generate_arms(inputs: _Inputs) -> _Generated:
                 from tunelab.eval.forgetting import measure_general_ability
 
                 bar.set_description(f"forgetting:{which}")
-                abilities[which] = measure_general_ability(
-                    model, models.tokenizer, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar.update
+                abilities[which] = measure_general_ability(  # the base model: what it knows in every framing
+                    model, models.tokenizer, seed=cfg.seed, batch_size=cfg.batch_size, progress=bar.update,
+                    stability=which == "base",
                 )
         del model  # a full fine-tune's other model can then be released before the next phase loads
     external = _run_external_arms(inputs, bar, prompts)
