@@ -115,6 +115,9 @@ def test_metrics_json_has_the_design_shape(evaluated):
     assert {"best_arm", "vs", "delta", "ci95", "p_value", "text"} <= set(metrics["verdict"])
     assert metrics["verdict"]["best_arm"] in ("tuned", "tuned+rag")
     assert {"perplexity", "probes", "flagged", "threshold"} <= set(metrics["forgetting"])
+    kept = metrics["forgetting"]["retention"]
+    assert (kept["definition"], kept["renderings"]) == ("stable", 4)  # the base arm is measured in every framing
+    assert kept["unstable"] == kept["plain"]["n"] - kept["n"] >= 0
     assert {"loss_curve", "verbatim", "task_metric"} <= set(metrics["overfitting"])
     # the prompt arms are longer than the short prompt of base/tuned
     arms = metrics["arms"]

@@ -12,7 +12,7 @@ import torch
 
 from test_eval_run import _conversation, build_fake_run
 from test_export import logits_of, make_fake_run, prompt_ids
-from tunelab.contract import AdapterScale, ScaleCandidate
+from tunelab.contract import AdapterScale, Metrics, ScaleCandidate
 from tunelab.eval.scale_search import choose_scale, within_threshold
 
 
@@ -146,6 +146,16 @@ def test_evaluate_searches_the_scales_and_the_tuned_arm_runs_at_the_chosen_one(t
     assert metrics["forgetting"]["adapter_scale"] == json.loads(record.model_dump_json())
     chosen = next(c for c in record.candidates if c.scale == record.scale)
     assert metrics["forgetting"]["retention"]["value"] == chosen.retention
+    # the base model's known probes are its stable set (the tiny template takes a system message), and the
+    # metrics file with the new keys reads back through the contract
+    kept = metrics["forgetting"]["retention"]
+    assert (kept["definition"], kept["renderings"], kept["definition_note"]) == ("stable", 4, None)
+    stable = [r["base_stable"] for r in metrics["forgetting"]["probe_outputs"]]
+    plain = [r["base_score"] for r in metrics["forgetting"]["probe_outputs"]]
+    assert all(st in (0.0, 1.0) and st <= pl for st, pl in zip(stable, plain, strict=True))
+    assert (kept["n"], kept["plain"]["n"], kept["unstable"]) == (sum(stable), sum(plain), sum(plain) - sum(stable))
+    assert set(kept) >= {"value", "ci95", "n", "flagged", "detectable_drop", "gained", "by_kind", "plain"}
+    assert Metrics.from_file(run_dir / "eval" / "metrics.json").forgetting["retention"] == kept
     assert metrics["forgetting"]["perplexity"]["relative_change"] == pytest.approx(chosen.perplexity_change)
 
     # the tuned arm's outputs are the model's at the chosen scale, as every later loader gets it
