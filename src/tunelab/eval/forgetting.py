@@ -231,8 +231,8 @@ def _stable_known(
     settings: Any, batch_size: int, progress: Callable[[int], Any] | None,
 ) -> tuple[list[float] | None, str | None]:
     """Per probe, 1.0 when known in the plain rendering and with every system framing. Only the probes still
-    known are asked under the next framing: an AND needs no more, and the base model's probes cost about
-    1.7 plain passes instead of 4."""
+    known are asked under the next framing: an AND needs no more (on the 135M default model 80 + 67 + 64
+    probes, 1.3 plain passes more, instead of 3 for every probe under every framing)."""
     from tunelab.engine.generate import generate
 
     note = _system_note(tokenizer)
