@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,36 @@ def test_replay_prompts_are_not_forgetting_probes():
     prompts = {p.lower() for p in replay_prompts()}
     assert len(prompts) == 200
     assert not prompts & {p.prompt.lower() for p in general_probes()}
+
+
+def _question(text: str) -> str:
+    """A prompt without the probes' answer-form suffixes, as lowercase words."""
+    text = text.lower()
+    for suffix in ("answer in a few words.", "reply with only the number.", "reply with only the numbers.",
+                   "no other text.", "reply with that one word only."):
+        text = text.replace(suffix, "")
+    return " ".join(re.findall(r"[a-z0-9]+", text))
+
+
+def test_no_replay_prompt_asks_a_probes_question():
+    """Replay rehearses the same kinds of skill as the probes (facts, formats, reasoning, conversation) but
+    never a probe's own question, even reworded around it: that would teach the measure its answers."""
+    from tunelab.eval.forgetting import general_probes
+
+    replay = [_question(p) for p in replay_prompts()]
+    clashes = [(probe.prompt, r) for probe in general_probes() for r in replay
+               if _question(probe.prompt) in r or r in _question(probe.prompt)]
+    assert clashes == []
+    assert _question("What is the opposite of up? Answer in a few words.") in _question(
+        "Give only the answer: what is the opposite of up?")  # the check sees a question wrapped in another form
+
+
+def test_replay_prompts_rehearse_output_formats():
+    """A task with a strict output format (JSON, one label) pulls every answer into that format; the shipped
+    prompts ask for other formats, so replay rehearses following them."""
+    prompts = replay_prompts()
+    assert sum("json" in p.lower() for p in prompts) >= 10
+    assert sum(bool(re.search(r"\b(only|one word|just the|single word)\b", p.lower())) for p in prompts) >= 8
 
 
 def test_self_replay_is_generated_once_per_model_and_quality_checked(tmp_path, monkeypatch, tiny_model_dir):
