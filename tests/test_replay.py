@@ -18,12 +18,15 @@ from tunelab.data.replay import (
     AUTO_SHARE,
     MAX_AUTO_SHARE,
     MIN_REPLAY_EXAMPLES,
+    MIN_REPLAY_PER_PASS,
+    REPLAY_TOKEN_SHARE,
     auto_replay_share,
     decide_replay_share,
     replay_count,
     replay_pool_size,
     replay_prompts,
     replay_share_key,
+    token_capped_per_pass,
 )
 from tunelab.errors import DataError
 
@@ -133,10 +136,35 @@ def test_prepare_applies_the_auto_share_to_the_kept_examples_and_fingerprints_th
     share, reason = auto_replay_share(task, 100)
     stats = prepared.stats["replay"]
     assert stats["share"] == share and stats["share_source"] == "auto" and stats["reason"].startswith(reason)
-    assert stats["per_pass"] == replay_count(task, share) > replay_count(task, AUTO_SHARE)
-    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_pool_size(task, stats["per_pass"], 100)
-    assert replay_share_key(TrainConfig()) == "auto-3/spread-1"
+    by_share = replay_count(task, share)
+    assert by_share > replay_count(task, AUTO_SHARE)
+    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_pool_size(task, by_share, 100)
+    # then held to REPLAY_TOKEN_SHARE of a pass's tokens, from the tokenized rows
+    rows = _lines(prepared.out_dir / "train.tokens.jsonl")
+    task_tokens = sum(len(r["input_ids"]) for r in rows if not r["id"].startswith("replay-"))
+    replay_lengths = [len(r["input_ids"]) for r in rows if r["id"].startswith("replay-")]
+    mean = sum(replay_lengths) / len(replay_lengths)
+    held = math.floor(REPLAY_TOKEN_SHARE * task_tokens / mean)
+    assert stats["per_pass"] == held < by_share  # these general answers are as long as the task's
+    assert held * mean <= REPLAY_TOKEN_SHARE * task_tokens < (held + 1) * mean
+    assert stats["share_actual"] == held / (task + held)
+    assert f"; held to {held} a pass so that replay adds at most 12% to a pass's tokens ({task_tokens} task" in stats["reason"]
+    assert replay_share_key(TrainConfig()) == "auto-4/spread-1"
     assert replay_share_key(TrainConfig(replay_share=0.2)) == "0.2/spread-1"
+
+
+@pytest.mark.parametrize(("per_pass", "task_tokens", "replay_tokens", "held"), [
+    (16, 4330, 85.0, 6),  # routing: 117 labels of ~37 tokens; 16 general answers a pass would add 31%
+    (30, 20000, 85.0, 28),  # a JSON task: long answers, 30 a pass is already ~13%
+    (30, 30000, 85.0, 30),  # within 12%: kept
+    (16, 300, 85.0, 2),  # a tiny task still reads a couple
+    (0, 4330, 85.0, 0),  # no replay
+])
+def test_auto_replay_is_held_to_its_share_of_the_tokens(per_pass, task_tokens, replay_tokens, held):
+    got, why = token_capped_per_pass(per_pass, task_tokens, replay_tokens)
+    assert got == held
+    assert (why != "") == (held < per_pass)
+    assert held <= max(MIN_REPLAY_PER_PASS, REPLAY_TOKEN_SHARE * task_tokens / replay_tokens) or held == per_pass
 
 
 def test_replay_prompts_are_not_forgetting_probes():
