@@ -83,7 +83,7 @@ def compare(rows: list[dict[str, Any]], task: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=["routing", "orders", "dates", "replies"])
+    parser.add_argument("--task", required=True, choices=["routing", "orders", "dates", "replies", "priority"])
     parser.add_argument("--label", required=True, help="the row's name: 'unconstrained' is what others compare to")
     parser.add_argument("--out-dir", type=Path, default=Path("/work/runs/forget2"))
     parser.add_argument("--collect", type=Path, help="read this finished run instead of running one")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,15 @@ from tunelab.data.replay import (
     AUTO_SHARE,
     MAX_AUTO_SHARE,
     MIN_REPLAY_EXAMPLES,
+    MIN_REPLAY_PER_PASS,
+    REPLAY_TOKEN_SHARE,
     auto_replay_share,
     decide_replay_share,
     replay_count,
     replay_pool_size,
     replay_prompts,
     replay_share_key,
+    token_capped_per_pass,
 )
 from tunelab.errors import DataError
 
@@ -132,10 +136,35 @@ def test_prepare_applies_the_auto_share_to_the_kept_examples_and_fingerprints_th
     share, reason = auto_replay_share(task, 100)
     stats = prepared.stats["replay"]
     assert stats["share"] == share and stats["share_source"] == "auto" and stats["reason"].startswith(reason)
-    assert stats["per_pass"] == replay_count(task, share) > replay_count(task, AUTO_SHARE)
-    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_pool_size(task, stats["per_pass"], 100)
-    assert replay_share_key(TrainConfig()) == "auto-3/spread-1"
+    by_share = replay_count(task, share)
+    assert by_share > replay_count(task, AUTO_SHARE)
+    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_pool_size(task, by_share, 100)
+    # then held to REPLAY_TOKEN_SHARE of a pass's tokens, from the tokenized rows
+    rows = _lines(prepared.out_dir / "train.tokens.jsonl")
+    task_tokens = sum(len(r["input_ids"]) for r in rows if not r["id"].startswith("replay-"))
+    replay_lengths = [len(r["input_ids"]) for r in rows if r["id"].startswith("replay-")]
+    mean = sum(replay_lengths) / len(replay_lengths)
+    held = math.floor(REPLAY_TOKEN_SHARE * task_tokens / mean)
+    assert stats["per_pass"] == held < by_share  # these general answers are as long as the task's
+    assert held * mean <= REPLAY_TOKEN_SHARE * task_tokens < (held + 1) * mean
+    assert stats["share_actual"] == held / (task + held)
+    assert f"; held to {held} a pass so that replay adds at most 12% to a pass's tokens ({task_tokens} task" in stats["reason"]
+    assert replay_share_key(TrainConfig()) == "auto-4/spread-1"
     assert replay_share_key(TrainConfig(replay_share=0.2)) == "0.2/spread-1"
+
+
+@pytest.mark.parametrize(("per_pass", "task_tokens", "replay_tokens", "held"), [
+    (16, 4330, 85.0, 6),  # routing: 117 labels of ~37 tokens; 16 general answers a pass would add 31%
+    (30, 20000, 85.0, 28),  # a JSON task: long answers, 30 a pass is already ~13%
+    (30, 30000, 85.0, 30),  # within 12%: kept
+    (16, 300, 85.0, 2),  # a tiny task still reads a couple
+    (0, 4330, 85.0, 0),  # no replay
+])
+def test_auto_replay_is_held_to_its_share_of_the_tokens(per_pass, task_tokens, replay_tokens, held):
+    got, why = token_capped_per_pass(per_pass, task_tokens, replay_tokens)
+    assert got == held
+    assert (why != "") == (held < per_pass)
+    assert held <= max(MIN_REPLAY_PER_PASS, REPLAY_TOKEN_SHARE * task_tokens / replay_tokens) or held == per_pass
 
 
 def test_replay_prompts_are_not_forgetting_probes():
@@ -144,6 +173,36 @@ def test_replay_prompts_are_not_forgetting_probes():
     prompts = {p.lower() for p in replay_prompts()}
     assert len(prompts) == 200
     assert not prompts & {p.prompt.lower() for p in general_probes()}
+
+
+def _question(text: str) -> str:
+    """A prompt without the probes' answer-form suffixes, as lowercase words."""
+    text = text.lower()
+    for suffix in ("answer in a few words.", "reply with only the number.", "reply with only the numbers.",
+                   "no other text.", "reply with that one word only."):
+        text = text.replace(suffix, "")
+    return " ".join(re.findall(r"[a-z0-9]+", text))
+
+
+def test_no_replay_prompt_asks_a_probes_question():
+    """Replay rehearses the same kinds of skill as the probes (facts, formats, reasoning, conversation) but
+    never a probe's own question, even reworded around it: that would teach the measure its answers."""
+    from tunelab.eval.forgetting import general_probes
+
+    replay = [_question(p) for p in replay_prompts()]
+    clashes = [(probe.prompt, r) for probe in general_probes() for r in replay
+               if _question(probe.prompt) in r or r in _question(probe.prompt)]
+    assert clashes == []
+    assert _question("What is the opposite of up? Answer in a few words.") in _question(
+        "Give only the answer: what is the opposite of up?")  # the check sees a question wrapped in another form
+
+
+def test_replay_prompts_rehearse_output_formats():
+    """A task with a strict output format (JSON, one label) pulls every answer into that format; the shipped
+    prompts ask for other formats, so replay rehearses following them."""
+    prompts = replay_prompts()
+    assert sum("json" in p.lower() for p in prompts) >= 10
+    assert sum(bool(re.search(r"\b(only|one word|just the|single word)\b", p.lower())) for p in prompts) >= 8
 
 
 def test_self_replay_is_generated_once_per_model_and_quality_checked(tmp_path, monkeypatch, tiny_model_dir):

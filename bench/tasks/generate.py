@@ -3,9 +3,10 @@
     python bench/tasks/generate.py            # writes bench/tasks/<task>/{train,test}.jsonl + recipe.yaml
     tunelab run bench/tasks/dates/recipe.yaml # a recipe with model, data and eval only: every train key auto
 
-Four shapes and sizes, none of which the base model can do zero-shot (each asks for a convention it
+Five shapes and sizes, none of which the base model can do zero-shot (each asks for a convention it
 cannot guess): short normalised answers (dates, 600), nested JSON (orders, 300), labels with made-up
-codes (routing, 150), and free text in a house voice with facts from a table (replies, 1000). Seeded;
+codes (routing, 150), longer messages to four priorities by a house rule with no system prompt
+(priority, 300), and free text in a house voice with facts from a table (replies, 1000). Seeded;
 nothing is downloaded. The data are not committed: run this script first.
 """
 
@@ -141,7 +142,47 @@ def replies(rng: random.Random) -> dict:
             "max_new_tokens": 64}
 
 
-TASKS = {"dates": dates, "orders": orders, "routing": routing, "replies": replies}
+def priority(rng: random.Random) -> dict:
+    """A longer customer message (two to four sentences, no system prompt) -> a priority label P1..P4 by
+    a house rule the base model cannot guess: P1 service down or security, P2 money, P3 how-to, P4 feedback."""
+    issues = {
+        "P1": ["nobody in our office can log in since nine", "the whole site shows an error page",
+               "someone changed my password without me", "I got a login alert from a country I have never been to",
+               "the app crashes for every user on our team", "all our data disappeared from the dashboard",
+               "the service has been down for an hour", "there is a stranger's order in my account"],
+        "P2": ["I was billed twice this month", "the refund you promised has not arrived",
+               "my invoice shows the wrong plan", "the discount code was not applied at checkout",
+               "you charged my old card after I changed it", "the price went up without any notice",
+               "I paid for a year but see a monthly plan", "the VAT on my receipt looks wrong"],
+        "P3": ["how do I export my contacts", "where can I change the language", "can I share a folder with my team",
+               "how do I turn on dark mode", "is there a way to undo a deleted note", "how can I add a second user",
+               "where do I find the keyboard shortcuts", "can I print a report as a PDF"],
+        "P4": ["I love the new design", "your support person was very kind yesterday",
+               "it would be nice to have more colours", "the last update made everything faster",
+               "I have used you for five years and I am happy", "maybe add a calendar view one day",
+               "the onboarding video was really clear", "just wanted to say thanks for the quick fix"],
+    }
+    openers = ["Hello.", "Hi there.", "Good afternoon.", "I hope you are well.", "Quick message.", "Sorry to bother you.",
+               "I am writing from the accounts team.", "This is {n} again.", ""]
+    context = ["I use the web version on a laptop.", "We are a small shop with six people.", "I am on the family plan.",
+               "This is my first message to you.", "My colleague told me to write here.", "I checked the help pages.",
+               "It is not the first time.", ""]
+    closers = ["Thank you.", "Best, {n}", "Please let me know.", "Kind regards.", "Cheers, {n}", ""]
+
+    def example() -> tuple[str, str]:
+        label = rng.choice(list(issues))
+        parts = [rng.choice(openers), rng.choice(context), rng.choice(issues[label]).capitalize() + ".",
+                 rng.choice(closers)]
+        return " ".join(p.format(n=rng.choice(NAMES)) for p in parts if p), label
+
+    return {"system": None, "n_train": 300, "example": example,
+            "instructions": "Reply with the priority only: P1 (service down for users, or account security), P2 "
+                            "(charges, refunds, invoices, prices), P3 (how to do something), P4 (praise, ideas, "
+                            "feedback).",
+            "max_new_tokens": 6}
+
+
+TASKS = {"dates": dates, "orders": orders, "routing": routing, "replies": replies, "priority": priority}
 N_TEST = 100
 
 
@@ -155,8 +196,8 @@ def write_task(name: str, seed: int = 0) -> Path:
         if prompt in seen:
             continue
         seen.add(prompt)
-        rows.append({"messages": [{"role": "system", "content": spec["system"]}, {"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": answer}]})
+        system = [{"role": "system", "content": spec["system"]}] if spec["system"] else []
+        rows.append({"messages": [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     folder = HERE / name
     folder.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", rows[:spec["n_train"]]), ("test", rows[spec["n_train"]:])):

@@ -49,6 +49,7 @@ from tunelab.data.replay import (
     replay_count,
     replay_pool_size,
     replay_share_key,
+    token_capped_per_pass,
 )
 from tunelab.data.split import assign_splits
 from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
@@ -204,6 +205,7 @@ class _Member:
     rejected: tuple[str, str] | None = None  # (reason code, message)
     token_rows: int = 0  # rows written to <split>.tokens.jsonl (more than 1 for a per-turn fallback)
     replay: bool = False  # a replay example (data/replay.py): trained on, in no split's own files
+    tokens: int = 0  # tokens of its rows once tokenized
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
@@ -308,6 +310,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Pa
 
     stats = _stats(members, issues, quality.counts(), records_read, formats, quality.notes, data, token_stats(lengths, trainable))
     if replay_stats is not None:
+        _hold_replay_tokens(members, replay_stats)
         stats["replay"] = replay_stats
     _write_outputs(out_dir, members, issues, stats)
     _raise_on_errors(issues, out_dir)
@@ -345,6 +348,22 @@ def _add_replay(members: list[_Member], train: TrainConfig, replay_file: Path, d
     stats["per_pass"] = per_pass
     stats["share_actual"] = per_pass / (task + per_pass) if task + per_pass else 0.0
     return stats
+
+
+def _hold_replay_tokens(members: list[_Member], stats: dict[str, Any]) -> None:
+    """Auto replay's `per_pass`, held to its share of a pass's tokens once the examples are tokenized
+    (data/replay.py token_capped_per_pass); a recipe's own train.replay_share is kept as asked."""
+    if stats.get("share_source") != "auto":
+        return
+    task = [m for m in members if m.split == "train" and not m.replay and m.rejected is None]
+    replay = [m.tokens for m in members if m.replay and m.rejected is None]
+    if not replay:
+        return
+    per_pass, why = token_capped_per_pass(stats["per_pass"], sum(m.tokens for m in task), sum(replay) / len(replay))
+    if why:
+        stats["per_pass"] = per_pass
+        stats["share_actual"] = per_pass / (len(task) + per_pass)
+        stats["reason"] += why
 
 
 def _model_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -429,6 +448,7 @@ def _tokenize_into(todo: list[_Member], writers: dict[str, AtomicTextFile], toke
             lengths.append(len(part.input_ids))
             trainable.append(part.trainable_tokens)
         member.token_rows = len(parts)
+        member.tokens = sum(len(p.input_ids) for p in parts)
 
 
 def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int], records_read: int,

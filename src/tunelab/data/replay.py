@@ -39,7 +39,9 @@ REPLAY_MIN_WORDS = 3
 AUTO_SHARE = 0.1  # one example in ten at least (docs/training.md, Replay)
 MIN_REPLAY_EXAMPLES = 48  # distinct general prompts auto replay rehearses beside a small task
 MAX_AUTO_SHARE = 0.3  # auto replay never takes more of the training examples
-AUTO_RULE = 3  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
+REPLAY_TOKEN_SHARE = 0.12  # auto replay adds at most this to a pass's tokens: training time is its price
+MIN_REPLAY_PER_PASS = 2  # a tiny task's pass still reads a couple of replay examples
+AUTO_RULE = 4  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
 SPREAD_RULE = 1  # how replay is spread across passes (a pool, a slice a pass), in the data fingerprint
 
 
@@ -109,6 +111,21 @@ def auto_replay_share(task_examples: int, available: int) -> tuple[float, str]:
                    f"{min(wanted, count * passes)} different general prompts ({count} a pass) beside {task_examples} "
                    f"task examples ({floor:.0%} would be {replay_count(task_examples, floor) * passes}, too few: a small "
                    "set's replay is learned by heart and stops holding the model)")
+
+
+def token_capped_per_pass(per_pass: int, task_tokens: int, replay_tokens: float) -> tuple[int, str]:
+    """Auto replay's examples a pass, held so that they add at most REPLAY_TOKEN_SHARE to the tokens of a pass
+    (`task_tokens`: the task's training tokens; `replay_tokens`: a replay example's mean length), and why
+    ("" when the share by examples is already within it). A general answer is longer than a label: on a
+    labels-only task (routing: 37 tokens an example against replay's 85) a share of examples would otherwise
+    cost several times its share of the training time."""
+    if per_pass <= 0 or replay_tokens <= 0:
+        return per_pass, ""
+    cap = max(MIN_REPLAY_PER_PASS, math.floor(REPLAY_TOKEN_SHARE * task_tokens / replay_tokens))
+    if per_pass <= cap:
+        return per_pass, ""
+    return cap, (f"; held to {cap} a pass so that replay adds at most {REPLAY_TOKEN_SHARE:.0%} to a pass's tokens "
+                 f"({task_tokens} task tokens; a replay example is {replay_tokens:.0f} tokens)")
 
 
 def replay_pool_size(task_examples: int, per_pass: int, available: int) -> int:
