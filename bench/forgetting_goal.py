@@ -4,7 +4,7 @@ of the unconstrained fine-tune (docs/evaluation.md, Forgetting; issue: keep what
     python bench/tasks/generate.py
     python bench/forgetting_goal.py --task routing --label unconstrained train.replay_share=0 'eval.adapter_scales=[1]'
     python bench/forgetting_goal.py --task routing --label default          # the shipped recipe: no training keys
-    python bench/forgetting_goal.py --collect /work/runs/x/routing-unc --task routing --label unconstrained
+    python bench/forgetting_goal.py --collect runs/bench/routing-unc --task routing --label unconstrained
 
 Each run is `tunelab run bench/tasks/<task>/recipe.yaml` with `eval.arms=[tuned]` (the task score of the tuned
 arm on the test set; forgetting measures the base model itself) plus the overrides given. Real-model runs: wrap
@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=["routing", "orders", "dates", "replies", "priority"])
     parser.add_argument("--label", required=True, help="the row's name: 'unconstrained' is what others compare to")
-    parser.add_argument("--out-dir", type=Path, default=Path("/work/runs/forget2"))
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"))
     parser.add_argument("--collect", type=Path, help="read this finished run instead of running one")
     parser.add_argument("--note", default=None, help="what the row should say beside its numbers (e.g. the load seen)")
     parser.add_argument("overrides", nargs="*")

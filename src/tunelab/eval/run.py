@@ -928,8 +928,7 @@ def _mention_forgetting(verdict: dict[str, Any], forgetting: dict[str, Any]) -> 
     if keep.get("flagged") and keep.get("text"):
         note += f" It breaks what must keep working: {keep['text']}."
     if note:
-        verdict["text"] = verdict["text"].replace(verdict["headline"], verdict["headline"] + note, 1)
-        verdict["headline"] += note
+        _add_to_headline(verdict, note.strip())
 
 
 def _mention_repetition(verdict: dict[str, Any], generated: _Generated) -> None:
@@ -942,13 +941,19 @@ def _mention_repetition(verdict: dict[str, Any], generated: _Generated) -> None:
     if note is None:
         return
     verdict["repetition_note"] = note
+    _add_to_headline(verdict, f"{note}.")
+
+
+def _add_to_headline(verdict: dict[str, Any], sentence: str) -> None:
+    """`sentence` appended to the verdict's headline, and to its text right after the headline there (at the
+    end of the text when the text does not hold the headline)."""
     headline = verdict.get("headline")
     if headline and headline in verdict["text"]:
-        verdict["text"] = verdict["text"].replace(headline, f"{headline} {note}.", 1)
+        verdict["text"] = verdict["text"].replace(headline, f"{headline} {sentence}", 1)
     else:
-        verdict["text"] += f" {note}."
+        verdict["text"] += f" {sentence}"
     if headline:
-        verdict["headline"] = f"{headline} {note}."
+        verdict["headline"] = f"{headline} {sentence}"
 
 
 def _prompts_seen(inputs: _Inputs, prompts: dict[str, list[list[dict[str, str]]]]) -> dict[str, Any]:
