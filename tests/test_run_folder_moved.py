@@ -52,3 +52,18 @@ def test_without_the_copy_the_error_names_the_missing_file(tmp_path):
     (user / "graders.json").unlink()
     with pytest.raises(ConfigError, match=r"graders.json: graders file not found"):
         open_run(paths.root)
+
+
+def test_the_status_page_reads_a_moved_runs_recipe_quietly(tmp_path, capsys):
+    from tunelab.ui.status import _recipe
+
+    user, paths = _started_run(tmp_path)
+    moved = tmp_path / "elsewhere" / "r"
+    shutil.move(str(paths.root), moved)
+    shutil.rmtree(user)
+    capsys.readouterr()
+    recipe = _recipe(RunPaths(moved))
+    assert recipe is not None and recipe.eval.graders_file == str(RunPaths(moved).graders_copy)
+    assert capsys.readouterr().err == ""  # the page polls: it does not repeat the note each time
+    RunPaths(moved).graders_copy.unlink()
+    assert _recipe(RunPaths(moved)) is None  # no copy either: shown without its recipe, as before

@@ -202,7 +202,7 @@ def open_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunP
     paths = RunPaths(Path(run_dir))
     if not paths.recipe.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no recipe.yaml); runs are made by `tunelab train`")
-    recipe = load_recipe(paths.recipe, _graders_file_fallback(paths))
+    recipe = load_recipe(paths.recipe, graders_file_fallback(paths))
     if recipe.model.trust_remote_code and not trust_remote_code:
         say(f"warning: {paths.recipe} sets model.trust_remote_code: true; ignored (a run folder never runs "
             "a model's code on its own say; pass --trust-remote-code if you trust this model)")
@@ -210,8 +210,9 @@ def open_run(run_dir: str | Path, trust_remote_code: bool = False) -> tuple[RunP
     return paths, recipe
 
 
-def _graders_file_fallback(paths: RunPaths) -> list[str]:
-    """The override pointing eval.graders_file at the run's copy when the path its recipe.yaml names is gone."""
+def graders_file_fallback(paths: RunPaths, announce: bool = True) -> list[str]:
+    """The override pointing eval.graders_file at the run's copy when the path its recipe.yaml names is gone
+    (`announce`: say so; a page that polls the run does not)."""
     try:
         named = (yaml.safe_load(paths.recipe.read_text(encoding="utf-8")) or {}).get("eval", {}).get("graders_file")
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
@@ -220,7 +221,8 @@ def _graders_file_fallback(paths: RunPaths) -> list[str]:
         return []
     if not paths.graders_copy.is_file():
         return []  # load_recipe's "graders file not found" names the path
-    say(f"note: {paths.recipe}: eval.graders_file {named} not found; using the run's copy {paths.graders_copy}")
+    if announce:
+        say(f"note: {paths.recipe}: eval.graders_file {named} not found; using the run's copy {paths.graders_copy}")
     return [f"eval.graders_file={paths.graders_copy}"]
 
 

@@ -38,7 +38,7 @@ from tunelab.config import Recipe, load_recipe
 from tunelab.contract import ContractError, DataStats, Manifest, Metrics, Stages, TrainPlan
 from tunelab.errors import TunelabError
 from tunelab.report.html import read_json
-from tunelab.runs import RunPaths
+from tunelab.runs import RunPaths, graders_file_fallback
 
 STATUSES = ("preparing", "training", "evaluating", "done", "failed", "stopped", "unreadable")
 ACTIVE_WINDOW_S = 300.0  # a run started elsewhere counts as running while its files changed this recently
@@ -211,7 +211,7 @@ def _recipe(paths: RunPaths) -> Recipe | None:
     if not paths.recipe.is_file():
         return None
     try:
-        return load_recipe(paths.recipe)
+        return load_recipe(paths.recipe, graders_file_fallback(paths, announce=False))  # a moved run keeps its graders
     except TunelabError:
         return None
 
