@@ -13,7 +13,12 @@ import torch
 import tunelab.train.setup as train_setup
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError
-from tunelab.train.setup import COMPILE_MIN_TOKENS_CPU, compile_after_plan, should_compile
+from tunelab.train.setup import (
+    COMPILE_MIN_SECONDS_CPU,
+    COMPILE_MIN_TOKENS_CPU,
+    compile_after_plan,
+    should_compile,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "triage" / "recipe.yaml"
@@ -33,6 +38,9 @@ def test_auto_compiles_a_cpu_run_only_when_its_plan_is_long_enough_and_a_compile
     compiler(True)
     assert compile_after_plan("auto", CPU, COMPILE_MIN_TOKENS_CPU)
     assert not compile_after_plan("auto", CPU, COMPILE_MIN_TOKENS_CPU - 1)
+    # fewer tokens, but a slow machine trains them long enough to pay it back (a budget-bound plan)
+    assert compile_after_plan("auto", CPU, COMPILE_MIN_TOKENS_CPU - 1, COMPILE_MIN_SECONDS_CPU)
+    assert not compile_after_plan("auto", CPU, COMPILE_MIN_TOKENS_CPU - 1, COMPILE_MIN_SECONDS_CPU - 1)
     assert not compile_after_plan(True, CPU, 10**9) and not compile_after_plan(False, CPU, 10**9)  # decided at setup
     assert not compile_after_plan("auto", CUDA, 10**9)  # a GPU decides at setup (should_compile)
     assert not should_compile("auto", CPU, 10**9)  # a CPU waits for the plan

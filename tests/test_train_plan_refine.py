@@ -125,17 +125,19 @@ def test_under_torchrun_every_rank_takes_the_smallest_answer_of_all():
 def test_compiling_measures_and_fits_again_at_the_compiled_speed():
     lengths = [MEAN] * 800
     cut, _ = _cutter(lengths)
-    compiled_for: list[int] = []
+    compiled_for: list[tuple[int, float]] = []
 
-    def compile_layers(planned_tokens: int) -> bool:
-        compiled_for.append(planned_tokens)
+    def compile_layers(planned_tokens: int, planned_seconds: float) -> bool:
+        compiled_for.append((planned_tokens, planned_seconds))
         return True
 
     machine, measured = _machine(speeds=(300.0, 600.0), compile=compile_layers)
     before = plan_training(lengths, [MEAN] * 100, TrainConfig(budget="40s"), cut, _machine()[0])
     planned = plan_training(lengths, [MEAN] * 100, TrainConfig(budget="40s"), cut, machine)
     plan = planned.plan
-    assert compiled_for == [sum(step.tokens for step in before.steps)]  # asked with the eager plan's tokens
+    eager_tokens = sum(step.tokens for step in before.steps)
+    # asked with the eager plan's tokens and how long they take at the speed it was fitted at
+    assert compiled_for == [(eager_tokens, eager_tokens / 300.0)]
     assert len(measured) == 2 and plan.train_tokens_per_s == 600.0 and plan.compiled
     assert plan.steps > before.plan.steps  # twice the speed: more of the same small steps fit
     assert plan.examples_per_step_before_budget == 16.0 and "measured, compiled layers" in plan.reason
@@ -145,7 +147,7 @@ def test_compiling_measures_and_fits_again_at_the_compiled_speed():
 def test_a_compiled_run_with_more_passes_still_says_why_it_has_them():
     lengths = [MEAN] * 40
     cut, _ = _cutter(lengths)
-    machine, measured = _machine(speeds=(300.0, 600.0), compile=lambda planned_tokens: True)
+    machine, measured = _machine(speeds=(300.0, 600.0), compile=lambda planned_tokens, planned_seconds: True)
     plan = plan_training(lengths, [MEAN] * 8, TrainConfig(budget="200s"), cut, machine).plan
     assert (plan.epochs_before_budget, plan.epochs_target, plan.epochs, plan.compiled) == (3.0, 6.0, 6.0, True)
     assert "room for 6 epochs instead of 3" in plan.reason and "compiled layers" in plan.reason and len(measured) == 2

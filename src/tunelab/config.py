@@ -182,7 +182,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each decoder layer; auto = when the run is long enough to pay "
-        "the compiling back: >= 4M tokens on a GPU, >= 50k tokens on a CPU with a C++ compiler installed",
+        "the compiling back: >= 4M tokens on a GPU, >= 50k tokens (or >= 5 minutes of training at the measured "
+        "speed) on a CPU with a C++ compiler installed",
     )
     packing: bool = True
     attention: Literal["auto", "varlen", "mask"] = Field(

@@ -317,7 +317,7 @@ def _same(value: int) -> int:
     return value
 
 
-def _no_compiling(planned_tokens: int) -> bool:
+def _no_compiling(planned_tokens: int, planned_seconds: float = 0.0) -> bool:
     return False
 
 
@@ -330,7 +330,8 @@ class Machine:
     measure: Callable[[Sequence[Step]], Throughput]  # the speed on these steps' first micro-batches
     seconds_spent: Callable[[], float]  # of train.budget, so far (loading, measuring and compiling count)
     agree: Callable[[int], int] = _same  # torchrun: every rank takes the smallest value of all ranks
-    compile: Callable[[int], bool] = _no_compiling  # compiles the layers when a plan of this many tokens pays it back
+    # compiles the layers when a plan of this many tokens, taking this many seconds at the measured speed, pays it back
+    compile: Callable[[int, float], bool] = _no_compiling
     compiled: bool = False  # the layers were compiled at set-up already
     more_passes: bool = True  # may add passes when the budget has room (not under torchrun)
 
@@ -355,7 +356,8 @@ def plan_training(
     Cut; `saved`: a resumed run's plan, kept as it was (only `compiled` and `replay` are set again)."""
     if saved is not None:
         steps = list(cut(first_cut(lengths, cfg, saved)))[: saved.steps]
-        compiled = machine.compile(sum(s.tokens for s in steps)) or machine.compiled
+        tokens = sum(s.tokens for s in steps)
+        compiled = machine.compile(tokens, _seconds(tokens, saved)) or machine.compiled
         return Planned(_finished(saved, compiled, replay), steps)
     wanted = plan_from_data(lengths, cfg)
     steps = cut(first_cut(lengths, cfg))
@@ -375,7 +377,8 @@ def plan_training(
         planned = _fit(cfg, wanted, steps, valid_lengths, machine, _measured(planned),
                        planned.examples_per_step_before_budget).model_copy(
                            update={"epochs_before_budget": planned.epochs_target})
-    compiled = machine.compile(sum(s.tokens for s in steps[: planned.steps]))
+    tokens = sum(s.tokens for s in steps[: planned.steps])
+    compiled = machine.compile(tokens, _seconds(tokens, planned))
     if compiled:
         # compiled layers run at another speed: measure and fit again (the compiling is time the budget spent);
         # the passes stay those chosen above, and so does why
@@ -383,6 +386,11 @@ def plan_training(
         planned = _fit(cfg, wanted, steps, valid_lengths, machine, None, planned.examples_per_step_before_budget
                        ).model_copy(update=more_passes)
     return Planned(_finished(planned, compiled or machine.compiled, replay), list(steps[: planned.steps]))
+
+
+def _seconds(tokens: int, plan: TrainPlan) -> float:
+    """How long `tokens` train at the speed the plan was fitted at (0 when it has none)."""
+    return tokens / plan.train_tokens_per_s if plan.train_tokens_per_s else 0.0
 
 
 def _measured(planned: TrainPlan) -> Throughput:

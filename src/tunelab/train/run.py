@@ -257,9 +257,10 @@ def _machine(setup: TrainSetup, examples: _Examples, pad_id: int, ctx: DistConte
 
         return measure_throughput(setup, examples.train, steps, pad_id)
 
-    def compile_if_it_pays(planned_tokens: int) -> bool:
+    def compile_if_it_pays(planned_tokens: int, planned_seconds: float = 0.0) -> bool:
         # not under torchrun: compiling layers that FSDP already sharded was not tested on CPU
-        if ctx.world_size > 1 or not compile_after_plan(examples.recipe.train.compile, setup.device, planned_tokens):
+        if ctx.world_size > 1 or not compile_after_plan(examples.recipe.train.compile, setup.device, planned_tokens,
+                                                        planned_seconds):
             return False
         compile_layers(setup.model)
         setup.compiled = True

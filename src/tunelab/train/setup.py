@@ -215,6 +215,10 @@ COMPILE_MIN_TOKENS = 4_000_000
 # data, ~25 s to compile with an empty cache. At ~170 tokens/s eager this many tokens take ~5 min,
 # of which compiling saves about a minute.
 COMPILE_MIN_TOKENS_CPU = 50_000
+# The same in time: a plan that trains this long pays the compile back whatever its tokens. The budget cuts a
+# CPU run's tokens to what fits in it, so a budget-bound plan at a slow speed (the demo: 41k tokens, 6 min at
+# 109 tokens/s) trained eager for the whole budget; 1.14x faster steps save 0.12 x 300 s = 37 s for ~25 s of compiling.
+COMPILE_MIN_SECONDS_CPU = 300.0
 
 
 def should_compile(choice: bool | str, device: torch.device, planned_tokens: int) -> bool:
@@ -226,11 +230,13 @@ def should_compile(choice: bool | str, device: torch.device, planned_tokens: int
     return device.type == "cuda" and planned_tokens >= COMPILE_MIN_TOKENS
 
 
-def compile_after_plan(choice: bool | str, device: torch.device, planned_tokens: int) -> bool:
-    """train.compile auto on a CPU, once the plan's tokens are known: compile when they pay the
-    compile back and inductor can build its C++ kernels here (a compiler is installed)."""
-    return (choice == "auto" and device.type == "cpu" and planned_tokens >= COMPILE_MIN_TOKENS_CPU
-            and compiler_works())
+def compile_after_plan(choice: bool | str, device: torch.device, planned_tokens: int,
+                       planned_seconds: float = 0.0) -> bool:
+    """train.compile auto on a CPU, once the plan is known: compile when its tokens, or its training time
+    at the measured speed, pay the compile back and inductor can build its C++ kernels here (a compiler
+    is installed)."""
+    long_enough = planned_tokens >= COMPILE_MIN_TOKENS_CPU or planned_seconds >= COMPILE_MIN_SECONDS_CPU
+    return choice == "auto" and device.type == "cpu" and long_enough and compiler_works()
 
 
 _COMPILER_WORKS: dict[str, bool] = {}
