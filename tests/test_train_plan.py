@@ -202,14 +202,20 @@ def test_max_steps_sets_the_run_length_whatever_the_epochs(example_recipe, tmp_p
 
 
 def test_the_deadline_stops_after_the_step_that_crosses_it(example_recipe, tmp_path, monkeypatch):
+    import tunelab.train.plan as plan_module
     import tunelab.train.run as run
 
-    # a machine that turns slow after planning: the deadline has passed when the loop starts
+    # a machine that turns slow after planning: the deadline has passed when the loop starts. The speed
+    # the plan is fitted at is fixed, so that the plan has several steps on a loaded machine too (a plan of
+    # one step ends with that step, before any deadline is looked at)
+    monkeypatch.setattr(plan_module, "measure_throughput",
+                        lambda *a, **k: Throughput(train_tokens_per_s=3000.0, eval_tokens_per_s=9000.0))
     monkeypatch.setattr(run, "_last_evaluation_s", lambda planned, has_valid: planned.budget_s + 1000)
     result, _ = _train(example_recipe, tmp_path, *AUTO_TRAIN, "train.budget=30s", "name=d")
     summary = json.loads((result.run_dir / "train" / "summary.json").read_text())
     events = [r for r in _log(result.run_dir) if r.get("event") == "budget_reached"]
     assert summary["budget_reached"] and result.steps == 1 and len(events) == 1
+    assert json.loads((result.run_dir / "train" / "plan.json").read_text())["steps"] > 1  # the deadline cut it
     assert (result.run_dir / "adapter").is_dir()  # the run still ends with its output
 
 
