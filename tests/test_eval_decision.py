@@ -95,8 +95,8 @@ def test_when_nothing_can_be_recommended_it_says_so_and_how_many_examples_would_
     prompt, tuned = [1.0, 0.0] * 20, [0.0, 1.0] * 20  # the same mean, opposite answers: nothing is shown
     verdict = decide_verdict(facts({"prompt": prompt, "tuned": tuned}))
     assert verdict["recommended"] is None and verdict["winner"] is None
-    assert verdict["headline"].startswith("No arm can be recommended yet: no arm is shown to be within 2 points of "
-                                          f"every other arm; about {verdict['n_needed']} test examples would settle it.")
+    assert verdict["headline"].startswith("No arm can be recommended yet: no arm is shown to be no more than 2 points "
+                                          f"worse than every other arm; about {verdict['n_needed']} test examples would settle it.")
     assert "tuned ($0.02 per 1k) is not shown to be as good as prompt (+0.0, 95% CI [" in verdict["headline"]
     assert verdict["n_needed"] > 40
 

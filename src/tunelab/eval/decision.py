@@ -247,8 +247,10 @@ def decide_verdict(
                       + (f" ({', '.join(others_won)} not shown better by more than {margin_points:g} points)"
                          if others_won else ""))
         elif means[recommended] >= means[best_overall]:
+            # "as good" is one-sided: no other arm is better by more than the margin (the recommended arm may be
+            # far better); "within N points of every arm" read as "about equal to all" beside a 17-point lead
             reason = (f"{recommended} scores best ({to_points(means[recommended], score_range):.1f} points) and is "
-                      f"shown to be within {margin_points:g} points of every other arm")
+                      f"shown to be no more than {margin_points:g} points worse than any other arm")
         else:
             vs_best = compare(recommended, best_overall)
             reason = (f"{recommended} is as good as the best arm ({best_overall}) within {margin_points:g} points "
@@ -261,7 +263,7 @@ def decide_verdict(
             headline += f" ({alternative}: {price(alternative)})"
         headline += "."
     else:
-        reason = (f"no arm is shown to be within {margin_points:g} points of every other arm"
+        reason = (f"no arm is shown to be no more than {margin_points:g} points worse than every other arm"
                   + (f" and within eval.max_latency_ms={max_latency_ms:g}" if too_slow else ""))
         headline = f"No arm can be recommended yet: {reason}"
         headline += f"; about {n_needed} test examples would settle it." if n_needed else "."
