@@ -921,14 +921,14 @@ def _mention_forgetting(verdict: dict[str, Any], forgetting: dict[str, Any]) -> 
     recommended = verdict.get("recommended")
     if not recommended or not is_tuned_arm(recommended):
         return
-    note = ""
+    notes = []
     if forgetting.get("flagged") and forgetting.get("text"):
-        note += f" It costs general ability: {forgetting['text']}."
+        notes.append(f"It costs general ability: {forgetting['text']}.")
     keep = forgetting.get("keep") or {}
     if keep.get("flagged") and keep.get("text"):
-        note += f" It breaks what must keep working: {keep['text']}."
-    if note:
-        _add_to_headline(verdict, note.strip())
+        notes.append(f"It breaks what must keep working: {keep['text']}.")
+    if notes:
+        _add_to_headline(verdict, " ".join(notes))
 
 
 def _mention_repetition(verdict: dict[str, Any], generated: _Generated) -> None:
