@@ -13,7 +13,7 @@ import torch
 from test_eval_run import _conversation, build_fake_run
 from test_export import logits_of, make_fake_run, prompt_ids
 from tunelab.contract import AdapterScale, Metrics, ScaleCandidate
-from tunelab.eval.scale_search import choose_scale, within_threshold
+from tunelab.eval.scale_search import choose_scale, retention_gain, within_threshold
 
 
 def _candidate(scale, task, retention, ppl):
@@ -139,7 +139,7 @@ def test_evaluate_searches_the_scales_and_the_tuned_arm_runs_at_the_chosen_one(t
     metrics = evaluate(run_dir, arms="base,tuned", limit=3, echo=False)
 
     record = AdapterScale.from_file(run_dir / "eval" / "adapter_scale.json")
-    assert [c.scale for c in record.candidates] == [1.0, 0.75, 0.5]
+    assert [c.scale for c in record.candidates] == [1.0, 0.875, 0.75, 0.5]
     assert record.policy == "balance" and record.split == "valid" and record.n_examples == 5
     assert record.metric == "json_field_accuracy"
     assert (record.scale, record.reason) == choose_scale(record.candidates, "balance", 0.05, record.metric)
@@ -243,3 +243,65 @@ def test_balance_error_rates_simulated(n):
     assert costly <= {10: 0.12, 64: 0.001}[n]  # measured 9.5% and 0%
     assert free == 1.0  # answers that agree: a scale that costs nothing is always taken
     assert free_noisy >= 0.65  # 10% noisy disagreements cost some free scales (taken 72% at n=10 and 64)
+
+
+def test_retention_gain_counts_the_probes_one_scale_keeps_and_the_other_lost():
+    assert retention_gain([1, 1, 1, 0, 1], [1, 0, 0, 0, 1]) == (2, 0, 0.25)
+    gained, lost, p_value = retention_gain([1] * 6 + [0], [0] * 6 + [1])
+    assert (gained, lost) == (6, 1) and p_value == pytest.approx(8 / 128)
+    assert retention_gain([1, 0], [1, 0]) == (0, 0, 1.0)  # no discordant probe: no evidence either way
+
+
+# the orders run: at 1.0, 84% of the 63 known probes (10 lost to the task's JSON); 0.875 costs 2 points and
+# gets 6 of them back; 0.75 keeps as much but costs 7 points
+ORDERS = [_candidate(1.0, 0.96, 0.84, 0.029), _candidate(0.875, 0.94, 0.94, 0.02), _candidate(0.75, 0.89, 0.94, 0.013)]
+ORDERS_KEPT = {1.0: [1] * 53 + [0] * 10, 0.875: [1] * 59 + [0] * 4, 0.75: [1] * 59 + [0] * 4}
+
+
+def test_balance_buys_back_general_ability_within_the_task_allowance():
+    scale, reason = choose_scale(ORDERS, "balance", 0.05, "json_field_accuracy", probes_kept=ORDERS_KEPT)
+    assert scale == 0.875
+    assert reason == ("no scale within 3 points of the best validation json_field_accuracy (96.0) keeps general "
+                      "ability within 5%; scale 0.875 keeps the most of it (retention 94%, perplexity +2.0%: 6 "
+                      "known probes that scale 1 lost, 0 the other way, one-sided p = 0.016) for 2.0 points "
+                      "(validation json_field_accuracy 94.0)")
+    # no per-probe outcomes, or a gain that could be chance: the best task score, as before
+    assert choose_scale(ORDERS, "balance", 0.05, "m")[0] == 1.0
+    chance = {**ORDERS_KEPT, 0.875: [1] * 4 + [0] * 3 + [1] * 46 + [0] * 10}  # 4 gained but 3 lost
+    assert choose_scale(ORDERS, "balance", 0.05, "m", probes_kept={**chance, 0.75: chance[1.0]})[0] == 1.0
+    # a scale within the threshold and the allowance is still preferred: it keeps general ability outright
+    within = [*ORDERS[:2], _candidate(0.75, 0.95, 0.97, 0.01)]
+    assert choose_scale(within, "balance", 0.05, "m", probes_kept=ORDERS_KEPT)[0] == 0.75
+    assert choose_scale(ORDERS, "task", 0.05, "m", probes_kept=ORDERS_KEPT)[0] == 1.0
+
+
+def _simulated_buy_back(rng, n, lost_at_full, recovered, discordant) -> float:
+    """One evaluation of n known probes: scale 1 loses each with probability `lost_at_full`; scale 0.875
+    (2 validation points cheaper) gets a probe 1 lost back with probability `recovered`, and on top of that
+    a share `discordant` of the probes disagree at random, half each way (what any re-wording does to a
+    small model: the base model itself keeps 97% of its stable probes under a new framing)."""
+    full, scaled = [], []
+    for _ in range(n):
+        kept_full = rng.random() >= lost_at_full
+        kept_scaled = kept_full or rng.random() < recovered
+        if rng.random() < discordant:
+            kept_full, kept_scaled = (True, False) if rng.random() < 0.5 else (False, True)
+        full.append(float(kept_full))
+        scaled.append(float(kept_scaled))
+    curve = [_candidate(1.0, 0.96, sum(full) / n, 0.03), _candidate(0.875, 0.94, sum(scaled) / n, 0.02)]
+    return choose_scale(curve, "balance", 0.05, "m", probes_kept={1.0: full, 0.875: scaled})[0]
+
+
+def test_balance_buy_back_error_rates_simulated():
+    """Seeded simulation of the buy-back's two errors at the 63 known probes of the default model: paying
+    task points for a scale that keeps no more (the two disagree only at random), and missing one that
+    gets back most of a 16% loss."""
+    rng = random.Random(11)
+    runs = 2000
+    for discordant in (0.03, 0.06, 0.12):
+        wrongly = sum(_simulated_buy_back(rng, 63, 0.16, 0.0, discordant) == 0.875 for _ in range(runs)) / runs
+        assert wrongly <= 0.05  # the sign test's one-sided level; measured 0.3-2%
+    # getting back three quarters of the loss is taken 81% of the time (measured), half of it 49%, all of it 99%
+    found = sum(_simulated_buy_back(rng, 63, 0.16, 0.75, 0.03) == 0.875 for _ in range(runs)) / runs
+    assert found >= 0.75
+    assert sum(_simulated_buy_back(rng, 63, 0.16, 1.0, 0.03) == 0.875 for _ in range(runs)) / runs >= 0.95

@@ -333,7 +333,8 @@ class EvalConfig(_Section):
     forgetting_policy: Literal["balance", "task", "report"] = Field(
         "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
         "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
-        "stay within eval.forgetting_threshold, giving up at most eval.scale_max_task_loss points; task = the best "
+        "stay within eval.forgetting_threshold, giving up at most eval.scale_max_task_loss points (when none does, the "
+        "scale within those points that keeps the most general ability, if beyond chance); task = the best "
         "task score; report = measure them all, keep 1.0",
     )
     scale_max_task_loss: float = Field(
@@ -341,7 +342,7 @@ class EvalConfig(_Section):
         "for general ability; a scale that costs more is not kept and the loss stays flagged",
     )
     adapter_scales: list[float] = Field(
-        default_factory=lambda: [1.0, 0.75, 0.5],
+        default_factory=lambda: [1.0, 0.875, 0.75, 0.5],
         description="LoRA adapter scales tried (1 = the fine-tune as trained, 0 = the base model; WiSE-FT)",
     )
     price_per_m_input_tokens: float = Field(0.15, ge=0.0, description="USD per 1M prompt tokens, for cost projection")

@@ -12,7 +12,8 @@ eval/adapter_scale.json, which runs.load_run_model applies for the tuned arm, ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SEARCH_MAX_EXAMPLES = 64  # validation examples answered per scale: enough to rank scales, cheap beside the test set
+GAIN_LEVEL = 0.05  # one-sided: balance gives up task score for general ability only when the gain is not chance
 SCALED_METHODS = ("lora", "qlora")  # DoRA's magnitude vector is not interpolated by scaling; full has no adapter
 
 
@@ -37,12 +39,27 @@ def within_threshold(retention: float | None, perplexity_change: float | None, t
             and (perplexity_change is None or perplexity_change <= threshold + tolerance))
 
 
+def retention_gain(kept_at: Sequence[float], kept_ref: Sequence[float]) -> tuple[int, int, float]:
+    """One scale against another on the same known probes (1 = still known): the probes the first keeps and
+    the other lost, the reverse, and the exact one-sided sign test's p-value of so many gains if neither
+    scale truly kept more (the probes both keep or both lose say nothing about which keeps more)."""
+    gained = sum(1 for a, r in zip(kept_at, kept_ref, strict=True) if a >= 1.0 > r)
+    lost = sum(1 for a, r in zip(kept_at, kept_ref, strict=True) if r >= 1.0 > a)
+    n = gained + lost
+    p_value = sum(math.comb(n, k) for k in range(gained, n + 1)) / 2**n if n else 1.0
+    return gained, lost, p_value
+
+
 def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: float, metric: str,
-                 max_task_loss: float = 3.0) -> tuple[float, str]:
+                 max_task_loss: float = 3.0, probes_kept: Mapping[float, Sequence[float]] | None = None) -> tuple[float, str]:
     """The scale eval.forgetting_policy keeps, and why in one sentence. Ties on the task score go to the
     scale that kept more general ability, then to the larger scale (closer to the fine-tune as trained).
     `max_task_loss`: points (of a 0-1 task metric x 100) of validation score `balance` may give up below the
-    best scale for general ability; a scale that costs more is not taken (the loss stays flagged)."""
+    best scale for general ability; a scale that costs more is not taken (the loss stays flagged).
+    `probes_kept`: for each scale, which of the base model's known probes it still knows (in one order). When no
+    scale within `max_task_loss` keeps general ability within the threshold, balance takes the one of them
+    that keeps the most, if it keeps more than the best-scoring scale beyond chance (`retention_gain` at
+    GAIN_LEVEL): part of the loss bought back for at most `max_task_loss` points."""
     def task(c: ScaleCandidate) -> float:
         return c.task if c.task is not None else float("-inf")
 
@@ -62,6 +79,15 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
         chosen = max(affordable, key=lambda c: (task(c), kept(c), c.scale))
         return chosen.scale, (f"the best validation {metric} ({_pct(chosen.task)}) among the scales that keep general "
                               f"ability within {threshold:.0%} ({_ability(chosen)})")
+    bought = _bought_back(candidates, best, probes_kept or {}, max_task_loss)
+    if bought is not None:
+        chosen, (gained, lost, p_value) = bought
+        return chosen.scale, (f"no scale within {max_task_loss:g} points of the best validation {metric} "
+                              f"({_pct(best.task)}) keeps general ability within {threshold:.0%}; scale "
+                              f"{chosen.scale:g} keeps the most of it ({_ability(chosen)}: {gained} known probes "
+                              f"that scale {best.scale:g} lost, {lost} the other way, one-sided p = {p_value:.3f}) "
+                              f"for {(task(best) - task(chosen)) * 100:.1f} points (validation {metric} "
+                              f"{_pct(chosen.task)})")
     if acceptable:
         kept_best = max(acceptable, key=lambda c: (task(c), kept(c), c.scale))
         return best.scale, (f"scale {kept_best.scale:g} keeps general ability within {threshold:.0%} but gives up "
@@ -73,6 +99,21 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
     chosen = best
     return chosen.scale, (f"no scale kept general ability within {threshold:.0%}, so the best validation {metric} "
                           f"({_pct(chosen.task)}; {_ability(chosen)}); the loss is flagged")
+
+
+def _bought_back(candidates: Sequence[ScaleCandidate], best: ScaleCandidate, kept: Mapping[float, Sequence[float]],
+                 max_task_loss: float) -> tuple[ScaleCandidate, tuple[int, int, float]] | None:
+    """The scale within `max_task_loss` of `best` that keeps the most general ability, with its gain over
+    `best` (retention_gain), when that gain is beyond chance; None otherwise."""
+    if best.scale not in kept or best.task is None:
+        return None
+    gains = [(c, retention_gain(kept[c.scale], kept[best.scale])) for c in candidates
+             if c is not best and c.scale in kept and c.task is not None
+             and best.task - c.task <= max_task_loss / 100 + 1e-9]
+    significant = [(c, g) for c, g in gains if g[2] < GAIN_LEVEL]
+    if not significant:
+        return None
+    return max(significant, key=lambda cg: (cg[0].retention or 0.0, cg[0].task, cg[0].scale))
 
 
 def _pct(value: float | None) -> str:
@@ -119,7 +160,9 @@ def search_adapter_scale(
             scale=scale, task=task, retention=kept["value"], retention_ci95=kept["ci95"], perplexity_change=ppl,
             within_threshold=within_threshold(kept["value"], ppl, threshold),
         ))
-    chosen, reason = choose_scale(candidates, policy, threshold, metric, max_task_loss)
+    known = base.known_for_retention
+    kept = {s: [t for b, t in zip(known, a.probe_scores, strict=True) if b >= 1.0] for s, a in abilities.items()}
+    chosen, reason = choose_scale(candidates, policy, threshold, metric, max_task_loss, probes_kept=kept)
     set_adapter_scale(model, chosen)
     record = AdapterScale(scale=chosen, policy=policy, reason=reason, metric=metric, split="valid",
                           n_examples=len(valid), threshold=threshold, candidates=candidates)
