@@ -45,9 +45,14 @@ def test_balance_when_no_scale_keeps_general_ability_keeps_the_task_score():
     assert scale == 1.0 and reason.startswith("no scale kept general ability within 5%, so the best validation m (60.0")
 
 
-def test_balance_ties_go_to_more_general_ability_then_the_larger_scale():
+def test_balance_ties_go_to_the_larger_scale():
     tied = [_candidate(1.0, 0.9, 0.97, 0.02), _candidate(0.75, 0.9, 1.0, 0.01), _candidate(0.5, 0.9, 1.0, 0.0)]
-    assert choose_scale(tied, "balance", 0.05, "m")[0] == 0.75
+    assert choose_scale(tied, "balance", 0.05, "m")[0] == 1.0
+    assert choose_scale(tied, "task", 0.05, "m")[0] == 1.0
+    # a tie outside the threshold: the smaller scale is taken only within it, or bought back on evidence
+    outside = [_candidate(1.0, 0.9, 0.9, 0.02), _candidate(0.75, 0.9, 0.92, 0.01)]
+    assert choose_scale(outside, "balance", 0.05, "m")[0] == 1.0
+    assert choose_scale([*outside, _candidate(0.5, 0.9, 0.96, 0.0)], "balance", 0.05, "m")[0] == 0.5
     # perplexity alone can rule a scale out
     assert not within_threshold(1.0, 0.051, 0.05) and within_threshold(0.95, 0.05, 0.05)
 
@@ -205,10 +210,10 @@ def test_report_plots_task_score_against_retention_with_the_chosen_scale(tmp_pat
 def test_balance_does_not_buy_general_ability_with_the_task():
     # the routing run with 13 replay examples: only half the adapter kept 96% of the probes, at 40 validation
     # points instead of 100; the test score fell to 53. balance keeps the best task score (0.75 ties 1.0 and
-    # keeps more) and flags the loss
+    # keeps three probes of 80 more, which could be chance) and flags the loss
     costly = [_candidate(1.0, 1.0, 0.85, 0.047), _candidate(0.75, 1.0, 0.8875, 0.025), _candidate(0.5, 0.4, 0.9625, 0.01)]
     scale, reason = choose_scale(costly, "balance", 0.05, "label_accuracy")
-    assert scale == 0.75
+    assert scale == 1.0
     assert reason.startswith("scale 0.5 keeps general ability within 5% but gives up 60.0 points of validation "
                              "label_accuracy (more than eval.scale_max_task_loss 3)")
     assert choose_scale(costly, "balance", 0.05, "m", max_task_loss=60)[0] == 0.5
