@@ -81,7 +81,7 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
         chosen = max(affordable, key=lambda c: (task(c), c.scale))
         return chosen.scale, (f"the best validation {metric} ({_pct(chosen.task)}) among the scales that keep general "
                               f"ability within {threshold:.0%} ({_ability(chosen)})")
-    bought = _bought_back(candidates, best, probes_kept or {}, max_task_loss)
+    bought, near = _bought_back(candidates, best, probes_kept or {}, max_task_loss)
     if bought is not None:
         chosen, (gained, lost, p_value) = bought
         return chosen.scale, (f"no scale within {max_task_loss:g} points of the best validation {metric} "
@@ -90,32 +90,44 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
                               f"that scale {best.scale:g} lost, {lost} the other way, one-sided p = {p_value:.3f}) "
                               f"for {(task(best) - task(chosen)) * 100:.1f} points (validation {metric} "
                               f"{_pct(chosen.task)})")
+    chance = ""
+    if near is not None:  # kept more within the allowance, by too few probes to tell from chance: say so
+        c, (gained, lost, p_value) = near
+        chance = (f"; scale {c.scale:g} kept more ({_ability(c)}) for {(task(best) - task(c)) * 100:.1f} points, but "
+                  f"{gained} known probes gained and {lost} lost could be chance (one-sided p = {p_value:.3f})")
     if acceptable:
         kept_best = max(acceptable, key=lambda c: (task(c), kept(c), c.scale))
         return best.scale, (f"scale {kept_best.scale:g} keeps general ability within {threshold:.0%} but gives up "
                             f"{(task(best) - task(kept_best)) * 100:.1f} points of validation {metric} (more than "
                             f"eval.scale_max_task_loss {max_task_loss:g}), so the best validation {metric} "
-                            f"({_pct(best.task)}; {_ability(best)}); the loss is flagged")
+                            f"({_pct(best.task)}; {_ability(best)}){chance}; the loss is flagged")
     # none is within: a smaller scale would give up task score for a loss that stays flagged anyway (measured
     # on routing: 0.5 kept 79% instead of 65% of the probes and cost half the validation score)
     chosen = best
     return chosen.scale, (f"no scale kept general ability within {threshold:.0%}, so the best validation {metric} "
-                          f"({_pct(chosen.task)}; {_ability(chosen)}); the loss is flagged")
+                          f"({_pct(chosen.task)}; {_ability(chosen)}){chance}; the loss is flagged")
+
+
+Gain = tuple[ScaleCandidate, tuple[int, int, float]]
 
 
 def _bought_back(candidates: Sequence[ScaleCandidate], best: ScaleCandidate, kept: Mapping[float, Sequence[float]],
-                 max_task_loss: float) -> tuple[ScaleCandidate, tuple[int, int, float]] | None:
+                 max_task_loss: float) -> tuple[Gain | None, Gain | None]:
     """The scale within `max_task_loss` of `best` that keeps the most general ability, with its gain over
-    `best` (retention_gain), when that gain is beyond chance; None otherwise."""
+    `best` (retention_gain), when that gain is beyond chance; else None, and the scale that kept the most
+    more than `best` by too few probes to tell (None when no scale within the allowance kept more)."""
     if best.scale not in kept or best.task is None:
-        return None
+        return None, None
     gains = [(c, retention_gain(kept[c.scale], kept[best.scale])) for c in candidates
              if c is not best and c.scale in kept and c.task is not None
              and best.task - c.task <= max_task_loss / 100 + 1e-9]
+    def most(pairs: list[Gain]) -> Gain | None:
+        return max(pairs, key=lambda cg: (cg[0].retention or 0.0, cg[0].task, cg[0].scale)) if pairs else None
+
     significant = [(c, g) for c, g in gains if g[2] < GAIN_LEVEL]
-    if not significant:
-        return None
-    return max(significant, key=lambda cg: (cg[0].retention or 0.0, cg[0].task, cg[0].scale))
+    if significant:
+        return most(significant), None
+    return None, most([(c, g) for c, g in gains if g[0] > g[1]])
 
 
 def _pct(value: float | None) -> str:
