@@ -251,10 +251,9 @@ def test_balance_error_rates_simulated(n):
 
 
 def test_retention_gain_counts_the_probes_one_scale_keeps_and_the_other_lost():
-    assert retention_gain([1, 1, 1, 0, 1], [1, 0, 0, 0, 1]) == (2, 0, 0.25)
-    gained, lost, p_value = retention_gain([1] * 6 + [0], [0] * 6 + [1])
-    assert (gained, lost) == (6, 1) and p_value == pytest.approx(8 / 128)
-    assert retention_gain([1, 0], [1, 0]) == (0, 0, 1.0)  # no discordant probe: no evidence either way
+    assert retention_gain([1, 1, 1, 0, 1], [1, 0, 0, 0, 1]) == (2, 0)
+    assert retention_gain([1] * 6 + [0], [0] * 6 + [1]) == (6, 1)
+    assert retention_gain([1, 0], [1, 0]) == (0, 0)  # no probe kept by one and lost by the other
 
 
 # the orders run: at 1.0, 84% of the 63 known probes (10 lost to the task's JSON); 0.875 costs 2 points and
@@ -268,17 +267,23 @@ def test_balance_buys_back_general_ability_within_the_task_allowance():
     assert scale == 0.875
     assert reason == ("no scale within 3 points of the best validation json_field_accuracy (96.0) keeps general "
                       "ability within 5%; scale 0.875 keeps the most of it (retention 94%, perplexity +2.0%: 6 "
-                      "known probes that scale 1 lost, 0 the other way, one-sided p = 0.016) for 2.0 points "
+                      "known probes that scale 1 lost, 0 the other way, a net gain beyond 5%) for 2.0 points "
                       "(validation json_field_accuracy 94.0)")
-    # no per-probe outcomes, or a gain that could be chance: the best task score, as before
+    # no per-probe outcomes: the best task score, as before
     assert choose_scale(ORDERS, "balance", 0.05, "m")[0] == 1.0
-    chance = {**ORDERS_KEPT, 0.875: [0] * 3 + [1] * 50 + [1] * 4 + [0] * 6}  # 4 gained but 3 lost
+    # a net gain within the threshold (4 gained, 3 lost: 1 of 63) is not worth task points, and the reason says so
+    chance = {**ORDERS_KEPT, 0.875: [0] * 3 + [1] * 50 + [1] * 4 + [0] * 6}
     scale, reason = choose_scale(ORDERS, "balance", 0.05, "m", probes_kept={**chance, 0.75: chance[1.0]})
     assert scale == 1.0
     assert reason == ("no scale kept general ability within 5%, so the best validation m (96.0; retention 84%, "
                       "perplexity +2.9%); scale 0.875 kept more (retention 94%, perplexity +2.0%) for 2.0 points, "
-                      "but 4 known probes gained and 3 lost could be chance (one-sided p = 0.500); the loss is "
-                      "flagged")
+                      "but 4 known probes gained and 3 lost is a net gain within 5%; the loss is flagged")
+    # 3 of 63 (4.8%) is within 5%; 4 (6.3%) is beyond it, also on a validation tie
+    three = {**ORDERS_KEPT, 0.875: [1] * 56 + [0] * 7, 0.75: ORDERS_KEPT[1.0]}
+    assert choose_scale(ORDERS, "balance", 0.05, "m", probes_kept=three)[0] == 1.0
+    four = {**three, 0.875: [1] * 57 + [0] * 6}
+    tie = [ORDERS[0], _candidate(0.875, 0.96, 0.90, 0.02), ORDERS[2]]
+    assert choose_scale(tie, "balance", 0.05, "m", probes_kept=four)[0] == 0.875
     # a scale within the threshold and the allowance is still preferred: it keeps general ability outright
     within = [*ORDERS[:2], _candidate(0.75, 0.95, 0.97, 0.01)]
     assert choose_scale(within, "balance", 0.05, "m", probes_kept=ORDERS_KEPT)[0] == 0.75
@@ -305,13 +310,15 @@ def _simulated_buy_back(rng, n, lost_at_full, recovered, discordant) -> float:
 def test_balance_buy_back_error_rates_simulated():
     """Seeded simulation of the buy-back's two errors at the 63 known probes of the default model: paying
     task points for a scale that keeps no more (the two disagree only at random), and missing one that
-    gets back most of a 16% loss."""
+    gets back part of a 16% loss."""
     rng = random.Random(11)
     runs = 2000
-    for discordant in (0.03, 0.06, 0.12):
-        wrongly = sum(_simulated_buy_back(rng, 63, 0.16, 0.0, discordant) == 0.875 for _ in range(runs)) / runs
-        assert wrongly <= 0.05  # the sign test's one-sided level; measured 0.3-2%
-    # getting back three quarters of the loss is taken 81% of the time (measured), half of it 49%, all of it 99%
-    found = sum(_simulated_buy_back(rng, 63, 0.16, 0.75, 0.03) == 0.875 for _ in range(runs)) / runs
-    assert found >= 0.75
-    assert sum(_simulated_buy_back(rng, 63, 0.16, 1.0, 0.03) == 0.875 for _ in range(runs)) / runs >= 0.95
+
+    def rate(recovered, discordant):
+        return sum(_simulated_buy_back(rng, 63, 0.16, recovered, discordant) == 0.875 for _ in range(runs)) / runs
+
+    # random disagreement at the base model's own rate under a new framing (3%) and twice it; four times it
+    # (12%) is bought 10% of the time
+    assert rate(0.0, 0.03) <= 0.02 and rate(0.0, 0.06) <= 0.05 and rate(0.0, 0.12) <= 0.12
+    # half of the loss got back is bought 70% of the time (measured), three quarters 90%
+    assert rate(0.5, 0.03) >= 0.6 and rate(0.75, 0.03) >= 0.85

@@ -334,7 +334,8 @@ class EvalConfig(_Section):
         "balance", description="the LoRA adapter scale the tuned arm, chat, serve and export use, chosen on the "
         "validation split among eval.adapter_scales: balance = the best task score whose retention and perplexity "
         "stay within eval.forgetting_threshold, giving up at most eval.scale_max_task_loss points (when none does, the "
-        "scale within those points that keeps the most general ability, if beyond chance); task = the best "
+        "scale within those points that keeps the most general ability, if it keeps more by more than the "
+        "threshold); task = the best "
         "task score; report = measure them all, keep 1.0",
     )
     scale_max_task_loss: float = Field(

@@ -12,7 +12,6 @@ eval/adapter_scale.json, which runs.load_run_model applies for the tuned arm, ch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SEARCH_MAX_EXAMPLES = 64  # validation examples answered per scale: enough to rank scales, cheap beside the test set
-GAIN_LEVEL = 0.05  # one-sided: balance gives up task score for general ability only when the gain is not chance
 SCALED_METHODS = ("lora", "qlora")  # DoRA's magnitude vector is not interpolated by scaling; full has no adapter
 
 
@@ -39,15 +37,12 @@ def within_threshold(retention: float | None, perplexity_change: float | None, t
             and (perplexity_change is None or perplexity_change <= threshold + tolerance))
 
 
-def retention_gain(kept_at: Sequence[float], kept_ref: Sequence[float]) -> tuple[int, int, float]:
+def retention_gain(kept_at: Sequence[float], kept_ref: Sequence[float]) -> tuple[int, int]:
     """One scale against another on the same known probes (1 = still known): the probes the first keeps and
-    the other lost, the reverse, and the exact one-sided sign test's p-value of so many gains if neither
-    scale truly kept more (the probes both keep or both lose say nothing about which keeps more)."""
+    the other lost, and the reverse (the probes both keep or both lose say nothing about which keeps more)."""
     gained = sum(1 for a, r in zip(kept_at, kept_ref, strict=True) if a >= 1.0 > r)
     lost = sum(1 for a, r in zip(kept_at, kept_ref, strict=True) if r >= 1.0 > a)
-    n = gained + lost
-    p_value = sum(math.comb(n, k) for k in range(gained, n + 1)) / 2**n if n else 1.0
-    return gained, lost, p_value
+    return gained, lost
 
 
 def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: float, metric: str,
@@ -60,8 +55,9 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
     best scale for general ability; a scale that costs more is not taken (the loss stays flagged).
     `probes_kept`: for each scale, which of the base model's known probes it still knows (in one order). When no
     scale within `max_task_loss` keeps general ability within the threshold, balance takes the one of them
-    that keeps the most, if it keeps more than the best-scoring scale beyond chance (`retention_gain` at
-    GAIN_LEVEL): part of the loss bought back for at most `max_task_loss` points."""
+    that keeps the most, if it keeps more than the best-scoring scale by more than the threshold (a net gain
+    of known probes, `retention_gain`, of the size the flag counts as a loss): part of the loss bought back
+    for at most `max_task_loss` points."""
     def task(c: ScaleCandidate) -> float:
         return c.task if c.task is not None else float("-inf")
 
@@ -81,20 +77,20 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
         chosen = max(affordable, key=lambda c: (task(c), c.scale))
         return chosen.scale, (f"the best validation {metric} ({_pct(chosen.task)}) among the scales that keep general "
                               f"ability within {threshold:.0%} ({_ability(chosen)})")
-    bought, near = _bought_back(candidates, best, probes_kept or {}, max_task_loss)
+    bought, near = _bought_back(candidates, best, probes_kept or {}, max_task_loss, threshold)
     if bought is not None:
-        chosen, (gained, lost, p_value) = bought
+        chosen, (gained, lost) = bought
         return chosen.scale, (f"no scale within {max_task_loss:g} points of the best validation {metric} "
                               f"({_pct(best.task)}) keeps general ability within {threshold:.0%}; scale "
                               f"{chosen.scale:g} keeps the most of it ({_ability(chosen)}: {gained} known probes "
-                              f"that scale {best.scale:g} lost, {lost} the other way, one-sided p = {p_value:.3f}) "
-                              f"for {(task(best) - task(chosen)) * 100:.1f} points (validation {metric} "
-                              f"{_pct(chosen.task)})")
+                              f"that scale {best.scale:g} lost, {lost} the other way, a net gain beyond "
+                              f"{threshold:.0%}) for {(task(best) - task(chosen)) * 100:.1f} points (validation "
+                              f"{metric} {_pct(chosen.task)})")
     chance = ""
-    if near is not None:  # kept more within the allowance, by too few probes to tell from chance: say so
-        c, (gained, lost, p_value) = near
+    if near is not None:  # kept more within the allowance, by less than the threshold: say so
+        c, (gained, lost) = near
         chance = (f"; scale {c.scale:g} kept more ({_ability(c)}) for {(task(best) - task(c)) * 100:.1f} points, but "
-                  f"{gained} known probes gained and {lost} lost could be chance (one-sided p = {p_value:.3f})")
+                  f"{gained} known probes gained and {lost} lost is a net gain within {threshold:.0%}")
     if acceptable:
         kept_best = max(acceptable, key=lambda c: (task(c), kept(c), c.scale))
         return best.scale, (f"scale {kept_best.scale:g} keeps general ability within {threshold:.0%} but gives up "
@@ -108,25 +104,27 @@ def choose_scale(candidates: Sequence[ScaleCandidate], policy: str, threshold: f
                           f"({_pct(chosen.task)}; {_ability(chosen)}){chance}; the loss is flagged")
 
 
-Gain = tuple[ScaleCandidate, tuple[int, int, float]]
+Gain = tuple[ScaleCandidate, tuple[int, int]]
 
 
 def _bought_back(candidates: Sequence[ScaleCandidate], best: ScaleCandidate, kept: Mapping[float, Sequence[float]],
-                 max_task_loss: float) -> tuple[Gain | None, Gain | None]:
+                 max_task_loss: float, threshold: float) -> tuple[Gain | None, Gain | None]:
     """The scale within `max_task_loss` of `best` that keeps the most general ability, with its gain over
-    `best` (retention_gain), when that gain is beyond chance; else None, and the scale that kept the most
-    more than `best` by too few probes to tell (None when no scale within the allowance kept more)."""
-    if best.scale not in kept or best.task is None:
+    `best` (retention_gain), when its net gain is more than `threshold` of the known probes; else None, and
+    the scale that kept the most more than `best` by less (None when no scale within the allowance kept more)."""
+    if best.scale not in kept or best.task is None or not kept[best.scale]:
         return None, None
     gains = [(c, retention_gain(kept[c.scale], kept[best.scale])) for c in candidates
              if c is not best and c.scale in kept and c.task is not None
              and best.task - c.task <= max_task_loss / 100 + 1e-9]
-    def most(pairs: list[Gain]) -> Gain | None:
-        return max(pairs, key=lambda cg: (cg[0].retention or 0.0, cg[0].task, cg[0].scale)) if pairs else None
 
-    significant = [(c, g) for c, g in gains if g[2] < GAIN_LEVEL]
-    if significant:
-        return most(significant), None
+    def most(pairs: list[Gain]) -> Gain | None:
+        return max(pairs, key=lambda cg: (cg[1][0] - cg[1][1], cg[0].task, cg[0].scale)) if pairs else None
+
+    known = len(kept[best.scale])
+    material = [(c, g) for c, g in gains if (g[0] - g[1]) / known > threshold + 1e-9]
+    if material:
+        return most(material), None
     return None, most([(c, g) for c, g in gains if g[0] > g[1]])
 
 
