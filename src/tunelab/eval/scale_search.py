@@ -173,8 +173,8 @@ def search_adapter_scale(
             within_threshold=within_threshold(kept["value"], ppl, threshold),
         ))
     known = base.known_for_retention
-    kept = {s: [t for b, t in zip(known, a.probe_scores, strict=True) if b >= 1.0] for s, a in abilities.items()}
-    chosen, reason = choose_scale(candidates, policy, threshold, metric, max_task_loss, probes_kept=kept)
+    probes_kept = {s: [t for b, t in zip(known, a.probe_scores, strict=True) if b >= 1.0] for s, a in abilities.items()}
+    chosen, reason = choose_scale(candidates, policy, threshold, metric, max_task_loss, probes_kept=probes_kept)
     set_adapter_scale(model, chosen)
     record = AdapterScale(scale=chosen, policy=policy, reason=reason, metric=metric, split="valid",
                           n_examples=len(valid), threshold=threshold, candidates=candidates)
