@@ -265,10 +265,15 @@ def _blocks(nll: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- retention
 
 
+def known_outcomes(base_known: Sequence[float], tuned_known: Sequence[float]) -> list[float]:
+    """The tuned model's outcomes (1 = known) on the probes the base model knows, in probe order."""
+    return [t for b, t in zip(base_known, tuned_known, strict=True) if b >= 1.0]
+
+
 def retention(base_known: Sequence[float], tuned_known: Sequence[float], seed: int = 0) -> dict[str, Any]:
     """Of the probes the base model knows, the share the tuned model still knows: {value, ci95, n}
     (n = the base-correct probes; value None when there are none)."""
-    kept = [t for b, t in zip(base_known, tuned_known, strict=True) if b >= 1.0]
+    kept = known_outcomes(base_known, tuned_known)
     if not kept:
         return {"value": None, "ci95": None, "n": 0}
     return {"value": float(np.mean(kept)), "ci95": list(bootstrap_ci(kept, seed)), "n": len(kept)}

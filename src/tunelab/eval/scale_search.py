@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 from tunelab.contract import AdapterScale, ScaleCandidate
 from tunelab.engine.generate import DecodingSettings, generate
 from tunelab.eval.arms import EvalExample, PromptBuilder
-from tunelab.eval.forgetting import GeneralAbility, compare_general_ability, measure_general_ability
+from tunelab.eval.forgetting import (
+    GeneralAbility,
+    compare_general_ability,
+    known_outcomes,
+    measure_general_ability,
+)
 from tunelab.eval.metrics import OutputKind, score_outputs
 from tunelab.runs import set_adapter_scale
 
@@ -172,8 +177,7 @@ def search_adapter_scale(
             scale=scale, task=task, retention=kept["value"], retention_ci95=kept["ci95"], perplexity_change=ppl,
             within_threshold=within_threshold(kept["value"], ppl, threshold),
         ))
-    known = base.known_for_retention
-    probes_kept = {s: [t for b, t in zip(known, a.probe_scores, strict=True) if b >= 1.0] for s, a in abilities.items()}
+    probes_kept = {s: known_outcomes(base.known_for_retention, a.probe_scores) for s, a in abilities.items()}
     chosen, reason = choose_scale(candidates, policy, threshold, metric, max_task_loss, probes_kept=probes_kept)
     set_adapter_scale(model, chosen)
     record = AdapterScale(scale=chosen, policy=policy, reason=reason, metric=metric, split="valid",
