@@ -34,7 +34,7 @@ import json
 import sys
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,15 +44,22 @@ from tunelab.data.formats import data_files, dump_json_line, write_json_lines
 from tunelab.data.preference import is_preference_file, preference_fingerprint, prepare_preferences
 from tunelab.data.quality import SPLITS, QualityIndex, conversation_id, prompt_key
 from tunelab.data.replay import (
+    auto_per_pass,
     choose_replay,
     decide_replay_share,
     replay_count,
+    replay_head,
     replay_pool_size,
     replay_share_key,
-    token_capped_per_pass,
 )
 from tunelab.data.split import assign_splits
-from tunelab.data.tokenize import TemplateProblem, end_of_turn_probe, token_stats, tokenize_for_training
+from tunelab.data.tokenize import (
+    TemplateProblem,
+    TokenizedExample,
+    end_of_turn_probe,
+    token_stats,
+    tokenize_for_training,
+)
 from tunelab.data.validate import Example, Issue, read_examples
 from tunelab.errors import ConfigError, DataError
 from tunelab.files import AtomicTextFile, sha256_file
@@ -206,6 +213,7 @@ class _Member:
     token_rows: int = 0  # rows written to <split>.tokens.jsonl (more than 1 for a per-turn fallback)
     replay: bool = False  # a replay example (data/replay.py): trained on, in no split's own files
     tokens: int = 0  # tokens of its rows once tokenized
+    head: bool = False  # a self-replay example: its row trains the first answer tokens only (data/replay.py replay_head)
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
@@ -337,12 +345,14 @@ def _add_replay(members: list[_Member], train: TrainConfig, replay_file: Path, d
             fresh.append(example)
     task = sum(1 for m in members if m.split == "train" and m.rejected is None)
     replay = decide_replay_share(train, replay_file, task, len(fresh))
+    auto = replay.share_source == "auto"
     wanted = replay_count(task, replay.share)  # a pass's share; the pool is spread across the passes
-    chosen = choose_replay(fresh, replay_pool_size(task, wanted, len(fresh)), data.seed)
-    members.extend(_Member("train", example, replay=True) for example in chosen)
+    # auto keeps every usable one: a pass's slice is what its share of the tokens buys (_hold_replay_tokens)
+    chosen = choose_replay(fresh, len(fresh) if auto else replay_pool_size(task, wanted, len(fresh)), data.seed)
+    members.extend(_Member("train", example, replay=True, head=replay.source == "self") for example in chosen)
     stats = replay.to_dict(len(chosen), len(fresh))
     per_pass = min(wanted, len(chosen))
-    if per_pass < wanted:
+    if per_pass < wanted and not auto:
         stats["reason"] += (f"; only {len(fresh)} usable replay examples (after the quality check and leaving out "
                             "prompts of your data), so the share is smaller")
     stats["per_pass"] = per_pass
@@ -351,19 +361,16 @@ def _add_replay(members: list[_Member], train: TrainConfig, replay_file: Path, d
 
 
 def _hold_replay_tokens(members: list[_Member], stats: dict[str, Any]) -> None:
-    """Auto replay's `per_pass`, held to its share of a pass's tokens once the examples are tokenized
-    (data/replay.py token_capped_per_pass); a recipe's own train.replay_share is kept as asked."""
+    """Auto replay's `per_pass`, what its share of a pass's tokens buys once the examples are tokenized
+    (data/replay.py auto_per_pass); a recipe's own train.replay_share is kept as asked."""
     if stats.get("share_source") != "auto":
         return
     task = [m for m in members if m.split == "train" and not m.replay and m.rejected is None]
     replay = [m.tokens for m in members if m.replay and m.rejected is None]
-    if not replay:
-        return
-    per_pass, why = token_capped_per_pass(stats["per_pass"], sum(m.tokens for m in task), sum(replay) / len(replay))
-    if why:
-        stats["per_pass"] = per_pass
-        stats["share_actual"] = per_pass / (len(task) + per_pass)
-        stats["reason"] += why
+    per_pass, why = auto_per_pass(sum(m.tokens for m in task), sum(replay) / len(replay) if replay else 0.0, len(replay))
+    stats["per_pass"] = per_pass
+    stats["share"] = stats["share_actual"] = per_pass / (len(task) + per_pass) if task or per_pass else 0.0
+    stats["reason"] = f"{why}; {stats['reason']}"
 
 
 def _model_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -440,6 +447,8 @@ def _tokenize_into(todo: list[_Member], writers: dict[str, AtomicTextFile], toke
             if not any(w.code == "zero_trainable_tokens" for w in example.warnings):
                 issues.append(Issue(example.path, example.line, "zero_trainable_tokens", "no assistant token would be trained"))
             continue
+        if member.head:
+            parts = [_head_row(part) for part in parts]
         if not parts[0].prefix_ok:
             prefix_fallbacks.append(example.source)
         for k, part in enumerate(parts, 1):
@@ -449,6 +458,12 @@ def _tokenize_into(todo: list[_Member], writers: dict[str, AtomicTextFile], toke
             trainable.append(part.trainable_tokens)
         member.token_rows = len(parts)
         member.tokens = sum(len(p.input_ids) for p in parts)
+
+
+def _head_row(part: TokenizedExample) -> TokenizedExample:
+    """A self-replay row cut to its first answer tokens (data/replay.py replay_head)."""
+    input_ids, labels = replay_head(part.input_ids, part.labels)
+    return replace(part, input_ids=input_ids, labels=labels)
 
 
 def _stats(members: list[_Member], issues: list[Issue], quality: dict[str, int], records_read: int,

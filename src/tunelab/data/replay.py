@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.data.pack import IGNORE_INDEX
 from tunelab.data.passes import auto_epochs
 from tunelab.models import tunelab_home
 
@@ -36,13 +37,13 @@ if TYPE_CHECKING:
 PROMPTS_FILE = "assets/replay_prompts.jsonl"
 REPLAY_MAX_NEW_TOKENS = 128  # a complete short answer; one cut off here would teach the model to stop mid-sentence
 REPLAY_MIN_WORDS = 3
-AUTO_SHARE = 0.1  # one example in ten at least (docs/training.md, Replay)
-MIN_REPLAY_EXAMPLES = 48  # distinct general prompts auto replay rehearses beside a small task
-MAX_AUTO_SHARE = 0.3  # auto replay never takes more of the training examples
-REPLAY_TOKEN_SHARE = 0.12  # auto replay adds at most this to a pass's tokens: training time is its price
+AUTO_SHARE = 0.1  # a recipe's own share aside, the share recorded before tokenizing (docs/training.md, Replay)
+REPLAY_TOKEN_SHARE = 0.15  # auto replay adds this to a pass's tokens: training time is its price
+REPLAY_HEAD_TOKENS = 12  # a self-replay row trains the first answer tokens only (where the answer's form is decided)
 MIN_REPLAY_PER_PASS = 2  # a tiny task's pass still reads a couple of replay examples
-AUTO_RULE = 4  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
+AUTO_RULE = 5  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
 SPREAD_RULE = 1  # how replay is spread across passes (a pool, a slice a pass), in the data fingerprint
+HEAD_RULE = 1  # how self-replay rows are cut to their first answer tokens, in the data fingerprint
 
 
 def replay_prompts() -> list[str]:
@@ -82,74 +83,73 @@ class ReplayPlan:
 def replay_share_key(train: TrainConfig) -> float | str:
     """What the replay share depends on beyond the data (for the data fingerprint): the recipe's share,
     or the auto rule's version (the auto share is a function of the data, which the fingerprint has), and
-    how replay is spread across passes (SPREAD_RULE: the pool written to replay.jsonl depends on it)."""
+    how replay is spread across passes (SPREAD_RULE: the pool written to replay.jsonl depends on it), and for
+    self-replay how its rows are cut (replay_head)."""
     share = f"auto-{AUTO_RULE}" if train.replay_share == "auto" else f"{float(train.replay_share):g}"
-    return f"{share}/spread-{SPREAD_RULE}"
+    head = "" if train.replay else f"/head-{REPLAY_HEAD_TOKENS}.{HEAD_RULE}"
+    return f"{share}/spread-{SPREAD_RULE}{head}"
 
 
-def auto_replay_share(task_examples: int, available: int) -> tuple[float, str]:
-    """The auto share of each pass and why: AUTO_SHARE of a pass's training examples, raised until the
-    data's auto passes (data/passes.py) together read MIN_REPLAY_EXAMPLES different replay examples (or
-    all the usable ones), at most MAX_AUTO_SHARE.
+def auto_per_pass(task_tokens: int, replay_tokens: float, pool: int) -> tuple[int, str]:
+    """Auto replay's examples a pass and why: as many different ones as REPLAY_TOKEN_SHARE of a pass's tokens
+    buys (`task_tokens`: the task's training tokens a pass; `replay_tokens`: a replay row's mean length), at
+    least MIN_REPLAY_PER_PASS, at most the `pool`.
 
-    A small task trained for many passes that sees the same few replay examples every pass soon learns them
-    by heart and they stop holding the model where it was (measured on routing, 117 examples, 6 passes: 13
-    replay examples kept 65% of the general probes the base model knew; 48 kept 78%). What keeps general
-    ability is how many different general prompts training rehearses, not their share alone; spreading the
-    pool across the passes (a different slice each) rehearses many of them at a small share a pass."""
-    floor = AUTO_SHARE
-    wanted = min(available, MIN_REPLAY_EXAMPLES)
-    passes = max(1, math.ceil(auto_epochs(task_examples)))
-    per_pass = math.ceil(wanted / passes)
-    by_count = per_pass / (task_examples + per_pass) if task_examples + per_pass else 0.0
-    if task_examples <= 0 or by_count <= floor:
-        return floor, f"auto: {floor:.0%} of each pass's training examples"
-    share = min(MAX_AUTO_SHARE, by_count)
-    count = replay_count(task_examples, share)
-    capped = " (the most auto gives)" if share < by_count else ""
-    return share, (f"auto: {share:.0%} of each pass's training examples{capped}, so that {passes} passes read "
-                   f"{min(wanted, count * passes)} different general prompts ({count} a pass) beside {task_examples} "
-                   f"task examples ({floor:.0%} would be {replay_count(task_examples, floor) * passes}, too few: a small "
-                   "set's replay is learned by heart and stops holding the model)")
+    What keeps general ability is how many different general prompts training rehearses (measured on
+    routing, 117 examples, 6 passes: 13 replay examples kept 65% of the general probes the base model knew,
+    48 kept 78%; on a short-numeric-answer task, 59 kept 76% and all 158 kept 86%), and its price is the
+    tokens they add: a fixed share of the tokens, spent on as many prompts as it buys, keeps the price and
+    raises the coverage where rows are short (self-replay rows are their first answer tokens: replay_head)."""
+    if pool <= 0:
+        return 0, "auto: no usable replay examples"
+    bought = math.floor(REPLAY_TOKEN_SHARE * task_tokens / replay_tokens) if replay_tokens > 0 else pool
+    per_pass = min(pool, max(MIN_REPLAY_PER_PASS, bought))
+    why = (f"auto: {per_pass} replay examples a pass of the {pool} usable, what {REPLAY_TOKEN_SHARE:.0%} of a pass's "
+           f"tokens buys ({task_tokens} task tokens; a replay row is {replay_tokens:.0f} tokens)")
+    if per_pass == pool and bought > pool:
+        why += ": every usable one, every pass"
+    elif per_pass > bought:
+        why += f": at least {MIN_REPLAY_PER_PASS} a pass"
+    return per_pass, why
 
 
-def token_capped_per_pass(per_pass: int, task_tokens: int, replay_tokens: float) -> tuple[int, str]:
-    """Auto replay's examples a pass, held so that they add at most REPLAY_TOKEN_SHARE to the tokens of a pass
-    (`task_tokens`: the task's training tokens; `replay_tokens`: a replay example's mean length), and why
-    ("" when the share by examples is already within it). A general answer is longer than a label: on a
-    labels-only task (routing: 37 tokens an example against replay's 85) a share of examples would otherwise
-    cost several times its share of the training time."""
-    if per_pass <= 0 or replay_tokens <= 0:
-        return per_pass, ""
-    cap = max(MIN_REPLAY_PER_PASS, math.floor(REPLAY_TOKEN_SHARE * task_tokens / replay_tokens))
-    if per_pass <= cap:
-        return per_pass, ""
-    return cap, (f"; held to {cap} a pass so that replay adds at most {REPLAY_TOKEN_SHARE:.0%} to a pass's tokens "
-                 f"({task_tokens} task tokens; a replay example is {replay_tokens:.0f} tokens)")
+def replay_head(input_ids: list[int], labels: list[int], tokens: int = REPLAY_HEAD_TOKENS) -> tuple[list[int], list[int]]:
+    """A self-replay row cut after its first `tokens` trained answer tokens; a row whose answer is no longer
+    than that plus one (its end-of-turn) is kept whole. The form of an answer (prose, a list, JSON, a bare
+    number) is decided in its first tokens, and a fine-tune's output format bleeds into general prompts there
+    (measured on a JSON task: counting prompts answered '{"items": ...'); the rest of a general answer costs
+    training time and, as the base model's greedy text, sharpens the model away from ordinary text. The cut
+    row has no end-of-turn, so nothing teaches the model to stop mid-answer."""
+    trained = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+    if len(trained) <= tokens + 1:
+        return input_ids, labels
+    end = trained[tokens - 1] + 1 if tokens > 0 else trained[0]
+    return input_ids[:end], labels[:end]
 
 
 def replay_pool_size(task_examples: int, per_pass: int, available: int) -> int:
-    """Replay examples kept for the run (data/replay.jsonl): a different slice of `per_pass` for each of the
-    data's auto passes, at least MIN_REPLAY_EXAMPLES, at most the `available` usable ones."""
+    """Replay examples kept for a run with a recipe's own train.replay_share (data/replay.jsonl): a different
+    slice of `per_pass` for each of the data's auto passes, at most the `available` usable ones. Auto
+    replay keeps every usable one (auto_per_pass decides a pass's slice)."""
     if per_pass <= 0:
         return 0
     passes = max(1, math.ceil(auto_epochs(task_examples)))
-    return min(available, max(per_pass, MIN_REPLAY_EXAMPLES, per_pass * passes))
+    return min(available, max(per_pass, per_pass * passes))
 
 
 def decide_replay_share(train: TrainConfig, replay_file: Path | None, task_examples: int = 0,
                         available: int = 0) -> ReplayPlan:
-    """train.replay_share, or the auto share (auto_replay_share: from the task's kept training examples
-    and the usable replay examples) and its reason."""
+    """train.replay_share and its reason; for auto, what replay is (the share a pass is decided once the
+    rows are tokenized: auto_per_pass)."""
     source = "recipe" if train.replay else "self"
     file = str(replay_file) if replay_file else None
     if train.replay_share != "auto":
         return ReplayPlan(file if train.replay_share else None, source, float(train.replay_share), "recipe",
                           f"train.replay_share {float(train.replay_share):g}")
-    what = "your general examples (train.replay)" if train.replay else "the base model's own answers to general prompts"
-    share, why = auto_replay_share(task_examples, available)
-    return ReplayPlan(file, source, share, "auto",
-                      f"{why}; replay is {what}, so the fine-tune keeps rehearsing what the model could do")
+    what = ("your general examples (train.replay)" if train.replay else
+            f"the base model's own answers to general prompts, each its first {REPLAY_HEAD_TOKENS} answer tokens")
+    return ReplayPlan(file, source, AUTO_SHARE, "auto",
+                      f"replay is {what}, so the fine-tune keeps rehearsing what the model could do")
 
 
 def replay_count(task_examples: int, share: float) -> int:
