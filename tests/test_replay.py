@@ -4,7 +4,6 @@ the data fingerprint; the base model's own answers are generated once per model 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -12,22 +11,21 @@ import pytest
 
 from test_data_prepare import _chat, _many, _write
 from tunelab.config import DataConfig, Recipe, TrainConfig
-from tunelab.data.passes import auto_epochs
+from tunelab.data.pack import IGNORE_INDEX
 from tunelab.data.prepare import prepare_data
 from tunelab.data.replay import (
     AUTO_SHARE,
-    MAX_AUTO_SHARE,
-    MIN_REPLAY_EXAMPLES,
-    MIN_REPLAY_PER_PASS,
+    REPLAY_HEAD_TOKENS,
     REPLAY_TOKEN_SHARE,
-    auto_replay_share,
+    auto_per_pass,
     decide_replay_share,
     replay_count,
+    replay_head,
     replay_pool_size,
     replay_prompts,
     replay_share_key,
-    token_capped_per_pass,
 )
+from tunelab.data.tokenize import tokenize_for_training
 from tunelab.errors import DataError
 
 
@@ -101,70 +99,98 @@ def test_a_bad_replay_file_names_its_line(tmp_path, tokenizer):
 def test_auto_share_and_its_reason():
     plan = decide_replay_share(TrainConfig(), Path("answers.jsonl"), task_examples=2000, available=150)
     assert plan.share == AUTO_SHARE and plan.share_source == "auto" and plan.source == "self"
-    assert "base model's own answers" in plan.reason
+    assert f"base model's own answers to general prompts, each its first {REPLAY_HEAD_TOKENS} answer tokens" in plan.reason
     mine = decide_replay_share(TrainConfig(replay="mine.jsonl", replay_share=0.3), Path("mine.jsonl"))
     assert (mine.share, mine.share_source, mine.source) == (0.3, "recipe", "recipe")
     assert replay_count(90, 0.1) == 10 and replay_count(0, 0.5) == 0 and replay_count(10, 0.0) == 0
 
 
-@pytest.mark.parametrize(("task", "available", "share", "count", "read"), [
-    (2000, 150, 0.1, 222, 0),  # a large set: 10% a pass is already many different prompts
-    (144, 150, 0.1, 16, 0),  # exactly where 10% a pass is 16, 48 over 3 passes
-    (117, 150, 16 / 133, 16, 48),  # routing's 117: 10% would be 13 a pass; raised to 16, 48 over 3 passes
-    (117, 20, 0.1, 13, 0),  # only 20 usable: 7 a pass would read them all; the floor is more
-    (20, 150, 0.3, 9, 45),  # 5 passes: 10 / 30 = 33% a pass is more than auto ever takes: 30%
-    (117, 0, 0.1, 13, 0),  # nothing usable: the floor (prepare then says only 0 were usable)
+@pytest.mark.parametrize(("task_tokens", "replay_tokens", "pool", "per_pass", "said"), [
+    (4330, 52.0, 158, 12, ""),  # routing: 117 labels of ~37 tokens; 15% of 4330 tokens buys 12 rows of 52
+    (27860, 52.2, 158, 80, ""),  # dates: 543 short answers; 80 of the 158 a pass
+    (27860, 85.0, 158, 49, ""),  # the same with whole general answers: 49
+    (200_000, 52.0, 158, 158, ": every usable one, every pass"),  # a large set: the whole pool each pass
+    (300, 52.0, 158, 2, ": at least 2 a pass"),  # a tiny task still reads a couple
+    (4330, 52.0, 5, 5, ": every usable one, every pass"),  # only 5 usable
+    (4330, 0.0, 0, 0, "only 0 usable replay examples (after the quality check and leaving out prompts of your data)"),
 ])
-def test_auto_share_rehearses_enough_different_prompts_beside_a_small_task(task, available, share, count, read):
-    assert (MIN_REPLAY_EXAMPLES, MAX_AUTO_SHARE) == (48, 0.3)  # the values the rows below were computed for
-    got, reason = auto_replay_share(task, available)
-    assert got == pytest.approx(share, abs=1e-12)
-    assert replay_count(task, got) == count
-    assert reason.startswith(f"auto: {share:.0%} of each pass's training examples")
-    if share > AUTO_SHARE:
-        assert f"read {read} different general prompts ({count} a pass) beside {task} task examples" in reason
-        assert f"(10% would be {replay_count(task, AUTO_SHARE) * math.ceil(auto_epochs(task))}, too few" in reason
-    assert ("(the most auto gives)" in reason) == (share == MAX_AUTO_SHARE)
+def test_auto_replay_spends_its_share_of_the_tokens_on_as_many_prompts_as_it_buys(task_tokens, replay_tokens, pool,
+                                                                                   per_pass, said):
+    got, why = auto_per_pass(task_tokens, replay_tokens, pool)
+    assert got == per_pass
+    assert REPLAY_TOKEN_SHARE == 0.15  # the value the rows above were computed for
+    if said != ": at least 2 a pass" and pool:
+        assert got * replay_tokens <= REPLAY_TOKEN_SHARE * task_tokens  # never more than its share of the tokens
+    if said:
+        assert why.endswith(said)
+    else:
+        assert (got + 1) * replay_tokens > REPLAY_TOKEN_SHARE * task_tokens  # and every row the share buys
+        assert why == (f"auto: {per_pass} replay examples a pass of the {pool} usable, what 15% of a pass's tokens "
+                       f"buys ({task_tokens} task tokens; a replay row is {replay_tokens:.0f} tokens)")
 
 
-def test_prepare_applies_the_auto_share_to_the_kept_examples_and_fingerprints_the_rule(tmp_path, tokenizer):
+def test_prepare_keeps_every_usable_replay_example_and_a_pass_reads_what_its_tokens_buy(tmp_path, tokenizer):
     train = _write(tmp_path / "train.jsonl", _many(120))
     replay = _write(tmp_path / "general.jsonl", _general(100))
     prepared = prepare_data(_recipe("auto", str(replay), train=str(train)), tokenizer, tmp_path / "out",
                             replay_file=replay)
     task = prepared.stats["counts"]["train"]
-    share, reason = auto_replay_share(task, 100)
     stats = prepared.stats["replay"]
-    assert stats["share"] == share and stats["share_source"] == "auto" and stats["reason"].startswith(reason)
-    by_share = replay_count(task, share)
-    assert by_share > replay_count(task, AUTO_SHARE)
-    assert stats["examples"] == prepared.stats["counts"]["replay"] == replay_pool_size(task, by_share, 100)
-    # then held to REPLAY_TOKEN_SHARE of a pass's tokens, from the tokenized rows
+    assert stats["examples"] == prepared.stats["counts"]["replay"] == stats["available"] == 100
     rows = _lines(prepared.out_dir / "train.tokens.jsonl")
     task_tokens = sum(len(r["input_ids"]) for r in rows if not r["id"].startswith("replay-"))
     replay_lengths = [len(r["input_ids"]) for r in rows if r["id"].startswith("replay-")]
-    mean = sum(replay_lengths) / len(replay_lengths)
-    held = math.floor(REPLAY_TOKEN_SHARE * task_tokens / mean)
-    assert stats["per_pass"] == held < by_share  # these general answers are as long as the task's
-    assert held * mean <= REPLAY_TOKEN_SHARE * task_tokens < (held + 1) * mean
-    assert stats["share_actual"] == held / (task + held)
-    assert f"; held to {held} a pass so that replay adds at most 12% to a pass's tokens ({task_tokens} task" in stats["reason"]
-    assert replay_share_key(TrainConfig()) == "auto-4/spread-1"
-    assert replay_share_key(TrainConfig(replay_share=0.2)) == "0.2/spread-1"
+    per_pass, why = auto_per_pass(task_tokens, sum(replay_lengths) / len(replay_lengths), 100)
+    assert stats["per_pass"] == per_pass and 2 < per_pass < 100
+    assert stats["share"] == stats["share_actual"] == per_pass / (task + per_pass) and stats["share_source"] == "auto"
+    assert stats["reason"].startswith(why + "; replay is your general examples (train.replay)")
+    # your own general examples are trained whole; self-replay rows are cut to their first answer tokens
+    assert replay_share_key(TrainConfig(replay="mine.jsonl")) == "auto-5/spread-1"
+    assert replay_share_key(TrainConfig()) == f"auto-5/spread-1/head-{REPLAY_HEAD_TOKENS}.1"
+    assert replay_share_key(TrainConfig(replay_share=0.2)) == f"0.2/spread-1/head-{REPLAY_HEAD_TOKENS}.1"
 
 
-@pytest.mark.parametrize(("per_pass", "task_tokens", "replay_tokens", "held"), [
-    (16, 4330, 85.0, 6),  # routing: 117 labels of ~37 tokens; 16 general answers a pass would add 31%
-    (30, 20000, 85.0, 28),  # a JSON task: long answers, 30 a pass is already ~13%
-    (30, 30000, 85.0, 30),  # within 12%: kept
-    (16, 300, 85.0, 2),  # a tiny task still reads a couple
-    (0, 4330, 85.0, 0),  # no replay
-])
-def test_auto_replay_is_held_to_its_share_of_the_tokens(per_pass, task_tokens, replay_tokens, held):
-    got, why = token_capped_per_pass(per_pass, task_tokens, replay_tokens)
-    assert got == held
-    assert (why != "") == (held < per_pass)
-    assert held <= max(MIN_REPLAY_PER_PASS, REPLAY_TOKEN_SHARE * task_tokens / replay_tokens) or held == per_pass
+def test_a_replay_head_keeps_the_prompt_and_the_first_answer_tokens_and_trains_no_end_of_turn():
+    ids = list(range(100, 120))
+    labels = [IGNORE_INDEX] * 6 + ids[6:]  # 14 trained tokens, the last one the end-of-turn
+    assert replay_head(ids, labels, 4) == (ids[:10], labels[:10])
+    assert replay_head(ids, labels, 13) == (ids, labels)  # 13 answer tokens and the end-of-turn: kept whole
+    assert replay_head(ids, labels, 12) == (ids[:18], labels[:18])
+    gapped = [IGNORE_INDEX] * 3 + [7, 8] + [IGNORE_INDEX] * 2 + [9, 10, 11]  # two trained turns
+    assert replay_head(list(range(10)), gapped, 3) == (list(range(8)), gapped[:8])
+
+
+def test_self_replay_rows_train_their_first_answer_tokens_and_short_answers_whole(tmp_path, tokenizer):
+    train = _write(tmp_path / "train.jsonl", _many(60))
+    long_answer = " ".join(f"word{i}" for i in range(60))
+    general = [_chat(f"General question {i}: say a lot.", long_answer) for i in range(20)]
+    general += [_chat(f"Short question {i}?", "Yes.") for i in range(20)]
+    replay = _write(tmp_path / "general.jsonl", general)
+    prepared = prepare_data(_recipe(0.25, None, train=str(train)), tokenizer, tmp_path / "out", replay_file=replay)
+    assert prepared.stats["replay"]["source"] == "self"
+    pool = {r["id"]: r["messages"] for r in _lines(prepared.path("replay"))}
+    rows = [r for r in _lines(prepared.out_dir / "train.tokens.jsonl") if r["id"] in pool]
+    assert len(rows) == len(pool) > 0
+    cut = whole = 0
+    for row in rows:
+        full = tokenize_for_training(tokenizer, pool[row["id"]])[0]
+        trained = [t for t in range(1, len(row["labels"])) if row["labels"][t] != IGNORE_INDEX]
+        if full.trainable_tokens <= REPLAY_HEAD_TOKENS + 1:
+            assert (row["input_ids"], row["labels"]) == (full.input_ids, full.labels)  # with its end-of-turn
+            whole += 1
+        else:
+            assert len(trained) == REPLAY_HEAD_TOKENS and trained[-1] == len(row["labels"]) - 1
+            assert row["input_ids"] == full.input_ids[: len(row["input_ids"])]  # a prefix: the prompt is whole
+            assert row["labels"] == full.labels[: len(row["labels"])]
+            cut += 1
+    assert cut and whole
+    # the user's own task rows are never cut
+    task = {r["id"]: r["messages"] for r in prepared.conversations("train")}
+    task_rows = [r for r in _lines(prepared.out_dir / "train.tokens.jsonl") if r["id"] not in pool]
+    assert len(task_rows) == len(task) > 0
+    for row in task_rows:
+        full = tokenize_for_training(tokenizer, task[row["id"]])[0]
+        assert (row["input_ids"], row["labels"]) == (full.input_ids, full.labels)
 
 
 def test_replay_prompts_are_not_forgetting_probes():

@@ -17,7 +17,7 @@ from tunelab.data.prepare import prepare_data
 from tunelab.data.replay import (
     MIN_REPLAY_EXAMPLES,
     ReplaySlices,
-    auto_replay_share,
+    auto_per_pass,
     replay_count,
     replay_pool_size,
     replay_read,
@@ -75,34 +75,32 @@ def test_the_steps_of_each_pass_read_the_task_and_that_pass_slice_only():
     assert len([s for s in partial if s.epoch == 1]) == math.ceil(len([s for s in steps if s.epoch == 1]) / 2)
 
 
-@pytest.mark.parametrize(("task", "available", "per_pass", "pool"), [
-    (117, 128, 16, 48),  # routing: 3 auto passes, 16 a pass read 48 different prompts
-    (268, 128, 30, 90),  # orders: 10% a pass is already 30; 3 passes read 90
-    (2000, 150, 222, 150),  # a large set: 10%, and the pool is every usable one
-    (117, 20, 13, 20),  # only 20 usable: the 10% floor a pass (13), all 20 in the pool
-    (20, 128, 9, 48),  # 5 auto passes (at least 100 examples seen), 30% cap: 9 a pass
+@pytest.mark.parametrize(("task", "share", "available", "pool"), [
+    (117, 0.1, 128, 48),  # routing at 10%: 13 a pass, 3 auto passes read 39; the pool holds at least 48
+    (268, 0.1, 128, 90),  # orders: 30 a pass, 3 passes read 90
+    (2000, 0.1, 150, 150),  # a large set: the pool is every usable one
+    (117, 0.1, 20, 20),  # only 20 usable: all 20 in the pool
+    (20, 0.3, 128, 48),  # 5 auto passes of 9: 45, and the pool holds at least 48
 ])
-def test_auto_share_is_a_pass_share_that_reads_enough_different_prompts_over_the_auto_passes(task, available,
-                                                                                              per_pass, pool):
-    share, reason = auto_replay_share(task, available)
-    assert replay_count(task, share) == per_pass
+def test_a_recipe_share_keeps_a_pool_that_its_auto_passes_read_different_slices_of(task, share, available, pool):
+    per_pass = replay_count(task, share)
     assert replay_pool_size(task, per_pass, available) == pool
     passes = math.ceil(auto_epochs(task))
-    assert min(pool, per_pass * passes) >= min(available, MIN_REPLAY_EXAMPLES) or share == 0.3
-    assert reason.startswith(f"auto: {share:.0%} of each pass's training examples")
+    assert min(pool, per_pass * passes) >= min(available, per_pass * passes) and pool >= min(available, MIN_REPLAY_EXAMPLES)
 
 
-def test_prepare_keeps_the_pool_records_the_pass_share_and_the_rule_is_fingerprinted(tmp_path, tokenizer):
+def test_auto_keeps_the_whole_pool_records_the_pass_share_and_the_rule_is_fingerprinted(tmp_path, tokenizer):
     train = _write(tmp_path / "train.jsonl", _many(120))
     replay = _write(tmp_path / "general.jsonl", _general(100))
     prepared = prepare_data(_recipe("auto", str(replay), train=str(train)), tokenizer, tmp_path / "out",
                             replay_file=replay)
     task = prepared.stats["counts"]["train"]
     stats = prepared.stats["replay"]
-    share, _ = auto_replay_share(task, 100)
-    by_share = replay_count(task, share)  # a pass's share by examples; then held to its share of tokens
-    assert 0 < stats["per_pass"] <= by_share < stats["examples"]
-    assert stats["examples"] == replay_pool_size(task, by_share, 100) == len(_lines(prepared.path("replay")))
+    assert 0 < stats["per_pass"] < stats["examples"] == 100 == len(_lines(prepared.path("replay")))
+    rows = prepared.tokenized("train")
+    task_tokens = sum(len(r["input_ids"]) for r in rows if not r["id"].startswith("replay-"))
+    lengths = [len(r["input_ids"]) for r in rows if r["id"].startswith("replay-")]
+    assert stats["per_pass"] == auto_per_pass(task_tokens, sum(lengths) / len(lengths), 100)[0]
     assert stats["share_actual"] == stats["per_pass"] / (task + stats["per_pass"])
     pool = {r["id"] for r in _lines(prepared.path("replay"))}
     assert pool <= {row["id"] for row in prepared.tokenized("train")}
@@ -110,7 +108,7 @@ def test_prepare_keeps_the_pool_records_the_pass_share_and_the_rule_is_fingerpri
     for split in ("valid", "test"):
         assert not pool & {r["id"] for r in prepared.conversations(split)}
     fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())
-    assert fingerprint["inputs"]["replay"]["share"] == "auto-4/spread-1"
+    assert fingerprint["inputs"]["replay"]["share"] == "auto-5/spread-1"
 
 
 FAST = ["model.name=tiny-test", "eval.forgetting=false", "eval.limit=4", "eval.max_new_tokens=4"]

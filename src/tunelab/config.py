@@ -202,8 +202,9 @@ class TrainConfig(_Section):
     )
     replay_share: float | Literal["auto"] = Field(
         "auto", description="share of each pass's training examples that are replay (never in valid/test), each "
-        "pass reading a different slice of the replay pool; 0 = none; auto: 0.1, raised until the data's passes "
-        "read 48 different general prompts beside a small task (at most 0.3), decided in train/plan.json with its reason",
+        "pass reading a different slice of the replay pool; 0 = none; auto: as many different replay examples a "
+        "pass as 15% of the pass's tokens buys (self-replay rows are their first 12 answer tokens), decided in "
+        "data/stats.json and train/plan.json with its reason",
     )
     anchor: float = Field(
         1.0, ge=0.0, description="weight of a KL term toward the base model on replay examples' answer tokens "

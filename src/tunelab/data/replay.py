@@ -5,13 +5,16 @@ assets/replay_prompts.jsonl (none of them a forgetting probe), generated once pe
 train/self_replay.py and kept in the model cache (<tunelab home>/replay/<model>/<sha256 of model, prompts and settings>.jsonl), with
 a quality check (the answer ended by itself, within REPLAY_MAX_NEW_TOKENS, and has a few words).
 `train.replay: FILE` uses the user's own general chat examples instead. `train.replay_share` is the
-share of each pass's training examples that are replay; auto is decided here (`decide_replay_share`) and
-written with its reason to data/stats.json and train/plan.json. Replay examples go to training only, never
+share of each pass's training examples that are replay; auto is what its share of a pass's tokens buys
+(`auto_per_pass`, once the rows are tokenized), written with its reason to data/stats.json and train/plan.json. Replay examples go to training only, never
 to the validation or test split (data/prepare.py).
 
-Replay is spread across the passes: the data stage keeps a pool of replay examples (`replay_pool_size`:
-enough for every pass of the data's auto passes to read different ones, at least MIN_REPLAY_EXAMPLES), and
-each pass over the task data reads its own slice of `per_pass` of them (`ReplaySlices`: a seeded order of the
+Self-replay rows train the first REPLAY_HEAD_TOKENS tokens of each answer (`replay_head`), where the form
+of an answer is decided, so a pass rehearses more different prompts for the same tokens.
+
+Replay is spread across the passes: the data stage keeps a pool of replay examples (auto: every usable
+one; a recipe's share: `replay_pool_size`, enough for every pass of the data's auto passes to read
+different ones), and each pass over the task data reads its own slice of `per_pass` of them (`ReplaySlices`: a seeded order of the
 pool, read on cyclically, so a run with more passes than planned comes round again). Replay then adds a fixed
 share to every pass instead of the whole pool to each, and a small task keeps its passes.
 """
@@ -40,6 +43,7 @@ REPLAY_MIN_WORDS = 3
 AUTO_SHARE = 0.1  # a recipe's own share aside, the share recorded before tokenizing (docs/training.md, Replay)
 REPLAY_TOKEN_SHARE = 0.15  # auto replay adds this to a pass's tokens: training time is its price
 REPLAY_HEAD_TOKENS = 12  # a self-replay row trains the first answer tokens only (where the answer's form is decided)
+MIN_REPLAY_EXAMPLES = 48  # a recipe's own share keeps at least this many in its pool, for its passes to differ
 MIN_REPLAY_PER_PASS = 2  # a tiny task's pass still reads a couple of replay examples
 AUTO_RULE = 5  # the auto rule's version, in the data fingerprint: a new rule prepares the data again
 SPREAD_RULE = 1  # how replay is spread across passes (a pool, a slice a pass), in the data fingerprint
@@ -101,7 +105,7 @@ def auto_per_pass(task_tokens: int, replay_tokens: float, pool: int) -> tuple[in
     tokens they add: a fixed share of the tokens, spent on as many prompts as it buys, keeps the price and
     raises the coverage where rows are short (self-replay rows are their first answer tokens: replay_head)."""
     if pool <= 0:
-        return 0, "auto: no usable replay examples"
+        return 0, "auto: only 0 usable replay examples (after the quality check and leaving out prompts of your data)"
     bought = math.floor(REPLAY_TOKEN_SHARE * task_tokens / replay_tokens) if replay_tokens > 0 else pool
     per_pass = min(pool, max(MIN_REPLAY_PER_PASS, bought))
     why = (f"auto: {per_pass} replay examples a pass of the {pool} usable, what {REPLAY_TOKEN_SHARE:.0%} of a pass's "
@@ -129,12 +133,12 @@ def replay_head(input_ids: list[int], labels: list[int], tokens: int = REPLAY_HE
 
 def replay_pool_size(task_examples: int, per_pass: int, available: int) -> int:
     """Replay examples kept for a run with a recipe's own train.replay_share (data/replay.jsonl): a different
-    slice of `per_pass` for each of the data's auto passes, at most the `available` usable ones. Auto
-    replay keeps every usable one (auto_per_pass decides a pass's slice)."""
+    slice of `per_pass` for each of the data's auto passes, at least MIN_REPLAY_EXAMPLES, at most the
+    `available` usable ones. Auto replay keeps every usable one (auto_per_pass decides a pass's slice)."""
     if per_pass <= 0:
         return 0
     passes = max(1, math.ceil(auto_epochs(task_examples)))
-    return min(available, max(per_pass, per_pass * passes))
+    return min(available, max(per_pass, MIN_REPLAY_EXAMPLES, per_pass * passes))
 
 
 def decide_replay_share(train: TrainConfig, replay_file: Path | None, task_examples: int = 0,
