@@ -159,3 +159,18 @@ def test_the_replay_the_data_stage_applied_is_in_the_plan(replay):
     cut, _ = _cutter(lengths)
     plan = plan_training(lengths, [], TrainConfig(budget=None, epochs=1), cut, _machine()[0], replay=replay).plan
     assert plan.replay == replay and plan.limited_by == "data" and plan.steps == 40 // 4
+
+
+@pytest.mark.parametrize(("cfg", "device", "task", "replay", "anchor_s", "added"), [
+    (TrainConfig(), "cpu", 20_000, 2_400, 10.0, 600 * 0.12 + 10.0),  # 10m auto: 12% of it and the anchor's 10 s
+    (TrainConfig(), "cpu", 20_000, 2_400, 30.0, 600 * 0.15),  # at most 15% of the budget
+    (TrainConfig(), "cpu", 20_000, 0, 10.0, 0.0),  # no replay rows: nothing
+    (TrainConfig(budget="10m"), "cpu", 20_000, 2_400, 10.0, 0.0),  # the recipe's own budget is kept
+    (TrainConfig(budget=None), "cpu", 20_000, 2_400, 10.0, 0.0),  # no budget: nothing to add to
+    (TrainConfig(epochs=3), "cpu", 20_000, 2_400, 10.0, 0.0),  # passes the recipe fixed: the auto budget does not bind
+])
+def test_an_auto_budget_adds_replay_time_and_a_recipe_budget_is_kept(cfg, device, task, replay, anchor_s, added):
+    from tunelab.train.plan import MAX_REPLAY_TIME_SHARE, replay_time_s
+
+    assert MAX_REPLAY_TIME_SHARE == 0.15
+    assert replay_time_s(cfg, device, task, replay, anchor_s) == pytest.approx(added)

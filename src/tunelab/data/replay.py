@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 PROMPTS_FILE = "assets/replay_prompts.jsonl"
 REPLAY_MAX_NEW_TOKENS = 128  # a complete short answer; one cut off here would teach the model to stop mid-sentence
 REPLAY_MIN_WORDS = 3
-AUTO_SHARE = 0.1  # a recipe's own share aside, the share recorded before tokenizing (docs/training.md, Replay)
-REPLAY_TOKEN_SHARE = 0.15  # auto replay adds this to a pass's tokens: training time is its price
+AUTO_SHARE = 0.1  # auto's share until the rows are tokenized; auto_per_pass then decides it (docs/training.md, Replay)
+REPLAY_TOKEN_SHARE = 0.12  # auto replay adds this to a pass's tokens: training time is its price
 REPLAY_HEAD_TOKENS = 12  # a self-replay row trains the first answer tokens only (where the answer's form is decided)
 MIN_REPLAY_EXAMPLES = 48  # a recipe's own share keeps at least this many in its pool, for its passes to differ
 MIN_REPLAY_PER_PASS = 2  # a tiny task's pass still reads a couple of replay examples
@@ -127,7 +127,7 @@ def replay_head(input_ids: list[int], labels: list[int], tokens: int = REPLAY_HE
     trained = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
     if len(trained) <= tokens + 1:
         return input_ids, labels
-    end = trained[tokens - 1] + 1 if tokens > 0 else trained[0]
+    end = trained[tokens - 1] + 1
     return input_ids[:end], labels[:end]
 
 

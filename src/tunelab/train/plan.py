@@ -52,6 +52,7 @@ MIN_EVAL_EXAMPLES = 32
 MAX_EVAL_EXAMPLES = 200
 BUDGET_MARGIN = 0.92  # the plan aims below the budget: measured speed varies on a shared machine
 MIN_STEPS_UNDER_BUDGET = 100  # when the budget cuts a run shorter, smaller steps keep this many updates
+MAX_REPLAY_TIME_SHARE = 0.15  # an auto budget adds at most this for replay (its rows and the anchor's targets)
 FILL_BELOW, MAX_EPOCHS_FILL = 0.5, 2.0  # a plan under half the budget gets up to 2x the passes
 
 
@@ -104,6 +105,20 @@ def budget_binds(cfg: TrainConfig) -> bool:
     if cfg.budget != AUTO:
         return True
     return cfg.epochs == AUTO and cfg.max_steps is None
+
+
+def replay_time_s(cfg: TrainConfig, device: str, task_tokens: int, replay_tokens: int, anchor_s: float) -> float:
+    """Seconds an auto budget adds for replay (0 for a budget the recipe set, or none): replay's share of a
+    pass's tokens (`replay_tokens` against the task's `task_tokens`) of the budget, and the KL anchor's
+    targets (`anchor_s`). Rehearsing general prompts is the price of keeping general ability, paid in
+    training time (data/replay.py REPLAY_TOKEN_SHARE of it), not in passes over the task: under a budget
+    that also paid for replay, a task still learning lost what replay took (a JSON task: 2.3 passes instead
+    of 2.7, 11 points). At most MAX_REPLAY_TIME_SHARE of the budget. A budget the recipe set is kept: replay
+    then takes its share of it."""
+    if cfg.budget != AUTO or not budget_binds(cfg) or replay_tokens <= 0 or task_tokens <= 0:
+        return 0.0
+    budget_s = cfg.budget_s(device) or 0.0
+    return min(MAX_REPLAY_TIME_SHARE * budget_s, budget_s * replay_tokens / task_tokens + anchor_s)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tunelab.data.replay import ReplaySlices, replay_read, replay_slices
 from tunelab.files import replace_dir
 from tunelab.models import load_tokenizer
 from tunelab.runs import RunPaths
-from tunelab.train.plan import Cut, Machine, Planned, first_cut, plan_training
+from tunelab.train.plan import Cut, Machine, Planned, first_cut, plan_training, replay_time_s
 from tunelab.train.start import StartedRun, prepare_run, start_run_dir
 
 if TYPE_CHECKING:
@@ -273,11 +273,24 @@ def _machine(setup: TrainSetup, examples: _Examples, pad_id: int, ctx: DistConte
     )
 
 
+def _replay_time_s(examples: _Examples, device: str, anchor: dict[str, Any] | None) -> float:
+    """What an auto budget adds for this run's replay (train/plan.py replay_time_s): one pass's replay
+    slice against the task's tokens, and the anchor's seconds."""
+    from tunelab.train.anchor import is_replay
+
+    replay = examples.slices.replay_of_pass(0) if examples.slices else [
+        i for i, e in enumerate(examples.train) if is_replay(e)]
+    replay_tokens = sum(examples.lengths[i] for i in replay)
+    task_tokens = sum(n for e, n in zip(examples.train, examples.lengths, strict=True) if not is_replay(e))
+    return replay_time_s(examples.recipe.train, device, task_tokens, replay_tokens, anchor["seconds"] if anchor else 0.0)
+
+
 def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], paths: RunPaths, pad_id: int,
-          ctx: DistContext, budget_started: float) -> Planned:
+          ctx: DistContext, budget_started: float) -> tuple[Planned, float]:
     """train/plan.py's plan for this run (written to train/plan.json by rank 0), the replay share the
     data stage applied in it (data/stats.json) with the KL anchor on its rows, and the learning-rate
-    schedule ending where it does."""
+    schedule ending where it does; and when train.budget counts from, later by what an auto budget adds
+    for replay."""
     from tunelab.train.anchor import attach_anchor, is_replay
     from tunelab.train.setup import LrSchedule
 
@@ -285,6 +298,12 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
     anchor = attach_anchor(setup, examples.recipe, examples.train, pad_id)
     replay = DataStats.read_keys(paths.data_stats).get("replay") if ctx.is_main else None
     replay = {**replay, "anchor": anchor} if replay else replay
+    # an auto budget adds replay's time: its share of a pass's tokens, and the anchor's targets (train/plan.py)
+    added_s = 0 if examples.saved else -_agreed_min(ctx, -round(_replay_time_s(examples, setup.device.type, anchor)),
+                                                      setup.device)  # the most any rank needs
+    budget_started += added_s
+    if replay and added_s:
+        replay = {**replay, "budget_added_s": round(added_s, 1)}
     planned = plan_training(
         examples.pass_lengths, [example_length(e) for e in examples.valid], examples.recipe.train,
         lambda cut: examples.steps(cut, layout), _machine(setup, examples, pad_id, ctx, budget_started),
@@ -298,7 +317,9 @@ def _plan(examples: _Examples, setup: TrainSetup, layout: tuple[int, bool], path
     if ctx.is_main:
         planned.plan.write(paths.plan)
         say(f"plan: {planned.plan.reason}")
-    return planned
+        if added_s:
+            say(f"replay: the auto budget adds {added_s:.0f} s for the replay rows and the anchor's targets")
+    return planned, budget_started
 
 
 def _last_evaluation_s(planned: TrainPlan, has_valid: bool) -> float:
@@ -408,10 +429,10 @@ def train_on_examples(
     setup, layout = _set_up(examples, paths, pad_id, device, ctx)
 
     # ---- plan: this machine's speed, the steps that fit the budget, smaller steps or more passes (train/plan.py)
-    planned = _plan(examples, setup, layout, paths, pad_id, ctx, budget_started)
+    planned, deadline_from = _plan(examples, setup, layout, paths, pad_id, ctx, budget_started)
 
     # ---- the loop
-    run_cfg, evals, options = _loop_inputs(examples, planned, setup, ctx, budget_started, LoopOptions(
+    run_cfg, evals, options = _loop_inputs(examples, planned, setup, ctx, deadline_from, LoopOptions(
         resume_command=resume_command or f"tunelab train {paths.recipe} --resume",
         params=_flat(examples.recipe.model_dump(mode="json")), progress=progress,
         on_step_end=on_step_end,
