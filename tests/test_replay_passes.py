@@ -138,3 +138,29 @@ def test_a_run_reads_a_different_replay_slice_each_pass_and_its_plan_says_so(tmp
     assert plan["replay"]["anchor"]["examples"] == pool  # the anchor's targets: the whole pool, once
     # the planner sees one pass: the task and one slice, not the whole pool
     assert plan["examples"] == stats["counts"]["train"] + per_pass
+
+
+def test_an_auto_budget_adds_the_replay_time_it_plans_and_the_plan_says_so(tmp_path):
+    from pathlib import Path
+
+    from tunelab.config import TrainConfig, load_recipe
+    from tunelab.train.plan import replay_time_s
+    from tunelab.train.run import train
+
+    general = _write(tmp_path / "general.jsonl", _general(60))
+    data = _write(tmp_path / "train.jsonl", _many(80))
+    recipe_file = Path(__file__).resolve().parents[1] / "examples" / "triage" / "recipe.yaml"
+    common = [*FAST, f"out_dir={tmp_path}", f"data.train={data}", "data.valid=null", "data.test=null",
+              f"train.replay={general}", "train.max_steps=null", "train.compile=false"]
+    result = train(load_recipe(recipe_file, [*common, "name=auto"]), progress=False)  # budget and share auto
+    plan = json.loads((result.run_dir / "train" / "plan.json").read_text())
+    rows = [json.loads(line) for line in (result.run_dir / "data" / "train.tokens.jsonl").read_text().splitlines()]
+    replay = replay_slices(rows, plan["replay"]["per_pass"], 0)
+    first = replay.replay_of_pass(0) if replay else [i for i, r in enumerate(rows) if r["id"].startswith("replay-")]
+    task_tokens = sum(len(r["input_ids"]) for r in rows if not r["id"].startswith("replay-"))
+    wanted = replay_time_s(TrainConfig(), "cpu", task_tokens, sum(len(rows[i]["input_ids"]) for i in first),
+                           plan["replay"]["anchor"]["seconds"])
+    assert plan["budget"] == "auto" and plan["replay"]["budget_added_s"] == round(wanted) > 0
+    # a budget the recipe set is the whole budget: replay takes its share of it
+    kept = train(load_recipe(recipe_file, [*common, "name=set", "train.budget=10m"]), progress=False)
+    assert "budget_added_s" not in json.loads((kept.run_dir / "train" / "plan.json").read_text())["replay"]

@@ -146,8 +146,8 @@ class TrainConfig(_Section):
     # and why are printed and written to train/plan.json). A value you set wins over auto.
     budget: str | None = Field(
         "auto", description="wall-clock limit of the training stage: 90s, 10m, 2h, 1h30m; null: none; "
-        f"auto = {DEFAULT_BUDGET['cpu']} on CPU, {DEFAULT_BUDGET['cuda']} on a GPU (binds epochs only "
-        "where they are auto, or when set explicitly)",
+        f"auto = {DEFAULT_BUDGET['cpu']} on CPU, {DEFAULT_BUDGET['cuda']} on a GPU, plus the time replay takes "
+        "(at most 15% more; a budget you set includes it) (binds epochs only where they are auto, or when set explicitly)",
     )
     epochs: PositiveFloat | Literal["auto"] = Field(
         "auto", description="passes over the training examples; auto: 3, more for tiny sets (at least "
@@ -203,7 +203,8 @@ class TrainConfig(_Section):
     replay_share: float | Literal["auto"] = Field(
         "auto", description="share of each pass's training examples that are replay (never in valid/test), each "
         "pass reading a different slice of the replay pool; 0 = none; auto: as many different replay examples a "
-        "pass as 15% of the pass's tokens buys (self-replay rows are their first 12 answer tokens), decided in "
+        "pass as 12% of the pass's tokens buys (self-replay rows are their first 12 answer tokens; an auto "
+        "budget adds that time), decided in "
         "data/stats.json and train/plan.json with its reason",
     )
     anchor: float = Field(
