@@ -55,6 +55,12 @@ def trainable_count(example: dict[str, Any]) -> int:
 # rows
 
 
+def trained_positions(labels: Sequence[int]) -> list[int]:
+    """Indices t whose label is trained (the loss predicts labels[t] from position t - 1). The first token
+    has nothing before it and never counts (trainable_count)."""
+    return [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+
+
 def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[Row]:
     """Best-fit decreasing: longest examples first, each into the row whose free space it fills most
     tightly. Whole examples only; deterministic for the same lengths."""

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.data.pack import IGNORE_INDEX
+from tunelab.data.pack import trained_positions
 from tunelab.data.passes import auto_epochs
 from tunelab.models import tunelab_home
 
@@ -124,7 +124,7 @@ def replay_head(input_ids: list[int], labels: list[int], tokens: int = REPLAY_HE
     (measured on a JSON task: counting prompts answered '{"items": ...'); the rest of a general answer costs
     training time and, as the base model's greedy text, sharpens the model away from ordinary text. The cut
     row has no end-of-turn, so nothing teaches the model to stop mid-answer."""
-    trained = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+    trained = trained_positions(labels)
     if len(trained) <= tokens + 1:
         return input_ids, labels
     end = trained[tokens - 1] + 1

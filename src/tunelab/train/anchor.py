@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tunelab.data.pack import IGNORE_INDEX, example_length, pack_rows
+from tunelab.data.pack import example_length, pack_rows, trained_positions
 from tunelab.train.loop import attention_layout, autocast, batch_builder
 
 if TYPE_CHECKING:
@@ -39,12 +39,6 @@ ROW_TOKENS = 512  # examples packed per forward pass when computing the targets
 
 def is_replay(example: dict[str, Any]) -> bool:
     return str(example.get("id", "")).startswith(REPLAY_ID_PREFIX)
-
-
-def trained_positions(labels: Sequence[int]) -> list[int]:
-    """Indices t whose label is trained (the loss predicts labels[t] from position t - 1). The first token
-    has nothing before it and never counts (data/pack.py: trainable_count)."""
-    return [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
 
 
 def top_k_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
