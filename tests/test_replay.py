@@ -197,7 +197,7 @@ def test_replay_prompts_are_not_forgetting_probes():
     from tunelab.eval.forgetting import general_probes
 
     prompts = {p.lower() for p in replay_prompts()}
-    assert len(prompts) == 200
+    assert len(prompts) == 224
     assert not prompts & {p.prompt.lower() for p in general_probes()}
 
 
