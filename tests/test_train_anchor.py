@@ -169,3 +169,59 @@ def test_the_fused_term_in_the_chunked_loss_equals_the_reference_in_value_and_gr
     fused, reference, plain = loss(True, True), loss(True, False), loss(False, True)
     assert fused[0] == pytest.approx(reference[0], rel=1e-5) and fused[0] > plain[0]
     assert torch.allclose(fused[1], reference[1], atol=1e-5) and torch.allclose(fused[2], reference[2], atol=1e-5)
+
+
+def _anchored(examples: list[dict]) -> list[tuple[list, list]]:
+    return [(e["anchor_ids"], e["anchor_logp"]) for e in examples]
+
+
+def test_targets_are_cached_per_base_model_and_read_back_equal(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """A second run on the same base model reads the targets it computed; a new example joins the cache;
+    a torn cache file is computed again, never trusted."""
+    from tunelab.train.anchor import anchor_cache_path
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    recipe = Recipe(model={"name": "tiny-test"}, train=TrainConfig(anchor=1.0))
+    texts = ("Blue is a colour.", "Green leaves and a long answer about trees in the park.")
+    setup = _setup(tiny_model_dir)
+    first = [_replay_example(tokenizer, t) for t in texts]
+    assert attach_anchor(setup, recipe, first, tokenizer.pad_token_id)["cached"] == 0
+    path = anchor_cache_path(setup, ANCHOR_TOP_K, adapter_off=True)
+    assert path.is_file() and path.is_relative_to(tmp_path / "anchor")
+
+    again = [_replay_example(tokenizer, t) for t in texts] + [_replay_example(tokenizer, "Red.")]
+    record = attach_anchor(_setup(tiny_model_dir), recipe, again, tokenizer.pad_token_id)
+    assert record["cached"] == 2 and record["examples"] == 3
+    assert _anchored(again[:2]) == _anchored(first)  # read back bit for bit
+    (ids, logp), = base_top_k(setup, [again[2]], tokenizer.pad_token_id)
+    assert again[2]["anchor_ids"] == ids and torch.tensor(again[2]["anchor_logp"]) == pytest.approx(torch.tensor(logp))
+    assert attach_anchor(setup, recipe, [_replay_example(tokenizer, "Red.")], tokenizer.pad_token_id)["cached"] == 1
+
+    path.write_bytes(b"not a safetensors file")
+    torn = [_replay_example(tokenizer, t) for t in texts]
+    assert attach_anchor(setup, recipe, torn, tokenizer.pad_token_id)["cached"] == 0
+    assert _anchored(torn) == _anchored(first)
+    assert attach_anchor(setup, recipe, [_replay_example(tokenizer, texts[0])], tokenizer.pad_token_id)["cached"] == 1
+
+
+def test_the_cache_is_keyed_by_the_weights_not_the_models_name(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """Changed base weights are a different cache (their targets differ); a switched-off adapter's weights
+    are not part of the key, a switched-on adapter's are."""
+    from tunelab.train.anchor import anchor_cache_path
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path))
+    setup = _setup(tiny_model_dir)
+    before = anchor_cache_path(setup, ANCHOR_TOP_K, adapter_off=True)
+    with_adapter = anchor_cache_path(setup, ANCHOR_TOP_K, adapter_off=False)
+    assert with_adapter != before
+    with torch.no_grad():
+        for name, param in setup.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)
+    assert anchor_cache_path(setup, ANCHOR_TOP_K, adapter_off=True) == before
+    assert anchor_cache_path(setup, ANCHOR_TOP_K, adapter_off=False) != with_adapter
+    assert anchor_cache_path(setup, ANCHOR_TOP_K - 1, adapter_off=True) != before
+    with torch.no_grad():
+        base = next(p for name, p in setup.model.named_parameters() if "lora_" not in name and p.dim() == 2)
+        base[0, 0] += 1e-3  # one value of one base tensor
+    assert anchor_cache_path(setup, ANCHOR_TOP_K, adapter_off=True) != before
