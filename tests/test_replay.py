@@ -201,6 +201,23 @@ def test_replay_prompts_are_not_forgetting_probes():
     assert not prompts & {p.prompt.lower() for p in general_probes()}
 
 
+def test_no_replay_prompt_names_a_json_probes_key_or_value():
+    """Replay asks for small JSON objects (a JSON task pulls every answer into its own shape), with keys and
+    values of its own: a probe's key or value in a replay prompt would rehearse the probe's answer."""
+    from tunelab.eval.forgetting import general_probes
+
+    answers = [json.loads(probe.answer) for probe in general_probes() if probe.rule == "json"]
+    keys = {key for answer in answers for key in answer}
+    values = {value for answer in answers for value in answer.values()}
+    assert keys == {"color", "city", "animal", "fruit", "name", "sport"}
+    assert values == {"tiger", "alice", "green", "banana", "tennis"}
+    asking_json = [p.lower() for p in replay_prompts() if "json" in p.lower()]
+    assert len(asking_json) >= 30
+    assert [(p, v) for p in asking_json for v in values if f'"{v}"' in p] == []
+    # one key in common: "name", in a two-key person record (Ben, 30), never with a probe's value
+    assert {k for p in asking_json for k in keys if f'"{k}"' in p} == {"name"}
+
+
 def _question(text: str) -> str:
     """A prompt without the probes' answer-form suffixes, as lowercase words."""
     text = text.lower()
