@@ -119,7 +119,7 @@ def anchor_cache_path(setup: TrainSetup, k: int, adapter_off: bool) -> Path:
                       "k": k, "autocast": str(setup.autocast_dtype), "device": setup.device.type,
                       "attention": setup.attention, "torch": torch.__version__}, sort_keys=True)
     name = getattr(getattr(setup.model, "config", None), "name_or_path", "") or "model"
-    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))[-80:]
+    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(str(name)).name)[-80:] or "model"
     return tunelab_home() / "anchor" / folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
