@@ -109,11 +109,14 @@ def test_a_budget_that_allows_few_steps_makes_them_smaller():
     from tunelab.train.plan import MIN_STEPS_UNDER_BUDGET, smaller_step_for_budget
 
     plan = _steps(200, 16 * 80)  # 16 examples of 80 tokens a step
-    # 37 steps fit: the same 47k tokens as ~148 steps of 4 examples (8 would be ~74: fewer than 100)
+    assert MIN_STEPS_UNDER_BUDGET == 200
+    # 37 steps fit: the same 47k tokens as ~148 steps of 4 examples (4 is the floor)
     assert smaller_step_for_budget(plan, fit=37, mean_tokens=80, examples_per_step=16) == 4
-    # 60 steps fit: 77k tokens, ~120 steps of 8 (the power of two at or below 9.6 examples)
-    assert smaller_step_for_budget(plan, fit=60, mean_tokens=80, examples_per_step=16) == 8
-    for fit in range(1, MIN_STEPS_UNDER_BUDGET):  # whenever a step is made smaller, at least 100 of them fit
+    # 60 steps fit: 77k tokens, ~240 steps of 4 (8 would be ~120: fewer than 200)
+    assert smaller_step_for_budget(plan, fit=60, mean_tokens=80, examples_per_step=16) == 4
+    # 120 steps fit: 154k tokens, ~240 steps of 8 (the power of two at or below 9.6 examples)
+    assert smaller_step_for_budget(plan, fit=120, mean_tokens=80, examples_per_step=16) == 8
+    for fit in range(1, MIN_STEPS_UNDER_BUDGET):  # whenever a step is made smaller, at least 200 of them fit
         smaller = smaller_step_for_budget(plan, fit=fit, mean_tokens=80, examples_per_step=16)
         if smaller is not None and smaller > 4:
             assert fit * 16 / smaller >= MIN_STEPS_UNDER_BUDGET

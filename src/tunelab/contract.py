@@ -288,7 +288,7 @@ class TrainPlan(_Record):
     sources: dict[str, Literal["auto", "recipe"]]
     reason: str = Field(description="the sentence printed before training")
     examples_per_step_before_budget: float | None = Field(
-        None, description="the data's step size, when the budget made steps smaller to keep ~100 updates"
+        None, description="the data's step size, when the budget made steps smaller to keep ~200 updates"
     )
     compiled: bool = Field(False, description="decoder layers compiled (train.compile): the measured speed is theirs")
     epochs_before_budget: float | None = Field(
