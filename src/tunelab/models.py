@@ -54,6 +54,11 @@ def tunelab_home() -> Path:
     return Path(cache) / "tunelab"
 
 
+def cache_folder_name(name: str) -> str:
+    """A model name as one safe folder name under the tunelab home (its last 80 characters)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-80:] or "model"
+
+
 def cache_dir(alias: str) -> Path:
     return tunelab_home() / "models" / alias
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.data.pack import trained_positions
 from tunelab.data.passes import auto_epochs
-from tunelab.models import tunelab_home
+from tunelab.models import cache_folder_name, tunelab_home
 
 if TYPE_CHECKING:
     from tunelab.config import ModelConfig, TrainConfig
@@ -60,8 +60,7 @@ def self_replay_path(model: ModelConfig) -> Path:
     key = json.dumps({"model": model.name, "revision": model.revision, "dtype": model.dtype,
                       "prompts": replay_prompts(), "max_new_tokens": REPLAY_MAX_NEW_TOKENS}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model.name)[-80:]
-    return tunelab_home() / "replay" / folder / f"{digest}.jsonl"
+    return tunelab_home() / "replay" / cache_folder_name(model.name) / f"{digest}.jsonl"
 
 
 def good_answer(text: str, finish_reason: str) -> bool:

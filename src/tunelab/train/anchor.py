@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tunelab.data.pack import example_length, pack_rows, trained_positions
-from tunelab.models import tunelab_home
+from tunelab.models import cache_folder_name, tunelab_home
 from tunelab.train.loop import attention_layout, autocast, batch_builder
 
 if TYPE_CHECKING:
@@ -119,8 +119,7 @@ def anchor_cache_path(setup: TrainSetup, k: int, adapter_off: bool) -> Path:
                       "k": k, "autocast": str(setup.autocast_dtype), "device": setup.device.type,
                       "attention": setup.attention, "torch": torch.__version__}, sort_keys=True)
     name = getattr(getattr(setup.model, "config", None), "name_or_path", "") or "model"
-    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(str(name)).name)[-80:] or "model"
-    return tunelab_home() / "anchor" / folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    return tunelab_home() / "anchor" / cache_folder_name(Path(str(name)).name) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
 def example_key(example: dict[str, Any]) -> str:
